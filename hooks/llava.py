@@ -1,0 +1,43 @@
+"""HF LLaVA (``LlavaForConditionalGeneration``): CLIP vision tower -> projector -> Llama."""
+
+from __future__ import annotations
+
+import torch
+
+from mmlens.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
+from mmlens.spans import spans_from_token_ids
+
+from .language_models import neutral_text
+
+_lm_stack, _lm_points = language_model(base="model.language_model", logits="lm_head",
+                                       n_heads="config.text_config.num_attention_heads")
+
+
+def image_token_spans(model, inputs):
+    """Image positions are where ``input_ids == config.image_token_id`` (LLaVA's placeholder mask)."""
+    return spans_from_token_ids(inputs["input_ids"], inputs.get("attention_mask"), {"image": model.config.image_token_id})
+
+
+def neutral_image(model, inputs, spans):
+    """An all-zero image (the mean image after CLIP normalisation)."""
+    return {**inputs, "pixel_values": torch.zeros_like(inputs["pixel_values"])}
+
+
+LLAVA = Adapter(
+    name="llava",
+    architectures=("LlavaForConditionalGeneration",),
+    stacks=(
+        Stack(prefix="vision", stage="encoder", modality="image", blocks="model.vision_tower.encoder.layers",
+              layout=CLIP_BLOCK, n_heads="config.vision_config.num_attention_heads"),
+        _lm_stack,
+    ),
+    points=(
+        Point("vision.embed", "encoder", "image", Site("model.vision_tower.embeddings")),
+        Point("fusion.projector_out", "fusion", "image", Site("model.multi_modal_projector")),
+        Point("fusion.embeds", "fusion", None, Site("model.language_model", "input", 0, "inputs_embeds"),
+              fused_positions=True),
+        *_lm_points,
+    ),
+    spans=image_token_spans,
+    neutral={"image": neutral_image, "text": neutral_text},
+)

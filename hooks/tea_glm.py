@@ -1,0 +1,42 @@
+"""TEA-GLM-style graph-language model (:class:`mmlens.models.TeaGLM`): GraphSAGE -> projector ->
+K graph tokens spliced into any causal LM, whose own adapter supplies the ``lm.*`` points."""
+
+from __future__ import annotations
+
+import torch
+
+from mmlens.adapter import Adapter, Point, Site, Stack
+from mmlens.spans import spans_from_token_ids
+
+
+def graph_token_spans(model, inputs):
+    """Graph positions are the placeholders ``input_ids == model.graph_token_id``."""
+    return spans_from_token_ids(inputs["input_ids"], inputs.get("attention_mask"), {"graph": model.graph_token_id})
+
+
+def neutral_graph(model, inputs, spans):
+    """A zero node representation: the graph tokens become the projector's bias alone."""
+    batch = inputs["input_ids"].shape[0]
+    drop = ("node_features", "edge_index", "node_ids", "graph_embeds")
+    zeros = torch.zeros(batch, model.gnn.out_dim, device=inputs["input_ids"].device)
+    return {**{k: v for k, v in inputs.items() if k not in drop}, "graph_embeds": zeros}
+
+
+def neutral_text(model, inputs, spans):
+    from .language_models import neutral_text as lm_neutral_text
+
+    return lm_neutral_text(model.lm, inputs, spans)
+
+
+TEA_GLM = Adapter(
+    name="tea-glm",
+    architectures=("TeaGLM",),
+    stacks=(Stack(prefix="graph", stage="encoder", modality="graph", blocks="gnn.convs", layout=None),),
+    points=(
+        Point("fusion.projector_out", "fusion", "graph", Site("projector")),
+        Point("fusion.embeds", "fusion", None, Site("lm", "input", 0, "inputs_embeds"), fused_positions=True),
+    ),
+    nested=("lm",),
+    spans=graph_token_spans,
+    neutral={"graph": neutral_graph, "text": neutral_text},
+)

@@ -1,0 +1,35 @@
+"""mmlens: mechanistic interpretability for multimodal transformers.
+
+The flow: inputs -> :class:`HookedModel` (an adapter table attaches named hook points; modality
+spans come from the inputs) -> a run that records (:class:`ActivationCache`) or edits
+(:func:`replace`, :func:`add`, :func:`apply`) activations -> results, metrics and plots.
+"""
+
+from .adapter import (CLIP_BLOCK, GPT2_BLOCK, LLAMA_BLOCK, Adapter, BlockLayout, HookPoint, Point, Site, Stack,
+                      language_model)
+from .cache import ActivationCache, Named
+from .edits import Edit, HookContext, ablate, add, apply, replace
+from .spans import ModalitySpans, spans_from_blocks, spans_from_token_ids
+from .wrapper import HookedModel, Recording, RunResult
+
+__version__ = "0.1.0"
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Make a new adapter table available to :class:`HookedModel` (see README, "Adding an architecture")."""
+    from mmlens.hooks import register_adapter as _register
+
+    return _register(adapter)
+
+
+def wrap(model, **kwargs) -> HookedModel:
+    """Wrap a model (a torch module, or a TransformerLens ``TransformerBridge``) as a :class:`HookedModel`."""
+    return HookedModel(model, **kwargs)
+
+
+__all__ = [
+    "ActivationCache", "Adapter", "BlockLayout", "CLIP_BLOCK", "Edit", "GPT2_BLOCK", "HookContext", "HookPoint",
+    "HookedModel", "LLAMA_BLOCK", "ModalitySpans", "Named", "Point", "Recording", "RunResult", "Site", "Stack",
+    "ablate", "add", "apply", "language_model", "register_adapter", "replace", "spans_from_blocks",
+    "spans_from_token_ids", "wrap",
+]

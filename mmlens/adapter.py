@@ -1,0 +1,242 @@
+"""Adapters: a declarative table per architecture family.
+
+An :class:`Adapter` says, for one family of models, where every canonical hook point lives
+(module path + which value of that module), how modality spans are found from the inputs, and
+what a neutral reference of each modality is. Nothing else is architecture-specific: the one
+hook layer in :mod:`mmlens.wrapper` reads the table.
+
+Canonical names (``{prefix}`` is ``lm`` for the language model / joint transformer and the
+modality for an encoder: ``vision``, ``graph``, ``text``, ...)::
+
+    {prefix}.blocks.{i}.resid_pre    block input                       [batch, pos, d]
+    {prefix}.blocks.{i}.resid_mid    after attention, before the MLP   [batch, pos, d]
+    {prefix}.blocks.{i}.resid_post   block output                      [batch, pos, d]
+    {prefix}.blocks.{i}.attn_out     attention branch output           [batch, pos, d]
+    {prefix}.blocks.{i}.z            per-head attention output, before the output
+                                     projection                        [batch, pos, head, d_head]
+    {prefix}.blocks.{i}.mlp_out      MLP branch output                 [batch, pos, d]
+    {prefix}.blocks.{i}.out          output of a non-residual layer (e.g. a GNN conv)
+
+plus single points such as ``lm.embed``, ``lm.final_norm``, ``lm.logits``, ``vision.embed``,
+``fusion.projector_out`` and ``fusion.embeds`` (the LM's input embeddings after splicing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal, Mapping
+
+import torch
+from torch import nn
+
+from .spans import ModalitySpans
+
+Stage = Literal["encoder", "fusion", "lm"]
+STAGES: tuple[str, ...] = ("encoder", "fusion", "lm")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A value a module sees: its output (element ``index`` if it returns a tuple) or one input
+    (keyword ``kwarg`` if passed by keyword, else positional ``index``)."""
+
+    module: str
+    io: Literal["output", "input"] = "output"
+    index: int = 0
+    kwarg: str | None = None
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Module names inside one residual block, relative to the block.
+
+    The block must compute ``mid = x + attn(...)`` and ``out = mid + mlp(norm_mid(mid))``; the
+    input of ``norm_mid`` is then the mid residual stream, and the input of ``attn_out_proj`` the
+    per-head outputs concatenated along the last axis.
+    """
+
+    attn: str = "self_attn"
+    attn_out_proj: str = "self_attn.o_proj"
+    mlp: str = "mlp"
+    norm_mid: str = "post_attention_layernorm"
+
+
+LLAMA_BLOCK = BlockLayout()
+GPT2_BLOCK = BlockLayout(attn="attn", attn_out_proj="attn.c_proj", mlp="mlp", norm_mid="ln_2")
+CLIP_BLOCK = BlockLayout(attn="self_attn", attn_out_proj="self_attn.out_proj", mlp="mlp", norm_mid="layer_norm2")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A stack of blocks in one stage.
+
+    Attributes:
+        prefix: namespace of its hook points (``lm``, ``vision``, ``graph``, ...).
+        stage: ``encoder``, ``fusion`` or ``lm``.
+        modality: what the positions of this stack are (``None``: the fused multimodal sequence).
+        blocks: dotted path of the ``nn.ModuleList`` of blocks.
+        layout: module names inside a block; ``None`` for plain layers (only ``.out`` points).
+        n_heads: dotted attribute path (from the root model) of the head count, for ``z``.
+    """
+
+    prefix: str
+    stage: Stage
+    modality: str | None
+    blocks: str
+    layout: BlockLayout | None = LLAMA_BLOCK
+    n_heads: str | None = None
+
+
+@dataclass(frozen=True)
+class Point:
+    """A single named hook point outside the block stacks."""
+
+    name: str
+    stage: Stage
+    modality: str | None
+    site: Site
+    fused_positions: bool = False
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A resolved hook point of one model instance.
+
+    ``fused_positions`` is True when axis 1 indexes the fused sequence, so modality spans apply.
+    ``heads`` is the head count for per-head points (the value is viewed as [.., head, d_head]).
+    ``block``/``mlp`` are set for ``resid_mid``, whose write must also reach the block output.
+    """
+
+    name: str
+    stage: str
+    modality: str | None
+    site: Site
+    kind: str
+    layer: int | None = None
+    prefix: str | None = None
+    fused_positions: bool = False
+    heads: int | None = None
+    block: str | None = None
+    mlp: str | None = None
+
+
+SpanFinder = Callable[[nn.Module, Mapping[str, torch.Tensor]], ModalitySpans]
+NeutralInput = Callable[[nn.Module, dict, ModalitySpans], dict]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The table that makes one architecture family hookable.
+
+    Attributes:
+        name: short adapter name.
+        architectures: model class names it applies to (matched against the class and its bases).
+        stacks: block stacks of every stage.
+        points: single hook points.
+        spans: ``(model, inputs) -> ModalitySpans``.
+        neutral: modality -> ``(model, inputs, spans) -> inputs`` with that modality set to a neutral
+            reference.
+        nested: paths of submodules that carry their own adapter (e.g. the LM inside a graph-language
+            model); their hook points are included with module paths prefixed by the submodule path.
+        required_inputs: input keys without which the forward cannot run.
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    stacks: tuple[Stack, ...]
+    points: tuple[Point, ...]
+    spans: SpanFinder
+    neutral: Mapping[str, NeutralInput] = field(default_factory=dict)
+    nested: tuple[str, ...] = ()
+    required_inputs: tuple[str, ...] = ("input_ids",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(cls.__name__ in self.architectures for cls in type(model).__mro__)
+
+    def hook_points(self, model: nn.Module) -> dict[str, HookPoint]:
+        """Expand the table against a model instance; every module path is checked to exist."""
+        from mmlens.hooks import find_adapter
+
+        points: dict[str, HookPoint] = {}
+        for child_path in self.nested:
+            child = get_module(model, child_path, self.name)
+            for hp in find_adapter(child).hook_points(child).values():
+                points[hp.name] = replace(
+                    hp, site=replace(hp.site, module=_join(child_path, hp.site.module)),
+                    block=hp.block and _join(child_path, hp.block), mlp=hp.mlp and _join(child_path, hp.mlp))
+        for stack in self.stacks:
+            blocks = get_module(model, stack.blocks, self.name)
+            if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+                raise TypeError(f"adapter {self.name!r}: {stack.blocks!r} is a {type(blocks).__name__}, not a ModuleList")
+            heads = int(get_attr(model, stack.n_heads, self.name)) if stack.n_heads else None
+            for i in range(len(blocks)):
+                for hp in _block_points(stack, i, heads):
+                    get_module(model, hp.site.module, self.name)
+                    points[hp.name] = hp
+        for p in self.points:
+            get_module(model, p.site.module, self.name)
+            points[p.name] = HookPoint(
+                name=p.name, stage=p.stage, modality=p.modality, site=p.site, kind=p.name.rsplit(".", 1)[-1],
+                prefix=p.name.split(".", 1)[0], fused_positions=p.fused_positions,
+            )
+        return points
+
+
+def _join(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if child else parent
+
+
+def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
+    block = f"{stack.blocks}.{i}"
+    common = dict(stage=stack.stage, modality=stack.modality, layer=i, prefix=stack.prefix,
+                  fused_positions=stack.modality is None)
+    name = f"{stack.prefix}.blocks.{i}"
+    if stack.layout is None:
+        return [HookPoint(name=f"{name}.out", site=Site(block), kind="out", **common)]
+    lay = stack.layout
+    out = [
+        HookPoint(name=f"{name}.resid_pre", site=Site(block, "input", 0, "hidden_states"), kind="resid_pre", **common),
+        HookPoint(name=f"{name}.attn_out", site=Site(f"{block}.{lay.attn}"), kind="attn_out", **common),
+        HookPoint(name=f"{name}.resid_mid", site=Site(f"{block}.{lay.norm_mid}", "input", 0, "hidden_states"),
+                  kind="resid_mid", block=block, mlp=f"{block}.{lay.mlp}", **common),
+        HookPoint(name=f"{name}.mlp_out", site=Site(f"{block}.{lay.mlp}"), kind="mlp_out", **common),
+        HookPoint(name=f"{name}.resid_post", site=Site(block), kind="resid_post", **common),
+    ]
+    if heads is not None:
+        out.insert(2, HookPoint(name=f"{name}.z", site=Site(f"{block}.{lay.attn_out_proj}", "input", 0, "input"),
+                                kind="z", heads=heads, **common))
+    return out
+
+
+def get_module(model: nn.Module, path: str, adapter: str = "?") -> nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError as err:
+        raise AttributeError(
+            f"adapter {adapter!r} names module {path!r}, which {type(model).__name__} does not have; "
+            "fix the adapter table (list the model's modules with [n for n, _ in model.named_modules()])"
+        ) from err
+
+
+def get_attr(obj: object, path: str, adapter: str = "?") -> object:
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"adapter {adapter!r}: attribute path {path!r} not found (missing {part!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def language_model(base: str, logits: str, layout: BlockLayout = LLAMA_BLOCK, n_heads: str = "config.num_attention_heads",
+                   blocks: str = "layers", embed: str = "embed_tokens", final_norm: str = "norm") -> tuple[Stack, tuple[Point, ...]]:
+    """The table rows of a decoder-only language model whose body lives at ``base``.
+
+    Returns the block stack and the ``lm.embed``, ``lm.final_norm`` and ``lm.logits`` points.
+    """
+    path = (lambda name: f"{base}.{name}") if base else (lambda name: name)
+    stack = Stack(prefix="lm", stage="lm", modality=None, blocks=path(blocks), layout=layout, n_heads=n_heads)
+    points = (
+        Point("lm.embed", "lm", None, Site(path(embed)), fused_positions=True),
+        Point("lm.final_norm", "lm", None, Site(path(final_norm)), fused_positions=True),
+        Point("lm.logits", "lm", None, Site(logits), fused_positions=True),
+    )
+    return stack, points

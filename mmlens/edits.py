@@ -1,0 +1,121 @@
+"""Edits: what a run writes at a hook point.
+
+Three kinds, all applied by the one hook layer in :mod:`mmlens.wrapper`:
+
+- :func:`replace` sets the selected part of the activation to a value,
+- :func:`add` adds a value to the selected part,
+- :func:`apply` calls ``fn(activation, ctx) -> activation`` for arbitrary edits.
+
+``at`` takes any position selector of :class:`mmlens.ModalitySpans` (``"image"``, ``"last_text"``,
+ints, slices, masks) on points that index the fused sequence, and ints/lists/slices on encoder
+points. ``heads`` selects heads of per-head points (``z``). A value may have the activation's full
+shape (then the selected entries are copied from it bit for bit, the clean-patching case), or any
+shape that broadcasts to the selected entries ``[n_selected, ...]`` / ``[batch, n_per_row, ...]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from .spans import Selector
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """What an edit function sees besides the activation."""
+
+    hook: Any  # the HookPoint
+    spans: Any  # the ModalitySpans of the run (None when unknown)
+
+
+@dataclass(frozen=True)
+class Edit:
+    hook: str
+    op: Literal["replace", "add", "apply"]
+    value: Any
+    at: Selector = None
+    heads: int | list[int] | None = None
+
+
+def replace(hook: str, value: Tensor | float, at: Selector = None, heads: int | list[int] | None = None) -> Edit:
+    """Set the activation at ``hook`` (restricted to positions ``at`` and heads ``heads``) to ``value``."""
+    return Edit(hook, "replace", value, at, heads)
+
+
+def add(hook: str, delta: Tensor | float, at: Selector = None, heads: int | list[int] | None = None) -> Edit:
+    """Add ``delta`` to the activation at ``hook`` (restricted to ``at`` / ``heads``)."""
+    return Edit(hook, "add", delta, at, heads)
+
+
+def apply(hook: str, fn: Callable[[Tensor, HookContext], Tensor]) -> Edit:
+    """Replace the activation at ``hook`` by ``fn(activation, ctx)``; ``fn`` must return a tensor of the same shape."""
+    return Edit(hook, "apply", fn)
+
+
+def ablate(hook: str, at: Selector = None, heads: int | list[int] | None = None) -> Edit:
+    """Zero-ablate the activation at ``hook`` (restricted to ``at`` / ``heads``)."""
+    return Edit(hook, "replace", 0.0, at, heads)
+
+
+def apply_edit(edit: Edit, act: Tensor, ctx: HookContext, position_mask: Callable[[Selector], Tensor]) -> Tensor:
+    """Return the edited activation (a new tensor; ``act`` is not modified in place)."""
+    if edit.op == "apply":
+        out = edit.value(act, ctx)
+        if not isinstance(out, Tensor) or out.shape != act.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"edit function at {edit.hook!r} returned {got}; it must return a tensor of shape {tuple(act.shape)}")
+        return out
+    value = torch.as_tensor(edit.value, dtype=act.dtype, device=act.device)
+    mask = _selection_mask(edit, act, ctx, position_mask)
+    if mask is None:
+        if edit.op == "replace":
+            return value.expand_as(act) if value.shape != act.shape else value
+        return act + value
+    if value.shape == act.shape:
+        if edit.op == "replace":
+            return torch.where(mask.view(*mask.shape, *([1] * (act.dim() - mask.dim()))), value, act)
+        value = value[mask]
+    out = act.clone()
+    selected = out[mask]
+    try:
+        value = _fit(value, selected.shape, mask)
+    except RuntimeError as err:
+        raise ValueError(
+            f"edit at {edit.hook!r}: value of shape {tuple(value.shape)} does not fit the {tuple(selected.shape)} "
+            f"selected entries (pass the full activation shape {tuple(act.shape)}, or one that broadcasts)"
+        ) from err
+    out[mask] = value if edit.op == "replace" else selected + value
+    return out
+
+
+def _fit(value: Tensor, selected_shape: torch.Size, mask: Tensor) -> Tensor:
+    if value.dim() >= 2 and value.shape[0] == mask.shape[0] and value.dim() == len(selected_shape) + 1:
+        value = value.reshape(-1, *value.shape[2:])
+    return value.expand(selected_shape)
+
+
+def _selection_mask(edit: Edit, act: Tensor, ctx: HookContext, position_mask: Callable[[Selector], Tensor]) -> Tensor | None:
+    """Bool mask over the leading axes of ``act`` ([batch, pos] or [batch, pos, head]), or None for all."""
+    hp = ctx.hook
+    if edit.heads is not None and hp.heads is None:
+        raise ValueError(f"heads= was given for {edit.hook!r}, which is not a per-head point; use its '.z' point")
+    if edit.at is None and edit.heads is None:
+        return None
+    if act.dim() < 2:
+        raise ValueError(f"{edit.hook!r} has no position axis (shape {tuple(act.shape)}); drop at=")
+    pos = position_mask(edit.at) if edit.at is not None else torch.ones(act.shape[:2], dtype=torch.bool, device=act.device)
+    if pos.shape != act.shape[:2]:
+        raise ValueError(f"position mask {tuple(pos.shape)} does not match {edit.hook!r} of shape {tuple(act.shape)}")
+    if edit.heads is None:
+        return pos
+    heads = [edit.heads] if isinstance(edit.heads, int) else list(edit.heads)
+    head_mask = torch.zeros(act.shape[2], dtype=torch.bool, device=act.device)
+    try:
+        head_mask[heads] = True
+    except IndexError as err:
+        raise IndexError(f"heads {heads} out of range for {act.shape[2]} heads at {edit.hook!r}") from err
+    return pos[:, :, None] & head_mask
