@@ -81,6 +81,11 @@ class ActivationCache(Mapping):
         if layer is None:
             if name in self._points:
                 return name
+            from .interop import from_transformer_lens_name
+
+            alias = from_transformer_lens_name(name)
+            if alias in self._points:
+                return alias
             raise unknown_hook_error(name, list(self._points))
         prefix, kind = name.rsplit(".", 1) if "." in name else ("lm", name)
         layers = sorted({hp.layer for hp in self._points.values() if hp.prefix == prefix and hp.kind == kind})

@@ -200,7 +200,7 @@ class HookedModel:
         recording.cache = ActivationCache(store, self.hook_points, spans)
 
     def run(self, inputs: Mapping[str, Any], *, cache: CacheFilter = None, edits: Edit | list[Edit] = (),
-            grad: bool = False, keep_grad: bool = False, **forward_kwargs: Any) -> RunResult:
+            grad: bool = False, keep_grad: bool = False, backend: str = "torch", **forward_kwargs: Any) -> RunResult:
         """One forward pass with hook points cached and/or edited.
 
         Args:
@@ -210,8 +210,16 @@ class HookedModel:
             edits: edits made with :func:`mmlens.replace`, :func:`mmlens.add`, :func:`mmlens.apply`.
             grad: run with autograd enabled (default: ``torch.no_grad``).
             keep_grad: record activations attached to the graph (implies ``grad``).
+            backend: ``"torch"`` (PyTorch module hooks, the default) or ``"nnsight"`` (the same hook
+                points and edits inside an ``nnsight`` trace; see the README on when to use which).
         """
         inputs = self._check_inputs(inputs)
+        if backend == "nnsight":
+            from .interop import run_with_nnsight
+
+            return run_with_nnsight(self, inputs, cache=cache, edits=edits, grad=grad or keep_grad, **forward_kwargs)
+        if backend != "torch":
+            raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'nnsight'")
         with torch.set_grad_enabled(grad or keep_grad):
             with self.hooked(inputs, cache=cache, edits=edits, keep_grad=keep_grad) as rec:
                 output = self.model(**inputs, **forward_kwargs)

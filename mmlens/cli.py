@@ -1,0 +1,97 @@
+"""The ``mmlens`` command line.
+
+    mmlens models                 list the model registry
+    mmlens hooks MODEL [--json]   list a model's hook points by stage and modality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def hook_table(hm, example_inputs: dict | None) -> list[dict]:
+    """One row per hook point: name, stage, modality, module, layer, and the shape on ``example_inputs``."""
+    shapes: dict[str, list[int]] = {}
+    if example_inputs is not None:
+        with torch.no_grad():
+            cache = hm.run(example_inputs, cache=True).cache
+        shapes = {name: list(t.shape) for name, t in cache.items()}
+    rows = []
+    for name, hp in hm.hook_points.items():
+        rows.append({
+            "name": name,
+            "stage": hp.stage,
+            "modality": hp.modality or "fused",
+            "module": hp.site.module + ("" if hp.site.io == "output" else f" (input {hp.site.kwarg or hp.site.index})"),
+            "layer": hp.layer,
+            "shape": shapes.get(name),
+            "spans_apply": hp.fused_positions,
+        })
+    return rows
+
+
+def _print_table(rows: list[dict], model_name: str, spans) -> None:
+    print(f"{model_name}: {len(rows)} hook points" + (f"; example input spans: {spans}" if spans is not None else ""))
+    current = None
+    for row in rows:
+        group = (row["stage"], row["modality"])
+        if group != current:
+            current = group
+            print(f"\n[{row['stage']}] modality={row['modality']}")
+        shape = "x".join(map(str, row["shape"])) if row["shape"] else "-"
+        print(f"  {row['name']:<34} {shape:<16} {row['module']}")
+
+
+def cmd_hooks(args: argparse.Namespace) -> int:
+    from mmlens.loading import load_model
+    from mmlens.wrapper import HookedModel
+
+    loaded = load_model(args.model)
+    hm = HookedModel(loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor, name=loaded.name)
+    example = None if args.no_shapes else loaded.example_inputs()
+    rows = hook_table(hm, example)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+    else:
+        _print_table(rows, loaded.name, hm.spans(example) if example is not None else None)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mmlens.loading import registry_descriptions
+
+    for name, description in registry_descriptions().items():
+        print(f"{name:<24} {description}")
+    print("\nAny Hugging Face hub id or local folder also works when online / present.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmlens", description="Mechanistic interpretability for multimodal transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    hooks = sub.add_parser("hooks", help="list a model's hook points grouped by stage and modality")
+    hooks.add_argument("model", help="registry name (see `mmlens models`) or a Hugging Face id / folder")
+    hooks.add_argument("--json", action="store_true", help="print a JSON list of hook points")
+    hooks.add_argument("--no-shapes", action="store_true", help="skip the dry run that measures shapes")
+    hooks.set_defaults(func=cmd_hooks)
+    models = sub.add_parser("models", help="list the model registry")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (LookupError, FileNotFoundError, ValueError, TypeError) as err:
+        print(f"mmlens: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
