@@ -1,0 +1,40 @@
+"""HF Idefics3 / SmolVLM (``Idefics3ForConditionalGeneration``): SigLIP vision encoder ->
+pixel-shuffle connector -> Llama text model."""
+
+from __future__ import annotations
+
+from mmlens.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
+
+from .language_models import neutral_text
+from .llava import image_token_spans
+
+_lm_stack, _lm_points = language_model(base="model.text_model", logits="lm_head",
+                                       n_heads="config.text_config.num_attention_heads")
+
+
+def neutral_image(model, inputs, spans):
+    """Each image replaced by a flat image of its own per-channel mean colour.
+
+    (Not all zeros: Idefics3 treats an all-zero image as padding and drops it.)
+    """
+    pixels = inputs["pixel_values"]
+    return {**inputs, "pixel_values": pixels.mean(dim=(-1, -2), keepdim=True).expand_as(pixels).clone()}
+
+
+IDEFICS3 = Adapter(
+    name="idefics3",
+    architectures=("Idefics3ForConditionalGeneration",),
+    stacks=(
+        Stack(prefix="vision", stage="encoder", modality="image", blocks="model.vision_model.encoder.layers",
+              layout=CLIP_BLOCK, n_heads="config.vision_config.num_attention_heads"),
+        _lm_stack,
+    ),
+    points=(
+        Point("vision.embed", "encoder", "image", Site("model.vision_model.embeddings")),
+        Point("fusion.projector_out", "fusion", "image", Site("model.connector")),
+        Point("fusion.embeds", "fusion", None, Site("model.text_model", "input", 0, "inputs_embeds"), fused_positions=True),
+        *_lm_points,
+    ),
+    spans=image_token_spans,
+    neutral={"image": neutral_image, "text": neutral_text},
+)

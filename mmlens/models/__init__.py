@@ -1,0 +1,26 @@
+"""Models that mmlens owns: a TEA-GLM-style graph-language model and a small fusion transformer."""
+
+from .fusion import (
+    Attention,
+    Block,
+    FusionConfig,
+    FusionOutput,
+    FusionTransformer,
+    ImageEncoder,
+    TextEncoder,
+)
+from .tea_glm import GraphSAGEEncoder, TeaGLM, build_graph_prompt, default_graph_token_id
+
+__all__ = [
+    "Attention",
+    "Block",
+    "FusionConfig",
+    "FusionOutput",
+    "FusionTransformer",
+    "GraphSAGEEncoder",
+    "ImageEncoder",
+    "TeaGLM",
+    "TextEncoder",
+    "build_graph_prompt",
+    "default_graph_token_id",
+]
