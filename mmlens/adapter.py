@@ -179,7 +179,19 @@ class Adapter:
                 name=p.name, stage=p.stage, modality=p.modality, site=p.site, kind=p.name.rsplit(".", 1)[-1],
                 prefix=p.name.split(".", 1)[0], fused_positions=p.fused_positions,
             )
-        return points
+        return _in_flow_order(points)
+
+
+def _in_flow_order(points: dict[str, HookPoint]) -> dict[str, HookPoint]:
+    """Order points as data flows: encoder -> fusion -> lm; within a prefix embed, blocks, the rest."""
+    prefixes = list(dict.fromkeys(hp.prefix for hp in points.values()))
+
+    def key(item: tuple[int, HookPoint]) -> tuple:
+        i, hp = item
+        part = 0 if hp.kind == "embed" else 1 if hp.layer is not None else 2
+        return STAGES.index(hp.stage), prefixes.index(hp.prefix), part, hp.layer or 0, i
+
+    return {hp.name: hp for _, hp in sorted(enumerate(points.values()), key=key)}
 
 
 def _join(parent: str, child: str) -> str:
@@ -203,7 +215,7 @@ def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
         HookPoint(name=f"{name}.resid_post", site=Site(block), kind="resid_post", **common),
     ]
     if heads is not None:
-        out.insert(2, HookPoint(name=f"{name}.z", site=Site(f"{block}.{lay.attn_out_proj}", "input", 0, "input"),
+        out.insert(2, HookPoint(name=f"{name}.z", site=Site(f"{block}.{lay.attn_out_proj}", "input", 0),
                                 kind="z", heads=heads, **common))
     return out
 

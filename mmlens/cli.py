@@ -46,15 +46,32 @@ def _print_table(rows: list[dict], model_name: str, spans) -> None:
         print(f"  {row['name']:<34} {shape:<16} {row['module']}")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The hook table with block indices collapsed to ``{i}`` (one line per point kind), as Markdown."""
+    lines = ["| hook point | stage | modality | module (value) |", "|---|---|---|---|"]
+    seen: set[str] = set()
+    for row in rows:
+        name, module = row["name"], row["module"]
+        if row["layer"] is not None:
+            name = name.replace(f".blocks.{row['layer']}.", ".blocks.{i}.")
+            module = module.replace(f".{row['layer']}", ".{i}", 1)
+        if name not in seen:
+            seen.add(name)
+            lines.append(f"| `{name}` | {row['stage']} | {row['modality']} | `{module}` |")
+    return "\n".join(lines)
+
+
 def cmd_hooks(args: argparse.Namespace) -> int:
     from mmlens.loading import load_model
     from mmlens.wrapper import HookedModel
 
     loaded = load_model(args.model)
     hm = HookedModel(loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor, name=loaded.name)
-    example = None if args.no_shapes else loaded.example_inputs()
+    example = None if args.no_shapes or args.markdown else loaded.example_inputs()
     rows = hook_table(hm, example)
-    if args.json:
+    if args.markdown:
+        print(markdown_table(rows))
+    elif args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()
     else:
@@ -77,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     hooks = sub.add_parser("hooks", help="list a model's hook points grouped by stage and modality")
     hooks.add_argument("model", help="registry name (see `mmlens models`) or a Hugging Face id / folder")
     hooks.add_argument("--json", action="store_true", help="print a JSON list of hook points")
+    hooks.add_argument("--markdown", action="store_true", help="print a Markdown table, block indices collapsed")
     hooks.add_argument("--no-shapes", action="store_true", help="skip the dry run that measures shapes")
     hooks.set_defaults(func=cmd_hooks)
     models = sub.add_parser("models", help="list the model registry")

