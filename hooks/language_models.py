@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from mmlens.adapter import GPT2_BLOCK, Adapter, language_model
 from mmlens.spans import spans_from_token_ids
 

@@ -73,6 +73,9 @@ class ActivationCache(Mapping):
     def __len__(self) -> int:
         return len(self._data)
 
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._data
+
     def __repr__(self) -> str:
         return f"ActivationCache({len(self)} hook points, spans={self.spans!r})"
 

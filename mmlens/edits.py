@@ -72,9 +72,13 @@ def apply_edit(edit: Edit, act: Tensor, ctx: HookContext, position_mask: Callabl
     value = torch.as_tensor(edit.value, dtype=act.dtype, device=act.device)
     mask = _selection_mask(edit, act, ctx, position_mask)
     if mask is None:
-        if edit.op == "replace":
-            return value.expand_as(act) if value.shape != act.shape else value
-        return act + value
+        try:
+            if edit.op == "replace":
+                return value.expand_as(act) if value.shape != act.shape else value
+            return act + value
+        except RuntimeError as err:
+            raise ValueError(f"edit at {edit.hook!r}: value of shape {tuple(value.shape)} does not broadcast to the "
+                             f"activation's shape {tuple(act.shape)}") from err
     if value.shape == act.shape:
         if edit.op == "replace":
             return torch.where(mask.view(*mask.shape, *([1] * (act.dim() - mask.dim()))), value, act)

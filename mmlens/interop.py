@@ -1,9 +1,43 @@
-"""Interop with TransformerLens names (and, below, its TransformerBridge and nnsight)."""
+"""Interop with TransformerLens (hook names, ``TransformerBridge``) and nnsight (a second run backend).
+
+- :func:`from_transformer_lens_name` / :func:`to_transformer_lens_name` translate hook names, so
+  ``blocks.3.hook_resid_post`` works wherever ``lm.blocks.3.resid_post`` does.
+- :func:`unwrap_bridge` lets :class:`mmlens.HookedModel` wrap a TransformerLens 4.x
+  ``TransformerBridge``: the bridge swaps its components into the HF model in place
+  (``model.layers.0`` becomes a ``BlockBridge`` holding the ``LlamaDecoderLayer`` as
+  ``_original_component``) and the components forward attribute access to the module they wrap, so
+  our dotted module paths still resolve; we hook the bridge components themselves.
+- :func:`no_torchvision_install` / :func:`boot_bridge` boot a bridge without letting TransformerLens
+  ``pip install torchvision`` into the running interpreter.
+- :func:`run_with_nnsight` runs the hook points and edits of :meth:`HookedModel.run` inside one
+  ``nnsight`` trace, with results equal to the torch-hook backend.
+"""
 
 from __future__ import annotations
 
 import re
+import sys
+import tempfile
+import weakref
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import Tensor, nn
+
+from .adapter import get_module
+from .cache import ActivationCache
+from .edits import Edit
+
+if TYPE_CHECKING:
+    from .wrapper import CacheFilter, HookedModel, RunResult, _Plan
+
+# -- TransformerLens hook names ---------------------------------------------------------------------
+# TL name inside a block -> our kind. The first TL name of each kind is the canonical one
+# (``to_transformer_lens_name``); the others are bridge aliases of the same tensor (verified equal
+# in tests/test_interop.py against ``TransformerBridge.run_with_cache``).
 _TL_BLOCK = {
     "hook_resid_pre": "resid_pre",
     "hook_resid_mid": "resid_mid",
@@ -11,30 +45,260 @@ _TL_BLOCK = {
     "hook_attn_out": "attn_out",
     "hook_mlp_out": "mlp_out",
     "attn.hook_z": "z",
+    "hook_in": "resid_pre",
+    "ln2.hook_in": "resid_mid",
+    "hook_out": "resid_post",
+    "attn.hook_out": "attn_out",
+    "mlp.hook_out": "mlp_out",
+    "attn.o.hook_in": "z",
 }
-_TL_SINGLE = {"hook_embed": "lm.embed", "ln_final.hook_normalized": "lm.final_norm", "unembed.hook_out": "lm.logits"}
-_TL_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# TL block-stack prefix -> ours.
+_TL_STACKS = {"blocks": "lm", "vision_encoder.encoder_layers": "vision"}
+# ``ln_final.hook_normalized`` is NOT our ``lm.final_norm``: the bridge fires it before the norm's
+# weight is applied, ``ln_final.hook_out`` after (= the norm module's output).
+_TL_SINGLE = {
+    "hook_embed": "lm.embed",
+    "ln_final.hook_out": "lm.final_norm",
+    "unembed.hook_out": "lm.logits",
+    "hook_unembed": "lm.logits",
+    "vision_encoder.hook_vision_embed": "vision.embed",
+    "vision_projector.hook_vision_proj_out": "fusion.projector_out",
+}
+_TL_RE = re.compile(r"^(blocks|vision_encoder\.encoder_layers)\.(\d+)\.(.+)$")
+_OURS_RE = re.compile(r"^(lm|vision)\.blocks\.(\d+)\.(\w+)$")
 
 
 def from_transformer_lens_name(name: str) -> str | None:
     """Our canonical name for a TransformerLens hook name (``blocks.3.hook_resid_post`` ->
-    ``lm.blocks.3.resid_post``), or None when there is no counterpart."""
+    ``lm.blocks.3.resid_post``, ``vision_encoder.encoder_layers.0.hook_out`` ->
+    ``vision.blocks.0.resid_post``), or None when there is no counterpart."""
     if name in _TL_SINGLE:
         return _TL_SINGLE[name]
     match = _TL_RE.match(name)
-    if match and match.group(2) in _TL_BLOCK:
-        return f"lm.blocks.{match.group(1)}.{_TL_BLOCK[match.group(2)]}"
+    if match and match.group(3) in _TL_BLOCK:
+        return f"{_TL_STACKS[match.group(1)]}.blocks.{match.group(2)}.{_TL_BLOCK[match.group(3)]}"
     return None
 
 
 def to_transformer_lens_name(name: str) -> str | None:
-    """The TransformerLens hook name for one of our LM hook names, or None."""
+    """The (canonical) TransformerLens hook name for one of our hook names, or None."""
     for tl, ours in _TL_SINGLE.items():
         if ours == name:
             return tl
-    match = re.match(r"^lm\.blocks\.(\d+)\.(\w+)$", name)
+    match = _OURS_RE.match(name)
     if match:
+        stack = next(tl for tl, ours in _TL_STACKS.items() if ours == match.group(1))
         for tl, ours in _TL_BLOCK.items():
-            if ours == match.group(2):
-                return f"blocks.{match.group(1)}.{tl}"
+            if ours == match.group(3):
+                return f"{stack}.{match.group(2)}.{tl}"
     return None
+
+
+# -- TransformerLens TransformerBridge ----------------------------------------------------------------
+def unwrap_bridge(model: Any, tokenizer: Any = None, processor: Any = None) -> tuple[Any, Any, Any]:
+    """``(hf_model, tokenizer, processor)`` for a TransformerLens bridge; other models pass through.
+
+    For a ``TransformerBridge`` the HF model is ``bridge.original_model`` (with the bridge's
+    components swapped in; they run the HF numerics), and ``tokenizer`` / ``processor`` default to
+    the bridge's own. Raises for a bridge in compatibility mode (its weights were folded and
+    centred in place, so its activations are not the HF model's) and for bridges with no local
+    torch module (vLLM, Inspect).
+    """
+    bridge_module = sys.modules.get("transformer_lens.model_bridge")
+    if bridge_module is None or not isinstance(model, bridge_module.BridgeCore):
+        return model, tokenizer, processor
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no local torch module to hook (remote driver); "
+                        "boot the model with TransformerBridge.boot_transformers(...) to use it with mmlens")
+    if getattr(model, "compatibility_mode", False):
+        raise ValueError(
+            "this TransformerBridge is in compatibility mode: enable_compatibility_mode() folded and centred "
+            "the HF weights in place, so its activations are no longer the model's own; wrap a freshly booted "
+            "bridge (never call enable_compatibility_mode() on a model you analyse with mmlens)")
+    return (model.original_model, model.tokenizer if tokenizer is None else tokenizer,
+            getattr(model, "processor", None) if processor is None else processor)
+
+
+def _refuse_torchvision_install() -> bool:
+    """Stands in for TransformerLens's ``_ensure_torchvision``: True if torchvision imports, else raise."""
+    try:
+        import torchvision  # noqa: F401
+
+        return True
+    except Exception:  # noqa: BLE001 - a broken torchvision counts as missing, as in TransformerLens
+        pass
+    cause = sys.exc_info()[1]  # the processor-loading error TransformerLens is handling
+    raise RuntimeError(
+        f"TransformerLens could not load this model's processor ({cause!r}) and would now run "
+        "`pip install torchvision` inside this interpreter, which replaces the CPU torch with a ~4.5 GB CUDA "
+        "build; mmlens blocked it. Fix: boot with mmlens.interop.boot_bridge(model, tokenizer, processor=...) "
+        "so TransformerLens finds a saved processor, or install a torchvision that matches your torch yourself")
+
+
+@contextmanager
+def no_torchvision_install() -> Iterator[None]:
+    """Within the block, a TransformerLens bridge boot cannot ``pip install torchvision``.
+
+    TransformerLens 4.x (``model_bridge/sources/transformers/helpers.py``) installs torchvision on
+    the fly when a multimodal model's processor fails to load; inside the block that step raises a
+    ``RuntimeError`` that says how to fix the boot instead. Wrap any ``boot_transformers`` call in it.
+    """
+    from transformer_lens.model_bridge.sources.transformers import helpers
+
+    original = helpers._ensure_torchvision
+    helpers._ensure_torchvision = _refuse_torchvision_install
+    try:
+        yield
+    finally:
+        helpers._ensure_torchvision = original
+
+
+def boot_bridge(hf_model: nn.Module, tokenizer: Any = None, *, processor: Any = None, **boot_kwargs: Any) -> Any:
+    """Boot a TransformerLens ``TransformerBridge`` around an already-loaded HF model, safely.
+
+    Handles the boot's traps: ``config.architectures`` is set when empty (models built from a
+    config), the tokenizer/processor are saved to a temporary folder and the tokenizer reloaded
+    from it (TransformerLens reloads it by ``name_or_path``), and the boot runs under
+    :func:`no_torchvision_install`. Multimodal models need ``processor`` (else TransformerLens would
+    try to install torchvision, which raises here). Note that booting switches the model to eager
+    attention and swaps bridge components into it in place. ``boot_kwargs`` go to
+    ``TransformerBridge.boot_transformers``.
+    """
+    from transformers import AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("boot_bridge needs the model's tokenizer (or a processor that has one)")
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    with tempfile.TemporaryDirectory(prefix="mmlens-bridge-") as folder, no_torchvision_install():
+        hf_model.config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
+        return TransformerBridge.boot_transformers(folder, hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(folder),
+                                                   **boot_kwargs)
+
+
+# -- nnsight backend --------------------------------------------------------------------------------
+_Event = tuple[str, str]  # (module path, "input" | "output")
+
+_ENVOYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HookedModel -> nnsight.NNsight
+_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HookedModel -> {input keys: (order, calls)}
+
+
+def _envoy(hm: HookedModel) -> Any:
+    """The ``nnsight.NNsight`` wrapper of ``hm.model``, built once per HookedModel.
+
+    nnsight instruments every submodule's ``forward`` in place (inert outside a trace).
+    """
+    envoy = _ENVOYS.get(hm)
+    if envoy is None:
+        from nnsight import NNsight
+
+        envoy = _ENVOYS[hm] = NNsight(hm.model)
+    return envoy
+
+
+def _execution_order(hm: HookedModel, inputs: Mapping[str, Any], forward_kwargs: dict) -> tuple[dict[_Event, int], Counter]:
+    """Rank of every hook-point event in one forward, and how often each module ran.
+
+    Recorded once per HookedModel and set of input keys (which modules run depends on which
+    inputs are given, e.g. a LLaVA forward without ``pixel_values`` skips the vision tower) by a
+    plain forward with hooks on every module a hook point uses.
+    """
+    per_model = _ORDERS.setdefault(hm, {})
+    key = tuple(sorted(k for k, v in {**inputs, **forward_kwargs}.items() if v is not None))
+    if key in per_model:
+        return per_model[key]
+    order: dict[_Event, int] = {}
+    calls: Counter = Counter()
+
+    def before(path: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls[path] += 1
+            order.setdefault((path, "input"), len(order))
+        return hook
+
+    def after(path: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            order.setdefault((path, "output"), len(order))
+        return hook
+
+    paths = dict.fromkeys(p for hp in hm.hook_points.values() for p in (hp.site.module, hp.block, hp.mlp) if p is not None)
+    handles = []
+    try:
+        for path in paths:
+            module = get_module(hm.model, path, hm.adapter.name)
+            handles += [module.register_forward_pre_hook(before(path)), module.register_forward_hook(after(path))]
+        with torch.no_grad():
+            hm.model(**inputs, **forward_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    per_model[key] = order, calls
+    return order, calls
+
+
+def _intervene(envoy: Any, plan: _Plan, events: list[tuple[_Event, list]]) -> None:
+    """The trace body: visit the events in execution order, reading and writing through the envoys."""
+    import nnsight
+
+    for (path, io), actions in events:
+        node = envoy.get(path) if path else envoy
+        if io == "output":
+            new = plan._output_hook(actions)(node, (), node.output)
+            if new is not None:
+                node.output = new
+        else:
+            args, kwargs = node.inputs
+            new = plan._input_hook(actions)(node, args, kwargs)
+            if new is not None:
+                node.inputs = new
+    for value in plan.store.values():
+        nnsight.save(value)
+
+
+def run_with_nnsight(hm: HookedModel, inputs: Mapping[str, Any], *, cache: CacheFilter = None,
+                     edits: Edit | list[Edit] = (), grad: bool = False, keep_grad: bool | None = None,
+                     **forward_kwargs: Any) -> RunResult:
+    """:meth:`HookedModel.run` with ``backend="nnsight"``: the same hook points and edits, applied
+    inside one ``nnsight`` trace of ``hm.model`` (the route to NDIF-style execution).
+
+    Returns the same :class:`RunResult` as the torch backend: equal logits with no edits, equal
+    cached tensors (``[batch, pos, d]``; per-head points ``[batch, pos, head, d_head]``), equal
+    edited logits, and the same ``resid_mid`` write semantics. Cached tensors stay attached to the
+    graph when ``keep_grad`` (default: ``grad``). The first run for a set of input keys costs one
+    extra plain forward (nnsight must visit modules in execution order, which it records).
+    Unsupported: a hook point whose module runs more than once per forward (nnsight sees its first
+    call only; use ``backend="torch"``).
+    """
+    from .wrapper import RunResult, _Plan
+
+    cache_names, edits_by_point, must_fire = hm._request(cache, edits)
+    order, calls = _execution_order(hm, inputs, forward_kwargs)
+    unreached = {n for n in [*cache_names, *edits_by_point]
+                 if (hm.hook_points[n].site.module, hm.hook_points[n].site.io) not in order}
+    if unreached & must_fire:
+        raise RuntimeError(f"hook points {sorted(unreached & must_fire)} were never reached in this forward (their "
+                           "modules did not run: is that modality's input missing?)")
+    spans = hm.adapter.spans(hm.model, inputs)
+    store: dict[str, Tensor] = {}
+    fired: set[str] = set()
+    plan = _Plan(hm, spans, {n for n in cache_names if n not in unreached}, edits_by_point, store, fired,
+                 grad if keep_grad is None else keep_grad)
+    events = sorted(plan.events().items(), key=lambda item: order[item[0]])
+    repeated = sorted({path for (path, _), _ in events if calls[path] > 1})
+    if repeated:
+        raise NotImplementedError(f"modules {repeated} run more than once per forward; the nnsight backend sees only "
+                                  "their first call, so it cannot match the torch backend: use backend='torch'")
+    import nnsight
+
+    envoy = _envoy(hm)
+    with torch.set_grad_enabled(grad):
+        with envoy.trace(**inputs, **forward_kwargs):
+            _intervene(envoy, plan, events)
+            output = nnsight.save(envoy.output)
+    logits = output if isinstance(output, Tensor) else output.logits
+    return RunResult(output=output, logits=logits, cache=ActivationCache(store, hm.hook_points, spans), spans=spans)

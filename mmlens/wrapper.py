@@ -64,7 +64,9 @@ class HookedModel:
     def __init__(self, model: nn.Module, adapter: Adapter | None = None, *, tokenizer: Any = None, processor: Any = None,
                  name: str | None = None):
         from mmlens.hooks import find_adapter
+        from mmlens.interop import unwrap_bridge
 
+        model, tokenizer, processor = unwrap_bridge(model, tokenizer, processor)
         if not isinstance(model, nn.Module):
             raise TypeError(f"HookedModel wraps a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -130,6 +132,20 @@ class HookedModel:
                 explicit.add(name)
         return list(chosen), explicit
 
+    def _request(self, cache: CacheFilter, edits: Edit | list[Edit]) -> tuple[list[str], dict[str, list[Edit]], set[str]]:
+        """Validate a run's request: (names to cache, edits grouped by hook name, names that must fire)."""
+        edits = [edits] if isinstance(edits, Edit) else list(edits)
+        for e in edits:
+            if not isinstance(e, Edit):
+                raise TypeError(f"edits must be made with mmlens.replace/add/apply/ablate, got {type(e).__name__}")
+        cache_names, must_fire = self._select(cache)
+        edits_by_point: dict[str, list[Edit]] = defaultdict(list)
+        for e in edits:
+            hp = self.resolve(e.hook)
+            edits_by_point[hp.name].append(e)
+            must_fire.add(hp.name)
+        return cache_names, dict(edits_by_point), must_fire
+
     # -- inputs ----------------------------------------------------------------------------------
     def _check_inputs(self, inputs: Any) -> dict:
         if isinstance(inputs, (str, list)) or not isinstance(inputs, Mapping):
@@ -171,16 +187,7 @@ class HookedModel:
 
         ``inputs`` (optional) gives the modality spans that position selectors refer to.
         """
-        edits = [edits] if isinstance(edits, Edit) else list(edits)
-        for e in edits:
-            if not isinstance(e, Edit):
-                raise TypeError(f"edits must be made with mmlens.replace/add/apply/ablate, got {type(e).__name__}")
-        cache_names, must_fire = self._select(cache)
-        edits_by_point: dict[str, list[Edit]] = defaultdict(list)
-        for e in edits:
-            hp = self.resolve(e.hook)
-            edits_by_point[hp.name].append(e)
-            must_fire.add(hp.name)
+        cache_names, edits_by_point, must_fire = self._request(cache, edits)
         spans = self.adapter.spans(self.model, self._check_inputs(inputs)) if inputs is not None else None
         recording = Recording(spans=spans)
         store: dict[str, Tensor] = {}
@@ -217,7 +224,8 @@ class HookedModel:
         if backend == "nnsight":
             from .interop import run_with_nnsight
 
-            return run_with_nnsight(self, inputs, cache=cache, edits=edits, grad=grad or keep_grad, **forward_kwargs)
+            return run_with_nnsight(self, inputs, cache=cache, edits=edits, grad=grad or keep_grad, keep_grad=keep_grad,
+                                    **forward_kwargs)
         if backend != "torch":
             raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'nnsight'")
         with torch.set_grad_enabled(grad or keep_grad):
@@ -241,26 +249,30 @@ class _Plan:
         self.mid: dict[str, Tensor] = {}
         self.mlp_out: dict[str, Tensor] = {}
 
-    def install(self) -> list:
-        by_site: dict[tuple[str, str], list] = defaultdict(list)
-        fix_blocks: list[HookPoint] = []
+    def events(self) -> dict[tuple[str, str], list]:
+        """The actions of each (module path, "input"/"output") event, in the order they apply."""
+        actions: dict[tuple[str, str], list] = defaultdict(list)
         for name in dict.fromkeys([*self.cache_names, *self.edits]):
             hp = self.hm.hook_points[name]
-            by_site[(hp.site.module, hp.site.io)].append(hp)
-            if hp.kind == "resid_mid" and name in self.edits:
-                fix_blocks.append(hp)
-        actions: dict[tuple[str, str], list] = {key: [("point", hp) for hp in pts] for key, pts in by_site.items()}
-        for hp in fix_blocks:
-            actions.setdefault((hp.mlp, "output"), []).append(("stash_mlp", hp.block))
-            actions.setdefault((hp.block, "output"), []).insert(0, ("fix_block", hp.block))
+            actions[(hp.site.module, hp.site.io)].append(("point", hp))
+        for name in self.edits:
+            hp = self.hm.hook_points[name]
+            if hp.kind == "resid_mid":
+                actions[(hp.mlp, "output")].append(("stash_mlp", hp.block))
+                actions[(hp.block, "output")].insert(0, ("fix_block", hp.block))
+        return actions
+
+    def install(self) -> list:
+        """Register one hook per event. Hooks are prepended so that they run before transformers'
+        own output-capturing hooks (which e.g. record LLaVA's vision hidden states for the projector)."""
         handles = []
         try:
-            for (module_path, io), acts in actions.items():
+            for (module_path, io), acts in self.events().items():
                 module = get_module(self.hm.model, module_path, self.hm.adapter.name)
                 if io == "output":
-                    handles.append(module.register_forward_hook(self._output_hook(acts)))
+                    handles.append(module.register_forward_hook(self._output_hook(acts), prepend=True))
                 else:
-                    handles.append(module.register_forward_pre_hook(self._input_hook(acts), with_kwargs=True))
+                    handles.append(module.register_forward_pre_hook(self._input_hook(acts), with_kwargs=True, prepend=True))
         except BaseException:
             for h in handles:
                 h.remove()
@@ -304,7 +316,8 @@ class _Plan:
     def _output_hook(self, actions: list):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             is_tuple = isinstance(output, tuple)
-            value = output[0] if is_tuple else output
+            index = next((hp.site.index for kind, hp in actions if kind == "point"), 0) if is_tuple else 0
+            value = output[index] if is_tuple else output
             original = value
             for kind, arg in actions:
                 if kind == "point":
@@ -315,7 +328,7 @@ class _Plan:
                     value = self.mid.pop(arg) + self.mlp_out.pop(arg)
             if value is original:
                 return None
-            return (value, *output[1:]) if is_tuple else value
+            return (*output[:index], value, *output[index + 1:]) if is_tuple else value
 
         return hook
 

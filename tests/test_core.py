@@ -85,6 +85,8 @@ def test_edit_errors_are_clear(tinystories):
         hm.run(inputs, edits=[mmlens.apply("lm.blocks.0.attn_out", lambda a, ctx: a[:, :1])])
     with pytest.raises(ValueError, match="does not fit"):
         hm.run(inputs, edits=[mmlens.replace("lm.blocks.0.attn_out", torch.zeros(5, 7), at="last")])
+    with pytest.raises(ValueError, match="does not broadcast"):
+        hm.run(inputs, edits=[mmlens.replace("lm.blocks.0.attn_out", torch.zeros(5, 7))])
     with pytest.raises(ValueError, match="not a per-head point"):
         hm.run(inputs, edits=[mmlens.ablate("lm.blocks.0.attn_out", heads=0)])
     with pytest.raises(TypeError, match="mmlens.replace"):
@@ -121,6 +123,7 @@ def test_cache_names_filter_and_indexing(tinystories):
     hm, inputs = tinystories
     cache = hm.run(inputs, cache="lm.blocks.*.resid_post").cache
     assert sorted(cache) == ["lm.blocks.0.resid_post", "lm.blocks.1.resid_post"]
+    assert "lm.blocks.0.resid_post" in cache and None not in cache and "lm.blocks.0.attn_out" not in cache
     assert torch.equal(cache["resid_post", -1], cache["lm.blocks.1.resid_post"])
     assert torch.equal(cache["resid_post", 0, "last"], cache["lm.blocks.0.resid_post"][:, -1:])
     assert torch.equal(cache["blocks.1.hook_resid_post"], cache["lm.blocks.1.resid_post"])  # TransformerLens alias
