@@ -21,6 +21,12 @@ def neutral_image(model, inputs, spans):
     return {**inputs, "pixel_values": pixels.mean(dim=(-1, -2), keepdim=True).expand_as(pixels).clone()}
 
 
+def project_vision_layer(model, inputs, hidden):
+    """A vision layer's output ``[images, patches, d_v]`` -> LM-space tokens ``[images, tokens, d_lm]``:
+    the encoder's post-layernorm, then the pixel-shuffle connector."""
+    return model.model.connector(model.model.vision_model.post_layernorm(hidden))
+
+
 IDEFICS3 = Adapter(
     name="idefics3",
     architectures=("Idefics3ForConditionalGeneration",),
@@ -37,4 +43,5 @@ IDEFICS3 = Adapter(
     ),
     spans=image_token_spans,
     neutral={"image": neutral_image, "text": neutral_text},
+    project_encoder=project_vision_layer,
 )

@@ -23,6 +23,14 @@ def neutral_image(model, inputs, spans):
     return {**inputs, "pixel_values": torch.zeros_like(inputs["pixel_values"])}
 
 
+def project_vision_layer(model, inputs, hidden):
+    """A vision layer's output ``[images, 1 + patches, d_v]`` -> LM-space tokens ``[images, tokens, d_lm]``:
+    the feature selection LLaVA applies (``"default"`` drops the CLS token), then its projector."""
+    if model.config.vision_feature_select_strategy == "default":
+        hidden = hidden[:, 1:]
+    return model.model.multi_modal_projector(hidden)
+
+
 LLAVA = Adapter(
     name="llava",
     architectures=("LlavaForConditionalGeneration",),
@@ -40,4 +48,5 @@ LLAVA = Adapter(
     ),
     spans=image_token_spans,
     neutral={"image": neutral_image, "text": neutral_text},
+    project_encoder=project_vision_layer,
 )

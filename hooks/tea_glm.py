@@ -28,6 +28,18 @@ def neutral_text(model, inputs, spans):
     return lm_neutral_text(model.lm, inputs, spans)
 
 
+def project_graph_layer(model, inputs, hidden):
+    """A GNN layer's node representations ``[n_nodes, d]`` -> each prompt's K graph tokens
+    ``[b, K, d_lm]`` (rows ``node_ids``, through the projector); needs ``d == gnn.out_dim``."""
+    if "node_ids" not in inputs:
+        raise ValueError("decoding GNN layers needs the graph inputs (node_features, edge_index, node_ids), "
+                         "not graph_embeds")
+    if hidden.shape[-1] != model.gnn.out_dim:
+        raise ValueError(f"this GNN layer is {hidden.shape[-1]} wide but the projector reads {model.gnn.out_dim}; "
+                         "only layers as wide as the GNN output can be projected (use hidden_dim == out_dim)")
+    return model.graph_tokens(hidden[inputs["node_ids"]])
+
+
 TEA_GLM = Adapter(
     name="tea-glm",
     architectures=("TeaGLM",),
@@ -39,4 +51,5 @@ TEA_GLM = Adapter(
     nested=("lm",),
     spans=graph_token_spans,
     neutral={"graph": neutral_graph, "text": neutral_text},
+    project_encoder=project_graph_layer,
 )

@@ -139,6 +139,8 @@ class Adapter:
         nested: paths of submodules that carry their own adapter (e.g. the LM inside a graph-language
             model); their hook points are included with module paths prefixed by the submodule path.
         required_inputs: input keys without which the forward cannot run.
+        project_encoder: ``(model, inputs, hidden) -> Float[items, tokens, d_lm]``: how one encoder
+            layer's output reaches the LM's input space (the projector), for cross-modal decoding.
     """
 
     name: str
@@ -149,6 +151,7 @@ class Adapter:
     neutral: Mapping[str, NeutralInput] = field(default_factory=dict)
     nested: tuple[str, ...] = ()
     required_inputs: tuple[str, ...] = ("input_ids",)
+    project_encoder: Callable[[nn.Module, Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None
 
     def matches(self, model: nn.Module) -> bool:
         return any(cls.__name__ in self.architectures for cls in type(model).__mro__)

@@ -1,0 +1,153 @@
+"""How much each modality's decoded predictions evolve across layers, with bootstrap intervals.
+
+Four metrics, computed per input row over the positions of one modality span, then summarised
+over inputs with percentile-bootstrap confidence intervals (inputs are the resampled unit):
+
+- ``top1_change``: fraction of (layer transition, position) pairs whose top-1 token differs from
+  the previous layer's. Lower = evolves less.
+- ``kl_to_final``: mean KL(final || layer) over the non-final layers, in nats. Lower = closer to
+  the final prediction throughout.
+- ``cosine_to_previous``: mean cosine similarity of a position's residual vector with the previous
+  layer's. Higher = changes less.
+- ``first_final_top1_layer``: the earliest layer row (0 = embeddings) whose top-1 equals the final
+  layer's, averaged over positions. Lower = the final answer appears earlier.
+
+By default each row's first real position is left out: it is an attention sink (BOS or the first
+template token) whose residual behaves unlike any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .lens import LensResult, _modality_mask
+
+METRICS: dict[str, str] = {
+    "top1_change": "lower",
+    "kl_to_final": "lower",
+    "cosine_to_previous": "higher",
+    "first_final_top1_layer": "lower",
+}
+"""Each metric and the direction in which a span "evolves less"."""
+
+
+def bootstrap_ci(values: Tensor, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` Float[n] and its percentile-bootstrap interval ``(mean, low, high)``."""
+    values = values.double()
+    if values.numel() == 0:
+        return float("nan"), float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    means = values[torch.randint(values.numel(), (n_boot, values.numel()), generator=g)].mean(1)
+    alpha = (1 - ci) / 2
+    low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return float(values.mean()), low, high
+
+
+@dataclass
+class Evolution:
+    """What :func:`evolution` returns.
+
+    Attributes:
+        layers: layer labels (as in the :class:`LensResult`).
+        per_input: one row per (input, modality, metric): ``value`` is that input's summary.
+        per_layer: one row per (input, modality, metric, layer) for the per-layer metrics.
+        curves: ``modality, metric, layer, layer_label, mean, low, high``: per-layer means over inputs.
+        summary: ``modality, metric, mean, low, high, n_inputs``: the per-input values' mean and interval.
+        n_boot, ci, seed: the bootstrap settings.
+    """
+
+    layers: list[str]
+    per_input: pd.DataFrame
+    per_layer: pd.DataFrame
+    curves: pd.DataFrame
+    summary: pd.DataFrame
+    n_boot: int
+    ci: float
+    seed: int
+
+    def compare(self, a: str, b: str) -> pd.DataFrame:
+        """Paired comparison of modality ``a`` against ``b`` over the inputs that have both.
+
+        Returns one row per metric: ``metric, mean_a, mean_b, diff`` (a - b) with its bootstrap
+        interval ``low, high``, ``direction`` (which way "evolves less" points) and
+        ``a_evolves_less``: True when the whole interval lies on that side of zero.
+        """
+        rows = []
+        for metric, direction in METRICS.items():
+            table = self.per_input[self.per_input.metric == metric].pivot(index="input", columns="modality", values="value")
+            if a not in table or b not in table:
+                raise KeyError(f"modalities {a!r} and {b!r} must both be present; have {sorted(table.columns)}")
+            pair = table[[a, b]].dropna()
+            diff = torch.tensor((pair[a] - pair[b]).to_numpy())
+            mean, low, high = bootstrap_ci(diff, self.n_boot, self.ci, self.seed)
+            less = high < 0 if direction == "lower" else low > 0
+            rows.append({"metric": metric, "mean_a": float(pair[a].mean()), "mean_b": float(pair[b].mean()),
+                         "diff": mean, "low": low, "high": high, "direction": direction,
+                         "a_evolves_less": bool(less), "n_inputs": len(pair)})
+        return pd.DataFrame(rows)
+
+
+def evolution(
+    result: LensResult,
+    modalities: list[str] | None = None,
+    *,
+    exclude_first: bool = True,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> Evolution:
+    """Evolution metrics (module docstring) per modality span of a :class:`LensResult`.
+
+    Args:
+        result: a logit- or tuned-lens result over a batch of inputs.
+        modalities: spans to measure (default: all in the inputs).
+        exclude_first: leave out each row's first real position (the attention sink).
+        n_boot, ci, seed: percentile-bootstrap settings.
+    """
+    modalities = modalities or result.spans.modalities
+    top1 = result.top_ids[..., 0]
+    changed = (top1[1:] != top1[:-1]).float()
+    is_final = top1 == top1[-1:]
+    layer_index = torch.arange(top1.shape[0])[:, None, None].expand_as(top1)
+    first_final = torch.where(is_final, layer_index, top1.shape[0]).amin(0).float()
+    per_layer_values = {
+        "top1_change": (changed, 1),
+        "kl_to_final": (result.kl_to_final[:-1], 0),
+        "cosine_to_previous": (result.cosine_to_previous[1:], 1),
+    }
+    per_input, per_layer = [], []
+    for m in modalities:
+        if m not in result.spans.masks:
+            raise KeyError(f"span {m!r} is not in these inputs; spans here: {result.spans.modalities}")
+        mask = _modality_mask(result, m, exclude_first)
+        for row in range(mask.shape[0]):
+            where = mask[row]
+            if not where.any():
+                continue
+            for metric, (values, offset) in per_layer_values.items():
+                by_layer = values[:, row, where].mean(-1)
+                per_input.append({"input": row, "modality": m, "metric": metric, "value": float(by_layer.mean())})
+                per_layer.extend({"input": row, "modality": m, "metric": metric, "layer": i + offset, "value": float(v)}
+                                 for i, v in enumerate(by_layer.tolist()))
+            per_input.append({"input": row, "modality": m, "metric": "first_final_top1_layer",
+                              "value": float(first_final[row, where].mean())})
+    per_input_df = pd.DataFrame(per_input, columns=["input", "modality", "metric", "value"])
+    per_layer_df = pd.DataFrame(per_layer, columns=["input", "modality", "metric", "layer", "value"])
+    if per_input_df.empty:
+        raise ValueError(f"no positions of {modalities} in these inputs (after excluding first positions: {exclude_first})")
+
+    curves = []
+    for (m, metric, layer), group in per_layer_df.groupby(["modality", "metric", "layer"], sort=False):
+        mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), n_boot, ci, seed)
+        curves.append({"modality": m, "metric": metric, "layer": int(layer), "layer_label": result.layers[int(layer)],
+                       "mean": mean, "low": low, "high": high})
+    summary = []
+    for (m, metric), group in per_input_df.groupby(["modality", "metric"], sort=False):
+        mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), n_boot, ci, seed)
+        summary.append({"modality": m, "metric": metric, "mean": mean, "low": low, "high": high, "n_inputs": len(group)})
+    return Evolution(layers=list(result.layers), per_input=per_input_df, per_layer=per_layer_df,
+                     curves=pd.DataFrame(curves), summary=pd.DataFrame(summary), n_boot=n_boot, ci=ci, seed=seed)

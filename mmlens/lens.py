@@ -1,0 +1,552 @@
+"""Cross-modal logit lens: decode every layer and position of a language model's residual stream.
+
+Three decodings, each with its assumption stated:
+
+- :func:`logit_lens` (nostalgebraist 2020): a residual vector ``h`` at any layer is read as if it
+  were the last layer's, ``unembed(final_norm(h))``. Assumes intermediate layers share the final
+  layer's basis; it is exact at the final layer (equal to the model's own logits). With a
+  :class:`TunedLens`, ``h`` first passes through a learned per-layer affine translator
+  (Belrose et al. 2023), which drops that assumption.
+- :func:`nearest_tokens` / :func:`decode_soft_tokens`: a soft token (a graph or image token that
+  the fusion layer writes into the LM's input) is read as the vocabulary rows of the LM's input
+  embedding matrix closest to it by cosine. Assumes direction carries meaning in the input space;
+  the cosine is reported, and a low value says no token is near.
+- :func:`decode_encoder_layers`: an encoder layer's output is pushed through the adapter's
+  projector (``Adapter.project_encoder``) into the LM's input space and read by nearest tokens.
+  Assumes the projector, trained on the encoder's final (selected) layer, also applies to earlier
+  layers, i.e. that they share its basis.
+
+Shapes: ``layer`` = embedding output + one row per block (``L + 1``), ``b`` batch, ``pos``
+positions, ``k`` top-k, ``d`` model width, ``vocab`` the unembedding's output size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .adapter import get_module
+from .cache import Named
+from .spans import ModalitySpans, Selector
+from .wrapper import HookedModel
+
+
+@dataclass
+class LensResult:
+    """What :func:`logit_lens` returns: per layer, input row and position, the decoded distribution.
+
+    Attributes:
+        lens: ``"logit"`` or ``"tuned"``.
+        layers: row labels of the layer axis: ``"embed"`` then ``"0"`` .. ``"L-1"`` (after block i).
+        hooks: the hook point decoded for each layer row.
+        top_ids: Long[layer, b, pos, k], top-k token ids (descending probability).
+        top_probs: Float[layer, b, pos, k], their probabilities.
+        entropy: Float[layer, b, pos], entropy of the decoded distribution, in nats.
+        kl_to_final: Float[layer, b, pos], KL(final layer || this layer), in nats (0 at the final layer).
+        cosine_to_previous: Float[layer, b, pos], cosine of the residual vector with the previous
+            layer's (NaN for the first layer).
+        target_ids: Long[b, n_targets] or None; target_probs / target_ranks: Float / Long
+            [layer, b, pos, n_targets] (rank 0 = the top token).
+        tokens: input token text per [row][pos] (soft tokens shown as ``<graph>``, ``<image>``, ...).
+        modalities: modality name per [row][pos] (``"pad"`` for padding).
+        spans: the inputs' modality spans.
+        decode: token ids -> one text per id.
+        decoded: Bool[b, pos], the positions that were decoded (real positions picked by
+            ``positions=``); other cells hold ``-1`` ids and NaN values.
+    """
+
+    lens: str
+    layers: list[str]
+    hooks: list[str]
+    top_ids: Tensor
+    top_probs: Tensor
+    entropy: Tensor
+    kl_to_final: Tensor
+    cosine_to_previous: Tensor
+    target_ids: Tensor | None
+    target_probs: Tensor | None
+    target_ranks: Tensor | None
+    tokens: list[list[str]]
+    modalities: list[list[str]]
+    spans: ModalitySpans
+    decode: Callable[[list[int]], list[str]]
+    decoded: Tensor
+
+    def __repr__(self) -> str:
+        n_layer, b, pos, k = self.top_ids.shape
+        return f"LensResult(lens={self.lens!r}, layers={n_layer}, batch={b}, pos={pos}, k={k}, modalities={self.spans.modalities})"
+
+    def named(self, field: str) -> Named:
+        """One result tensor with named axes, e.g. ``named("kl_to_final")``."""
+        values = getattr(self, field)
+        dims = ("layer", "batch", "pos", "k" if field.startswith("top_") else "target")[: values.dim()]
+        return Named(values, dims, {"layer": list(self.layers)})
+
+    def top_tokens(self, row: int = 0) -> list[list[str]]:
+        """Top-1 token text per [layer][pos] of one input row."""
+        ids = self.top_ids[:, row, :, 0]
+        return [self.decode(layer.tolist()) for layer in ids]
+
+    def table(self, k: int = 1) -> pd.DataFrame:
+        """A tidy table: one row per (input, layer, position) of real (non-pad) positions, with the
+        top-``k`` tokens and probabilities, entropy, KL to the final layer, residual cosine to the
+        previous layer, and each target's probability and rank."""
+        n_layer, b, pos, _ = self.top_ids.shape
+        grid = torch.stack(torch.meshgrid(torch.arange(n_layer), torch.arange(b), torch.arange(pos), indexing="ij"), -1)
+        keep = self.decoded[None].expand(n_layer, b, pos)
+        li, bi, pi = grid[keep].unbind(-1)
+        data: dict[str, Any] = {
+            "input": bi.tolist(), "layer": li.tolist(), "layer_label": [self.layers[i] for i in li.tolist()],
+            "position": pi.tolist(), "token": [self.tokens[r][p] for r, p in zip(bi.tolist(), pi.tolist())],
+            "modality": [self.modalities[r][p] for r, p in zip(bi.tolist(), pi.tolist())],
+        }
+        for j in range(k):
+            suffix = "" if j == 0 else f"_{j + 1}"
+            data[f"top1{suffix}" if j == 0 else f"top{j + 1}"] = self.decode(self.top_ids[..., j][keep].tolist())
+            data[f"top1_prob{suffix}" if j == 0 else f"top{j + 1}_prob"] = self.top_probs[..., j][keep].tolist()
+        for name in ("entropy", "kl_to_final", "cosine_to_previous"):
+            data[name] = getattr(self, name)[keep].tolist()
+        if self.target_ids is not None:
+            for t in range(self.target_ids.shape[1]):
+                data[f"target{t}_prob"] = self.target_probs[..., t][keep].tolist()
+                data[f"target{t}_rank"] = self.target_ranks[..., t][keep].tolist()
+        return pd.DataFrame(data)
+
+
+# -- the residual stream and the decoder ------------------------------------------------------------
+
+def residual_points(hooked: HookedModel, prefix: str = "lm") -> list[str]:
+    """The residual-stream points of stack ``prefix`` in layer order: the input of block 0, then
+    every block's output (``resid_post``, or ``out`` for stacks without a block layout)."""
+    blocks = [hp for hp in hooked.hook_points.values() if hp.prefix == prefix and hp.layer is not None]
+    if not blocks:
+        stacks = sorted({hp.prefix for hp in hooked.hook_points.values() if hp.layer is not None})
+        raise KeyError(f"{hooked.name} has no block stack {prefix!r}; its stacks are {stacks}")
+    kinds = {hp.kind for hp in blocks}
+    post = "resid_post" if "resid_post" in kinds else "out"
+    names = [f"{prefix}.blocks.0.resid_pre"] if "resid_pre" in kinds else []
+    last = max(hp.layer for hp in blocks)
+    return names + [f"{prefix}.blocks.{i}.{post}" for i in range(last + 1)]
+
+
+class _Decoder:
+    """``unembed(final_norm(h))`` with the model's own modules, found through the adapter."""
+
+    def __init__(self, hooked: HookedModel):
+        missing = [n for n in ("lm.final_norm", "lm.logits") if n not in hooked.hook_points]
+        if missing:
+            raise KeyError(f"the logit lens needs hook points {missing}, which adapter {hooked.adapter.name!r} "
+                           "does not define; add them to its table (see mmlens.language_model)")
+        self.norm = get_module(hooked.model, hooked.hook_points["lm.final_norm"].site.module)
+        self.unembed = get_module(hooked.model, hooked.hook_points["lm.logits"].site.module)
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return self.unembed(self.norm(h))
+
+
+def _label_of(hooked: HookedModel, name: str) -> str:
+    hp = hooked.hook_points[name]
+    return "embed" if hp.kind == "resid_pre" else str(hp.layer)
+
+
+def _decoder_text(hooked: HookedModel) -> Callable[[list[int]], list[str]]:
+    tokenizer = hooked.tokenizer or getattr(hooked.processor, "tokenizer", None)
+    if tokenizer is None:
+        return lambda ids: [str(i) for i in ids]
+    return lambda ids: [tokenizer.decode([i]) for i in ids]
+
+
+def _input_tokens(hooked: HookedModel, inputs: Mapping[str, Any], modalities: list[list[str]]) -> list[list[str]]:
+    decode = _decoder_text(hooked)
+    ids = inputs.get("input_ids")
+    if ids is None:
+        return [[f"<{m}>" for m in row] for row in modalities]
+    text = [decode(row.tolist()) for row in ids]
+    return [[t if m in ("text", "pad") else f"<{m}>" for t, m in zip(tr, mr)] for tr, mr in zip(text, modalities)]
+
+
+def _targets(hooked: HookedModel, targets: Any, batch: int, device: torch.device) -> Tensor | None:
+    if targets is None:
+        return None
+    if isinstance(targets, (str, int)):
+        targets = [targets]
+    if isinstance(targets, Tensor):
+        ids = targets.long()
+    else:
+        tokenizer = hooked.tokenizer or getattr(hooked.processor, "tokenizer", None)
+        ids_list = []
+        for t in targets:
+            if isinstance(t, str):
+                if tokenizer is None:
+                    raise ValueError(f"target {t!r} is text but {hooked.name} has no tokenizer; pass token ids")
+                pieces = tokenizer.encode(t, add_special_tokens=False)
+                if len(pieces) != 1:
+                    raise ValueError(f"target {t!r} is {len(pieces)} tokens {tokenizer.convert_ids_to_tokens(pieces)}; "
+                                     "pass a single-token string (e.g. with a leading space) or a token id")
+                ids_list.append(pieces[0])
+            else:
+                ids_list.append(int(t))
+        ids = torch.tensor(ids_list)
+    if ids.dim() == 1:
+        ids = ids[None].expand(batch, -1)
+    if ids.dim() != 2 or ids.shape[0] != batch:
+        raise ValueError(f"targets must be a list (same for every row) or shaped [batch={batch}, n]; got {tuple(ids.shape)}")
+    return ids.to(device)
+
+
+@torch.no_grad()
+def logit_lens(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    *,
+    k: int = 5,
+    targets: Any = None,
+    tuned: "TunedLens | None" = None,
+    prefix: str = "lm",
+    positions: Selector = None,
+    max_chunk_mb: float = 256.0,
+) -> LensResult:
+    """Decode every residual-stream layer and position of one batch in a single recorded forward.
+
+    Args:
+        hooked: the wrapped model.
+        inputs: model inputs (a dict of tensors, as for :meth:`HookedModel.run`).
+        k: how many top tokens to keep per cell.
+        targets: tokens whose probability and rank to track: token ids or single-token strings
+            (the same for every row), or a Long[b, n] tensor.
+        tuned: a trained :class:`TunedLens` to decode with instead of the plain logit lens.
+        prefix: the block stack to decode (``"lm"``).
+        positions: which positions to decode (any span selector: a modality, a Bool[b, pos] mask,
+            ...; default all real positions). Others are recorded but not decoded, which saves
+            the unembedding's cost on long shared prompt prefixes.
+        max_chunk_mb: memory budget for one chunk of decoded logits; layers are decoded in batched
+            chunks of ``layer x batch`` rows that fit it.
+
+    Returns:
+        A :class:`LensResult`; its final layer decodes to the model's own logits.
+    """
+    names = residual_points(hooked, prefix)
+    decoder = _Decoder(hooked)
+    run = hooked.run(inputs, cache=names)
+    spans = run.spans
+    hidden = torch.stack([run.cache[n] for n in names])
+    n_layer, b, pos, d = hidden.shape
+    target_ids = _targets(hooked, targets, b, hidden.device)
+
+    decoded = spans.mask(positions) & spans.valid
+    where = decoded.to(hidden.device)
+    picked = hidden[:, where]
+    n_cells = picked.shape[1]
+    final_logits = decoder(hidden[-1]).float()[where]
+    final_logp = final_logits.log_softmax(-1)
+    vocab = final_logits.shape[-1]
+    cell_batch = where.nonzero()[:, 0]
+    cells_per_chunk = max(1, int(max_chunk_mb * 2**20 // (vocab * 4 * 3)))
+    out: dict[str, list[Tensor]] = {key: [] for key in ("ids", "probs", "entropy", "kl", "tprob", "trank")}
+
+    def add(logits: Tensor, cells: slice) -> None:
+        logp = logits.log_softmax(-1)
+        probs = logp.exp()
+        top_p, top_i = probs.topk(k, dim=-1)
+        out["ids"].append(top_i)
+        out["probs"].append(top_p)
+        out["entropy"].append(-(probs * logp).sum(-1))
+        ref = final_logp[cells]
+        out["kl"].append((ref.exp() * (ref - logp)).sum(-1).clamp_min(0.0))
+        if target_ids is not None:
+            t = target_ids[cell_batch[cells]]
+            out["tprob"].append(probs.gather(-1, t))
+            out["trank"].append((logits[..., None, :] > logits.gather(-1, t)[..., None]).sum(-1))
+
+    for layer in range(n_layer - 1):
+        for start in range(0, n_cells, cells_per_chunk):
+            cells = slice(start, min(start + cells_per_chunk, n_cells))
+            h = picked[layer, cells]
+            if tuned is not None:
+                h = tuned.translate(h, torch.full((h.shape[0],), layer, device=h.device))
+            add(decoder(h).float(), cells)
+    for start in range(0, n_cells, cells_per_chunk):
+        cells = slice(start, min(start + cells_per_chunk, n_cells))
+        add(final_logits[cells], cells)
+
+    def assemble(key: str) -> Tensor:
+        values = torch.cat(out[key]).reshape(n_layer, n_cells, *out[key][0].shape[1:]).cpu()
+        fill = -1 if values.dtype == torch.long else float("nan")
+        full = torch.full((n_layer, b, pos, *values.shape[2:]), fill, dtype=values.dtype)
+        full[:, decoded.cpu()] = values
+        return full
+
+    cosine = torch.full((n_layer, b, pos), float("nan"))
+    cosine[1:] = F.cosine_similarity(hidden[1:].float(), hidden[:-1].float(), dim=-1).cpu()
+    cosine[:, ~decoded.cpu()] = float("nan")
+    modalities = spans.modality_of_positions()
+    return LensResult(
+        lens="tuned" if tuned is not None else "logit",
+        layers=[_label_of(hooked, n) for n in names], hooks=names,
+        top_ids=assemble("ids"), top_probs=assemble("probs"), entropy=assemble("entropy"), kl_to_final=assemble("kl"),
+        cosine_to_previous=cosine,
+        target_ids=None if target_ids is None else target_ids.cpu(),
+        target_probs=assemble("tprob") if target_ids is not None else None,
+        target_ranks=assemble("trank") if target_ids is not None else None,
+        tokens=_input_tokens(hooked, inputs, modalities), modalities=modalities, spans=spans,
+        decode=_decoder_text(hooked), decoded=decoded.cpu(),
+    )
+
+
+# -- cross-modal decodings --------------------------------------------------------------------------
+
+def _embedding_matrix(hooked: HookedModel) -> Tensor:
+    if "lm.embed" not in hooked.hook_points:
+        raise KeyError(f"nearest-token decoding needs the LM's input embedding (hook point 'lm.embed'), which adapter "
+                       f"{hooked.adapter.name!r} does not define")
+    module = get_module(hooked.model, hooked.hook_points["lm.embed"].site.module)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(f"'lm.embed' is a {type(module).__name__} without a [vocab, d] weight matrix")
+    return weight
+
+
+@torch.no_grad()
+def nearest_tokens(hooked: HookedModel, vectors: Tensor, k: int = 5) -> tuple[Tensor, Tensor]:
+    """The ``k`` rows of the LM's input-embedding matrix closest to each vector by cosine.
+
+    Args:
+        vectors: Float[..., d] in the LM's input space.
+
+    Returns:
+        ``(ids, cosines)``, both ``[..., k]``, best first.
+    """
+    weight = _embedding_matrix(hooked)
+    if vectors.shape[-1] != weight.shape[1]:
+        raise ValueError(f"vectors have width {vectors.shape[-1]} but the LM's embeddings have width {weight.shape[1]}")
+    unit_rows = F.normalize(weight.float(), dim=-1)
+    sims = F.normalize(vectors.float().to(weight.device), dim=-1) @ unit_rows.T
+    cos, ids = sims.topk(k, dim=-1)
+    return ids.cpu(), cos.cpu()
+
+
+def _nearest_table(hooked: HookedModel, vectors: Tensor, k: int, index: dict[str, list]) -> pd.DataFrame:
+    ids, cos = nearest_tokens(hooked, vectors, k)
+    decode = _decoder_text(hooked)
+    rows = []
+    for i in range(ids.shape[0]):
+        texts = decode(ids[i].tolist())
+        for rank in range(k):
+            rows.append({**{key: values[i] for key, values in index.items()}, "rank": rank,
+                         "token_id": int(ids[i, rank]), "token": texts[rank], "cosine": float(cos[i, rank])})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def decode_soft_tokens(hooked: HookedModel, inputs: Mapping[str, Any], modality: str | None = None, k: int = 5) -> pd.DataFrame:
+    """Nearest vocabulary tokens of each non-text position of the LM's input (``fusion.embeds``).
+
+    Returns a table with one row per (input, position, rank): ``input, position, modality, rank,
+    token_id, token, cosine``. ``modality`` restricts to one span (default: every non-text span).
+    """
+    if "fusion.embeds" not in hooked.hook_points:
+        raise KeyError(f"adapter {hooked.adapter.name!r} has no 'fusion.embeds' point (the LM's fused input)")
+    run = hooked.run(inputs, cache="fusion.embeds")
+    spans = run.spans
+    wanted = [modality] if modality else [m for m in spans.modalities if m != "text"]
+    for m in wanted:
+        if m not in spans.masks:
+            raise KeyError(f"span {m!r} is not in these inputs; spans here: {spans.modalities}")
+    embeds = run.cache["fusion.embeds"]
+    index: dict[str, list] = {"input": [], "position": [], "modality": []}
+    picked = []
+    for m in wanted:
+        for row, p in spans.masks[m].nonzero().tolist():
+            index["input"].append(row)
+            index["position"].append(p)
+            index["modality"].append(m)
+            picked.append(embeds[row, p])
+    if not picked:
+        raise ValueError(f"no positions of {wanted} in these inputs")
+    table = _nearest_table(hooked, torch.stack(picked), k, index)
+    return table.sort_values(["input", "position", "rank"], ignore_index=True)
+
+
+@torch.no_grad()
+def decode_encoder_layers(hooked: HookedModel, inputs: Mapping[str, Any], k: int = 5, prefix: str | None = None) -> pd.DataFrame:
+    """Each encoder layer's output pushed through the projector into the LM's input space
+    (``Adapter.project_encoder``) and read by its nearest vocabulary tokens.
+
+    Returns a table with one row per (layer, item, token slot, rank): ``layer, item`` (image or
+    prompt), ``slot`` (the soft token's index among that item's), ``rank, token_id, token, cosine``.
+    """
+    project = hooked.adapter.project_encoder
+    if project is None:
+        raise ValueError(f"adapter {hooked.adapter.name!r} does not say how encoder outputs reach the LM "
+                         "(set Adapter.project_encoder)")
+    encoder_prefixes = sorted({hp.prefix for hp in hooked.hook_points.values() if hp.stage == "encoder" and hp.layer is not None})
+    if prefix is None:
+        if len(encoder_prefixes) != 1:
+            raise ValueError(f"{hooked.name} has encoder stacks {encoder_prefixes}; pass prefix= to choose one")
+        prefix = encoder_prefixes[0]
+    names = [n for n in residual_points(hooked, prefix) if hooked.hook_points[n].kind != "resid_pre"]
+    run = hooked.run(inputs, cache=names)
+    model_inputs = hooked._check_inputs(inputs)
+    tables = []
+    for name in names:
+        tokens = project(hooked.model, model_inputs, run.cache[name])
+        n_items, n_slots, _ = tokens.shape
+        index = {"layer": [hooked.hook_points[name].layer] * (n_items * n_slots),
+                 "item": [i for i in range(n_items) for _ in range(n_slots)],
+                 "slot": [s for _ in range(n_items) for s in range(n_slots)]}
+        tables.append(_nearest_table(hooked, tokens.reshape(n_items * n_slots, -1), k, index))
+    return pd.concat(tables, ignore_index=True)
+
+
+# -- tuned lens -------------------------------------------------------------------------------------
+
+class TunedLens(nn.Module):
+    """Belrose et al. (2023): one affine translator per layer, ``h -> h + A_l h + b_l`` (identity at
+    initialisation), trained so that ``unembed(final_norm(translator_l(h_l)))`` matches the final
+    layer's distribution (KL(final || lens)). The final layer keeps no translator.
+
+    Args:
+        d_model: residual width ``d``.
+        n_layers: number of residual layers decoded (``L + 1`` rows, as in :class:`LensResult`).
+    """
+
+    def __init__(self, d_model: int, n_layers: int):
+        super().__init__()
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.translators = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(n_layers - 1))
+        for t in self.translators:
+            nn.init.zeros_(t.weight)
+            nn.init.zeros_(t.bias)
+
+    def translate(self, h: Tensor, layer_of_row: Tensor) -> Tensor:
+        """Rows ``h`` Float[rows, ..., d] of layers ``layer_of_row`` Long[rows] -> translated rows."""
+        out = h.clone()
+        for layer in layer_of_row.unique().tolist():
+            if layer >= self.n_layers - 1:
+                continue
+            rows = layer_of_row == layer
+            out[rows] = h[rows] + self.translators[layer](h[rows])
+        return out
+
+    def fit(
+        self,
+        hooked: HookedModel,
+        batches: Iterable[Mapping[str, Any]],
+        *,
+        steps: int = 100,
+        tokens_per_step: int = 64,
+        lr: float = 1e-3,
+        max_tokens: int = 4096,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> list[float]:
+        """Train the translators on the real positions of ``batches`` (dicts of model inputs).
+
+        Each step samples ``tokens_per_step`` recorded positions and sums the KL over all layers;
+        Adam with learning rate ``lr``. Returns the loss per step (nats, summed over layers).
+        """
+        names = residual_points(hooked)
+        if len(names) != self.n_layers:
+            raise ValueError(f"this tuned lens has {self.n_layers} layers but {hooked.name} has {len(names)} residual layers")
+        decoder = _Decoder(hooked)
+        with torch.no_grad():
+            stacks = []
+            for inputs in batches:
+                run = hooked.run(inputs, cache=names)
+                hidden = torch.stack([run.cache[n] for n in names])
+                stacks.append(hidden[:, run.spans.valid.to(hidden.device)])
+            hidden = torch.cat(stacks, dim=1).float()
+        generator = torch.Generator().manual_seed(seed)
+        if hidden.shape[1] > max_tokens:
+            hidden = hidden[:, torch.randperm(hidden.shape[1], generator=generator)[:max_tokens]]
+        self.to(hidden.device)
+        for p in decoder.norm.parameters():
+            p.requires_grad_(False)
+        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        losses = []
+        for _ in tqdm(range(steps), desc="tuned lens", disable=not progress):
+            pick = torch.randint(hidden.shape[1], (tokens_per_step,), generator=generator).to(hidden.device)
+            h = hidden[:, pick]
+            with torch.no_grad():
+                target = decoder(h[-1]).float().log_softmax(-1)
+            layers = torch.arange(self.n_layers - 1, device=h.device)
+            translated = self.translate(h[:-1], layers)
+            logp = decoder(translated).float().log_softmax(-1)
+            loss = (target.exp() * (target - logp)).sum(-1).mean(-1).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    def save(self, path: str | Path) -> Path:
+        """Write the translators (``.pt``) and their shape (``.json`` beside it)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path)
+        path.with_suffix(".json").write_text(json.dumps({"d_model": self.d_model, "n_layers": self.n_layers}))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TunedLens":
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        lens = cls(meta["d_model"], meta["n_layers"])
+        lens.load_state_dict(torch.load(path, map_location="cpu"))
+        return lens
+
+    @classmethod
+    def for_model(cls, hooked: HookedModel) -> "TunedLens":
+        """An identity-initialised tuned lens sized for ``hooked``'s language model."""
+        names = residual_points(hooked)
+        decoder = _Decoder(hooked)
+        d = getattr(decoder.norm, "weight", None)
+        if d is None:
+            raise TypeError("cannot infer the residual width from the final norm; use TunedLens(d_model, n_layers)")
+        return cls(d.shape[0], len(names)).to(hooked.device)
+
+
+def compare_lenses(logit: LensResult, tuned: LensResult, exclude_first: bool = True) -> pd.DataFrame:
+    """Mean KL to the final layer per modality and layer for both lenses on the same inputs, and
+    the fraction by which the tuned lens lowers it: ``modality, layer, layer_label, kl_logit,
+    kl_tuned, reduction``."""
+    if logit.top_ids.shape != tuned.top_ids.shape:
+        raise ValueError("the two results decode different inputs (shapes differ); run both lenses on the same batch")
+    rows = []
+    for m in logit.spans.modalities:
+        mask = _modality_mask(logit, m, exclude_first)
+        if not mask.any():
+            continue
+        for i, label in enumerate(logit.layers[:-1]):
+            a = float(logit.kl_to_final[i][mask].mean())
+            t = float(tuned.kl_to_final[i][mask].mean())
+            rows.append({"modality": m, "layer": i, "layer_label": label, "kl_logit": a, "kl_tuned": t,
+                         "reduction": 1 - t / a if a > 0 else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def _modality_mask(result: LensResult, modality: str, exclude_first: bool) -> Tensor:
+    """Bool[b, pos]: the decoded positions of ``modality``, without each row's first real position
+    when ``exclude_first``."""
+    spans = result.spans
+    mask = spans.masks[modality].cpu() & result.decoded
+    if exclude_first:
+        first = spans.valid.cpu().float().argmax(1)
+        mask[torch.arange(mask.shape[0]), first] = False
+    return mask
+
+
+__all__: Sequence[str] = (
+    "LensResult", "TunedLens", "compare_lenses", "decode_encoder_layers", "decode_soft_tokens", "logit_lens",
+    "nearest_tokens", "residual_points",
+)
