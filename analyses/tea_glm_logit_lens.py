@@ -266,6 +266,15 @@ def _representative(rep: Reproduction, nodes: list[int]) -> int:
     return next((i for i, n in enumerate(nodes) if correct.get(n)), 0)
 
 
+def _grid_columns(cols: list[int], max_cols: int = 48) -> list[int]:
+    """At most ``max_cols`` positions for the grid: the first ``max_cols // 3`` (graph tokens and
+    the start of the title) and the last ones (the question and the answer cue)."""
+    if len(cols) <= max_cols:
+        return cols
+    head = max_cols // 3
+    return cols[:head] + cols[-(max_cols - head):]
+
+
 def claim(evo: Evolution) -> dict:
     """Decide whether graph tokens evolve measurably less than text tokens (:data:`CLAIM_RULE`)."""
     table = evo.compare("graph", "text")
@@ -307,7 +316,7 @@ def run(config: ReproductionConfig = ReproductionConfig(), out: str | Path = "re
         row = _representative(rep, nodes)
         title_suffix = f" [{SYNTHETIC_NOTE.split(':')[0]}]" if synthetic else ""
         node = nodes[row]
-        grid_cols = positions[row].nonzero().flatten().tolist()
+        grid_cols = _grid_columns(positions[row].nonzero().flatten().tolist())
         fig = plot_lens_grid(rep.lens, row=row, positions=grid_cols,
                              title=f"Logit lens, TEA-GLM on {config.llm}: node {node} "
                                    f"({rep.graph.class_words[int(rep.graph.labels[node])]}){title_suffix}")
@@ -320,17 +329,15 @@ def run(config: ReproductionConfig = ReproductionConfig(), out: str | Path = "re
         plt.close("all")
         table = rep.lens.table(k=3)
         table.insert(0, "node", [nodes[i] for i in table["input"]])
-        table.insert(0, "dataset", rep.graph.name)
-        table.to_csv(out / "lens_table.csv", index=False)
-        rep.evolution.summary.assign(dataset=rep.graph.name).to_csv(out / "evolution_summary.csv", index=False)
         soft.insert(0, "node", [nodes[i] for i in soft["input"]])
-        soft.assign(dataset=rep.graph.name).to_csv(out / "soft_tokens.csv", index=False)
         layers.insert(0, "node", [nodes[i] for i in layers["item"]])
-        layers.assign(dataset=rep.graph.name).to_csv(out / "gnn_layers.csv", index=False)
         ev = rep.evaluation
-        pd.DataFrame({"dataset": rep.graph.name, "node": ev["test_nodes"], "label": ev["labels"],
-                      "prediction": ev["predictions"], "text_only_prediction": ev["text_only_predictions"]}
-                     ).to_csv(out / "predictions.csv", index=False)
+        predictions = pd.DataFrame({"node": ev["test_nodes"], "label": ev["labels"], "prediction": ev["predictions"],
+                                    "text_only_prediction": ev["text_only_predictions"]})
+        for name, frame in (("lens_table", table), ("evolution_summary", rep.evolution.summary.copy()),
+                            ("soft_tokens", soft), ("gnn_layers", layers), ("predictions", predictions)):
+            frame.insert(0, "dataset", rep.graph.name)
+            frame.to_csv(out / f"{name}.csv", index=False)
         record = _record(rep, row, soft, layers, tuned_summary)
     record["timings_s"] = stages.seconds
     _write_json(out / "logit_lens.json", record)

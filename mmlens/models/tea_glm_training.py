@@ -73,8 +73,9 @@ class NodePrompts:
             False: tokenizer.encode(self.head + instruction),
         }
         answers = [tokenizer.encode(self.tail + " " + w, add_special_tokens=False) for w in self.class_words]
+        cue_length = len(tokenizer.encode(self.tail, add_special_tokens=False))
         shared = 0
-        while all(len(a) > shared + 1 and a[shared] == answers[0][shared] for a in answers):
+        while shared < cue_length and all(len(a) > shared + 1 and a[shared] == answers[0][shared] for a in answers):
             shared += 1
         self._answer_context = answers[0][:shared]
         first = [a[shared] for a in answers]

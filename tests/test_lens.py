@@ -1,0 +1,184 @@
+"""The cross-modal logit lens, nearest-token decodings, evolution metrics and the tuned lens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mmlens
+from mmlens.evolution import bootstrap_ci, evolution
+from mmlens.lens import (TunedLens, _Decoder, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
+                         nearest_tokens, residual_points)
+
+LENS_MODELS = ["tinystories-656k", "tea-glm-tiny", "tiny-random-llava", "tiny-random-idefics3", "tiny-random-gpt2"]
+
+
+def _wrapped(loaded, name):
+    lm = loaded(name)
+    return mmlens.HookedModel(lm.model, tokenizer=lm.tokenizer, processor=lm.processor), lm.example_inputs()
+
+
+@pytest.mark.parametrize("name", LENS_MODELS)
+def test_final_layer_is_the_models_own_logits(loaded, name):
+    hm, inputs = _wrapped(loaded, name)
+    plain = hm.model(**inputs).logits
+    run = hm.run(inputs, cache=residual_points(hm))
+    assert torch.equal(_Decoder(hm)(run.cache[residual_points(hm)[-1]]), plain)
+
+    result = logit_lens(hm, inputs, k=4)
+    valid = result.spans.valid
+    top_p, top_i = plain.float().log_softmax(-1).exp().topk(4, dim=-1)
+    assert torch.equal(result.top_ids[-1][valid], top_i[valid])
+    assert torch.equal(result.top_probs[-1][valid], top_p[valid])
+    assert torch.equal(result.kl_to_final[-1][valid], torch.zeros(int(valid.sum())))
+
+
+def test_intermediate_layer_matches_a_hand_decoding(tinystories):
+    hm, inputs = tinystories
+    result = logit_lens(hm, inputs, k=3, targets=[5, 7])
+    run = hm.run(inputs, cache=True)
+    model = hm.model
+    logits = model.lm_head(model.model.norm(run.cache["lm.blocks.0.resid_post"])).float()
+    final = run.logits.float().log_softmax(-1)
+    logp = logits.log_softmax(-1)
+    layer = result.layers.index("0")
+    assert result.hooks[layer] == "lm.blocks.0.resid_post" and result.layers[0] == "embed"
+    torch.testing.assert_close(result.top_probs[layer], logp.exp().topk(3, dim=-1).values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.entropy[layer], -(logp.exp() * logp).sum(-1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(result.kl_to_final[layer], (final.exp() * (final - logp)).sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.target_probs[layer], logp.exp()[..., [5, 7]], rtol=1e-5, atol=1e-7)
+    expected_rank = (logits[..., None, :] > logits[..., [5, 7]][..., None]).sum(-1)
+    assert torch.equal(result.target_ranks[layer], expected_rank)
+    h1, h0 = run.cache["lm.blocks.1.resid_post"], run.cache["lm.blocks.0.resid_post"]
+    torch.testing.assert_close(result.cosine_to_previous[2], torch.cosine_similarity(h1, h0, dim=-1))
+    assert torch.isnan(result.cosine_to_previous[0]).all()
+
+
+def test_graph_positions_are_labelled_and_can_be_decoded_alone(loaded):
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    graph = inputs["input_ids"] == hm.model.graph_token_id
+    full = logit_lens(hm, inputs, k=2)
+    assert full.top_ids.shape == (len(residual_points(hm)), *inputs["input_ids"].shape, 2)
+    for row in range(graph.shape[0]):
+        labels = full.modalities[row]
+        assert [p for p, m in enumerate(labels) if m == "graph"] == graph[row].nonzero().flatten().tolist()
+        assert all(full.tokens[row][p] == "<graph>" for p in graph[row].nonzero().flatten().tolist())
+    only = logit_lens(hm, inputs, k=2, positions="graph")
+    assert torch.equal(only.decoded, graph)
+    assert torch.equal(only.top_ids[:, graph], full.top_ids[:, graph])
+    assert (only.top_ids[:, ~graph] == -1).all() and torch.isnan(only.entropy[:, ~graph]).all()
+    table = only.table(k=2)
+    assert len(table) == len(only.layers) * int(graph.sum())
+    assert set(table.modality) == {"graph"} and {"top1", "top2", "top2_prob", "kl_to_final"} <= set(table.columns)
+
+
+def test_target_strings_must_be_single_tokens(tinystories, loaded):
+    hm, inputs = tinystories
+    with pytest.raises(ValueError, match="tokens"):
+        logit_lens(hm, inputs, targets=["a very long target word"])
+
+
+def test_models_without_an_unembedding_are_refused(loaded):
+    lm = loaded("tiny-fusion")
+    adapter = mmlens.Adapter(name="no-head", architectures=("FusionTransformer",), stacks=(
+        mmlens.Stack(prefix="lm", stage="lm", modality=None, blocks="joint_blocks", layout=None),), points=(),
+        spans=lambda model, inputs: mmlens.hooks.find_adapter(model).spans(model, inputs), required_inputs=("input_ids",))
+    hm = mmlens.HookedModel(lm.model, adapter)
+    with pytest.raises(KeyError, match="lm.final_norm"):
+        logit_lens(hm, lm.example_inputs())
+
+
+def test_nearest_tokens_finds_embedding_rows(tinystories):
+    hm, _ = tinystories
+    weight = hm.model.get_input_embeddings().weight
+    ids, cos = nearest_tokens(hm, weight[[10, 200]] * 3.0, k=3)
+    assert ids[:, 0].tolist() == [10, 200]
+    torch.testing.assert_close(cos[:, 0], torch.ones(2))
+    assert (cos[:, 1:] <= cos[:, :1]).all()
+    with pytest.raises(ValueError, match="width"):
+        nearest_tokens(hm, torch.zeros(2, 7))
+
+
+def test_soft_tokens_and_gnn_layers_decode_through_the_projector(loaded):
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    model = hm.model
+    weight = model.lm.get_input_embeddings().weight
+    chosen = torch.tensor([11, 22, 33, 44, 55])
+    saved = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    try:
+        with torch.no_grad():
+            model.projector.weight.zero_()
+            model.projector.bias.copy_(weight[chosen].flatten())
+        soft = decode_soft_tokens(hm, inputs, k=2)
+        assert set(soft.modality) == {"graph"}
+        best = soft[soft["rank"] == 0]
+        assert best.token_id.tolist() == chosen.tolist() * inputs["input_ids"].shape[0]
+        assert torch.allclose(torch.tensor(best.cosine.tolist()), torch.ones(len(best)))
+    finally:
+        model.projector.load_state_dict(saved)
+    layers = decode_encoder_layers(hm, inputs, k=3)
+    assert sorted(layers.layer.unique()) == list(range(len(model.gnn.convs)))
+    last = layers[(layers.layer == len(model.gnn.convs) - 1) & (layers["rank"] == 0)]
+    soft = decode_soft_tokens(hm, inputs, k=3)
+    assert last.token_id.tolist() == soft[soft["rank"] == 0].token_id.tolist()
+
+
+def test_vision_layers_decode_to_one_row_per_image_token(llava):
+    hm, inputs = llava
+    table = decode_encoder_layers(hm, inputs, k=2)
+    n_image_tokens = int((inputs["input_ids"][0] == hm.model.config.image_token_id).sum())
+    assert table.slot.nunique() == n_image_tokens
+    assert table["item"].nunique() == inputs["pixel_values"].shape[0]
+    assert table.layer.nunique() == hm.model.config.vision_config.num_hidden_layers
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
+    mean, low, high = bootstrap_ci(values, n_boot=500, seed=1)
+    assert mean == pytest.approx(4.0) and low < mean < high
+    assert bootstrap_ci(torch.full((6,), 2.0)) == (2.0, 2.0, 2.0)
+
+
+def test_evolution_metrics_on_a_constructed_result(loaded):
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    result = logit_lens(hm, inputs, k=1)
+    graph = result.spans.masks["graph"]
+    n_layer = result.top_ids.shape[0]
+    text = result.spans.masks["text"] & result.decoded
+    # graph cells: the same top-1 at every layer; text cells: a new top-1 at every layer, the final
+    # one appearing only at the last layer.
+    result.top_ids[:, graph] = 7
+    result.top_ids[:, text] = torch.arange(n_layer)[:, None, None].expand(-1, *text.shape)[:, text][..., None]
+    evo = evolution(result, ["graph", "text"], n_boot=200)
+    summary = evo.summary.set_index(["modality", "metric"])["mean"]
+    assert summary["graph", "top1_change"] == 0.0 and summary["text", "top1_change"] == 1.0
+    assert summary["graph", "first_final_top1_layer"] == 0.0
+    assert summary["text", "first_final_top1_layer"] == n_layer - 1
+    compare = evo.compare("graph", "text").set_index("metric")
+    assert compare.loc["top1_change", "a_evolves_less"] and compare.loc["first_final_top1_layer", "a_evolves_less"]
+    curves = evo.curves[evo.curves.metric == "top1_change"]
+    assert set(curves.layer) == set(range(1, n_layer))
+    assert ((curves.low <= curves["mean"]) & (curves["mean"] <= curves.high)).all()
+    with pytest.raises(KeyError, match="image"):
+        evolution(result, ["image"])
+
+
+def test_identity_tuned_lens_equals_the_logit_lens_and_training_lowers_kl(tinystories, tmp_path):
+    hm, inputs = tinystories
+    tuned = TunedLens.for_model(hm)
+    plain = logit_lens(hm, inputs, k=3)
+    same = logit_lens(hm, inputs, k=3, tuned=tuned)
+    assert same.lens == "tuned"
+    assert torch.equal(same.top_ids, plain.top_ids) and torch.equal(same.kl_to_final, plain.kl_to_final)
+    losses = tuned.fit(hm, [inputs], steps=30, tokens_per_step=16, lr=3e-3, progress=False)
+    assert losses[-1] < losses[0]
+    trained = logit_lens(hm, inputs, k=3, tuned=tuned)
+    table = compare_lenses(plain, trained)
+    assert (table.kl_tuned < table.kl_logit).all() and (table.reduction > 0).all()
+    assert torch.equal(trained.top_ids[-1], plain.top_ids[-1])
+    path = tuned.save(tmp_path / "tuned.pt")
+    again = logit_lens(hm, inputs, k=3, tuned=TunedLens.load(path))
+    assert torch.equal(again.top_probs, trained.top_probs)
+    assert not math.isnan(float(table.kl_tuned.mean()))
