@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 import mmlens
-from mmlens.evolution import METRICS, Evolution, evolution
+from mmlens.layer_evolution import METRICS, Evolution, evolution
 from mmlens.graphs import TextAttributedGraph, load_text_attributed_graph, stratified_split, text_features
 from mmlens.lens import LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens
 from mmlens.loading import load_model

@@ -2,13 +2,17 @@
 
 The flow: inputs -> :class:`HookedModel` (an adapter table attaches named hook points; modality
 spans come from the inputs) -> a run that records (:class:`ActivationCache`) or edits
-(:func:`replace`, :func:`add`, :func:`apply`) activations -> results, metrics and plots.
+(:func:`replace`, :func:`add`, :func:`apply`) activations -> results (:func:`logit_lens`,
+:func:`evolution`), metrics and plots (:mod:`mmlens.plots`).
 """
 
 from .adapter import (CLIP_BLOCK, GPT2_BLOCK, LLAMA_BLOCK, Adapter, BlockLayout, HookPoint, Point, Site, Stack,
                       language_model)
 from .cache import ActivationCache, Named
 from .edits import Edit, HookContext, ablate, add, apply, replace
+from .layer_evolution import Evolution, evolution
+from .lens import (LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
+                   nearest_tokens)
 from .spans import ModalitySpans, spans_from_blocks, spans_from_token_ids
 from .wrapper import HookedModel, Recording, RunResult
 
@@ -28,8 +32,9 @@ def wrap(model, **kwargs) -> HookedModel:
 
 
 __all__ = [
-    "ActivationCache", "Adapter", "BlockLayout", "CLIP_BLOCK", "Edit", "GPT2_BLOCK", "HookContext", "HookPoint",
-    "HookedModel", "LLAMA_BLOCK", "ModalitySpans", "Named", "Point", "Recording", "RunResult", "Site", "Stack",
-    "ablate", "add", "apply", "language_model", "register_adapter", "replace", "spans_from_blocks",
-    "spans_from_token_ids", "wrap",
+    "ActivationCache", "Adapter", "BlockLayout", "CLIP_BLOCK", "Edit", "Evolution", "GPT2_BLOCK", "HookContext",
+    "HookPoint", "HookedModel", "LLAMA_BLOCK", "LensResult", "ModalitySpans", "Named", "Point", "Recording",
+    "RunResult", "Site", "Stack", "TunedLens", "ablate", "add", "apply", "compare_lenses", "decode_encoder_layers",
+    "decode_soft_tokens", "evolution", "language_model", "logit_lens", "nearest_tokens", "register_adapter",
+    "replace", "spans_from_blocks", "spans_from_token_ids", "wrap",
 ]

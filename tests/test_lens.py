@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.evolution import bootstrap_ci, evolution
+from mmlens.layer_evolution import bootstrap_ci, evolution
 from mmlens.lens import (TunedLens, _Decoder, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
                          nearest_tokens, residual_points)
 

@@ -42,7 +42,7 @@ class PromptTemplate:
     graph_line: str = "\nPaper graph:"
     text: str = "\nTitle: {title}\nWhich category does this paper belong to?"
     answer_cue: str = "Category:"
-    max_title_words: int = 24
+    max_title_words: int = 16
 
 
 class NodePrompts:

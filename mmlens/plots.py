@@ -1,0 +1,291 @@
+"""Plots of lens results: the logit-lens grid, layer-wise evolution curves, and saving figures.
+
+Functions return a :class:`matplotlib.figure.Figure`. Without ``ax`` they build a new figure that
+pyplot does not manage (no backend is touched, nothing to close; it displays in notebooks and saves
+with :func:`save_figure`); pass ``ax`` from ``plt.subplots()`` to draw into a figure of your own.
+
+The plotted objects are duck-typed:
+
+- a lens result has ``layers`` (list[str]), ``top_ids`` / ``top_probs`` ``[layer, batch, pos, k]``,
+  ``entropy`` ``[layer, batch, pos]`` (nats), ``tokens`` / ``modalities`` (list[list[str]],
+  ``[batch][pos]``, modality ``"pad"`` for padding), ``decode(ids) -> list[str]`` and ``lens`` (str);
+- an evolution result has ``curves``: a DataFrame with columns
+  ``modality, metric, layer, layer_label, mean, low, high``.
+"""
+
+from __future__ import annotations
+
+import operator
+import zlib
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib import colors as mcolors
+from matplotlib import font_manager
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
+from matplotlib.patches import Patch, Rectangle
+
+__all__ = ["modality_colors", "plot_evolution", "plot_lens_grid", "save_figure"]
+
+_FIXED_COLORS = {"text": "tab:blue", "graph": "tab:orange", "image": "tab:green", "audio": "tab:red",
+                 "pad": "#b0b0b0"}
+_OTHER_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+_VALUES = {"prob": ("top-1 probability", "Blues"), "entropy": ("entropy (nats)", "YlOrRd")}
+_METRIC_LABELS = {
+    "top1_change": "top-1 changed (fraction of positions)",
+    "kl_to_final": "KL to final layer (nats)",
+    "cosine_to_previous": "cosine to previous layer",
+    "final_top1_prob": "prob. of final top-1 token",
+    "entropy": "entropy (nats)",
+}
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_SPACE = "␣"
+_ELLIPSIS = "…"
+_TICK_CHARS = 16
+_CELL_FONTSIZE = 8
+_MAX_XTICKS = 12
+
+
+def modality_colors(names: Sequence[str]) -> dict[str, str]:
+    """Colour (hex) of each modality name, the same in every plot.
+
+    ``text``, ``graph``, ``image``, ``audio`` and ``pad`` have fixed colours; other names get one
+    of a few further colours chosen by a stable hash of the name (not by its place in ``names``).
+    """
+    out = {}
+    for name in names:
+        color = _FIXED_COLORS.get(name) or _OTHER_COLORS[zlib.crc32(name.encode()) % len(_OTHER_COLORS)]
+        out[name] = mcolors.to_hex(color)
+    return out
+
+
+@lru_cache(maxsize=8)
+def _charmap(font_path: str) -> frozenset[int]:
+    return frozenset(FT2Font(font_path).get_charmap())
+
+
+def _display_units(text: str) -> list[str]:
+    """Display form of each character: edge spaces as "␣", control characters and characters the
+    default font lacks as escapes (so nothing renders blank and matplotlib warns about no glyph)."""
+    glyphs = _charmap(font_manager.findfont(font_manager.FontProperties()))
+    core = text.strip(" ")
+    lead = len(text) - len(text.lstrip(" "))
+    trail = len(text) - lead - len(core) if core else 0
+    units = [_SPACE] * lead
+    for ch in core:
+        if ch in _ESCAPES:
+            units.append(_ESCAPES[ch])
+        elif not ch.isprintable() or ord(ch) not in glyphs:
+            units.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
+                         f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+        else:
+            units.append(ch)
+    return units + [_SPACE] * trail
+
+
+def _escape(text: str, max_chars: int) -> str:
+    """Visible, single-line form of a token, at most ``max_chars`` characters (escapes are never cut)."""
+    units = _display_units(text)
+    if sum(map(len, units)) <= max_chars:
+        return "".join(units)
+    out, used = [], 0
+    for unit in units:
+        if used + len(unit) > max_chars - 1:
+            break
+        out.append(unit)
+        used += len(unit)
+    return "".join(out) + _ELLIPSIS
+
+
+def _numpy(x, dtype=torch.float64) -> np.ndarray:
+    return torch.as_tensor(x).detach().to("cpu", dtype).numpy()
+
+
+def _select_positions(result, row: int, positions) -> list[int]:
+    n_batch, n_pos = result.top_ids.shape[1], result.top_ids.shape[2]
+    if not -n_batch <= row < n_batch:
+        raise IndexError(f"row {row} is out of range: the batch has rows 0..{n_batch - 1}")
+    if positions is None:
+        picked = [p for p, m in enumerate(result.modalities[row][:n_pos]) if m != "pad"]
+        if not picked:
+            raise ValueError(f"row {row} has no non-pad position; pass positions explicitly")
+        return picked
+    picked = []
+    for p in positions:
+        p = operator.index(p)
+        if not -n_pos <= p < n_pos:
+            raise IndexError(f"position {p} is out of range: valid positions are 0..{n_pos - 1} "
+                             f"(or -{n_pos}..-1)")
+        picked.append(p % n_pos)
+    if not picked:
+        raise ValueError("positions is empty")
+    return picked
+
+
+def _text_color(rgba) -> str:
+    r, g, b = rgba[:3]
+    return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
+
+
+def plot_lens_grid(result, row: int = 0, positions: Sequence[int] | None = None, value: str = "prob",
+                   max_chars: int = 8, ax: Axes | None = None, title: str | None = None, cmap=None) -> Figure:
+    """Logit-lens grid of one batch row: the top-1 token of every layer at every position.
+
+    Rows are layers (``result.layers``; the earliest at the bottom, the final layer on top), columns
+    are positions (``positions``: ints, negative from the end; default every non-pad position of
+    ``row``). Each cell shows the top-1 token (escaped: "␣" for edge spaces, "\\n" for newlines;
+    at most ``max_chars`` characters) on a colour of ``value``: ``"prob"`` (top-1 probability,
+    0..1) or ``"entropy"`` (of the lens distribution, nats, 0..max shown). X tick labels are the
+    input tokens; a strip under the grid and the tick label colours mark each column's modality,
+    with vertical lines at modality boundaries.
+    """
+    if value not in _VALUES:
+        raise ValueError(f"value must be one of {', '.join(map(repr, _VALUES))}; got {value!r}")
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1; got {max_chars}")
+    cols = _select_positions(result, row, positions)
+    row = row % result.top_ids.shape[1]
+    ids = _numpy(result.top_ids[:, row, cols, 0], torch.long)
+    data = _numpy(result.top_probs[:, row, cols, 0] if value == "prob" else result.entropy[:, row, cols])
+    n_layers, n_cols = data.shape
+    if len(result.layers) != n_layers:
+        raise ValueError(f"result.layers has {len(result.layers)} labels but the tensors have {n_layers} layers")
+    unique = sorted({int(i) for i in ids.ravel()})
+    decoded = result.decode(unique)
+    if len(decoded) != len(unique):
+        raise ValueError(f"result.decode returned {len(decoded)} strings for {len(unique)} ids")
+    cell_text = {i: _escape(s, max_chars) for i, s in zip(unique, decoded)}
+    modalities = [result.modalities[row][p] for p in cols]
+    colors = modality_colors(list(dict.fromkeys(modalities)))
+
+    if ax is None:
+        widest = max(len(s) for s in cell_text.values())
+        fig = Figure(figsize=(2.6 + n_cols * max(0.45, 0.075 * widest + 0.15), 2.4 + 0.3 * n_layers),
+                     layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    label, default_cmap = _VALUES[value]
+    finite = data[np.isfinite(data)]
+    vmax = 1.0 if value == "prob" else (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
+    image = ax.imshow(data, origin="lower", aspect="auto", cmap=cmap or default_cmap, vmin=0.0, vmax=vmax,
+                      interpolation="nearest")
+    for (layer, col), v in np.ndenumerate(data):
+        color = _text_color(image.cmap(image.norm(v))) if np.isfinite(v) else "black"
+        ax.text(col, layer, cell_text[int(ids[layer, col])], ha="center", va="center", fontsize=_CELL_FONTSIZE,
+                color=color, parse_math=False)
+
+    strip_low, strip_high = -0.5 - 0.45, -0.5 - 0.1
+    for col, modality in enumerate(modalities):
+        ax.add_patch(Rectangle((col - 0.5, strip_low), 1.0, strip_high - strip_low, facecolor=colors[modality],
+                               edgecolor="none", gid=f"modality:{modality}"))
+    for col in range(1, n_cols):
+        if modalities[col] != modalities[col - 1]:
+            ax.plot([col - 0.5, col - 0.5], [strip_low, n_layers - 0.5], color="black", linewidth=1.5,
+                    gid="modality-boundary")
+    ax.set_xlim(-0.5, n_cols - 0.5)
+    ax.set_ylim(strip_low, n_layers - 0.5)
+
+    ax.set_xticks(range(n_cols), [_escape(result.tokens[row][p], _TICK_CHARS) for p in cols], rotation=90)
+    for tick_label, modality in zip(ax.get_xticklabels(), modalities):
+        tick_label.set_parse_math(False)
+        tick_label.set_color(colors[modality])
+    ax.tick_params(axis="x", length=0)
+    ax.set_yticks(range(n_layers), result.layers)
+    ax.set_xlabel("input token")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
+    ax.legend(handles=[Patch(facecolor=c, label=m) for m, c in colors.items()], loc="lower left",
+              bbox_to_anchor=(0.0, 1.0), ncol=len(colors), frameon=False, fontsize="small", borderaxespad=0.2,
+              handlelength=1.0, columnspacing=1.0)
+    lens = getattr(result, "lens", "")
+    ax.set_title(title if title is not None else f"{lens.capitalize() + ' lens' if lens else 'Lens'} · row {row}",
+                 loc="left", pad=22)
+    return fig
+
+
+def _layer_ticks(labels: dict[int, str]) -> tuple[list[int], list[str]]:
+    """About ``_MAX_XTICKS`` evenly spaced layer ticks at most, always with the first and last layer."""
+    layers = sorted(labels)
+    step = -(-len(layers) // _MAX_XTICKS)
+    picked = list(range(0, len(layers), step))
+    if picked[-1] != len(layers) - 1:
+        if 2 * (len(layers) - 1 - picked[-1]) >= step:
+            picked.append(len(layers) - 1)
+        else:
+            picked[-1] = len(layers) - 1
+    return [layers[i] for i in picked], [labels[layers[i]] for i in picked]
+
+
+def plot_evolution(evo, metrics: Sequence[str] | None = None, ax: Axes | Sequence[Axes] | None = None,
+                   title: str | None = None) -> Figure:
+    """Layer-wise curves of ``evo.curves``: one panel per metric (in a row), one line per modality
+    (mean over inputs, shaded 95% CI ``low..high``), x = layer labelled by ``layer_label``.
+
+    ``metrics`` picks and orders the panels (default: every metric, in order of appearance);
+    ``ax`` is one Axes per metric. Layers where a metric is undefined (NaN mean) are left out.
+    """
+    curves: pd.DataFrame = evo.curves
+    missing = {"modality", "metric", "layer", "layer_label", "mean", "low", "high"} - set(curves.columns)
+    if missing:
+        raise ValueError(f"evo.curves lacks columns {sorted(missing)}")
+    available = list(dict.fromkeys(curves["metric"]))
+    metrics = available if metrics is None else [metrics] if isinstance(metrics, str) else list(metrics)
+    unknown = [m for m in metrics if m not in available]
+    if unknown or not metrics:
+        raise ValueError(f"unknown or no metrics {unknown}; evo.curves has {available}")
+    if ax is None:
+        fig = Figure(figsize=(0.6 + 3.8 * len(metrics), 3.4), layout="constrained")
+        axes = list(fig.subplots(1, len(metrics), squeeze=False)[0])
+    else:
+        axes = [ax] if isinstance(ax, Axes) else list(ax)
+        if len(axes) != len(metrics):
+            raise ValueError(f"got {len(axes)} axes for {len(metrics)} metrics {metrics}")
+        fig = axes[0].figure
+    colors = modality_colors(list(dict.fromkeys(curves["modality"])))
+    labels = dict(zip(curves["layer"].astype(int), curves["layer_label"].astype(str)))
+    ticks, tick_labels = _layer_ticks(labels)
+
+    for panel, metric in zip(axes, metrics):
+        for modality, color in colors.items():
+            sub = curves[(curves["metric"] == metric) & (curves["modality"] == modality)].sort_values("layer")
+            sub = sub[np.isfinite(sub["mean"].to_numpy(dtype=float))]
+            if sub.empty:
+                continue
+            x = sub["layer"].to_numpy(dtype=int)
+            panel.fill_between(x, sub["low"].to_numpy(dtype=float), sub["high"].to_numpy(dtype=float),
+                               color=color, alpha=0.2, linewidth=0)
+            panel.plot(x, sub["mean"].to_numpy(dtype=float), color=color, marker="o", markersize=3, label=modality)
+        panel.set_xticks(ticks, tick_labels)
+        panel.set_xlabel("layer")
+        panel.set_ylabel(_METRIC_LABELS.get(metric, metric.replace("_", " ")))
+        panel.grid(alpha=0.3)
+    axes[0].legend(title="modality (95% CI)", fontsize="small", title_fontsize="small")
+    if title is not None:
+        fig.suptitle(title)
+    return fig
+
+
+def save_figure(fig: Figure, path_stem: str | Path, formats: Sequence[str] | str = ("png", "svg")) -> list[Path]:
+    """Save ``fig`` as ``{path_stem}.{format}`` for each format (raster at 150 dpi, svg/pdf as vectors),
+    creating parent folders; returns the written paths."""
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    supported = fig.canvas.get_supported_filetypes()
+    unknown = [f for f in formats if f not in supported]
+    if unknown or not formats:
+        raise ValueError(f"unsupported or no formats {unknown}; choose from {sorted(supported)}")
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = stem.parent / f"{stem.name}.{fmt}"
+        metadata = {"Date": None} if fmt == "svg" else None
+        fig.savefig(path, format=fmt, dpi=150, bbox_inches="tight", metadata=metadata)
+        paths.append(path)
+    return paths
