@@ -112,7 +112,9 @@ def _select_positions(result, row: int, positions) -> list[int]:
     if not -n_batch <= row < n_batch:
         raise IndexError(f"row {row} is out of range: the batch has rows 0..{n_batch - 1}")
     if positions is None:
-        picked = [p for p, m in enumerate(result.modalities[row][:n_pos]) if m != "pad"]
+        decoded = getattr(result, "decoded", None)
+        shown = decoded[row].tolist() if decoded is not None else [True] * n_pos
+        picked = [p for p, m in enumerate(result.modalities[row][:n_pos]) if m != "pad" and shown[p]]
         if not picked:
             raise ValueError(f"row {row} has no non-pad position; pass positions explicitly")
         return picked
@@ -138,8 +140,8 @@ def plot_lens_grid(result, row: int = 0, positions: Sequence[int] | None = None,
     """Logit-lens grid of one batch row: the top-1 token of every layer at every position.
 
     Rows are layers (``result.layers``; the earliest at the bottom, the final layer on top), columns
-    are positions (``positions``: ints, negative from the end; default every non-pad position of
-    ``row``). Each cell shows the top-1 token (escaped: "␣" for edge spaces, "\\n" for newlines;
+    are positions (``positions``: ints, negative from the end; default every decoded non-pad
+    position of ``row``). Each cell shows the top-1 token (escaped: "␣" for edge spaces, "\\n" for newlines;
     at most ``max_chars`` characters) on a colour of ``value``: ``"prob"`` (top-1 probability,
     0..1) or ``"entropy"`` (of the lens distribution, nats, 0..max shown). X tick labels are the
     input tokens; a strip under the grid and the tick label colours mark each column's modality,
