@@ -1,14 +1,15 @@
 """Plots of lens results: the logit-lens grid, layer-wise evolution curves, and saving figures.
 
-Functions return a :class:`matplotlib.figure.Figure`. Without ``ax`` they build a new figure that
-pyplot does not manage (no backend is touched, nothing to close; it displays in notebooks and saves
-with :func:`save_figure`); pass ``ax`` from ``plt.subplots()`` to draw into a figure of your own.
+Functions return a :class:`matplotlib.figure.Figure`. Without ``ax`` they open a new pyplot figure
+(shown by ``plt.show()`` or a notebook's inline backend; close it with ``plt.close(fig)`` when
+drawing many); with ``ax`` they draw into that axes' figure.
 
 The plotted objects are duck-typed:
 
 - a lens result has ``layers`` (list[str]), ``top_ids`` / ``top_probs`` ``[layer, batch, pos, k]``,
   ``entropy`` ``[layer, batch, pos]`` (nats), ``tokens`` / ``modalities`` (list[list[str]],
-  ``[batch][pos]``, modality ``"pad"`` for padding), ``decode(ids) -> list[str]`` and ``lens`` (str);
+  ``[batch][pos]``, modality ``"pad"`` for padding), ``decode(ids) -> list[str]``, ``lens`` (str) and
+  optionally ``decoded`` (Bool ``[batch, pos]``, the positions the lens decoded; others hold id -1);
 - an evolution result has ``curves``: a DataFrame with columns
   ``modality, metric, layer, layer_label, mean, low, high``.
 """
@@ -47,9 +48,10 @@ _METRIC_LABELS = {
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 _SPACE = "␣"
 _ELLIPSIS = "…"
+_EMPTY = "∅"
 _TICK_CHARS = 16
 _CELL_FONTSIZE = 8
-_MAX_XTICKS = 12
+_MAX_XTICKS = 9
 
 
 def modality_colors(names: Sequence[str]) -> dict[str, str]:
@@ -72,7 +74,9 @@ def _charmap(font_path: str) -> frozenset[int]:
 
 def _display_units(text: str) -> list[str]:
     """Display form of each character: edge spaces as "␣", control characters and characters the
-    default font lacks as escapes (so nothing renders blank and matplotlib warns about no glyph)."""
+    default font lacks as escapes (nothing renders blank, no missing-glyph warning); "" as "∅"."""
+    if not text:
+        return [_EMPTY]
     glyphs = _charmap(font_manager.findfont(font_manager.FontProperties()))
     core = text.strip(" ")
     lead = len(text) - len(text.lstrip(" "))
@@ -130,6 +134,14 @@ def _select_positions(result, row: int, positions) -> list[int]:
     return picked
 
 
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    """A pyplot figure with constrained layout; pyplot is imported only here, so that importing
+    this module leaves the backend choice to the user."""
+    import matplotlib.pyplot as plt
+
+    return plt.figure(figsize=figsize, layout="constrained")
+
+
 def _text_color(rgba) -> str:
     r, g, b = rgba[:3]
     return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
@@ -141,11 +153,12 @@ def plot_lens_grid(result, row: int = 0, positions: Sequence[int] | None = None,
 
     Rows are layers (``result.layers``; the earliest at the bottom, the final layer on top), columns
     are positions (``positions``: ints, negative from the end; default every decoded non-pad
-    position of ``row``). Each cell shows the top-1 token (escaped: "␣" for edge spaces, "\\n" for newlines;
-    at most ``max_chars`` characters) on a colour of ``value``: ``"prob"`` (top-1 probability,
-    0..1) or ``"entropy"`` (of the lens distribution, nats, 0..max shown). X tick labels are the
-    input tokens; a strip under the grid and the tick label colours mark each column's modality,
-    with vertical lines at modality boundaries.
+    position of ``row``). Each cell shows the top-1 token (escaped: "␣" for edge spaces, "\\n"
+    for newlines, "∅" for an empty text; at most ``max_chars`` characters; blank where the id is
+    -1, not decoded) on a colour of ``value``: ``"prob"`` (top-1 probability, 0..1) or
+    ``"entropy"`` (of the lens distribution, nats, 0..max shown). X tick labels are the input
+    tokens, escaped the same way; a strip under the grid and the tick label colours mark each
+    column's modality, with vertical lines at modality boundaries.
     """
     if value not in _VALUES:
         raise ValueError(f"value must be one of {', '.join(map(repr, _VALUES))}; got {value!r}")
@@ -158,18 +171,18 @@ def plot_lens_grid(result, row: int = 0, positions: Sequence[int] | None = None,
     n_layers, n_cols = data.shape
     if len(result.layers) != n_layers:
         raise ValueError(f"result.layers has {len(result.layers)} labels but the tensors have {n_layers} layers")
-    unique = sorted({int(i) for i in ids.ravel()})
-    decoded = result.decode(unique)
+    unique = sorted({int(i) for i in ids.ravel() if i >= 0})
+    decoded = result.decode(unique) if unique else []
     if len(decoded) != len(unique):
         raise ValueError(f"result.decode returned {len(decoded)} strings for {len(unique)} ids")
     cell_text = {i: _escape(s, max_chars) for i, s in zip(unique, decoded)}
+    cell_text.update({int(i): "" for i in ids.ravel() if i < 0})
     modalities = [result.modalities[row][p] for p in cols]
     colors = modality_colors(list(dict.fromkeys(modalities)))
 
     if ax is None:
-        widest = max(len(s) for s in cell_text.values())
-        fig = Figure(figsize=(2.6 + n_cols * max(0.45, 0.075 * widest + 0.15), 2.4 + 0.3 * n_layers),
-                     layout="constrained")
+        widest = max(map(len, cell_text.values()))
+        fig = _new_figure((2.6 + n_cols * max(0.45, 0.075 * widest + 0.15), 2.4 + 0.3 * n_layers))
         ax = fig.add_subplot()
     else:
         fig = ax.figure
@@ -243,7 +256,7 @@ def plot_evolution(evo, metrics: Sequence[str] | None = None, ax: Axes | Sequenc
     if unknown or not metrics:
         raise ValueError(f"unknown or no metrics {unknown}; evo.curves has {available}")
     if ax is None:
-        fig = Figure(figsize=(0.6 + 3.8 * len(metrics), 3.4), layout="constrained")
+        fig = _new_figure((0.6 + 3.8 * len(metrics), 3.4))
         axes = list(fig.subplots(1, len(metrics), squeeze=False)[0])
     else:
         axes = [ax] if isinstance(ax, Axes) else list(ax)
