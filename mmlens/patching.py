@@ -1,0 +1,583 @@
+"""Activation, path and attribution patching over every stage, batched and reusing what it can.
+
+Vocabulary: a *pair* is (clean, corrupted) inputs. **Denoising** runs the corrupted input with
+clean activations patched in (which component restores the clean behaviour?); **noising** runs the
+clean input with corrupted activations patched in (which component is necessary?). A *cell* is one
+patch: a hook point's layer, a position (or a modality span) and optionally a head.
+
+Speed (``sweep``): all cells of one pair are patched in batched forwards (``batch_size`` variants
+per pass). For residual-stream points of the language model the sweep replays only blocks
+``l..L-1`` from the cached activation at layer ``l`` (the prefix, and any encoder before the LM, are
+never recomputed), and unembeds only the final position. Replay matches a full forward to float
+round-off; ``tests/test_patching.py`` checks it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .adapter import HookPoint, get_module
+from .edits import Edit, HookContext, add, apply, replace
+from .spans import ModalitySpans
+from .wrapper import HookedModel
+
+Metric = Callable[[Tensor], Tensor]
+"""Final-position logits Float[b, vocab] -> one number per row Float[b]."""
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+def logit_diff(answer: int, wrong: int) -> Metric:
+    """``logit[answer] - logit[wrong]`` at the final position."""
+    return lambda logits: logits[:, answer] - logits[:, wrong]
+
+
+def logprob(target: int) -> Metric:
+    """Log-probability of ``target`` at the final position (nats)."""
+    return lambda logits: logits.float().log_softmax(-1)[:, target]
+
+
+def prob(target: int) -> Metric:
+    """Probability of ``target`` at the final position."""
+    return lambda logits: logits.float().softmax(-1)[:, target]
+
+
+def kl_from(reference: Tensor) -> Metric:
+    """KL(reference || patched) in nats, ``reference`` the clean final-position logits Float[vocab] or [b, vocab]."""
+    ref = reference.float().log_softmax(-1)
+    return lambda logits: (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1)
+
+
+def last_logits(logits: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Logits at each row's last real position: Float[b, seq, vocab] -> Float[b, vocab] (classifier
+    logits Float[b, classes] pass through)."""
+    if logits.dim() == 2:
+        return logits
+    if attention_mask is None:
+        return logits[:, -1]
+    last = attention_mask.long().cumsum(1).argmax(1)
+    return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+
+
+# -- corruptions ----------------------------------------------------------------------------------
+
+@dataclass
+class Corruption:
+    """A corrupted input: inputs to run, plus edits applied during the run (for embedding noise)."""
+
+    inputs: dict
+    edits: list[Edit]
+    description: str
+
+
+def corrupt(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, method: str = "neutral", *,
+            other: Mapping[str, Any] | None = None, noise: float = 3.0, seed: int = 0) -> Corruption:
+    """Corrupt one modality of ``inputs``.
+
+    Args:
+        method: ``"neutral"`` (the adapter's neutral reference: zero/mean image, zero graph
+            embedding, pad text), ``"swap"`` (take that modality from ``other``, another example
+            with the same layout) or ``"noise"`` (ROME-style: Gaussian noise of ``noise`` times the
+            std of that modality's input embeddings, added at ``fusion.embeds`` / ``lm.embed``).
+    """
+    inputs = hooked._check_inputs(inputs)
+    spans = hooked.spans(inputs)
+    if modality not in spans.masks:
+        raise KeyError(f"modality {modality!r} is not in these inputs; spans here: {spans.modalities}")
+    if method == "neutral":
+        return Corruption(hooked.neutral(inputs, modality), [], f"{modality}: neutral reference")
+    if method == "swap":
+        if other is None:
+            raise ValueError("method='swap' needs other= (an example whose modality to take)")
+        other = hooked._check_inputs(other)
+        other_spans = hooked.spans(other)
+        check_same_layout(spans, other_spans, "inputs", "other")
+        if modality == "text":
+            text = spans.masks["text"].to(inputs["input_ids"].device)
+            swapped = {**inputs, "input_ids": torch.where(text, other["input_ids"], inputs["input_ids"])}
+        else:
+            text_keys = {"input_ids", "attention_mask"}
+            swapped = {**inputs, **{k: v for k, v in other.items() if k not in text_keys}}
+        return Corruption(swapped, [], f"{modality}: swapped with another example")
+    if method == "noise":
+        point = "fusion.embeds" if "fusion.embeds" in hooked.hook_points else "lm.embed"
+        run = hooked.run(inputs, cache=point)
+        embeds = run.cache[point]
+        mask = spans.masks[modality].to(embeds.device)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        scale = noise * embeds[mask].float().std()
+        delta = (torch.randn(embeds.shape, generator=g) * scale).to(embeds.device, embeds.dtype) * mask[..., None]
+        return Corruption(dict(inputs), [add(point, delta)], f"{modality}: Gaussian noise x{noise} embedding std")
+    raise ValueError(f"unknown corruption method {method!r}; use 'neutral', 'swap' or 'noise'")
+
+
+def check_same_layout(a: ModalitySpans, b: ModalitySpans, name_a: str = "clean", name_b: str = "corrupted") -> None:
+    """Raise if two inputs' spans do not line up position by position."""
+    if a.valid.shape != b.valid.shape:
+        raise ValueError(f"{name_a} and {name_b} inputs have different shapes [batch, seq]: {tuple(a.valid.shape)} vs "
+                         f"{tuple(b.valid.shape)}; pad them to the same length, or patch by span (axes=('layer', 'span'))")
+    if not a.same_layout(b):
+        counts = {m: (a.masks[m].sum(1).tolist(), b.masks[m].sum(1).tolist()) for m in a.masks if m in b.masks}
+        raise ValueError(f"{name_a} and {name_b} spans do not line up (positions per modality, {name_a} vs {name_b}: "
+                         f"{counts}); use inputs with the same layout, or patch by span (axes=('layer', 'span'))")
+
+
+# -- sweeps ---------------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    """One patch: ``layer`` (None for points without one), ``positions`` Bool[seq] (None = all),
+    ``head`` (None = all), and labels for the table."""
+
+    point: str
+    layer: int | None
+    positions: Tensor | None
+    head: int | None
+    labels: dict
+
+
+@dataclass
+class SweepResult:
+    """What :func:`sweep` returns.
+
+    Attributes:
+        table: one row per (pair, cell): ``pair, layer, position, span, head, token, modality`` (as
+            they apply), ``value`` (the metric), ``normalized`` ((value - corrupt)/(clean - corrupt)
+            for denoising; (value - clean)/(corrupt - clean) for noising... see :func:`sweep`).
+        clean, corrupted: the metric on the unpatched clean / corrupted run, per pair.
+        direction, hook, axes: what was swept.
+    """
+
+    table: pd.DataFrame
+    clean: list[float]
+    corrupted: list[float]
+    direction: str
+    hook: str
+    axes: tuple[str, ...]
+
+    def grid(self, pair: int = 0, value: str = "value") -> pd.DataFrame:
+        """The sweep of one pair as a 2-D frame (first axis as rows, second as columns)."""
+        sub = self.table[self.table.pair == pair]
+        if len(self.axes) == 1:
+            return sub.set_index(self.axes[0])[[value]]
+        return sub.pivot(index=self.axes[0], columns=self.axes[1], values=value)
+
+
+AXES = {("layer", "position"), ("layer", "span"), ("layer", "head"), ("position",), ("layer",), ("span",),
+        ("head",), ("layer", "position", "head")}
+
+
+def _points(hooked: HookedModel, hook: str) -> list[HookPoint]:
+    """``hook`` as a full name (one point) or a short block-point name (every layer of it)."""
+    if hook in hooked.hook_points:
+        return [hooked.hook_points[hook]]
+    prefix, kind = hook.rsplit(".", 1) if "." in hook else ("lm", hook)
+    points = [hp for hp in hooked.hook_points.values() if hp.prefix == prefix and hp.kind == kind and hp.layer is not None]
+    if not points:
+        hooked.resolve(hook)
+    return sorted(points, key=lambda hp: hp.layer)
+
+
+def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], spans: ModalitySpans, row: int,
+           tokens: list[str]) -> list[Cell]:
+    cells = []
+    modality = spans.modality_of_positions()[row]
+    valid = spans.valid[row].cpu()
+    for hp in points:
+        layer = hp.layer
+        if "head" in axes and not hp.heads:
+            raise ValueError(f"{hp.name!r} has no head axis; per-head patching works at 'z' points (e.g. hook='z')")
+        heads = range(hp.heads) if "head" in axes else [None]
+        if "position" in axes:
+            if not hp.fused_positions and hp.stage != "encoder":
+                raise ValueError(f"{hp.name!r} has no position axis")
+            seq = valid.shape[0] if hp.fused_positions else None
+            if seq is None:
+                raise ValueError(f"{hp.name!r} indexes its encoder's own tokens; sweep its positions with "
+                                 "sweep_encoder-style explicit positions is not supported by span layout")
+            position_sets = [(p, torch.arange(seq) == p) for p in range(seq) if valid[p]]
+        elif "span" in axes:
+            position_sets = [(m, spans.masks[m][row].cpu()) for m in spans.modalities]
+        else:
+            position_sets = [(None, None)]
+        for key, mask in position_sets:
+            for head in heads:
+                labels: dict[str, Any] = {}
+                if "layer" in axes or len(points) > 1:
+                    labels["layer"] = layer
+                if "position" in axes:
+                    labels.update(position=key, token=tokens[key], modality=modality[key])
+                if "span" in axes:
+                    labels["span"] = key
+                if head is not None:
+                    labels["head"] = head
+                cells.append(Cell(hp.name, layer, mask, head, labels))
+    return cells
+
+
+def _patch_edit(hp: HookPoint, rows: list[tuple[int, Cell]], source: Tensor) -> Edit:
+    """One edit at ``hp`` that patches row r of the batch with ``source`` (the activation from the
+    other run, batch 1) at that row's cell."""
+
+    def fn(act: Tensor, ctx: HookContext) -> Tensor:
+        out = act.clone()
+        src = source.to(act.device, act.dtype)
+        for r, cell in rows:
+            if cell.positions is None and cell.head is None:
+                out[r] = src[0]
+                continue
+            pos = cell.positions.to(act.device) if cell.positions is not None else slice(None)
+            if cell.head is None:
+                out[r, pos] = src[0, pos]
+            else:
+                out[r, pos, cell.head] = src[0, pos, cell.head]
+        return out
+
+    return apply(hp.name, fn)
+
+
+def _repeat(inputs: Mapping[str, Any], n: int) -> dict:
+    """Inputs of batch 1 repeated to batch ``n`` (graph tensors shared, node ids repeated)."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, Tensor) and k not in ("node_features", "edge_index"):
+            out[k] = v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v.repeat(n, *([1] * (v.dim() - 1)))
+        else:
+            out[k] = v
+    return out
+
+
+def _row(inputs: Mapping[str, Any], i: int) -> dict:
+    return {k: (v[i:i + 1] if isinstance(v, Tensor) and k not in ("node_features", "edge_index") else v)
+            for k, v in inputs.items()}
+
+
+def sweep(
+    hooked: HookedModel,
+    clean: Mapping[str, Any],
+    corrupted: Mapping[str, Any] | Corruption,
+    metric: Metric | str,
+    *,
+    hook: str = "resid_pre",
+    axes: Sequence[str] = ("layer", "position"),
+    direction: str = "denoise",
+    batch_size: int = 32,
+    replay: bool = True,
+    progress: bool = True,
+) -> SweepResult:
+    """Patch every cell of ``hook`` x ``axes`` for every (clean, corrupted) row pair.
+
+    Args:
+        clean, corrupted: model inputs with the same batch size (one pair per row); ``corrupted``
+            may be a :class:`Corruption` (its edits apply to the corrupted run).
+        metric: a :data:`Metric` on final-position logits, or ``"kl"`` (KL from the clean run).
+        hook: a full hook name (``"lm.final_norm"``) or a short block-point name swept over layers
+            (``"resid_pre"``, ``"attn_out"``, ``"z"``, ``"vision.resid_post"``).
+        axes: ``("layer", "position")``, ``("layer", "span")``, ``("layer", "head")``, ``("position",)``, ...
+        direction: ``"denoise"`` (clean -> corrupted run) or ``"noise"`` (corrupted -> clean run).
+        batch_size: patched variants per forward pass.
+        replay: for LM residual points, recompute only blocks l..L-1 (see module docstring).
+
+    Returns:
+        A :class:`SweepResult`; ``normalized`` is (value - target) / (source - target), the fraction of
+        the gap between the unpatched target run and the source run that the patch moves.
+    """
+    axes = tuple(axes)
+    if axes not in AXES:
+        raise ValueError(f"axes {axes} not supported; use one of {sorted(AXES)}")
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
+    clean = hooked._check_inputs(clean)
+    corrupt_inputs = hooked._check_inputs(corruption.inputs)
+    clean_spans, corrupt_spans = hooked.spans(clean), hooked.spans(corrupt_inputs)
+    if "span" not in axes and any(hp.fused_positions for hp in _points(hooked, hook)):
+        check_same_layout(clean_spans, corrupt_spans)
+    points = _points(hooked, hook)
+    names = [hp.name for hp in points]
+    source_in, source_edits, target_in, target_edits = (
+        (clean, [], corrupt_inputs, corruption.edits) if direction == "denoise" else (corrupt_inputs, corruption.edits, clean, []))
+    target_spans = hooked.spans(target_in)
+    n_pairs = clean_spans.batch_size
+    decode = _token_text(hooked)
+    use_replay = replay and all(hp.prefix == "lm" and hp.kind in ("resid_pre", "resid_post") for hp in points) \
+        and "head" not in axes and "lm.final_norm" in hooked.hook_points
+    rows = []
+    clean_values, corrupt_values = [], []
+    for pair in range(n_pairs):
+        src, tgt = _row(source_in, pair), _row(target_in, pair)
+        src_run = hooked.run(src, cache=names, edits=source_edits)
+        clean_row = _row(clean, pair)
+        clean_logits = last_logits(hooked.run(clean_row).logits, clean_row.get("attention_mask"))
+        pair_metric = kl_from(clean_logits) if metric == "kl" else metric
+        if not callable(pair_metric):
+            raise ValueError(f"metric must be a callable on final-position logits or 'kl', got {metric!r}")
+        mask = tgt.get("attention_mask")
+        tgt_run = hooked.run(tgt, cache=names, edits=target_edits)
+        source_value = float(pair_metric(last_logits(src_run.logits, src.get("attention_mask")))[0])
+        target_value = float(pair_metric(last_logits(tgt_run.logits, mask))[0])
+        clean_v, corrupt_v = (source_value, target_value) if direction == "denoise" else (target_value, source_value)
+        clean_values.append(clean_v)
+        corrupt_values.append(corrupt_v)
+        tokens = _row_tokens(decode, tgt, target_spans, pair)
+        cells = _cells(hooked, points, axes, target_spans, pair, tokens)
+        if "span" in axes:
+            cells = [c for c in cells if c.positions is None or c.positions.any()]
+        engine = _Replay(hooked, tgt, tgt_run, target_edits) if use_replay else None
+        bar = tqdm(range(0, len(cells), batch_size), desc=f"patching pair {pair}", disable=not progress)
+        for start in bar:
+            chunk = cells[start:start + batch_size]
+            if engine is not None:
+                logits = engine.patched_logits(chunk, {n: src_run.cache[n] for n in names})
+            else:
+                logits = _patched_full(hooked, tgt, target_edits, chunk, src_run, points)
+            values = pair_metric(logits).float().cpu().tolist()
+            for cell, v in zip(chunk, values):
+                gap = source_value - target_value
+                rows.append({"pair": pair, **cell.labels, "value": v,
+                             "normalized": (v - target_value) / gap if gap != 0 else float("nan")})
+    return SweepResult(table=pd.DataFrame(rows), clean=clean_values, corrupted=corrupt_values, direction=direction,
+                       hook=hook, axes=axes)
+
+
+def _token_text(hooked: HookedModel) -> Callable[[list[int]], list[str]]:
+    tokenizer = hooked.tokenizer or getattr(hooked.processor, "tokenizer", None)
+    return (lambda ids: [tokenizer.decode([i]) for i in ids]) if tokenizer is not None else (lambda ids: [str(i) for i in ids])
+
+
+def _row_tokens(decode, inputs: Mapping[str, Any], spans: ModalitySpans, pair: int) -> list[str]:
+    ids = inputs.get("input_ids")
+    modality = spans.modality_of_positions()[pair]
+    if ids is None:
+        return [f"<{m}>" for m in modality]
+    text = decode(ids[0].tolist())
+    return [t if m in ("text", "pad") else f"<{m}>" for t, m in zip(text, modality)]
+
+
+def _patched_full(hooked: HookedModel, target: dict, target_edits: list[Edit], chunk: list[Cell], src_run,
+                  points: list[HookPoint]) -> Tensor:
+    """Full batched forwards, one row per cell, with per-row patch edits."""
+    batch = _repeat(target, len(chunk))
+    by_point: dict[str, list[tuple[int, Cell]]] = {}
+    for r, cell in enumerate(chunk):
+        by_point.setdefault(cell.point, []).append((r, cell))
+    edits = list(target_edits) + [_patch_edit(hooked.hook_points[p], rows, src_run.cache[p]) for p, rows in by_point.items()]
+    run = hooked.run(batch, edits=edits)
+    return last_logits(run.logits, batch.get("attention_mask"))
+
+
+class _Replay:
+    """Re-run the LM's blocks from layer l on patched residuals, with the call arguments each block
+    received in the target run (captured once), then the final norm and the unembedding at the last
+    real position."""
+
+    def __init__(self, hooked: HookedModel, target: dict, target_run, target_edits: list[Edit]):
+        self.hooked = hooked
+        blocks = [hp for hp in hooked.hook_points.values() if hp.prefix == "lm" and hp.kind in ("resid_pre", "out")
+                  and hp.layer is not None]
+        self.block_paths = [hp.site.module for hp in sorted(blocks, key=lambda hp: hp.layer)]
+        self.norm = get_module(hooked.model, hooked.hook_points["lm.final_norm"].site.module)
+        self.unembed = get_module(hooked.model, hooked.hook_points["lm.logits"].site.module)
+        self.calls: list[tuple[tuple, dict]] = []
+        handles = []
+        for path in self.block_paths:
+            module = get_module(hooked.model, path)
+            handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
+        try:
+            with torch.no_grad(), hooked.hooked(target, edits=target_edits):
+                hooked.model(**target)
+        finally:
+            for h in handles:
+                h.remove()
+        self.resid = [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.calls]
+        self.final = target_run.cache
+        mask = target.get("attention_mask")
+        self.last = int(mask[0].nonzero().max()) if mask is not None else None
+
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls.append((args, {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}))
+
+    @torch.no_grad()
+    def patched_logits(self, chunk: list[Cell], sources: dict[str, Tensor]) -> Tensor:
+        """Final-position logits Float[len(chunk), vocab] for the cells of ``chunk``."""
+        results: dict[int, Tensor] = {}
+        by_start: dict[int, list[tuple[int, Cell]]] = {}
+        for r, cell in enumerate(chunk):
+            hp = self.hooked.hook_points[cell.point]
+            start = cell.layer if hp.kind == "resid_pre" else cell.layer + 1
+            by_start.setdefault(start, []).append((r, cell))
+        for start, rows in by_start.items():
+            base = self.resid[start] if start < len(self.resid) else None
+            if base is None:
+                base = self._final_resid()
+            h = base.expand(len(rows), *base.shape[1:]).clone()
+            for i, (_, cell) in enumerate(rows):
+                src = sources[cell.point].to(h.device, h.dtype)
+                if cell.positions is None:
+                    h[i] = src[0]
+                else:
+                    h[i, cell.positions.to(h.device)] = src[0, cell.positions.to(h.device)]
+            for layer in range(start, len(self.block_paths)):
+                args, kwargs = self.calls[layer]
+                block = get_module(self.hooked.model, self.block_paths[layer])
+                h = _first(block(h, *args[1:], **_expand(kwargs, len(rows))))
+            h = h[:, self.last] if self.last is not None else h[:, -1]
+            logits = self.unembed(self.norm(h))
+            for i, (r, _) in enumerate(rows):
+                results[r] = logits[i]
+        return torch.stack([results[r] for r in range(len(chunk))])
+
+    def _final_resid(self) -> Tensor:
+        name = [n for n in self.final if n.endswith(f"blocks.{len(self.block_paths) - 1}.resid_post")]
+        if name:
+            return self.final[name[0]]
+        raise KeyError("the last block's resid_post was not recorded")
+
+
+def _expand(kwargs: dict, n: int) -> dict:
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == 1 and k != "cache_position":
+            out[k] = v.expand(n, *v.shape[1:])
+        elif isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
+            out[k] = tuple(t.expand(n, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == 1 else t for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+# -- attribution patching ---------------------------------------------------------------------------
+
+def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping[str, Any] | Corruption,
+                      metric: Metric, *, hook: str = "resid_pre", axes: Sequence[str] = ("layer", "position")) -> SweepResult:
+    """Attribution patching (Nanda 2023): the denoising effect of each cell estimated to first order,
+    ``(clean_act - corrupted_act) . d metric / d act`` at the corrupted run, from one forward and one
+    backward pass per pair. Same table layout as :func:`sweep` (``value`` is the estimated metric
+    after patching, ``effect`` the estimated change)."""
+    axes = tuple(axes)
+    corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
+    clean = hooked._check_inputs(clean)
+    corrupt_inputs = hooked._check_inputs(corruption.inputs)
+    spans = hooked.spans(corrupt_inputs)
+    check_same_layout(hooked.spans(clean), spans)
+    points = _points(hooked, hook)
+    names = [hp.name for hp in points]
+    decode = _token_text(hooked)
+    rows, clean_values, corrupt_values = [], [], []
+    for pair in range(spans.batch_size):
+        c, x = _row(clean, pair), _row(corrupt_inputs, pair)
+        clean_run = hooked.run(c, cache=names)
+        run = hooked.run(x, cache=names, edits=corruption.edits, keep_grad=True)
+        output = metric(last_logits(run.logits, x.get("attention_mask")))[0]
+        grads = torch.autograd.grad(output, [run.cache[n] for n in names])
+        value = output.item()
+        clean_v = float(metric(last_logits(clean_run.logits, c.get("attention_mask")))[0])
+        clean_values.append(clean_v)
+        corrupt_values.append(value)
+        tokens = _row_tokens(decode, x, spans, pair)
+        cells = _cells(hooked, points, axes, spans, pair, tokens)
+        for cell in cells:
+            i = names.index(cell.point)
+            contrib = (clean_run.cache[cell.point] - run.cache[cell.point].detach()) * grads[i]
+            contrib = contrib[0]
+            if cell.head is not None:
+                contrib = contrib[:, cell.head]
+            if cell.positions is not None:
+                contrib = contrib[cell.positions.to(contrib.device)]
+            effect = float(contrib.sum())
+            gap = clean_v - value
+            rows.append({"pair": pair, **cell.labels, "value": value + effect, "effect": effect,
+                         "normalized": effect / gap if gap != 0 else float("nan")})
+    return SweepResult(pd.DataFrame(rows), clean_values, corrupt_values, "denoise", hook, axes)
+
+
+def correlation(estimate: SweepResult, exact: SweepResult, value: str = "value") -> dict[str, float]:
+    """Pearson and Spearman correlation between two sweeps over the same cells (e.g. attribution vs
+    exact patching), plus the largest absolute difference."""
+    keys = [c for c in exact.table.columns if c not in ("value", "normalized", "effect", "token", "modality")]
+    merged = exact.table.merge(estimate.table, on=keys, suffixes=("_exact", "_estimate"))
+    if len(merged) != len(exact.table):
+        raise ValueError(f"the sweeps cover different cells ({len(estimate.table)} vs {len(exact.table)})")
+    a, b = merged[f"{value}_exact"], merged[f"{value}_estimate"]
+    return {"pearson": float(a.corr(b)), "spearman": float(a.rank().corr(b.rank())),
+            "max_abs_diff": float((a - b).abs().max()), "n_cells": len(merged)}
+
+
+# -- path patching ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Component:
+    """A component: a hook point with optional positions (any span selector) and heads."""
+
+    hook: str
+    at: Any = None
+    heads: Any = None
+
+
+def path_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping[str, Any] | Corruption,
+               metric: Metric, senders: Sequence[Component], receivers: Sequence[Component],
+               frozen: str = "lm.blocks.*") -> float:
+    """Path patching (Wang et al. 2022; Goldowsky-Dill et al. 2023): the metric on the clean run when
+    only the paths from ``senders`` to ``receivers`` carry corrupted activations.
+
+    1. Run clean and corrupted, caching everything.
+    2. Run clean with the senders set to their corrupted values and every other attention/MLP output
+       (``attn_out``/``mlp_out`` points matching ``frozen``) held at its clean value; record the
+       receivers' values.
+    3. Run clean with only the receivers set to the values recorded in step 2.
+
+    Returns the metric of step 3 (for the first pair). With no senders it equals the clean metric.
+    """
+    corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
+    clean = hooked._check_inputs(_row(clean, 0))
+    corrupt_inputs = hooked._check_inputs(_row(corruption.inputs, 0))
+    check_same_layout(hooked.spans(clean), hooked.spans(corrupt_inputs))
+    sender_hooks = [hooked.resolve(s.hook).name for s in senders]
+    receiver_hooks = [hooked.resolve(r.hook).name for r in receivers]
+    freeze = [n for n, hp in hooked.hook_points.items() if hp.kind in ("attn_out", "mlp_out")
+              and fnmatch.fnmatchcase(n, frozen) and n not in sender_hooks]
+    clean_run = hooked.run(clean, cache=freeze + sender_hooks + receiver_hooks)
+    corrupt_run = hooked.run(corrupt_inputs, cache=sender_hooks, edits=corruption.edits)
+    edits = [replace(n, clean_run.cache[n]) for n in freeze]
+    edits += [replace(s_hook, _select(corrupt_run.cache[s_hook], clean_run.cache[s_hook], s, hooked, clean))
+              for s, s_hook in zip(senders, sender_hooks)]
+    step2 = hooked.run(clean, cache=receiver_hooks, edits=edits)
+    final_edits = [replace(r_hook, _select(step2.cache[r_hook], clean_run.cache[r_hook], r, hooked, clean))
+                   for r, r_hook in zip(receivers, receiver_hooks)]
+    patched = hooked.run(clean, edits=final_edits)
+    return float(metric(last_logits(patched.logits, clean.get("attention_mask")))[0])
+
+
+def _select(new: Tensor, old: Tensor, component: Component, hooked: HookedModel, inputs: dict) -> Tensor:
+    """``old`` with ``new`` written at the component's positions/heads (a full-shape value)."""
+    if component.at is None and component.heads is None:
+        return new
+    hp = hooked.resolve(component.hook)
+    out = old.clone()
+    mask = hooked.spans(inputs).mask(component.at) if component.at is not None else torch.ones(old.shape[:2], dtype=torch.bool)
+    mask = mask.to(old.device)
+    if component.heads is None:
+        out[mask] = new[mask]
+    else:
+        heads = [component.heads] if isinstance(component.heads, int) else list(component.heads)
+        if not hp.heads or old.dim() != 4:
+            raise ValueError(f"heads= needs a per-head point such as 'lm.blocks.3.z'; {hp.name!r} has no head axis")
+        for h in heads:
+            out[:, :, h][mask] = new[:, :, h][mask]
+    return out
+
+
+__all__ = ["Component", "Corruption", "SweepResult", "attribution_patch", "check_same_layout", "correlation",
+           "corrupt", "kl_from", "last_logits", "logit_diff", "logprob", "path_patch", "prob", "sweep"]
