@@ -187,7 +187,10 @@ def _points(hooked: HookedModel, hook: str) -> list[HookPoint]:
 
 
 def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], spans: ModalitySpans, row: int,
-           tokens: list[str]) -> list[Cell]:
+           tokens: list[str], encoder_lengths: dict[str, int] | None = None) -> list[Cell]:
+    """The cells of one pair; ``encoder_lengths`` gives the token count of encoder points (which do
+    not index the fused sequence)."""
+    encoder_lengths = encoder_lengths or {}
     cells = []
     modality = spans.modality_of_positions()[row]
     valid = spans.valid[row].cpu()
@@ -197,13 +200,13 @@ def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], 
             raise ValueError(f"{hp.name!r} has no head axis; per-head patching works at 'z' points (e.g. hook='z')")
         heads = range(hp.heads) if "head" in axes else [None]
         if "position" in axes:
-            if not hp.fused_positions and hp.stage != "encoder":
-                raise ValueError(f"{hp.name!r} has no position axis")
-            seq = valid.shape[0] if hp.fused_positions else None
-            if seq is None:
-                raise ValueError(f"{hp.name!r} indexes its encoder's own tokens; sweep its positions with "
-                                 "sweep_encoder-style explicit positions is not supported by span layout")
-            position_sets = [(p, torch.arange(seq) == p) for p in range(seq) if valid[p]]
+            if hp.fused_positions:
+                position_sets = [(p, torch.arange(valid.shape[0]) == p) for p in range(valid.shape[0]) if valid[p]]
+            else:
+                n = encoder_lengths.get(hp.name)
+                if n is None:
+                    raise ValueError(f"{hp.name!r} has no position axis")
+                position_sets = [(p, torch.arange(n) == p) for p in range(n)]
         elif "span" in axes:
             position_sets = [(m, spans.masks[m][row].cpu()) for m in spans.modalities]
         else:
@@ -213,8 +216,10 @@ def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], 
                 labels: dict[str, Any] = {}
                 if "layer" in axes or len(points) > 1:
                     labels["layer"] = layer
-                if "position" in axes:
+                if "position" in axes and hp.fused_positions:
                     labels.update(position=key, token=tokens[key], modality=modality[key])
+                elif "position" in axes:
+                    labels.update(position=key, token=f"<{hp.modality or hp.stage} {key}>", modality=hp.modality or hp.stage)
                 if "span" in axes:
                     labels["span"] = key
                 if head is not None:
@@ -328,7 +333,9 @@ def sweep(
         clean_values.append(clean_v)
         corrupt_values.append(corrupt_v)
         tokens = _row_tokens(decode, tgt, target_spans, pair)
-        cells = _cells(hooked, points, axes, target_spans, pair, tokens)
+        lengths = {n: src_run.cache[n].shape[1] for n in names if not hooked.hook_points[n].fused_positions
+                   and src_run.cache[n].dim() >= 3}
+        cells = _cells(hooked, points, axes, target_spans, pair, tokens, lengths)
         if "span" in axes:
             cells = [c for c in cells if c.positions is None or c.positions.any()]
         engine = _Replay(hooked, tgt, tgt_run, target_edits) if use_replay else None
@@ -487,7 +494,9 @@ def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: 
         clean_values.append(clean_v)
         corrupt_values.append(value)
         tokens = _row_tokens(decode, x, spans, pair)
-        cells = _cells(hooked, points, axes, spans, pair, tokens)
+        lengths = {n: run.cache[n].shape[1] for n in names if not hooked.hook_points[n].fused_positions
+                   and run.cache[n].dim() >= 3}
+        cells = _cells(hooked, points, axes, spans, pair, tokens, lengths)
         for cell in cells:
             i = names.index(cell.point)
             contrib = (clean_run.cache[cell.point] - run.cache[cell.point].detach()) * grads[i]

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.patches import Patch, Rectangle
 
-__all__ = ["modality_colors", "plot_evolution", "plot_lens_grid", "save_figure"]
+__all__ = ["modality_colors", "plot_evolution", "plot_lens_grid", "plot_patching", "save_figure"]
 
 _FIXED_COLORS = {"text": "tab:blue", "graph": "tab:orange", "image": "tab:green", "audio": "tab:red",
                  "pad": "#b0b0b0"}
@@ -284,6 +284,66 @@ def plot_evolution(evo, metrics: Sequence[str] | None = None, ax: Axes | Sequenc
     axes[0].legend(title="modality (95% CI)", fontsize="small", title_fontsize="small")
     if title is not None:
         fig.suptitle(title)
+    return fig
+
+
+def plot_patching(result, pair: int = 0, value: str = "normalized", ax: Axes | None = None, title: str | None = None,
+                  cmap: str = "RdBu_r") -> Figure:
+    """Heatmap of a patching sweep (:class:`mmlens.patching.SweepResult`) for one input pair.
+
+    Rows are the first swept axis (e.g. layer, earliest at the bottom), columns the second
+    (position, span or head). ``value``: ``"normalized"`` (fraction of the clean-corrupted gap
+    restored, colour scale symmetric around 0) or ``"value"`` (the raw metric). With a position axis
+    the x tick labels are the input tokens, coloured by modality, with lines at modality boundaries.
+    """
+    table = result.table[result.table["pair"] == pair]
+    if table.empty:
+        raise IndexError(f"no cells for pair {pair}; pairs are {sorted(result.table['pair'].unique())}")
+    if value not in table.columns:
+        raise ValueError(f"value must be a column of the table ({', '.join(c for c in ('value', 'normalized', 'effect') if c in table)}); got {value!r}")
+    axes = list(result.axes)
+    rows_axis, cols_axis = (axes[0], axes[1]) if len(axes) >= 2 else (None, axes[0])
+    cols = list(dict.fromkeys(table[cols_axis]))
+    rows = list(dict.fromkeys(table[rows_axis])) if rows_axis else [None]
+    data = np.full((len(rows), len(cols)), np.nan)
+    for r in table.itertuples(index=False):
+        i = rows.index(getattr(r, rows_axis)) if rows_axis else 0
+        data[i, cols.index(getattr(r, cols_axis))] = getattr(r, value)
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(2.5 + 0.32 * len(cols), 1.6 + 0.22 * len(rows)), layout="constrained")
+    else:
+        fig = ax.figure
+    finite = data[np.isfinite(data)]
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    image = ax.imshow(data, origin="lower", aspect="auto", cmap=cmap, vmin=-bound or -1.0, vmax=bound or 1.0,
+                      interpolation="nearest")
+    label = {"normalized": "restored fraction of the clean-corrupted gap", "value": "metric",
+             "effect": "estimated effect"}.get(value, value)
+    fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
+    if cols_axis == "position" and "token" in table.columns:
+        first = table.drop_duplicates("position").set_index("position")
+        modalities = [first.loc[c, "modality"] for c in cols]
+        colors = modality_colors(list(dict.fromkeys(modalities)))
+        ax.set_xticks(range(len(cols)), [_escape(str(first.loc[c, "token"]), _TICK_CHARS) for c in cols], rotation=90)
+        for tick, m in zip(ax.get_xticklabels(), modalities):
+            tick.set_parse_math(False)
+            tick.set_color(colors[m])
+        for c in range(1, len(cols)):
+            if modalities[c] != modalities[c - 1]:
+                ax.axvline(c - 0.5, color="black", linewidth=1.5, gid="modality-boundary")
+        ax.legend(handles=[Patch(facecolor=c, label=m) for m, c in colors.items()], loc="lower left",
+                  bbox_to_anchor=(0.0, 1.0), ncol=len(colors), frameon=False, fontsize="small")
+    else:
+        ax.set_xticks(range(len(cols)), [str(c) for c in cols], rotation=90 if len(cols) > 12 else 0)
+    ax.set_xlabel(cols_axis)
+    if rows_axis:
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        ax.set_ylabel(rows_axis)
+    else:
+        ax.set_yticks([])
+    ax.set_title(title if title is not None else f"{result.direction} patching at {result.hook}", loc="left", pad=18)
     return fig
 
 

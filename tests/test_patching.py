@@ -1,0 +1,121 @@
+"""Patching: exactness of sweeps (full and replayed), corruptions, attribution and path patching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmlens
+from mmlens.patching import (Component, attribution_patch, corrupt, correlation, last_logits, logit_diff, path_patch,
+                             sweep)
+from mmlens.plots import plot_patching
+
+
+@pytest.fixture(scope="module")
+def story(loaded):
+    """TinyStories with a clean prompt and a noise-corrupted copy (same layout)."""
+    lm = loaded("tinystories-656k")
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
+    clean = dict(lm.tokenizer(["Once upon a time there was a little girl who"], return_tensors="pt"))
+    return hm, clean, corrupt(hm, clean, "text", "noise", noise=2.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def image_pair(llava):
+    hm, inputs = llava
+    clean = {k: v[:1] for k, v in inputs.items()}
+    return hm, clean, corrupt(hm, clean, "image", "neutral")
+
+
+def _metric(hm, clean):
+    logits = last_logits(hm.run(clean).logits, clean["attention_mask"])[0]
+    top2 = logits.topk(2).indices.tolist()
+    return logit_diff(*top2)
+
+
+def test_clean_into_clean_is_bit_exact(story):
+    hm, clean, _ = story
+    metric = _metric(hm, clean)
+    exact = float(metric(last_logits(hm.run(clean).logits, clean["attention_mask"]))[0])
+    single = sweep(hm, clean, clean, metric, batch_size=1, replay=False, progress=False)
+    assert (single.table.value == exact).all() and single.clean == [exact]
+    batched = sweep(hm, clean, clean, metric, batch_size=16, progress=False)
+    assert (batched.table.value - exact).abs().max() < 5e-5  # batched kernels: float round-off only
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_patching_every_position_at_layer_0_gives_the_corrupted_run(story, replay):
+    hm, clean, corrupted = story
+    result = sweep(hm, clean, corrupted, "kl", hook="lm.blocks.0.resid_pre", axes=("layer",), direction="noise",
+                   replay=replay, progress=False)
+    assert len(result.table) == 1
+    assert abs(result.table.value[0] - result.corrupted[0]) < 1e-5
+    assert result.corrupted[0] > 1e-3 and result.clean[0] == 0.0
+
+
+def test_replay_matches_full_forwards_and_the_table_is_tidy(story):
+    hm, clean, corrupted = story
+    metric = _metric(hm, clean)
+    fast = sweep(hm, clean, corrupted, metric, batch_size=7, progress=False)
+    slow = sweep(hm, clean, corrupted, metric, replay=False, progress=False)
+    seq = clean["input_ids"].shape[1]
+    assert len(fast.table) == 2 * seq and set(fast.table.layer) == {0, 1}
+    assert (fast.table.value - slow.table.value).abs().max() < 1e-4
+    assert fast.grid().shape == (2, seq)
+    post = sweep(hm, clean, corrupted, metric, hook="resid_post", progress=False)
+    last_layer_last_pos = post.table[(post.table.layer == 1) & (post.table.position == seq - 1)]
+    assert abs(float(last_layer_last_pos.normalized.iloc[0]) - 1.0) < 1e-4  # that cell carries the whole clean state
+    noising = sweep(hm, clean, corrupted, metric, direction="noise", progress=False)
+    assert noising.clean == fast.clean and noising.corrupted == fast.corrupted
+
+
+def test_mismatched_layouts_name_both_lengths(story, loaded):
+    hm, clean, _ = story
+    longer = dict(hm.tokenizer(["Once upon a time there was a little girl who liked cats"], return_tensors="pt"))
+    with pytest.raises(ValueError, match=r"\(1, \d+\) vs \(1, \d+\)"):
+        sweep(hm, clean, longer, "kl", progress=False)
+
+
+def test_image_corruption_sweeps_over_spans_heads_and_encoder_positions(image_pair):
+    hm, clean, corrupted = image_pair
+    assert not torch.equal(corrupted.inputs["pixel_values"], clean["pixel_values"])
+    by_span = sweep(hm, clean, corrupted, "kl", axes=("layer", "span"), progress=False)
+    assert set(by_span.table.span) == {"text", "image"}
+    image0 = by_span.table[(by_span.table.layer == 0) & (by_span.table.span == "image")]
+    assert abs(float(image0.normalized.iloc[0]) - 1.0) < 1e-4  # all image positions at layer 0 = the clean run
+    heads = sweep(hm, clean, corrupted, "kl", hook="z", axes=("layer", "head"), progress=False)
+    assert len(heads.table) == 2 * hm.model.config.text_config.num_attention_heads
+    encoder = sweep(hm, clean, corrupted, "kl", hook="vision.resid_post", progress=False)
+    n_layers = hm.model.config.vision_config.num_hidden_layers
+    assert set(encoder.table.layer) == set(range(n_layers)) and set(encoder.table.modality) == {"image"}
+    fig = plot_patching(by_span, value="normalized")
+    assert fig.axes[0].get_xlabel() == "span"
+
+
+def test_attribution_is_exact_on_a_linear_path(story):
+    hm, clean, corrupted = story
+    metric = _metric(hm, clean)
+    # lm.final_norm's output reaches a logit difference through lm_head only: a linear path
+    exact = sweep(hm, clean, corrupted, metric, hook="lm.final_norm", axes=("position",), progress=False)
+    estimate = attribution_patch(hm, clean, corrupted, metric, hook="lm.final_norm", axes=("position",))
+    agreement = correlation(estimate, exact)
+    assert agreement["max_abs_diff"] < 1e-4 and agreement["n_cells"] == clean["input_ids"].shape[1]
+    resid = attribution_patch(hm, clean, corrupted, metric)
+    assert correlation(resid, sweep(hm, clean, corrupted, metric, progress=False))["pearson"] > 0  # first order: agrees in trend
+
+
+def test_path_patching(story):
+    hm, clean, corrupted = story
+    metric = _metric(hm, clean)
+    clean_value = float(metric(last_logits(hm.run(clean).logits, clean["attention_mask"]))[0])
+    receivers = [Component("lm.blocks.1.resid_pre", at="last")]
+    assert path_patch(hm, clean, corrupted, metric, senders=[], receivers=receivers) == clean_value
+    embed = [Component("lm.blocks.0.attn_out")]
+    through = path_patch(hm, clean, corrupted, metric, senders=embed, receivers=receivers)
+    assert through != clean_value
+    # with the receiver at the logits' input, the path patch equals noising that sender directly
+    direct = sweep(hm, clean, corrupted, metric, hook="lm.blocks.0.attn_out", axes=("layer",), direction="noise",
+                   replay=False, progress=False)
+    final = path_patch(hm, clean, corrupted, metric, senders=embed, receivers=[Component("lm.final_norm")],
+                       frozen="none")
+    assert abs(final - float(direct.table.value[0])) < 1e-4
