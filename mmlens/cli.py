@@ -2,6 +2,8 @@
 
     mmlens models                 list the model registry
     mmlens hooks MODEL [--json]   list a model's hook points by stage and modality
+    mmlens patch CONFIG [--out DIR] [--overwrite] [--check]
+                                  run (or resume) the patching sweep a TOML/YAML config describes
 """
 
 from __future__ import annotations
@@ -88,6 +90,25 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_patch(args: argparse.Namespace) -> int:
+    from mmlens.experiments import describe, load_config, prepare, run_experiment
+
+    config = load_config(args.config, out=args.out)
+    if args.check:
+        print(describe(prepare(config)))
+        return 0
+    try:
+        run = run_experiment(config, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nmmlens: interrupted; finished chunks are saved in {config.output.dir}. Run the same command again to "
+              "continue from there.", file=sys.stderr)
+        return 130
+    print(f"{run.total} chunks ({run.computed} computed, {run.reused} reused), {len(run.result.table)} cells; wrote:")
+    for path in run.files:
+        print(f"  {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmlens", description="Mechanistic interpretability for multimodal transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     hooks.set_defaults(func=cmd_hooks)
     models = sub.add_parser("models", help="list the model registry")
     models.set_defaults(func=cmd_models)
+    patch = sub.add_parser("patch", help="run (or resume) an activation-patching sweep described by a config file")
+    patch.add_argument("config", help="a .toml or .yaml config (see mmlens/experiments.py and analyses/configs/)")
+    patch.add_argument("--out", help="output folder (overrides output.dir)")
+    patch.add_argument("--overwrite", action="store_true",
+                       help="delete a previous run's results in the output folder instead of resuming or refusing")
+    patch.add_argument("--check", action="store_true", help="validate the config against the model and print the plan")
+    patch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    patch.set_defaults(func=cmd_patch)
     return parser
 
 

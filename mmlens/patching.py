@@ -182,7 +182,7 @@ def _points(hooked: HookedModel, hook: str) -> list[HookPoint]:
     prefix, kind = hook.rsplit(".", 1) if "." in hook else ("lm", hook)
     points = [hp for hp in hooked.hook_points.values() if hp.prefix == prefix and hp.kind == kind and hp.layer is not None]
     if not points:
-        hooked.resolve(hook)
+        return [hooked.resolve(hook)]
     return sorted(points, key=lambda hp: hp.layer)
 
 
@@ -276,6 +276,7 @@ def sweep(
     direction: str = "denoise",
     batch_size: int = 32,
     replay: bool = True,
+    layers: Sequence[int] | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Patch every cell of ``hook`` x ``axes`` for every (clean, corrupted) row pair.
@@ -290,6 +291,7 @@ def sweep(
         direction: ``"denoise"`` (clean -> corrupted run) or ``"noise"`` (corrupted -> clean run).
         batch_size: patched variants per forward pass.
         replay: for LM residual points, recompute only blocks l..L-1 (see module docstring).
+        layers: sweep only these layers of a block point (default all).
 
     Returns:
         A :class:`SweepResult`; ``normalized`` is (value - target) / (source - target), the fraction of
@@ -307,6 +309,11 @@ def sweep(
     if "span" not in axes and any(hp.fused_positions for hp in _points(hooked, hook)):
         check_same_layout(clean_spans, corrupt_spans)
     points = _points(hooked, hook)
+    if layers is not None:
+        wanted = set(layers)
+        points = [hp for hp in points if hp.layer in wanted]
+        if not points:
+            raise ValueError(f"layers {sorted(wanted)} select no layer of {hook!r}")
     names = [hp.name for hp in points]
     source_in, source_edits, target_in, target_edits = (
         (clean, [], corrupt_inputs, corruption.edits) if direction == "denoise" else (corrupt_inputs, corruption.edits, clean, []))
@@ -321,7 +328,8 @@ def sweep(
         src, tgt = _row(source_in, pair), _row(target_in, pair)
         src_run = hooked.run(src, cache=names, edits=source_edits)
         clean_row = _row(clean, pair)
-        clean_logits = last_logits(hooked.run(clean_row).logits, clean_row.get("attention_mask"))
+        clean_run_logits = src_run.logits if direction == "denoise" else hooked.run(clean_row).logits
+        clean_logits = last_logits(clean_run_logits, clean_row.get("attention_mask"))
         pair_metric = kl_from(clean_logits) if metric == "kl" else metric
         if not callable(pair_metric):
             raise ValueError(f"metric must be a callable on final-position logits or 'kl', got {metric!r}")
