@@ -180,9 +180,11 @@ def compare(impls: list[Measured]) -> tuple[float, list[str]]:
 
 
 def report(title: str, impls: list[Measured], repeats: int) -> dict[str, float]:
-    """Print the table; returns speedup (faster competitor / mmlens) and max_abs_diff."""
+    """Print the table; returns speedup (faster competitor / mmlens with its defaults, the last
+    implementation), the same for mmlens computing every cell, and max_abs_diff."""
     mine = impls[-1]
-    competitors = impls[:-1]
+    competitors = [impl for impl in impls if not impl.name.startswith("mmlens")]
+    all_cells = next((impl for impl in impls if impl.name.startswith("mmlens") and "every cell" in impl.name), mine)
     diff, lines = compare(impls)
     print(f"\n{title}")
     width = max(len(impl.name) for impl in impls)
@@ -205,14 +207,18 @@ def report(title: str, impls: list[Measured], repeats: int) -> dict[str, float]:
     speedup = fastest.time / mine.time
     print(f"  mmlens is {speedup:.1f}x faster than the faster competitor ({fastest.name}); peak extra RSS "
           f"{mine.peak:.1f} MB vs {fastest.peak:.1f} MB")
-    return {"speedup": speedup, "max_abs_diff": diff, "agree": diff <= TOLERANCE,
+    all_cells_speedup = fastest.time / all_cells.time
+    if all_cells is not mine:
+        print(f"  mmlens computing every cell (no-op cells too) is {all_cells_speedup:.1f}x faster; peak extra RSS "
+              f"{all_cells.peak:.1f} MB")
+    return {"speedup": speedup, "all_cells_speedup": all_cells_speedup, "max_abs_diff": diff, "agree": diff <= TOLERANCE,
             "clean": mine.grid.clean, "corrupted": mine.grid.corrupted,
             **{f"time_{_key(i.name)}": i.time for i in impls}, **{f"peak_mb_{_key(i.name)}": i.peak for i in impls},
             "grids": {_key(i.name): i.grid.values for i in impls}}
 
 
 def _key(name: str) -> str:
-    return name.split()[0].lower()
+    return "mmlens_all_cells" if "every cell" in name else name.split()[0].lower()
 
 
 # -- setup helpers ----------------------------------------------------------------------------------
@@ -349,14 +355,15 @@ def nnsight_grid(envoy, blocks: Callable, clean: dict, corrupted: dict, answer: 
 
 
 def mmlens_grid(hm, clean: dict, corrupted: dict, answer: int, wrong: int, layers: list[int], n_layers: int,
-                batch_size: int) -> Grid:
-    """``mmlens.patching.sweep`` over every layer (one call), or one call per layer of a subset."""
+                batch_size: int, skip_unchanged: bool = True) -> Grid:
+    """``mmlens.patching.sweep`` over every layer (one call), or one call per layer of a subset;
+    ``skip_unchanged=False`` computes the no-op cells too (positions before the first difference)."""
     metric = logit_diff(answer, wrong)
     hooks = ["resid_pre"] if layers == list(range(n_layers)) else [f"lm.blocks.{layer}.resid_pre" for layer in layers]
     grids, result = [], None
     for hook in hooks:
         result = sweep(hm, clean, corrupted, metric, hook=hook, axes=("layer", "position"), direction="denoise",
-                       batch_size=batch_size, progress=False)
+                       batch_size=batch_size, skip_unchanged=skip_unchanged, progress=False)
         grids.append(result.grid())
     grid = pd.concat(grids).sort_index()
     if list(grid.index) != layers:
@@ -455,7 +462,9 @@ def run_smollm2(args: argparse.Namespace) -> dict:
                  lambda: tl_grid(bridge, clean, corrupted, answer, wrong, layers)),
         Measured(f"nnsight {_version(None, 'nnsight')} (one trace per cell)",
                  lambda: nnsight_grid(envoy, lambda m: m.model.layers, clean, corrupted, answer, wrong, layers)),
-        Measured(f"mmlens sweep (batch_size {args.batch_size})",
+        Measured(f"mmlens sweep, every cell computed (skip_unchanged=False, batch_size {args.batch_size})",
+                 lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size, False)),
+        Measured(f"mmlens sweep (defaults: batch_size {args.batch_size}, no-op cells skipped)",
                  lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size)),
     ]
     with _quiet_tl_progress():
@@ -556,7 +565,10 @@ def run_llava(args: argparse.Namespace) -> dict:
     impls.append(Measured(f"nnsight {_version(None, 'nnsight')} (one trace per cell)",
                           lambda: nnsight_grid(envoy, lambda m: m.model.language_model.layers, clean, corrupted,
                                                answer, wrong, layers)))
-    impls.append(Measured(f"mmlens sweep (batch_size {args.batch_size})",
+    impls.append(Measured(f"mmlens sweep, every cell computed (skip_unchanged=False, batch_size {args.batch_size})",
+                          lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size,
+                                              False)))
+    impls.append(Measured(f"mmlens sweep (defaults: batch_size {args.batch_size}, no-op cells skipped)",
                           lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size)))
     with _quiet_tl_progress():
         warm_up([impl.run for impl in impls])
@@ -575,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-tokens", type=int, default=40, help="SmolLM2 prompt length (>= 14)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per implementation, SmolLM2")
     parser.add_argument("--llava-repeats", type=int, default=5, help="timed runs per implementation, LLaVA")
-    parser.add_argument("--batch-size", type=int, default=32, help="mmlens sweep batch_size")
+    parser.add_argument("--batch-size", type=int, default=8, help="mmlens sweep batch_size")
     parser.add_argument("--layers", default=None, help="SmolLM2 layer subset, e.g. 0,15,29 (default: all 30)")
     parser.add_argument("--attn", choices=["eager", "sdpa"], default="eager",
                         help="attention of the nnsight and mmlens copies (the bridge always uses eager)")
@@ -607,10 +619,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
     if "llava" in results:
         r = results["llava"]
-        print(f"llava_speedup={r['speedup']:.2f} llava_max_abs_diff={r['max_abs_diff']:.2e}")
+        print(f"llava_speedup={r['speedup']:.2f} llava_all_cells_speedup={r['all_cells_speedup']:.2f} "
+              f"llava_max_abs_diff={r['max_abs_diff']:.2e}")
     if "smollm2" in results:
         r = results["smollm2"]
         results.update(speedup=r["speedup"], max_abs_diff=r["max_abs_diff"])
+        print(f"all_cells_speedup={r['all_cells_speedup']:.2f}")
         print(f"speedup={r['speedup']:.2f} max_abs_diff={r['max_abs_diff']:.2e}")
     results["agree"] = all(r["agree"] for r in results.values() if isinstance(r, dict) and "agree" in r)
     return results

@@ -6,16 +6,21 @@ clean input with corrupted activations patched in (which component is necessary?
 patch: a hook point's layer, a position (or a modality span) and optionally a head.
 
 Speed (``sweep``): all cells of one pair are patched in batched forwards (``batch_size`` variants
-per pass). For residual-stream points of the language model the sweep replays only blocks
-``l..L-1`` from the cached activation at layer ``l`` (the prefix, and any encoder before the LM, are
-never recomputed), and unembeds only the final position. Replay matches a full forward to float
-round-off; ``tests/test_patching.py`` checks it.
+per pass). For points in the language model's blocks (residual stream, attention/MLP outputs,
+heads) the sweep replays only blocks ``l..L-1`` from the target run's residual stream at block
+``l``: the earlier blocks, and any encoder or projector before the LM, are never recomputed. Under
+causal attention it also replays only positions from the first patched one on, with the keys and
+values of earlier positions taken from the target run. Only the final position is unembedded. Cells
+whose source activation equals the target's (no-op patches) are not run at all. Replay matches a
+full forward to float round-off; ``tests/test_patching.py`` checks it on every kind of point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +159,9 @@ class SweepResult:
             for denoising; (value - clean)/(corrupt - clean) for noising... see :func:`sweep`).
         clean, corrupted: the metric on the unpatched clean / corrupted run, per pair.
         direction, hook, axes: what was swept.
+        skipped: cells that were no-op patches (source == target activation) and not recomputed.
+        method: how the other cells were run: ``"full forwards"``, ``"replay"`` (blocks l..L-1) or
+            ``"replay + kv"`` (blocks l..L-1 on positions from the first patched one).
     """
 
     table: pd.DataFrame
@@ -162,6 +170,8 @@ class SweepResult:
     direction: str
     hook: str
     axes: tuple[str, ...]
+    skipped: int = 0
+    method: str = "full forwards"
 
     def grid(self, pair: int = 0, value: str = "value") -> pd.DataFrame:
         """The sweep of one pair as a 2-D frame (first axis as rows, second as columns)."""
@@ -228,18 +238,18 @@ def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], 
     return cells
 
 
-def _patch_edit(hp: HookPoint, rows: list[tuple[int, Cell]], source: Tensor) -> Edit:
+def _patch_edit(hp: HookPoint, rows: list[tuple[int, Cell]], source: Tensor, start: int = 0) -> Edit:
     """One edit at ``hp`` that patches row r of the batch with ``source`` (the activation from the
-    other run, batch 1) at that row's cell."""
+    other run, batch 1) at that row's cell; ``start``: the run covers positions ``start..`` only."""
 
     def fn(act: Tensor, ctx: HookContext) -> Tensor:
         out = act.clone()
-        src = source.to(act.device, act.dtype)
+        src = source[:, start:].to(act.device, act.dtype) if start else source.to(act.device, act.dtype)
         for r, cell in rows:
             if cell.positions is None and cell.head is None:
                 out[r] = src[0]
                 continue
-            pos = cell.positions.to(act.device) if cell.positions is not None else slice(None)
+            pos = cell.positions[start:].to(act.device) if cell.positions is not None else slice(None)
             if cell.head is None:
                 out[r, pos] = src[0, pos]
             else:
@@ -247,6 +257,19 @@ def _patch_edit(hp: HookPoint, rows: list[tuple[int, Cell]], source: Tensor) -> 
         return out
 
     return apply(hp.name, fn)
+
+
+def _unchanged(cell: Cell, source: Tensor, target: Tensor) -> bool:
+    """Whether patching ``cell`` writes exactly the value already there (source == target, batch 1)."""
+    if source.shape != target.shape:
+        return False
+    src, tgt = source[0], target[0]
+    if cell.positions is not None:
+        pos = cell.positions.to(src.device)
+        src, tgt = src[pos], tgt[pos]
+    if cell.head is not None:
+        src, tgt = src[..., cell.head, :], tgt[..., cell.head, :]
+    return torch.equal(src, tgt)
 
 
 def _repeat(inputs: Mapping[str, Any], n: int) -> dict:
@@ -274,8 +297,9 @@ def sweep(
     hook: str = "resid_pre",
     axes: Sequence[str] = ("layer", "position"),
     direction: str = "denoise",
-    batch_size: int = 32,
+    batch_size: int = 8,
     replay: bool = True,
+    skip_unchanged: bool = True,
     layers: Sequence[int] | None = None,
     progress: bool = True,
 ) -> SweepResult:
@@ -290,7 +314,11 @@ def sweep(
         axes: ``("layer", "position")``, ``("layer", "span")``, ``("layer", "head")``, ``("position",)``, ...
         direction: ``"denoise"`` (clean -> corrupted run) or ``"noise"`` (corrupted -> clean run).
         batch_size: patched variants per forward pass.
-        replay: for LM residual points, recompute only blocks l..L-1 (see module docstring).
+        replay: for points in the LM's blocks, recompute only blocks l..L-1 and, under causal
+            attention, only positions from the first patched one (see module docstring).
+        skip_unchanged: a cell whose source activation equals the target's bit for bit (e.g. every
+            position before the first token where clean and corrupted prompts differ) is a no-op
+            patch: its value is the unpatched target run's metric, and it is not recomputed.
         layers: sweep only these layers of a block point (default all).
 
     Returns:
@@ -320,10 +348,10 @@ def sweep(
     target_spans = hooked.spans(target_in)
     n_pairs = clean_spans.batch_size
     decode = _token_text(hooked)
-    use_replay = replay and all(hp.prefix == "lm" and hp.kind in ("resid_pre", "resid_post") for hp in points) \
-        and "head" not in axes and "lm.final_norm" in hooked.hook_points
+    use_replay = replay and {"lm.final_norm", "lm.logits"} <= set(hooked.hook_points) and all(
+        hp.prefix == "lm" and hp.layer is not None and hp.kind in REPLAY_KINDS for hp in points)
     rows = []
-    clean_values, corrupt_values = [], []
+    clean_values, corrupt_values, skipped, method = [], [], 0, "full forwards"
     for pair in range(n_pairs):
         src, tgt = _row(source_in, pair), _row(target_in, pair)
         src_run = hooked.run(src, cache=names, edits=source_edits)
@@ -334,7 +362,14 @@ def sweep(
         if not callable(pair_metric):
             raise ValueError(f"metric must be a callable on final-position logits or 'kl', got {metric!r}")
         mask = tgt.get("attention_mask")
-        tgt_run = hooked.run(tgt, cache=names, edits=target_edits)
+        engine = _Replay(hooked) if use_replay else None
+        target_names = names + ([f"lm.blocks.{len(engine.modules) - 1}.resid_post"] if engine else [])
+        with engine.capture() if engine else contextlib.nullcontext():
+            tgt_run = hooked.run(tgt, cache=list(dict.fromkeys(target_names)), edits=target_edits)
+        if engine is not None and not engine.usable:
+            engine = None
+        if engine is not None:
+            method = "replay + kv" if engine.reuse_kv else "replay"
         source_value = float(pair_metric(last_logits(src_run.logits, src.get("attention_mask")))[0])
         target_value = float(pair_metric(last_logits(tgt_run.logits, mask))[0])
         clean_v, corrupt_v = (source_value, target_value) if direction == "denoise" else (target_value, source_value)
@@ -346,21 +381,26 @@ def sweep(
         cells = _cells(hooked, points, axes, target_spans, pair, tokens, lengths)
         if "span" in axes:
             cells = [c for c in cells if c.positions is None or c.positions.any()]
-        engine = _Replay(hooked, tgt, tgt_run, target_edits) if use_replay else None
-        bar = tqdm(range(0, len(cells), batch_size), desc=f"patching pair {pair}", disable=not progress)
+        values = [target_value if skip_unchanged and _unchanged(c, src_run.cache[c.point], tgt_run.cache[c.point])
+                  else None for c in cells]
+        todo = [i for i, v in enumerate(values) if v is None]
+        skipped += len(cells) - len(todo)
+        last = int(mask[0].nonzero().max()) if mask is not None else tgt_run.logits.shape[1] - 1
+        bar = tqdm(range(0, len(todo), batch_size), desc=f"patching pair {pair}", disable=not progress)
         for start in bar:
-            chunk = cells[start:start + batch_size]
+            chunk = [cells[i] for i in todo[start:start + batch_size]]
             if engine is not None:
-                logits = engine.patched_logits(chunk, {n: src_run.cache[n] for n in names})
+                logits = engine.patched_logits(chunk, {n: src_run.cache[n] for n in names}, tgt_run.cache, last)
             else:
                 logits = _patched_full(hooked, tgt, target_edits, chunk, src_run, points)
-            values = pair_metric(logits).float().cpu().tolist()
-            for cell, v in zip(chunk, values):
-                gap = source_value - target_value
-                rows.append({"pair": pair, **cell.labels, "value": v,
-                             "normalized": (v - target_value) / gap if gap != 0 else float("nan")})
+            for i, v in zip(todo[start:start + batch_size], pair_metric(logits).float().cpu().tolist()):
+                values[i] = v
+        gap = source_value - target_value
+        for cell, v in zip(cells, values):
+            rows.append({"pair": pair, **cell.labels, "value": v,
+                         "normalized": (v - target_value) / gap if gap != 0 else float("nan")})
     return SweepResult(table=pd.DataFrame(rows), clean=clean_values, corrupted=corrupt_values, direction=direction,
-                       hook=hook, axes=axes)
+                       hook=hook, axes=axes, skipped=skipped, method=method)
 
 
 def _token_text(hooked: HookedModel) -> Callable[[list[int]], list[str]]:
@@ -389,72 +429,208 @@ def _patched_full(hooked: HookedModel, target: dict, target_edits: list[Edit], c
     return last_logits(run.logits, batch.get("attention_mask"))
 
 
-class _Replay:
-    """Re-run the LM's blocks from layer l on patched residuals, with the call arguments each block
-    received in the target run (captured once), then the final norm and the unembedding at the last
-    real position."""
+class _KVRecorder:
+    """Passed as ``past_key_values`` to each block during the target run: records every attention
+    layer's keys and values Float[b, kv_heads, seq, d_head] and returns them unchanged (a prefill)."""
 
-    def __init__(self, hooked: HookedModel, target: dict, target_run, target_edits: list[Edit]):
+    def __init__(self) -> None:
+        self.entries: list[tuple[Tensor, Tensor]] = []
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        self.entries.append((keys, values))
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _PrefixKV:
+    """``past_key_values`` for a replay of positions ``start..``: each attention layer's new keys and
+    values are appended to the target run's keys and values of positions ``< start`` (batch ``n``)."""
+
+    def __init__(self, entries: list[tuple[Tensor, Tensor]], first_block: int, start: int, n: int) -> None:
+        self.entries, self.first_block, self.start, self.n = entries, first_block, start, n
+        self.calls = 0
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        old_k, old_v = self.entries[self.first_block + self.calls]
+        self.calls += 1
+        prefix_k = old_k[..., :self.start, :].expand(self.n, *old_k.shape[1:-2], self.start, old_k.shape[-1])
+        prefix_v = old_v[..., :self.start, :].expand(self.n, *old_v.shape[1:-2], self.start, old_v.shape[-1])
+        return torch.cat([prefix_k.to(keys.dtype), keys], dim=-2), torch.cat([prefix_v.to(values.dtype), values], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start
+
+
+_POSITIONAL_KWARGS = {"position_ids": 1, "cache_position": 0, "position_embeddings": 1}
+REPLAY_KINDS = {"resid_pre", "attn_out", "z", "resid_mid", "mlp_out", "resid_post"}
+
+
+class _Replay:
+    """Recompute only what a patch can change.
+
+    A patch at block ``l`` (or inside it) cannot change blocks ``< l``, so the LM's blocks ``l..L-1``
+    are re-run from the target run's residual stream at block ``l``, with the call arguments each
+    block received in that run. Under causal attention a patch at position ``p`` cannot change
+    positions ``< p`` either: the blocks then run on positions ``p0..`` only (``p0`` the earliest
+    patched position of the batch), attending to the target run's keys and values for positions
+    ``< p0``. Only the final position is normalized and unembedded.
+
+    Use: ``with engine.capture(): target_run = hooked.run(...)`` records the block calls (and the
+    keys/values) during the target run; then :meth:`patched_logits` per chunk of cells.
+    """
+
+    def __init__(self, hooked: HookedModel):
         self.hooked = hooked
-        blocks = [hp for hp in hooked.hook_points.values() if hp.prefix == "lm" and hp.kind in ("resid_pre", "out")
-                  and hp.layer is not None]
-        self.block_paths = [hp.site.module for hp in sorted(blocks, key=lambda hp: hp.layer)]
+        blocks = sorted((hp for hp in hooked.hook_points.values()
+                         if hp.prefix == "lm" and hp.kind == "resid_pre" and hp.layer is not None), key=lambda hp: hp.layer)
+        self.modules = [get_module(hooked.model, hp.site.module) for hp in blocks]
+        self.hidden = [hp.site.kwarg or "hidden_states" for hp in blocks]
         self.norm = get_module(hooked.model, hooked.hook_points["lm.final_norm"].site.module)
         self.unembed = get_module(hooked.model, hooked.hook_points["lm.logits"].site.module)
-        self.calls: list[tuple[tuple, dict]] = []
-        handles = []
-        for path in self.block_paths:
-            module = get_module(hooked.model, path)
-            handles.append(module.register_forward_pre_hook(self._capture, with_kwargs=True))
+        self.calls: list[dict[str, Any]] = []
+        self.recorder = _KVRecorder()
+        self.reuse_kv = False
+        self.usable = True
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record the block calls of the forward run inside (the target run)."""
+        self.calls, self.recorder = [], _KVRecorder()
+        handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in self.modules]
         try:
-            with torch.no_grad(), hooked.hooked(target, edits=target_edits):
-                hooked.model(**target)
+            yield
         finally:
             for h in handles:
                 h.remove()
-        self.resid = [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.calls]
-        self.final = target_run.cache
-        mask = target.get("attention_mask")
-        self.last = int(mask[0].nonzero().max()) if mask is not None else None
+        self.usable = self.usable and len(self.calls) == len(self.modules)
+        self.reuse_kv = self.usable and self._kv_reusable()
 
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.calls.append((args, {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}))
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        signature = inspect.signature(module.forward)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            self.usable = False
+            return None
+        named: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    self.usable = False
+                    return None
+            else:
+                named[name] = value
+        self.calls.append({k: v for k, v in named.items() if k != "past_key_values"})
+        if "past_key_values" not in signature.parameters:
+            return None
+        return (), {**named, "past_key_values": self.recorder}
+
+    def _kv_reusable(self) -> bool:
+        """Keys/values can be reused when every block is causal self-attention that recorded them
+        once, and every sequence-long call argument is one we know how to cut to a suffix."""
+        if len(self.recorder.entries) != len(self.modules):
+            return False
+        for module in self.modules:
+            flags = [m.is_causal for m in module.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+            if not flags or not all(flags):
+                return False
+        seq = self.calls[0][self.hidden[0]].shape[1]
+        if any(k.shape[-2] != seq for k, _ in self.recorder.entries):
+            return False
+        for call, hidden in zip(self.calls, self.hidden):
+            for name, value in call.items():
+                if name == hidden or name in _POSITIONAL_KWARGS:
+                    continue
+                if name == "attention_mask":
+                    if value is not None and not (value.dim() == 4 and value.shape[-2] == seq) and value.dim() != 2:
+                        return False
+                elif _has_seq_axis(value, seq):
+                    return False
+        return True
+
+    def _block_kwargs(self, layer: int, start: int, n: int) -> dict[str, Any]:
+        """Block ``layer``'s call arguments for queries at positions ``start..`` (batch ``n``)."""
+        call = self.calls[layer]
+        out = {k: v for k, v in call.items() if k != self.hidden[layer]}
+        if self.reuse_kv:
+            seq = call[self.hidden[layer]].shape[1]
+            for name, axis in _POSITIONAL_KWARGS.items():
+                if call.get(name) is not None:
+                    out[name] = _cut(call[name], axis, start)
+            mask = call.get("attention_mask")
+            if mask is None:
+                dtype = call[self.hidden[layer]].dtype
+                allowed = torch.arange(start, seq)[:, None] >= torch.arange(seq)[None, :]
+                mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+                out["attention_mask"] = mask[None, None].to(call[self.hidden[layer]].device)
+            elif mask.dim() == 4:
+                out["attention_mask"] = mask[..., start:, :]
+            out["past_key_values"] = _PrefixKV(self.recorder.entries, layer, start, n)
+        return _expand(out, n)
 
     @torch.no_grad()
-    def patched_logits(self, chunk: list[Cell], sources: dict[str, Tensor]) -> Tensor:
-        """Final-position logits Float[len(chunk), vocab] for the cells of ``chunk``."""
+    def patched_logits(self, chunk: list[Cell], sources: dict[str, Tensor], target_cache: Mapping[str, Tensor],
+                       last: int) -> Tensor:
+        """Final-position logits Float[len(chunk), vocab] for the cells of ``chunk`` (``sources``:
+        the source run's activation per point; ``last``: the final real position)."""
         results: dict[int, Tensor] = {}
-        by_start: dict[int, list[tuple[int, Cell]]] = {}
+        by_block: dict[int, list[tuple[int, Cell]]] = {}
         for r, cell in enumerate(chunk):
             hp = self.hooked.hook_points[cell.point]
-            start = cell.layer if hp.kind == "resid_pre" else cell.layer + 1
-            by_start.setdefault(start, []).append((r, cell))
-        for start, rows in by_start.items():
-            base = self.resid[start] if start < len(self.resid) else None
-            if base is None:
-                base = self._final_resid()
-            h = base.expand(len(rows), *base.shape[1:]).clone()
+            by_block.setdefault(cell.layer + 1 if hp.kind == "resid_post" else cell.layer, []).append((r, cell))
+        n_blocks = len(self.modules)
+        for block, rows in by_block.items():
+            start = min(_first_position(cell) for _, cell in rows) if self.reuse_kv and block < n_blocks else 0
+            base = self.calls[block][self.hidden[block]] if block < n_blocks else \
+                target_cache[f"lm.blocks.{n_blocks - 1}.resid_post"]
+            h = base[:, start:].expand(len(rows), base.shape[1] - start, *base.shape[2:]).clone()
+            inner: dict[str, list[tuple[int, Cell]]] = {}
             for i, (_, cell) in enumerate(rows):
-                src = sources[cell.point].to(h.device, h.dtype)
-                if cell.positions is None:
-                    h[i] = src[0]
+                if self.hooked.hook_points[cell.point].kind in ("resid_pre", "resid_post"):
+                    _write(h, i, cell, sources[cell.point][:, start:], start)
                 else:
-                    h[i, cell.positions.to(h.device)] = src[0, cell.positions.to(h.device)]
-            for layer in range(start, len(self.block_paths)):
-                args, kwargs = self.calls[layer]
-                block = get_module(self.hooked.model, self.block_paths[layer])
-                h = _first(block(h, *args[1:], **_expand(kwargs, len(rows))))
-            h = h[:, self.last] if self.last is not None else h[:, -1]
-            logits = self.unembed(self.norm(h))
+                    inner.setdefault(cell.point, []).append((i, cell))
+            edits = [_patch_edit(self.hooked.hook_points[p], cells, sources[p], start) for p, cells in inner.items()]
+            with self.hooked.hooked(edits=edits) if edits else contextlib.nullcontext():
+                for layer in range(block, n_blocks):
+                    h = _first(self.modules[layer](**{self.hidden[layer]: h}, **self._block_kwargs(layer, start, len(rows))))
+            logits = self.unembed(self.norm(h[:, last - start]))
             for i, (r, _) in enumerate(rows):
                 results[r] = logits[i]
         return torch.stack([results[r] for r in range(len(chunk))])
 
-    def _final_resid(self) -> Tensor:
-        name = [n for n in self.final if n.endswith(f"blocks.{len(self.block_paths) - 1}.resid_post")]
-        if name:
-            return self.final[name[0]]
-        raise KeyError("the last block's resid_post was not recorded")
+
+def _first_position(cell: Cell) -> int:
+    return 0 if cell.positions is None else int(cell.positions.nonzero()[0])
+
+
+def _write(h: Tensor, row: int, cell: Cell, source: Tensor, start: int) -> None:
+    """Write ``source`` (batch 1, positions ``start..``) into row ``row`` of ``h`` at the cell's positions."""
+    source = source.to(h.device, h.dtype)
+    if cell.positions is None:
+        h[row] = source[0]
+    else:
+        pos = cell.positions[start:].to(h.device)
+        h[row, pos] = source[0, pos]
+
+
+def _cut(value: Any, axis: int, start: int) -> Any:
+    """``value`` (a tensor or a tuple of them) from index ``start`` on along ``axis``."""
+    if isinstance(value, tuple):
+        return tuple(_cut(v, axis, start) for v in value)
+    return value.narrow(axis, start, value.shape[axis] - start)
+
+
+def _has_seq_axis(value: Any, seq: int) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_has_seq_axis(v, seq) for v in value)
+    return isinstance(value, Tensor) and seq > 1 and seq in value.shape[1:]
+
 
 
 def _expand(kwargs: dict, n: int) -> dict:

@@ -17,13 +17,14 @@ def test_quick_benchmark_grids_agree(capsys):
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert lines[-1].startswith("speedup=") and " max_abs_diff=" in lines[-1]
-    assert lines[-2].startswith("llava_speedup=") and " llava_max_abs_diff=" in lines[-2]
+    assert lines[-2].startswith("all_cells_speedup=")
+    assert lines[-3].startswith("llava_speedup=") and " llava_max_abs_diff=" in lines[-3]
     assert result["agree"]
 
     smol = result["smollm2"]
     assert smol["max_abs_diff"] <= bench_patching.TOLERANCE
     grids = smol["grids"]
-    assert set(grids) == {"transformerlens", "nnsight", "mmlens"}
+    assert set(grids) == {"transformerlens", "nnsight", "mmlens_all_cells", "mmlens"}
     assert all(g.shape == (2, 14) for g in grids.values())  # layers 0 and 20 x 14 tokens
     for g in grids.values():
         np.testing.assert_allclose(g, grids["mmlens"], atol=bench_patching.TOLERANCE, rtol=0)

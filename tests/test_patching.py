@@ -119,3 +119,44 @@ def test_path_patching(story):
     final = path_patch(hm, clean, corrupted, metric, senders=embed, receivers=[Component("lm.final_norm")],
                        frozen="none")
     assert abs(final - float(direct.table.value[0])) < 1e-4
+
+
+REPLAY_CASES = [("resid_pre", ("layer", "position")), ("resid_post", ("layer", "position")),
+                ("attn_out", ("layer", "position")), ("mlp_out", ("layer", "span")), ("resid_mid", ("layer", "position")),
+                ("z", ("layer", "head")), ("z", ("layer", "position", "head"))]
+
+
+@pytest.mark.parametrize("name", ["tinystories-656k", "tiny-random-gpt2", "tiny-random-llava", "tiny-random-idefics3"])
+def test_replay_with_kv_reuse_equals_full_forwards_at_every_kind_of_point(loaded, name):
+    lm = loaded(name)
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer, processor=lm.processor)
+    example = lm.example_inputs()
+    clean = {k: v[:1] for k, v in example.items()}
+    corrupted = corrupt(hm, clean, "text", "noise", noise=1.0, seed=3)
+    metric = _metric(hm, clean)
+    for hook, axes in REPLAY_CASES:
+        fast = sweep(hm, clean, corrupted, metric, hook=hook, axes=axes, batch_size=5, skip_unchanged=False,
+                     progress=False)
+        slow = sweep(hm, clean, corrupted, metric, hook=hook, axes=axes, replay=False, skip_unchanged=False,
+                     progress=False)
+        assert fast.method == "replay + kv" and slow.method == "full forwards", (hook, fast.method)
+        assert len(fast.table) == len(slow.table) > 0
+        assert (fast.table.value - slow.table.value).abs().max() < 1e-4, (name, hook, axes)
+
+
+def test_no_op_cells_are_skipped_and_equal_the_target_run(story):
+    hm, clean, _ = story
+    ids = clean["input_ids"]
+    other = {**clean, "input_ids": ids.clone()}
+    other["input_ids"][0, -3] = (int(ids[0, -3]) + 1) % hm.model.config.vocab_size  # differ at one position only
+    metric = _metric(hm, clean)
+    fast = sweep(hm, clean, other, metric, progress=False)
+    full = sweep(hm, clean, other, metric, skip_unchanged=False, replay=False, progress=False)
+    n_layers = hm.model.config.num_hidden_layers
+    seq = ids.shape[1]
+    # layer 0 is the embedding: every position but the changed one is a no-op; later layers: causal,
+    # so only positions before the change are identical
+    assert fast.skipped == (seq - 1) + (n_layers - 1) * (seq - 3)
+    before = fast.table.position < seq - 3
+    assert (fast.table.value[before] == fast.corrupted[0]).all()
+    assert (fast.table.value - full.table.value).abs().max() < 1e-4
