@@ -13,7 +13,8 @@ from .edits import Edit, HookContext, ablate, add, apply, replace
 from .layer_evolution import Evolution, evolution
 from .lens import (LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
                    nearest_tokens)
-from .patching import Component, Corruption, SweepResult, attribution_patch, corrupt, path_patch, sweep
+from .patching import (Component, Corruption, EdgeScores, SweepResult, attribution_patch, corrupt, edge_attribution_patch,
+                       path_patch, sweep)
 from .spans import ModalitySpans, spans_from_blocks, spans_from_token_ids
 from .wrapper import HookedModel, Recording, RunResult
 
@@ -33,7 +34,8 @@ def wrap(model, **kwargs) -> HookedModel:
 
 
 __all__ = [
-    "Component", "Corruption", "SweepResult", "attribution_patch", "corrupt", "path_patch", "sweep",
+    "Component", "Corruption", "EdgeScores", "SweepResult", "attribution_patch", "corrupt", "edge_attribution_patch",
+    "path_patch", "sweep",
     "ActivationCache", "Adapter", "BlockLayout", "CLIP_BLOCK", "Edit", "Evolution", "GPT2_BLOCK", "HookContext",
     "HookPoint", "HookedModel", "LLAMA_BLOCK", "LensResult", "ModalitySpans", "Named", "Point", "Recording",
     "RunResult", "Site", "Stack", "TunedLens", "ablate", "add", "apply", "compare_lenses", "decode_encoder_layers",

@@ -160,8 +160,10 @@ class SweepResult:
         clean, corrupted: the metric on the unpatched clean / corrupted run, per pair.
         direction, hook, axes: what was swept.
         skipped: cells that were no-op patches (source == target activation) and not recomputed.
-        method: how the other cells were run: ``"full forwards"``, ``"replay"`` (blocks l..L-1) or
-            ``"replay + kv"`` (blocks l..L-1 on positions from the first patched one).
+        method: how the other cells were run: ``"full forwards"``, ``"full forwards, encoders
+            cached"`` (patches after the encoders: encoder blocks return their target-run outputs),
+            ``"replay"`` (blocks l..L-1) or ``"replay + kv"`` (blocks l..L-1 on positions from the
+            first patched one).
     """
 
     table: pd.DataFrame
@@ -314,8 +316,10 @@ def sweep(
         axes: ``("layer", "position")``, ``("layer", "span")``, ``("layer", "head")``, ``("position",)``, ...
         direction: ``"denoise"`` (clean -> corrupted run) or ``"noise"`` (corrupted -> clean run).
         batch_size: patched variants per forward pass.
-        replay: for points in the LM's blocks, recompute only blocks l..L-1 and, under causal
-            attention, only positions from the first patched one (see module docstring).
+        replay: reuse what a patch cannot change: for points in the LM's blocks, recompute only
+            blocks l..L-1 and, under causal attention, only positions from the first patched one;
+            for points after the encoders (projector, fusion), reuse the encoder outputs. ``False``
+            runs every cell as a plain full forward.
         skip_unchanged: a cell whose source activation equals the target's bit for bit (e.g. every
             position before the first token where clean and corrupted prompts differ) is a no-op
             patch: its value is the unpatched target run's metric, and it is not recomputed.
@@ -350,6 +354,9 @@ def sweep(
     decode = _token_text(hooked)
     use_replay = replay and {"lm.final_norm", "lm.logits"} <= set(hooked.hook_points) and all(
         hp.prefix == "lm" and hp.layer is not None and hp.kind in REPLAY_KINDS for hp in points)
+    edited = [hooked.resolve(e.hook) for e in target_edits]
+    use_frozen = replay and not use_replay and any(hp.stage == "encoder" for hp in hooked.hook_points.values()) \
+        and all(hp.stage != "encoder" for hp in points + edited)
     rows = []
     clean_values, corrupt_values, skipped, method = [], [], 0, "full forwards"
     for pair in range(n_pairs):
@@ -363,13 +370,18 @@ def sweep(
             raise ValueError(f"metric must be a callable on final-position logits or 'kl', got {metric!r}")
         mask = tgt.get("attention_mask")
         engine = _Replay(hooked) if use_replay else None
+        frozen = _FrozenEncoders(hooked) if use_frozen else None
         target_names = names + ([f"lm.blocks.{len(engine.modules) - 1}.resid_post"] if engine else [])
-        with engine.capture() if engine else contextlib.nullcontext():
+        with engine.capture() if engine else frozen.record() if frozen else contextlib.nullcontext():
             tgt_run = hooked.run(tgt, cache=list(dict.fromkeys(target_names)), edits=target_edits)
         if engine is not None and not engine.usable:
             engine = None
         if engine is not None:
             method = "replay + kv" if engine.reuse_kv else "replay"
+        if frozen is not None and not frozen.active:
+            frozen = None
+        if frozen is not None:
+            method = "full forwards, encoders cached"
         source_value = float(pair_metric(last_logits(src_run.logits, src.get("attention_mask")))[0])
         target_value = float(pair_metric(last_logits(tgt_run.logits, mask))[0])
         clean_v, corrupt_v = (source_value, target_value) if direction == "denoise" else (target_value, source_value)
@@ -392,7 +404,8 @@ def sweep(
             if engine is not None:
                 logits = engine.patched_logits(chunk, {n: src_run.cache[n] for n in names}, tgt_run.cache, last)
             else:
-                logits = _patched_full(hooked, tgt, target_edits, chunk, src_run, points)
+                with frozen.replaying() if frozen else contextlib.nullcontext():
+                    logits = _patched_full(hooked, tgt, target_edits, chunk, src_run, points)
             for i, v in zip(todo[start:start + batch_size], pair_metric(logits).float().cpu().tolist()):
                 values[i] = v
         gap = source_value - target_value
@@ -427,6 +440,72 @@ def _patched_full(hooked: HookedModel, target: dict, target_edits: list[Edit], c
     edits = list(target_edits) + [_patch_edit(hooked.hook_points[p], rows, src_run.cache[p]) for p, rows in by_point.items()]
     run = hooked.run(batch, edits=edits)
     return last_logits(run.logits, batch.get("attention_mask"))
+
+
+class _FrozenEncoders:
+    """Encoder blocks that return their target-run outputs instead of computing, for batched runs
+    whose patches all lie after the encoders (projector, fusion, LM).
+
+    ``with frozen.record(): target_run = hooked.run(...)`` records each encoder block's output;
+    inside ``with frozen.replaying():`` every such block returns that output, repeated to the batch
+    (an input with the recorded batch size, e.g. a graph shared by all rows, gets it unchanged).
+    """
+
+    def __init__(self, hooked: HookedModel):
+        paths = dict.fromkeys(hp.site.module for hp in hooked.hook_points.values()
+                              if hp.stage == "encoder" and hp.layer is not None and hp.kind in ("resid_pre", "out"))
+        self.modules = [get_module(hooked.model, path) for path in paths]
+        self.outputs: dict[int, tuple[int, Any]] = {}
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self.outputs[id(module)] = (_batch_of(args, kwargs), output)
+
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self.modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @property
+    def active(self) -> bool:
+        """Whether any encoder block ran in the recorded run (e.g. not when the graph is given as embeddings)."""
+        return bool(self.outputs)
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        replaced = [m for m in self.modules if id(m) in self.outputs]
+        for module in replaced:
+            recorded_batch, output = self.outputs[id(module)]
+
+            def forward(*args: Any, _batch: int = recorded_batch, _output: Any = output, **kwargs: Any) -> Any:
+                n = _batch_of(args, kwargs)
+                return _output if n == _batch else _tile(_output, n // _batch)
+
+            module.forward = forward
+        try:
+            yield
+        finally:
+            for module in replaced:
+                del module.forward
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int:
+    """The leading size of a call's first tensor argument."""
+    return next(v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)).shape[0]
+
+
+def _tile(value: Any, n: int) -> Any:
+    """``value`` (a tensor, or a tuple/list/ModelOutput of them) repeated ``n`` times along dim 0."""
+    if isinstance(value, Tensor):
+        return value.repeat(n, *([1] * (value.dim() - 1)))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tile(v, n) for v in value)
+    if isinstance(value, Mapping):
+        return type(value)(**{k: _tile(v, n) for k, v in value.items()})
+    return value
 
 
 class _KVRecorder:
@@ -696,6 +775,105 @@ def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: 
     return SweepResult(pd.DataFrame(rows), clean_values, corrupt_values, "denoise", hook, axes)
 
 
+@dataclass
+class EdgeScores:
+    """What :func:`edge_attribution_patch` returns.
+
+    Attributes:
+        table: one row per (pair, sender, receiver[, span]): ``score`` (the estimated change of the
+            metric when only that edge carries the clean value into the corrupted run, at the
+            sender positions of ``span``), ``normalized`` (score / (clean - corrupted)).
+        clean, corrupted: the metric on the unpatched runs, per pair.
+        nodes: node names in order (the residual stream's input, then each block's attention and MLP,
+            then ``lm.final_norm``, the logits' input); senders are all but the last, receivers all
+            but the first.
+    """
+
+    table: pd.DataFrame
+    clean: list[float]
+    corrupted: list[float]
+    nodes: list[str]
+
+    def matrix(self, pair: int = 0, span: str | None = None, value: str = "score") -> pd.DataFrame:
+        """Senders x receivers for one pair (summed over spans unless ``span`` is given); NaN where
+        no edge exists (a receiver before its sender)."""
+        sub = self.table[self.table.pair == pair]
+        if span is not None:
+            if "span" not in sub.columns:
+                raise ValueError("these scores are not split by span; call edge_attribution_patch(..., by='span')")
+            sub = sub[sub.span == span]
+        summed = sub.groupby(["sender", "receiver"], sort=False)[value].sum(min_count=1)
+        grid = summed.unstack("receiver")
+        return grid.reindex(index=self.nodes[:-1], columns=self.nodes[1:])
+
+    def top(self, k: int = 10, pair: int = 0) -> pd.DataFrame:
+        """The ``k`` edges with the largest |score| for one pair."""
+        sub = self.table[self.table.pair == pair]
+        return sub.reindex(sub.score.abs().sort_values(ascending=False).index).head(k).reset_index(drop=True)
+
+
+def edge_attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping[str, Any] | Corruption,
+                           metric: Metric, *, by: str = "edge") -> EdgeScores:
+    """Edge attribution patching (Syed et al. 2023) between the LM's components.
+
+    Nodes are the residual stream's input (``lm.blocks.0.resid_pre``: token, image or graph
+    embeddings), every block's attention (``attn_out``) and MLP (``mlp_out``), and the logits' input
+    (``lm.final_norm``). The edge u -> v is scored ``(u_clean - u_corrupted) . dmetric/d(input of v)``
+    at the corrupted run, from one forward and one backward pass per pair, where the gradient is the
+    one reaching v's input through v only: ``g(resid_pre) - g(resid_mid)`` for an attention,
+    ``g(resid_mid) - g(resid_post)`` for an MLP. Summed over receivers, a sender's scores equal
+    node attribution patching of its output (:func:`attribution_patch`), up to round-off.
+
+    Args:
+        by: ``"edge"`` (sum over positions) or ``"span"`` (one score per modality span of the sender
+            positions: how much of the edge's effect comes from image, text or graph positions).
+    """
+    if by not in ("edge", "span"):
+        raise ValueError(f"by must be 'edge' or 'span', got {by!r}")
+    corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
+    clean = hooked._check_inputs(clean)
+    corrupt_inputs = hooked._check_inputs(corruption.inputs)
+    spans = hooked.spans(corrupt_inputs)
+    check_same_layout(hooked.spans(clean), spans)
+    layers = sorted(hp.layer for hp in hooked.hook_points.values()
+                    if hp.prefix == "lm" and hp.kind == "resid_pre" and hp.layer is not None)
+    missing = [f"lm.blocks.{i}.{k}" for i in layers for k in ("attn_out", "resid_mid", "mlp_out", "resid_post")
+               if f"lm.blocks.{i}.{k}" not in hooked.hook_points]
+    if not layers or missing:
+        raise ValueError(f"edge attribution needs the LM's attention/MLP/residual points; this adapter lacks {missing[:4]}")
+    nodes = ["lm.blocks.0.resid_pre"] + [f"lm.blocks.{i}.{k}" for i in layers for k in ("attn_out", "mlp_out")] \
+        + ["lm.final_norm"]
+    senders = nodes[:-1]
+    resid = [f"lm.blocks.{i}.{k}" for i in layers for k in ("resid_pre", "resid_mid")] + [f"lm.blocks.{layers[-1]}.resid_post"]
+    # receiver inputs' gradients: attn_j = g(resid_pre_j) - g(resid_mid_j); mlp_j = g(resid_mid_j) - g(resid_pre_j+1)
+    rows, clean_values, corrupt_values = [], [], []
+    for pair in range(spans.batch_size):
+        c, x = _row(clean, pair), _row(corrupt_inputs, pair)
+        clean_run = hooked.run(c, cache=senders)
+        run = hooked.run(x, cache=list(dict.fromkeys(senders + resid)), edits=corruption.edits, keep_grad=True)
+        output = metric(last_logits(run.logits, x.get("attention_mask")))[0]
+        grads = torch.autograd.grad(output, [run.cache[n] for n in resid])
+        receiver_grads = torch.stack([grads[i] - grads[i + 1] for i in range(len(grads) - 1)] + [grads[-1]])[:, 0]
+        deltas = torch.stack([(clean_run.cache[n] - run.cache[n].detach())[0] for n in senders])
+        per_position = torch.einsum("std,rtd->srt", deltas.double(), receiver_grads.double())  # [sender, receiver, pos]
+        groups = {m: spans.masks[m][pair] for m in spans.modalities} if by == "span" else {None: spans.valid[pair]}
+        clean_v = float(metric(last_logits(clean_run.logits, c.get("attention_mask")))[0])
+        gap = clean_v - output.item()
+        clean_values.append(clean_v)
+        corrupt_values.append(output.item())
+        for label, mask in groups.items():
+            scores = per_position[:, :, mask.to(per_position.device)].sum(-1).cpu()
+            for s, sender in enumerate(senders):
+                for r, receiver in enumerate(nodes[1:]):
+                    if r + 1 <= s:  # the receiver comes before the sender (or is the sender)
+                        continue
+                    score = float(scores[s, r])
+                    rows.append({"pair": pair, "sender": sender, "receiver": receiver,
+                                 **({"span": label} if by == "span" else {}), "score": score,
+                                 "normalized": score / gap if gap != 0 else float("nan")})
+    return EdgeScores(pd.DataFrame(rows), clean_values, corrupt_values, nodes)
+
+
 def correlation(estimate: SweepResult, exact: SweepResult, value: str = "value") -> dict[str, float]:
     """Pearson and Spearman correlation between two sweeps over the same cells (e.g. attribution vs
     exact patching), plus the largest absolute difference."""
@@ -772,5 +950,5 @@ def _select(new: Tensor, old: Tensor, component: Component, hooked: HookedModel,
     return out
 
 
-__all__ = ["Component", "Corruption", "SweepResult", "attribution_patch", "check_same_layout", "correlation",
-           "corrupt", "kl_from", "last_logits", "logit_diff", "logprob", "path_patch", "prob", "sweep"]
+__all__ = ["Component", "Corruption", "EdgeScores", "SweepResult", "attribution_patch", "check_same_layout", "correlation",
+           "corrupt", "edge_attribution_patch", "kl_from", "last_logits", "logit_diff", "logprob", "path_patch", "prob", "sweep"]

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.patches import Patch, Rectangle
 
-__all__ = ["modality_colors", "plot_evolution", "plot_lens_grid", "plot_patching", "save_figure"]
+__all__ = ["modality_colors", "plot_edges", "plot_evolution", "plot_lens_grid", "plot_patching", "save_figure"]
 
 _FIXED_COLORS = {"text": "tab:blue", "graph": "tab:orange", "image": "tab:green", "audio": "tab:red",
                  "pad": "#b0b0b0"}
@@ -344,6 +344,36 @@ def plot_patching(result, pair: int = 0, value: str = "normalized", ax: Axes | N
     else:
         ax.set_yticks([])
     ax.set_title(title if title is not None else f"{result.direction} patching at {result.hook}", loc="left", pad=18)
+    return fig
+
+
+def plot_edges(scores, pair: int = 0, span: str | None = None, value: str = "score", ax: Axes | None = None,
+               title: str | None = None, cmap: str = "RdBu_r") -> Figure:
+    """Heatmap of edge attribution scores (:class:`mmlens.patching.EdgeScores`): senders as rows,
+    receivers as columns, blank where no edge exists; ``span`` restricts to sender positions of one
+    modality (scores computed with ``by="span"``)."""
+    data = scores.matrix(pair, span, value).to_numpy(dtype=float)
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(2.5 + 0.22 * data.shape[1], 1.6 + 0.2 * data.shape[0]), layout="constrained")
+    else:
+        fig = ax.figure
+    finite = data[np.isfinite(data)]
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    image = ax.imshow(data, origin="upper", aspect="auto", cmap=cmap, vmin=-bound or -1.0, vmax=bound or 1.0,
+                      interpolation="nearest")
+    fig.colorbar(image, ax=ax, label={"score": "estimated effect on the metric",
+                                      "normalized": "fraction of the clean-corrupted gap"}.get(value, value),
+                 fraction=0.05, pad=0.02)
+    short = [n.removeprefix("lm.blocks.").replace(".resid_pre", " input").replace(".attn_out", " attn")
+             .replace(".mlp_out", " mlp").replace("lm.final_norm", "logits") for n in scores.nodes]
+    ax.set_yticks(range(data.shape[0]), short[:-1], fontsize="small")
+    ax.set_xticks(range(data.shape[1]), short[1:], rotation=90, fontsize="small")
+    ax.set_ylabel("sender")
+    ax.set_xlabel("receiver")
+    where = f", {span} positions" if span else ""
+    ax.set_title(title if title is not None else f"edge attribution patching{where}", loc="left")
     return fig
 
 

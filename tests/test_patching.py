@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.patching import (Component, attribution_patch, corrupt, correlation, last_logits, logit_diff, path_patch,
-                             sweep)
-from mmlens.plots import plot_patching
+from mmlens.adapter import get_module
+from mmlens.patching import (Component, attribution_patch, corrupt, correlation, edge_attribution_patch, last_logits,
+                             logit_diff, path_patch, sweep)
+from mmlens.plots import plot_edges, plot_patching
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,51 @@ def test_no_op_cells_are_skipped_and_equal_the_target_run(story):
     before = fast.table.position < seq - 3
     assert (fast.table.value[before] == fast.corrupted[0]).all()
     assert (fast.table.value - full.table.value).abs().max() < 1e-4
+
+
+def test_edge_attribution_sums_to_node_attribution_and_splits_by_span(image_pair):
+    hm, clean, _ = image_pair
+    corrupted = corrupt(hm, clean, "text", "noise", noise=1.0, seed=2)  # only text embeddings change
+    metric = _metric(hm, clean)
+    edges = edge_attribution_patch(hm, clean, corrupted, metric)
+    n_layers = hm.model.config.text_config.num_hidden_layers
+    assert len(edges.nodes) == 2 * n_layers + 2
+    assert len(edges.table) == (2 * n_layers + 1) * (2 * n_layers + 2) // 2  # receivers after their sender only
+    for hook in ("attn_out", "mlp_out"):
+        nodes = attribution_patch(hm, clean, corrupted, metric, hook=hook, axes=("layer",)).table
+        for layer, effect in zip(nodes.layer, nodes.effect):
+            sent = edges.table[edges.table.sender == f"lm.blocks.{layer}.{hook}"].score.sum()
+            assert abs(sent - effect) < 1e-4 * max(1.0, abs(effect)), (hook, layer, sent, effect)
+    by_span = edge_attribution_patch(hm, clean, corrupted, metric, by="span")
+    from_input = by_span.table[by_span.table.sender == "lm.blocks.0.resid_pre"]
+    assert (from_input[from_input.span == "image"].score == 0).all()  # image embeddings are not corrupted
+    assert from_input[from_input.span == "text"].score.abs().max() > 0
+    merged = by_span.table.groupby(["sender", "receiver"]).score.sum()
+    assert (merged - edges.table.set_index(["sender", "receiver"]).score).abs().max() < 1e-6
+    matrix = edges.matrix()
+    assert matrix.shape == (2 * n_layers + 1, 2 * n_layers + 1) and matrix.isna().to_numpy().sum() == \
+        (2 * n_layers + 1) * (2 * n_layers) // 2
+    assert abs(edges.top(1).score[0]) == edges.table.score.abs().max()
+    fig = plot_edges(edges)
+    assert fig.axes[0].get_ylabel() == "sender"
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-idefics3", "tea-glm-tiny"])
+def test_projector_sweeps_reuse_the_encoder_outputs_exactly(loaded, name):
+    lm = loaded(name)
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer, processor=lm.processor)
+    clean = {k: (v[:1] if isinstance(v, torch.Tensor) and k not in ("node_features", "edge_index") else v)
+             for k, v in lm.example_inputs().items()}
+    modality = "graph" if name == "tea-glm-tiny" else "image"
+    corrupted = corrupt(hm, clean, modality, "neutral")
+    metric = _metric(hm, clean)
+    hook = "fusion.embeds" if name == "tea-glm-tiny" else "fusion.projector_out"  # TEA-GLM's projector: [b, 5 * d]
+    # noising: the target run is the clean one, whose encoder runs (TEA-GLM's neutral graph skips the GNN)
+    fast = sweep(hm, clean, corrupted, metric, hook=hook, axes=("position",), direction="noise", batch_size=3,
+                 progress=False)
+    slow = sweep(hm, clean, corrupted, metric, hook=hook, axes=("position",), direction="noise", replay=False,
+                 progress=False)
+    assert fast.method == "full forwards, encoders cached" and slow.method == "full forwards"
+    assert len(fast.table) > 1 and (fast.table.value - slow.table.value).abs().max() < 1e-5
+    encoder_blocks = [hp for hp in hm.hook_points.values() if hp.stage == "encoder" and hp.layer is not None]
+    assert encoder_blocks and all("forward" not in vars(get_module(hm.model, hp.site.module)) for hp in encoder_blocks)
