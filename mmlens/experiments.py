@@ -11,7 +11,7 @@ example inputs), an optional corruption, the sweep and the metric::
     [corruption]                          # for pairs without an explicit corrupted input
     modality = "image"                    # method = "neutral" | "noise" | "swap"; noise = 3.0; swap_row
     [patch]
-    hook = "resid_pre"                    # axes, direction, batch_size, layers, replay
+    hook = "resid_pre"                    # axes, direction, batch_size, layers, replay, skip_unchanged
     [metric]
     kind = "logit_diff"                   # answer/wrong; "logprob"/"prob" with target; or "kl"
     answer = " Mary"
@@ -139,9 +139,10 @@ class PatchConfig:
     hook: str = "resid_pre"
     axes: tuple[str, ...] = ("layer", "position")
     direction: str = "denoise"
-    batch_size: int = 32
+    batch_size: int = 8
     layers: tuple[int, ...] | None = None
     replay: bool = True
+    skip_unchanged: bool = True
 
 
 @dataclass(frozen=True)
@@ -328,8 +329,9 @@ def _patch(t: dict) -> PatchConfig:
     return PatchConfig(
         hook=_str(t, "hook", "patch", default="resid_pre"), axes=tuple(axes),
         direction=_str(t, "direction", "patch", default="denoise", choices=DIRECTIONS),
-        batch_size=_int(t, "batch_size", "patch", default=32, minimum=1), layers=layers,
-        replay=_bool(t, "replay", "patch", default=True))
+        batch_size=_int(t, "batch_size", "patch", default=8, minimum=1), layers=layers,
+        replay=_bool(t, "replay", "patch", default=True),
+        skip_unchanged=_bool(t, "skip_unchanged", "patch", default=True))
 
 
 def _metric(t: dict) -> MetricConfig:
@@ -922,13 +924,15 @@ def run_experiment(config: ExperimentConfig | str | Path, *, out: str | Path | N
             pair = prepared.pairs[chunk.pair]
             start = time.perf_counter()
             result = sweep(hooked, pair.clean, pair.corrupted, pair.metric, hook=chunk.hook, axes=patch.axes,
-                           direction=patch.direction, batch_size=patch.batch_size, replay=patch.replay, progress=False)
+                           direction=patch.direction, batch_size=patch.batch_size, replay=patch.replay,
+                           skip_unchanged=patch.skip_unchanged, progress=False)
             table = result.table.assign(pair=chunk.pair)
             if prepared.add_layer_column and "layer" not in table.columns:
                 table.insert(1, "layer", chunk.layer)
             record.append({"key": chunk.key, "pair": chunk.pair, "layer": chunk.layer, "hook": chunk.hook,
-                           "clean": result.clean[0], "corrupted": result.corrupted[0],
-                           "seconds": time.perf_counter() - start, "rows": table.to_dict("records")})
+                           "clean": result.clean[0], "corrupted": result.corrupted[0], "method": result.method,
+                           "skipped": result.skipped, "seconds": time.perf_counter() - start,
+                           "rows": table.to_dict("records")})
             computed += 1
             bar.update(1)
     finally:
@@ -1025,6 +1029,8 @@ def _meta(prepared: Prepared, record: _Record, result: SweepResult, config_hash:
         "device": str(prepared.hooked.device),
         "timings_s": {k: round(v, 4) for k, v in seconds.items()},
         "chunk_seconds_all_runs": round(sum(c["seconds"] for c in record.chunks), 4),
+        "sweep_methods": sorted({c.get("method", "?") for c in record.chunks}),
+        "no_op_cells_skipped": sum(c.get("skipped", 0) for c in record.chunks),
         "chunks": {"total": len(prepared.chunks), "computed_this_run": computed,
                    "reused": len(prepared.chunks) - computed, "unit": "pair x layer" if prepared.per_layer else "pair"},
         "baselines": baselines,

@@ -96,6 +96,9 @@ def test_multimodal_example_runs(tmp_path, capsys):
     assert len(table) == 2 * 24 and (table.modality == "image").sum() == 2 * 16
     meta = json.loads((out / "meta.json").read_text())
     assert meta["baselines"][0]["clean"] == 0.0 and meta["baselines"][0]["corrupted"] > 0  # KL: the image matters
+    assert meta["sweep_methods"] == ["replay + kv"]
+    # the 4 text tokens before the image are identical in both runs; at layer 0 (embeddings) the 4 after it too
+    assert meta["no_op_cells_skipped"] == (4 + 4) + 4
     assert (out / "heatmap_pair0.png").is_file() and (out / "heatmap_pair0.svg").is_file()
     assert str(out / "results.csv") in capsys.readouterr().out
 
