@@ -1,0 +1,346 @@
+"""Explainers: per-position, per-modality importance behind one interface.
+
+Every explainer scores the positions of the fused sequence where all modalities meet the language
+model: the LM's input embeddings (``fusion.embeds`` on multimodal models, ``lm.embed`` on text
+LMs), so text tokens, image tokens and graph tokens are scored in one space and grouped by the
+modality spans. The *baseline* of a modality is its neutral reference (the adapter's: pad text,
+zero or mean image, zero graph embedding) embedded the same way.
+
+Two modes:
+
+- ``mode="joint"``: every modality is explained at once (integrated gradients integrate from the
+  all-neutral input; occlusion occludes positions of every modality).
+- ``mode="<modality>"`` (unimodal): only that modality is explained, the others held at their
+  input values, as unimodal tools do; other positions get NaN.
+
+The explained quantity is a :data:`mmlens.patching.Metric` on final-position logits, one value per
+row; by default :func:`predicted_prob`, the probability of each row's predicted token.
+
+>>> explanation = mmlens.explain(hm, inputs, "integrated_gradients")
+>>> explanation.importance()          # {"image": Float[b], "text": Float[b]}: share of |score| mass
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .edits import replace
+from .patching import Metric, last_logits
+from .spans import ModalitySpans
+from .wrapper import HookedModel
+
+
+def predicted_prob(hooked: HookedModel, inputs: Mapping[str, Any]) -> Metric:
+    """The probability of the predicted final-position token of ``inputs`` (one row), for every row
+    of the logits it is applied to (the variants of that input)."""
+    with torch.no_grad():
+        logits = last_logits(hooked.run(inputs).logits, inputs.get("attention_mask"))
+    if logits.shape[0] != 1:
+        raise ValueError(f"predicted_prob takes one input row, got {logits.shape[0]}")
+    target = int(logits[0].argmax())
+    return lambda out: out.float().softmax(-1)[:, target]
+
+
+def embedding_point(hooked: HookedModel) -> str:
+    """The hook point where every modality enters the LM: ``fusion.embeds`` or ``lm.embed``."""
+    for name in ("fusion.embeds", "lm.embed"):
+        if name in hooked.hook_points:
+            return name
+    raise ValueError(f"adapter {hooked.adapter.name!r} has neither 'fusion.embeds' nor 'lm.embed'; explainers need "
+                     "the LM's input embeddings")
+
+
+@dataclass
+class Explanation:
+    """Per-position importance of one batch.
+
+    Attributes:
+        scores: Float[b, seq], signed (positive: the position supports the metric); NaN where the
+            explainer does not score (padding; other modalities in unimodal mode).
+        spans: the batch's modality spans.
+        method: the explainer's name; ``mode``: ``"joint"`` or the explained modality.
+        value: Float[b], the metric on the input.
+        info: the method's options, and for integrated gradients ``completeness_error`` per row:
+            |sum of scores - (f(input) - f(baseline))|, the Riemann sum's error (large when the
+            path crosses a sharp feature, e.g. a zero pad embedding through RMSNorm: add steps).
+    """
+
+    scores: Tensor
+    spans: ModalitySpans
+    method: str
+    mode: str
+    value: Tensor
+    info: dict = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.spans.modalities if self.mode == "joint" else [self.mode]
+
+    def masked(self, modality: str) -> Tensor:
+        """Float[b, seq]: the scores on ``modality``'s positions, 0 elsewhere (and at NaN)."""
+        mask = self.spans.masks[modality].to(self.scores.device)
+        return torch.where(mask & ~self.scores.isnan(), self.scores, torch.zeros_like(self.scores))
+
+    def importance(self, absolute: bool = True) -> dict[str, Tensor]:
+        """Each explained modality's share of the total score mass, Float[b] per modality (sums to
+        1 over modalities; ``absolute=False`` shares the signed sums instead)."""
+        per = {m: (self.masked(m).abs() if absolute else self.masked(m)).sum(1) for m in self.modalities}
+        total = sum(v.abs() for v in per.values()) if not absolute else sum(per.values())
+        return {m: v / total.clamp_min(1e-30) for m, v in per.items()}
+
+    def distribution(self, modality: str) -> Tensor:
+        """Float[b, seq]: |scores| on ``modality``'s positions normalized to sum 1 per row."""
+        mass = self.masked(modality).abs()
+        return mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
+
+    def top_mask(self, modality: str, fraction: float) -> Tensor:
+        """Bool[b, seq]: the ``ceil(fraction * n)`` highest-scoring positions of ``modality`` per row
+        (n its position count; ties broken by position)."""
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+        mask = self.spans.masks[modality].to(self.scores.device)
+        out = torch.zeros_like(mask)
+        for row in range(mask.shape[0]):
+            positions = mask[row].nonzero()[:, 0]
+            k = math.ceil(fraction * len(positions) - 1e-9)
+            order = torch.argsort(self.scores[row, positions].nan_to_num(float("-inf")), descending=True, stable=True)
+            out[row, positions[order[:k]]] = True
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """One row per scored position: row, position, modality, score."""
+        modality = self.spans.modality_of_positions()
+        rows = [{"row": b, "position": p, "modality": modality[b][p], "score": float(self.scores[b, p])}
+                for b in range(self.scores.shape[0]) for p in range(self.scores.shape[1])
+                if not torch.isnan(self.scores[b, p])]
+        return pd.DataFrame(rows)
+
+
+@dataclass
+class _Setup:
+    """What every explainer needs: the embeddings, the baseline, and which positions to explain."""
+
+    point: str
+    embeds: Tensor  # Float[b, seq, d] at the input
+    baseline: Tensor  # Float[b, seq, d]: the neutral reference at the explained modalities' positions
+    explained: Tensor  # Bool[b, seq]
+    spans: ModalitySpans
+    value: Tensor  # Float[b]
+
+
+def _setup(hooked: HookedModel, inputs: dict, metric: Metric, mode: str) -> _Setup:
+    point = embedding_point(hooked)
+    spans = hooked.spans(inputs)
+    if mode != "joint" and mode not in spans.masks:
+        raise ValueError(f"mode must be 'joint' or a modality of these inputs {spans.modalities}, got {mode!r}")
+    with torch.no_grad():
+        run = hooked.run(inputs, cache=point)
+    embeds = run.cache[point]
+    value = metric(last_logits(run.logits, inputs.get("attention_mask"))).detach()
+    baseline = embeds.clone()
+    explained = torch.zeros(spans.valid.shape, dtype=torch.bool, device=embeds.device)
+    for m in (spans.modalities if mode == "joint" else [mode]):
+        neutral = hooked.neutral(inputs, m)
+        if not hooked.spans(neutral).same_layout(spans):
+            raise ValueError(f"the neutral reference of {m!r} changes the layout; explainers need one that keeps it")
+        with torch.no_grad():
+            reference = hooked.run(neutral, cache=point).cache[point]
+        mask = spans.masks[m].to(embeds.device)
+        baseline[mask] = reference[mask]
+        explained |= mask
+    return _Setup(point, embeds, baseline, explained & spans.valid.to(embeds.device), spans, value)
+
+
+def _with_embeds(hooked: HookedModel, inputs: dict, point: str, embeds: Tensor, metric: Metric,
+                 grad: bool = False) -> Tensor:
+    """The metric Float[n] of runs whose LM-input embeddings are ``embeds`` Float[n, seq, d] (the
+    other inputs repeated to n rows)."""
+    n = embeds.shape[0]
+    batch = {k: _repeat_rows(v, n) if k not in ("node_features", "edge_index") else v for k, v in inputs.items()}
+    run = hooked.run(batch, edits=[replace(point, embeds)], grad=grad)
+    return metric(last_logits(run.logits, batch.get("attention_mask")))
+
+
+def _repeat_rows(value: Any, n: int) -> Any:
+    if not isinstance(value, Tensor) or value.shape[0] == n:
+        return value
+    return value.repeat(n // value.shape[0], *([1] * (value.dim() - 1)))
+
+
+def _rows(inputs: Mapping[str, Any], row: int) -> dict:
+    return {k: (v[row:row + 1] if isinstance(v, Tensor) and k not in ("node_features", "edge_index") else v)
+            for k, v in inputs.items()}
+
+
+def _gradient_x_input(hooked, inputs, metric, setup: _Setup) -> Tensor:
+    embeds = setup.embeds.detach().clone().requires_grad_(True)
+    value = _with_embeds(hooked, inputs, setup.point, embeds, metric, grad=True).sum()
+    (grad,) = torch.autograd.grad(value, embeds)
+    return ((setup.embeds - setup.baseline) * grad).sum(-1)
+
+
+def _integrated_gradients(hooked, inputs, metric, setup: _Setup, steps: int = 32, batch_size: int = 16) -> Tensor:
+    alphas = (torch.arange(steps, dtype=setup.embeds.dtype, device=setup.embeds.device) + 0.5) / steps
+    delta = setup.embeds - setup.baseline
+    total = torch.zeros_like(setup.embeds[0])
+    for start in range(0, steps, batch_size):
+        a = alphas[start:start + batch_size]
+        path = (setup.baseline + a[:, None, None] * delta).detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_with_embeds(hooked, inputs, setup.point, path, metric, grad=True).sum(), path)
+        total += grad.sum(0)
+    return (delta[0] * total / steps).sum(-1)[None]
+
+
+def _occlusion(hooked, inputs, metric, setup: _Setup, window: int = 1, batch_size: int = 32) -> Tensor:
+    positions = setup.explained[0].nonzero()[:, 0].tolist()
+    scores = torch.full(setup.explained.shape, float("nan"), device=setup.embeds.device)
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start:start + batch_size]
+        variants = setup.embeds.repeat(len(chunk), 1, 1)
+        for i, p in enumerate(chunk):
+            span = [q for q in range(p - window // 2, p - window // 2 + window) if q in positions]
+            variants[i, span] = setup.baseline[0, span]
+        with torch.no_grad():
+            values = _with_embeds(hooked, inputs, setup.point, variants, metric)
+        scores[0, chunk] = (setup.value - values).float()
+    return scores
+
+
+def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
+    """The LM's attention patterns, one Float[b, heads, seq, seq] per layer, read from each
+    attention module's output under eager attention (switched on for the call, restored after)."""
+    from transformers import PreTrainedModel
+
+    from .adapter import get_module
+
+    models = [m for m in hooked.model.modules() if isinstance(m, PreTrainedModel)]
+    previous = [m.config._attn_implementation for m in models]
+    modules = [get_module(hooked.model, hp.site.module) for hp in sorted(
+        (hp for hp in hooked.hook_points.values() if hp.prefix == "lm" and hp.kind == "attn_out"), key=lambda hp: hp.layer)]
+    if not modules:
+        raise ValueError(f"adapter {hooked.adapter.name!r} has no LM attention points ('lm.blocks.*.attn_out')")
+    weights: list[Tensor] = []
+    handles = [m.register_forward_hook(lambda module, args, out: weights.append(out[1])) for m in modules]
+    try:
+        for m in models:
+            m.set_attn_implementation("eager")
+        with torch.no_grad():
+            hooked.model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, implementation in zip(models, previous):
+            m.set_attn_implementation(implementation)
+    if len(weights) != len(modules) or any(w is None for w in weights):
+        raise ValueError(f"{type(hooked.model).__name__}'s attention modules did not return their weights under eager "
+                         "attention")
+    return weights
+
+
+def _from_last(hooked: HookedModel, inputs: dict, matrix: Tensor) -> Tensor:
+    """Row ``last`` of Float[b, seq, seq] per batch row: how much the final position takes from each."""
+    last = hooked.spans(inputs).mask("last").to(matrix.device)
+    return (matrix * last[:, :, None]).sum(1)
+
+
+def _attention(hooked, inputs, metric, setup: _Setup) -> Tensor:
+    """Attention from the final position, mean over heads and layers."""
+    weights = torch.stack([a.float().mean(1) for a in _attentions(hooked, inputs)]).mean(0)
+    return _from_last(hooked, inputs, weights)
+
+
+def _attention_rollout(hooked, inputs, metric, setup: _Setup, residual: float = 0.5) -> Tensor:
+    """Abnar & Zuidema (2020): per layer ``residual * I + (1 - residual) * mean_heads(A)``,
+    rows renormalized, multiplied from the first layer to the last."""
+    rollout = None
+    for a in _attentions(hooked, inputs):
+        mixed = residual * torch.eye(a.shape[-1], device=a.device) + (1 - residual) * a.float().mean(1)
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+    return _from_last(hooked, inputs, rollout)
+
+
+def _patching(hooked, inputs, metric, setup: _Setup, layer: int = 0) -> Tensor:
+    """Exact noising per position: the metric's drop when the residual stream entering block
+    ``layer`` takes, at one position, its value on the baseline input (the patching engine)."""
+    from .patching import Corruption, sweep
+
+    corruption = Corruption(inputs, [replace(setup.point, setup.baseline)], "baseline")
+    result = sweep(hooked, inputs, corruption, metric, hook=f"lm.blocks.{layer}.resid_pre", axes=("position",),
+                   direction="noise", progress=False)
+    scores = torch.full(setup.explained.shape, float("nan"), device=setup.embeds.device)
+    positions = torch.tensor(result.table.position.tolist(), device=scores.device)
+    scores[0, positions] = torch.tensor((result.clean[0] - result.table.value).tolist(), dtype=scores.dtype,
+                                        device=scores.device)
+    return scores
+
+
+EXPLAINERS: dict[str, Callable[..., Tensor]] = {
+    "gradient_x_input": _gradient_x_input,
+    "integrated_gradients": _integrated_gradients,
+    "occlusion": _occlusion,
+    "attention": _attention,
+    "attention_rollout": _attention_rollout,
+    "patching": _patching,
+}
+"""Name -> implementation; every one returns Float[b, seq] scores."""
+
+
+def explain(hooked: HookedModel, inputs: Mapping[str, Any], method: str = "integrated_gradients", *,
+            mode: str = "joint", metric: Metric | None = None, **options: Any) -> Explanation:
+    """Explain ``inputs`` with one of :data:`EXPLAINERS`.
+
+    Args:
+        method: ``"gradient_x_input"`` ((input - baseline) . gradient), ``"integrated_gradients"``
+            (``steps=32`` midpoint Riemann steps from the baseline, batched), ``"occlusion"`` (the
+            metric's drop when ``window`` positions take their baseline value, batched),
+            ``"attention"`` (attention from the final position, mean over heads and layers),
+            ``"attention_rollout"`` (``residual=0.5``), ``"patching"`` (exact noising at
+            ``lm.blocks.{layer}.resid_pre`` through the patching engine).
+        mode: ``"joint"`` or one modality (unimodal: the others held at their input values).
+        metric: what is explained, on final-position logits (default: per row, :func:`predicted_prob`).
+        options: the method's options named above.
+
+    Returns:
+        An :class:`Explanation` with NaN outside the explained positions.
+    """
+    if method not in EXPLAINERS:
+        from difflib import get_close_matches
+
+        near = get_close_matches(method, list(EXPLAINERS), n=3, cutoff=0.3)
+        raise ValueError(f"unknown explainer {method!r}; did you mean {near}? Explainers: {sorted(EXPLAINERS)}")
+    inputs = hooked._check_inputs(inputs)
+    scores, values, info = [], [], dict(options)
+    for row in range(hooked.spans(inputs).batch_size):
+        one = _rows(inputs, row)
+        row_metric = metric or predicted_prob(hooked, one)
+        setup = _setup(hooked, one, row_metric, mode)
+        raw = EXPLAINERS[method](hooked, one, row_metric, setup, **options).detach().float()
+        row_scores = torch.where(setup.explained.to(raw.device), raw, torch.full_like(raw, float("nan")))
+        scores.append(row_scores.cpu())
+        values.append(setup.value.float().cpu())
+        if method == "integrated_gradients":
+            with torch.no_grad():
+                gap = setup.value - _with_embeds(hooked, one, setup.point, setup.baseline, row_metric)
+            info.setdefault("completeness_error", []).append(float((row_scores.nansum() - gap[0]).abs()))
+    return Explanation(torch.cat(scores), hooked.spans(inputs), method, mode, torch.cat(values), info)
+
+
+def explain_all(hooked: HookedModel, inputs: Mapping[str, Any], methods: Sequence[str] = tuple(EXPLAINERS),
+                modes: Sequence[str] = ("joint",), metric: Metric | None = None) -> dict[tuple[str, str], Explanation]:
+    """:func:`explain` for every (method, mode); modes may include ``"unimodal"`` for each modality in turn."""
+    inputs = hooked._check_inputs(inputs)
+    expanded = []
+    for mode in modes:
+        expanded += hooked.spans(inputs).modalities if mode == "unimodal" else [mode]
+    return {(m, mode): explain(hooked, inputs, m, mode=mode, metric=metric) for m in methods for mode in expanded}
+
+
+__all__ = ["EXPLAINERS", "Explanation", "embedding_point", "explain", "explain_all", "predicted_prob"]

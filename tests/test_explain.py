@@ -1,0 +1,121 @@
+"""Explainers: known identities (completeness, occlusion == patching), modes, masks and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mmlens
+from mmlens.explain import EXPLAINERS, _setup, _with_embeds, explain, predicted_prob
+from mmlens.patching import last_logits, logprob
+
+
+@pytest.fixture(scope="module")
+def vlm(loaded):
+    lm = loaded("tiny-random-llava")
+    return mmlens.wrap(lm.model, processor=lm.processor), lm.example_inputs()
+
+
+@pytest.fixture(scope="module")
+def story(loaded):
+    lm = loaded("tinystories-656k")
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
+    return hm, dict(lm.tokenizer(["Once upon a time there was a little girl who"], return_tensors="pt"))
+
+
+def _logprob_of_prediction(hm, one):
+    logits = last_logits(hm.run(one).logits, one.get("attention_mask"))
+    return logprob(int(logits[0].argmax()))
+
+
+def _gap(hm, one, mode, metric):
+    """f(input) - f(baseline), the quantity integrated gradients must add up to."""
+    setup = _setup(hm, one, metric, mode)
+    with torch.no_grad():
+        return float(setup.value[0] - _with_embeds(hm, one, setup.point, setup.baseline, metric)[0])
+
+
+@pytest.mark.parametrize("mode", ["joint", "image", "text"])
+def test_integrated_gradients_report_their_completeness_in_every_mode(vlm, mode):
+    hm, inputs = vlm
+    one = {k: v[:1] for k, v in inputs.items()}
+    metric = _logprob_of_prediction(hm, one)
+    ig = explain(hm, one, "integrated_gradients", mode=mode, metric=metric, steps=128)
+    gap = _gap(hm, one, mode, metric)
+    assert abs(gap) > 1e-2
+    error = abs(float(ig.scores.nansum()) - gap)
+    assert ig.info["completeness_error"] == [pytest.approx(error, abs=1e-6)]
+    if mode == "image":  # the image baseline is a real embedding: a smooth path, a small Riemann error
+        assert error < 0.01 * abs(gap)
+    if mode != "joint":  # unimodal: only that modality is scored
+        explained = ig.spans.masks[mode]
+        assert ig.scores[explained].isfinite().all() and ig.scores[~explained].isnan().all()
+
+
+def test_integrated_gradients_completeness_on_a_real_lm(story):
+    hm, inputs = story
+    ig = explain(hm, inputs, "integrated_gradients", steps=128)  # default metric: probability of the prediction
+    gap = _gap(hm, inputs, "joint", predicted_prob(hm, inputs))
+    assert abs(gap) > 1e-2
+    assert abs(float(ig.scores.nansum()) - gap) < 0.01 * abs(gap)
+
+
+def test_occlusion_equals_exact_patching_at_layer_0(vlm):
+    hm, inputs = vlm
+    occlusion = explain(hm, inputs, "occlusion")
+    patching = explain(hm, inputs, "patching")
+    assert occlusion.scores.isnan().equal(patching.scores.isnan())
+    assert (occlusion.scores - patching.scores).nan_to_num().abs().max() < 1e-5
+    assert occlusion.scores.nan_to_num().abs().max() > 0
+
+
+def test_attention_scores_are_distributions_and_the_implementation_is_restored(vlm):
+    hm, inputs = vlm
+    before = hm.model.config.get_text_config()._attn_implementation
+    for method in ("attention", "attention_rollout"):
+        e = explain(hm, inputs, method)
+        assert torch.allclose(e.scores.nansum(1), torch.ones(2), atol=1e-5)  # rows of softmax (and their products)
+        assert (e.scores.nan_to_num() >= 0).all()
+    assert hm.model.config.get_text_config()._attn_implementation == before
+    plain = mmlens.wrap(hm.model).run(inputs).logits
+    assert torch.equal(plain, hm.model(**inputs).logits)
+
+
+def test_explanation_views(vlm):
+    hm, inputs = vlm
+    e = explain(hm, inputs, "gradient_x_input")
+    shares = e.importance()
+    assert set(shares) == {"text", "image"}
+    assert torch.allclose(shares["text"] + shares["image"], torch.ones(2))
+    image = e.spans.masks["image"]
+    top = e.top_mask("image", 0.25)
+    n = int(image[0].sum())
+    assert int(top[0].sum()) == math.ceil(0.25 * n) and not (top & ~image).any()
+    chosen, rest = e.scores[0][top[0]], e.scores[0][image[0] & ~top[0]]
+    assert chosen.min() >= rest.max()
+    assert e.top_mask("image", 0.0).sum() == 0 and e.top_mask("image", 1.0).equal(image)
+    assert torch.allclose(e.distribution("image").sum(1), torch.ones(2))
+    table = e.table()
+    assert len(table) == int(e.spans.valid.sum()) and set(table.modality) == {"text", "image"}
+
+
+def test_every_explainer_runs_on_the_graph_language_model(loaded):
+    lm = loaded("tea-glm-tiny")
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
+    inputs = lm.example_inputs()
+    for method in EXPLAINERS:
+        e = explain(hm, inputs, method, mode="graph")
+        graph = e.spans.masks["graph"]
+        assert e.scores[graph].isfinite().all() and e.scores[~graph].isnan().all(), method
+
+
+def test_errors(vlm):
+    hm, inputs = vlm
+    with pytest.raises(ValueError, match="did you mean.*integrated_gradients"):
+        explain(hm, inputs, "integrated_gradient")
+    with pytest.raises(ValueError, match=r"'joint' or a modality of these inputs \['text', 'image'\]"):
+        explain(hm, inputs, "occlusion", mode="audio")
+    with pytest.raises(ValueError, match="fraction"):
+        explain(hm, inputs, "attention").top_mask("image", 1.5)
