@@ -13,7 +13,7 @@ from .edits import Edit, HookContext, ablate, add, apply, replace
 from .layer_evolution import Evolution, evolution
 from .lens import (LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
                    nearest_tokens)
-from .explain import Explanation, explain
+from .explainers import Explanation, explain
 from .patching import (Component, Corruption, EdgeScores, SweepResult, attribution_patch, corrupt, edge_attribution_patch,
                        path_patch, sweep)
 from .spans import ModalitySpans, spans_from_blocks, spans_from_token_ids

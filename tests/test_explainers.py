@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.explain import EXPLAINERS, _setup, _with_embeds, explain, predicted_prob
+from mmlens.explainers import EXPLAINERS, _setup, _with_embeds, explain, predicted_prob
 from mmlens.patching import last_logits, logprob
 
 
