@@ -227,7 +227,8 @@ def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
     if not modules:
         raise ValueError(f"adapter {hooked.adapter.name!r} has no LM attention points ('lm.blocks.*.attn_out')")
     weights: list[Tensor] = []
-    handles = [m.register_forward_hook(lambda module, args, out: weights.append(out[1])) for m in modules]
+    handles = [m.register_forward_hook(lambda module, args, out: weights.append(
+        out[1] if isinstance(out, tuple) and len(out) > 1 else None)) for m in modules]
     try:
         for m in models:
             m.set_attn_implementation("eager")

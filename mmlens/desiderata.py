@@ -1,0 +1,317 @@
+"""The paper's three desiderata of a multimodal explanation, as numbers.
+
+- :func:`granger`: Granger-style modality influence. Replace modality m by its neutral reference,
+  measure the output change Delta_m and each explainer's explanation change delta_{m->n} for the
+  other modalities n; a faithful explainer's delta grows with Delta (delta >= kappa * Delta - lambda).
+- :func:`faithfulness`: synergistic faithfulness. Keep only (or remove) the top-k fraction of each
+  modality's positions by an explanation, the rest (or those) set to the neutral reference;
+  sufficiency gap |f(keep) - f(x)| and necessity drop f(x) - f(remove) as curves over k, with areas,
+  against random explanations of the same size.
+
+Every intervention acts where the modalities enter the LM (``fusion.embeds`` / ``lm.embed``), so
+text, image and graph positions are treated alike, and variants are evaluated in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .explainers import Explanation, _rows, _setup, _with_embeds, explain, predicted_prob
+from .patching import last_logits
+from .wrapper import HookedModel
+
+
+def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """Jensen-Shannon divergence (nats, in [0, ln 2]) between the softmaxes of Float[b, vocab] logits."""
+    p, q = p_logits.float().softmax(-1), q_logits.float().softmax(-1)
+    m = (p + q) / 2
+
+    def kl(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(a > 0, a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log()), torch.zeros_like(a)).sum(-1)
+
+    return (kl(p, m) + kl(q, m)) / 2
+
+
+def explanation_distance(a: Explanation, b: Explanation, modality: str, kind: str = "tv") -> Tensor:
+    """Float[b]: how much the explanation of ``modality`` changed from ``a`` to ``b`` (same layout).
+
+    ``"tv"``: total variation between the two |score| distributions over the modality's positions
+    (in [0, 1]; scale-free). ``"relative_l2"``: ||s_a - s_b|| / ||s_a|| on those positions.
+    """
+    if kind == "tv":
+        return (a.distribution(modality) - b.distribution(modality)).abs().sum(1) / 2
+    if kind == "relative_l2":
+        diff = (a.masked(modality) - b.masked(modality)).norm(dim=1)
+        return diff / a.masked(modality).norm(dim=1).clamp_min(1e-30)
+    raise ValueError(f"unknown explanation distance {kind!r}; use 'tv' or 'relative_l2'")
+
+
+@dataclass
+class GrangerResult:
+    """What :func:`granger` returns.
+
+    Attributes:
+        influence: one row per (input, ablated modality m): ``delta_js`` (Delta_m, JS divergence of
+            the final-position distributions, nats), ``delta_prob`` (drop of the predicted token's
+            probability).
+        explanations: one row per (input, explainer, m, explained modality n != m): ``delta``
+            (delta_{m->n}, :func:`explanation_distance`), ``importance_m`` (the explainer's share of
+            score mass on m for the unablated input), and Delta_m.
+        summary: one row per (explainer, m, n): ``kappa`` (the largest kappa with delta >= kappa *
+            Delta - lambda for ``fraction`` of inputs at lambda <= ``tolerance``), ``lambda`` (the
+            smallest lambda at that kappa), ``spearman_importance`` (rank correlation over inputs
+            of Delta_m and importance_m), ``spearman_delta`` (of Delta_m and delta).
+        violations: the inputs that break the relation most: ``hidden_dependency`` (Delta_m large,
+            explanation unmoved) and ``over_credit`` (Delta_m near zero, importance on m high).
+        distance, fraction, tolerance: the settings used.
+    """
+
+    influence: pd.DataFrame
+    explanations: pd.DataFrame
+    summary: pd.DataFrame
+    violations: pd.DataFrame
+    distance: str
+    fraction: float
+    tolerance: float
+
+
+def kappa_lambda(delta_out: np.ndarray, delta_expl: np.ndarray, fraction: float = 0.9,
+                 tolerance: float = 0.05) -> tuple[float, float]:
+    """The largest kappa such that ``delta_expl >= kappa * delta_out - lambda`` holds for
+    ``fraction`` of the inputs with some lambda <= ``tolerance``, and the smallest such lambda.
+
+    lambda(kappa) = max(0, quantile_fraction(kappa * delta_out - delta_expl)) is nondecreasing in
+    kappa (Delta >= 0), so kappa is found by bisection.
+    """
+    delta_out, delta_expl = np.asarray(delta_out, float), np.asarray(delta_expl, float)
+
+    def lam(kappa: float) -> float:
+        return max(0.0, float(np.quantile(kappa * delta_out - delta_expl, fraction)))
+
+    if not len(delta_out) or lam(0.0) > tolerance:
+        return 0.0, lam(0.0) if len(delta_out) else float("nan")
+    high = 1.0
+    while lam(high) <= tolerance and high < 1e9:
+        high *= 2
+    if lam(high) <= tolerance:
+        return float("inf"), lam(high)
+    low = 0.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if lam(mid) <= tolerance else (low, mid)
+    return low, lam(low)
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    a, b = pd.Series(list(a), dtype=float), pd.Series(list(b), dtype=float)
+    if len(a) < 3 or a.nunique() < 2 or b.nunique() < 2:
+        return float("nan")
+    return float(a.rank().corr(b.rank()))
+
+
+def granger(hooked: HookedModel, inputs: Mapping[str, Any], explainers: Sequence[str] = ("integrated_gradients",), *,
+            mode: str = "joint", distance: str = "tv", fraction: float = 0.9, tolerance: float = 0.05,
+            options: Mapping[str, dict] | None = None, progress: bool = True) -> GrangerResult:
+    """Granger-style modality influence over the rows of ``inputs`` (a dataset).
+
+    For each row x and modality m: x_m = x with m replaced by its neutral reference. Each explainer
+    explains the same quantity on x and on x_m: the probability of x's predicted token.
+
+    Args:
+        explainers: names from :data:`mmlens.explainers.EXPLAINERS`.
+        mode: explainer mode (``"joint"``; or ``"unimodal"``: each modality n explained alone).
+        distance: explanation distance (:func:`explanation_distance`).
+        options: per-explainer keyword options, e.g. ``{"integrated_gradients": {"steps": 16}}``.
+    """
+    inputs = hooked._check_inputs(inputs)
+    spans = hooked.spans(inputs)
+    modalities = [m for m in spans.modalities if m in hooked.adapter.neutral]
+    if len(modalities) < 1:
+        raise ValueError(f"no modality of these inputs ({spans.modalities}) has a neutral reference in adapter "
+                         f"{hooked.adapter.name!r}")
+    options = dict(options or {})
+    influence, rows = [], []
+    bar = tqdm(range(spans.batch_size), desc="granger", disable=not progress)
+    for i in bar:
+        x = _rows(inputs, i)
+        metric = predicted_prob(hooked, x)
+        with torch.no_grad():
+            logits = last_logits(hooked.run(x).logits, x.get("attention_mask"))
+        ablated = {m: hooked.neutral(x, m) for m in modalities}
+        for m, x_m in ablated.items():
+            with torch.no_grad():
+                logits_m = last_logits(hooked.run(x_m).logits, x_m.get("attention_mask"))
+            influence.append({"input": i, "modality": m, "delta_js": float(js_divergence(logits, logits_m)[0]),
+                              "delta_prob": float(metric(logits)[0] - metric(logits_m)[0])})
+        for name in explainers:
+            kwargs = options.get(name, {})
+            base = _explain_mode(hooked, x, name, mode, metric, kwargs)
+            for m, x_m in ablated.items():
+                moved = _explain_mode(hooked, x_m, name, mode, metric, kwargs)
+                for n in modalities:
+                    if n == m:
+                        continue
+                    rows.append({"input": i, "explainer": name, "ablated": m, "explained": n,
+                                 "delta": float(explanation_distance(base[n], moved[n], n, distance)[0]),
+                                 "importance_m": float(base[m].importance()[m][0]) if mode == "joint" else float("nan")})
+    influence_df = pd.DataFrame(influence)
+    expl = pd.DataFrame(rows)
+    if not expl.empty:
+        expl = expl.merge(influence_df.rename(columns={"modality": "ablated"}), on=["input", "ablated"])
+    return GrangerResult(influence_df, expl, *_granger_summary(expl, fraction, tolerance), distance, fraction, tolerance)
+
+
+def _explain_mode(hooked: HookedModel, x: dict, name: str, mode: str, metric, kwargs: dict) -> dict[str, Explanation]:
+    """Modality -> the explanation that covers it (one joint explanation, or one per modality)."""
+    modalities = hooked.spans(x).modalities
+    if mode == "joint":
+        e = explain(hooked, x, name, mode="joint", metric=metric, **kwargs)
+        return {m: e for m in modalities}
+    if mode == "unimodal":
+        return {m: explain(hooked, x, name, mode=m, metric=metric, **kwargs) for m in modalities}
+    raise ValueError(f"mode must be 'joint' or 'unimodal', got {mode!r}")
+
+
+def _granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if expl.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    summary, violations = [], []
+    for (name, m, n), group in expl.groupby(["explainer", "ablated", "explained"], sort=False):
+        kappa, lam = kappa_lambda(group.delta_js.to_numpy(), group.delta.to_numpy(), fraction, tolerance)
+        summary.append({"explainer": name, "ablated": m, "explained": n, "n_inputs": len(group), "kappa": kappa,
+                        "lambda": lam, "spearman_importance": _spearman(group.delta_js, group.importance_m),
+                        "spearman_delta": _spearman(group.delta_js, group.delta),
+                        "mean_delta_js": group.delta_js.mean(), "mean_delta": group.delta.mean()})
+        scale_out = max(group.delta_js.max(), 1e-30)
+        scale_expl = max(group.delta.max(), 1e-30)
+        hidden = group.delta_js / scale_out - group.delta / scale_expl
+        over = group.importance_m - group.delta_js / scale_out
+        for kind, score in (("hidden_dependency", hidden), ("over_credit", over)):
+            worst = score.idxmax()
+            if np.isfinite(score[worst]) and score[worst] > 0:
+                violations.append({"explainer": name, "ablated": m, "explained": n, "kind": kind,
+                                   "input": int(group.input[worst]), "score": float(score[worst]),
+                                   "delta_js": float(group.delta_js[worst]), "delta": float(group.delta[worst]),
+                                   "importance_m": float(group.importance_m[worst])})
+    return pd.DataFrame(summary), pd.DataFrame(violations)
+
+
+@dataclass
+class FaithfulnessResult:
+    """What :func:`faithfulness` returns.
+
+    Attributes:
+        curves: one row per (input, scope, k, source): ``scope`` a modality or ``"joint"`` (every
+            modality's top-k at once), ``source`` ``"explanation"`` or ``"random"`` (mean over
+            draws), ``f`` the metric on the input, ``f_keep``, ``f_remove``, ``sufficiency_gap``
+            (|f_keep - f|), ``necessity_drop`` (f - f_remove).
+        areas: per (scope, source): areas under the mean curves over k in [0, 1] (trapezoid):
+            ``aoc_sufficiency_gap`` (lower is better) and ``auc_necessity_drop`` (higher is better).
+    """
+
+    curves: pd.DataFrame
+    areas: pd.DataFrame
+    method: str
+
+
+def faithfulness(hooked: HookedModel, inputs: Mapping[str, Any], explainer: str = "integrated_gradients", *,
+                 fractions: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), random_draws: int = 5,
+                 seed: int = 0, batch_size: int = 32, options: Mapping[str, Any] | None = None,
+                 explanations: Sequence[Explanation] | None = None, progress: bool = True) -> FaithfulnessResult:
+    """Sufficiency and necessity of an explainer's top-k positions per modality and jointly.
+
+    keep_k: every explained position outside the top-k fraction of its modality takes its neutral
+    reference embedding; remove_k: the top-k positions do. The metric is the probability of each
+    input's predicted token. ``explanations`` (one per row, from :func:`mmlens.explain`) skips
+    explaining.
+    """
+    inputs = hooked._check_inputs(inputs)
+    fractions = sorted(set(float(k) for k in fractions))
+    if not fractions or fractions[0] < 0 or fractions[-1] > 1:
+        raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
+    generator = torch.Generator().manual_seed(seed)
+    n_rows = hooked.spans(inputs).batch_size
+    if explanations is not None and len(explanations) != n_rows:
+        raise ValueError(f"got {len(explanations)} explanations for {n_rows} inputs")
+    rows = []
+    for i in tqdm(range(n_rows), desc=f"faithfulness ({explainer})", disable=not progress):
+        x = _rows(inputs, i)
+        metric = predicted_prob(hooked, x)
+        e = explanations[i] if explanations is not None else explain(hooked, x, explainer, metric=metric,
+                                                                     **dict(options or {}))
+        setup = _setup(hooked, x, metric, "joint")
+        modalities = setup.spans.modalities
+        variants, labels = [], []
+        for scope in modalities + (["joint"] if len(modalities) > 1 else []):
+            members = modalities if scope == "joint" else [scope]
+            for k in fractions:
+                top = torch.zeros_like(setup.explained[0].cpu())
+                for n in members:
+                    top |= e.top_mask(n, k)[0]
+                draws = [_random_top(setup.spans, members, k, generator) for _ in range(random_draws)]
+                for source, masks in (("explanation", [top]), ("random", draws)):
+                    for d, mask in enumerate(masks):
+                        scope_mask = torch.zeros_like(mask)
+                        for n in members:
+                            scope_mask |= setup.spans.masks[n][0].cpu()
+                        keep = _blend(setup, scope_mask & ~mask)
+                        remove = _blend(setup, mask)
+                        variants += [keep, remove]
+                        labels += [(scope, k, source, d, "keep"), (scope, k, source, d, "remove")]
+        values = []
+        with torch.no_grad():
+            for start in range(0, len(variants), batch_size):
+                values.append(_with_embeds(hooked, x, setup.point, torch.cat(variants[start:start + batch_size]), metric))
+        values = torch.cat(values).float().cpu().tolist()
+        f = float(setup.value[0])
+        table = pd.DataFrame([(*label, v) for label, v in zip(labels, values)],
+                             columns=["scope", "k", "source", "draw", "which", "value"])
+        wide = table.pivot_table(index=["scope", "k", "source", "draw"], columns="which", values="value").reset_index()
+        wide = wide.groupby(["scope", "k", "source"], sort=False)[["keep", "remove"]].mean().reset_index()
+        for r in wide.itertuples(index=False):
+            rows.append({"input": i, "scope": r.scope, "k": r.k, "source": r.source, "f": f, "f_keep": r.keep,
+                         "f_remove": r.remove, "sufficiency_gap": abs(r.keep - f), "necessity_drop": f - r.remove})
+    curves = pd.DataFrame(rows)
+    return FaithfulnessResult(curves, _areas(curves), explainer)
+
+
+def _random_top(spans, members: list[str], k: float, generator: torch.Generator) -> Tensor:
+    """Bool[seq]: a random ``ceil(k * n)`` positions of each member modality (row 0)."""
+    out = torch.zeros(spans.valid.shape[1], dtype=torch.bool)
+    for n in members:
+        positions = spans.masks[n][0].cpu().nonzero()[:, 0]
+        count = int(np.ceil(k * len(positions) - 1e-9))
+        out[positions[torch.randperm(len(positions), generator=generator)[:count]]] = True
+    return out
+
+
+def _blend(setup, to_baseline: Tensor) -> Tensor:
+    """Float[1, seq, d]: the input embeddings with ``to_baseline`` positions at the baseline."""
+    mask = to_baseline.to(setup.embeds.device)[None, :, None]
+    return torch.where(mask, setup.baseline, setup.embeds)
+
+
+def _areas(curves: pd.DataFrame) -> pd.DataFrame:
+    if curves.empty:
+        return pd.DataFrame()
+    mean = curves.groupby(["scope", "source", "k"], sort=False)[["sufficiency_gap", "necessity_drop"]].mean().reset_index()
+    out = []
+    for (scope, source), group in mean.groupby(["scope", "source"], sort=False):
+        group = group.sort_values("k")
+        k = group.k.to_numpy()
+        out.append({"scope": scope, "source": source,
+                    "aoc_sufficiency_gap": float(np.trapezoid(group.sufficiency_gap.to_numpy(), k)) if len(k) > 1 else float("nan"),
+                    "auc_necessity_drop": float(np.trapezoid(group.necessity_drop.to_numpy(), k)) if len(k) > 1 else float("nan")})
+    return pd.DataFrame(out)
+
+
+__all__ = ["FaithfulnessResult", "GrangerResult", "explanation_distance", "faithfulness", "granger", "js_divergence",
+           "kappa_lambda"]

@@ -1,0 +1,108 @@
+"""The desiderata as numbers: known answers on a hand-built text-only model, and the formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mmlens
+from mmlens.desiderata import explanation_distance, faithfulness, granger, js_divergence, kappa_lambda
+from mmlens.explainers import Explanation, _setup, _with_embeds, predicted_prob
+from mmlens.loading import load_model
+from mmlens.patching import last_logits
+from mmlens.spans import spans_from_blocks
+
+
+@pytest.fixture(scope="module")
+def text_only():
+    """The tiny fusion transformer with its patch embedding zeroed: every image gives the same image
+    tokens, so the output depends on the text only."""
+    lm = load_model("tiny-fusion")
+    with torch.no_grad():
+        lm.model.image_encoder.patch_embed.weight.zero_()
+    hm = mmlens.wrap(lm.model)
+    inputs = lm.example_inputs()
+    return hm, inputs
+
+
+def test_granger_finds_no_influence_of_an_unused_modality(text_only):
+    hm, inputs = text_only
+    result = granger(hm, inputs, ["gradient_x_input", "occlusion"], progress=False)
+    image = result.influence[result.influence.modality == "image"]
+    text = result.influence[result.influence.modality == "text"]
+    assert (image.delta_js == 0).all() and (image.delta_prob == 0).all()  # exactly: the image tokens are identical
+    assert (text.delta_js > 0).all()
+    assert set(result.explanations.explainer) == {"gradient_x_input", "occlusion"}
+    assert set(zip(result.explanations.ablated, result.explanations.explained)) == {("image", "text"), ("text", "image")}
+    # ablating the unused image changes nothing, so no explanation of the text may move
+    moved = result.explanations[result.explanations.ablated == "image"]
+    assert (moved.delta.abs() < 1e-6).all()
+    assert set(result.summary.columns) >= {"kappa", "lambda", "spearman_importance", "spearman_delta"}
+
+
+def test_keep_and_remove_behave_as_defined(text_only):
+    hm, inputs = text_only
+    result = faithfulness(hm, inputs, "occlusion", fractions=(0.0, 0.5, 1.0), random_draws=2, progress=False)
+    curves = result.curves
+    full, none = curves[curves.k == 1.0], curves[curves.k == 0.0]
+    assert (full.sufficiency_gap < 1e-6).all()  # keep everything = the input
+    assert (none.necessity_drop.abs() < 1e-6).all()  # remove nothing = the input
+    image = curves[curves.scope == "image"]
+    assert (image.sufficiency_gap < 1e-6).all() and (image.necessity_drop.abs() < 1e-6).all()  # unused modality
+    # removing every text position = running the model on the neutral text
+    for i in range(inputs["input_ids"].shape[0]):
+        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        metric = predicted_prob(hm, one)
+        neutral = hm.neutral(one, "text")
+        expected = float(metric(last_logits(hm.run(neutral).logits, None))[0])
+        row = curves[(curves.input == i) & (curves.scope == "text") & (curves.k == 1.0) & (curves.source == "explanation")]
+        assert abs(float(row.f_remove.iloc[0]) - expected) < 1e-6
+    assert set(result.areas.source) == {"explanation", "random"}
+    assert set(result.areas.scope) == {"image", "text", "joint"}
+
+
+def test_keep_masks_select_the_top_positions(text_only):
+    hm, inputs = text_only
+    one = {k: v[:1] for k, v in inputs.items()}
+    metric = predicted_prob(hm, one)
+    setup = _setup(hm, one, metric, "joint")
+    scores = torch.full(setup.explained.shape, float("nan"))
+    text = setup.spans.masks["text"][0]
+    scores[0, text] = torch.arange(int(text.sum()), dtype=torch.float)  # the last text positions score highest
+    explanation = Explanation(scores, setup.spans, "hand", "joint", setup.value)
+    result = faithfulness(hm, one, explanations=[explanation], fractions=(0.5,), random_draws=1, progress=False)
+    keep_half = torch.where((text & ~explanation.top_mask("text", 0.5)[0])[None, :, None], setup.baseline, setup.embeds)
+    with torch.no_grad():
+        expected = float(_with_embeds(hm, one, setup.point, keep_half, metric)[0])
+    row = result.curves[(result.curves.scope == "text") & (result.curves.source == "explanation")]
+    assert abs(float(row.f_keep.iloc[0]) - expected) < 1e-6
+    top = explanation.top_mask("text", 0.5)[0].nonzero()[:, 0].tolist()
+    text_positions = text.nonzero()[:, 0].tolist()
+    assert top == text_positions[len(text_positions) - len(top):]
+
+
+def test_kappa_lambda_known_answers():
+    delta_out = np.linspace(0, 1, 11)
+    kappa, lam = kappa_lambda(delta_out, 2 * delta_out, fraction=1.0, tolerance=0.0)
+    assert abs(kappa - 2) < 1e-6 and lam == 0
+    kappa, lam = kappa_lambda(delta_out, delta_out - 0.1, fraction=1.0, tolerance=0.1)
+    assert abs(kappa - 1) < 1e-6 and abs(lam - 0.1) < 1e-9
+    kappa, _ = kappa_lambda(delta_out, np.zeros(11), fraction=0.5, tolerance=0.05)  # unmoved explanation
+    assert abs(kappa - 0.1) < 1e-6  # the median Delta is 0.5: 0.5 kappa <= 0.05
+
+
+def test_distances():
+    spans = spans_from_blocks(1, {"a": 2, "b": 2}, {})
+    a = Explanation(torch.tensor([[1.0, 0.0, 1.0, 1.0]]), spans, "x", "joint", torch.zeros(1))
+    b = Explanation(torch.tensor([[0.0, 2.0, 1.0, 1.0]]), spans, "x", "joint", torch.zeros(1))
+    assert float(explanation_distance(a, b, "a")[0]) == 1.0  # disjoint support
+    assert float(explanation_distance(a, b, "b")[0]) == 0.0
+    assert abs(float(explanation_distance(a, b, "a", "relative_l2")[0]) - math.sqrt(5)) < 1e-6
+    with pytest.raises(ValueError, match="'tv' or 'relative_l2'"):
+        explanation_distance(a, b, "a", "cosine")
+    logits = torch.tensor([[50.0, 0.0], [0.0, 50.0]])
+    assert float(js_divergence(logits[:1], logits[:1])[0]) == 0.0
+    assert abs(float(js_divergence(logits[:1], logits[1:])[0]) - math.log(2)) < 1e-6
