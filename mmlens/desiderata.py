@@ -3,6 +3,9 @@
 - :func:`granger`: Granger-style modality influence. Replace modality m by its neutral reference,
   measure the output change Delta_m and each explainer's explanation change delta_{m->n} for the
   other modalities n; a faithful explainer's delta grows with Delta (delta >= kappa * Delta - lambda).
+- :func:`stability`: unified stability. Lipschitz ratios of the explanation change over the input
+  change under small meaning-preserving perturbations, within a modality (Eq. 6) and across
+  modalities (Eq. 7).
 - :func:`faithfulness`: synergistic faithfulness. Keep only (or remove) the top-k fraction of each
   modality's positions by an explanation, the rest (or those) set to the neutral reference;
   sufficiency gap |f(keep) - f(x)| and necessity drop f(x) - f(remove) as curves over k, with areas,
@@ -283,6 +286,97 @@ def faithfulness(hooked: HookedModel, inputs: Mapping[str, Any], explainer: str 
     return FaithfulnessResult(curves, _areas(curves), explainer)
 
 
+@dataclass
+class StabilityResult:
+    """What :func:`stability` returns.
+
+    Attributes:
+        samples: one row per (input, explainer, perturbed modality m, kind, draw, explained
+            modality n): ``input_distance`` (L2 in the LM's input embeddings at m's positions,
+            :func:`mmlens.perturb.input_distance`), ``explanation_distance`` (L2 between the raw
+            scores at n's positions), ``ratio`` (their quotient), ``kept`` (whether the prediction
+            was unchanged; only kept samples enter the summary).
+        summary: one row per (explainer, m, n): ``equation`` ("intra (6)" for m == n, "cross (7)"
+            otherwise), ``n_kept``/``n_dropped``, and the ratio's ``max``, ``p95`` and ``median``.
+        skipped: modalities that could not be perturbed, with the reason.
+    """
+
+    samples: pd.DataFrame
+    summary: pd.DataFrame
+    skipped: dict[str, str]
+
+
+def stability(hooked: HookedModel, inputs: Mapping[str, Any], explainers: Sequence[str] = ("integrated_gradients",), *,
+              modalities: Sequence[str] | None = None, kinds: Mapping[str, Sequence[str]] | None = None, n: int = 4,
+              scale: Mapping[str, float] | None = None, seed: int = 0, options: Mapping[str, dict] | None = None,
+              progress: bool = True) -> StabilityResult:
+    """Unified stability: Lipschitz ratios ||E(x) - E(x')|| / ||x - x'|| under small
+    meaning-preserving perturbations of each modality m (:func:`mmlens.perturb.perturb`), for the
+    explanation of every modality n (Eq. 6 for n = m, Eq. 7 for n != m).
+
+    A perturbation is kept only if the predicted final-position token is unchanged (argmax of the
+    logits); both explanations explain the probability of the original prediction.
+
+    Args:
+        modalities: which modalities to perturb (default: every one of the inputs that has kinds).
+        kinds: modality -> perturbation kinds (default: all of :data:`mmlens.perturb.KINDS`).
+        n: draws per kind.
+    """
+    from .perturb import KINDS, input_distance, perturb
+
+    inputs = hooked._check_inputs(inputs)
+    spans = hooked.spans(inputs)
+    targets = [m for m in (modalities or spans.modalities) if m in KINDS]
+    unknown = [m for m in (modalities or []) if m not in spans.modalities]
+    if unknown:
+        raise ValueError(f"modalities {unknown} are not in these inputs; they have {spans.modalities}")
+    options = dict(options or {})
+    rows, skipped = [], {}
+    for i in tqdm(range(spans.batch_size), desc="stability", disable=not progress):
+        x = _rows(inputs, i)
+        metric = predicted_prob(hooked, x)
+        with torch.no_grad():
+            prediction = int(last_logits(hooked.run(x).logits, x.get("attention_mask"))[0].argmax())
+        base = {name: explain(hooked, x, name, metric=metric, **options.get(name, {})) for name in explainers}
+        for m in targets:
+            try:
+                perturbed = perturb(hooked, x, m, (kinds or {}).get(m), n=n, scale=scale, seed=seed + i)
+            except ValueError as err:
+                skipped[m] = str(err)
+                continue
+            for draw, p in enumerate(perturbed):
+                distance = float(input_distance(hooked, x, p.inputs, m)[0])
+                if distance == 0:
+                    continue
+                with torch.no_grad():
+                    logits = last_logits(hooked.run(p.inputs).logits, p.inputs.get("attention_mask"))
+                kept = int(logits[0].argmax()) == prediction
+                for name in explainers:
+                    moved = explain(hooked, p.inputs, name, metric=metric, **options.get(name, {}))
+                    for target in spans.modalities:
+                        change = float((base[name].masked(target) - moved.masked(target)).norm(dim=1)[0])
+                        rows.append({"input": i, "explainer": name, "perturbed": m, "kind": p.kind, "draw": draw,
+                                     "explained": target, "input_distance": distance,
+                                     "explanation_distance": change, "ratio": change / distance, "kept": kept})
+    samples = pd.DataFrame(rows)
+    return StabilityResult(samples, _stability_summary(samples), skipped)
+
+
+def _stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
+    if samples.empty:
+        return pd.DataFrame()
+    out = []
+    for (name, m, target), group in samples.groupby(["explainer", "perturbed", "explained"], sort=False):
+        kept = group[group.kept].ratio
+        out.append({"explainer": name, "perturbed": m, "explained": target,
+                    "equation": "intra (6)" if m == target else "cross (7)", "n_kept": int(len(kept)),
+                    "n_dropped": int((~group.kept).sum()),
+                    "max": float(kept.max()) if len(kept) else float("nan"),
+                    "p95": float(kept.quantile(0.95)) if len(kept) else float("nan"),
+                    "median": float(kept.median()) if len(kept) else float("nan")})
+    return pd.DataFrame(out)
+
+
 def _random_top(spans, members: list[str], k: float, generator: torch.Generator) -> Tensor:
     """Bool[seq]: a random ``ceil(k * n)`` positions of each member modality (row 0)."""
     out = torch.zeros(spans.valid.shape[1], dtype=torch.bool)
@@ -313,5 +407,5 @@ def _areas(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-__all__ = ["FaithfulnessResult", "GrangerResult", "explanation_distance", "faithfulness", "granger", "js_divergence",
-           "kappa_lambda"]
+__all__ = ["FaithfulnessResult", "GrangerResult", "StabilityResult", "explanation_distance", "faithfulness", "granger",
+           "js_divergence", "kappa_lambda", "stability"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.desiderata import explanation_distance, faithfulness, granger, js_divergence, kappa_lambda
+from mmlens.desiderata import explanation_distance, faithfulness, granger, js_divergence, kappa_lambda, stability
 from mmlens.explainers import Explanation, _setup, _with_embeds, predicted_prob
 from mmlens.loading import load_model
 from mmlens.patching import last_logits
@@ -106,3 +106,44 @@ def test_distances():
     logits = torch.tensor([[50.0, 0.0], [0.0, 50.0]])
     assert float(js_divergence(logits[:1], logits[:1])[0]) == 0.0
     assert abs(float(js_divergence(logits[:1], logits[1:])[0]) - math.log(2)) < 1e-6
+
+
+def test_stability_ratios_and_the_prediction_criterion(loaded):
+    lm = loaded("tiny-random-llava")
+    hm = mmlens.wrap(lm.model, processor=lm.processor)
+    inputs = lm.example_inputs()
+    result = stability(hm, inputs, ["gradient_x_input"], modalities=["image"], n=2, progress=False)
+    samples = result.samples
+    assert set(samples.perturbed) == {"image"} and set(samples.explained) == {"image", "text"}
+    assert (samples.input_distance > 0).all()
+    assert np.allclose(samples.ratio, samples.explanation_distance / samples.input_distance)
+    summary = result.summary.set_index("explained")
+    assert summary.loc["image", "equation"] == "intra (6)" and summary.loc["text", "equation"] == "cross (7)"
+    per_target = samples[samples.explained == "image"]
+    assert summary.loc["image", "n_kept"] == per_target.kept.sum()
+    assert summary.loc["image", "n_kept"] + summary.loc["image", "n_dropped"] == len(per_target)
+    kept = per_target[per_target.kept].ratio
+    assert summary.loc["image", "max"] == kept.max() and summary.loc["image", "median"] == kept.median()
+    # recompute one kept sample by hand: the explanation change of the text, over the image change
+    from mmlens.explainers import explain
+    from mmlens.perturb import input_distance, perturb
+
+    first = samples[(samples.kept) & (samples.explained == "text")].iloc[0]
+    x = {k: v[int(first.input):int(first.input) + 1] for k, v in inputs.items()}
+    p = perturb(hm, x, "image", n=2, seed=int(first.input))[int(first.draw)]  # as stability draws them
+    assert p.kind == first.kind
+    metric = predicted_prob(hm, x)
+    change = (explain(hm, x, "gradient_x_input", metric=metric).masked("text")
+              - explain(hm, p.inputs, "gradient_x_input", metric=metric).masked("text")).norm()
+    assert abs(float(change) / float(input_distance(hm, x, p.inputs, "image")[0]) - first.ratio) < 1e-6
+
+
+def test_stability_on_text_synonyms(loaded):
+    lm = loaded("tinystories-656k")
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
+    inputs = dict(lm.tokenizer(["The little girl was happy and the big dog was quick."], return_tensors="pt"))
+    result = stability(hm, inputs, ["occlusion"], n=3, progress=False)
+    assert not result.skipped and set(result.samples.kind) <= {"synonym_swap", "punctuation_edit"}
+    assert len(result.samples) > 0 and (result.summary.equation == "intra (6)").all()
+    with pytest.raises(ValueError, match="not in these inputs"):
+        stability(hm, inputs, ["occlusion"], modalities=["image"], progress=False)
