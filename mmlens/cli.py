@@ -4,6 +4,8 @@
     mmlens hooks MODEL [--json]   list a model's hook points by stage and modality
     mmlens patch CONFIG [--out DIR] [--overwrite] [--check]
                                   run (or resume) the patching sweep a TOML/YAML config describes
+    mmlens evaluate CONFIG [--out DIR] [--overwrite]
+                                  score explainers on the three desiderata (Granger, faithfulness, stability)
 """
 
 from __future__ import annotations
@@ -109,6 +111,20 @@ def cmd_patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mmlens.evaluation import evaluate, load_evaluation_config, print_summary
+
+    config = load_evaluation_config(args.config, out=args.out)
+    try:
+        evaluation = evaluate(config, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nmmlens: interrupted; finished parts are saved in {config.out}/parts. Run the same command again to "
+              "continue from there.", file=sys.stderr)
+        return 130
+    print_summary(evaluation)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmlens", description="Mechanistic interpretability for multimodal transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--check", action="store_true", help="validate the config against the model and print the plan")
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
     patch.set_defaults(func=cmd_patch)
+    evaluate = sub.add_parser("evaluate", help="score explainers on Granger influence, faithfulness and stability")
+    evaluate.add_argument("config", help="a .toml/.yaml/.json config (see mmlens/evaluation.py and analyses/configs/)")
+    evaluate.add_argument("--out", help="output folder (overrides output.dir)")
+    evaluate.add_argument("--overwrite", action="store_true", help="discard finished parts of a previous run")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

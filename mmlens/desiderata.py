@@ -32,6 +32,30 @@ from .patching import last_logits
 from .wrapper import HookedModel
 
 
+Dataset = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+"""Inputs of several examples: one batch (a row per example), or a list of inputs (each one or more
+rows; lengths may differ between them)."""
+
+
+def examples(hooked: HookedModel, dataset: Dataset) -> list[dict]:
+    """The examples of ``dataset`` as a list of batch-1 inputs."""
+    batches = [dataset] if isinstance(dataset, Mapping) else list(dataset)
+    if not batches:
+        raise ValueError("the dataset is empty")
+    out = []
+    for batch in batches:
+        batch = hooked._check_inputs(batch)
+        out += [_rows(batch, i) for i in range(hooked.spans(batch).batch_size)]
+    return out
+
+
+def _modalities(hooked: HookedModel, items: list[dict]) -> list[str]:
+    found: dict[str, None] = {}
+    for x in items:
+        found.update(dict.fromkeys(hooked.spans(x).modalities))
+    return list(found)
+
+
 def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     """Jensen-Shannon divergence (nats, in [0, ln 2]) between the softmaxes of Float[b, vocab] logits."""
     p, q = p_logits.float().softmax(-1), q_logits.float().softmax(-1)
@@ -120,7 +144,7 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(a.rank().corr(b.rank()))
 
 
-def granger(hooked: HookedModel, inputs: Mapping[str, Any], explainers: Sequence[str] = ("integrated_gradients",), *,
+def granger(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("integrated_gradients",), *,
             mode: str = "joint", distance: str = "tv", fraction: float = 0.9, tolerance: float = 0.05,
             options: Mapping[str, dict] | None = None, progress: bool = True) -> GrangerResult:
     """Granger-style modality influence over the rows of ``inputs`` (a dataset).
@@ -134,17 +158,15 @@ def granger(hooked: HookedModel, inputs: Mapping[str, Any], explainers: Sequence
         distance: explanation distance (:func:`explanation_distance`).
         options: per-explainer keyword options, e.g. ``{"integrated_gradients": {"steps": 16}}``.
     """
-    inputs = hooked._check_inputs(inputs)
-    spans = hooked.spans(inputs)
-    modalities = [m for m in spans.modalities if m in hooked.adapter.neutral]
+    items = examples(hooked, inputs)
+    present = _modalities(hooked, items)
+    modalities = [m for m in present if m in hooked.adapter.neutral]
     if len(modalities) < 1:
-        raise ValueError(f"no modality of these inputs ({spans.modalities}) has a neutral reference in adapter "
+        raise ValueError(f"no modality of these inputs ({present}) has a neutral reference in adapter "
                          f"{hooked.adapter.name!r}")
     options = dict(options or {})
     influence, rows = [], []
-    bar = tqdm(range(spans.batch_size), desc="granger", disable=not progress)
-    for i in bar:
-        x = _rows(inputs, i)
+    for i, x in enumerate(tqdm(items, desc="granger", disable=not progress)):
         metric = predicted_prob(hooked, x)
         with torch.no_grad():
             logits = last_logits(hooked.run(x).logits, x.get("attention_mask"))
@@ -225,7 +247,7 @@ class FaithfulnessResult:
     method: str
 
 
-def faithfulness(hooked: HookedModel, inputs: Mapping[str, Any], explainer: str = "integrated_gradients", *,
+def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integrated_gradients", *,
                  fractions: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), random_draws: int = 5,
                  seed: int = 0, batch_size: int = 32, options: Mapping[str, Any] | None = None,
                  explanations: Sequence[Explanation] | None = None, progress: bool = True) -> FaithfulnessResult:
@@ -236,17 +258,15 @@ def faithfulness(hooked: HookedModel, inputs: Mapping[str, Any], explainer: str 
     input's predicted token. ``explanations`` (one per row, from :func:`mmlens.explain`) skips
     explaining.
     """
-    inputs = hooked._check_inputs(inputs)
+    items = examples(hooked, inputs)
     fractions = sorted(set(float(k) for k in fractions))
     if not fractions or fractions[0] < 0 or fractions[-1] > 1:
         raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
     generator = torch.Generator().manual_seed(seed)
-    n_rows = hooked.spans(inputs).batch_size
-    if explanations is not None and len(explanations) != n_rows:
-        raise ValueError(f"got {len(explanations)} explanations for {n_rows} inputs")
+    if explanations is not None and len(explanations) != len(items):
+        raise ValueError(f"got {len(explanations)} explanations for {len(items)} inputs")
     rows = []
-    for i in tqdm(range(n_rows), desc=f"faithfulness ({explainer})", disable=not progress):
-        x = _rows(inputs, i)
+    for i, x in enumerate(tqdm(items, desc=f"faithfulness ({explainer})", disable=not progress)):
         metric = predicted_prob(hooked, x)
         e = explanations[i] if explanations is not None else explain(hooked, x, explainer, metric=metric,
                                                                      **dict(options or {}))
@@ -306,7 +326,7 @@ class StabilityResult:
     skipped: dict[str, str]
 
 
-def stability(hooked: HookedModel, inputs: Mapping[str, Any], explainers: Sequence[str] = ("integrated_gradients",), *,
+def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("integrated_gradients",), *,
               modalities: Sequence[str] | None = None, kinds: Mapping[str, Sequence[str]] | None = None, n: int = 4,
               scale: Mapping[str, float] | None = None, seed: int = 0, options: Mapping[str, dict] | None = None,
               progress: bool = True) -> StabilityResult:
@@ -324,16 +344,15 @@ def stability(hooked: HookedModel, inputs: Mapping[str, Any], explainers: Sequen
     """
     from .perturb import KINDS, input_distance, perturb
 
-    inputs = hooked._check_inputs(inputs)
-    spans = hooked.spans(inputs)
-    targets = [m for m in (modalities or spans.modalities) if m in KINDS]
-    unknown = [m for m in (modalities or []) if m not in spans.modalities]
+    items = examples(hooked, inputs)
+    present = _modalities(hooked, items)
+    targets = [m for m in (modalities or present) if m in KINDS]
+    unknown = [m for m in (modalities or []) if m not in present]
     if unknown:
-        raise ValueError(f"modalities {unknown} are not in these inputs; they have {spans.modalities}")
+        raise ValueError(f"modalities {unknown} are not in these inputs; they have {present}")
     options = dict(options or {})
     rows, skipped = [], {}
-    for i in tqdm(range(spans.batch_size), desc="stability", disable=not progress):
-        x = _rows(inputs, i)
+    for i, x in enumerate(tqdm(items, desc="stability", disable=not progress)):
         metric = predicted_prob(hooked, x)
         with torch.no_grad():
             prediction = int(last_logits(hooked.run(x).logits, x.get("attention_mask"))[0].argmax())
@@ -353,7 +372,7 @@ def stability(hooked: HookedModel, inputs: Mapping[str, Any], explainers: Sequen
                 kept = int(logits[0].argmax()) == prediction
                 for name in explainers:
                     moved = explain(hooked, p.inputs, name, metric=metric, **options.get(name, {}))
-                    for target in spans.modalities:
+                    for target in hooked.spans(x).modalities:
                         change = float((base[name].masked(target) - moved.masked(target)).norm(dim=1)[0])
                         rows.append({"input": i, "explainer": name, "perturbed": m, "kind": p.kind, "draw": draw,
                                      "explained": target, "input_distance": distance,
@@ -407,5 +426,5 @@ def _areas(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-__all__ = ["FaithfulnessResult", "GrangerResult", "StabilityResult", "explanation_distance", "faithfulness", "granger",
+__all__ = ["Dataset", "FaithfulnessResult", "GrangerResult", "StabilityResult", "examples", "explanation_distance", "faithfulness", "granger",
            "js_divergence", "kappa_lambda", "stability"]

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import operator
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,8 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.patches import Patch, Rectangle
 
-__all__ = ["modality_colors", "plot_edges", "plot_evolution", "plot_lens_grid", "plot_patching", "save_figure"]
+__all__ = ["modality_colors", "plot_edges", "plot_evolution", "plot_faithfulness", "plot_granger", "plot_lens_grid",
+           "plot_patching", "plot_stability", "save_figure"]
 
 _FIXED_COLORS = {"text": "tab:blue", "graph": "tab:orange", "image": "tab:green", "audio": "tab:red",
                  "pad": "#b0b0b0"}
@@ -374,6 +376,79 @@ def plot_edges(scores, pair: int = 0, span: str | None = None, value: str = "sco
     ax.set_xlabel("receiver")
     where = f", {span} positions" if span else ""
     ax.set_title(title if title is not None else f"edge attribution patching{where}", loc="left")
+    return fig
+
+
+def plot_faithfulness(results: Mapping[str, Any], scope: str | None = None) -> Figure:
+    """Sufficiency gap and necessity drop over k, one line per explainer and a dashed line for its
+    random baseline (``results``: explainer -> :class:`mmlens.desiderata.FaithfulnessResult`);
+    ``scope``: a modality or ``"joint"`` (default: joint when present)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
+    for i, (name, result) in enumerate(results.items()):
+        curves = result.curves
+        chosen = scope or ("joint" if "joint" in set(curves.scope) else curves.scope.iloc[0])
+        mean = curves[curves.scope == chosen].groupby(["source", "k"])[["sufficiency_gap", "necessity_drop"]].mean()
+        color = f"C{i}"
+        for ax, column in zip(axes, ["sufficiency_gap", "necessity_drop"]):
+            for source, style in (("explanation", "-"), ("random", "--")):
+                if source in mean.index.get_level_values(0):
+                    line = mean.loc[source][column]
+                    ax.plot(line.index, line.to_numpy(), style, color=color, marker="o", markersize=3,
+                            label=f"{name}" if source == "explanation" else f"{name} (random)")
+    axes[0].set_ylabel("sufficiency gap |f(keep) - f(x)|  (lower is better)")
+    axes[1].set_ylabel("necessity drop f(x) - f(remove)  (higher is better)")
+    for ax in axes:
+        ax.set_xlabel("k (fraction of each modality's positions)")
+    axes[1].legend(fontsize="small", frameon=False)
+    fig.suptitle(f"faithfulness ({scope or 'joint'})", x=0.02, ha="left")
+    return fig
+
+
+def plot_granger(result) -> Figure:
+    """Delta_m (output change) against delta_{m->n} (explanation change) per input, one panel per
+    ablated modality, one colour per explainer (:class:`mmlens.desiderata.GrangerResult`)."""
+    import matplotlib.pyplot as plt
+
+    table = result.explanations
+    ablated = list(dict.fromkeys(table.ablated))
+    fig, axes = plt.subplots(1, len(ablated), figsize=(4.2 * len(ablated), 3.4), layout="constrained", squeeze=False)
+    for ax, m in zip(axes[0], ablated):
+        sub = table[table.ablated == m]
+        for i, (name, group) in enumerate(sub.groupby("explainer", sort=False)):
+            ax.scatter(group.delta_js, group.delta, s=18, color=f"C{i}", label=name)
+        ax.set_xlabel(f"Delta: output change when {m} is neutral (JS, nats)")
+        ax.set_ylabel(f"delta: explanation change ({result.distance})")
+        ax.set_title(f"ablate {m}", loc="left")
+    axes[0][-1].legend(fontsize="small", frameon=False)
+    return fig
+
+
+def plot_stability(result) -> Figure:
+    """Distributions of the Lipschitz ratio per (perturbed -> explained modality), one box per
+    explainer (:class:`mmlens.desiderata.StabilityResult`, kept samples only)."""
+    import matplotlib.pyplot as plt
+
+    samples = result.samples[result.samples.kept]
+    pairs = list(dict.fromkeys(zip(samples.perturbed, samples.explained)))
+    names = list(dict.fromkeys(samples.explainer))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(pairs) * max(1, len(names)) / 2, 3.4), layout="constrained")
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        data = [samples[(samples.explainer == name) & (samples.perturbed == m) & (samples.explained == n)].ratio.to_numpy()
+                for m, n in pairs]
+        positions = [j + (i - (len(names) - 1) / 2) * width for j in range(len(pairs))]
+        parts = ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True, showfliers=True)
+        for box in parts["boxes"]:
+            box.set_facecolor(f"C{i}")
+            box.set_alpha(0.6)
+        ax.plot([], [], color=f"C{i}", linewidth=6, alpha=0.6, label=name)
+    ax.set_xticks(range(len(pairs)), [f"{m} -> {n}" for m, n in pairs])
+    ax.set_yscale("log")
+    ax.set_ylabel("||E(x) - E(x')|| / ||x - x'||")
+    ax.set_xlabel("perturbed -> explained modality")
+    ax.legend(fontsize="small", frameon=False)
     return fig
 
 

@@ -1,0 +1,67 @@
+"""mmlens evaluate: config checks, the files written, resume, and the example configs' validity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmlens.cli import main
+from mmlens.evaluation import evaluate, load_evaluation_config, parse_evaluation_config
+from mmlens.experiments import ConfigError, ResumeError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "analyses" / "configs"
+
+SMALL = {
+    "seed": 0,
+    "model": {"name": "tiny-fusion"},
+    "inputs": {"example": [0, 1]},
+    "explainers": {"methods": ["gradient_x_input", "occlusion"]},
+    "granger": {},
+    "faithfulness": {"fractions": [0.0, 0.5, 1.0], "random_draws": 1},
+    "stability": {"n": 1, "modalities": ["image"]},
+    "output": {"dir": "unused"},
+}
+
+
+def test_evaluate_writes_every_file_and_resumes(tmp_path):
+    config = parse_evaluation_config(SMALL, out=tmp_path / "run")
+    first = evaluate(config, progress=False)
+    names = {p.name for p in first.files}
+    assert {"metrics.json", "summary.txt", "summary.csv", "granger_summary.csv", "stability_summary.csv",
+            "faithfulness.png", "granger.svg", "stability.png"} <= names
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config_hash"] == config.hash() and set(metrics["versions"]) >= {"mmlens", "torch"}
+    assert {"granger_influence", "faithfulness_areas_occlusion", "stability_samples"} <= set(metrics["tables"])
+    summary = first.summary()
+    assert list(summary.explainer) == ["gradient_x_input", "occlusion"]
+    assert {"granger_kappa_min", "necessity_auc", "stability_intra_p95"} <= set(summary.columns)
+    parts = sorted(p.name for p in (tmp_path / "run" / "parts").iterdir())
+    assert len(parts) == 6  # 3 metrics x 2 explainers, saved as they finished
+    again = evaluate(config, progress=False)  # every part is reused: nothing is recomputed
+    assert not any(k.startswith(("granger_", "faithfulness_", "stability_")) for k in again.seconds)
+    assert again.summary().equals(summary)
+    other = parse_evaluation_config({**SMALL, "seed": 1}, out=tmp_path / "run")
+    with pytest.raises(ResumeError, match="different config"):
+        evaluate(other, progress=False)
+
+
+def test_cli_and_config_errors(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('[model]\nname = "tiny-fusion"\n[inputs]\nexample = [0]\n[explainers]\nmethods = ["saliency"]\n'
+                    '[granger]\n[output]\ndir = "x"\n')
+    assert main(["evaluate", str(path)]) == 2
+    assert "explainers.methods[0]: expected one of" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no metric section"):
+        parse_evaluation_config({k: v for k, v in SMALL.items() if k not in ("granger", "faithfulness", "stability")})
+    with pytest.raises(ConfigError, match="faithfulness.fractions"):
+        parse_evaluation_config({**SMALL, "faithfulness": {"fractions": [0.5]}})
+    with pytest.raises(ConfigError, match="inputs.example: rows \\[7\\] do not exist"):
+        evaluate(parse_evaluation_config({**SMALL, "inputs": {"example": [7]}}, out=tmp_path / "r"), progress=False)
+
+
+@pytest.mark.parametrize("name", ["evaluate_llava.toml", "evaluate_tea_glm.yaml"])
+def test_example_configs_parse(name):
+    config = load_evaluation_config(CONFIGS / name)
+    assert config.granger and config.faithfulness and config.stability and config.methods
