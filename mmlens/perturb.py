@@ -1,0 +1,517 @@
+"""Small meaning-preserving perturbations of one modality, for the stability desideratum.
+
+Stability is a Lipschitz ratio ``||E(x) - E(x')|| / ||x - x'||`` between explanations compared
+position by position, so every perturbation here keeps the input's layout: the same sequence
+length and the same modality spans (checked for every returned input). Only the perturbed
+modality's inputs change; every other input is the same tensor object.
+
+Kinds (``KINDS``; the strength ``scale`` of each, with its default in ``DEFAULT_SCALE``):
+
+- text (``input_ids``, text positions only; needs the tokenizer):
+  ``synonym_swap`` (``scale`` words per row, each replaced by a word of its group in the shipped
+  list ``mmlens/data/synonyms.json``) and ``punctuation_edit`` (``scale`` tokens per row:
+  ``.`` <-> ``!``, ``,`` <-> ``;``). A token is swapped only for a single token of the same
+  whitespace form (``"▁big"`` -> ``"▁large"``, ``"big▁"`` -> ``"large▁"``, ``"Ġbig"`` ->
+  ``"Ġlarge"``), and a word only where it is a whole word. The new ids need not be the tokenizer's
+  own encoding of the new text (which may merge differently); the model reads them as given.
+  There is no whitespace edit: BPE tokenizers fold spaces into the neighbouring tokens, so adding
+  or removing one changes the token count (and a space token's merge partner), which breaks the
+  layout.
+- image (``pixel_values``, any leading shape ``[..., C, H, W]``): ``shift`` (by up to ``scale``
+  pixels in x and y, edges replicated), ``brightness`` (a constant offset per image, uniform in
+  ``[-scale, scale]`` times the image's pixel std), ``gaussian_noise`` (sigma = ``scale`` times
+  the image's pixel std). Images of zero std (e.g. all-zero padding images) stay unchanged.
+- graph: ``drop_edges`` (a fraction ``scale`` of the node pairs of ``edge_index``, at least one;
+  both directions of a pair go together), ``feature_noise`` (sigma = ``scale`` times the std of
+  all ``node_features`` entries), ``embedding_noise`` on ``graph_embeds`` (sigma = ``scale`` times
+  each row's std) for inputs that give the node representations directly.
+
+:func:`input_distance` measures every modality in one space: the LM's input embeddings
+(``fusion.embeds``, else ``lm.embed``) at that modality's positions.
+
+>>> variants = perturb(hm, inputs, "image", n=8)
+>>> input_distance(hm, inputs, variants[0].inputs, "image")   # Float[b]
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .explainers import embedding_point
+from .spans import ModalitySpans
+from .wrapper import HookedModel
+
+__all__ = [
+    "DEFAULT_SCALE", "KINDS", "PUNCTUATION", "Perturbed", "brightness", "drop_edges", "embedding_noise",
+    "feature_noise", "gaussian_noise", "input_distance", "perturb", "punctuation_edit", "shift", "synonym_groups",
+    "synonym_swap",
+]
+
+KINDS: dict[str, list[str]] = {
+    "text": ["synonym_swap", "punctuation_edit"],
+    "image": ["shift", "brightness", "gaussian_noise"],
+    "graph": ["drop_edges", "feature_noise", "embedding_noise"],
+}
+"""Modality -> its perturbation kinds; ``perturb(kind=None)`` tries them all."""
+
+DEFAULT_SCALE: dict[str, float] = {
+    "synonym_swap": 1, "punctuation_edit": 1, "shift": 1,
+    "brightness": 0.1, "gaussian_noise": 0.05,
+    "drop_edges": 0.05, "feature_noise": 0.05, "embedding_noise": 0.05,
+}
+"""Kind -> default ``scale``: a count (words, tokens, pixels), a fraction of edges, or a sigma in stds."""
+
+_COUNTS = ("synonym_swap", "punctuation_edit", "shift")
+
+PUNCTUATION: dict[str, list[str]] = {".": ["!"], "!": ["."], ",": [";"], ";": [","]}
+"""Punctuation token -> its near-equivalent replacements."""
+
+_SPACE = "▁Ġ "  # whitespace markers of SentencePiece, byte-level BPE, and plain vocabularies
+_BREAK = _SPACE + "Ċ\n\t"
+
+
+@dataclass
+class Perturbed:
+    """One perturbed copy of the inputs.
+
+    Attributes:
+        inputs: the model inputs, same batch size and layout as the original.
+        modality: the perturbed modality; ``kind``: the perturbation kind.
+        description: what was changed (positions and words, offsets, edges dropped, sigma).
+    """
+
+    inputs: dict
+    modality: str
+    kind: str
+    description: str
+
+
+class _CannotPerturb(Exception):
+    """A kind that cannot change these inputs; the message says why."""
+
+
+# -- text --------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def synonym_groups() -> list[list[str]]:
+    """The shipped synonym groups (``mmlens/data/synonyms.json``): lists of lowercase words."""
+    text = resources.files("mmlens").joinpath("data/synonyms.json").read_text(encoding="utf-8")
+    return json.loads(text)["groups"]
+
+
+def _synonym_table() -> dict[str, list[str]]:
+    return {word: [w for w in group if w != word] for group in synonym_groups() for word in group}
+
+
+def _split(token: str) -> tuple[str, str, str]:
+    """A token string -> (leading whitespace markers, core, trailing whitespace markers)."""
+    core = token.lstrip(_SPACE)
+    prefix = token[: len(token) - len(core)]
+    stripped = core.rstrip(_SPACE)
+    return prefix, stripped, core[len(stripped):]
+
+
+def _case_like(core: str, word: str) -> str | None:
+    """``word`` in the case of ``core`` (lower, Title or UPPER); None for mixed case."""
+    if not core.isalpha() or core.islower():
+        return word
+    if core.isupper() and len(core) > 1:
+        return word.upper()
+    if core[0].isupper() and core[1:].islower():
+        return word.capitalize()
+    return None
+
+
+def _breaks(char: str) -> bool:
+    """Whether a neighbour token's adjacent character ends a word."""
+    return char == "" or char in _BREAK or not char.isalnum()
+
+
+def _whole_word(tokens: list[str], text: list[bool], p: int) -> bool:
+    """Whether token ``p`` is a whole word: whitespace, punctuation or a non-text position on both sides."""
+    prefix, _, suffix = _split(tokens[p])
+    before = bool(prefix) or p == 0 or not text[p - 1] or _breaks(tokens[p - 1][-1:])
+    after = bool(suffix) or p + 1 == len(tokens) or not text[p + 1] or _breaks(tokens[p + 1][:1])
+    return before and after
+
+
+def _not_in_number(tokens: list[str], text: list[bool], p: int) -> bool:
+    """Whether punctuation token ``p`` is not between two digits (``3.5``, ``1,000``)."""
+    digit_before = p > 0 and text[p - 1] and tokens[p - 1][-1:].isdigit()
+    digit_after = p + 1 < len(tokens) and text[p + 1] and tokens[p + 1][:1].isdigit()
+    return not (digit_before and digit_after)
+
+
+def _swap_candidates(input_ids: Tensor, where: Tensor, tokenizer: Any, table: Mapping[str, list[str]],
+                     fits: Callable[[list[str], list[bool], int], bool]) -> list[list[tuple[int, list[int]]]]:
+    """Per row, the positions that can be swapped and the single-token replacements of each."""
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    rows = []
+    for ids, text in zip(input_ids.tolist(), where.tolist()):
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        forbidden = special | {i for i, t in zip(ids, text) if not t}  # never create a placeholder id
+        row = []
+        for p, (tok_id, token) in enumerate(zip(ids, tokens)):
+            if not text[p] or tok_id in special:
+                continue
+            prefix, core, suffix = _split(token)
+            words = table.get(core.lower(), [])
+            if not words or not fits(tokens, text, p):
+                continue
+            forms = [_case_like(core, w) for w in words]
+            options = [vocab.get(f"{prefix}{f}{suffix}") for f in forms if f is not None]
+            options = [o for o in options if o is not None and o not in forbidden]
+            if options:
+                row.append((p, options))
+        rows.append(row)
+    return rows
+
+
+def _swap(input_ids: Tensor, candidates: list[list[tuple[int, list[int]]]], count: int,
+          generator: torch.Generator) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
+    """Swap up to ``count`` candidate positions per row: (new ids, per row [(position, old id, new id)])."""
+    new = input_ids.clone()
+    done = []
+    for r, row in enumerate(candidates):
+        picks = sorted(torch.randperm(len(row), generator=generator)[:count].tolist())
+        swaps = []
+        for j in picks:
+            p, options = row[j]
+            choice = options[int(torch.randint(len(options), (1,), generator=generator))]
+            swaps.append((p, int(input_ids[r, p]), choice))
+            new[r, p] = choice
+        done.append(swaps)
+    return new, done
+
+
+def synonym_swap(input_ids: Tensor, where: Tensor, tokenizer: Any, *, words: int = 1,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
+    """Replace up to ``words`` whole words per row by a synonym of the same token form.
+
+    Args:
+        input_ids: Long[b, seq]; where: Bool[b, seq], the positions that may change (the text span).
+        tokenizer: the model's tokenizer (``get_vocab``, ``convert_ids_to_tokens``).
+
+    Returns:
+        (Long[b, seq] new ids, per row the swaps ``(position, old id, new id)``); rows with no
+        listed word keep their ids.
+    """
+    if words < 1:
+        raise ValueError(f"words must be at least 1, got {words}")
+    candidates = _swap_candidates(input_ids.cpu(), where.cpu(), tokenizer, _synonym_table(), _whole_word)
+    new, swaps = _swap(input_ids.cpu(), candidates, words, generator or torch.Generator())
+    return new.to(input_ids.device), swaps
+
+
+def punctuation_edit(input_ids: Tensor, where: Tensor, tokenizer: Any, *, edits: int = 1,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
+    """Replace up to ``edits`` punctuation tokens per row by a near-equivalent (:data:`PUNCTUATION`) of
+    the same token form; as :func:`synonym_swap` otherwise. Punctuation between digits is kept."""
+    if edits < 1:
+        raise ValueError(f"edits must be at least 1, got {edits}")
+    candidates = _swap_candidates(input_ids.cpu(), where.cpu(), tokenizer, PUNCTUATION, _not_in_number)
+    new, swaps = _swap(input_ids.cpu(), candidates, edits, generator or torch.Generator())
+    return new.to(input_ids.device), swaps
+
+
+# -- image -------------------------------------------------------------------------------------------
+
+
+def shift(pixel_values: Tensor, dx: int, dy: int) -> Tensor:
+    """``pixel_values`` ``[..., C, H, W]`` moved ``dx`` pixels right and ``dy`` down; the vacated
+    edge repeats the nearest edge row/column."""
+    h, w = pixel_values.shape[-2:]
+    if abs(dx) >= w or abs(dy) >= h:
+        raise ValueError(f"shift ({dx}, {dy}) is not smaller than the image ({h}x{w})")
+    rows = (torch.arange(h, device=pixel_values.device) - dy).clamp(0, h - 1)
+    cols = (torch.arange(w, device=pixel_values.device) - dx).clamp(0, w - 1)
+    return pixel_values.index_select(-2, rows).index_select(-1, cols)
+
+
+def _image_std(pixel_values: Tensor) -> Tensor:
+    """Each image's pixel std, shaped ``[..., 1, 1, 1]``."""
+    return pixel_values.float().flatten(-3).std(-1)[..., None, None, None]
+
+
+def brightness(pixel_values: Tensor, offset: Tensor | float) -> Tensor:
+    """``pixel_values`` ``[..., C, H, W]`` plus ``offset`` (a float, or one per image ``[...]``)
+    times each image's pixel std."""
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=pixel_values.device)
+    shifted = pixel_values.float() + offset[..., None, None, None] * _image_std(pixel_values)
+    return shifted.to(pixel_values.dtype)
+
+
+def _noise(x: Tensor, sigma: Tensor, generator: torch.Generator | None) -> Tensor:
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    return (x.float() + noise * sigma).to(x.dtype)
+
+
+def gaussian_noise(pixel_values: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """``pixel_values`` ``[..., C, H, W]`` plus Gaussian noise of std ``sigma`` times each image's pixel std."""
+    return _noise(pixel_values, sigma * _image_std(pixel_values), generator)
+
+
+# -- graph -------------------------------------------------------------------------------------------
+
+
+def drop_edges(edge_index: Tensor, fraction: float, generator: torch.Generator | None = None) -> Tensor:
+    """``edge_index`` ``[2, E]`` without a random ``fraction`` of its node pairs (at least one).
+
+    Columns are grouped by unordered node pair, so an undirected graph stored in both directions
+    loses both directions of a dropped edge (and duplicates go together). Returns ``[2, E' < E]``,
+    the kept columns in their original order.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if edge_index.shape[1] == 0:
+        raise ValueError("edge_index has no edges to drop")
+    low, high = edge_index.min(0).values, edge_index.max(0).values
+    pairs, group = torch.unique(low * (int(high.max()) + 1) + high, return_inverse=True)
+    count = max(1, round(fraction * len(pairs)))
+    dropped = torch.randperm(len(pairs), generator=generator)[:count].to(edge_index.device)
+    return edge_index[:, ~torch.isin(group, dropped)]
+
+
+def feature_noise(node_features: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """``node_features`` ``[n_nodes, d]`` plus Gaussian noise of std ``sigma`` times the std of all entries."""
+    return _noise(node_features, sigma * node_features.float().std(), generator)
+
+
+def embedding_noise(graph_embeds: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """``graph_embeds`` ``[b, d]`` plus Gaussian noise of std ``sigma`` times each row's std."""
+    return _noise(graph_embeds, sigma * graph_embeds.float().std(-1, keepdim=True), generator)
+
+
+# -- one entry point ---------------------------------------------------------------------------------
+
+Draw = Callable[[int], tuple[dict, str]]  # draw index -> (perturbed inputs, description)
+
+
+def _tokenizer(hooked: HookedModel) -> Any:
+    tokenizer = hooked.tokenizer or getattr(hooked.processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"text perturbations need {hooked.name}'s tokenizer: wrap the model with "
+                         "HookedModel(model, tokenizer=...) (or processor=...)")
+    return tokenizer
+
+
+def _core(tokenizer: Any, token_id: int) -> str:
+    return _split(tokenizer.convert_ids_to_tokens(token_id))[1]
+
+
+def _token_swaps(hooked: HookedModel, inputs: dict, spans: ModalitySpans, count: int,
+                 generator: torch.Generator, kind: str) -> Draw:
+    tokenizer = _tokenizer(hooked)
+    ids = inputs["input_ids"]
+    table, fits = (_synonym_table(), _whole_word) if kind == "synonym_swap" else (PUNCTUATION, _not_in_number)
+    candidates = _swap_candidates(ids.cpu(), spans.masks["text"].cpu(), tokenizer, table, fits)
+    if not any(candidates):
+        what = "word of the synonym list" if kind == "synonym_swap" else f"punctuation token {sorted(PUNCTUATION)}"
+        raise _CannotPerturb(f"no {what} in the text span is a single token with a single-token replacement")
+
+    def draw(i: int) -> tuple[dict, str]:
+        new, swaps = _swap(ids.cpu(), candidates, count, generator)
+        parts = [f"row {r}: " + ", ".join(f"{_core(tokenizer, old)!r}->{_core(tokenizer, rep)!r} at {p}"
+                                          for p, old, rep in row)
+                 for r, row in enumerate(swaps) if row]
+        return {**inputs, "input_ids": new.to(ids.device)}, "; ".join(parts)
+
+    return draw
+
+
+def _shifts(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: int, generator: torch.Generator) -> Draw:
+    offsets = [(dx, dy) for dx in range(-scale, scale + 1) for dy in range(-scale, scale + 1) if (dx, dy) != (0, 0)]
+    order = torch.randperm(len(offsets), generator=generator).tolist()
+
+    def draw(i: int) -> tuple[dict, str]:
+        dx, dy = offsets[order[i % len(order)]]
+        return {**inputs, "pixel_values": shift(inputs["pixel_values"], dx, dy)}, f"shift by dx={dx}, dy={dy} px"
+
+    return draw
+
+
+def _brightness(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float,
+                generator: torch.Generator) -> Draw:
+    pixels = inputs["pixel_values"]
+
+    def draw(i: int) -> tuple[dict, str]:
+        offset = (torch.rand(pixels.shape[:-3], generator=generator) * 2 - 1) * scale
+        values = [round(v, 4) for v in offset.flatten().tolist()]
+        return {**inputs, "pixel_values": brightness(pixels, offset)}, f"brightness offset {values} x pixel std per image"
+
+    return draw
+
+
+def _noise_kind(key: str, fn: Callable[[Tensor, float, torch.Generator], Tensor], what: str) -> Callable[..., Draw]:
+    def prepare(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float,
+                generator: torch.Generator) -> Draw:
+        if key not in inputs:
+            raise _CannotPerturb(f"these inputs have no {key!r}")
+
+        def draw(i: int) -> tuple[dict, str]:
+            return {**inputs, key: fn(inputs[key], scale, generator)}, f"Gaussian noise on {key}, sigma = {scale} x {what}"
+
+        return draw
+
+    return prepare
+
+
+def _drops(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float, generator: torch.Generator) -> Draw:
+    if "edge_index" not in inputs:
+        raise _CannotPerturb("these inputs have no 'edge_index' (they give graph_embeds)")
+    edges = inputs["edge_index"]
+    if edges.shape[1] == 0:
+        raise _CannotPerturb("edge_index has no edges")
+
+    def draw(i: int) -> tuple[dict, str]:
+        kept = drop_edges(edges, scale, generator)
+        return {**inputs, "edge_index": kept}, f"dropped {edges.shape[1] - kept.shape[1]} of {edges.shape[1]} edges"
+
+    return draw
+
+
+_PREPARE: dict[str, Callable[..., Draw]] = {
+    "synonym_swap": partial(_token_swaps, kind="synonym_swap"),
+    "punctuation_edit": partial(_token_swaps, kind="punctuation_edit"),
+    "shift": _shifts,
+    "brightness": _brightness,
+    "gaussian_noise": _noise_kind("pixel_values", gaussian_noise, "each image's pixel std"),
+    "drop_edges": _drops,
+    "feature_noise": _noise_kind("node_features", feature_noise, "the std of node_features"),
+    "embedding_noise": _noise_kind("graph_embeds", embedding_noise, "each row's std"),
+}
+
+_INPUT_KEYS = {"text": ("input_ids",), "image": ("pixel_values",), "graph": ("node_features", "graph_embeds")}
+
+
+def _kinds(modality: str, kind: str | Sequence[str] | None) -> list[str]:
+    if modality not in KINDS:
+        raise ValueError(f"unknown modality {modality!r}; perturbations exist for {sorted(KINDS)}")
+    kinds = KINDS[modality] if kind is None else [kind] if isinstance(kind, str) else list(kind)
+    bad = [k for k in kinds if k not in KINDS[modality]]
+    if bad or not kinds:
+        elsewhere = {k: m for k in bad for m in KINDS if k in KINDS[m]}
+        hint = "".join(f" ({k!r} is for {m})" for k, m in elsewhere.items())
+        raise ValueError(f"unknown {modality} perturbation kind(s) {bad}{hint}; {modality} kinds are {KINDS[modality]}")
+    return kinds
+
+
+def _scale(kind: str, scale: float | Mapping[str, float] | None) -> float:
+    value = scale.get(kind, DEFAULT_SCALE[kind]) if isinstance(scale, Mapping) else scale
+    value = DEFAULT_SCALE[kind] if value is None else value
+    if kind in _COUNTS and not (isinstance(value, int) and value >= 1):
+        unit = "pixels" if kind == "shift" else "tokens per row"
+        raise ValueError(f"{kind}'s scale is a count of {unit}, an int >= 1; got {value!r}")
+    if kind == "drop_edges" and not 0 < value <= 1:
+        raise ValueError(f"drop_edges' scale is the fraction of edges to drop, in (0, 1]; got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{kind}'s scale is a multiple of the input's std, > 0; got {value!r}")
+    return value
+
+
+def _check_modality(inputs: Mapping[str, Any], spans: ModalitySpans, modality: str) -> None:
+    if modality not in spans.masks or not spans.masks[modality].any():
+        raise ValueError(f"modality {modality!r} is not in these inputs; their modalities are "
+                         f"{[m for m in spans.modalities if spans.masks[m].any()]}")
+    if not any(key in inputs for key in _INPUT_KEYS[modality]):
+        raise ValueError(f"these inputs have {modality} positions but none of its inputs {list(_INPUT_KEYS[modality])}; "
+                         f"got keys {sorted(inputs)}")
+
+
+def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return all(a[k] is b[k] or (isinstance(a[k], Tensor) and a[k].shape == b[k].shape and torch.equal(a[k], b[k]))
+               for k in a)
+
+
+def perturb(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, kind: str | Sequence[str] | None = None, *,
+            n: int = 8, scale: float | Mapping[str, float] | None = None, seed: int = 0) -> list[Perturbed]:
+    """Up to ``n`` distinct perturbed copies of ``inputs`` per kind, changing only ``modality``.
+
+    Args:
+        hooked: the wrapped model (its spans define the layout; text kinds use its tokenizer).
+        inputs: a batch of model inputs.
+        modality: ``"text"``, ``"image"`` or ``"graph"`` (see :data:`KINDS`).
+        kind: a kind of that modality, a list of them, or None for all of :data:`KINDS` ``[modality]``.
+        n: draws per kind; draws that leave the input unchanged or repeat an earlier one are left
+            out, so a kind with few options (one synonym in the text) returns fewer.
+        scale: each kind's strength (see :data:`DEFAULT_SCALE`): one number for every kind, or a
+            dict kind -> number; defaults where missing.
+        seed: each kind draws from its own generator seeded by (seed, kind), so results are
+            reproducible and a smaller ``n`` gives a prefix of a larger ``n``'s draws.
+
+    Returns:
+        :class:`Perturbed` inputs with the input's batch size and layout. Rows the kind cannot
+        change (a text row with no listed word) stay as they were (``input_distance`` 0 there).
+
+    Raises:
+        ValueError: unknown modality or kind, a modality absent from ``inputs``, a bad ``scale``,
+            or no kind could change the input (the message gives each kind's reason).
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    kinds = _kinds(modality, kind)
+    if isinstance(scale, Mapping) and set(scale) - set(kinds):
+        raise ValueError(f"scale given for kinds {sorted(set(scale) - set(kinds))} that are not perturbed here {kinds}")
+    scales = {k: _scale(k, scale) for k in kinds}
+    inputs = dict(inputs)
+    spans = hooked.spans(inputs)
+    _check_modality(inputs, spans, modality)
+    made: list[Perturbed] = []
+    reasons: dict[str, str] = {}
+    for k in kinds:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{k}/{seed}".encode()))
+        try:
+            draw = _PREPARE[k](hooked, inputs, spans, scales[k], generator)
+        except _CannotPerturb as why:
+            reasons[k] = str(why)
+            continue
+        own: list[Perturbed] = []
+        for i in range(n):
+            new, description = draw(i)
+            if _same(new, inputs) or any(_same(new, p.inputs) for p in own):
+                continue
+            if not hooked.spans(new).same_layout(spans):
+                raise RuntimeError(f"{k} changed the layout of the inputs (a bug in mmlens.perturb): {description}")
+            own.append(Perturbed(new, modality, k, f"{k}: {description}"))
+        if not own:
+            reasons[k] = f"all {n} draws left the input unchanged (an input of zero std, or scale {scales[k]} too small)"
+        made += own
+    if not made:
+        why = "; ".join(f"{k}: {r}" for k, r in reasons.items())
+        raise ValueError(f"no {modality} perturbation could be made with kinds {kinds}: {why}")
+    return made
+
+
+def input_distance(hooked: HookedModel, a: Mapping[str, Any], b: Mapping[str, Any], modality: str) -> Tensor:
+    """Per row, the L2 distance between ``a`` and ``b`` in the LM's input embeddings at ``modality``'s positions.
+
+    Every modality enters the LM as embeddings at its positions (``fusion.embeds`` on multimodal
+    models, ``lm.embed`` on text LMs): token embeddings for text, projected image tokens, graph
+    tokens. Measuring there gives text, image and graph perturbations a distance in one space,
+    the denominator of the stability ratio. ``a`` and ``b`` must have the same layout.
+
+    Args:
+        modality: a modality of the spans (or any span selector, e.g. ``"all"``).
+
+    Returns:
+        Float[b]: ``sqrt(sum over the positions and width of (e_a - e_b)^2)``.
+    """
+    spans = hooked.spans(a)
+    if not spans.same_layout(hooked.spans(b)):
+        raise ValueError("a and b have different layouts (modality spans); distances compare position by position")
+    mask = spans.mask(modality)
+    point = embedding_point(hooked)
+    ea, eb = (hooked.run(x, cache=point).cache[point].float() for x in (a, b))
+    diff = torch.where(mask.to(ea.device)[..., None], ea - eb, 0.0)
+    return diff.flatten(1).norm(dim=1)
