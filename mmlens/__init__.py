@@ -13,6 +13,7 @@ from .edits import Edit, HookContext, ablate, add, apply, replace
 from .layer_evolution import Evolution, evolution
 from .lens import (LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
                    nearest_tokens)
+from .circuits import Circuit, Node
 from .explainers import Explanation, explain
 from .patching import (Component, Corruption, EdgeScores, SweepResult, attribution_patch, corrupt, edge_attribution_patch,
                        path_patch, sweep)
@@ -35,7 +36,7 @@ def wrap(model, **kwargs) -> HookedModel:
 
 
 __all__ = [
-    "Explanation", "explain",
+    "Circuit", "Node", "Explanation", "explain",
     "Component", "Corruption", "EdgeScores", "SweepResult", "attribution_patch", "corrupt", "edge_attribution_patch",
     "path_patch", "sweep",
     "ActivationCache", "Adapter", "BlockLayout", "CLIP_BLOCK", "Edit", "Evolution", "GPT2_BLOCK", "HookContext",

@@ -147,3 +147,24 @@ def test_stability_on_text_synonyms(loaded):
     assert len(result.samples) > 0 and (result.summary.equation == "intra (6)").all()
     with pytest.raises(ValueError, match="not in these inputs"):
         stability(hm, inputs, ["occlusion"], modalities=["image"], progress=False)
+
+
+def test_circuit_keep_remove_known_answers(loaded):
+    from mmlens.circuits import Circuit, components, intervene
+    from mmlens.desiderata import circuit_faithfulness
+
+    lm = loaded("tiny-random-llava")
+    hm = mmlens.wrap(lm.model, processor=lm.processor)
+    inputs = lm.example_inputs()
+    whole = Circuit(tuple(components(hm, ("attn_out", "mlp_out"))), name="whole model")
+    table = circuit_faithfulness(hm, inputs, whole, "neutral", random_draws=2, progress=False)
+    mine = table[table.source == "circuit"]
+    assert (mine.sufficiency_gap == 0).all()  # keeping everything ablates nothing: bit-exact
+    for i in range(2):
+        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        ablated = intervene(hm, one, whole, "remove", "neutral")
+        metric = predicted_prob(hm, one)
+        expected = float(metric(last_logits(ablated.logits, one["attention_mask"]))[0])
+        assert float(mine.f_remove.iloc[i]) == expected  # removing the whole model = the fully ablated run
+    assert (mine.necessity_drop.abs() > 0).any()
+    assert set(table.source) == {"circuit", "random"}
