@@ -62,6 +62,15 @@ def test_cli_and_config_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["evaluate_llava.toml", "evaluate_tea_glm.yaml"])
-def test_example_configs_parse(name):
+def test_example_configs_run_offline(name, tmp_path, capsys):
     config = load_evaluation_config(CONFIGS / name)
     assert config.granger and config.faithfulness and config.stability and config.methods
+    out = tmp_path / "run"
+    assert main(["evaluate", str(CONFIGS / name), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert all(m in printed for m in config.methods) and "metrics.json" in printed
+    for file in ("metrics.json", "summary.txt", "faithfulness.png", "granger.png", "stability.png"):
+        assert (out / file).is_file(), file
+    metrics = json.loads((out / "metrics.json").read_text())
+    influence = metrics["tables"]["granger_influence"]
+    assert {row["modality"] for row in influence} == ({"text", "image"} if "llava" in name else {"text", "graph"})
