@@ -17,6 +17,8 @@ A config (TOML, YAML or JSON) names a model, a dataset, the explainers and the m
     fractions = [0.0, 0.1, 0.3, 0.5, 1.0] # random_draws = 5
     [stability]
     n = 2                                 # draws per perturbation kind; modalities = [...]
+    [circuit]                             # keep/remove a circuit saved with Circuit.save
+    file = "circuit.json"                 # ablation = "neutral" | "mean" | "zero"; random_draws = 5
     [output]
     dir = "runs/evaluate_llava"
 
@@ -45,7 +47,7 @@ from .experiments import (DTYPES, ConfigError, ModelConfig, ResumeError, _atomic
                           _int, _keys, _model, _str, _table, _versions)
 from .explainers import EXPLAINERS
 
-_SECTIONS = ("model", "inputs", "explainers", "granger", "faithfulness", "stability", "output", "seed")
+_SECTIONS = ("model", "inputs", "explainers", "granger", "faithfulness", "stability", "circuit", "output", "seed")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class EvaluationConfig:
     granger: dict | None
     faithfulness: dict | None
     stability: dict | None
+    circuit: dict | None
     out: str
     seed: int = 0
     source: str | None = field(default=None, compare=False)
@@ -105,8 +108,9 @@ def parse_evaluation_config(raw: Any, *, source: str | Path | None = None,
     for name in ("model", "inputs", "explainers", "output"):
         if name not in top:
             raise ConfigError(name, f"missing section [{name}]")
-    if not any(name in top for name in ("granger", "faithfulness", "stability")):
-        raise ConfigError("(top level)", "no metric section: add at least one of [granger], [faithfulness], [stability]")
+    if not any(name in top for name in ("granger", "faithfulness", "stability", "circuit")):
+        raise ConfigError("(top level)", "no metric section: add at least one of [granger], [faithfulness], "
+                                         "[stability], [circuit]")
     inputs = _table(top["inputs"], "inputs")
     _keys(inputs, "inputs", ("example", "texts"))
     if ("example" in inputs) == ("texts" in inputs):
@@ -150,6 +154,7 @@ def parse_evaluation_config(raw: Any, *, source: str | Path | None = None,
         granger=_granger(top["granger"]) if "granger" in top else None,
         faithfulness=_faithfulness(top["faithfulness"]) if "faithfulness" in top else None,
         stability=_stability(top["stability"]) if "stability" in top else None,
+        circuit=_circuit(top["circuit"], Path(source).parent if source else None) if "circuit" in top else None,
         out=_str(output, "dir", "output"), seed=_int(top, "seed", "", default=0, minimum=0),
         source=str(source) if source is not None else None)
 
@@ -185,6 +190,23 @@ def _stability(t: Any) -> dict:
     return {"n": _int(t, "n", "stability", default=4, minimum=1), "modalities": modalities}
 
 
+def _circuit(t: Any, folder: Path | None) -> dict:
+    from .circuits import ABLATIONS, Circuit
+
+    t = _table(t, "circuit")
+    _keys(t, "circuit", ("file", "ablation", "random_draws"))
+    path = Path(_str(t, "file", "circuit"))
+    path = path if path.is_absolute() or folder is None else folder / path
+    if not path.is_file():
+        raise ConfigError("circuit.file", f"no circuit JSON at {path} (write one with Circuit.save)")
+    try:
+        Circuit.load(path)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError("circuit.file", f"not a circuit: {err}") from None
+    return {"file": str(path), "ablation": _str(t, "ablation", "circuit", default="neutral", choices=tuple(ABLATIONS)),
+            "random_draws": _int(t, "random_draws", "circuit", default=5, minimum=1)}
+
+
 @dataclass
 class Evaluation:
     """What :func:`evaluate` returns: per metric, the combined result over explainers."""
@@ -193,6 +215,7 @@ class Evaluation:
     granger: GrangerResult | None
     faithfulness: dict[str, FaithfulnessResult]
     stability: StabilityResult | None
+    circuit: pd.DataFrame | None
     seconds: dict[str, float]
     files: list[Path]
 
@@ -330,7 +353,17 @@ def evaluate(config: EvaluationConfig | str | Path, *, out: str | Path | None = 
     if config.stability is not None:
         samples = pd.concat(stab_tables, ignore_index=True)
         stability_result = StabilityResult(samples, _stability_summary(samples), skipped)
-    evaluation = Evaluation(config, granger_result, faith, stability_result, seconds, [])
+    circuit_table = None
+    if config.circuit is not None:
+        from .circuits import Circuit
+        from .desiderata import circuit_faithfulness
+
+        c = config.circuit
+        data = part("circuit", lambda: ({"table": circuit_faithfulness(
+            hooked, dataset, Circuit.load(c["file"]), c["ablation"], random_draws=c["random_draws"], seed=config.seed,
+            progress=progress)}, {}))
+        circuit_table = pd.DataFrame(data["tables"]["table"])
+    evaluation = Evaluation(config, granger_result, faith, stability_result, circuit_table, seconds, [])
     evaluation.files = _write(evaluation, out_dir)
     return evaluation
 
@@ -349,6 +382,8 @@ def _write(evaluation: Evaluation, out: Path) -> list[Path]:
         tables[f"faithfulness_areas_{name}"] = result.areas
     if evaluation.stability is not None:
         tables.update(stability_samples=evaluation.stability.samples, stability_summary=evaluation.stability.summary)
+    if evaluation.circuit is not None:
+        tables["circuit_faithfulness"] = evaluation.circuit
     summary = evaluation.summary()
     tables["summary"] = summary
     for key, table in tables.items():
@@ -397,6 +432,10 @@ def print_summary(evaluation: Evaluation) -> None:
     print("columns: granger_kappa_min (smallest kappa over modality pairs; higher = explanations follow the "
           "model's dependence), necessity/sufficiency areas (explanation vs random top-k), stability p95 ratios "
           "(lower = more stable)")
+    if evaluation.circuit is not None:
+        means = evaluation.circuit.groupby("source", sort=False)[["sufficiency_gap", "necessity_drop"]].mean()
+        print(f"circuit ({evaluation.config.circuit['file']}), mean over inputs:")
+        print(means.to_string(float_format=lambda v: f"{v:.4g}"))
     for path in evaluation.files:
         print(f"  {path}")
 

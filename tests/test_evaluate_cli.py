@@ -47,6 +47,26 @@ def test_evaluate_writes_every_file_and_resumes(tmp_path):
         evaluate(other, progress=False)
 
 
+def test_a_circuit_section_reports_keep_and_remove(tmp_path):
+    import mmlens
+    from mmlens.circuits import components
+    from mmlens.loading import load_model
+
+    hm = mmlens.wrap(load_model("tiny-fusion").model)
+    circuit = mmlens.Circuit(tuple(components(hm, ("attn_out", "mlp_out"))), name="whole joint transformer")
+    circuit.save(tmp_path / "circuit.json")
+    raw = {**SMALL, "circuit": {"file": str(tmp_path / "circuit.json"), "ablation": "zero", "random_draws": 1}}
+    for key in ("granger", "faithfulness", "stability"):
+        raw.pop(key)
+    evaluation = evaluate(parse_evaluation_config(raw, out=tmp_path / "run"), progress=False)
+    table = evaluation.circuit
+    assert list(table.source.unique()) == ["circuit", "random"]
+    assert (table[table.source == "circuit"].sufficiency_gap == 0).all()
+    assert (tmp_path / "run" / "circuit_faithfulness.csv").is_file()
+    with pytest.raises(ConfigError, match="circuit.file: no circuit JSON"):
+        parse_evaluation_config({**raw, "circuit": {"file": str(tmp_path / "missing.json")}})
+
+
 def test_cli_and_config_errors(tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text('[model]\nname = "tiny-fusion"\n[inputs]\nexample = [0]\n[explainers]\nmethods = ["saliency"]\n'
