@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .explainers import Explanation, _rows, _setup, _with_embeds, explain, predicted_prob
+from .explainers import Explanation, _check_method, _explain_row, _masked_values, _Neutrals, _rows, _setup, explain, predicted_prob
 from .patching import last_logits
 from .wrapper import HookedModel
 
@@ -265,35 +265,35 @@ def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integra
     generator = torch.Generator().manual_seed(seed)
     if explanations is not None and len(explanations) != len(items):
         raise ValueError(f"got {len(explanations)} explanations for {len(items)} inputs")
+    options = dict(options or {})
+    mode = options.pop("mode", "joint")
+    _check_method(explainer)
     rows = []
     for i, x in enumerate(tqdm(items, desc=f"faithfulness ({explainer})", disable=not progress)):
-        metric = predicted_prob(hooked, x)
-        e = explanations[i] if explanations is not None else explain(hooked, x, explainer, metric=metric,
-                                                                     **dict(options or {}))
-        setup = _setup(hooked, x, metric, "joint")
+        neutrals = _Neutrals()
+        setup = _setup(hooked, x, None, "joint", neutrals)
+        if explanations is not None:
+            e = explanations[i]
+        else:
+            own = setup if mode == "joint" else _setup(hooked, x, setup.metric, mode, neutrals)
+            e = _explain_row(hooked, own, x, explainer, mode, options)
         modalities = setup.spans.modalities
-        variants, labels = [], []
+        masks, labels = [], []
         for scope in modalities + (["joint"] if len(modalities) > 1 else []):
             members = modalities if scope == "joint" else [scope]
+            scope_mask = torch.zeros_like(setup.explained[0].cpu())
+            for n in members:
+                scope_mask |= setup.spans.masks[n][0].cpu()
             for k in fractions:
-                top = torch.zeros_like(setup.explained[0].cpu())
+                top = torch.zeros_like(scope_mask)
                 for n in members:
                     top |= e.top_mask(n, k)[0]
                 draws = [_random_top(setup.spans, members, k, generator) for _ in range(random_draws)]
-                for source, masks in (("explanation", [top]), ("random", draws)):
-                    for d, mask in enumerate(masks):
-                        scope_mask = torch.zeros_like(mask)
-                        for n in members:
-                            scope_mask |= setup.spans.masks[n][0].cpu()
-                        keep = _blend(setup, scope_mask & ~mask)
-                        remove = _blend(setup, mask)
-                        variants += [keep, remove]
+                for source, chosen in (("explanation", [top]), ("random", draws)):
+                    for d, mask in enumerate(chosen):
+                        masks += [scope_mask & ~mask, mask]
                         labels += [(scope, k, source, d, "keep"), (scope, k, source, d, "remove")]
-        values = []
-        with torch.no_grad():
-            for start in range(0, len(variants), batch_size):
-                values.append(_with_embeds(hooked, x, setup.point, torch.cat(variants[start:start + batch_size]), metric))
-        values = torch.cat(values).float().cpu().tolist()
+        values = _masked_values(hooked, x, setup, masks, batch_size).tolist()
         f = float(setup.value[0])
         table = pd.DataFrame([(*label, v) for label, v in zip(labels, values)],
                              columns=["scope", "k", "source", "draw", "which", "value"])
@@ -342,7 +342,7 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
         kinds: modality -> perturbation kinds (default: all of :data:`mmlens.perturb.KINDS`).
         n: draws per kind.
     """
-    from .perturb import KINDS, input_distance, perturb
+    from .perturb import KINDS, perturb
 
     items = examples(hooked, inputs)
     present = _modalities(hooked, items)
@@ -350,29 +350,37 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
     unknown = [m for m in (modalities or []) if m not in present]
     if unknown:
         raise ValueError(f"modalities {unknown} are not in these inputs; they have {present}")
-    options = dict(options or {})
+    options = {name: dict((options or {}).get(name, {})) for name in explainers}
+    modes = {name: options[name].pop("mode", "joint") for name in explainers}
+    for name in explainers:
+        _check_method(name)
     rows, skipped = [], {}
     for i, x in enumerate(tqdm(items, desc="stability", disable=not progress)):
-        metric = predicted_prob(hooked, x)
-        with torch.no_grad():
-            prediction = int(last_logits(hooked.run(x).logits, x.get("attention_mask"))[0].argmax())
-        base = {name: explain(hooked, x, name, metric=metric, **options.get(name, {})) for name in explainers}
+        neutrals = _Neutrals()
+        setup = _setup(hooked, x, None, "joint", neutrals)
+        prediction = int(setup.logits[0].argmax())
+        base = {name: _explain_row(hooked, _mode_setup(hooked, x, setup, modes[name], neutrals), x, name,
+                                   modes[name], options[name]) for name in explainers}
         for m in targets:
             try:
                 perturbed = perturb(hooked, x, m, (kinds or {}).get(m), n=n, scale=scale, seed=seed + i)
             except ValueError as err:
                 skipped[m] = str(err)
                 continue
+            at = setup.spans.masks[m].to(setup.embeds.device)[..., None]
             for draw, p in enumerate(perturbed):
-                distance = float(input_distance(hooked, x, p.inputs, m)[0])
+                if not hooked.spans(p.inputs).same_layout(setup.spans):
+                    raise ValueError(f"a {p.kind!r} perturbation changed the layout (modality spans); stability "
+                                     "compares explanations position by position")
+                moved_setup = _setup(hooked, p.inputs, setup.metric, "joint", neutrals)
+                distance = float(torch.where(at, setup.embeds.float() - moved_setup.embeds.float(), 0.0).norm())
                 if distance == 0:
                     continue
-                with torch.no_grad():
-                    logits = last_logits(hooked.run(p.inputs).logits, p.inputs.get("attention_mask"))
-                kept = int(logits[0].argmax()) == prediction
+                kept = int(moved_setup.logits[0].argmax()) == prediction
                 for name in explainers:
-                    moved = explain(hooked, p.inputs, name, metric=metric, **options.get(name, {}))
-                    for target in hooked.spans(x).modalities:
+                    moved = _explain_row(hooked, _mode_setup(hooked, p.inputs, moved_setup, modes[name], neutrals),
+                                         p.inputs, name, modes[name], options[name])
+                    for target in setup.spans.modalities:
                         change = float((base[name].masked(target) - moved.masked(target)).norm(dim=1)[0])
                         rows.append({"input": i, "explainer": name, "perturbed": m, "kind": p.kind, "draw": draw,
                                      "explained": target, "input_distance": distance,
@@ -449,10 +457,9 @@ def _random_top(spans, members: list[str], k: float, generator: torch.Generator)
     return out
 
 
-def _blend(setup, to_baseline: Tensor) -> Tensor:
-    """Float[1, seq, d]: the input embeddings with ``to_baseline`` positions at the baseline."""
-    mask = to_baseline.to(setup.embeds.device)[None, :, None]
-    return torch.where(mask, setup.baseline, setup.embeds)
+def _mode_setup(hooked: HookedModel, x: dict, joint, mode: str, neutrals: _Neutrals):
+    """The setup of an explanation in ``mode``: ``joint`` itself, or a unimodal one with its metric."""
+    return joint if mode == "joint" else _setup(hooked, x, joint.metric, mode, neutrals)
 
 
 def _areas(curves: pd.DataFrame) -> pd.DataFrame:

@@ -22,6 +22,7 @@ row; by default :func:`predicted_prob`, the probability of each row's predicted 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .edits import replace
-from .patching import Metric, last_logits
+from .patching import REPLAY_KINDS, Cell, Metric, _Replay, last_logits
 from .spans import ModalitySpans
 from .wrapper import HookedModel
 
@@ -42,6 +43,11 @@ def predicted_prob(hooked: HookedModel, inputs: Mapping[str, Any]) -> Metric:
     of the logits it is applied to (the variants of that input)."""
     with torch.no_grad():
         logits = last_logits(hooked.run(inputs).logits, inputs.get("attention_mask"))
+    return _prob_of_prediction(logits)
+
+
+def _prob_of_prediction(logits: Tensor) -> Metric:
+    """:func:`predicted_prob` from one row's final logits Float[1, vocab]."""
     if logits.shape[0] != 1:
         raise ValueError(f"predicted_prob takes one input row, got {logits.shape[0]}")
     target = int(logits[0].argmax())
@@ -132,30 +138,125 @@ class _Setup:
     baseline: Tensor  # Float[b, seq, d]: the neutral reference at the explained modalities' positions
     explained: Tensor  # Bool[b, seq]
     spans: ModalitySpans
-    value: Tensor  # Float[b]
+    logits: Tensor  # Float[b, vocab]: the input's final-position logits
+    metric: Metric  # what is explained
+    value: Tensor  # Float[b]: the metric on the input
+    replay: _Replay | None = None  # the input run's block calls, when variants can replay from them
 
 
-def _setup(hooked: HookedModel, inputs: dict, metric: Metric, mode: str) -> _Setup:
+class _Neutrals:
+    """Neutral-reference embeddings already computed, reused when a neutral input recurs bit for bit
+    (e.g. the all-pad text of two perturbations of one sentence): one forward saved per reuse."""
+
+    def __init__(self) -> None:
+        self._seen: list[tuple[str, dict, Tensor]] = []
+
+    def embeds(self, hooked: HookedModel, neutral: dict, modality: str, point: str) -> Tensor:
+        for m, inputs, embeds in self._seen:
+            if m == modality and _same_inputs(inputs, neutral):
+                return embeds
+        with torch.no_grad():
+            embeds = hooked.run(neutral, cache=point).cache[point]
+        self._seen.append((modality, neutral, embeds))
+        return embeds
+
+
+def _same_inputs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k, v in a.items():
+        w = b[k]
+        if isinstance(v, Tensor) or isinstance(w, Tensor):
+            if not (isinstance(v, Tensor) and isinstance(w, Tensor) and v.shape == w.shape and v.dtype == w.dtype
+                    and torch.equal(v, w)):
+                return False
+        elif v is not w and v != w:
+            return False
+    return True
+
+
+def _setup(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str,
+           neutrals: _Neutrals | None = None) -> _Setup:
+    """One forward of ``inputs`` (embeddings, final logits) and one per explained modality's neutral
+    reference (unless ``neutrals`` has it). ``metric=None``: :func:`predicted_prob` of this input."""
     point = embedding_point(hooked)
     spans = hooked.spans(inputs)
     if mode != "joint" and mode not in spans.masks:
         raise ValueError(f"mode must be 'joint' or a modality of these inputs {spans.modalities}, got {mode!r}")
-    with torch.no_grad():
-        run = hooked.run(inputs, cache=point)
+    replay = _replayer(hooked)
+    first, final = "lm.blocks.0.resid_pre", f"lm.blocks.{len(replay.modules) - 1}.resid_post" if replay else None
+    with torch.no_grad(), replay.capture() if replay else contextlib.nullcontext():
+        run = hooked.run(inputs, cache=[point] + ([first, final] if replay else []))
     embeds = run.cache[point]
-    value = metric(last_logits(run.logits, inputs.get("attention_mask"))).detach()
+    logits = last_logits(run.logits, inputs.get("attention_mask")).detach()
+    if replay is not None and not (replay.usable and spans.batch_size == 1 and torch.equal(run.cache[first], embeds)
+                                   and replay.reproduces(run.cache[final], logits, _last_position(inputs, embeds))):
+        replay = None
+    metric = metric or _prob_of_prediction(logits)
     baseline = embeds.clone()
     explained = torch.zeros(spans.valid.shape, dtype=torch.bool, device=embeds.device)
+    neutrals = neutrals or _Neutrals()
     for m in (spans.modalities if mode == "joint" else [mode]):
         neutral = hooked.neutral(inputs, m)
         if not hooked.spans(neutral).same_layout(spans):
             raise ValueError(f"the neutral reference of {m!r} changes the layout; explainers need one that keeps it")
-        with torch.no_grad():
-            reference = hooked.run(neutral, cache=point).cache[point]
+        reference = neutrals.embeds(hooked, neutral, m, point)
         mask = spans.masks[m].to(embeds.device)
         baseline[mask] = reference[mask]
         explained |= mask
-    return _Setup(point, embeds, baseline, explained & spans.valid.to(embeds.device), spans, value)
+    return _Setup(point, embeds, baseline, explained & spans.valid.to(embeds.device), spans, logits, metric,
+                  metric(logits).detach(), replay)
+
+
+def _replayer(hooked: HookedModel) -> _Replay | None:
+    """A replay engine when the LM's blocks can be re-run from the embeddings (else None)."""
+    names = {"lm.blocks.0.resid_pre", "lm.final_norm", "lm.logits"}
+    if not names <= set(hooked.hook_points) or hooked.hook_points["lm.blocks.0.resid_pre"].kind not in REPLAY_KINDS:
+        return None
+    return _Replay(hooked)
+
+
+def _last_position(inputs: Mapping[str, Any], embeds: Tensor) -> int:
+    mask = inputs.get("attention_mask")
+    return int(mask[0].nonzero().max()) if mask is not None and mask.shape[1] == embeds.shape[1] else embeds.shape[1] - 1
+
+
+def _masked_values(hooked: HookedModel, inputs: dict, setup: _Setup, masks: Sequence[Tensor],
+                   batch_size: int = 32) -> Tensor:
+    """Float[len(masks)]: the metric of one input row when each Bool[seq] mask's positions take
+    their baseline embedding.
+
+    Each distinct mask runs once, in batches; an empty mask is the input itself (``setup.value``).
+    When the LM's blocks can be replayed from the embeddings (causal LMs; see
+    :class:`mmlens.patching.sweep`), masks are sorted by their first position and each batch
+    recomputes only positions from its earliest masked one, attending to the input run's keys and
+    values before it; only the final position is unembedded.
+    """
+    index: dict[bytes, int] = {}
+    unique: list[Tensor] = []
+    for mask in masks:
+        key = mask.cpu().numpy().tobytes()
+        if mask.any() and key not in index:
+            index[key] = len(unique)
+            unique.append(mask.cpu())
+    order = sorted(range(len(unique)), key=lambda u: int(unique[u].nonzero()[0])) if setup.replay else range(len(unique))
+    order = list(order)
+    values = torch.empty(len(unique))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            if setup.replay is not None:
+                cells = [Cell("lm.blocks.0.resid_pre", 0, unique[u], None, {}) for u in chunk]
+                logits = setup.replay.patched_logits(cells, {"lm.blocks.0.resid_pre": setup.baseline}, {},
+                                                     _last_position(inputs, setup.embeds))
+                out = setup.metric(logits)
+            else:
+                variants = torch.where(torch.stack([unique[u] for u in chunk]).to(setup.embeds.device)[..., None],
+                                       setup.baseline, setup.embeds)
+                out = _with_embeds(hooked, inputs, setup.point, variants, setup.metric)
+            values[chunk] = out.float().cpu()
+    f = float(setup.value[0])
+    return torch.tensor([float(values[index[m.cpu().numpy().tobytes()]]) if m.any() else f for m in masks])
 
 
 def _with_embeds(hooked: HookedModel, inputs: dict, point: str, embeds: Tensor, metric: Metric,
@@ -200,22 +301,22 @@ def _integrated_gradients(hooked, inputs, metric, setup: _Setup, steps: int = 32
 
 def _occlusion(hooked, inputs, metric, setup: _Setup, window: int = 1, batch_size: int = 32) -> Tensor:
     positions = setup.explained[0].nonzero()[:, 0].tolist()
+    masks = []
+    for p in positions:
+        mask = torch.zeros(setup.explained.shape[1], dtype=torch.bool)
+        mask[[q for q in range(p - window // 2, p - window // 2 + window) if q in positions]] = True
+        masks.append(mask)
     scores = torch.full(setup.explained.shape, float("nan"), device=setup.embeds.device)
-    for start in range(0, len(positions), batch_size):
-        chunk = positions[start:start + batch_size]
-        variants = setup.embeds.repeat(len(chunk), 1, 1)
-        for i, p in enumerate(chunk):
-            span = [q for q in range(p - window // 2, p - window // 2 + window) if q in positions]
-            variants[i, span] = setup.baseline[0, span]
-        with torch.no_grad():
-            values = _with_embeds(hooked, inputs, setup.point, variants, metric)
-        scores[0, chunk] = (setup.value - values).float()
+    if positions:
+        values = _masked_values(hooked, inputs, setup, masks, batch_size).to(scores.device)
+        scores[0, positions] = setup.value.float() - values
     return scores
 
 
 def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
     """The LM's attention patterns, one Float[b, heads, seq, seq] per layer, read from each
-    attention module's output under eager attention (switched on for the call, restored after)."""
+    attention module's output under eager attention (switched on for the call, restored after; on
+    mmlens's own models by the attention modules' ``return_weights`` flag)."""
     from transformers import PreTrainedModel
 
     from .adapter import get_module
@@ -226,17 +327,23 @@ def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
         (hp for hp in hooked.hook_points.values() if hp.prefix == "lm" and hp.kind == "attn_out"), key=lambda hp: hp.layer)]
     if not modules:
         raise ValueError(f"adapter {hooked.adapter.name!r} has no LM attention points ('lm.blocks.*.attn_out')")
+    flagged = [m for m in modules if hasattr(m, "return_weights")]
+    flags = [m.return_weights for m in flagged]
     weights: list[Tensor] = []
     handles = [m.register_forward_hook(lambda module, args, out: weights.append(
         out[1] if isinstance(out, tuple) and len(out) > 1 else None)) for m in modules]
     try:
         for m in models:
             m.set_attn_implementation("eager")
+        for m in flagged:
+            m.return_weights = True
         with torch.no_grad():
             hooked.model(**inputs)
     finally:
         for h in handles:
             h.remove()
+        for m, flag in zip(flagged, flags):
+            m.return_weights = flag
         for m, implementation in zip(models, previous):
             m.set_attn_implementation(implementation)
     if len(weights) != len(modules) or any(w is None for w in weights):
@@ -312,26 +419,36 @@ def explain(hooked: HookedModel, inputs: Mapping[str, Any], method: str = "integ
     Returns:
         An :class:`Explanation` with NaN outside the explained positions.
     """
+    _check_method(method)
+    inputs = hooked._check_inputs(inputs)
+    rows = [_explain_row(hooked, _setup(hooked, one, metric, mode), one, method, mode, options)
+            for one in (_rows(inputs, row) for row in range(hooked.spans(inputs).batch_size))]
+    info = dict(options)
+    if method == "integrated_gradients":
+        info["completeness_error"] = [e.info["completeness_error"][0] for e in rows]
+    return Explanation(torch.cat([e.scores for e in rows]), hooked.spans(inputs), method, mode,
+                       torch.cat([e.value for e in rows]), info)
+
+
+def _check_method(method: str) -> None:
     if method not in EXPLAINERS:
         from difflib import get_close_matches
 
         near = get_close_matches(method, list(EXPLAINERS), n=3, cutoff=0.3)
         raise ValueError(f"unknown explainer {method!r}; did you mean {near}? Explainers: {sorted(EXPLAINERS)}")
-    inputs = hooked._check_inputs(inputs)
-    scores, values, info = [], [], dict(options)
-    for row in range(hooked.spans(inputs).batch_size):
-        one = _rows(inputs, row)
-        row_metric = metric or predicted_prob(hooked, one)
-        setup = _setup(hooked, one, row_metric, mode)
-        raw = EXPLAINERS[method](hooked, one, row_metric, setup, **options).detach().float()
-        row_scores = torch.where(setup.explained.to(raw.device), raw, torch.full_like(raw, float("nan")))
-        scores.append(row_scores.cpu())
-        values.append(setup.value.float().cpu())
-        if method == "integrated_gradients":
-            with torch.no_grad():
-                gap = setup.value - _with_embeds(hooked, one, setup.point, setup.baseline, row_metric)
-            info.setdefault("completeness_error", []).append(float((row_scores.nansum() - gap[0]).abs()))
-    return Explanation(torch.cat(scores), hooked.spans(inputs), method, mode, torch.cat(values), info)
+
+
+def _explain_row(hooked: HookedModel, setup: _Setup, one: dict, method: str, mode: str, options: Mapping[str, Any]
+                 ) -> Explanation:
+    """:func:`explain` of one input row from its :func:`_setup` (which fixes the metric and mode)."""
+    raw = EXPLAINERS[method](hooked, one, setup.metric, setup, **options).detach().float()
+    scores = torch.where(setup.explained.to(raw.device), raw, torch.full_like(raw, float("nan"))).cpu()
+    info = dict(options)
+    if method == "integrated_gradients":
+        with torch.no_grad():
+            gap = setup.value - _with_embeds(hooked, one, setup.point, setup.baseline, setup.metric)
+        info["completeness_error"] = [float((scores.nansum() - gap[0]).abs())]
+    return Explanation(scores, setup.spans, method, mode, setup.value.float().cpu(), info)
 
 
 def explain_all(hooked: HookedModel, inputs: Mapping[str, Any], methods: Sequence[str] = tuple(EXPLAINERS),

@@ -368,14 +368,16 @@ def sweep(
         pair_metric = kl_from(clean_logits) if metric == "kl" else metric
         if not callable(pair_metric):
             raise ValueError(f"metric must be a callable on final-position logits or 'kl', got {metric!r}")
-        mask = tgt.get("attention_mask")
         engine = _Replay(hooked) if use_replay else None
         frozen = _FrozenEncoders(hooked) if use_frozen else None
         target_names = names + ([f"lm.blocks.{len(engine.modules) - 1}.resid_post"] if engine else [])
         with engine.capture() if engine else frozen.record() if frozen else contextlib.nullcontext():
             tgt_run = hooked.run(tgt, cache=list(dict.fromkeys(target_names)), edits=target_edits)
-        if engine is not None and not engine.usable:
-            engine = None
+        mask = tgt.get("attention_mask")
+        last = int(mask[0].nonzero().max()) if mask is not None else tgt_run.logits.shape[1] - 1
+        if engine is not None and not (engine.usable and engine.reproduces(
+                tgt_run.cache[target_names[-1]], last_logits(tgt_run.logits, mask), last)):
+            engine = None  # e.g. a head that pools positions: patched cells run full forwards
         if engine is not None:
             method = "replay + kv" if engine.reuse_kv else "replay"
         if frozen is not None and not frozen.active:
@@ -397,7 +399,6 @@ def sweep(
                   else None for c in cells]
         todo = [i for i, v in enumerate(values) if v is None]
         skipped += len(cells) - len(todo)
-        last = int(mask[0].nonzero().max()) if mask is not None else tgt_run.logits.shape[1] - 1
         bar = tqdm(range(0, len(todo), batch_size), desc=f"patching pair {pair}", disable=not progress)
         for start in bar:
             chunk = [cells[i] for i in todo[start:start + batch_size]]
@@ -427,7 +428,11 @@ def _row_tokens(decode, inputs: Mapping[str, Any], spans: ModalitySpans, pair: i
     if ids is None:
         return [f"<{m}>" for m in modality]
     text = decode(ids[0].tolist())
-    return [t if m in ("text", "pad") else f"<{m}>" for t, m in zip(text, modality)]
+    if len(text) == len(modality):
+        return [t if m in ("text", "pad") else f"<{m}>" for t, m in zip(text, modality)]
+    tokens = iter(text)  # fused positions not in input_ids (e.g. image patches prepended): ids fill text/pad in order
+    text_like = sum(m in ("text", "pad") for m in modality)
+    return [next(tokens) if m in ("text", "pad") and text_like == len(text) else f"<{m}>" for m in modality]
 
 
 def _patched_full(hooked: HookedModel, target: dict, target_edits: list[Edit], chunk: list[Cell], src_run,
@@ -543,6 +548,8 @@ class _PrefixKV:
 
 
 _POSITIONAL_KWARGS = {"position_ids": 1, "cache_position": 0, "position_embeddings": 1}
+_KV_KWARGS = ("past_key_values", "cache")
+"""A block's key/value-cache argument: ``past_key_values``, renamed ``cache`` in transformers 5.24."""
 REPLAY_KINDS = {"resid_pre", "attn_out", "z", "resid_mid", "mlp_out", "resid_post"}
 
 
@@ -572,6 +579,7 @@ class _Replay:
         self.recorder = _KVRecorder()
         self.reuse_kv = False
         self.usable = True
+        self.kv_kwarg = "past_key_values"
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
@@ -604,10 +612,28 @@ class _Replay:
                     return None
             else:
                 named[name] = value
-        self.calls.append({k: v for k, v in named.items() if k != "past_key_values"})
-        if "past_key_values" not in signature.parameters:
+        layer = len(self.calls)
+        if layer < len(self.hidden) and self.hidden[layer] not in named:
+            first = next(iter(signature.parameters), None)  # e.g. ``x`` instead of ``hidden_states``
+            if first is None or not isinstance(named.get(first), Tensor):
+                self.usable = False
+                return None
+            self.hidden[layer] = first
+        self.calls.append({k: v for k, v in named.items() if k not in _KV_KWARGS})
+        kv = next((name for name in _KV_KWARGS if name in signature.parameters), None)
+        if kv is None:
             return None
-        return (), {**named, "past_key_values": self.recorder}
+        self.kv_kwarg = kv
+        return (), {**named, kv: self.recorder}
+
+    @torch.no_grad()
+    def reproduces(self, final_resid: Tensor, logits: Tensor, last: int) -> bool:
+        """Whether normalizing and unembedding the final block's output Float[1, seq, d] at ``last``
+        gives the model's final logits Float[1, vocab] (not so for heads that pool positions)."""
+        mine = self.unembed(self.norm(final_resid[:, last]))
+        if mine.shape != logits.shape:
+            return False
+        return bool((mine.float() - logits.float()).abs().max() <= 1e-4 * logits.float().abs().max() + 1e-5)
 
     def _kv_reusable(self) -> bool:
         """Keys/values can be reused when every block is causal self-attention that recorded them
@@ -649,7 +675,7 @@ class _Replay:
                 out["attention_mask"] = mask[None, None].to(call[self.hidden[layer]].device)
             elif mask.dim() == 4:
                 out["attention_mask"] = mask[..., start:, :]
-            out["past_key_values"] = _PrefixKV(self.recorder.entries, layer, start, n)
+            out[self.kv_kwarg] = _PrefixKV(self.recorder.entries, layer, start, n)
         return _expand(out, n)
 
     @torch.no_grad()

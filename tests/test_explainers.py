@@ -119,3 +119,48 @@ def test_errors(vlm):
         explain(hm, inputs, "occlusion", mode="audio")
     with pytest.raises(ValueError, match="fraction"):
         explain(hm, inputs, "attention").top_mask("image", 1.5)
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava", "tinystories-656k"])
+def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_forwards(loaded, name):
+    from mmlens.desiderata import examples
+    from mmlens.explainers import _masked_values
+
+    lm = loaded(name)
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer, processor=lm.processor)
+    one = examples(hm, lm.example_inputs())[0]
+    setup = _setup(hm, one, None, "joint")
+    assert setup.replay is not None and setup.replay.reuse_kv
+    seq = setup.embeds.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    masks = [torch.rand(seq, generator=generator) < 0.3 for _ in range(11)] + [torch.zeros(seq, dtype=torch.bool)]
+    masks.append(masks[0].clone())  # a duplicate runs once and gets the same value
+    lengths = []
+    block = hm.hook_points["lm.blocks.0.resid_pre"].site.module
+    handle = hm.model.get_submodule(block).register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape), with_kwargs=True)
+    try:
+        fast = _masked_values(hm, one, setup, masks, batch_size=4)
+    finally:
+        handle.remove()
+    full = torch.stack([_with_embeds(hm, one, setup.point, torch.where(m[None, :, None], setup.baseline, setup.embeds),
+                                     setup.metric)[0] for m in masks]).float()
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
+    assert fast[-2] == setup.value[0] and fast[-1] == fast[0]
+    firsts = sorted(int(m.nonzero()[0]) for m in masks[:11] if m.any())
+    assert [shape[1] for shape in lengths] == [seq - firsts[i] for i in range(0, len(firsts), 4)]
+
+
+def test_sweeps_of_a_pooling_classifier_fall_back_to_full_forwards(loaded):
+    lm = loaded("tiny-fusion")
+    hm = mmlens.wrap(lm.model)
+    x = lm.example_inputs()
+    corruption = mmlens.corrupt(hm, x, "text", "neutral")
+    metric = lambda logits: logits[:, 0]  # noqa: E731
+    fast = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False)
+    full = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False,
+                        replay=False)
+    assert fast.method == "full forwards"
+    assert (fast.table.value - full.table.value).abs().max() == 0
+    assert len(fast.table) == int(hm.spans(x).valid.sum())  # every real position of both rows
+    assert fast.table[fast.table.modality == "image"].token.eq("<image>").all()
