@@ -164,3 +164,31 @@ def test_sweeps_of_a_pooling_classifier_fall_back_to_full_forwards(loaded):
     assert (fast.table.value - full.table.value).abs().max() == 0
     assert len(fast.table) == int(hm.spans(x).valid.sum())  # every real position of both rows
     assert fast.table[fast.table.modality == "image"].token.eq("<image>").all()
+
+
+def test_integrated_gradients_and_occlusion_equal_captum_on_the_fused_embeddings(vlm):
+    """Captum (an independent implementation) on f(embeddings) = the metric of a run with the LM's
+    input embeddings replaced gives the same attributions, summed over the embedding width."""
+    from captum.attr import FeatureAblation, IntegratedGradients
+
+    from mmlens.desiderata import examples
+
+    hm, inputs = vlm
+    one = examples(hm, inputs)[0]
+    setup = _setup(hm, one, None, "joint")
+
+    def f(embeds):
+        return _with_embeds(hm, one, setup.point, embeds, setup.metric, grad=torch.is_grad_enabled())
+
+    ours = explain(hm, one, "integrated_gradients", steps=16).scores[0]
+    theirs = IntegratedGradients(f).attribute(setup.embeds, baselines=setup.baseline, n_steps=16,
+                                              method="riemann_middle", internal_batch_size=16).sum(-1)[0]
+    explained = setup.explained[0]
+    torch.testing.assert_close(ours[explained], theirs[explained].float(), rtol=1e-4, atol=1e-6)
+
+    ours = explain(hm, one, "occlusion").scores[0]
+    positions = torch.arange(setup.embeds.shape[1])[None, :, None].expand_as(setup.embeds)
+    with torch.no_grad():
+        theirs = FeatureAblation(f).attribute(setup.embeds, baselines=setup.baseline, feature_mask=positions,
+                                              perturbations_per_eval=8)[..., 0][0]
+    torch.testing.assert_close(ours[explained], theirs[explained].float(), rtol=1e-4, atol=1e-6)
