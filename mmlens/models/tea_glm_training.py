@@ -19,6 +19,8 @@ The text-only baseline is the same prompt without the graph tokens and the line 
 
 from __future__ import annotations
 
+import inspect
+
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,9 +130,12 @@ class PrefixRunner:
         self.lm = lm
         self.decoder = lm.get_decoder()
         self.unembed = lm.get_output_embeddings()
+        # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40)
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         device = lm.get_input_embeddings().weight.device
         with torch.no_grad():
-            cache = lm(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
+            out = lm(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
+        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
         self.prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
 
     def answer_logits(self, suffix_embeds: Tensor, lengths: Tensor) -> Tensor:
@@ -139,7 +144,7 @@ class PrefixRunner:
         b = suffix_embeds.shape[0]
         cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous())
                                              for k, v in self.prefix_kv], config=self.lm.config)
-        hidden = self.decoder(inputs_embeds=suffix_embeds, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = self.decoder(inputs_embeds=suffix_embeds, use_cache=True, **{self.cache_kwarg: cache}).last_hidden_state
         last = hidden[torch.arange(b, device=hidden.device), lengths.to(hidden.device) - 1]
         return self.unembed(last)
 
