@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .explainers import Explanation, _check_method, _explain_row, _masked_values, _Neutrals, _rows, _setup, explain, predicted_prob
+from .explainers import Explanation, _check_method, _explain_row, _masked_values, _Neutrals, _rows, _setup, _with_embeds, explain, predicted_prob
 from .patching import last_logits
 from .wrapper import HookedModel
 
@@ -447,6 +447,95 @@ def circuit_faithfulness(hooked: HookedModel, inputs: Dataset, circuit: Any, abl
     return pd.DataFrame(rows)
 
 
+@dataclass
+class InteractionResult:
+    """What :func:`interaction` returns.
+
+    Attributes:
+        modalities: the two modalities (a, b).
+        per_input: one row per input: ``v_ab`` (f on the input), ``v_a`` (b at its neutral reference),
+            ``v_b`` (a neutral), ``v_none`` (both neutral) and ``shapley_interaction`` =
+            v_ab - v_a - v_b + v_none (f: the probability of the input's predicted token). Positive:
+            synergy (each modality needs the other); negative: redundancy (either suffices); ~0:
+            additive.
+        emap: Hessel & Lee's (2020) empirical multimodally-additive projection over the dataset:
+            ``accuracy`` of the model's own logits and ``emap_accuracy`` of their additive
+            projection against ``labels`` (the model's predictions when none are given), and
+            ``gap`` = accuracy - emap_accuracy (~0 when the model is additive in a and b); None
+            when the inputs' a positions differ.
+    """
+
+    modalities: tuple[str, str]
+    per_input: pd.DataFrame
+    emap: dict | None
+
+    @property
+    def mean_interaction(self) -> float:
+        """Mean Shapley interaction over the inputs."""
+        return float(self.per_input.shapley_interaction.mean())
+
+
+def interaction(hooked: HookedModel, inputs: Dataset, modalities: Sequence[str] | None = None, *,
+                labels: Sequence[int] | Tensor | None = None, emap: bool = True, batch_size: int = 64,
+                progress: bool = True) -> InteractionResult:
+    """How much two modalities interact in the model's output, per input and over a dataset.
+
+    Shapley interaction of the two modalities as players, each either present or at its neutral
+    reference embedding (per input, 3 extra variants); and the EMAP gap: the model's logits
+    f(a_i, b_j) on every pair of one input's b with another's a (n^2 runs, a swapped at the fused
+    embeddings, which equals swapping a's input when a is encoded separately) are projected onto
+    additive functions, ``mean_j f(a_i, b_j) + mean_j f(a_j, b_i) - mean_jk f(a_j, b_k)``, and the
+    accuracies compared.
+
+    Args:
+        modalities: the two modalities (default: the inputs' two modalities; an error if not two).
+        labels: true labels per input for EMAP (default: the model's predictions).
+    """
+    items = examples(hooked, inputs)
+    present = _modalities(hooked, items)
+    pair = tuple(modalities or present)
+    if len(pair) != 2 or any(m not in present for m in pair):
+        raise ValueError(f"interaction takes two modalities of these inputs {present}, got {list(pair)}; pass "
+                         "modalities=(a, b)")
+    a, b = pair
+    rows, setups = [], []
+    for i, x in enumerate(tqdm(items, desc="interaction", disable=not progress)):
+        setup = _setup(hooked, x, None, "joint")
+        setups.append(setup)
+        mask_a, mask_b = (setup.spans.masks[m][0].cpu() & setup.explained[0].cpu() for m in pair)
+        v_a, v_b, v_none = _masked_values(hooked, x, setup, [mask_b, mask_a, mask_a | mask_b], batch_size).tolist()
+        v_ab = float(setup.value[0])
+        rows.append({"input": i, "v_ab": v_ab, "v_a": v_a, "v_b": v_b, "v_none": v_none,
+                     "shapley_interaction": v_ab - v_a - v_b + v_none})
+    return InteractionResult(pair, pd.DataFrame(rows), _emap(hooked, items, setups, a, labels, batch_size, progress)
+                             if emap else None)
+
+
+def _emap(hooked: HookedModel, items: list[dict], setups: list, a: str, labels, batch_size: int,
+          progress: bool) -> dict | None:
+    masks = [s.spans.masks[a][0].cpu() for s in setups]
+    if len(items) < 2 or any(not torch.equal(m, masks[0]) for m in masks):
+        return None
+    at = masks[0].to(setups[0].embeds.device)[None, :, None]
+    logits = []  # logits[i][j]: input i with a taken from input j
+    with torch.no_grad():
+        for i, (x, setup) in enumerate(tqdm(list(zip(items, setups)), desc="EMAP", disable=not progress)):
+            row = []
+            for start in range(0, len(items), batch_size):
+                donors = torch.cat([s.embeds for s in setups[start:start + batch_size]])
+                mixed = torch.where(at, donors, setup.embeds)
+                row.append(_with_embeds(hooked, x, setup.point, mixed, lambda out: out).float().cpu())
+            logits.append(torch.cat(row))
+    f = torch.stack(logits)  # Float[n, n, vocab]
+    projection = f.mean(1) + f.mean(0) - f.mean((0, 1))
+    own = torch.diagonal(f).T.argmax(-1)
+    truth = own if labels is None else torch.as_tensor(labels).long().cpu()
+    accuracy = float((own == truth).float().mean())
+    emap_accuracy = float((projection.argmax(-1) == truth).float().mean())
+    return {"accuracy": accuracy, "emap_accuracy": emap_accuracy, "gap": accuracy - emap_accuracy, "n": len(items),
+            "labels": "given" if labels is not None else "model predictions"}
+
+
 def _random_top(spans, members: list[str], k: float, generator: torch.Generator) -> Tensor:
     """Bool[seq]: a random ``ceil(k * n)`` positions of each member modality (row 0)."""
     out = torch.zeros(spans.valid.shape[1], dtype=torch.bool)
@@ -476,5 +565,6 @@ def _areas(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-__all__ = ["Dataset", "FaithfulnessResult", "circuit_faithfulness", "GrangerResult", "StabilityResult", "examples", "explanation_distance", "faithfulness", "granger",
-           "js_divergence", "kappa_lambda", "stability"]
+__all__ = ["Dataset", "FaithfulnessResult", "circuit_faithfulness", "GrangerResult", "InteractionResult", "StabilityResult",
+           "examples", "explanation_distance", "faithfulness", "granger", "interaction", "js_divergence", "kappa_lambda",
+           "stability"]

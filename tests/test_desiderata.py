@@ -168,3 +168,43 @@ def test_circuit_keep_remove_known_answers(loaded):
         assert float(mine.f_remove.iloc[i]) == expected  # removing the whole model = the fully ablated run
     assert (mine.necessity_drop.abs() > 0).any()
     assert set(table.source) == {"circuit", "random"}
+
+
+def test_an_unused_modality_has_no_interaction_and_no_emap_gap(text_only):
+    from mmlens.desiderata import interaction
+
+    hm, inputs = text_only
+    result = interaction(hm, inputs, progress=False)
+    assert result.modalities == ("image", "text")
+    rows = result.per_input
+    # the image tokens do not depend on the image: equal up to batched-vs-single float rounding
+    assert (rows.shapley_interaction.abs() < 1e-6).all()
+    assert ((rows.v_ab - rows.v_b).abs() < 1e-6).all() and ((rows.v_a - rows.v_none).abs() < 1e-6).all()
+    assert result.emap == {"accuracy": 1.0, "emap_accuracy": 1.0, "gap": 0.0, "n": 2, "labels": "model predictions"}
+
+
+def test_interaction_terms_equal_runs_on_neutral_and_swapped_inputs(loaded):
+    from mmlens.desiderata import examples, interaction
+
+    lm = loaded("tiny-fusion")
+    hm = mmlens.wrap(lm.model)
+    inputs = lm.example_inputs()
+    result = interaction(hm, inputs, ("image", "text"), labels=[0, 1], progress=False)
+    items = examples(hm, inputs)
+    for i, x in enumerate(items):
+        metric = predicted_prob(hm, x)
+        f = lambda batch: float(metric(last_logits(hm.run(batch).logits, None))[0])  # noqa: E731
+        both = hm.neutral(hm.neutral(x, "image"), "text")
+        expected = {"v_ab": f(x), "v_a": f(hm.neutral(x, "text")), "v_b": f(hm.neutral(x, "image")), "v_none": f(both)}
+        for key, value in expected.items():
+            assert math.isclose(result.per_input[key][i], value, abs_tol=1e-6), key
+    # EMAP from real runs with the image of input j and the text of input i
+    logits = torch.stack([torch.stack([hm.run({**x, "pixel_values": y["pixel_values"]}).logits[0] for y in items])
+                          for x in items])
+    projection = logits.mean(1) + logits.mean(0) - logits.mean((0, 1))
+    own = torch.diagonal(logits).T.argmax(-1)
+    assert result.emap["accuracy"] == float((own == torch.tensor([0, 1])).float().mean())
+    assert result.emap["emap_accuracy"] == float((projection.argmax(-1) == torch.tensor([0, 1])).float().mean())
+    assert result.emap["labels"] == "given"
+    with pytest.raises(ValueError, match="two modalities"):
+        interaction(hm, inputs, ("image",), progress=False)
