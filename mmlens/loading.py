@@ -9,6 +9,8 @@ Registry names (``registry_descriptions()`` gives the one-line descriptions a CL
 - ``tinystories-656k``: a real 656K-parameter LM from the shared models folder.
 - ``tiny-random-{llava,idefics3,gpt2,phi3}``: seeded random weights in the real transformers
   classes, for testing each architecture family offline.
+- ``synthetic-vlm``: LLaVA around TinyStories-656K with a vision side trained in-process
+  (:mod:`mmlens.synthetic.vlm`): an offline VLM that really reads its image.
 
 Any other name is loaded as a Hugging Face hub id or a local folder. More entries (``tea-glm``:
 the frozen LLM with its trained graph projector) are added with the ``@register`` decorator.
@@ -422,6 +424,22 @@ def _tea_glm_smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
 @register("tea-glm-tiny", "TEA-GLM-style model around TinyStories-656K (untrained GNN/projector), for fast tests")
 def _tea_glm_tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     return _tea_glm(name, "tinystories-656k", dtype, seed)
+
+
+@register("synthetic-vlm", "LLaVA: CLIP 2x64 (32px, patch 8 -> 16 image tokens) + the real TinyStories-656K, vision "
+                           "side trained to name a rendered shape's colour / shape (~45 s once, then cached)")
+def _synthetic_vlm(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    from mmlens.synthetic.vlm import train_vlm
+
+    trained = train_vlm(seed=seed)
+    scenes = trained.test_scenes()[:2]
+
+    def inputs() -> Inputs:
+        """Two held-out scenes, asked the colour and the shape question: input_ids [2, 29] with 16
+        image tokens at positions 1..16; pixel_values [2, 3, 32, 32]."""
+        return trained.processor.questions(scenes, ["color", "shape"])
+
+    return LoadedModel(trained.model, trained.tokenizer, trained.processor, name, inputs)
 
 
 @register("tiny-fusion", "mmlens FusionTransformer, random weights: image (16px, patch 4) + text encoders, "

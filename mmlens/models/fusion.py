@@ -61,6 +61,10 @@ class Attention(nn.Module):
 
     ``out_proj`` receives the heads concatenated, ``[b, seq, h * d_head]`` with head ``i`` at
     ``[..., i * d_head:(i + 1) * d_head]``, so a forward pre-hook on it sees per-head outputs.
+
+    With ``return_weights`` set (off by default) the pattern is computed explicitly and ``forward``
+    returns ``(out, weights)``, ``weights`` ``[b, h, seq_q, seq_k]``, as transformers' eager
+    attention modules do (the attention explainers switch it on).
     """
 
     def __init__(self, d_model: int, n_heads: int) -> None:
@@ -72,16 +76,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self.return_weights = False
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """``x`` ``[b, seq, d]``, ``key_mask`` ``[b, seq]`` bool (True = attend) -> ``[b, seq, d]``."""
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``x`` ``[b, seq, d]``, ``key_mask`` ``[b, seq]`` bool (True = attend) -> ``[b, seq, d]``
+        (and the weights ``[b, h, seq, seq]`` when ``return_weights``)."""
         q, k, v = (
             rearrange(proj(x), "b s (h e) -> b h s e", h=self.n_heads)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out_proj(rearrange(heads, "b h s e -> b s (h e)"))
+        if not self.return_weights:
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            return self.out_proj(rearrange(heads, "b h s e -> b s (h e)"))
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = scores.softmax(-1)
+        return self.out_proj(rearrange(weights @ v, "b h s e -> b s (h e)")), weights
 
 
 class Block(nn.Module):
@@ -98,7 +110,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """``x`` ``[b, seq, d]``, ``key_mask`` ``[b, seq]`` bool (True = attend) -> ``[b, seq, d]``."""
-        h = x + self.attn(self.ln1(x), key_mask)
+        attn = self.attn(self.ln1(x), key_mask)
+        h = x + (attn[0] if isinstance(attn, tuple) else attn)
         return h + self.mlp(self.ln2(h))
 
 

@@ -1,0 +1,284 @@
+"""Seeded image + text classification tasks whose dependence on each modality is known by construction.
+
+Every example is a 16x16 RGB scene (one coloured shape at a random position on a dark, noisy
+background; or no shape) and a short text over a fixed vocabulary (:data:`VOCAB`, id 0 = padding,
+padded at the end). The label rule says which modality the label depends on:
+
+==============  ===========================================================  ==================
+task            label                                                        ``depends_on``
+==============  ===========================================================  ==================
+``image_only``  the shape's colour; the text is filler words                 image
+``text_only``   the colour word in the text; the image is noise, no shape    text
+``shortcut``    the colour word in the text; the image shows a shape whose   text
+                colour is drawn independently of the label (looks relevant)
+``redundant``   the shape's colour, which the text's colour word repeats     image, text (either suffices)
+``synergistic`` 1 iff the shape's colour (red / blue) is the colour word in    image, text (both needed)
+                the text (red / blue): an XOR, neither modality alone beats 50%
+==============  ===========================================================  ==================
+
+>>> task = make_task("synergistic", n=1000, seed=0)
+>>> task.batch(range(4))          # {"pixel_values": [4, 3, 16, 16], "input_ids": [4, 12], "attention_mask": [4, 12]}
+>>> bayes_accuracy(task, "image") # ~0.5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IMAGE_SIZE = 16
+"""Image height and width, pixels."""
+PATCH_SIZE = 4
+"""Patch side (pixels) of the models these tasks are made for: (16 / 4)^2 = 16 image patches."""
+TEXT_LEN = 12
+"""Token positions per text (sentences have 4..12 words, then padding)."""
+
+COLORS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle", "cross")
+FILLERS = (
+    "the", "a", "this", "that", "is", "there", "here", "picture", "image", "photo", "shows", "with", "of",
+    "in", "on", "and", "some", "object", "thing", "look", "at", "see", "it", "very", "small", "big", "near",
+    "maybe", "what", "scene", "cat", "dog", "tree", "house", "car", "boat", "bird", "sun", "sky", "left",
+    "right", "top",
+)
+VOCAB: tuple[str, ...] = ("<pad>", *COLORS, *FILLERS)
+"""id -> word; id 0 is padding (the adapter's neutral text)."""
+WORD_ID = {word: i for i, word in enumerate(VOCAB)}
+
+_RGB = np.array([[0.9, 0.15, 0.1], [0.15, 0.8, 0.2], [0.15, 0.3, 0.95], [0.9, 0.85, 0.1]])  # COLORS
+_FILLER_IDS = np.array([WORD_ID[w] for w in FILLERS])
+KINDS = ("image_only", "text_only", "shortcut", "redundant", "synergistic")
+
+
+@dataclass
+class TaskData:
+    """The examples of one task and their ground truth. ``n`` examples, ``T`` = :data:`TEXT_LEN`,
+    ``P`` = 16 patches of :data:`PATCH_SIZE` pixels in row-major order.
+
+    Attributes:
+        name, kind: the task (one of :data:`KINDS` for the kind); ``rule``: the label rule in words.
+        depends_on: the modalities ("image", "text") whose content determines the label.
+        pixel_values: Float[n, 3, 16, 16], values in [0, 1].
+        input_ids: Long[n, T], ids into ``vocab``, 0 at padding; attention_mask: Long[n, T], 1 = word.
+        labels: Long[n], indices into ``class_names``.
+        image_attrs: "shape" (index into :data:`SHAPES`), "color" (into :data:`COLORS`): Long[n], -1
+            where the image has no shape.
+        text_attrs: "color": the colour word of each text (index into :data:`COLORS`), Long[n];
+            empty when the texts have none.
+        image_key: Bool[n, P], the patches the shape touches.
+        text_key: Bool[n, T], the position of the attribute word.
+        seed: the generator's seed.
+    """
+
+    name: str
+    kind: str
+    depends_on: frozenset[str]
+    rule: str
+    pixel_values: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    class_names: tuple[str, ...]
+    vocab: tuple[str, ...]
+    image_attrs: dict[str, Tensor]
+    text_attrs: dict[str, Tensor]
+    image_key: Tensor
+    text_key: Tensor
+    seed: int
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, index: Iterable[int] | slice | Tensor | None = None) -> dict[str, Tensor]:
+        """Model inputs ``{"pixel_values", "input_ids", "attention_mask"}`` of the rows ``index``
+        (all rows when None), as :class:`mmlens.models.FusionTransformer` and ``mmlens.wrap`` take them."""
+        rows = _index(index)
+        return {"pixel_values": self.pixel_values[rows], "input_ids": self.input_ids[rows],
+                "attention_mask": self.attention_mask[rows]}
+
+    def subset(self, index: Iterable[int] | slice | Tensor) -> TaskData:
+        """The same task restricted to the rows ``index``."""
+        rows = _index(index)
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                value = value[rows]
+            elif isinstance(value, dict):
+                value = {k: v[rows] for k, v in value.items()}
+            values[f.name] = value
+        return TaskData(**values)
+
+    def text(self, row: int) -> str:
+        """The words of row ``row`` without padding."""
+        ids = self.input_ids[row][self.attention_mask[row].bool()]
+        return " ".join(self.vocab[i] for i in ids.tolist())
+
+
+def _index(index: Iterable[int] | slice | Tensor | None) -> slice | Tensor:
+    if index is None:
+        return slice(None)
+    if isinstance(index, (slice, Tensor)):
+        return index
+    return torch.as_tensor(list(index), dtype=torch.long)
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def _scenes(rng: np.random.Generator, shape: np.ndarray, color: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Images of one shape each (``shape`` / ``color`` Long[n]; -1: no shape) -> pixel_values
+    Float[n, 3, 16, 16] in [0, 1] and the touched patches Bool[n, P].
+
+    Background: a dark per-image tone in [0, 0.15]^3 plus N(0, 0.05) pixel noise. Shapes have a size
+    r in [3, 4] px, a centre anywhere they fit, the colour at brightness 0.8..1.
+    """
+    n, s = len(shape), IMAGE_SIZE
+    r = rng.uniform(3.0, 4.0, n)[:, None, None]
+    cy, cx = (rng.uniform(r[:, 0, 0], s - r[:, 0, 0])[:, None, None] for _ in range(2))
+    grid = np.arange(s) + 0.5
+    dy, dx = grid[None, :, None] - cy, grid[None, None, :] - cx
+    arm = 0.35 * r
+    masks = np.stack([
+        dx**2 + dy**2 <= r**2,  # circle
+        np.maximum(abs(dx), abs(dy)) <= 0.85 * r,  # square of about the circle's area
+        (abs(dy) <= r) & (abs(dx) <= (dy + r) / 2),  # triangle, apex up
+        ((abs(dx) <= arm) & (abs(dy) <= r)) | ((abs(dy) <= arm) & (abs(dx) <= r)),  # cross
+    ])
+    mask = masks[np.maximum(shape, 0), np.arange(n)] & (shape >= 0)[:, None, None]  # [n, s, s]
+    background = rng.uniform(0, 0.15, (n, 3, 1, 1))
+    paint = _RGB[np.maximum(color, 0)][:, :, None, None] * rng.uniform(0.8, 1.0, (n, 1, 1, 1))
+    pixels = np.where(mask[:, None], paint, background) + rng.normal(0, 0.05, (n, 3, s, s))
+    p = PATCH_SIZE
+    key = mask.reshape(n, s // p, p, s // p, p).any(axis=(2, 4)).reshape(n, -1)
+    return torch.tensor(pixels.clip(0, 1), dtype=torch.float32), torch.from_numpy(key)
+
+
+def _texts(rng: np.random.Generator, key_word: np.ndarray | None, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sentences of 4..TEXT_LEN filler words, with word id ``key_word[i]`` (Long[n]) at a random
+    position when given -> input_ids, attention_mask Long[n, T] (padded at the end), key Bool[n, T]."""
+    length = rng.integers(4, TEXT_LEN + 1, n)
+    ids = np.zeros((n, TEXT_LEN), dtype=np.int64)
+    words = rng.choice(_FILLER_IDS, (n, TEXT_LEN))
+    valid = np.arange(TEXT_LEN)[None] < length[:, None]
+    ids[valid] = words[valid]
+    key = np.zeros((n, TEXT_LEN), dtype=bool)
+    if key_word is not None:
+        position = rng.integers(0, length)
+        ids[np.arange(n), position] = key_word
+        key[np.arange(n), position] = True
+    return torch.from_numpy(ids), torch.from_numpy(valid.astype(np.int64)), torch.from_numpy(key)
+
+
+def _task(name: str, kind: str, depends_on: set[str], rule: str, rng: np.random.Generator, seed: int,
+          labels: np.ndarray, class_names: tuple[str, ...], image: dict[str, np.ndarray],
+          text: dict[str, np.ndarray], key_word: np.ndarray | None) -> TaskData:
+    pixels, image_key = _scenes(rng, image["shape"], image["color"])
+    ids, mask, text_key = _texts(rng, key_word, len(labels))
+    return TaskData(
+        name=name, kind=kind, depends_on=frozenset(depends_on), rule=rule, pixel_values=pixels, input_ids=ids,
+        attention_mask=mask, labels=torch.from_numpy(labels), class_names=class_names, vocab=VOCAB,
+        image_attrs={k: torch.from_numpy(v) for k, v in image.items()},
+        text_attrs={k: torch.from_numpy(v) for k, v in text.items()}, image_key=image_key, text_key=text_key,
+        seed=seed,
+    )
+
+
+def _color_words(color: np.ndarray) -> np.ndarray:
+    return np.array([WORD_ID[c] for c in COLORS])[color]
+
+
+# --- the tasks ---------------------------------------------------------------------------------------
+
+
+def image_only(n: int, seed: int) -> TaskData:
+    """Label: the shape's colour (4 classes); any of 4 shapes; the text is filler words."""
+    rng = np.random.default_rng(seed)
+    color, shape = rng.integers(0, 4, n), rng.integers(0, 4, n)
+    return _task("image_only", "image_only", {"image"}, "label = colour of the shape in the image", rng, seed,
+                 color, COLORS, {"shape": shape, "color": color}, {}, None)
+
+
+def text_only(n: int, seed: int) -> TaskData:
+    """Label: the colour word in the text (4 classes); the image is background noise with no shape."""
+    rng = np.random.default_rng(seed)
+    word = rng.integers(0, 4, n)
+    none = np.full(n, -1)
+    return _task("text_only", "text_only", {"text"}, "label = colour word in the text", rng, seed,
+                 word, COLORS, {"shape": none, "color": none}, {"color": word}, _color_words(word))
+
+
+def shortcut(n: int, seed: int) -> TaskData:
+    """Label: the colour word in the text (4 classes); the image shows a coloured shape whose colour
+    is independent of the label, so it looks relevant but carries no label information."""
+    rng = np.random.default_rng(seed)
+    word, color, shape = rng.integers(0, 4, n), rng.integers(0, 4, n), rng.integers(0, 4, n)
+    return _task("shortcut", "shortcut", {"text"}, "label = colour word in the text (the shape's colour is random)",
+                 rng, seed, word, COLORS, {"shape": shape, "color": color}, {"color": word}, _color_words(word))
+
+
+def redundant(n: int, seed: int) -> TaskData:
+    """Label: the shape's colour, which the colour word in the text repeats (4 classes)."""
+    rng = np.random.default_rng(seed)
+    color, shape = rng.integers(0, 4, n), rng.integers(0, 4, n)
+    return _task("redundant", "redundant", {"image", "text"}, "label = colour of the shape = colour word in the text",
+                 rng, seed, color, COLORS, {"shape": shape, "color": color}, {"color": color}, _color_words(color))
+
+
+def synergistic(n: int, seed: int) -> TaskData:
+    """Label: 1 ("yes") iff the shape's colour (red or blue; any of 4 shapes) is the colour the text
+    names (red or blue): ``label = 1 - (colour XOR word)``; each alone is independent of it."""
+    rng = np.random.default_rng(seed)
+    pair = np.array([COLORS.index("red"), COLORS.index("blue")])
+    color, word, shape = pair[rng.integers(0, 2, n)], pair[rng.integers(0, 2, n)], rng.integers(0, 4, n)
+    return _task("synergistic", "synergistic", {"image", "text"},
+                 "label = yes iff the shape's colour (red/blue) is the colour word in the text (red/blue)", rng, seed,
+                 (color == word).astype(np.int64), ("no", "yes"), {"shape": shape, "color": color}, {"color": word},
+                 _color_words(word))
+
+
+TASKS: dict[str, Callable[[int, int], TaskData]] = {
+    "image_only": image_only,
+    "text_only": text_only,
+    "shortcut": shortcut,
+    "redundant": redundant,
+    "synergistic": synergistic,
+}
+"""Task name -> generator ``(n, seed) -> TaskData``."""
+
+
+def make_task(name: str, n: int, seed: int = 0) -> TaskData:
+    """``n`` examples of task ``name`` (a key of :data:`TASKS`), a function of ``(name, n, seed)`` only."""
+    if name not in TASKS:
+        from difflib import get_close_matches
+
+        near = get_close_matches(name, list(TASKS), n=3, cutoff=0.3)
+        raise ValueError(f"unknown synthetic task {name!r}; did you mean {near}? Tasks: {sorted(TASKS)}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return TASKS[name](n, seed)
+
+
+def bayes_accuracy(task: TaskData, modality: str) -> float:
+    """Accuracy of the best predictor of the label from one modality's generating attributes
+    (``image_attrs`` or ``text_attrs``; majority label per combination of values, in-sample): what
+    that modality alone can tell about the label. Chance is the majority-class rate."""
+    attrs = {"image": task.image_attrs, "text": task.text_attrs}[modality]
+    keys = torch.stack([torch.zeros_like(task.labels), *attrs.values()], dim=1)
+    _, group = torch.unique(keys, dim=0, return_inverse=True)
+    counts = torch.zeros(int(group.max()) + 1, task.n_classes, dtype=torch.long)
+    counts.index_put_((group, task.labels), torch.ones_like(task.labels), accumulate=True)
+    return int(counts.max(1).values.sum()) / len(task)
+
+
+__all__ = ["COLORS", "FILLERS", "IMAGE_SIZE", "KINDS", "PATCH_SIZE", "SHAPES", "TASKS", "TEXT_LEN", "TaskData", "VOCAB",
+           "WORD_ID", "bayes_accuracy", "image_only", "make_task", "redundant", "shortcut", "synergistic",
+           "text_only"]
