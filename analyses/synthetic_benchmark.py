@@ -19,7 +19,7 @@ mode, and the metrics of :mod:`mmlens.desiderata` are scored against the truth:
 
 Writes ``benchmark.json`` (models with accuracies and seeds, a task x method x mode x score table,
 the interaction table, the paper's claims with the numbers behind them, runtime), CSVs, figures,
-and prints the table. Each (task, model) part is saved under ``parts/`` as it finishes; a rerun
+``table.md`` (the summary as markdown), and prints the table. Each (task, model) part is saved under ``parts/`` as it finishes; a rerun
 resumes. The last line is ``benchmark_seconds=<s>``.
 """
 
@@ -306,6 +306,16 @@ def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
     return extra.join(match).reindex(order)
 
 
+def markdown(table: pd.DataFrame, digits: int = 2) -> str:
+    """``table`` (index = first column) as a GitHub markdown table."""
+    head = [table.index.name or ""] + [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for index, row in table.iterrows():
+        cells = [f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row.tolist()]
+        lines.append("| " + " | ".join([str(index)] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _versions() -> dict:
     import transformers
 
@@ -379,6 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     influence.to_csv(out / "influence.csv", index=False)
     per_input.to_csv(out / "interaction.csv", index=False)
     pd.DataFrame(models).to_csv(out / "models.csv", index=False)
+    if not table.empty:
+        (out / "table.md").write_text(markdown(table))
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         print("\nmodels:")
         print(pd.DataFrame(models)[["task", "model", "accuracy", "learned", "train_seconds"]].to_string(index=False))

@@ -50,4 +50,5 @@ FUSION_TRANSFORMER = Adapter(
     spans=block_spans,
     neutral={"image": neutral_image, "text": neutral_text},
     required_inputs=("pixel_values", "input_ids"),
+    readout="mean",
 )

@@ -141,6 +141,9 @@ class Adapter:
         required_inputs: input keys without which the forward cannot run.
         project_encoder: ``(model, inputs, hidden) -> Float[items, tokens, d_lm]``: how one encoder
             layer's output reaches the LM's input space (the projector), for cross-modal decoding.
+        readout: the positions the output is read from: ``"last"`` (a causal LM's final position)
+            or ``"mean"`` (a classifier head that pools every real position); the attention
+            explainers score the attention from these positions.
     """
 
     name: str
@@ -152,6 +155,7 @@ class Adapter:
     nested: tuple[str, ...] = ()
     required_inputs: tuple[str, ...] = ("input_ids",)
     project_encoder: Callable[[nn.Module, Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None
+    readout: str = "last"
 
     def matches(self, model: nn.Module) -> bool:
         return any(cls.__name__ in self.architectures for cls in type(model).__mro__)

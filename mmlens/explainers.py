@@ -352,16 +352,20 @@ def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
     return weights
 
 
-def _from_last(hooked: HookedModel, inputs: dict, matrix: Tensor) -> Tensor:
-    """Row ``last`` of Float[b, seq, seq] per batch row: how much the final position takes from each."""
-    last = hooked.spans(inputs).mask("last").to(matrix.device)
-    return (matrix * last[:, :, None]).sum(1)
+def _from_readout(hooked: HookedModel, inputs: dict, matrix: Tensor) -> Tensor:
+    """Float[b, seq, seq] -> Float[b, seq]: how much the positions the output reads take from each
+    position: row ``last`` (causal LMs), or the mean of the real positions' rows (pooling heads,
+    ``Adapter.readout == "mean"``)."""
+    spans = hooked.spans(inputs)
+    readers = (spans.valid if hooked.adapter.readout == "mean" else spans.mask("last")).to(matrix.device).float()
+    return (matrix * readers[:, :, None]).sum(1) / readers.sum(1, keepdim=True)
 
 
 def _attention(hooked, inputs, metric, setup: _Setup) -> Tensor:
-    """Attention from the final position, mean over heads and layers."""
+    """Attention from the read-out positions (the final one; all, for pooling heads), mean over heads
+    and layers."""
     weights = torch.stack([a.float().mean(1) for a in _attentions(hooked, inputs)]).mean(0)
-    return _from_last(hooked, inputs, weights)
+    return _from_readout(hooked, inputs, weights)
 
 
 def _attention_rollout(hooked, inputs, metric, setup: _Setup, residual: float = 0.5) -> Tensor:
@@ -372,7 +376,7 @@ def _attention_rollout(hooked, inputs, metric, setup: _Setup, residual: float = 
         mixed = residual * torch.eye(a.shape[-1], device=a.device) + (1 - residual) * a.float().mean(1)
         mixed = mixed / mixed.sum(-1, keepdim=True)
         rollout = mixed if rollout is None else mixed @ rollout
-    return _from_last(hooked, inputs, rollout)
+    return _from_readout(hooked, inputs, rollout)
 
 
 def _patching(hooked, inputs, metric, setup: _Setup, layer: int = 0) -> Tensor:
@@ -409,7 +413,7 @@ def explain(hooked: HookedModel, inputs: Mapping[str, Any], method: str = "integ
         method: ``"gradient_x_input"`` ((input - baseline) . gradient), ``"integrated_gradients"``
             (``steps=32`` midpoint Riemann steps from the baseline, batched), ``"occlusion"`` (the
             metric's drop when ``window`` positions take their baseline value, batched),
-            ``"attention"`` (attention from the final position, mean over heads and layers),
+            ``"attention"`` (attention from the read-out positions, mean over heads and layers),
             ``"attention_rollout"`` (``residual=0.5``), ``"patching"`` (exact noising at
             ``lm.blocks.{layer}.resid_pre`` through the patching engine).
         mode: ``"joint"`` or one modality (unimodal: the others held at their input values).

@@ -192,3 +192,18 @@ def test_integrated_gradients_and_occlusion_equal_captum_on_the_fused_embeddings
         theirs = FeatureAblation(f).attribute(setup.embeds, baselines=setup.baseline, feature_mask=positions,
                                               perturbations_per_eval=8)[..., 0][0]
     torch.testing.assert_close(ours[explained], theirs[explained].float(), rtol=1e-4, atol=1e-6)
+
+
+def test_attention_of_a_pooling_classifier_is_read_from_every_real_position(loaded):
+    from mmlens.explainers import _attentions
+
+    lm = loaded("tiny-fusion")
+    hm = mmlens.wrap(lm.model)
+    x = {k: v[1:] for k, v in lm.example_inputs().items()}  # the row with padding
+    assert hm.adapter.readout == "mean"
+    weights = torch.stack([a.float().mean(1) for a in _attentions(hm, x)]).mean(0)[0]  # [seq, seq]
+    valid = hm.spans(x).valid[0]
+    expected = weights[valid].mean(0)
+    scores = explain(hm, x, "attention").scores[0]
+    torch.testing.assert_close(scores[valid], expected[valid])
+    assert scores[~valid].isnan().all()
