@@ -4,7 +4,10 @@
 
 For every task of :mod:`mmlens.synthetic` (image only, text only, a text shortcut with a relevant-looking
 image, redundant, synergistic XOR) a :class:`mmlens.models.FusionTransformer` is trained in-process
-(cached by configuration hash); a model below its accuracy threshold is reported and skipped. On
+(cached by configuration hash); for the graph + text tasks (the label from a node's neighbourhood;
+an XOR of neighbourhood and text) a GNN + text fusion model; and a LLaVA around the real
+TinyStories-656K answers colour / shape questions about rendered scenes. A model below its accuracy
+threshold is reported and skipped. On
 held-out examples, every explainer of :data:`mmlens.explainers.EXPLAINERS`, in joint and unimodal
 mode, and the metrics of :mod:`mmlens.desiderata` are scored against the truth:
 
@@ -41,13 +44,17 @@ import mmlens
 from mmlens.desiderata import examples, faithfulness, granger, interaction, stability
 from mmlens.explainers import EXPLAINERS, explain
 from mmlens.synthetic import KINDS, LEARNED_THRESHOLD, train_fusion
+from mmlens.synthetic.graph_tasks import GRAPH_TASKS
+
+TASK_NAMES = (*KINDS, *GRAPH_TASKS)
 
 MODALITIES = ("image", "text")
+"""The two modalities of the image + text tasks (a case may name others, e.g. graph and text)."""
 LARGE = 0.05
 """Delta_m (nats) above which ablating m counts as changing the output."""
 SMALL = 0.01
 """Delta_m (nats) below which ablating m counts as leaving the output unchanged."""
-RELEVANT = {"image_only": "image", "text_only": "text", "shortcut": "text"}
+RELEVANT = {"image_only": "image", "text_only": "text", "shortcut": "text", "graph_only": "graph"}
 """The single modality each single-modality task's label depends on."""
 
 
@@ -55,7 +62,7 @@ RELEVANT = {"image_only": "image", "text_only": "text", "shortcut": "text"}
 class Settings:
     """What one benchmark run computes."""
 
-    n_eval: int = 48
+    n_eval: int = 32
     ig_steps: int = 32
     fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     random_draws: int = 4
@@ -80,6 +87,7 @@ class Case:
     inputs: dict
     labels: torch.Tensor
     info: dict
+    modalities: tuple[str, str] = MODALITIES
 
 
 def fusion_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
@@ -121,20 +129,42 @@ def vlm_case(settings: Settings) -> Case | dict:
                 dict(vlm.processor.questions(scenes, kinds)), vlm.processor.answer_ids(scenes, kinds), info)
 
 
+def graph_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
+    """Train (or load) a GraphTextFusion per graph + text task (a GNN's target-node embedding as graph
+    tokens before the text, :mod:`mmlens.synthetic.graph_tasks`)."""
+    from mmlens.synthetic.graph_training import train_graph_text
+
+    out: list[Case | dict] = []
+    for task in tasks:
+        trained = train_graph_text(task, seed=settings.seed)
+        info = {"task": task, "model": "graph-text-fusion", "accuracy": trained.accuracy, "learned": trained.learned,
+                "threshold": LEARNED_THRESHOLD, "neutral_accuracy": trained.neutral_accuracy,
+                "train_seconds": trained.train_seconds, "from_cache": trained.from_cache, "seed": settings.seed,
+                "depends_on": sorted(trained.task.depends_on), "rule": trained.task.rule}
+        if not trained.learned:
+            out.append({**info, "skipped": f"test accuracy {trained.accuracy:.3f} < {LEARNED_THRESHOLD}"})
+            continue
+        rows = list(range(min(settings.n_eval, len(trained.task))))
+        out.append(Case(task, "graph-text-fusion", trained.task.kind, trained.task.depends_on,
+                        mmlens.wrap(trained.model), trained.batch(rows), trained.task.labels[rows], info,
+                        ("graph", "text")))
+    return out
+
+
 def _truth_match(case: Case, shares: dict[str, np.ndarray]) -> float:
     """Fraction of inputs whose explanation ranks the modalities as the truth does: the one the label
     depends on first (single-modality tasks); each with at least a quarter of the mass (both needed)."""
     if len(case.depends_on) == 1:
         (true,) = case.depends_on
-        (other,) = set(MODALITIES) - {true}
+        (other,) = set(case.modalities) - {true}
         return float(np.mean(shares[true] > shares[other]))
-    return float(np.mean(np.minimum(shares["image"], shares["text"]) >= 0.25))
+    return float(np.mean(np.minimum(*(shares[m] for m in case.modalities)) >= 0.25))
 
 
 def evaluate_case(case: Case, settings: Settings, methods: Sequence[str], progress: bool) -> dict:
     """Every score of one case: ``scores`` rows (task, model, method, mode, score, value), ``influence``,
     ``interaction``."""
-    hm, x = case.hooked, case.inputs
+    hm, x, modalities = case.hooked, case.inputs, case.modalities
     options = {"integrated_gradients": {"steps": settings.ig_steps}}
     base = {"task": case.task, "model": case.model_name}
     scores = []
@@ -144,13 +174,13 @@ def evaluate_case(case: Case, settings: Settings, methods: Sequence[str], progre
 
     g = granger(hm, x, list(methods), mode="joint", options=options, progress=progress)
     delta = g.influence.groupby("modality").delta_js.mean()
-    for m in MODALITIES:
+    for m in modalities:
         add("granger", "-", f"delta_js_{m}", delta[m])
         add("granger", "-", f"delta_prob_{m}", g.influence[g.influence.modality == m].delta_prob.mean())
-    found = {m for m in MODALITIES if delta[m] >= LARGE}
-    quiet = {m for m in MODALITIES if delta[m] < SMALL}
+    found = {m for m in modalities if delta[m] >= LARGE}
+    quiet = {m for m in modalities if delta[m] < SMALL}
     expected_found = set(case.depends_on) if case.kind != "redundant" else set()
-    add("granger", "-", "identifies_truth", float(found == expected_found and quiet == set(MODALITIES) - found))
+    add("granger", "-", "identifies_truth", float(found == expected_found and quiet == set(modalities) - found))
     for r in g.summary.itertuples(index=False):
         add(r.explainer, "joint", f"granger_spearman_{r.ablated}", r.spearman_importance)
         add(r.explainer, "joint", f"granger_kappa_{r.ablated}_to_{r.explained}", r.kappa)
@@ -159,17 +189,17 @@ def evaluate_case(case: Case, settings: Settings, methods: Sequence[str], progre
     for method in methods:
         totals = {}  # mode -> Float[n]: the signed score sum over every explained position
         for mode in ("joint", "unimodal"):
-            per_mode = list(MODALITIES) if mode == "unimodal" else ["joint"]
+            per_mode = list(modalities) if mode == "unimodal" else ["joint"]
             explained = {m: [explain(hm, one, method, mode=m, **options.get(method, {})) for one in items]
                          for m in per_mode}
-            masses = {m: np.zeros(len(items)) for m in MODALITIES}
+            masses = {m: np.zeros(len(items)) for m in modalities}
             for m, es in explained.items():
                 for i, e in enumerate(es):
-                    for n in (MODALITIES if m == "joint" else [m]):
+                    for n in (modalities if m == "joint" else [m]):
                         masses[n][i] = float(e.masked(n).abs().sum())
             total = np.maximum(sum(masses.values()), 1e-30)
             shares = {m: v / total for m, v in masses.items()}
-            for m in MODALITIES:
+            for m in modalities:
                 add(method, mode, f"share_{m}", shares[m].mean())
             add(method, mode, "truth_match", _truth_match(case, shares))
             totals[mode] = np.array([sum(float(e.scores[0].nansum()) for e in (es[i] for es in explained.values()))
@@ -179,12 +209,12 @@ def evaluate_case(case: Case, settings: Settings, methods: Sequence[str], progre
                          seed=settings.seed, options=options.get(method), progress=progress)
         areas = f.areas.set_index(["scope", "source"]).auc_necessity_drop
         add(method, "joint", "faithfulness_margin", areas["joint", "explanation"] - areas["joint", "random"])
-        s = stability(hm, x, [method], modalities=["image"], n=settings.stability_n, seed=settings.seed,
+        s = stability(hm, x, [method], modalities=modalities[:1], n=settings.stability_n, seed=settings.seed,
                       options={method: options.get(method, {})}, progress=progress)
         for r in s.summary.itertuples(index=False):
-            add(method, "joint", f"stability_median_image_to_{r.explained}", r.median)
+            add(method, "joint", f"stability_median_{'intra' if r.perturbed == r.explained else 'cross'}", r.median)
 
-    inter = interaction(hm, x, MODALITIES, labels=case.labels, progress=progress)
+    inter = interaction(hm, x, modalities, labels=case.labels, progress=progress)
     add("interaction", "-", "shapley_interaction", inter.mean_interaction)
     add("interaction", "-", "emap_gap", inter.emap["gap"] if inter.emap else float("nan"))
     add("interaction", "-", "emap_accuracy", inter.emap["emap_accuracy"] if inter.emap else float("nan"))
@@ -228,15 +258,14 @@ def claims(scores: pd.DataFrame, tasks: Sequence[str]) -> list[dict]:
                                "(Delta_image) and occlusion's share"})
     single = [t for t in RELEVANT if t in have]
     methods = [m for m in dict.fromkeys(scores.method) if m not in ("granger", "interaction")]
+    delta = scores[scores.score.str.startswith("delta_js_")]
+    quiet = [(r.task, r.score[len("delta_js_"):]) for r in delta.itertuples() if r.value < SMALL]
     if single and len(methods) >= 3:
         per = pd.DataFrame({m: {
             "truth": np.nanmean([_value(scores, t, m, "joint", f"share_{RELEVANT[t]}") for t in single]),
-            "granger_alignment": np.nanmean([1 - _value(scores, t, m, "joint", f"share_{n}") for t in have
-                                             for n in MODALITIES
-                                             if _value(scores, t, "granger", "-", f"delta_js_{n}") < SMALL]),
+            "granger_alignment": np.nanmean([1 - _value(scores, t, m, "joint", f"share_{n}") for t, n in quiet]),
             "faithfulness_margin": np.nanmean([_value(scores, t, m, "joint", "faithfulness_margin") for t in have]),
-            "stability_median": np.nanmean([_value(scores, t, m, "joint", "stability_median_image_to_image")
-                                            for t in have]),
+            "stability_median": np.nanmean([_value(scores, t, m, "joint", "stability_median_intra") for t in have]),
         } for m in methods}).T
         agree = {metric: float(per.truth.rank().corr(sign * per[metric].rank()))
                  for metric, sign in (("granger_alignment", 1), ("faithfulness_margin", 1), ("stability_median", -1))}
@@ -299,8 +328,8 @@ def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
     """Task x (method, mode) truth match, plus Delta per modality and the interaction per task."""
     match = scores[scores.score == "truth_match"].pivot_table(index="task", columns=["method", "mode"], values="value")
     match.columns = [f"{m} ({mode[0]})" for m, mode in match.columns]
-    extra = scores[scores.method.isin(["granger", "interaction"]) & scores.score.isin(
-        ["delta_js_image", "delta_js_text", "identifies_truth", "shapley_interaction", "emap_gap"])]
+    extra = scores[scores.method.isin(["granger", "interaction"]) & (scores.score.str.startswith("delta_js_") | scores.score.isin(
+        ["identifies_truth", "shapley_interaction", "emap_gap"]))]
     extra = extra.pivot_table(index="task", columns="score", values="value")
     order = list(dict.fromkeys(scores.task))
     return extra.join(match).reindex(order)
@@ -328,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="results/synthetic_benchmark", help="output folder")
     parser.add_argument("--quick", action="store_true", help="CI size: 12 held-out inputs, fewer steps and draws")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tasks", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
+    parser.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated, of {', '.join(TASK_NAMES)}")
     parser.add_argument("--methods", default=",".join(EXPLAINERS), help="comma-separated explainers")
     parser.add_argument("--no-vlm", action="store_true", help="skip the LLaVA-style VLM (vqa) case")
     parser.add_argument("--overwrite", action="store_true", help="recompute parts already saved")
@@ -336,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name, given, valid in (("task", tasks, KINDS), ("explainer", methods, tuple(EXPLAINERS))):
+    for name, given, valid in (("task", tasks, TASK_NAMES), ("explainer", methods, tuple(EXPLAINERS))):
         unknown = [t for t in given if t not in valid]
         if unknown or not given:
             raise SystemExit(f"unknown {name}s {unknown}; choose from {', '.join(valid)}")
@@ -347,7 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(settings.seed)
 
     models, parts = [], []
-    cases = fusion_cases(tasks, settings) + ([] if args.no_vlm else [vlm_case(settings)])
+    cases = (fusion_cases([t for t in tasks if t in KINDS], settings)
+             + graph_cases([t for t in tasks if t in GRAPH_TASKS], settings)
+             + ([] if args.no_vlm else [vlm_case(settings)]))
     for case in cases:
         if isinstance(case, dict):
             print(f"{case['task']}: model not used ({case['skipped']})")

@@ -11,12 +11,13 @@ from torch import nn
 from mmlens.adapter import Adapter
 
 from .fusion_transformer import FUSION_TRANSFORMER
+from .graph_text import GRAPH_TEXT
 from .idefics3 import IDEFICS3
 from .language_models import GPT2, LLAMA_FAMILY
 from .llava import LLAVA
 from .tea_glm import TEA_GLM
 
-ADAPTERS: list[Adapter] = [LLAMA_FAMILY, GPT2, LLAVA, IDEFICS3, TEA_GLM, FUSION_TRANSFORMER]
+ADAPTERS: list[Adapter] = [LLAMA_FAMILY, GPT2, LLAVA, IDEFICS3, TEA_GLM, FUSION_TRANSFORMER, GRAPH_TEXT]
 
 
 def register_adapter(adapter: Adapter) -> Adapter:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .explainers import Explanation, _check_method, _explain_row, _masked_values, _Neutrals, _rows, _setup, _with_embeds, explain, predicted_prob
+from .explainers import Explanation, _check_method, _explain_row, _masked_values, _rows, _setup, _with_embeds, explain, predicted_prob
 from .patching import last_logits
 from .wrapper import HookedModel
 
@@ -270,12 +270,11 @@ def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integra
     _check_method(explainer)
     rows = []
     for i, x in enumerate(tqdm(items, desc=f"faithfulness ({explainer})", disable=not progress)):
-        neutrals = _Neutrals()
-        setup = _setup(hooked, x, None, "joint", neutrals)
+        setup = _setup(hooked, x, None, "joint")
         if explanations is not None:
             e = explanations[i]
         else:
-            own = setup if mode == "joint" else _setup(hooked, x, setup.metric, mode, neutrals)
+            own = setup if mode == "joint" else _setup(hooked, x, setup.metric, mode)
             e = _explain_row(hooked, own, x, explainer, mode, options)
         modalities = setup.spans.modalities
         masks, labels = [], []
@@ -356,10 +355,9 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
         _check_method(name)
     rows, skipped = [], {}
     for i, x in enumerate(tqdm(items, desc="stability", disable=not progress)):
-        neutrals = _Neutrals()
-        setup = _setup(hooked, x, None, "joint", neutrals)
+        setup = _setup(hooked, x, None, "joint")
         prediction = int(setup.logits[0].argmax())
-        base = {name: _explain_row(hooked, _mode_setup(hooked, x, setup, modes[name], neutrals), x, name,
+        base = {name: _explain_row(hooked, _mode_setup(hooked, x, setup, modes[name]), x, name,
                                    modes[name], options[name]) for name in explainers}
         for m in targets:
             try:
@@ -372,13 +370,13 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
                 if not hooked.spans(p.inputs).same_layout(setup.spans):
                     raise ValueError(f"a {p.kind!r} perturbation changed the layout (modality spans); stability "
                                      "compares explanations position by position")
-                moved_setup = _setup(hooked, p.inputs, setup.metric, "joint", neutrals)
+                moved_setup = _setup(hooked, p.inputs, setup.metric, "joint")
                 distance = float(torch.where(at, setup.embeds.float() - moved_setup.embeds.float(), 0.0).norm())
                 if distance == 0:
                     continue
                 kept = int(moved_setup.logits[0].argmax()) == prediction
                 for name in explainers:
-                    moved = _explain_row(hooked, _mode_setup(hooked, p.inputs, moved_setup, modes[name], neutrals),
+                    moved = _explain_row(hooked, _mode_setup(hooked, p.inputs, moved_setup, modes[name]),
                                          p.inputs, name, modes[name], options[name])
                     for target in setup.spans.modalities:
                         change = float((base[name].masked(target) - moved.masked(target)).norm(dim=1)[0])
@@ -546,9 +544,9 @@ def _random_top(spans, members: list[str], k: float, generator: torch.Generator)
     return out
 
 
-def _mode_setup(hooked: HookedModel, x: dict, joint, mode: str, neutrals: _Neutrals):
+def _mode_setup(hooked: HookedModel, x: dict, joint, mode: str):
     """The setup of an explanation in ``mode``: ``joint`` itself, or a unimodal one with its metric."""
-    return joint if mode == "joint" else _setup(hooked, x, joint.metric, mode, neutrals)
+    return joint if mode == "joint" else _setup(hooked, x, joint.metric, mode)
 
 
 def _areas(curves: pd.DataFrame) -> pd.DataFrame:

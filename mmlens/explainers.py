@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,21 +146,36 @@ class _Setup:
     replay: _Replay | None = None  # the input run's block calls, when variants can replay from them
 
 
-class _Neutrals:
-    """Neutral-reference embeddings already computed, reused when a neutral input recurs bit for bit
-    (e.g. the all-pad text of two perturbations of one sentence): one forward saved per reuse."""
+_NEUTRAL_CACHE: OrderedDict[tuple, tuple[weakref.ref, dict, Tensor]] = OrderedDict()
+_NEUTRAL_CACHE_SIZE = 128
 
-    def __init__(self) -> None:
-        self._seen: list[tuple[str, dict, Tensor]] = []
 
-    def embeds(self, hooked: HookedModel, neutral: dict, modality: str, point: str) -> Tensor:
-        for m, inputs, embeds in self._seen:
-            if m == modality and _same_inputs(inputs, neutral):
-                return embeds
-        with torch.no_grad():
-            embeds = hooked.run(neutral, cache=point).cache[point]
-        self._seen.append((modality, neutral, embeds))
-        return embeds
+def _neutral_embeds(hooked: HookedModel, neutral: dict, point: str) -> Tensor:
+    """The LM-input embeddings Float[b, seq, d] of a neutral-reference input, from a small LRU cache
+    when the same input recurs bit for bit on unchanged weights (every explainer and metric of one
+    input asks for the same neutral references). Keyed by the model, its parameters' in-place
+    version counters (so edited weights miss) and the inputs' bytes; a hit is checked for equality."""
+    model = hooked.model
+    key = (id(model), point, sum(p._version for p in model.parameters()),
+           tuple((k, _fingerprint(v)) for k, v in sorted(neutral.items())))
+    hit = _NEUTRAL_CACHE.get(key)
+    if hit is not None and hit[0]() is model and _same_inputs(hit[1], neutral):
+        _NEUTRAL_CACHE.move_to_end(key)
+        return hit[2]
+    with torch.no_grad():
+        embeds = hooked.run(neutral, cache=point).cache[point]
+    _NEUTRAL_CACHE[key] = (weakref.ref(model), neutral, embeds)
+    while len(_NEUTRAL_CACHE) > _NEUTRAL_CACHE_SIZE:
+        _NEUTRAL_CACHE.popitem(last=False)
+    return embeds
+
+
+def _fingerprint(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        data = value.detach().contiguous().cpu()
+        return (str(data.dtype), tuple(data.shape), hash(data.view(-1).view(torch.uint8).numpy().tobytes())
+                if data.dtype != torch.bool else hash(data.numpy().tobytes()))
+    return repr(value)
 
 
 def _same_inputs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -175,10 +192,9 @@ def _same_inputs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return True
 
 
-def _setup(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str,
-           neutrals: _Neutrals | None = None) -> _Setup:
+def _setup(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str) -> _Setup:
     """One forward of ``inputs`` (embeddings, final logits) and one per explained modality's neutral
-    reference (unless ``neutrals`` has it). ``metric=None``: :func:`predicted_prob` of this input."""
+    reference (unless cached). ``metric=None``: :func:`predicted_prob` of this input."""
     point = embedding_point(hooked)
     spans = hooked.spans(inputs)
     if mode != "joint" and mode not in spans.masks:
@@ -195,12 +211,11 @@ def _setup(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str,
     metric = metric or _prob_of_prediction(logits)
     baseline = embeds.clone()
     explained = torch.zeros(spans.valid.shape, dtype=torch.bool, device=embeds.device)
-    neutrals = neutrals or _Neutrals()
     for m in (spans.modalities if mode == "joint" else [mode]):
         neutral = hooked.neutral(inputs, m)
         if not hooked.spans(neutral).same_layout(spans):
             raise ValueError(f"the neutral reference of {m!r} changes the layout; explainers need one that keeps it")
-        reference = neutrals.embeds(hooked, neutral, m, point)
+        reference = _neutral_embeds(hooked, neutral, point)
         mask = spans.masks[m].to(embeds.device)
         baseline[mask] = reference[mask]
         explained |= mask

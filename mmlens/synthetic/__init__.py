@@ -3,6 +3,9 @@ them in-process (cached by configuration hash), for scoring explainers against t
 
 - :mod:`.tasks` / :mod:`.training`: image + text classification tasks and FusionTransformers
   (:func:`train_fusion`);
+- :mod:`.graph_tasks` / :mod:`.graph_training`: graph + text tasks on stochastic-block-model
+  graphs with planted communities, and a GraphSAGE + text fusion model
+  (:class:`mmlens.models.graph_text.GraphTextFusion`);
 - :mod:`.vlm`: a LLaVA around the real TinyStories-656K whose vision side is trained to name a
   rendered shape's colour or shape (:func:`mmlens.synthetic.vlm.train_vlm`).
 

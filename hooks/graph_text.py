@@ -1,0 +1,50 @@
+"""mmlens's own graph + text classifier (:class:`mmlens.models.graph_text.GraphTextFusion`): a GraphSAGE
+encoder whose target-node representation becomes K graph tokens, concatenated (graph tokens first)
+with the text embeddings into joint transformer blocks."""
+
+from __future__ import annotations
+
+import torch
+
+from mmlens.adapter import Adapter, Point, Site, Stack
+from mmlens.spans import spans_from_blocks
+
+from .fusion_transformer import FUSION_BLOCK
+
+
+def block_spans(model, inputs):
+    """Graph tokens occupy the first ``n_graph_tokens`` positions, text the rest (minus padding)."""
+    ids = inputs["input_ids"]
+    return spans_from_blocks(ids.shape[0], {"graph": model.config.n_graph_tokens, "text": ids.shape[1]},
+                             {"text": inputs.get("attention_mask")}, device=ids.device)
+
+
+def neutral_graph(model, inputs, spans):
+    """All node features zero (same graph): every node's representation, hence every graph token,
+    is the GNN's and projector's biases alone."""
+    return {**inputs, "node_features": torch.zeros_like(inputs["node_features"])}
+
+
+def neutral_text(model, inputs, spans):
+    """Every token set to id 0 (the padding id of the synthetic vocabularies), the mask kept."""
+    return {**inputs, "input_ids": torch.zeros_like(inputs["input_ids"])}
+
+
+GRAPH_TEXT = Adapter(
+    name="graph-text-fusion",
+    architectures=("GraphTextFusion",),
+    stacks=(
+        Stack(prefix="graph", stage="encoder", modality="graph", blocks="gnn.convs", layout=None),
+        Stack(prefix="lm", stage="lm", modality=None, blocks="blocks", layout=FUSION_BLOCK, n_heads="config.n_heads"),
+    ),
+    points=(
+        Point("text.embed", "encoder", "text", Site("embed")),
+        Point("fusion.projector_out", "fusion", "graph", Site("projector")),
+        Point("fusion.embeds", "fusion", None, Site("fuse"), fused_positions=True),
+        Point("lm.final_norm", "lm", None, Site("final_norm"), fused_positions=True),
+        Point("lm.logits", "lm", None, Site("head")),
+    ),
+    spans=block_spans,
+    neutral={"graph": neutral_graph, "text": neutral_text},
+    required_inputs=("node_features", "edge_index", "node_index", "input_ids"),
+)
