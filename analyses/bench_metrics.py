@@ -3,14 +3,14 @@
     python -m mmlens.analyses.bench_metrics [--quick] [--repeats 3] [--sections llava,smollm2] [--threads N]
 
 Quantus-style libraries loop: every perturbed sample is one model call. The reference here is
-written that way, independently of :mod:`mmlens.desiderata`, and computes the same numbers:
+written that way, independently of :mod:`mmlens.metrics.desiderata`, and computes the same numbers:
 
 - faithfulness (occlusion explanations): for every input, scope (each modality, and ``joint`` when
   there are several), fraction k and keep/remove variant of the explanation's top-k and of the
   random masks (drawn from ``torch.Generator().manual_seed(seed)`` in the order
-  :func:`mmlens.desiderata.faithfulness` draws them), one batch-1 forward with the LM-input
+  :func:`mmlens.metrics.desiderata.faithfulness` draws them), one batch-1 forward with the LM-input
   embeddings replaced (``hooked.run(x, edits=[mmlens.replace(point, variant)])``);
-- stability (occlusion explainer): the perturbations of :func:`mmlens.perturb.perturb`, and for the
+- stability (occlusion explainer): the perturbations of :func:`mmlens.metrics.perturb.perturb`, and for the
   input and each perturbed input an occlusion explanation computed one occluded position per
   forward, then the Lipschitz ratios.
 
@@ -44,12 +44,12 @@ from torch import Tensor
 
 import mmlens
 from mmlens.analyses.bench_patching import _offline_if_cached
-from mmlens.desiderata import examples, faithfulness, stability
-from mmlens.explainers import embedding_point
-from mmlens.loading import load_model
-from mmlens.patching import last_logits
-from mmlens.perturb import perturb
-from mmlens.wrapper import HookedModel
+from mmlens.metrics.desiderata import examples, faithfulness, stability
+from mmlens.methods.explainers import embedding_point
+from mmlens.data.loading import load_model
+from mmlens.methods.patching import last_logits
+from mmlens.metrics.perturb import perturb
+from mmlens.core.wrapper import HookedModel
 
 TOLERANCE = 1e-5
 SENTENCES = ("The little dog was happy and ran quickly to the big house.",
@@ -123,7 +123,7 @@ def _top(scores: dict[int, float], positions: list[int], k: float) -> list[int]:
 
 
 def reference_faithfulness(hooked: HookedModel, items: list[dict], settings: Settings) -> pd.DataFrame:
-    """:func:`mmlens.desiderata.faithfulness` curves (occlusion explanations), one forward per variant."""
+    """:func:`mmlens.metrics.desiderata.faithfulness` curves (occlusion explanations), one forward per variant."""
     point = embedding_point(hooked)
     generator = torch.Generator().manual_seed(settings.seed)
     fractions = sorted(set(settings.fractions))
@@ -160,7 +160,7 @@ def reference_faithfulness(hooked: HookedModel, items: list[dict], settings: Set
 
 def reference_stability(hooked: HookedModel, items: list[dict], modalities: Sequence[str],
                         settings: Settings) -> pd.DataFrame:
-    """:func:`mmlens.desiderata.stability` samples (occlusion explainer), one forward per occluded position."""
+    """:func:`mmlens.metrics.desiderata.stability` samples (occlusion explainer), one forward per occluded position."""
     point = embedding_point(hooked)
     rows = []
     for i, x in enumerate(items):

@@ -6,7 +6,7 @@
 One process computes the same grid with (a) TransformerLens 4.x (a ``TransformerBridge`` booted
 around the HF model, ``transformer_lens.patching.get_act_patch_resid_pre``), (b) a plain nnsight
 loop (one trace per cell, writing the clean value into ``layers[l].input[:, p]``) and (c)
-``mmlens.patching.sweep``. Each implementation runs on its own copy of the model (booting the bridge
+``mmlens.methods.patching.sweep``. Each implementation runs on its own copy of the model (booting the bridge
 rewires the HF model in place), all under ``torch.no_grad`` with the same threads and with eager
 attention (the bridge forces it; the other copies are switched so all three compute the same
 function). Cell (l, p): run the corrupted prompt with the residual stream entering block l
@@ -48,9 +48,9 @@ import pandas as pd
 import torch
 
 import mmlens
-from mmlens.loading import LoadedModel, load_model
-from mmlens.paths import cache_dir
-from mmlens.patching import logit_diff, sweep
+from mmlens.data.loading import LoadedModel, load_model
+from mmlens.data.paths import cache_dir
+from mmlens.methods.patching import logit_diff, sweep
 
 TOLERANCE = 1e-4
 STORY = ("Last summer the whole family spent a long weekend at the old cabin by the lake. The weather was warm and "
@@ -356,7 +356,7 @@ def nnsight_grid(envoy, blocks: Callable, clean: dict, corrupted: dict, answer: 
 
 def mmlens_grid(hm, clean: dict, corrupted: dict, answer: int, wrong: int, layers: list[int], n_layers: int,
                 batch_size: int, skip_unchanged: bool = True) -> Grid:
-    """``mmlens.patching.sweep`` over every layer (one call), or one call per layer of a subset;
+    """``mmlens.methods.patching.sweep`` over every layer (one call), or one call per layer of a subset;
     ``skip_unchanged=False`` computes the no-op cells too (positions before the first difference)."""
     metric = logit_diff(answer, wrong)
     hooks = ["resid_pre"] if layers == list(range(n_layers)) else [f"lm.blocks.{layer}.resid_pre" for layer in layers]
@@ -420,7 +420,7 @@ def ioi_prompts(tokenizer, n_tokens: int) -> tuple[dict, dict, str]:
 def run_smollm2(args: argparse.Namespace) -> dict:
     from nnsight import NNsight
 
-    from mmlens.interop import boot_bridge
+    from mmlens.core.backends import boot_bridge
 
     t0 = time.perf_counter()
     copies = [_load("smollm2-135m-instruct", args.attn) for _ in range(3)]
@@ -513,7 +513,7 @@ def _stand_in_processor(tokenizer):
 def run_llava(args: argparse.Namespace) -> dict:
     from nnsight import NNsight
 
-    from mmlens.interop import boot_bridge
+    from mmlens.core.backends import boot_bridge
 
     copies = [_load("tiny-random-llava", args.attn) for _ in range(3)]
     example = copies[2].example_inputs()

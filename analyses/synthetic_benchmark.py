@@ -2,14 +2,14 @@
 
     python -m mmlens.analyses.synthetic_benchmark [--out DIR] [--quick] [--seed 0] [--tasks a,b] [--overwrite]
 
-For every task of :mod:`mmlens.synthetic` (image only, text only, a text shortcut with a relevant-looking
+For every task of :mod:`mmlens.data.tasks` (image only, text only, a text shortcut with a relevant-looking
 image, redundant, synergistic XOR) a :class:`mmlens.models.FusionTransformer` is trained in-process
 (cached by configuration hash); for the graph + text tasks (the label from a node's neighbourhood;
 an XOR of neighbourhood and text) a GNN + text fusion model; and a LLaVA around the real
 TinyStories-656K answers colour / shape questions about rendered scenes. A model below its accuracy
 threshold is reported and skipped. On
-held-out examples, every explainer of :data:`mmlens.explainers.EXPLAINERS`, in joint and unimodal
-mode, and the metrics of :mod:`mmlens.desiderata` are scored against the truth:
+held-out examples, every explainer of :data:`mmlens.methods.explainers.EXPLAINERS`, in joint and unimodal
+mode, and the metrics of :mod:`mmlens.metrics.desiderata` are scored against the truth:
 
 - Granger influence: Delta_m (JS divergence, nats, when m takes its neutral reference) must be large
   for the modalities the label depends on and near zero for the others;
@@ -41,10 +41,11 @@ import pandas as pd
 import torch
 
 import mmlens
-from mmlens.desiderata import examples, faithfulness, granger, interaction, stability
-from mmlens.explainers import EXPLAINERS, explain
-from mmlens.synthetic import KINDS, LEARNED_THRESHOLD, train_fusion
-from mmlens.synthetic.graph_tasks import GRAPH_TASKS
+from mmlens.metrics.desiderata import examples, faithfulness, granger, interaction, stability
+from mmlens.methods.explainers import EXPLAINERS, explain
+from mmlens.data.tasks import KINDS
+from mmlens.training.fusion import LEARNED_THRESHOLD, train_fusion
+from mmlens.data.graph_tasks import GRAPH_TASKS
 
 TASK_NAMES = (*KINDS, *GRAPH_TASKS)
 
@@ -109,10 +110,10 @@ def fusion_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
 
 
 def vlm_case(settings: Settings) -> Case | dict:
-    """The LLaVA-style VLM over TinyStories-656K (:mod:`mmlens.synthetic.vlm`) on its question answering:
+    """The LLaVA-style VLM over TinyStories-656K (:mod:`mmlens.training.vlm`) on its question answering:
     the answer word depends on the image (the shape's colour or shape) and on the question (which of
     the two), an interaction of both."""
-    from mmlens.synthetic.vlm import train_vlm
+    from mmlens.training.vlm import train_vlm
 
     vlm = train_vlm(seed=settings.seed)
     info = {"task": "vqa", "model": "synthetic-vlm (LLaVA + TinyStories-656K)", "accuracy": min(vlm.accuracy.values()),
@@ -131,8 +132,8 @@ def vlm_case(settings: Settings) -> Case | dict:
 
 def graph_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
     """Train (or load) a GraphTextFusion per graph + text task (a GNN's target-node embedding as graph
-    tokens before the text, :mod:`mmlens.synthetic.graph_tasks`)."""
-    from mmlens.synthetic.graph_training import train_graph_text
+    tokens before the text, :mod:`mmlens.data.graph_tasks`)."""
+    from mmlens.training.graph_text import train_graph_text
 
     out: list[Case | dict] = []
     for task in tasks:

@@ -35,17 +35,17 @@ import pandas as pd
 import torch
 
 import mmlens
-from mmlens.layer_evolution import METRICS, Evolution, evolution
-from mmlens.graphs import TextAttributedGraph, load_text_attributed_graph, stratified_split, text_features
-from mmlens.lens import LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens
-from mmlens.loading import load_model
+from mmlens.methods.evolution import METRICS, Evolution, evolution
+from mmlens.data.graphs import TextAttributedGraph, load_text_attributed_graph, stratified_split, text_features
+from mmlens.methods.lens import LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens
+from mmlens.data.loading import load_model
 from mmlens.models import GraphSAGEEncoder, TeaGLM, default_graph_token_id
-from mmlens.models.graph_pretraining import GraphPretrainConfig, llm_principal_components, pretrain_graph_encoder
-from mmlens.models.tea_glm_training import (NodePrompts, ProjectorTrainConfig, PromptTemplate, classify_nodes,
+from mmlens.training.graph_pretraining import GraphPretrainConfig, llm_principal_components, pretrain_graph_encoder
+from mmlens.training.tea_glm import (NodePrompts, ProjectorTrainConfig, PromptTemplate, classify_nodes,
                                             train_projector)
-from mmlens.paths import cache_dir
+from mmlens.data.paths import cache_dir
 from mmlens.plots import plot_evolution, plot_lens_grid, save_figure
-from mmlens.wrapper import HookedModel
+from mmlens.core.wrapper import HookedModel
 
 SYNTHETIC_NOTE = "SYNTHETIC DATA: a generated text-attributed graph, not Cora; numbers say nothing about the paper's claim"
 CLAIM_RULE = ("graph tokens evolve measurably less than text tokens when, for at least 3 of the 4 metrics "
@@ -141,7 +141,7 @@ class Reproduction:
 
     def inputs(self, nodes: list[int] | torch.Tensor, with_graph: bool = True) -> dict[str, torch.Tensor]:
         """Model inputs of the classification prompts of ``nodes`` (right-padded), ready for
-        :meth:`HookedModel.run` / :func:`mmlens.lens.logit_lens`."""
+        :meth:`HookedModel.run` / :func:`mmlens.methods.lens.logit_lens`."""
         nodes = torch.as_tensor(nodes).long().flatten()
         batch = self.prompts.batch([self.graph.titles[i] for i in nodes.tolist()], with_graph=with_graph)
         if not with_graph:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from mmlens.adapter import Adapter
+from mmlens.core.adapter import Adapter
 
-from .fusion_transformer import FUSION_TRANSFORMER
-from .graph_text import GRAPH_TEXT
-from .idefics3 import IDEFICS3
-from .language_models import GPT2, LLAMA_FAMILY
-from .llava import LLAVA
-from .tea_glm import TEA_GLM
+from mmlens.hooks.fusion_transformer import FUSION_TRANSFORMER
+from mmlens.hooks.graph_text import GRAPH_TEXT
+from mmlens.hooks.idefics3 import IDEFICS3
+from mmlens.hooks.language_models import GPT2, LLAMA_FAMILY
+from mmlens.hooks.llava import LLAVA
+from mmlens.hooks.tea_glm import TEA_GLM
 
 ADAPTERS: list[Adapter] = [LLAMA_FAMILY, GPT2, LLAVA, IDEFICS3, TEA_GLM, FUSION_TRANSFORMER, GRAPH_TEXT]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from mmlens.adapter import Adapter, BlockLayout, Point, Site, Stack
-from mmlens.spans import spans_from_blocks
+from mmlens.core.adapter import Adapter, BlockLayout, Point, Site, Stack
+from mmlens.core.spans import spans_from_blocks
 
 FUSION_BLOCK = BlockLayout(attn="attn", attn_out_proj="attn.out_proj", mlp="mlp", norm_mid="ln2")
 
@@ -50,5 +50,6 @@ FUSION_TRANSFORMER = Adapter(
     spans=block_spans,
     neutral={"image": neutral_image, "text": neutral_text},
     required_inputs=("pixel_values", "input_ids"),
+    modality_inputs={"image": ("pixel_values",), "text": ("input_ids", "attention_mask")},
     readout="mean",
 )

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from mmlens.adapter import Adapter, Point, Site, Stack
-from mmlens.spans import spans_from_blocks
+from mmlens.core.adapter import Adapter, Point, Site, Stack
+from mmlens.core.spans import spans_from_blocks
 
-from .fusion_transformer import FUSION_BLOCK
+from mmlens.hooks.fusion_transformer import FUSION_BLOCK
 
 
 def block_spans(model, inputs):
@@ -47,4 +47,6 @@ GRAPH_TEXT = Adapter(
     spans=block_spans,
     neutral={"graph": neutral_graph, "text": neutral_text},
     required_inputs=("node_features", "edge_index", "node_index", "input_ids"),
+    shared_inputs=("node_features", "edge_index"),
+    modality_inputs={"graph": ("node_features", "edge_index", "node_index"), "text": ("input_ids", "attention_mask")},
 )

@@ -3,10 +3,10 @@ pixel-shuffle connector -> Llama text model."""
 
 from __future__ import annotations
 
-from mmlens.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
+from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 
-from .language_models import neutral_text
-from .llava import image_token_spans
+from mmlens.hooks.language_models import neutral_text
+from mmlens.hooks.llava import image_token_spans
 
 _lm_stack, _lm_points = language_model(base="model.text_model", logits="lm_head",
                                        n_heads="config.text_config.num_attention_heads")
@@ -43,5 +43,6 @@ IDEFICS3 = Adapter(
     ),
     spans=image_token_spans,
     neutral={"image": neutral_image, "text": neutral_text},
+    modality_inputs={"image": ("pixel_values", "pixel_attention_mask"), "text": ("input_ids", "attention_mask")},
     project_encoder=project_vision_layer,
 )

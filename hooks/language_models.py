@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mmlens.adapter import GPT2_BLOCK, Adapter, language_model
-from mmlens.spans import spans_from_token_ids
+from mmlens.core.adapter import GPT2_BLOCK, Adapter, language_model
+from mmlens.core.spans import spans_from_token_ids
 
 _llama_stack, _llama_points = language_model(base="model", logits="lm_head")
 _gpt2_stack, _gpt2_points = language_model(base="transformer", logits="lm_head", layout=GPT2_BLOCK, n_heads="config.n_head",
@@ -37,6 +37,7 @@ LLAMA_FAMILY = Adapter(
     points=_llama_points,
     spans=text_spans,
     neutral={"text": neutral_text},
+    modality_inputs={"text": ("input_ids", "attention_mask")},
 )
 
 GPT2 = Adapter(
@@ -46,4 +47,5 @@ GPT2 = Adapter(
     points=_gpt2_points,
     spans=text_spans,
     neutral={"text": neutral_text},
+    modality_inputs={"text": ("input_ids", "attention_mask")},
 )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from mmlens.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
-from mmlens.spans import spans_from_token_ids
+from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
+from mmlens.core.spans import spans_from_token_ids
 
-from .language_models import neutral_text
+from mmlens.hooks.language_models import neutral_text
 
 _lm_stack, _lm_points = language_model(base="model.language_model", logits="lm_head",
                                        n_heads="config.text_config.num_attention_heads")
@@ -48,5 +48,6 @@ LLAVA = Adapter(
     ),
     spans=image_token_spans,
     neutral={"image": neutral_image, "text": neutral_text},
+    modality_inputs={"image": ("pixel_values",), "text": ("input_ids", "attention_mask")},
     project_encoder=project_vision_layer,
 )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from mmlens.adapter import Adapter, Point, Site, Stack
-from mmlens.spans import spans_from_token_ids
+from mmlens.core.adapter import Adapter, Point, Site, Stack
+from mmlens.core.spans import spans_from_token_ids
 
 
 def graph_token_spans(model, inputs):
@@ -23,7 +23,7 @@ def neutral_graph(model, inputs, spans):
 
 
 def neutral_text(model, inputs, spans):
-    from .language_models import neutral_text as lm_neutral_text
+    from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 
     return lm_neutral_text(model.lm, inputs, spans)
 
@@ -51,5 +51,7 @@ TEA_GLM = Adapter(
     nested=("lm",),
     spans=graph_token_spans,
     neutral={"graph": neutral_graph, "text": neutral_text},
+    shared_inputs=("node_features", "edge_index"),
+    modality_inputs={"graph": ("node_features", "edge_index", "node_ids", "graph_embeds"), "text": ("input_ids", "attention_mask")},
     project_encoder=project_graph_layer,
 )

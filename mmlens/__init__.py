@@ -6,19 +6,19 @@ spans come from the inputs) -> a run that records (:class:`ActivationCache`) or 
 :func:`evolution`), metrics and plots (:mod:`mmlens.plots`).
 """
 
-from .adapter import (CLIP_BLOCK, GPT2_BLOCK, LLAMA_BLOCK, Adapter, BlockLayout, HookPoint, Point, Site, Stack,
+from mmlens.core.adapter import (CLIP_BLOCK, GPT2_BLOCK, LLAMA_BLOCK, Adapter, BlockLayout, HookPoint, Point, Site, Stack,
                       language_model)
-from .cache import ActivationCache, Named
-from .edits import Edit, HookContext, ablate, add, apply, replace
-from .layer_evolution import Evolution, evolution
-from .lens import (LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
+from mmlens.core.cache import ActivationCache, Named
+from mmlens.core.edits import Edit, HookContext, ablate, add, apply, replace
+from mmlens.methods.evolution import Evolution, evolution
+from mmlens.methods.lens import (LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
                    nearest_tokens)
-from .circuits import Circuit, Node
-from .explainers import Explanation, explain
-from .patching import (Component, Corruption, EdgeScores, SweepResult, attribution_patch, corrupt, edge_attribution_patch,
+from mmlens.methods.circuits import Circuit, Node
+from mmlens.methods.explainers import Explanation, explain
+from mmlens.methods.patching import (Component, Corruption, EdgeScores, SweepResult, attribution_patch, corrupt, edge_attribution_patch,
                        path_patch, sweep)
-from .spans import ModalitySpans, spans_from_blocks, spans_from_token_ids
-from .wrapper import HookedModel, Recording, RunResult
+from mmlens.core.spans import ModalitySpans, spans_from_blocks, spans_from_token_ids
+from mmlens.core.wrapper import HookedModel, Recording, RunResult
 
 __version__ = "0.1.0"
 

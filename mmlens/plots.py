@@ -291,7 +291,7 @@ def plot_evolution(evo, metrics: Sequence[str] | None = None, ax: Axes | Sequenc
 
 def plot_patching(result, pair: int = 0, value: str = "normalized", ax: Axes | None = None, title: str | None = None,
                   cmap: str = "RdBu_r") -> Figure:
-    """Heatmap of a patching sweep (:class:`mmlens.patching.SweepResult`) for one input pair.
+    """Heatmap of a patching sweep (:class:`mmlens.methods.patching.SweepResult`) for one input pair.
 
     Rows are the first swept axis (e.g. layer, earliest at the bottom), columns the second
     (position, span or head). ``value``: ``"normalized"`` (fraction of the clean-corrupted gap
@@ -351,7 +351,7 @@ def plot_patching(result, pair: int = 0, value: str = "normalized", ax: Axes | N
 
 def plot_edges(scores, pair: int = 0, span: str | None = None, value: str = "score", ax: Axes | None = None,
                title: str | None = None, cmap: str = "RdBu_r") -> Figure:
-    """Heatmap of edge attribution scores (:class:`mmlens.patching.EdgeScores`): senders as rows,
+    """Heatmap of edge attribution scores (:class:`mmlens.methods.patching.EdgeScores`): senders as rows,
     receivers as columns, blank where no edge exists; ``span`` restricts to sender positions of one
     modality (scores computed with ``by="span"``)."""
     data = scores.matrix(pair, span, value).to_numpy(dtype=float)
@@ -381,7 +381,7 @@ def plot_edges(scores, pair: int = 0, span: str | None = None, value: str = "sco
 
 def plot_faithfulness(results: Mapping[str, Any], scope: str | None = None) -> Figure:
     """Sufficiency gap and necessity drop over k, one line per explainer and a dashed line for its
-    random baseline (``results``: explainer -> :class:`mmlens.desiderata.FaithfulnessResult`);
+    random baseline (``results``: explainer -> :class:`mmlens.metrics.desiderata.FaithfulnessResult`);
     ``scope``: a modality or ``"joint"`` (default: joint when present)."""
     import matplotlib.pyplot as plt
 
@@ -408,7 +408,7 @@ def plot_faithfulness(results: Mapping[str, Any], scope: str | None = None) -> F
 
 def plot_granger(result) -> Figure:
     """Delta_m (output change) against delta_{m->n} (explanation change) per input, one panel per
-    ablated modality, one colour per explainer (:class:`mmlens.desiderata.GrangerResult`)."""
+    ablated modality, one colour per explainer (:class:`mmlens.metrics.desiderata.GrangerResult`)."""
     import matplotlib.pyplot as plt
 
     table = result.explanations
@@ -427,7 +427,7 @@ def plot_granger(result) -> Figure:
 
 def plot_stability(result) -> Figure:
     """Distributions of the Lipschitz ratio per (perturbed -> explained modality), one box per
-    explainer (:class:`mmlens.desiderata.StabilityResult`, kept samples only)."""
+    explainer (:class:`mmlens.metrics.desiderata.StabilityResult`, kept samples only)."""
     import matplotlib.pyplot as plt
 
     samples = result.samples[result.samples.kept]

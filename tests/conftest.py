@@ -14,7 +14,7 @@ os.environ.setdefault("MMLENS_DATA", str(_SHARED / "data"))
 os.environ.setdefault("MMLENS_MODELS", str(_SHARED / "models"))
 
 import mmlens  # noqa: E402
-from mmlens.loading import load_model  # noqa: E402
+from mmlens.data.loading import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.circuits import ABLATIONS, Circuit, Node, circuit_edits, components, intervene
-from mmlens.patching import corrupt, edge_attribution_patch, kl_from, last_logits, sweep
+from mmlens.methods.circuits import ABLATIONS, Circuit, Node, circuit_edits, components, intervene
+from mmlens.methods.patching import corrupt, edge_attribution_patch, kl_from, last_logits, sweep
 
 
 def _flip(inputs):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mmlens
-from mmlens.spans import ModalitySpans, spans_from_token_ids
+from mmlens.core.spans import ModalitySpans, spans_from_token_ids
 
 from .conftest import text_batch
 

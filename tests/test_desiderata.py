@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.desiderata import explanation_distance, faithfulness, granger, js_divergence, kappa_lambda, stability
-from mmlens.explainers import Explanation, _setup, _with_embeds, predicted_prob
-from mmlens.loading import load_model
-from mmlens.patching import last_logits
-from mmlens.spans import spans_from_blocks
+from mmlens.metrics.desiderata import explanation_distance, faithfulness, granger, js_divergence, kappa_lambda, stability
+from mmlens.methods.explainers import Explanation, _setup, _with_embeds, predicted_prob
+from mmlens.data.loading import load_model
+from mmlens.methods.patching import last_logits
+from mmlens.core.spans import spans_from_blocks
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_stability_ratios_and_the_prediction_criterion(loaded):
     kept = per_target[per_target.kept].ratio
     assert summary.loc["image", "max"] == kept.max() and summary.loc["image", "median"] == kept.median()
     # recompute one kept sample by hand: the explanation change of the text, over the image change
-    from mmlens.explainers import explain
-    from mmlens.perturb import input_distance, perturb
+    from mmlens.methods.explainers import explain
+    from mmlens.metrics.perturb import input_distance, perturb
 
     first = samples[(samples.kept) & (samples.explained == "text")].iloc[0]
     x = {k: v[int(first.input):int(first.input) + 1] for k, v in inputs.items()}
@@ -150,8 +150,8 @@ def test_stability_on_text_synonyms(loaded):
 
 
 def test_circuit_keep_remove_known_answers(loaded):
-    from mmlens.circuits import Circuit, components, intervene
-    from mmlens.desiderata import circuit_faithfulness
+    from mmlens.methods.circuits import Circuit, components, intervene
+    from mmlens.metrics.desiderata import circuit_faithfulness
 
     lm = loaded("tiny-random-llava")
     hm = mmlens.wrap(lm.model, processor=lm.processor)
@@ -171,7 +171,7 @@ def test_circuit_keep_remove_known_answers(loaded):
 
 
 def test_an_unused_modality_has_no_interaction_and_no_emap_gap(text_only):
-    from mmlens.desiderata import interaction
+    from mmlens.metrics.desiderata import interaction
 
     hm, inputs = text_only
     result = interaction(hm, inputs, progress=False)
@@ -184,7 +184,7 @@ def test_an_unused_modality_has_no_interaction_and_no_emap_gap(text_only):
 
 
 def test_interaction_terms_equal_runs_on_neutral_and_swapped_inputs(loaded):
-    from mmlens.desiderata import examples, interaction
+    from mmlens.metrics.desiderata import examples, interaction
 
     lm = loaded("tiny-fusion")
     hm = mmlens.wrap(lm.model)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mmlens.cli import main
-from mmlens.evaluation import evaluate, load_evaluation_config, parse_evaluation_config
-from mmlens.experiments import ConfigError, ResumeError
+from mmlens.runs.cli import main
+from mmlens.runs.evaluate import evaluate, load_evaluation_config, parse_evaluation_config
+from mmlens.runs.experiments import ConfigError, ResumeError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "analyses" / "configs"
 
@@ -49,8 +49,8 @@ def test_evaluate_writes_every_file_and_resumes(tmp_path):
 
 def test_a_circuit_section_reports_keep_and_remove(tmp_path):
     import mmlens
-    from mmlens.circuits import components
-    from mmlens.loading import load_model
+    from mmlens.methods.circuits import components
+    from mmlens.data.loading import load_model
 
     hm = mmlens.wrap(load_model("tiny-fusion").model)
     circuit = mmlens.Circuit(tuple(components(hm, ("attn_out", "mlp_out"))), name="whole joint transformer")

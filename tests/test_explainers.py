@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.explainers import EXPLAINERS, _setup, _with_embeds, explain, predicted_prob
-from mmlens.patching import last_logits, logprob
+from mmlens.methods.explainers import EXPLAINERS, _setup, _with_embeds, explain, predicted_prob
+from mmlens.methods.patching import last_logits, logprob
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,8 @@ def test_errors(vlm):
 
 @pytest.mark.parametrize("name", ["tiny-random-llava", "tinystories-656k"])
 def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_forwards(loaded, name):
-    from mmlens.desiderata import examples
-    from mmlens.explainers import _masked_values
+    from mmlens.metrics.desiderata import examples
+    from mmlens.methods.explainers import _masked_values
 
     lm = loaded(name)
     hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer, processor=lm.processor)
@@ -171,7 +171,7 @@ def test_integrated_gradients_and_occlusion_equal_captum_on_the_fused_embeddings
     input embeddings replaced gives the same attributions, summed over the embedding width."""
     from captum.attr import FeatureAblation, IntegratedGradients
 
-    from mmlens.desiderata import examples
+    from mmlens.metrics.desiderata import examples
 
     hm, inputs = vlm
     one = examples(hm, inputs)[0]
@@ -195,7 +195,7 @@ def test_integrated_gradients_and_occlusion_equal_captum_on_the_fused_embeddings
 
 
 def test_attention_of_a_pooling_classifier_is_read_from_every_real_position(loaded):
-    from mmlens.explainers import _attentions
+    from mmlens.methods.explainers import _attentions
 
     lm = loaded("tiny-fusion")
     hm = mmlens.wrap(lm.model)

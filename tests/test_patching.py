@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.adapter import get_module
-from mmlens.patching import (Component, attribution_patch, corrupt, correlation, edge_attribution_patch, last_logits,
+from mmlens.core.adapter import get_module
+from mmlens.methods.patching import (Component, attribution_patch, corrupt, correlation, edge_attribution_patch, last_logits,
                              logit_diff, path_patch, sweep)
 from mmlens.plots import plot_edges, plot_patching
 

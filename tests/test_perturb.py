@@ -11,7 +11,7 @@ import torch
 
 import mmlens
 from mmlens.models import build_graph_prompt
-from mmlens.perturb import (KINDS, PUNCTUATION, drop_edges, input_distance, perturb, punctuation_edit, shift,
+from mmlens.metrics.perturb import (KINDS, PUNCTUATION, drop_edges, input_distance, perturb, punctuation_edit, shift,
                             synonym_groups, synonym_swap)
 
 STORIES = ["The pretty bunny was quick! She saw a small rabbit and a little dog. Yay!",

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.desiderata import granger
+from mmlens.metrics.desiderata import granger
 from mmlens.models.fusion import Attention
 from mmlens.models.graph_text import GraphTextFusion
-from mmlens.synthetic import graph_training
-from mmlens.synthetic.graph_tasks import (FEATURE_DIM, GRAPH_TASKS, N_COMMUNITIES, N_NODES, P_IN, P_OUT, SIDES, TEXT_LEN,
+from mmlens.training import graph_text as graph_training
+from mmlens.data.graph_tasks import (FEATURE_DIM, GRAPH_TASKS, N_COMMUNITIES, N_NODES, P_IN, P_OUT, SIDES, TEXT_LEN,
                                           VOCAB, WORD_ID, bayes_accuracy, centroid_accuracy, make_graph_task)
-from mmlens.synthetic.graph_training import train_graph_text
+from mmlens.training.graph_text import train_graph_text
 
 QUICK = dict(n_train=2000, n_test=400, seed=0)
 K = graph_training.MODEL_DEFAULTS["n_graph_tokens"]

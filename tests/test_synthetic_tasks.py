@@ -7,8 +7,9 @@ import torch
 
 import mmlens
 from mmlens.models.fusion import Attention
-from mmlens.synthetic import KINDS, TASKS, VOCAB, bayes_accuracy, make_task, train_fusion
-from mmlens.synthetic.tasks import COLORS, TEXT_LEN, WORD_ID
+from mmlens.data.tasks import KINDS, TASKS, VOCAB, bayes_accuracy, make_task
+from mmlens.training.fusion import train_fusion
+from mmlens.data.tasks import COLORS, TEXT_LEN, WORD_ID
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""mmlens.synthetic.vlm: LLaVA around the real TinyStories-656K, its vision side trained in-process.
+"""mmlens.training.vlm: LLaVA around the real TinyStories-656K, its vision side trained in-process.
 
 The module's model is trained once here with small settings (~20 s on one thread) in a temporary
 cache; the default settings (~45 s) reach colour 1.0 / shape 0.98 held-out.
@@ -13,10 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import mmlens
-from mmlens.loading import load_model
-from mmlens.patching import logit_diff
-from mmlens.synthetic import vlm
-from mmlens.synthetic.vlm import (BACKGROUND, COLORS, IMAGE_TOKEN_ID, QUESTIONS, SHAPES, Scenes, make_scenes,
+from mmlens.data.loading import load_model
+from mmlens.methods.patching import logit_diff
+from mmlens.training import vlm
+from mmlens.training.vlm import (BACKGROUND, COLORS, IMAGE_TOKEN_ID, QUESTIONS, SHAPES, Scenes, make_scenes,
                                   render_scene, train_vlm)
 
 QUICK = dict(n_train=2000, n_test=200, seed=0, vision_steps=300, steps=80)

@@ -11,7 +11,7 @@ import torch
 
 from mmlens.analyses import tea_glm_logit_lens as repro
 from mmlens.models import GraphSAGEEncoder, TeaGLM, default_graph_token_id
-from mmlens.models.tea_glm_training import (NodePrompts, PrefixRunner, ProjectorTrainConfig, classify_nodes,
+from mmlens.training.tea_glm import (NodePrompts, PrefixRunner, ProjectorTrainConfig, classify_nodes,
                                             suffix_embeddings, train_projector)
 
 CLASSES = ["rule learning", "neural networks", "case based reasoning", "genetic algorithms", "theory",

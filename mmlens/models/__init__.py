@@ -1,6 +1,6 @@
 """Models that mmlens owns: a TEA-GLM-style graph-language model and a small fusion transformer."""
 
-from .fusion import (
+from mmlens.models.fusion import (
     Attention,
     Block,
     FusionConfig,
@@ -9,7 +9,7 @@ from .fusion import (
     ImageEncoder,
     TextEncoder,
 )
-from .tea_glm import GraphSAGEEncoder, TeaGLM, build_graph_prompt, default_graph_token_id
+from mmlens.models.tea_glm import GraphSAGEEncoder, TeaGLM, build_graph_prompt, default_graph_token_id
 
 __all__ = [
     "Attention",

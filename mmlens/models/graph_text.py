@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .fusion import Block, FusionOutput
-from .tea_glm import GraphSAGEEncoder
+from mmlens.models.fusion import Block, FusionOutput
+from mmlens.models.tea_glm import GraphSAGEEncoder
 
 
 @dataclass

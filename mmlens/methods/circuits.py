@@ -32,11 +32,11 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from .adapter import HookPoint
-from .edits import Edit, replace
-from .patching import Corruption, EdgeScores, SweepResult
-from .spans import ModalitySpans
-from .wrapper import CacheFilter, HookedModel, RunResult
+from mmlens.core.adapter import HookPoint
+from mmlens.core.edits import Edit, replace
+from mmlens.methods.patching import Corruption, EdgeScores, SweepResult
+from mmlens.core.spans import ModalitySpans
+from mmlens.core.wrapper import CacheFilter, HookedModel, RunResult
 
 MODES = ("keep", "remove")
 ABLATIONS = ("zero", "mean", "resample", "neutral")
@@ -332,7 +332,7 @@ def _reference_run(hooked: HookedModel, inputs: dict, spans: ModalitySpans, abla
             raise ValueError(f"ablation={ablation!r} needs reference= (inputs, or a mmlens.Corruption: "
                              + ("a batch to average over)" if ablation == "mean" else "an input of the same layout)"))
         corruption = reference if isinstance(reference, Corruption) else Corruption(dict(reference), [], "reference")
-        ref_inputs, ref_edits, what = hooked._check_inputs(corruption.inputs), corruption.edits, "reference"
+        ref_inputs, ref_edits, what = hooked.check_inputs(corruption.inputs), corruption.edits, "reference"
     ref_spans = hooked.spans(ref_inputs)
     if ablation != "mean":
         error = _layout_error(spans, ref_spans, what)
@@ -387,7 +387,7 @@ def circuit_edits(hooked: HookedModel, inputs: Mapping[str, Any], circuit: Circu
         raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; valid ablations: {list(ABLATIONS)}")
-    inputs = hooked._check_inputs(inputs)
+    inputs = hooked.check_inputs(inputs)
     spans = hooked.spans(inputs)
     plan = _plan(hooked, circuit, mode, kinds, stage)
     if not plan:

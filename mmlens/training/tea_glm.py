@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .tea_glm import TeaGLM
+from mmlens.models.tea_glm import TeaGLM
 
 _MARKER = "\u241fMMLENS\u241f"
 

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .lens import LensResult, _modality_mask
+from mmlens.methods.lens import LensResult, _modality_mask
 
 METRICS: dict[str, str] = {
     "top1_change": "lower",

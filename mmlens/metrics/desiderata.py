@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .explainers import Explanation, _check_method, _explain_row, _masked_values, _rows, _setup, _with_embeds, explain, predicted_prob
-from .patching import last_logits
-from .wrapper import HookedModel
+from mmlens.methods.explainers import Explanation, _check_method, _explain_row, _masked_values, _rows, _setup, _with_embeds, explain, predicted_prob
+from mmlens.methods.patching import last_logits
+from mmlens.core.wrapper import HookedModel
 
 
 Dataset = Mapping[str, Any] | Sequence[Mapping[str, Any]]
@@ -44,7 +44,7 @@ def examples(hooked: HookedModel, dataset: Dataset) -> list[dict]:
         raise ValueError("the dataset is empty")
     out = []
     for batch in batches:
-        batch = hooked._check_inputs(batch)
+        batch = hooked.check_inputs(batch)
         out += [_rows(batch, i) for i in range(hooked.spans(batch).batch_size)]
     return out
 
@@ -153,7 +153,7 @@ def granger(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("
     explains the same quantity on x and on x_m: the probability of x's predicted token.
 
     Args:
-        explainers: names from :data:`mmlens.explainers.EXPLAINERS`.
+        explainers: names from :data:`mmlens.methods.explainers.EXPLAINERS`.
         mode: explainer mode (``"joint"``; or ``"unimodal"``: each modality n explained alone).
         distance: explanation distance (:func:`explanation_distance`).
         options: per-explainer keyword options, e.g. ``{"integrated_gradients": {"steps": 16}}``.
@@ -312,7 +312,7 @@ class StabilityResult:
     Attributes:
         samples: one row per (input, explainer, perturbed modality m, kind, draw, explained
             modality n): ``input_distance`` (L2 in the LM's input embeddings at m's positions,
-            :func:`mmlens.perturb.input_distance`), ``explanation_distance`` (L2 between the raw
+            :func:`mmlens.metrics.perturb.input_distance`), ``explanation_distance`` (L2 between the raw
             scores at n's positions), ``ratio`` (their quotient), ``kept`` (whether the prediction
             was unchanged; only kept samples enter the summary).
         summary: one row per (explainer, m, n): ``equation`` ("intra (6)" for m == n, "cross (7)"
@@ -330,7 +330,7 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
               scale: Mapping[str, float] | None = None, seed: int = 0, options: Mapping[str, dict] | None = None,
               progress: bool = True) -> StabilityResult:
     """Unified stability: Lipschitz ratios ||E(x) - E(x')|| / ||x - x'|| under small
-    meaning-preserving perturbations of each modality m (:func:`mmlens.perturb.perturb`), for the
+    meaning-preserving perturbations of each modality m (:func:`mmlens.metrics.perturb.perturb`), for the
     explanation of every modality n (Eq. 6 for n = m, Eq. 7 for n != m).
 
     A perturbation is kept only if the predicted final-position token is unchanged (argmax of the
@@ -338,10 +338,10 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
 
     Args:
         modalities: which modalities to perturb (default: every one of the inputs that has kinds).
-        kinds: modality -> perturbation kinds (default: all of :data:`mmlens.perturb.KINDS`).
+        kinds: modality -> perturbation kinds (default: all of :data:`mmlens.metrics.perturb.KINDS`).
         n: draws per kind.
     """
-    from .perturb import KINDS, perturb
+    from mmlens.metrics.perturb import KINDS, perturb
 
     items = examples(hooked, inputs)
     present = _modalities(hooked, items)
@@ -405,8 +405,8 @@ def _stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
 def circuit_faithfulness(hooked: HookedModel, inputs: Dataset, circuit: Any, ablation: str = "neutral", *,
                          reference: Any = None, modality: str | None = None, kinds: Sequence[str] | None = None,
                          random_draws: int = 5, seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Sufficiency and necessity of a circuit (:class:`mmlens.circuits.Circuit`) with keep/remove
-    interventions inside the model (:func:`mmlens.circuits.intervene`), against random circuits with
+    """Sufficiency and necessity of a circuit (:class:`mmlens.methods.circuits.Circuit`) with keep/remove
+    interventions inside the model (:func:`mmlens.methods.circuits.intervene`), against random circuits with
     as many components drawn from the same universe.
 
     Returns one row per (input, source): ``source`` ``"circuit"`` or ``"random"`` (mean over draws),
@@ -414,7 +414,7 @@ def circuit_faithfulness(hooked: HookedModel, inputs: Dataset, circuit: Any, abl
     (|f_keep - f|), ``necessity_drop`` (f - f_remove). A circuit that is the whole universe has
     sufficiency gap 0; removing it gives the fully ablated run.
     """
-    from .circuits import Circuit, components, intervene
+    from mmlens.methods.circuits import Circuit, components, intervene
 
     generator = torch.Generator().manual_seed(seed)
     nodes = circuit.effective_nodes

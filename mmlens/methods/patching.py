@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapter import HookPoint, get_module
-from .edits import Edit, HookContext, add, apply, replace
-from .spans import ModalitySpans
-from .wrapper import HookedModel
+from mmlens.core.adapter import HookPoint, get_module
+from mmlens.core.edits import Edit, HookContext, add, apply, replace
+from mmlens.core.spans import ModalitySpans
+from mmlens.core.wrapper import HookedModel
 
 Metric = Callable[[Tensor], Tensor]
 """Final-position logits Float[b, vocab] -> one number per row Float[b]."""
@@ -93,7 +93,7 @@ def corrupt(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, metho
             with the same layout) or ``"noise"`` (ROME-style: Gaussian noise of ``noise`` times the
             std of that modality's input embeddings, added at ``fusion.embeds`` / ``lm.embed``).
     """
-    inputs = hooked._check_inputs(inputs)
+    inputs = hooked.check_inputs(inputs)
     spans = hooked.spans(inputs)
     if modality not in spans.masks:
         raise KeyError(f"modality {modality!r} is not in these inputs; spans here: {spans.modalities}")
@@ -102,7 +102,7 @@ def corrupt(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, metho
     if method == "swap":
         if other is None:
             raise ValueError("method='swap' needs other= (an example whose modality to take)")
-        other = hooked._check_inputs(other)
+        other = hooked.check_inputs(other)
         other_spans = hooked.spans(other)
         check_same_layout(spans, other_spans, "inputs", "other")
         if modality == "text":
@@ -335,8 +335,8 @@ def sweep(
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
-    clean = hooked._check_inputs(clean)
-    corrupt_inputs = hooked._check_inputs(corruption.inputs)
+    clean = hooked.check_inputs(clean)
+    corrupt_inputs = hooked.check_inputs(corruption.inputs)
     clean_spans, corrupt_spans = hooked.spans(clean), hooked.spans(corrupt_inputs)
     if "span" not in axes and any(hp.fused_positions for hp in _points(hooked, hook)):
         check_same_layout(clean_spans, corrupt_spans)
@@ -764,8 +764,8 @@ def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: 
     after patching, ``effect`` the estimated change)."""
     axes = tuple(axes)
     corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
-    clean = hooked._check_inputs(clean)
-    corrupt_inputs = hooked._check_inputs(corruption.inputs)
+    clean = hooked.check_inputs(clean)
+    corrupt_inputs = hooked.check_inputs(corruption.inputs)
     spans = hooked.spans(corrupt_inputs)
     check_same_layout(hooked.spans(clean), spans)
     points = _points(hooked, hook)
@@ -857,8 +857,8 @@ def edge_attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrup
     if by not in ("edge", "span"):
         raise ValueError(f"by must be 'edge' or 'span', got {by!r}")
     corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
-    clean = hooked._check_inputs(clean)
-    corrupt_inputs = hooked._check_inputs(corruption.inputs)
+    clean = hooked.check_inputs(clean)
+    corrupt_inputs = hooked.check_inputs(corruption.inputs)
     spans = hooked.spans(corrupt_inputs)
     check_same_layout(hooked.spans(clean), spans)
     layers = sorted(hp.layer for hp in hooked.hook_points.values()
@@ -938,8 +938,8 @@ def path_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping
     Returns the metric of step 3 (for the first pair). With no senders it equals the clean metric.
     """
     corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
-    clean = hooked._check_inputs(_row(clean, 0))
-    corrupt_inputs = hooked._check_inputs(_row(corruption.inputs, 0))
+    clean = hooked.check_inputs(_row(clean, 0))
+    corrupt_inputs = hooked.check_inputs(_row(corruption.inputs, 0))
     check_same_layout(hooked.spans(clean), hooked.spans(corrupt_inputs))
     sender_hooks = [hooked.resolve(s.hook).name for s in senders]
     receiver_hooks = [hooked.resolve(r.hook).name for r in receivers]

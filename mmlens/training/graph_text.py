@@ -10,7 +10,7 @@ The training set is ``make_graph_task(task, n_train, 2 * seed)``, the test set
 ``make_graph_task(task, n_test, 2 * seed + 1)``: two independent graphs (same community feature
 means), so test accuracy measures generalisation to unseen graphs and nodes. Weights are a function
 of the configuration (and of torch's CPU kernels: the same torch build and thread count give
-identical weights). Cache: as :mod:`mmlens.synthetic.training`,
+identical weights). Cache: as :mod:`mmlens.training.fusion`,
 ``$MMLENS_CACHE/synthetic/<task>-<key>.safetensors`` with a JSON sidecar.
 """
 
@@ -30,10 +30,10 @@ from torch import Tensor
 
 from mmlens.hooks.graph_text import GRAPH_TEXT
 from mmlens.models.graph_text import GraphTextConfig, GraphTextFusion
-from mmlens.paths import cache_dir
+from mmlens.data.paths import cache_dir
 
-from .graph_tasks import FEATURE_DIM, GraphTaskData, make_graph_task
-from .training import LEARNED_THRESHOLD, _save, _train
+from mmlens.data.graph_tasks import FEATURE_DIM, GraphTaskData, make_graph_task
+from mmlens.training.fusion import LEARNED_THRESHOLD, _save, _train
 
 CODE_VERSION = 1
 """Part of the cache key: raise it when the tasks or the training change what a configuration yields."""
@@ -88,7 +88,7 @@ def train_graph_text(task_name: str, *, n_train: int = 4_000, n_test: int = 1_00
         n_train, n_test: examples in the training and test sets (each set on its own graph).
         seed: seeds the data (see the module docstring), the initialisation and the batch order.
         max_steps, target_loss, batch_size, lr, weight_decay: as
-            :func:`mmlens.synthetic.train_fusion` (AdamW, warm-up + cosine, clipping at norm 1, stop
+            :func:`mmlens.training.fusion.train_fusion` (AdamW, warm-up + cosine, clipping at norm 1, stop
             when the mean loss of the last 20 batches is below ``target_loss`` nats); every step
             runs the GNN over the whole training graph.
         model: GraphTextConfig fields overriding :data:`MODEL_DEFAULTS` (node_dim, vocab_size,

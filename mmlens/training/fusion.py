@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mmlens.models import FusionConfig, FusionTransformer
-from mmlens.paths import cache_dir
+from mmlens.data.paths import cache_dir
 
-from .tasks import IMAGE_SIZE, PATCH_SIZE, TaskData, make_task
+from mmlens.data.tasks import IMAGE_SIZE, PATCH_SIZE, TaskData, make_task
 
 CODE_VERSION = 1
 """Part of the cache key: raise it when the tasks or the training change what a configuration yields."""

@@ -46,9 +46,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .explainers import embedding_point
-from .spans import ModalitySpans
-from .wrapper import HookedModel
+from mmlens.methods.explainers import embedding_point
+from mmlens.core.spans import ModalitySpans
+from mmlens.core.wrapper import HookedModel
 
 __all__ = [
     "DEFAULT_SCALE", "KINDS", "PUNCTUATION", "Perturbed", "brightness", "drop_edges", "embedding_noise",
@@ -482,7 +482,7 @@ def perturb(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, kind:
             if _same(new, inputs) or any(_same(new, p.inputs) for p in own):
                 continue
             if not hooked.spans(new).same_layout(spans):
-                raise RuntimeError(f"{k} changed the layout of the inputs (a bug in mmlens.perturb): {description}")
+                raise RuntimeError(f"{k} changed the layout of the inputs (a bug in mmlens.metrics.perturb): {description}")
             own.append(Perturbed(new, modality, k, f"{k}: {description}"))
         if not own:
             reasons[k] = f"all {n} draws left the input unchanged (an input of zero std, or scale {scales[k]} too small)"

@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, LlavaConfig,
                           LlavaForConditionalGeneration)
 
-from mmlens.paths import cache_dir, models_dir
+from mmlens.data.paths import cache_dir, models_dir
 
 Inputs = dict[str, torch.Tensor]
 

@@ -11,8 +11,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .adapter import HookPoint
-from .spans import ModalitySpans, Selector
+from mmlens.core.adapter import HookPoint
+from mmlens.core.spans import ModalitySpans, Selector
 
 
 @dataclass
@@ -84,7 +84,7 @@ class ActivationCache(Mapping):
         if layer is None:
             if name in self._points:
                 return name
-            from .interop import from_transformer_lens_name
+            from mmlens.core.backends import from_transformer_lens_name
 
             alias = from_transformer_lens_name(name)
             if alias in self._points:

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 from transformers import PreTrainedTokenizerBase
 
-from mmlens.paths import _candidate_shared_dirs
+from mmlens.data.paths import _candidate_shared_dirs
 
 DATASETS = ("cora", "synthetic")
 

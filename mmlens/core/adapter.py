@@ -3,7 +3,7 @@
 An :class:`Adapter` says, for one family of models, where every canonical hook point lives
 (module path + which value of that module), how modality spans are found from the inputs, and
 what a neutral reference of each modality is. Nothing else is architecture-specific: the one
-hook layer in :mod:`mmlens.wrapper` reads the table.
+hook layer in :mod:`mmlens.core.wrapper` reads the table.
 
 Canonical names (``{prefix}`` is ``lm`` for the language model / joint transformer and the
 modality for an encoder: ``vision``, ``graph``, ``text``, ...)::
@@ -24,14 +24,15 @@ plus single points such as ``lm.embed``, ``lm.final_norm``, ``lm.logits``, ``vis
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .spans import ModalitySpans
+from mmlens.core.spans import ModalitySpans
 
 Stage = Literal["encoder", "fusion", "lm"]
+SEQUENCE_KWARGS: Mapping[str, int] = {"position_ids": 1, "cache_position": 0, "position_embeddings": 1}
 STAGES: tuple[str, ...] = ("encoder", "fusion", "lm")
 
 
@@ -144,6 +145,15 @@ class Adapter:
         readout: the positions the output is read from: ``"last"`` (a causal LM's final position)
             or ``"mean"`` (a classifier head that pools every real position); the attention
             explainers score the attention from these positions.
+        shared_inputs: input keys without a leading batch axis (a whole graph's ``[nodes, d]``
+            features, its ``[2, edges]`` edge list): every row of a batch uses them whole, so row
+            selection and repetition pass them through unchanged.
+        modality_inputs: modality -> the input keys that carry it (what a perturbation or a neutral
+            reference of that modality changes).
+        sequence_kwargs: keyword arguments of an LM block call that carry the sequence axis, and on
+            which dimension (replay cuts them to the replayed positions).
+        causal: whether every position of the fused sequence attends only to earlier positions in
+            every LM block; replay with reuse of earlier positions' keys/values is exact only then.
     """
 
     name: str
@@ -156,6 +166,41 @@ class Adapter:
     required_inputs: tuple[str, ...] = ("input_ids",)
     project_encoder: Callable[[nn.Module, Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None
     readout: str = "last"
+    shared_inputs: tuple[str, ...] = ()
+    modality_inputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    sequence_kwargs: Mapping[str, int] = field(default_factory=lambda: dict(SEQUENCE_KWARGS))
+    causal: bool = True
+
+    def select_rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
+        """The inputs of some rows of a batch: batched tensors indexed on their first axis (an int
+        keeps the axis: row ``i`` is a batch of one), shared inputs and non-tensors unchanged."""
+        index = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        return {k: v[index] if self._batched(k, v) else v for k, v in inputs.items()}
+
+    def repeat_rows(self, inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
+        """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; a batch-1 tensor is
+        expanded without a copy)."""
+        out = {}
+        for k, v in inputs.items():
+            if self._batched(k, v):
+                out[k] = v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v.repeat(n, *([1] * (v.dim() - 1)))
+            else:
+                out[k] = v
+        return out
+
+    def _batched(self, key: str, value: Any) -> bool:
+        return isinstance(value, Tensor) and value.dim() > 0 and key not in self.shared_inputs
+
+    def readout_logits(self, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        """The logits the output is read from: ``Float[b, seq, vocab] -> Float[b, vocab]`` at each row's
+        last real position (classifier logits ``Float[b, classes]`` pass through)."""
+        if logits.dim() == 2:
+            return logits
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            return logits[:, -1]
+        last = mask.long().cumsum(1).argmax(1)
+        return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
 
     def matches(self, model: nn.Module) -> bool:
         return any(cls.__name__ in self.architectures for cls in type(model).__mro__)

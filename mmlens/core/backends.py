@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .adapter import get_module
-from .cache import ActivationCache
-from .edits import Edit
+from mmlens.core.adapter import get_module
+from mmlens.core.cache import ActivationCache
+from mmlens.core.edits import Edit
 
 if TYPE_CHECKING:
-    from .wrapper import CacheFilter, HookedModel, RunResult, _Plan
+    from mmlens.core.wrapper import CacheFilter, HookedModel, RunResult, _Plan
 
 # -- TransformerLens hook names ---------------------------------------------------------------------
 # TL name inside a block -> our kind. The first TL name of each kind is the canonical one
@@ -131,7 +131,7 @@ def _refuse_torchvision_install() -> bool:
     raise RuntimeError(
         f"TransformerLens could not load this model's processor ({cause!r}) and would now run "
         "`pip install torchvision` inside this interpreter, which replaces the CPU torch with a ~4.5 GB CUDA "
-        "build; mmlens blocked it. Fix: boot with mmlens.interop.boot_bridge(model, tokenizer, processor=...) "
+        "build; mmlens blocked it. Fix: boot with mmlens.core.backends.boot_bridge(model, tokenizer, processor=...) "
         "so TransformerLens finds a saved processor, or install a torchvision that matches your torch yourself")
 
 
@@ -274,7 +274,7 @@ def run_with_nnsight(hm: HookedModel, inputs: Mapping[str, Any], *, cache: Cache
     Unsupported: a hook point whose module runs more than once per forward (nnsight sees its first
     call only; use ``backend="torch"``).
     """
-    from .wrapper import RunResult, _Plan
+    from mmlens.core.wrapper import RunResult, _Plan
 
     cache_names, edits_by_point, must_fire = hm._request(cache, edits)
     order, calls = _execution_order(hm, inputs, forward_kwargs)

@@ -41,11 +41,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .desiderata import (FaithfulnessResult, GrangerResult, StabilityResult, _areas, _granger_summary,
+from mmlens.metrics.desiderata import (FaithfulnessResult, GrangerResult, StabilityResult, _areas, _granger_summary,
                          _stability_summary, faithfulness, granger, stability)
-from .experiments import (DTYPES, ConfigError, ModelConfig, ResumeError, _atomic_write, _desc, _encode, _float,
+from mmlens.runs.experiments import (DTYPES, ConfigError, ModelConfig, ResumeError, _atomic_write, _desc, _encode, _float,
                           _int, _keys, _model, _str, _table, _versions)
-from .explainers import EXPLAINERS
+from mmlens.methods.explainers import EXPLAINERS
 
 _SECTIONS = ("model", "inputs", "explainers", "granger", "faithfulness", "stability", "circuit", "output", "seed")
 
@@ -191,7 +191,7 @@ def _stability(t: Any) -> dict:
 
 
 def _circuit(t: Any, folder: Path | None) -> dict:
-    from .circuits import ABLATIONS, Circuit
+    from mmlens.methods.circuits import ABLATIONS, Circuit
 
     t = _table(t, "circuit")
     _keys(t, "circuit", ("file", "ablation", "random_draws"))
@@ -287,7 +287,7 @@ def evaluate(config: EvaluationConfig | str | Path, *, out: str | Path | None = 
              progress: bool = True) -> Evaluation:
     """Run every configured metric for every explainer; see the module docstring for the files."""
     import mmlens
-    from mmlens.loading import load_model
+    from mmlens.data.loading import load_model
 
     if not isinstance(config, EvaluationConfig):
         config = load_evaluation_config(config, out=out)
@@ -355,8 +355,8 @@ def evaluate(config: EvaluationConfig | str | Path, *, out: str | Path | None = 
         stability_result = StabilityResult(samples, _stability_summary(samples), skipped)
     circuit_table = None
     if config.circuit is not None:
-        from .circuits import Circuit
-        from .desiderata import circuit_faithfulness
+        from mmlens.methods.circuits import Circuit
+        from mmlens.metrics.desiderata import circuit_faithfulness
 
         c = config.circuit
         data = part("circuit", lambda: ({"table": circuit_faithfulness(
@@ -370,7 +370,7 @@ def evaluate(config: EvaluationConfig | str | Path, *, out: str | Path | None = 
 
 def _write(evaluation: Evaluation, out: Path) -> list[Path]:
     """metrics.json, one CSV per table, summary.txt and the figures."""
-    from .plots import plot_faithfulness, plot_granger, plot_stability, save_figure
+    from mmlens.plots import plot_faithfulness, plot_granger, plot_stability, save_figure
 
     files = []
     tables: dict[str, pd.DataFrame] = {}

@@ -66,8 +66,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def cmd_hooks(args: argparse.Namespace) -> int:
-    from mmlens.loading import load_model
-    from mmlens.wrapper import HookedModel
+    from mmlens.data.loading import load_model
+    from mmlens.core.wrapper import HookedModel
 
     loaded = load_model(args.model)
     hm = HookedModel(loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor, name=loaded.name)
@@ -84,7 +84,7 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from mmlens.loading import registry_descriptions
+    from mmlens.data.loading import registry_descriptions
 
     for name, description in registry_descriptions().items():
         print(f"{name:<24} {description}")
@@ -93,7 +93,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    from mmlens.experiments import describe, load_config, prepare, run_experiment
+    from mmlens.runs.experiments import describe, load_config, prepare, run_experiment
 
     config = load_config(args.config, out=args.out)
     if args.check:
@@ -112,7 +112,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mmlens.evaluation import evaluate, load_evaluation_config, print_summary
+    from mmlens.runs.evaluate import evaluate, load_evaluation_config, print_summary
 
     config = load_evaluation_config(args.config, out=args.out)
     try:

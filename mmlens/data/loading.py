@@ -10,7 +10,7 @@ Registry names (``registry_descriptions()`` gives the one-line descriptions a CL
 - ``tiny-random-{llava,idefics3,gpt2,phi3}``: seeded random weights in the real transformers
   classes, for testing each architecture family offline.
 - ``synthetic-vlm``: LLaVA around TinyStories-656K with a vision side trained in-process
-  (:mod:`mmlens.synthetic.vlm`): an offline VLM that really reads its image.
+  (:mod:`mmlens.training.vlm`): an offline VLM that really reads its image.
 
 Any other name is loaded as a Hugging Face hub id or a local folder. More entries (``tea-glm``:
 the frozen LLM with its trained graph projector) are added with the ``@register`` decorator.
@@ -52,7 +52,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-from mmlens.paths import cache_dir, models_dir
+from mmlens.data.paths import cache_dir, models_dir
 
 EXAMPLE_PROMPT = "The capital of France is"
 
@@ -429,7 +429,7 @@ def _tea_glm_tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedMode
 @register("synthetic-vlm", "LLaVA: CLIP 2x64 (32px, patch 8 -> 16 image tokens) + the real TinyStories-656K, vision "
                            "side trained to name a rendered shape's colour / shape (~45 s once, then cached)")
 def _synthetic_vlm(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
-    from mmlens.synthetic.vlm import train_vlm
+    from mmlens.training.vlm import train_vlm
 
     trained = train_vlm(seed=seed)
     scenes = trained.test_scenes()[:2]

@@ -13,7 +13,7 @@ Two modes:
 - ``mode="<modality>"`` (unimodal): only that modality is explained, the others held at their
   input values, as unimodal tools do; other positions get NaN.
 
-The explained quantity is a :data:`mmlens.patching.Metric` on final-position logits, one value per
+The explained quantity is a :data:`mmlens.methods.patching.Metric` on final-position logits, one value per
 row; by default :func:`predicted_prob`, the probability of each row's predicted token.
 
 >>> explanation = mmlens.explain(hm, inputs, "integrated_gradients")
@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .edits import replace
-from .patching import REPLAY_KINDS, Cell, Metric, _Replay, last_logits
-from .spans import ModalitySpans
-from .wrapper import HookedModel
+from mmlens.core.edits import replace
+from mmlens.methods.patching import REPLAY_KINDS, Cell, Metric, _Replay, last_logits
+from mmlens.core.spans import ModalitySpans
+from mmlens.core.wrapper import HookedModel
 
 
 def predicted_prob(hooked: HookedModel, inputs: Mapping[str, Any]) -> Metric:
@@ -243,7 +243,7 @@ def _masked_values(hooked: HookedModel, inputs: dict, setup: _Setup, masks: Sequ
 
     Each distinct mask runs once, in batches; an empty mask is the input itself (``setup.value``).
     When the LM's blocks can be replayed from the embeddings (causal LMs; see
-    :class:`mmlens.patching.sweep`), masks are sorted by their first position and each batch
+    :class:`mmlens.methods.patching.sweep`), masks are sorted by their first position and each batch
     recomputes only positions from its earliest masked one, attending to the input run's keys and
     values before it; only the final position is unembedded.
     """
@@ -334,7 +334,7 @@ def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
     mmlens's own models by the attention modules' ``return_weights`` flag)."""
     from transformers import PreTrainedModel
 
-    from .adapter import get_module
+    from mmlens.core.adapter import get_module
 
     models = [m for m in hooked.model.modules() if isinstance(m, PreTrainedModel)]
     previous = [m.config._attn_implementation for m in models]
@@ -397,7 +397,7 @@ def _attention_rollout(hooked, inputs, metric, setup: _Setup, residual: float = 
 def _patching(hooked, inputs, metric, setup: _Setup, layer: int = 0) -> Tensor:
     """Exact noising per position: the metric's drop when the residual stream entering block
     ``layer`` takes, at one position, its value on the baseline input (the patching engine)."""
-    from .patching import Corruption, sweep
+    from mmlens.methods.patching import Corruption, sweep
 
     corruption = Corruption(inputs, [replace(setup.point, setup.baseline)], "baseline")
     result = sweep(hooked, inputs, corruption, metric, hook=f"lm.blocks.{layer}.resid_pre", axes=("position",),
@@ -439,7 +439,7 @@ def explain(hooked: HookedModel, inputs: Mapping[str, Any], method: str = "integ
         An :class:`Explanation` with NaN outside the explained positions.
     """
     _check_method(method)
-    inputs = hooked._check_inputs(inputs)
+    inputs = hooked.check_inputs(inputs)
     rows = [_explain_row(hooked, _setup(hooked, one, metric, mode), one, method, mode, options)
             for one in (_rows(inputs, row) for row in range(hooked.spans(inputs).batch_size))]
     info = dict(options)
@@ -473,7 +473,7 @@ def _explain_row(hooked: HookedModel, setup: _Setup, one: dict, method: str, mod
 def explain_all(hooked: HookedModel, inputs: Mapping[str, Any], methods: Sequence[str] = tuple(EXPLAINERS),
                 modes: Sequence[str] = ("joint",), metric: Metric | None = None) -> dict[tuple[str, str], Explanation]:
     """:func:`explain` for every (method, mode); modes may include ``"unimodal"`` for each modality in turn."""
-    inputs = hooked._check_inputs(inputs)
+    inputs = hooked.check_inputs(inputs)
     expanded = []
     for mode in modes:
         expanded += hooked.spans(inputs).modalities if mode == "unimodal" else [mode]

@@ -18,10 +18,10 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
-from .adapter import Adapter, HookPoint, Site, get_module
-from .cache import ActivationCache, nearest_names, unknown_hook_error
-from .edits import Edit, HookContext, apply_edit
-from .spans import ModalitySpans, Selector, _as_positions
+from mmlens.core.adapter import Adapter, HookPoint, Site, get_module
+from mmlens.core.cache import ActivationCache, nearest_names, unknown_hook_error
+from mmlens.core.edits import Edit, HookContext, apply_edit
+from mmlens.core.spans import ModalitySpans, Selector, _as_positions
 
 CacheFilter = Union[None, bool, str, list, tuple, Callable[[str], bool]]
 
@@ -64,7 +64,7 @@ class HookedModel:
     def __init__(self, model: nn.Module, adapter: Adapter | None = None, *, tokenizer: Any = None, processor: Any = None,
                  name: str | None = None):
         from mmlens.hooks import find_adapter
-        from mmlens.interop import unwrap_bridge
+        from mmlens.core.backends import unwrap_bridge
 
         model, tokenizer, processor = unwrap_bridge(model, tokenizer, processor)
         if not isinstance(model, nn.Module):
@@ -100,7 +100,7 @@ class HookedModel:
         """The hook point called ``name``; unknown names raise with the nearest valid names."""
         if name in self.hook_points:
             return self.hook_points[name]
-        from mmlens.interop import from_transformer_lens_name
+        from mmlens.core.backends import from_transformer_lens_name
 
         alias = from_transformer_lens_name(name)
         if alias in self.hook_points:
@@ -147,7 +147,9 @@ class HookedModel:
         return cache_names, dict(edits_by_point), must_fire
 
     # -- inputs ----------------------------------------------------------------------------------
-    def _check_inputs(self, inputs: Any) -> dict:
+    def check_inputs(self, inputs: Any) -> dict:
+        """``inputs`` as a dict on the model's device; raises when it is not a mapping or lacks a key
+        the adapter requires."""
         if isinstance(inputs, (str, list)) or not isinstance(inputs, Mapping):
             raise TypeError(
                 f"inputs must be a dict of tensors (what a tokenizer/processor returns), got {type(inputs).__name__}; "
@@ -167,16 +169,30 @@ class HookedModel:
             raise ValueError(f"{self.name} has no tokenizer or processor; pass inputs as a dict of tensors")
         return dict(self.tokenizer(text, return_tensors="pt", padding=isinstance(text, list), **kwargs))
 
+    def rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
+        """The inputs of some rows of a batch (an int ``i`` gives a batch of one); see
+        :meth:`Adapter.select_rows`."""
+        return self.adapter.select_rows(inputs, rows)
+
+    def repeat(self, inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
+        """Inputs of batch 1 repeated to batch ``n``; see :meth:`Adapter.repeat_rows`."""
+        return self.adapter.repeat_rows(inputs, n)
+
+    def readout_logits(self, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+        """``Float[b, seq, vocab] -> Float[b, vocab]``: the logits at the position the output is read
+        from; see :meth:`Adapter.readout_logits`."""
+        return self.adapter.readout_logits(logits, inputs)
+
     def spans(self, inputs: Mapping[str, Any]) -> ModalitySpans:
         """Modality spans of ``inputs`` as the adapter finds them."""
-        return self.adapter.spans(self.model, self._check_inputs(inputs))
+        return self.adapter.spans(self.model, self.check_inputs(inputs))
 
     def neutral(self, inputs: Mapping[str, Any], modality: str) -> dict:
         """``inputs`` with ``modality`` replaced by the adapter's neutral reference."""
         if modality not in self.adapter.neutral:
             raise KeyError(f"adapter {self.adapter.name!r} has no neutral reference for {modality!r}; "
                            f"it has: {sorted(self.adapter.neutral)}")
-        inputs = self._check_inputs(inputs)
+        inputs = self.check_inputs(inputs)
         return self.adapter.neutral[modality](self.model, dict(inputs), self.adapter.spans(self.model, inputs))
 
     # -- running -----------------------------------------------------------------------------------
@@ -188,7 +204,7 @@ class HookedModel:
         ``inputs`` (optional) gives the modality spans that position selectors refer to.
         """
         cache_names, edits_by_point, must_fire = self._request(cache, edits)
-        spans = self.adapter.spans(self.model, self._check_inputs(inputs)) if inputs is not None else None
+        spans = self.adapter.spans(self.model, self.check_inputs(inputs)) if inputs is not None else None
         recording = Recording(spans=spans)
         store: dict[str, Tensor] = {}
         plan = _Plan(self, spans, set(cache_names), edits_by_point, store, recording.fired, keep_grad)
@@ -220,9 +236,9 @@ class HookedModel:
             backend: ``"torch"`` (PyTorch module hooks, the default) or ``"nnsight"`` (the same hook
                 points and edits inside an ``nnsight`` trace; see the README on when to use which).
         """
-        inputs = self._check_inputs(inputs)
+        inputs = self.check_inputs(inputs)
         if backend == "nnsight":
-            from .interop import run_with_nnsight
+            from mmlens.core.backends import run_with_nnsight
 
             return run_with_nnsight(self, inputs, cache=cache, edits=edits, grad=grad or keep_grad, keep_grad=keep_grad,
                                     **forward_kwargs)

@@ -24,12 +24,12 @@ example inputs), an optional corruption, the sweep and the metric::
 dotted path, e.g. ``metric.kind``); :func:`prepare` loads the model and checks what needs it (hook
 names, layers, single-token answers, equal token counts); :func:`run_experiment` runs the sweep in
 chunks (one per input pair and, for block points swept over layers, per layer: each is one
-:func:`mmlens.patching.sweep` call with the layer's full hook name) and appends every finished chunk
+:func:`mmlens.methods.patching.sweep` call with the layer's full hook name) and appends every finished chunk
 to ``chunks.jsonl`` in the output folder (each write atomic: a new file renamed over the old). A
 rerun with the same config continues after the last finished chunk; a different config in the same
 folder is refused unless ``overwrite=True``.
 
-Output folder: ``results.csv`` (or ``.parquet``; the table of :class:`mmlens.patching.SweepResult`),
+Output folder: ``results.csv`` (or ``.parquet``; the table of :class:`mmlens.methods.patching.SweepResult`),
 ``meta.json`` (config, its hash, versions, seed, timings, baseline metrics per pair, chunk counts),
 ``heatmap_pair{i}.png`` / ``.svg`` and ``chunks.jsonl`` (the resumable record).
 """
@@ -53,7 +53,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .patching import (AXES, Corruption, SweepResult, _points, _row, check_same_layout, corrupt, logit_diff, logprob,
+from mmlens.methods.patching import (AXES, Corruption, SweepResult, _points, _row, check_same_layout, corrupt, logit_diff, logprob,
                        prob, sweep)
 
 # --- errors --------------------------------------------------------------------------------------
@@ -561,7 +561,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
 
 def _prepare(config: ExperimentConfig) -> Prepared:
     import mmlens
-    from mmlens.loading import load_model
+    from mmlens.data.loading import load_model
 
     seconds = {}
     start = time.perf_counter()

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .tasks import _index
+from mmlens.data.tasks import _index
 
 N_NODES = 1000
 """Nodes per graph."""

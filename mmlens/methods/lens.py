@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapter import get_module
-from .cache import Named
-from .spans import ModalitySpans, Selector
-from .wrapper import HookedModel
+from mmlens.core.adapter import get_module
+from mmlens.core.cache import Named
+from mmlens.core.spans import ModalitySpans, Selector
+from mmlens.core.wrapper import HookedModel
 
 
 @dataclass
@@ -395,7 +395,7 @@ def decode_encoder_layers(hooked: HookedModel, inputs: Mapping[str, Any], k: int
         prefix = encoder_prefixes[0]
     names = [n for n in residual_points(hooked, prefix) if hooked.hook_points[n].kind != "resid_pre"]
     run = hooked.run(inputs, cache=names)
-    model_inputs = hooked._check_inputs(inputs)
+    model_inputs = hooked.check_inputs(inputs)
     tables = []
     for name in names:
         tokens = project(hooked.model, model_inputs, run.cache[name])

@@ -1,6 +1,6 @@
 """Edits: what a run writes at a hook point.
 
-Three kinds, all applied by the one hook layer in :mod:`mmlens.wrapper`:
+Three kinds, all applied by the one hook layer in :mod:`mmlens.core.wrapper`:
 
 - :func:`replace` sets the selected part of the activation to a value,
 - :func:`add` adds a value to the selected part,
@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from .spans import Selector
+from mmlens.core.spans import Selector
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Methods over a wrapped model: logit lens, layer evolution, patching, explainers, circuits."""

@@ -1,0 +1,1 @@
+"""Metrics over explanations: the multimodal desiderata and the perturbations they use."""

@@ -1,0 +1,1 @@
+"""Training: the models mmlens trains itself (synthetic fusion models, the synthetic VLM, TEA-GLM's encoder and projector)."""
