@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import mmlens
-from mmlens import experiments
+from mmlens.runs import experiments
 from mmlens.runs.cli import main
 from mmlens.runs.experiments import ConfigError, load_config, parse_config, prepare
 from mmlens.methods.patching import corrupt, sweep
