@@ -3,10 +3,10 @@ pixel-shuffle connector -> Llama text model."""
 
 from __future__ import annotations
 
-from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
-
 from mmlens.hooks.language_models import neutral_text
 from mmlens.hooks.llava import image_token_spans
+
+from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 
 _lm_stack, _lm_points = language_model(base="model.text_model", logits="lm_head",
                                        n_heads="config.text_config.num_attention_heads")

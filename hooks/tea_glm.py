@@ -4,6 +4,7 @@ K graph tokens spliced into any causal LM, whose own adapter supplies the ``lm.*
 from __future__ import annotations
 
 import torch
+from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 
 from mmlens.core.adapter import Adapter, Point, Site, Stack
 from mmlens.core.spans import spans_from_token_ids
@@ -23,7 +24,6 @@ def neutral_graph(model, inputs, spans):
 
 
 def neutral_text(model, inputs, spans):
-    from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 
     return lm_neutral_text(model.lm, inputs, spans)
 

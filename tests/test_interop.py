@@ -20,7 +20,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 import mmlens
 from mmlens import interop
-from mmlens.core.backends import from_transformer_lens_name, to_transformer_lens_name
+from mmlens.core.names import from_transformer_lens_name, to_transformer_lens_name
 
 from .conftest import text_batch
 

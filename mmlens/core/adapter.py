@@ -23,8 +23,9 @@ plus single points such as ``lm.embed``, ``lm.final_norm``, ``lm.logits``, ``vis
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -207,8 +208,6 @@ class Adapter:
 
     def hook_points(self, model: nn.Module) -> dict[str, HookPoint]:
         """Expand the table against a model instance; every module path is checked to exist."""
-        from mmlens.hooks import find_adapter
-
         points: dict[str, HookPoint] = {}
         for child_path in self.nested:
             child = get_module(model, child_path, self.name)
@@ -234,6 +233,32 @@ class Adapter:
         return _in_flow_order(points)
 
 
+ADAPTERS: list[Adapter] = []
+"""The registered adapters, most recent first (the built-in tables are registered by ``mmlens.hooks``)."""
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Make ``adapter`` available to :func:`find_adapter` (later registrations win)."""
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"register_adapter takes an mmlens.Adapter, got {type(adapter).__name__}")
+    ADAPTERS.insert(0, adapter)
+    return adapter
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model``'s class; raises with how to write one when there is none."""
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    known = sorted({a for ad in ADAPTERS for a in ad.architectures})
+    raise LookupError(
+        f"no mmlens adapter for {type(model).__name__}. Supported classes: {known}. To add one, write a table "
+        "mmlens.Adapter(name=..., architectures=('YourClass',), stacks=(...), points=(...), spans=...) and call "
+        "mmlens.register_adapter(...) (docs/adding-an-architecture.md); list module paths with "
+        "[n for n, _ in model.named_modules()]"
+    )
+
+
 def _in_flow_order(points: dict[str, HookPoint]) -> dict[str, HookPoint]:
     """Order points as data flows: encoder -> fusion -> lm; within a prefix embed, blocks, the rest."""
     prefixes = list(dict.fromkeys(hp.prefix for hp in points.values()))
@@ -252,8 +277,8 @@ def _join(parent: str, child: str) -> str:
 
 def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
     block = f"{stack.blocks}.{i}"
-    common = dict(stage=stack.stage, modality=stack.modality, layer=i, prefix=stack.prefix,
-                  fused_positions=stack.modality is None)
+    common = {"stage": stack.stage, "modality": stack.modality, "layer": i, "prefix": stack.prefix,
+              "fused_positions": stack.modality is None}
     name = f"{stack.prefix}.blocks.{i}"
     if stack.layout is None:
         return [HookPoint(name=f"{name}.out", site=Site(block), kind="out", **common)]
