@@ -8,6 +8,7 @@ from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 
 from mmlens.core.adapter import Adapter, Point, Site, Stack
 from mmlens.core.spans import spans_from_token_ids
+from mmlens.metrics.perturb import graph_perturbations, token_perturbations
 
 
 def graph_token_spans(model, inputs):
@@ -53,5 +54,7 @@ TEA_GLM = Adapter(
     neutral={"graph": neutral_graph, "text": neutral_text},
     shared_inputs=("node_features", "edge_index"),
     modality_inputs={"graph": ("node_features", "edge_index", "node_ids", "graph_embeds"), "text": ("input_ids", "attention_mask")},
+    perturbations={"graph": graph_perturbations(features="node_features", edges="edge_index", embeds="graph_embeds"),
+                   "text": token_perturbations("input_ids")},
     project_encoder=project_graph_layer,
 )

@@ -15,7 +15,7 @@ import torch
 from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor)
 
-from mmlens import loading
+from mmlens.data import loading
 from mmlens.data.loading import EXAMPLE_PROMPT, load_model, registry_descriptions, registry_names
 from mmlens.data.paths import cache_dir
 

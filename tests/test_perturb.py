@@ -11,7 +11,7 @@ import torch
 
 import mmlens
 from mmlens.models import build_graph_prompt
-from mmlens.metrics.perturb import (KINDS, PUNCTUATION, drop_edges, input_distance, perturb, punctuation_edit, shift,
+from mmlens.metrics.perturb import (PERTURBATIONS, PUNCTUATION, drop_edges, input_distance, perturb, punctuation_edit, shift,
                             synonym_groups, synonym_swap)
 
 STORIES = ["The pretty bunny was quick! She saw a small rabbit and a little dog. Yay!",
@@ -302,4 +302,4 @@ def test_errors(story, vlm, glm_embeds):
         input_distance(hm, inputs, hm.to_inputs(STORIES[:1] * 2), "text")
     with pytest.raises(KeyError, match="span 'image' is not in these inputs"):
         input_distance(hm, inputs, inputs, "image")
-    assert set(KINDS) == {"text", "image", "graph"}
+    assert set(PERTURBATIONS) == {"text", "image", "graph"}

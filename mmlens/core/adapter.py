@@ -124,6 +124,9 @@ class HookPoint:
 
 SpanFinder = Callable[[nn.Module, Mapping[str, torch.Tensor]], ModalitySpans]
 NeutralInput = Callable[[nn.Module, dict, ModalitySpans], dict]
+Perturbation = Callable[..., Callable[[int], tuple[dict, str]]]
+"""``(hooked, inputs, spans, scale, generator) -> draw`` with ``draw(i) -> (perturbed inputs, description)``;
+see :data:`mmlens.metrics.perturb.Prepare`."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,10 @@ class Adapter:
             which dimension (replay cuts them to the replayed positions).
         causal: whether every position of the fused sequence attends only to earlier positions in
             every LM block; replay with reuse of earlier positions' keys/values is exact only then.
+        perturbations: modality -> kind -> preparer of a small meaning-preserving perturbation
+            (which input key it changes, with which primitive and layout; built with
+            :func:`mmlens.metrics.perturb.image_perturbations` and its siblings); every modality
+            here must be in ``modality_inputs``.
     """
 
     name: str
@@ -171,6 +178,7 @@ class Adapter:
     modality_inputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     sequence_kwargs: Mapping[str, int] = field(default_factory=lambda: dict(SEQUENCE_KWARGS))
     causal: bool = True
+    perturbations: Mapping[str, Mapping[str, Perturbation]] = field(default_factory=dict)
 
     def select_rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
         """The inputs of some rows of a batch: batched tensors indexed on their first axis (an int
@@ -203,11 +211,22 @@ class Adapter:
         last = mask.long().cumsum(1).argmax(1)
         return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
 
+    def _check_modalities(self) -> None:
+        """Every modality with perturbations (and, once ``modality_inputs`` is given, with a neutral
+        reference) names its input keys in ``modality_inputs``."""
+        tables = {"perturbations": self.perturbations, **({"neutral": self.neutral} if self.modality_inputs else {})}
+        for what, table in tables.items():
+            unknown = sorted(set(table) - set(self.modality_inputs))
+            if unknown:
+                raise ValueError(f"adapter {self.name!r}: {what} names modalities {unknown} that modality_inputs "
+                                 f"does not ({sorted(self.modality_inputs)}); add their input keys there")
+
     def matches(self, model: nn.Module) -> bool:
         return any(cls.__name__ in self.architectures for cls in type(model).__mro__)
 
     def hook_points(self, model: nn.Module) -> dict[str, HookPoint]:
         """Expand the table against a model instance; every module path is checked to exist."""
+        self._check_modalities()
         points: dict[str, HookPoint] = {}
         for child_path in self.nested:
             child = get_module(model, child_path, self.name)

@@ -115,8 +115,9 @@ class Plan:
                                  f"{tuple(act.shape)} (generation with a KV cache? patch by explicit positions)")
             return mask.to(act.device)
         if isinstance(selector, str):
-            raise ValueError(  # noqa: TRY004 - a valid selector type, but not for this pointf"{hp.name!r} is inside the {hp.modality or hp.stage} encoder, whose positions are its own "
-                             f"tokens, so span {selector!r} does not apply; select positions by index")
+            raise ValueError(  # noqa: TRY004 - a valid selector type, but not for this point
+                f"{hp.name!r} is inside the {hp.modality or hp.stage} encoder, whose positions are its own "
+                f"tokens, so span {selector!r} does not apply; select positions by index")
         if isinstance(selector, Tensor) and selector.dtype == torch.bool:
             return selector.to(act.device).expand(act.shape[:2])
         mask = torch.zeros(act.shape[:2], dtype=torch.bool, device=act.device)
