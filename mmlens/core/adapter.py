@@ -202,13 +202,16 @@ class Adapter:
 
     def readout_logits(self, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         """The logits the output is read from: ``Float[b, seq, vocab] -> Float[b, vocab]`` at each row's
-        last real position (classifier logits ``Float[b, classes]`` pass through)."""
+        last real position (classifier logits ``Float[b, classes]`` pass through).
+
+        An ``attention_mask`` shorter than the sequence covers its last positions (the model
+        prepended soft tokens to the text it masks)."""
         if logits.dim() == 2:
             return logits
         mask = inputs.get("attention_mask")
         if mask is None:
             return logits[:, -1]
-        last = mask.long().cumsum(1).argmax(1)
+        last = mask.long().cumsum(1).argmax(1) + (logits.shape[1] - mask.shape[1])
         return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
 
     def _check_modalities(self) -> None:
