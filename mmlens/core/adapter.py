@@ -3,7 +3,10 @@
 An :class:`Adapter` says, for one family of models, where every canonical hook point lives
 (module path + which value of that module), how modality spans are found from the inputs, and
 what a neutral reference of each modality is. Nothing else is architecture-specific: the one
-hook layer in :mod:`mmlens.core.wrapper` reads the table.
+hook layer in :mod:`mmlens.core.wrapper` reads the table. The registry lives here too:
+:func:`register_adapter` adds a table, :func:`find_adapter` picks one by model class (importing
+``mmlens`` registers the built-in tables of ``mmlens.hooks``). Every field is documented in
+``docs/adding-an-architecture.md``.
 
 Canonical names (``{prefix}`` is ``lm`` for the language model / joint transformer and the
 modality for an encoder: ``vision``, ``graph``, ``text``, ...)::
