@@ -7,6 +7,7 @@ import torch
 
 from mmlens.core.adapter import Adapter, BlockLayout, Point, Site, Stack
 from mmlens.core.spans import spans_from_blocks
+from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 FUSION_BLOCK = BlockLayout(attn="attn", attn_out_proj="attn.out_proj", mlp="mlp", norm_mid="ln2")
 
@@ -51,5 +52,6 @@ FUSION_TRANSFORMER = Adapter(
     neutral={"image": neutral_image, "text": neutral_text},
     required_inputs=("pixel_values", "input_ids"),
     modality_inputs={"image": ("pixel_values",), "text": ("input_ids", "attention_mask")},
+    perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     readout="mean",
 )

@@ -5,11 +5,11 @@ with the text embeddings into joint transformer blocks."""
 from __future__ import annotations
 
 import torch
+from mmlens.hooks.fusion_transformer import FUSION_BLOCK
 
 from mmlens.core.adapter import Adapter, Point, Site, Stack
 from mmlens.core.spans import spans_from_blocks
-
-from mmlens.hooks.fusion_transformer import FUSION_BLOCK
+from mmlens.metrics.perturb import graph_perturbations, token_perturbations
 
 
 def block_spans(model, inputs):
@@ -49,4 +49,6 @@ GRAPH_TEXT = Adapter(
     required_inputs=("node_features", "edge_index", "node_index", "input_ids"),
     shared_inputs=("node_features", "edge_index"),
     modality_inputs={"graph": ("node_features", "edge_index", "node_index"), "text": ("input_ids", "attention_mask")},
+    perturbations={"graph": graph_perturbations(features="node_features", edges="edge_index"),
+                   "text": token_perturbations("input_ids")},
 )

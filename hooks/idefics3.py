@@ -3,10 +3,11 @@ pixel-shuffle connector -> Llama text model."""
 
 from __future__ import annotations
 
-from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
-
 from mmlens.hooks.language_models import neutral_text
 from mmlens.hooks.llava import image_token_spans
+
+from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
+from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(base="model.text_model", logits="lm_head",
                                        n_heads="config.text_config.num_attention_heads")
@@ -44,5 +45,6 @@ IDEFICS3 = Adapter(
     spans=image_token_spans,
     neutral={"image": neutral_image, "text": neutral_text},
     modality_inputs={"image": ("pixel_values", "pixel_attention_mask"), "text": ("input_ids", "attention_mask")},
+    perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mmlens.core.adapter import GPT2_BLOCK, Adapter, language_model
 from mmlens.core.spans import spans_from_token_ids
+from mmlens.metrics.perturb import token_perturbations
 
 _llama_stack, _llama_points = language_model(base="model", logits="lm_head")
 _gpt2_stack, _gpt2_points = language_model(base="transformer", logits="lm_head", layout=GPT2_BLOCK, n_heads="config.n_head",
@@ -38,6 +39,7 @@ LLAMA_FAMILY = Adapter(
     spans=text_spans,
     neutral={"text": neutral_text},
     modality_inputs={"text": ("input_ids", "attention_mask")},
+    perturbations={"text": token_perturbations("input_ids")},
 )
 
 GPT2 = Adapter(
@@ -48,4 +50,5 @@ GPT2 = Adapter(
     spans=text_spans,
     neutral={"text": neutral_text},
     modality_inputs={"text": ("input_ids", "attention_mask")},
+    perturbations={"text": token_perturbations("input_ids")},
 )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from mmlens.hooks.language_models import neutral_text
 
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
-
-from mmlens.hooks.language_models import neutral_text
+from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(base="model.language_model", logits="lm_head",
                                        n_heads="config.text_config.num_attention_heads")
@@ -49,5 +49,6 @@ LLAVA = Adapter(
     spans=image_token_spans,
     neutral={"image": neutral_image, "text": neutral_text},
     modality_inputs={"image": ("pixel_values",), "text": ("input_ids", "attention_mask")},
+    perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
 )

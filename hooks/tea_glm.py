@@ -4,9 +4,11 @@ K graph tokens spliced into any causal LM, whose own adapter supplies the ``lm.*
 from __future__ import annotations
 
 import torch
+from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 
 from mmlens.core.adapter import Adapter, Point, Site, Stack
 from mmlens.core.spans import spans_from_token_ids
+from mmlens.metrics.perturb import graph_perturbations, token_perturbations
 
 
 def graph_token_spans(model, inputs):
@@ -23,7 +25,6 @@ def neutral_graph(model, inputs, spans):
 
 
 def neutral_text(model, inputs, spans):
-    from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 
     return lm_neutral_text(model.lm, inputs, spans)
 
@@ -53,5 +54,7 @@ TEA_GLM = Adapter(
     neutral={"graph": neutral_graph, "text": neutral_text},
     shared_inputs=("node_features", "edge_index"),
     modality_inputs={"graph": ("node_features", "edge_index", "node_ids", "graph_embeds"), "text": ("input_ids", "attention_mask")},
+    perturbations={"graph": graph_perturbations(features="node_features", edges="edge_index", embeds="graph_embeds"),
+                   "text": token_perturbations("input_ids")},
     project_encoder=project_graph_layer,
 )

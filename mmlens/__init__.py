@@ -6,28 +6,49 @@ spans come from the inputs) -> a run that records (:class:`ActivationCache`) or 
 :func:`evolution`), metrics and plots (:mod:`mmlens.plots`).
 """
 
-from mmlens.core.adapter import (CLIP_BLOCK, GPT2_BLOCK, LLAMA_BLOCK, Adapter, BlockLayout, HookPoint, Point, Site, Stack,
-                      language_model)
+from mmlens import hooks  # noqa: F401 - importing it registers the built-in adapter tables
+from mmlens.core.adapter import (
+    CLIP_BLOCK,
+    GPT2_BLOCK,
+    LLAMA_BLOCK,
+    Adapter,
+    BlockLayout,
+    HookPoint,
+    Point,
+    Site,
+    Stack,
+    language_model,
+    register_adapter,
+)
 from mmlens.core.cache import ActivationCache, Named
 from mmlens.core.edits import Edit, HookContext, ablate, add, apply, replace
-from mmlens.methods.evolution import Evolution, evolution
-from mmlens.methods.lens import (LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
-                   nearest_tokens)
-from mmlens.methods.circuits import Circuit, Node
-from mmlens.methods.explainers import Explanation, explain
-from mmlens.methods.patching import (Component, Corruption, EdgeScores, SweepResult, attribution_patch, corrupt, edge_attribution_patch,
-                       path_patch, sweep)
 from mmlens.core.spans import ModalitySpans, spans_from_blocks, spans_from_token_ids
 from mmlens.core.wrapper import HookedModel, Recording, RunResult
+from mmlens.methods.circuits import Circuit, Node
+from mmlens.methods.evolution import Evolution, evolution
+from mmlens.methods.explainers import Explanation, explain
+from mmlens.methods.lens import (
+    LensResult,
+    TunedLens,
+    compare_lenses,
+    decode_encoder_layers,
+    decode_soft_tokens,
+    logit_lens,
+    nearest_tokens,
+)
+from mmlens.methods.patching import (
+    Component,
+    Corruption,
+    EdgeScores,
+    SweepResult,
+    attribution_patch,
+    corrupt,
+    edge_attribution_patch,
+    path_patch,
+    sweep,
+)
 
 __version__ = "0.1.0"
-
-
-def register_adapter(adapter: Adapter) -> Adapter:
-    """Make a new adapter table available to :class:`HookedModel` (see README, "Adding an architecture")."""
-    from mmlens.hooks import register_adapter as _register
-
-    return _register(adapter)
 
 
 def wrap(model, **kwargs) -> HookedModel:
@@ -36,12 +57,52 @@ def wrap(model, **kwargs) -> HookedModel:
 
 
 __all__ = [
-    "Circuit", "Node", "Explanation", "explain",
-    "Component", "Corruption", "EdgeScores", "SweepResult", "attribution_patch", "corrupt", "edge_attribution_patch",
-    "path_patch", "sweep",
-    "ActivationCache", "Adapter", "BlockLayout", "CLIP_BLOCK", "Edit", "Evolution", "GPT2_BLOCK", "HookContext",
-    "HookPoint", "HookedModel", "LLAMA_BLOCK", "LensResult", "ModalitySpans", "Named", "Point", "Recording",
-    "RunResult", "Site", "Stack", "TunedLens", "ablate", "add", "apply", "compare_lenses", "decode_encoder_layers",
-    "decode_soft_tokens", "evolution", "language_model", "logit_lens", "nearest_tokens", "register_adapter",
-    "replace", "spans_from_blocks", "spans_from_token_ids", "wrap",
+    "CLIP_BLOCK",
+    "GPT2_BLOCK",
+    "LLAMA_BLOCK",
+    "ActivationCache",
+    "Adapter",
+    "BlockLayout",
+    "Circuit",
+    "Component",
+    "Corruption",
+    "EdgeScores",
+    "Edit",
+    "Evolution",
+    "Explanation",
+    "HookContext",
+    "HookPoint",
+    "HookedModel",
+    "LensResult",
+    "ModalitySpans",
+    "Named",
+    "Node",
+    "Point",
+    "Recording",
+    "RunResult",
+    "Site",
+    "Stack",
+    "SweepResult",
+    "TunedLens",
+    "ablate",
+    "add",
+    "apply",
+    "attribution_patch",
+    "compare_lenses",
+    "corrupt",
+    "decode_encoder_layers",
+    "decode_soft_tokens",
+    "edge_attribution_patch",
+    "evolution",
+    "explain",
+    "language_model",
+    "logit_lens",
+    "nearest_tokens",
+    "path_patch",
+    "register_adapter",
+    "replace",
+    "spans_from_blocks",
+    "spans_from_token_ids",
+    "sweep",
+    "wrap",
 ]

@@ -108,5 +108,59 @@ def test_cli_hooks_json_lists_every_stage(name, encoder_modality):
 
 
 def test_cli_reports_unknown_model():
-    out = subprocess.run([*_mmlens_cli(), "hooks", "no-such-model"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*_mmlens_cli(), "hooks", "no-such-model"], capture_output=True, text=True, timeout=300,
+                         check=False)
     assert out.returncode == 2 and "tiny-random-llava" in out.stderr
+
+
+# -- the tables' own facts and the registry ------------------------------------------------------------
+@pytest.mark.parametrize("adapter", mmlens.hooks.BUILT_IN, ids=lambda a: a.name)
+def test_every_table_names_the_inputs_of_its_modalities(adapter):
+    """Every modality with a neutral reference, perturbations or an encoder names its input keys, and
+    every required or shared input belongs to a modality."""
+    from mmlens.metrics.perturb import PERTURBATIONS
+
+    keys = {k for ks in adapter.modality_inputs.values() for k in ks}
+    encoders = {s.modality for s in adapter.stacks if s.modality} | {p.modality for p in adapter.points if p.modality}
+    assert set(adapter.neutral) | set(adapter.perturbations) | encoders <= set(adapter.modality_inputs)
+    assert set(adapter.required_inputs) | set(adapter.shared_inputs) <= keys
+    for modality, kinds in adapter.perturbations.items():
+        assert set(kinds) <= set(PERTURBATIONS[modality]), modality
+
+
+def test_registry_lives_in_the_core_and_later_registrations_win(tinystories):
+    from dataclasses import replace
+
+    from mmlens.core import adapter as registry
+
+    hm, _ = tinystories
+    assert mmlens.register_adapter is registry.register_adapter is mmlens.hooks.register_adapter
+    assert registry.find_adapter(hm.model) is mmlens.hooks.LLAMA_FAMILY
+    mine = mmlens.register_adapter(replace(mmlens.hooks.LLAMA_FAMILY, name="mine"))
+    try:
+        assert registry.find_adapter(hm.model) is mine and mmlens.wrap(hm.model).adapter is mine
+    finally:
+        registry.ADAPTERS.remove(mine)
+    assert registry.find_adapter(hm.model) is mmlens.hooks.LLAMA_FAMILY
+    with pytest.raises(TypeError, match="mmlens.Adapter"):
+        mmlens.register_adapter(object())
+
+
+def test_a_table_is_checked_at_wrap_time(tinystories):
+    from dataclasses import replace
+
+    hm, _ = tinystories
+    bad = replace(hm.adapter, perturbations={**hm.adapter.perturbations, "image": {}})
+    with pytest.raises(ValueError, match=r"perturbations names modalities \['image'\] that modality_inputs"):
+        mmlens.wrap(hm.model, adapter=bad)
+
+
+def test_readout_logits_at_the_last_real_position():
+    adapter = mmlens.hooks.LLAMA_FAMILY
+    logits = torch.arange(2 * 5 * 3.0).view(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert torch.equal(adapter.readout_logits(logits, {"attention_mask": mask}), logits[[0, 1], [4, 2]])
+    assert torch.equal(adapter.readout_logits(logits, {}), logits[:, -1])
+    # a mask of the text only, after two prepended soft tokens, covers the last three positions
+    assert torch.equal(adapter.readout_logits(logits, {"attention_mask": mask[:, 2:]}), logits[[0, 1], [4, 2]])
+    assert torch.equal(adapter.readout_logits(logits[:, 0], {"attention_mask": mask}), logits[:, 0])

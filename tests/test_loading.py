@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from mmlens.data import loading
 from mmlens.data.loading import EXAMPLE_PROMPT, load_model, registry_descriptions, registry_names

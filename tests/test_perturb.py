@@ -10,9 +10,18 @@ import pytest
 import torch
 
 import mmlens
+from mmlens.metrics.perturb import (
+    PERTURBATIONS,
+    PUNCTUATION,
+    drop_edges,
+    input_distance,
+    perturb,
+    punctuation_edit,
+    shift,
+    synonym_groups,
+    synonym_swap,
+)
 from mmlens.models import build_graph_prompt
-from mmlens.metrics.perturb import (KINDS, PUNCTUATION, drop_edges, input_distance, perturb, punctuation_edit, shift,
-                            synonym_groups, synonym_swap)
 
 STORIES = ["The pretty bunny was quick! She saw a small rabbit and a little dog. Yay!",
            "A tiny bunny made a big noise. Wow! It did a little jump!"]  # shorter: left padding
@@ -123,7 +132,7 @@ def test_synonym_swap_replaces_one_listed_word_by_its_synonym(story):
 class _ByteLevelVocab:
     """A minimal byte-level-BPE-style tokenizer ("Ġ" marks a leading space); id 0 is special."""
 
-    all_special_ids = [0]
+    all_special_ids = (0,)
 
     def __init__(self, tokens: list[str]):
         self.tokens = tokens
@@ -302,4 +311,35 @@ def test_errors(story, vlm, glm_embeds):
         input_distance(hm, inputs, hm.to_inputs(STORIES[:1] * 2), "text")
     with pytest.raises(KeyError, match="span 'image' is not in these inputs"):
         input_distance(hm, inputs, inputs, "image")
-    assert set(KINDS) == {"text", "image", "graph"}
+    assert set(PERTURBATIONS) == {"text", "image", "graph"}
+
+
+def test_perturbations_come_from_the_adapter(story):
+    """perturb dispatches through the model's adapter table: its kinds, its input keys."""
+    from dataclasses import replace
+
+    from mmlens.metrics.perturb import CannotPerturb
+
+    hm, inputs = story
+    calls = []
+
+    def reverse_rows(hooked, inputs, spans, scale, generator):
+        if scale > 10:
+            raise CannotPerturb("too strong")
+        calls.append(scale)
+        return lambda i: ({**inputs, "input_ids": inputs["input_ids"].flip(0)}, "rows reversed")
+
+    table = replace(hm.adapter, perturbations={"text": {"reverse": reverse_rows}})
+    own = mmlens.wrap(hm.model, adapter=table, tokenizer=hm.tokenizer)
+    (v,) = perturb(own, inputs, "text", n=3, scale=1.0)
+    assert (v.kind, v.description, calls) == ("reverse", "reverse: rows reversed", [1.0])
+    assert v.inputs["attention_mask"] is inputs["attention_mask"]
+    with pytest.raises(ValueError, match="reverse has no default scale"):
+        perturb(own, inputs, "text")
+    with pytest.raises(ValueError, match="reverse: too strong"):
+        perturb(own, inputs, "text", scale=11.0)
+    with pytest.raises(ValueError, match=r"text kinds are \['reverse'\]"):
+        perturb(own, inputs, "text", "synonym_swap")
+    silent = mmlens.wrap(hm.model, adapter=replace(hm.adapter, perturbations={}), tokenizer=hm.tokenizer)
+    with pytest.raises(ValueError, match="declares no text perturbations"):
+        perturb(silent, inputs, "text")

@@ -3,7 +3,10 @@
 An :class:`Adapter` says, for one family of models, where every canonical hook point lives
 (module path + which value of that module), how modality spans are found from the inputs, and
 what a neutral reference of each modality is. Nothing else is architecture-specific: the one
-hook layer in :mod:`mmlens.core.wrapper` reads the table.
+hook layer in :mod:`mmlens.core.wrapper` reads the table. The registry lives here too:
+:func:`register_adapter` adds a table, :func:`find_adapter` picks one by model class (importing
+``mmlens`` registers the built-in tables of ``mmlens.hooks``). Every field is documented in
+``docs/adding-an-architecture.md``.
 
 Canonical names (``{prefix}`` is ``lm`` for the language model / joint transformer and the
 modality for an encoder: ``vision``, ``graph``, ``text``, ...)::
@@ -23,8 +26,9 @@ plus single points such as ``lm.embed``, ``lm.final_norm``, ``lm.logits``, ``vis
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +127,9 @@ class HookPoint:
 
 SpanFinder = Callable[[nn.Module, Mapping[str, torch.Tensor]], ModalitySpans]
 NeutralInput = Callable[[nn.Module, dict, ModalitySpans], dict]
+Perturbation = Callable[..., Callable[[int], tuple[dict, str]]]
+"""``(hooked, inputs, spans, scale, generator) -> draw`` with ``draw(i) -> (perturbed inputs, description)``;
+see :data:`mmlens.metrics.perturb.Prepare`."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,10 @@ class Adapter:
             which dimension (replay cuts them to the replayed positions).
         causal: whether every position of the fused sequence attends only to earlier positions in
             every LM block; replay with reuse of earlier positions' keys/values is exact only then.
+        perturbations: modality -> kind -> preparer of a small meaning-preserving perturbation
+            (which input key it changes, with which primitive and layout; built with
+            :func:`mmlens.metrics.perturb.image_perturbations` and its siblings); every modality
+            here must be in ``modality_inputs``.
     """
 
     name: str
@@ -170,6 +181,7 @@ class Adapter:
     modality_inputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     sequence_kwargs: Mapping[str, int] = field(default_factory=lambda: dict(SEQUENCE_KWARGS))
     causal: bool = True
+    perturbations: Mapping[str, Mapping[str, Perturbation]] = field(default_factory=dict)
 
     def select_rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
         """The inputs of some rows of a batch: batched tensors indexed on their first axis (an int
@@ -193,22 +205,34 @@ class Adapter:
 
     def readout_logits(self, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
         """The logits the output is read from: ``Float[b, seq, vocab] -> Float[b, vocab]`` at each row's
-        last real position (classifier logits ``Float[b, classes]`` pass through)."""
+        last real position (classifier logits ``Float[b, classes]`` pass through).
+
+        An ``attention_mask`` shorter than the sequence covers its last positions (the model
+        prepended soft tokens to the text it masks)."""
         if logits.dim() == 2:
             return logits
         mask = inputs.get("attention_mask")
         if mask is None:
             return logits[:, -1]
-        last = mask.long().cumsum(1).argmax(1)
+        last = mask.long().cumsum(1).argmax(1) + (logits.shape[1] - mask.shape[1])
         return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+
+    def _check_modalities(self) -> None:
+        """Every modality with perturbations (and, once ``modality_inputs`` is given, with a neutral
+        reference) names its input keys in ``modality_inputs``."""
+        tables = {"perturbations": self.perturbations, **({"neutral": self.neutral} if self.modality_inputs else {})}
+        for what, table in tables.items():
+            unknown = sorted(set(table) - set(self.modality_inputs))
+            if unknown:
+                raise ValueError(f"adapter {self.name!r}: {what} names modalities {unknown} that modality_inputs "
+                                 f"does not ({sorted(self.modality_inputs)}); add their input keys there")
 
     def matches(self, model: nn.Module) -> bool:
         return any(cls.__name__ in self.architectures for cls in type(model).__mro__)
 
     def hook_points(self, model: nn.Module) -> dict[str, HookPoint]:
         """Expand the table against a model instance; every module path is checked to exist."""
-        from mmlens.hooks import find_adapter
-
+        self._check_modalities()
         points: dict[str, HookPoint] = {}
         for child_path in self.nested:
             child = get_module(model, child_path, self.name)
@@ -234,6 +258,32 @@ class Adapter:
         return _in_flow_order(points)
 
 
+ADAPTERS: list[Adapter] = []
+"""The registered adapters, most recent first (the built-in tables are registered by ``mmlens.hooks``)."""
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Make ``adapter`` available to :func:`find_adapter` (later registrations win)."""
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"register_adapter takes an mmlens.Adapter, got {type(adapter).__name__}")
+    ADAPTERS.insert(0, adapter)
+    return adapter
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model``'s class; raises with how to write one when there is none."""
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    known = sorted({a for ad in ADAPTERS for a in ad.architectures})
+    raise LookupError(
+        f"no mmlens adapter for {type(model).__name__}. Supported classes: {known}. To add one, write a table "
+        "mmlens.Adapter(name=..., architectures=('YourClass',), stacks=(...), points=(...), spans=...) and call "
+        "mmlens.register_adapter(...) (docs/adding-an-architecture.md); list module paths with "
+        "[n for n, _ in model.named_modules()]"
+    )
+
+
 def _in_flow_order(points: dict[str, HookPoint]) -> dict[str, HookPoint]:
     """Order points as data flows: encoder -> fusion -> lm; within a prefix embed, blocks, the rest."""
     prefixes = list(dict.fromkeys(hp.prefix for hp in points.values()))
@@ -252,8 +302,8 @@ def _join(parent: str, child: str) -> str:
 
 def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
     block = f"{stack.blocks}.{i}"
-    common = dict(stage=stack.stage, modality=stack.modality, layer=i, prefix=stack.prefix,
-                  fused_positions=stack.modality is None)
+    common = {"stage": stack.stage, "modality": stack.modality, "layer": i, "prefix": stack.prefix,
+              "fused_positions": stack.modality is None}
     name = f"{stack.prefix}.blocks.{i}"
     if stack.layout is None:
         return [HookPoint(name=f"{name}.out", site=Site(block), kind="out", **common)]

@@ -1,7 +1,7 @@
-"""Interop with TransformerLens (hook names, ``TransformerBridge``) and nnsight (a second run backend).
+"""Interop with TransformerLens (``TransformerBridge``) and nnsight (a second run backend).
 
-- :func:`from_transformer_lens_name` / :func:`to_transformer_lens_name` translate hook names, so
-  ``blocks.3.hook_resid_post`` works wherever ``lm.blocks.3.resid_post`` does.
+TransformerLens hook-name aliases live in :mod:`mmlens.core.names`.
+
 - :func:`unwrap_bridge` lets :class:`mmlens.HookedModel` wrap a TransformerLens 4.x
   ``TransformerBridge``: the bridge swaps its components into the HF model in place
   (``model.layers.0`` becomes a ``BlockBridge`` holding the ``LlamaDecoderLayer`` as
@@ -15,14 +15,14 @@
 
 from __future__ import annotations
 
-import re
+import contextlib
 import sys
 import tempfile
 import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,68 +30,7 @@ from torch import Tensor, nn
 from mmlens.core.adapter import get_module
 from mmlens.core.cache import ActivationCache
 from mmlens.core.edits import Edit
-
-if TYPE_CHECKING:
-    from mmlens.core.wrapper import CacheFilter, HookedModel, RunResult, _Plan
-
-# -- TransformerLens hook names ---------------------------------------------------------------------
-# TL name inside a block -> our kind. The first TL name of each kind is the canonical one
-# (``to_transformer_lens_name``); the others are bridge aliases of the same tensor (verified equal
-# in tests/test_interop.py against ``TransformerBridge.run_with_cache``).
-_TL_BLOCK = {
-    "hook_resid_pre": "resid_pre",
-    "hook_resid_mid": "resid_mid",
-    "hook_resid_post": "resid_post",
-    "hook_attn_out": "attn_out",
-    "hook_mlp_out": "mlp_out",
-    "attn.hook_z": "z",
-    "hook_in": "resid_pre",
-    "ln2.hook_in": "resid_mid",
-    "hook_out": "resid_post",
-    "attn.hook_out": "attn_out",
-    "mlp.hook_out": "mlp_out",
-    "attn.o.hook_in": "z",
-}
-# TL block-stack prefix -> ours.
-_TL_STACKS = {"blocks": "lm", "vision_encoder.encoder_layers": "vision"}
-# ``ln_final.hook_normalized`` is NOT our ``lm.final_norm``: the bridge fires it before the norm's
-# weight is applied, ``ln_final.hook_out`` after (= the norm module's output).
-_TL_SINGLE = {
-    "hook_embed": "lm.embed",
-    "ln_final.hook_out": "lm.final_norm",
-    "unembed.hook_out": "lm.logits",
-    "hook_unembed": "lm.logits",
-    "vision_encoder.hook_vision_embed": "vision.embed",
-    "vision_projector.hook_vision_proj_out": "fusion.projector_out",
-}
-_TL_RE = re.compile(r"^(blocks|vision_encoder\.encoder_layers)\.(\d+)\.(.+)$")
-_OURS_RE = re.compile(r"^(lm|vision)\.blocks\.(\d+)\.(\w+)$")
-
-
-def from_transformer_lens_name(name: str) -> str | None:
-    """Our canonical name for a TransformerLens hook name (``blocks.3.hook_resid_post`` ->
-    ``lm.blocks.3.resid_post``, ``vision_encoder.encoder_layers.0.hook_out`` ->
-    ``vision.blocks.0.resid_post``), or None when there is no counterpart."""
-    if name in _TL_SINGLE:
-        return _TL_SINGLE[name]
-    match = _TL_RE.match(name)
-    if match and match.group(3) in _TL_BLOCK:
-        return f"{_TL_STACKS[match.group(1)]}.blocks.{match.group(2)}.{_TL_BLOCK[match.group(3)]}"
-    return None
-
-
-def to_transformer_lens_name(name: str) -> str | None:
-    """The (canonical) TransformerLens hook name for one of our hook names, or None."""
-    for tl, ours in _TL_SINGLE.items():
-        if ours == name:
-            return tl
-    match = _OURS_RE.match(name)
-    if match:
-        stack = next(tl for tl, ours in _TL_STACKS.items() if ours == match.group(1))
-        for tl, ours in _TL_BLOCK.items():
-            if ours == match.group(3):
-                return f"{stack}.{match.group(2)}.{tl}"
-    return None
+from mmlens.core.plan import CacheFilter, Hookable, Plan, RunResult
 
 
 # -- TransformerLens TransformerBridge ----------------------------------------------------------------
@@ -121,12 +60,10 @@ def unwrap_bridge(model: Any, tokenizer: Any = None, processor: Any = None) -> t
 
 def _refuse_torchvision_install() -> bool:
     """Stands in for TransformerLens's ``_ensure_torchvision``: True if torchvision imports, else raise."""
-    try:
+    with contextlib.suppress(Exception):  # a broken torchvision counts as missing, as in TransformerLens
         import torchvision  # noqa: F401
 
         return True
-    except Exception:  # noqa: BLE001 - a broken torchvision counts as missing, as in TransformerLens
-        pass
     cause = sys.exc_info()[1]  # the processor-loading error TransformerLens is handling
     raise RuntimeError(
         f"TransformerLens could not load this model's processor ({cause!r}) and would now run "
@@ -164,8 +101,8 @@ def boot_bridge(hf_model: nn.Module, tokenizer: Any = None, *, processor: Any = 
     attention and swaps bridge components into it in place. ``boot_kwargs`` go to
     ``TransformerBridge.boot_transformers``.
     """
-    from transformers import AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
 
     tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
     if tokenizer is None:
@@ -188,7 +125,7 @@ _ENVOYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HookedModel 
 _ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HookedModel -> {input keys: (order, calls)}
 
 
-def _envoy(hm: HookedModel) -> Any:
+def _envoy(hm: Hookable) -> Any:
     """The ``nnsight.NNsight`` wrapper of ``hm.model``, built once per HookedModel.
 
     nnsight instruments every submodule's ``forward`` in place (inert outside a trace).
@@ -201,11 +138,11 @@ def _envoy(hm: HookedModel) -> Any:
     return envoy
 
 
-def _execution_order(hm: HookedModel, inputs: Mapping[str, Any], forward_kwargs: dict) -> tuple[dict[_Event, int], Counter]:
+def _execution_order(hm: Hookable, inputs: Mapping[str, Any], forward_kwargs: dict) -> tuple[dict[_Event, int], Counter]:
     """Rank of every hook-point event in one forward, and how often each module ran.
 
     Recorded once per HookedModel and set of input keys (which modules run depends on which
-    inputs are given, e.g. a LLaVA forward without ``pixel_values`` skips the vision tower) by a
+    inputs are given, e.g. a LLaVA forward without its image inputs skips the vision tower) by a
     plain forward with hooks on every module a hook point uses.
     """
     per_model = _ORDERS.setdefault(hm, {})
@@ -241,7 +178,7 @@ def _execution_order(hm: HookedModel, inputs: Mapping[str, Any], forward_kwargs:
     return order, calls
 
 
-def _intervene(envoy: Any, plan: _Plan, events: list[tuple[_Event, list]]) -> None:
+def _intervene(envoy: Any, plan: Plan, events: list[tuple[_Event, list]]) -> None:
     """The trace body: visit the events in execution order, reading and writing through the envoys."""
     import nnsight
 
@@ -260,7 +197,7 @@ def _intervene(envoy: Any, plan: _Plan, events: list[tuple[_Event, list]]) -> No
         nnsight.save(value)
 
 
-def run_with_nnsight(hm: HookedModel, inputs: Mapping[str, Any], *, cache: CacheFilter = None,
+def run_with_nnsight(hm: Hookable, inputs: Mapping[str, Any], *, cache: CacheFilter = None,
                      edits: Edit | list[Edit] = (), grad: bool = False, keep_grad: bool | None = None,
                      **forward_kwargs: Any) -> RunResult:
     """:meth:`HookedModel.run` with ``backend="nnsight"``: the same hook points and edits, applied
@@ -274,8 +211,6 @@ def run_with_nnsight(hm: HookedModel, inputs: Mapping[str, Any], *, cache: Cache
     Unsupported: a hook point whose module runs more than once per forward (nnsight sees its first
     call only; use ``backend="torch"``).
     """
-    from mmlens.core.wrapper import RunResult, _Plan
-
     cache_names, edits_by_point, must_fire = hm._request(cache, edits)
     order, calls = _execution_order(hm, inputs, forward_kwargs)
     unreached = {n for n in [*cache_names, *edits_by_point]
@@ -286,7 +221,7 @@ def run_with_nnsight(hm: HookedModel, inputs: Mapping[str, Any], *, cache: Cache
     spans = hm.adapter.spans(hm.model, inputs)
     store: dict[str, Tensor] = {}
     fired: set[str] = set()
-    plan = _Plan(hm, spans, {n for n in cache_names if n not in unreached}, edits_by_point, store, fired,
+    plan = Plan(hm, spans, {n for n in cache_names if n not in unreached}, edits_by_point, store, fired,
                  grad if keep_grad is None else keep_grad)
     events = sorted(plan.events().items(), key=lambda item: order[item[0]])
     repeated = sorted({path for (path, _), _ in events if calls[path] > 1})
@@ -296,9 +231,8 @@ def run_with_nnsight(hm: HookedModel, inputs: Mapping[str, Any], *, cache: Cache
     import nnsight
 
     envoy = _envoy(hm)
-    with torch.set_grad_enabled(grad):
-        with envoy.trace(**inputs, **forward_kwargs):
-            _intervene(envoy, plan, events)
-            output = nnsight.save(envoy.output)
+    with torch.set_grad_enabled(grad), envoy.trace(**inputs, **forward_kwargs):
+        _intervene(envoy, plan, events)
+        output = nnsight.save(envoy.output)
     logits = output if isinstance(output, Tensor) else output.logits
     return RunResult(output=output, logits=logits, cache=ActivationCache(store, hm.hook_points, spans), spans=spans)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from mmlens.core.adapter import HookPoint
+from mmlens.core.names import from_transformer_lens_name, nearest_names, unknown_hook_error
 from mmlens.core.spans import ModalitySpans, Selector
 
 
@@ -42,15 +41,6 @@ class Named:
 
     def __repr__(self) -> str:
         return f"Named({', '.join(f'{d}={n}' for d, n in self.shape.items())}, dtype={self.values.dtype})"
-
-
-def nearest_names(name: str, names: list[str], n: int = 5) -> list[str]:
-    close = difflib.get_close_matches(name, names, n=n, cutoff=0.4)
-    return close or names[:n]
-
-
-def unknown_hook_error(name: str, names: list[str]) -> KeyError:
-    return KeyError(f"unknown hook point {name!r}; nearest valid names: {nearest_names(name, names)}")
 
 
 class ActivationCache(Mapping):
@@ -84,8 +74,6 @@ class ActivationCache(Mapping):
         if layer is None:
             if name in self._points:
                 return name
-            from mmlens.core.backends import from_transformer_lens_name
-
             alias = from_transformer_lens_name(name)
             if alias in self._points:
                 return alias

@@ -18,12 +18,11 @@ Methods that return a dense ``[batch, n]`` index raise a clear error when rows d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor
 
-Selector = Union[str, int, slice, list, tuple, Tensor, None]
+Selector = str | int | slice | list | tuple | Tensor | None
 
 
 @dataclass
@@ -79,7 +78,7 @@ class ModalitySpans:
             if selector.shape == (b, s):
                 return selector.to(device).clone()
             raise ValueError(f"boolean position mask has shape {tuple(selector.shape)}; expected ({s},) or ({b}, {s})")
-        positions = _as_positions(selector, s)
+        positions = as_positions(selector, s)
         out = torch.zeros(b, s, dtype=torch.bool, device=device)
         out[:, positions.to(device)] = True
         return out
@@ -103,7 +102,7 @@ class ModalitySpans:
                 labels[row][pos] = name
         return labels
 
-    def same_layout(self, other: "ModalitySpans") -> bool:
+    def same_layout(self, other: ModalitySpans) -> bool:
         return self.masks.keys() == other.masks.keys() and all(
             self.masks[k].shape == other.masks[k].shape and torch.equal(self.masks[k], other.masks[k]) for k in self.masks
         )
@@ -120,7 +119,7 @@ def _edge(mask: Tensor, last: bool) -> Tensor:
     return (idx == pick[:, None]) & mask
 
 
-def _as_positions(selector: Selector, seq_len: int) -> Tensor:
+def as_positions(selector: Selector, seq_len: int) -> Tensor:
     if isinstance(selector, bool):
         raise TypeError("a bool is not a position; pass a span name, an int, a slice or a mask")
     if isinstance(selector, int):

@@ -338,14 +338,14 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
 
     Args:
         modalities: which modalities to perturb (default: every one of the inputs that has kinds).
-        kinds: modality -> perturbation kinds (default: all of :data:`mmlens.metrics.perturb.KINDS`).
+        kinds: modality -> perturbation kinds (default: every kind the model's adapter declares).
         n: draws per kind.
     """
-    from mmlens.metrics.perturb import KINDS, perturb
+    from mmlens.metrics.perturb import PERTURBATIONS, perturb
 
     items = examples(hooked, inputs)
     present = _modalities(hooked, items)
-    targets = [m for m in (modalities or present) if m in KINDS]
+    targets = [m for m in (modalities or present) if m in PERTURBATIONS]
     unknown = [m for m in (modalities or []) if m not in present]
     if unknown:
         raise ValueError(f"modalities {unknown} are not in these inputs; they have {present}")

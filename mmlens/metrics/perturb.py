@@ -5,9 +5,15 @@ position by position, so every perturbation here keeps the input's layout: the s
 length and the same modality spans (checked for every returned input). Only the perturbed
 modality's inputs change; every other input is the same tensor object.
 
-Kinds (``KINDS``; the strength ``scale`` of each, with its default in ``DEFAULT_SCALE``):
+Which input of a modality a kind changes, and that input's layout, are the adapter's facts: each
+adapter table declares ``perturbations`` (modality -> kind -> :data:`Prepare`), built from the
+tensor primitives here by :func:`token_perturbations`, :func:`image_perturbations` and
+:func:`graph_perturbations`; :func:`perturb` dispatches through ``hooked.adapter``.
 
-- text (``input_ids``, text positions only; needs the tokenizer):
+Kinds (the built-in ones per modality in ``PERTURBATIONS``; the strength ``scale`` of each, with
+its default in ``DEFAULT_SCALE``):
+
+- text (token ids, text positions only; needs the tokenizer):
   ``synonym_swap`` (``scale`` words per row, each replaced by a word of its group in the shipped
   list ``mmlens/data/synonyms.json``) and ``punctuation_edit`` (``scale`` tokens per row:
   ``.`` <-> ``!``, ``,`` <-> ``;``). A token is swapped only for a single token of the same
@@ -17,14 +23,14 @@ Kinds (``KINDS``; the strength ``scale`` of each, with its default in ``DEFAULT_
   There is no whitespace edit: BPE tokenizers fold spaces into the neighbouring tokens, so adding
   or removing one changes the token count (and a space token's merge partner), which breaks the
   layout.
-- image (``pixel_values``, any leading shape ``[..., C, H, W]``): ``shift`` (by up to ``scale``
+- image (images of any leading shape ``[..., C, H, W]``): ``shift`` (by up to ``scale``
   pixels in x and y, edges replicated), ``brightness`` (a constant offset per image, uniform in
   ``[-scale, scale]`` times the image's pixel std), ``gaussian_noise`` (sigma = ``scale`` times
   the image's pixel std). Images of zero std (e.g. all-zero padding images) stay unchanged.
-- graph: ``drop_edges`` (a fraction ``scale`` of the node pairs of ``edge_index``, at least one;
-  both directions of a pair go together), ``feature_noise`` (sigma = ``scale`` times the std of
-  all ``node_features`` entries), ``embedding_noise`` on ``graph_embeds`` (sigma = ``scale`` times
-  each row's std) for inputs that give the node representations directly.
+- graph: ``drop_edges`` (a fraction ``scale`` of the node pairs of the ``[2, E]`` edge list, at
+  least one; both directions of a pair go together), ``feature_noise`` (sigma = ``scale`` times
+  the std of all entries of the ``[n_nodes, d]`` node features), ``embedding_noise`` on node
+  representations ``[b, d]`` given directly (sigma = ``scale`` times each row's std).
 
 :func:`input_distance` measures every modality in one space: the LM's input embeddings
 (``fusion.embeds``, else ``lm.embed``) at that modality's positions.
@@ -46,22 +52,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmlens.methods.explainers import embedding_point
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import HookedModel
+from mmlens.methods.explainers import embedding_point
 
 __all__ = [
-    "DEFAULT_SCALE", "KINDS", "PUNCTUATION", "Perturbed", "brightness", "drop_edges", "embedding_noise",
-    "feature_noise", "gaussian_noise", "input_distance", "perturb", "punctuation_edit", "shift", "synonym_groups",
-    "synonym_swap",
+    "DEFAULT_SCALE", "PERTURBATIONS", "PUNCTUATION", "CannotPerturb", "Draw", "Perturbed", "Prepare", "brightness",
+    "drop_edges", "embedding_noise", "feature_noise", "gaussian_noise", "graph_perturbations", "image_perturbations",
+    "input_distance", "perturb", "punctuation_edit", "shift", "synonym_groups", "synonym_swap", "token_perturbations",
 ]
 
-KINDS: dict[str, list[str]] = {
+PERTURBATIONS: dict[str, list[str]] = {
     "text": ["synonym_swap", "punctuation_edit"],
     "image": ["shift", "brightness", "gaussian_noise"],
     "graph": ["drop_edges", "feature_noise", "embedding_noise"],
 }
-"""Modality -> its perturbation kinds; ``perturb(kind=None)`` tries them all."""
+"""Modality -> the built-in perturbation kinds (what the shipped adapters declare); ``perturb(kind=None)``
+tries every kind the model's adapter declares for the modality."""
 
 DEFAULT_SCALE: dict[str, float] = {
     "synonym_swap": 1, "punctuation_edit": 1, "shift": 1,
@@ -95,8 +102,8 @@ class Perturbed:
     description: str
 
 
-class _CannotPerturb(Exception):
-    """A kind that cannot change these inputs; the message says why."""
+class CannotPerturb(Exception):
+    """Raised by a :data:`Prepare` when its kind cannot change these inputs; the message says why."""
 
 
 # -- text --------------------------------------------------------------------------------------------
@@ -152,13 +159,13 @@ def _not_in_number(tokens: list[str], text: list[bool], p: int) -> bool:
     return not (digit_before and digit_after)
 
 
-def _swap_candidates(input_ids: Tensor, where: Tensor, tokenizer: Any, table: Mapping[str, list[str]],
+def _swap_candidates(token_ids: Tensor, where: Tensor, tokenizer: Any, table: Mapping[str, list[str]],
                      fits: Callable[[list[str], list[bool], int], bool]) -> list[list[tuple[int, list[int]]]]:
     """Per row, the positions that can be swapped and the single-token replacements of each."""
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids)
     rows = []
-    for ids, text in zip(input_ids.tolist(), where.tolist()):
+    for ids, text in zip(token_ids.tolist(), where.tolist()):
         tokens = tokenizer.convert_ids_to_tokens(ids)
         forbidden = special | {i for i, t in zip(ids, text) if not t}  # never create a placeholder id
         row = []
@@ -178,10 +185,10 @@ def _swap_candidates(input_ids: Tensor, where: Tensor, tokenizer: Any, table: Ma
     return rows
 
 
-def _swap(input_ids: Tensor, candidates: list[list[tuple[int, list[int]]]], count: int,
+def _swap(token_ids: Tensor, candidates: list[list[tuple[int, list[int]]]], count: int,
           generator: torch.Generator) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
     """Swap up to ``count`` candidate positions per row: (new ids, per row [(position, old id, new id)])."""
-    new = input_ids.clone()
+    new = token_ids.clone()
     done = []
     for r, row in enumerate(candidates):
         picks = sorted(torch.randperm(len(row), generator=generator)[:count].tolist())
@@ -189,18 +196,18 @@ def _swap(input_ids: Tensor, candidates: list[list[tuple[int, list[int]]]], coun
         for j in picks:
             p, options = row[j]
             choice = options[int(torch.randint(len(options), (1,), generator=generator))]
-            swaps.append((p, int(input_ids[r, p]), choice))
+            swaps.append((p, int(token_ids[r, p]), choice))
             new[r, p] = choice
         done.append(swaps)
     return new, done
 
 
-def synonym_swap(input_ids: Tensor, where: Tensor, tokenizer: Any, *, words: int = 1,
+def synonym_swap(token_ids: Tensor, where: Tensor, tokenizer: Any, *, words: int = 1,
                  generator: torch.Generator | None = None) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
     """Replace up to ``words`` whole words per row by a synonym of the same token form.
 
     Args:
-        input_ids: Long[b, seq]; where: Bool[b, seq], the positions that may change (the text span).
+        token_ids: Long[b, seq]; where: Bool[b, seq], the positions that may change (the text span).
         tokenizer: the model's tokenizer (``get_vocab``, ``convert_ids_to_tokens``).
 
     Returns:
@@ -209,47 +216,47 @@ def synonym_swap(input_ids: Tensor, where: Tensor, tokenizer: Any, *, words: int
     """
     if words < 1:
         raise ValueError(f"words must be at least 1, got {words}")
-    candidates = _swap_candidates(input_ids.cpu(), where.cpu(), tokenizer, _synonym_table(), _whole_word)
-    new, swaps = _swap(input_ids.cpu(), candidates, words, generator or torch.Generator())
-    return new.to(input_ids.device), swaps
+    candidates = _swap_candidates(token_ids.cpu(), where.cpu(), tokenizer, _synonym_table(), _whole_word)
+    new, swaps = _swap(token_ids.cpu(), candidates, words, generator or torch.Generator())
+    return new.to(token_ids.device), swaps
 
 
-def punctuation_edit(input_ids: Tensor, where: Tensor, tokenizer: Any, *, edits: int = 1,
+def punctuation_edit(token_ids: Tensor, where: Tensor, tokenizer: Any, *, edits: int = 1,
                      generator: torch.Generator | None = None) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
     """Replace up to ``edits`` punctuation tokens per row by a near-equivalent (:data:`PUNCTUATION`) of
     the same token form; as :func:`synonym_swap` otherwise. Punctuation between digits is kept."""
     if edits < 1:
         raise ValueError(f"edits must be at least 1, got {edits}")
-    candidates = _swap_candidates(input_ids.cpu(), where.cpu(), tokenizer, PUNCTUATION, _not_in_number)
-    new, swaps = _swap(input_ids.cpu(), candidates, edits, generator or torch.Generator())
-    return new.to(input_ids.device), swaps
+    candidates = _swap_candidates(token_ids.cpu(), where.cpu(), tokenizer, PUNCTUATION, _not_in_number)
+    new, swaps = _swap(token_ids.cpu(), candidates, edits, generator or torch.Generator())
+    return new.to(token_ids.device), swaps
 
 
 # -- image -------------------------------------------------------------------------------------------
 
 
-def shift(pixel_values: Tensor, dx: int, dy: int) -> Tensor:
-    """``pixel_values`` ``[..., C, H, W]`` moved ``dx`` pixels right and ``dy`` down; the vacated
+def shift(images: Tensor, dx: int, dy: int) -> Tensor:
+    """``images`` ``[..., C, H, W]`` moved ``dx`` pixels right and ``dy`` down; the vacated
     edge repeats the nearest edge row/column."""
-    h, w = pixel_values.shape[-2:]
+    h, w = images.shape[-2:]
     if abs(dx) >= w or abs(dy) >= h:
         raise ValueError(f"shift ({dx}, {dy}) is not smaller than the image ({h}x{w})")
-    rows = (torch.arange(h, device=pixel_values.device) - dy).clamp(0, h - 1)
-    cols = (torch.arange(w, device=pixel_values.device) - dx).clamp(0, w - 1)
-    return pixel_values.index_select(-2, rows).index_select(-1, cols)
+    rows = (torch.arange(h, device=images.device) - dy).clamp(0, h - 1)
+    cols = (torch.arange(w, device=images.device) - dx).clamp(0, w - 1)
+    return images.index_select(-2, rows).index_select(-1, cols)
 
 
-def _image_std(pixel_values: Tensor) -> Tensor:
+def _image_std(images: Tensor) -> Tensor:
     """Each image's pixel std, shaped ``[..., 1, 1, 1]``."""
-    return pixel_values.float().flatten(-3).std(-1)[..., None, None, None]
+    return images.float().flatten(-3).std(-1)[..., None, None, None]
 
 
-def brightness(pixel_values: Tensor, offset: Tensor | float) -> Tensor:
-    """``pixel_values`` ``[..., C, H, W]`` plus ``offset`` (a float, or one per image ``[...]``)
+def brightness(images: Tensor, offset: Tensor | float) -> Tensor:
+    """``images`` ``[..., C, H, W]`` plus ``offset`` (a float, or one per image ``[...]``)
     times each image's pixel std."""
-    offset = torch.as_tensor(offset, dtype=torch.float32, device=pixel_values.device)
-    shifted = pixel_values.float() + offset[..., None, None, None] * _image_std(pixel_values)
-    return shifted.to(pixel_values.dtype)
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=images.device)
+    shifted = images.float() + offset[..., None, None, None] * _image_std(images)
+    return shifted.to(images.dtype)
 
 
 def _noise(x: Tensor, sigma: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -257,16 +264,16 @@ def _noise(x: Tensor, sigma: Tensor, generator: torch.Generator | None) -> Tenso
     return (x.float() + noise * sigma).to(x.dtype)
 
 
-def gaussian_noise(pixel_values: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
-    """``pixel_values`` ``[..., C, H, W]`` plus Gaussian noise of std ``sigma`` times each image's pixel std."""
-    return _noise(pixel_values, sigma * _image_std(pixel_values), generator)
+def gaussian_noise(images: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """``images`` ``[..., C, H, W]`` plus Gaussian noise of std ``sigma`` times each image's pixel std."""
+    return _noise(images, sigma * _image_std(images), generator)
 
 
 # -- graph -------------------------------------------------------------------------------------------
 
 
-def drop_edges(edge_index: Tensor, fraction: float, generator: torch.Generator | None = None) -> Tensor:
-    """``edge_index`` ``[2, E]`` without a random ``fraction`` of its node pairs (at least one).
+def drop_edges(edges: Tensor, fraction: float, generator: torch.Generator | None = None) -> Tensor:
+    """An edge list ``[2, E]`` without a random ``fraction`` of its node pairs (at least one).
 
     Columns are grouped by unordered node pair, so an undirected graph stored in both directions
     loses both directions of a dropped edge (and duplicates go together). Returns ``[2, E' < E]``,
@@ -274,28 +281,32 @@ def drop_edges(edge_index: Tensor, fraction: float, generator: torch.Generator |
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if edge_index.shape[1] == 0:
-        raise ValueError("edge_index has no edges to drop")
-    low, high = edge_index.min(0).values, edge_index.max(0).values
+    if edges.shape[1] == 0:
+        raise ValueError("the edge list has no edges to drop")
+    low, high = edges.min(0).values, edges.max(0).values
     pairs, group = torch.unique(low * (int(high.max()) + 1) + high, return_inverse=True)
     count = max(1, round(fraction * len(pairs)))
-    dropped = torch.randperm(len(pairs), generator=generator)[:count].to(edge_index.device)
-    return edge_index[:, ~torch.isin(group, dropped)]
+    dropped = torch.randperm(len(pairs), generator=generator)[:count].to(edges.device)
+    return edges[:, ~torch.isin(group, dropped)]
 
 
-def feature_noise(node_features: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
-    """``node_features`` ``[n_nodes, d]`` plus Gaussian noise of std ``sigma`` times the std of all entries."""
-    return _noise(node_features, sigma * node_features.float().std(), generator)
+def feature_noise(features: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """Node features ``[n_nodes, d]`` plus Gaussian noise of std ``sigma`` times the std of all entries."""
+    return _noise(features, sigma * features.float().std(), generator)
 
 
-def embedding_noise(graph_embeds: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
-    """``graph_embeds`` ``[b, d]`` plus Gaussian noise of std ``sigma`` times each row's std."""
-    return _noise(graph_embeds, sigma * graph_embeds.float().std(-1, keepdim=True), generator)
+def embedding_noise(embeds: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
+    """Node representations ``[b, d]`` plus Gaussian noise of std ``sigma`` times each row's std."""
+    return _noise(embeds, sigma * embeds.float().std(-1, keepdim=True), generator)
 
 
-# -- one entry point ---------------------------------------------------------------------------------
+# -- the preparers an adapter declares ------------------------------------------------------------
 
-Draw = Callable[[int], tuple[dict, str]]  # draw index -> (perturbed inputs, description)
+Draw = Callable[[int], tuple[dict, str]]
+"""Draw index -> (perturbed inputs, description)."""
+Prepare = Callable[[HookedModel, dict, ModalitySpans, float, torch.Generator], Draw]
+"""``(hooked, inputs, spans, scale, generator) -> draw``: one kind bound to its input key; raises
+:class:`CannotPerturb` when the kind cannot change these inputs."""
 
 
 def _tokenizer(hooked: HookedModel) -> Any:
@@ -311,53 +322,54 @@ def _core(tokenizer: Any, token_id: int) -> str:
 
 
 def _token_swaps(hooked: HookedModel, inputs: dict, spans: ModalitySpans, count: int,
-                 generator: torch.Generator, kind: str) -> Draw:
+                 generator: torch.Generator, *, kind: str, key: str, modality: str) -> Draw:
     tokenizer = _tokenizer(hooked)
-    ids = inputs["input_ids"]
+    ids = inputs[key]
     table, fits = (_synonym_table(), _whole_word) if kind == "synonym_swap" else (PUNCTUATION, _not_in_number)
-    candidates = _swap_candidates(ids.cpu(), spans.masks["text"].cpu(), tokenizer, table, fits)
+    candidates = _swap_candidates(ids.cpu(), spans.masks[modality].cpu(), tokenizer, table, fits)
     if not any(candidates):
         what = "word of the synonym list" if kind == "synonym_swap" else f"punctuation token {sorted(PUNCTUATION)}"
-        raise _CannotPerturb(f"no {what} in the text span is a single token with a single-token replacement")
+        raise CannotPerturb(f"no {what} in the {modality} span is a single token with a single-token replacement")
 
     def draw(i: int) -> tuple[dict, str]:
         new, swaps = _swap(ids.cpu(), candidates, count, generator)
         parts = [f"row {r}: " + ", ".join(f"{_core(tokenizer, old)!r}->{_core(tokenizer, rep)!r} at {p}"
                                           for p, old, rep in row)
                  for r, row in enumerate(swaps) if row]
-        return {**inputs, "input_ids": new.to(ids.device)}, "; ".join(parts)
+        return {**inputs, key: new.to(ids.device)}, "; ".join(parts)
 
     return draw
 
 
-def _shifts(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: int, generator: torch.Generator) -> Draw:
+def _shifts(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: int, generator: torch.Generator,
+            *, key: str) -> Draw:
     offsets = [(dx, dy) for dx in range(-scale, scale + 1) for dy in range(-scale, scale + 1) if (dx, dy) != (0, 0)]
     order = torch.randperm(len(offsets), generator=generator).tolist()
 
     def draw(i: int) -> tuple[dict, str]:
         dx, dy = offsets[order[i % len(order)]]
-        return {**inputs, "pixel_values": shift(inputs["pixel_values"], dx, dy)}, f"shift by dx={dx}, dy={dy} px"
+        return {**inputs, key: shift(inputs[key], dx, dy)}, f"shift by dx={dx}, dy={dy} px"
 
     return draw
 
 
 def _brightness(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float,
-                generator: torch.Generator) -> Draw:
-    pixels = inputs["pixel_values"]
+                generator: torch.Generator, *, key: str) -> Draw:
+    pixels = inputs[key]
 
     def draw(i: int) -> tuple[dict, str]:
         offset = (torch.rand(pixels.shape[:-3], generator=generator) * 2 - 1) * scale
         values = [round(v, 4) for v in offset.flatten().tolist()]
-        return {**inputs, "pixel_values": brightness(pixels, offset)}, f"brightness offset {values} x pixel std per image"
+        return {**inputs, key: brightness(pixels, offset)}, f"brightness offset {values} x pixel std per image"
 
     return draw
 
 
-def _noise_kind(key: str, fn: Callable[[Tensor, float, torch.Generator], Tensor], what: str) -> Callable[..., Draw]:
+def _noise_kind(key: str, fn: Callable[[Tensor, float, torch.Generator], Tensor], what: str) -> Prepare:
     def prepare(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float,
                 generator: torch.Generator) -> Draw:
         if key not in inputs:
-            raise _CannotPerturb(f"these inputs have no {key!r}")
+            raise CannotPerturb(f"these inputs have no {key!r}")
 
         def draw(i: int) -> tuple[dict, str]:
             return {**inputs, key: fn(inputs[key], scale, generator)}, f"Gaussian noise on {key}, sigma = {scale} x {what}"
@@ -367,49 +379,80 @@ def _noise_kind(key: str, fn: Callable[[Tensor, float, torch.Generator], Tensor]
     return prepare
 
 
-def _drops(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float, generator: torch.Generator) -> Draw:
-    if "edge_index" not in inputs:
-        raise _CannotPerturb("these inputs have no 'edge_index' (they give graph_embeds)")
-    edges = inputs["edge_index"]
+def _drops(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float, generator: torch.Generator,
+           *, key: str) -> Draw:
+    if key not in inputs:
+        raise CannotPerturb(f"these inputs have no {key!r} (they give the node representations directly)")
+    edges = inputs[key]
     if edges.shape[1] == 0:
-        raise _CannotPerturb("edge_index has no edges")
+        raise CannotPerturb(f"{key} has no edges")
 
     def draw(i: int) -> tuple[dict, str]:
         kept = drop_edges(edges, scale, generator)
-        return {**inputs, "edge_index": kept}, f"dropped {edges.shape[1] - kept.shape[1]} of {edges.shape[1]} edges"
+        return {**inputs, key: kept}, f"dropped {edges.shape[1] - kept.shape[1]} of {edges.shape[1]} edges"
 
     return draw
 
 
-_PREPARE: dict[str, Callable[..., Draw]] = {
-    "synonym_swap": partial(_token_swaps, kind="synonym_swap"),
-    "punctuation_edit": partial(_token_swaps, kind="punctuation_edit"),
-    "shift": _shifts,
-    "brightness": _brightness,
-    "gaussian_noise": _noise_kind("pixel_values", gaussian_noise, "each image's pixel std"),
-    "drop_edges": _drops,
-    "feature_noise": _noise_kind("node_features", feature_noise, "the std of node_features"),
-    "embedding_noise": _noise_kind("graph_embeds", embedding_noise, "each row's std"),
-}
-
-_INPUT_KEYS = {"text": ("input_ids",), "image": ("pixel_values",), "graph": ("node_features", "graph_embeds")}
+def token_perturbations(key: str, modality: str = "text") -> dict[str, Prepare]:
+    """The text kinds (``synonym_swap``, ``punctuation_edit``) on the token ids ``Long[b, seq]`` at input
+    ``key``, changing only the positions of span ``modality``."""
+    return {kind: partial(_token_swaps, kind=kind, key=key, modality=modality)
+            for kind in ("synonym_swap", "punctuation_edit")}
 
 
-def _kinds(modality: str, kind: str | Sequence[str] | None) -> list[str]:
-    if modality not in KINDS:
-        raise ValueError(f"unknown modality {modality!r}; perturbations exist for {sorted(KINDS)}")
-    kinds = KINDS[modality] if kind is None else [kind] if isinstance(kind, str) else list(kind)
-    bad = [k for k in kinds if k not in KINDS[modality]]
+def image_perturbations(key: str) -> dict[str, Prepare]:
+    """The image kinds (``shift``, ``brightness``, ``gaussian_noise``) on images ``[..., C, H, W]`` at
+    input ``key`` (an adapter whose images have another layout declares its own preparers)."""
+    return {"shift": partial(_shifts, key=key), "brightness": partial(_brightness, key=key),
+            "gaussian_noise": _noise_kind(key, gaussian_noise, "each image's pixel std")}
+
+
+def graph_perturbations(*, features: str | None = None, edges: str | None = None,
+                        embeds: str | None = None) -> dict[str, Prepare]:
+    """The graph kinds for the inputs a model has: ``drop_edges`` on the edge list ``Long[2, E]`` at
+    ``edges``, ``feature_noise`` on the node features ``[n_nodes, d]`` at ``features``,
+    ``embedding_noise`` on node representations ``[b, d]`` given directly at ``embeds``."""
+    kinds: dict[str, Prepare] = {}
+    if edges is not None:
+        kinds["drop_edges"] = partial(_drops, key=edges)
+    if features is not None:
+        kinds["feature_noise"] = _noise_kind(features, feature_noise, "the std of all node features")
+    if embeds is not None:
+        kinds["embedding_noise"] = _noise_kind(embeds, embedding_noise, "each row's std")
+    return kinds
+
+
+# -- one entry point ---------------------------------------------------------------------------------
+
+
+def _declared(hooked: HookedModel, modality: str) -> Mapping[str, Prepare]:
+    """The kinds ``hooked``'s adapter declares for ``modality`` (kind -> preparer)."""
+    declared = hooked.adapter.perturbations
+    if modality not in declared:
+        raise ValueError(f"adapter {hooked.adapter.name!r} declares no {modality} perturbations (it declares "
+                         f"{sorted(declared)}); add them to its table's perturbations")
+    return declared[modality]
+
+
+def _kinds(hooked: HookedModel, modality: str, kind: str | Sequence[str] | None) -> list[str]:
+    known = {**PERTURBATIONS, **{m: list(kinds) for m, kinds in hooked.adapter.perturbations.items()}}
+    if modality not in known:
+        raise ValueError(f"unknown modality {modality!r}; perturbations exist for {sorted(known)}")
+    kinds = known[modality] if kind is None else [kind] if isinstance(kind, str) else list(kind)
+    bad = [k for k in kinds if k not in known[modality]]
     if bad or not kinds:
-        elsewhere = {k: m for k in bad for m in KINDS if k in KINDS[m]}
+        elsewhere = {k: m for k in bad for m in known if k in known[m]}
         hint = "".join(f" ({k!r} is for {m})" for k, m in elsewhere.items())
-        raise ValueError(f"unknown {modality} perturbation kind(s) {bad}{hint}; {modality} kinds are {KINDS[modality]}")
+        raise ValueError(f"unknown {modality} perturbation kind(s) {bad}{hint}; {modality} kinds are {known[modality]}")
     return kinds
 
 
 def _scale(kind: str, scale: float | Mapping[str, float] | None) -> float:
-    value = scale.get(kind, DEFAULT_SCALE[kind]) if isinstance(scale, Mapping) else scale
-    value = DEFAULT_SCALE[kind] if value is None else value
+    value = scale.get(kind) if isinstance(scale, Mapping) else scale
+    value = DEFAULT_SCALE.get(kind) if value is None else value
+    if value is None:
+        raise ValueError(f"{kind} has no default scale (it is not a built-in kind); pass scale={{{kind!r}: ...}}")
     if kind in _COUNTS and not (isinstance(value, int) and value >= 1):
         unit = "pixels" if kind == "shift" else "tokens per row"
         raise ValueError(f"{kind}'s scale is a count of {unit}, an int >= 1; got {value!r}")
@@ -420,12 +463,13 @@ def _scale(kind: str, scale: float | Mapping[str, float] | None) -> float:
     return value
 
 
-def _check_modality(inputs: Mapping[str, Any], spans: ModalitySpans, modality: str) -> None:
+def _check_modality(hooked: HookedModel, inputs: Mapping[str, Any], spans: ModalitySpans, modality: str) -> None:
     if modality not in spans.masks or not spans.masks[modality].any():
         raise ValueError(f"modality {modality!r} is not in these inputs; their modalities are "
                          f"{[m for m in spans.modalities if spans.masks[m].any()]}")
-    if not any(key in inputs for key in _INPUT_KEYS[modality]):
-        raise ValueError(f"these inputs have {modality} positions but none of its inputs {list(_INPUT_KEYS[modality])}; "
+    keys = list(hooked.adapter.modality_inputs.get(modality, ()))
+    if not any(key in inputs for key in keys):
+        raise ValueError(f"these inputs have {modality} positions but none of its inputs {keys}; "
                          f"got keys {sorted(inputs)}")
 
 
@@ -441,8 +485,9 @@ def perturb(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, kind:
     Args:
         hooked: the wrapped model (its spans define the layout; text kinds use its tokenizer).
         inputs: a batch of model inputs.
-        modality: ``"text"``, ``"image"`` or ``"graph"`` (see :data:`KINDS`).
-        kind: a kind of that modality, a list of them, or None for all of :data:`KINDS` ``[modality]``.
+        modality: a modality the adapter declares perturbations for (``hooked.adapter.perturbations``;
+            the built-in ones: ``"text"``, ``"image"``, ``"graph"``, see :data:`PERTURBATIONS`).
+        kind: a kind of that modality, a list of them, or None for every kind the adapter declares.
         n: draws per kind; draws that leave the input unchanged or repeat an earlier one are left
             out, so a kind with few options (one synonym in the text) returns fewer.
         scale: each kind's strength (see :data:`DEFAULT_SCALE`): one number for every kind, or a
@@ -460,20 +505,21 @@ def perturb(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, kind:
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    kinds = _kinds(modality, kind)
+    kinds = _kinds(hooked, modality, kind)
     if isinstance(scale, Mapping) and set(scale) - set(kinds):
         raise ValueError(f"scale given for kinds {sorted(set(scale) - set(kinds))} that are not perturbed here {kinds}")
     scales = {k: _scale(k, scale) for k in kinds}
     inputs = dict(inputs)
     spans = hooked.spans(inputs)
-    _check_modality(inputs, spans, modality)
+    _check_modality(hooked, inputs, spans, modality)
+    prepare = _declared(hooked, modality)
     made: list[Perturbed] = []
     reasons: dict[str, str] = {}
     for k in kinds:
         generator = torch.Generator().manual_seed(zlib.crc32(f"{k}/{seed}".encode()))
         try:
-            draw = _PREPARE[k](hooked, inputs, spans, scales[k], generator)
-        except _CannotPerturb as why:
+            draw = prepare[k](hooked, inputs, spans, scales[k], generator)
+        except CannotPerturb as why:
             reasons[k] = str(why)
             continue
         own: list[Perturbed] = []
