@@ -6,6 +6,10 @@ spans come from the inputs) -> a run that records (:class:`ActivationCache`) or 
 :func:`evolution`), metrics and plots (:mod:`mmlens.plots`).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from mmlens.core.adapter import (CLIP_BLOCK, GPT2_BLOCK, LLAMA_BLOCK, Adapter, BlockLayout, HookPoint, Point, Site, Stack,
                       language_model)
 from mmlens.core.cache import ActivationCache, Named
@@ -20,6 +24,9 @@ from mmlens.methods.patching import (Component, Corruption, EdgeScores, SweepRes
 from mmlens.core.spans import ModalitySpans, spans_from_blocks, spans_from_token_ids
 from mmlens.core.wrapper import HookedModel, Recording, RunResult
 
+if TYPE_CHECKING:
+    from mmlens.data.loading import LoadedModel
+
 __version__ = "0.1.0"
 
 
@@ -28,6 +35,14 @@ def register_adapter(adapter: Adapter) -> Adapter:
     from mmlens.hooks import register_adapter as _register
 
     return _register(adapter)
+
+
+def load_model(name: str, **kwargs) -> LoadedModel:
+    """A registry model (``mmlens models``), else a hub id or local folder: :func:`mmlens.data.loading.load_model`,
+    imported on first use (it pulls in the transformers auto classes)."""
+    from mmlens.data.loading import load_model as load
+
+    return load(name, **kwargs)
 
 
 def wrap(model, **kwargs) -> HookedModel:
@@ -42,6 +57,6 @@ __all__ = [
     "ActivationCache", "Adapter", "BlockLayout", "CLIP_BLOCK", "Edit", "Evolution", "GPT2_BLOCK", "HookContext",
     "HookPoint", "HookedModel", "LLAMA_BLOCK", "LensResult", "ModalitySpans", "Named", "Point", "Recording",
     "RunResult", "Site", "Stack", "TunedLens", "ablate", "add", "apply", "compare_lenses", "decode_encoder_layers",
-    "decode_soft_tokens", "evolution", "language_model", "logit_lens", "nearest_tokens", "register_adapter",
+    "decode_soft_tokens", "evolution", "language_model", "load_model", "logit_lens", "nearest_tokens", "register_adapter",
     "replace", "spans_from_blocks", "spans_from_token_ids", "wrap",
 ]
