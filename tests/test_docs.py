@@ -97,7 +97,7 @@ def test_readme_is_a_front_door():
     lines = README.read_text(encoding="utf-8").splitlines()
     assert len(lines) <= MAX_README_LINES
     layout = "\n".join(lines[lines.index("## Layout: the flow in folders"):])
-    found = [re.search(rf"^ *{re.escape(name)} ", layout, flags=re.M) for name in FLOW]
+    found = [re.search(rf"^ *{re.escape(name)}(?=\s)", layout, flags=re.M) for name in FLOW]
     positions = [m.start() if m else -1 for m in found]
     assert -1 not in positions and positions == sorted(positions), dict(zip(FLOW, positions))
 
