@@ -26,8 +26,22 @@ LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 # written on another branch of issue 12; drop this once it is merged
 WRITTEN_ELSEWHERE = {"adding-an-architecture.md"}
 MAX_README_LINES = 200
-FLOW = ["mmlens/", "data/", "models/", "core/", "methods/", "metrics/", "plots.py", "runs/", "training/", "store.py",
-        "hooks/", "analyses/", "notebooks/", "tests/"]
+FLOW = [
+    "mmlens/",
+    "data/",
+    "models/",
+    "core/",
+    "methods/",
+    "metrics/",
+    "plots.py",
+    "runs/",
+    "training/",
+    "store.py",
+    "hooks/",
+    "analyses/",
+    "notebooks/",
+    "tests/",
+]
 
 
 def _rel(path: Path) -> str:
@@ -80,8 +94,8 @@ def test_docs_have_examples():
 @pytest.mark.parametrize("name", sorted(hook_tables(HOOKS_PAGE.read_text(encoding="utf-8"))))
 def test_hook_table_matches_cli(name: str):
     assert hook_tables(HOOKS_PAGE.read_text(encoding="utf-8"))[name] == cli_hook_table(name), (
-        f"docs/hooks.md's table for {name} drifted from the adapter: regenerate with "
-        "`python -m tests.test_docs`")
+        f"docs/hooks.md's table for {name} drifted from the adapter: regenerate with `python -m tests.test_docs`"
+    )
 
 
 def test_hooks_page_has_tables():
@@ -90,16 +104,18 @@ def test_hooks_page_has_tables():
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_relative_links_resolve(page: Path):
-    missing = [target for target in LINK.findall(page.read_text(encoding="utf-8"))
-               if "://" not in target and not (page.parent / target).exists()
-               and Path(target).name not in WRITTEN_ELSEWHERE]
+    missing = [
+        target
+        for target in LINK.findall(page.read_text(encoding="utf-8"))
+        if "://" not in target and not (page.parent / target).exists() and Path(target).name not in WRITTEN_ELSEWHERE
+    ]
     assert not missing, f"{_rel(page)} links to missing files: {missing}"
 
 
 def test_readme_is_a_front_door():
     lines = README.read_text(encoding="utf-8").splitlines()
     assert len(lines) <= MAX_README_LINES
-    layout = "\n".join(lines[lines.index("## Layout: the flow in folders"):])
+    layout = "\n".join(lines[lines.index("## Layout: the flow in folders") :])
     found = [re.search(rf"^ *{re.escape(name)}(?=\s)", layout, flags=re.M) for name in FLOW]
     positions = [m.start() if m else -1 for m in found]
     assert -1 not in positions and positions == sorted(positions), dict(zip(FLOW, positions))
