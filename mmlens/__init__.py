@@ -6,6 +6,10 @@ spans come from the inputs) -> a run that records (:class:`ActivationCache`) or 
 :func:`evolution`), metrics and plots (:mod:`mmlens.plots`).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from mmlens import hooks  # noqa: F401 - importing it registers the built-in adapter tables
 from mmlens.core.adapter import (
     CLIP_BLOCK,
@@ -48,7 +52,18 @@ from mmlens.methods.patching import (
     sweep,
 )
 
+if TYPE_CHECKING:
+    from mmlens.data.loading import LoadedModel
+
 __version__ = "0.1.0"
+
+
+def load_model(name: str, **kwargs) -> LoadedModel:
+    """A registry model (``mmlens models``), else a hub id or local folder: :func:`mmlens.data.loading.load_model`,
+    imported on first use (it pulls in the transformers auto classes)."""
+    from mmlens.data.loading import load_model as load
+
+    return load(name, **kwargs)
 
 
 def wrap(model, **kwargs) -> HookedModel:
@@ -96,6 +111,7 @@ __all__ = [
     "evolution",
     "explain",
     "language_model",
+    "load_model",
     "logit_lens",
     "nearest_tokens",
     "path_patch",

@@ -1,7 +1,8 @@
 """The ``mmlens`` command line.
 
     mmlens models                 list the model registry
-    mmlens hooks MODEL [--json]   list a model's hook points by stage and modality
+    mmlens hooks MODEL [--json | --markdown]
+                                  list a model's hook points by stage and modality
     mmlens patch CONFIG [--out DIR] [--overwrite] [--check]
                                   run (or resume) the patching sweep a TOML/YAML config describes
     mmlens evaluate CONFIG [--out DIR] [--overwrite]
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 import torch
@@ -51,23 +53,26 @@ def _print_table(rows: list[dict], model_name: str, spans) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The hook table with block indices collapsed to ``{i}`` (one line per point kind), as Markdown."""
+    """The hook table as Markdown, one line per point kind (block indices collapsed to ``{i}``);
+    what ``mmlens hooks NAME --markdown`` prints and docs/hooks.md holds."""
     lines = ["| hook point | stage | modality | module (value) |", "|---|---|---|---|"]
     seen: set[str] = set()
     for row in rows:
         name, module = row["name"], row["module"]
         if row["layer"] is not None:
             name = name.replace(f".blocks.{row['layer']}.", ".blocks.{i}.")
-            module = module.replace(f".{row['layer']}", ".{i}", 1)
+            module = re.sub(rf"\.{row['layer']}(?=[. ]|$)", ".{i}", module, count=1)
+        path, _, call_input = module.partition(" (input ")
+        value = f"`{path}`" + (f" (input `{call_input[:-1]}`)" if call_input else "")
         if name not in seen:
             seen.add(name)
-            lines.append(f"| `{name}` | {row['stage']} | {row['modality']} | `{module}` |")
+            lines.append(f"| `{name}` | {row['stage']} | {row['modality']} | {value} |")
     return "\n".join(lines)
 
 
 def cmd_hooks(args: argparse.Namespace) -> int:
-    from mmlens.data.loading import load_model
     from mmlens.core.wrapper import HookedModel
+    from mmlens.data.loading import load_model
 
     loaded = load_model(args.model)
     hm = HookedModel(loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor, name=loaded.name)
