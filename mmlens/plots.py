@@ -33,6 +33,8 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.patches import Patch, Rectangle
 
+from mmlens.store import atomic_path
+
 __all__ = ["modality_colors", "plot_edges", "plot_evolution", "plot_faithfulness", "plot_granger", "plot_lens_grid",
            "plot_patching", "plot_stability", "save_figure"]
 
@@ -454,7 +456,7 @@ def plot_stability(result) -> Figure:
 
 def save_figure(fig: Figure, path_stem: str | Path, formats: Sequence[str] | str = ("png", "svg")) -> list[Path]:
     """Save ``fig`` as ``{path_stem}.{format}`` for each format (raster at 150 dpi, svg/pdf as vectors),
-    creating parent folders; returns the written paths."""
+    creating parent folders and writing each file atomically; returns the written paths."""
     formats = [formats] if isinstance(formats, str) else list(formats)
     supported = fig.canvas.get_supported_filetypes()
     unknown = [f for f in formats if f not in supported]
@@ -466,6 +468,7 @@ def save_figure(fig: Figure, path_stem: str | Path, formats: Sequence[str] | str
     for fmt in formats:
         path = stem.parent / f"{stem.name}.{fmt}"
         metadata = {"Date": None} if fmt == "svg" else None
-        fig.savefig(path, format=fmt, dpi=150, bbox_inches="tight", metadata=metadata)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=metadata)
         paths.append(path)
     return paths
