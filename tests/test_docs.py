@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,6 @@ PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
 HOOK_TABLE = re.compile(r"(<!-- mmlens hooks (\S+) --markdown -->\n)(.*?)(<!-- end hooks -->)", flags=re.S)
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
-# written on another branch of issue 12; drop this once it is merged
 MAX_README_LINES = 200
 FLOW = [
     "mmlens/",
@@ -80,9 +81,10 @@ def regenerate(page: Path = HOOKS_PAGE) -> list[str]:
 def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    namespace: dict = {"__name__": f"docs:{_rel(page)}"}
+    module = types.ModuleType("docs_" + re.sub(r"\W", "_", _rel(page)))
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses defined in a block look it up
     for i, block in enumerate(python_blocks(page), 1):
-        exec(compile(block, f"{_rel(page)} python block {i}", "exec"), namespace)
+        exec(compile(block, f"{_rel(page)} python block {i}", "exec"), module.__dict__)
 
 
 def test_docs_have_examples():
