@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig,
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 import mmlens
-from mmlens import interop
+from mmlens.core import backends as interop
 from mmlens.core.backends import from_transformer_lens_name, to_transformer_lens_name
 
 from .conftest import text_batch
