@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mmlens.core.adapter import HookPoint
-from mmlens.core.edits import Edit, HookContext, add, apply, replace
+from mmlens.core.edits import Edit, HookContext, Where, add, apply, replace, selection_mask, where_selected
 from mmlens.core.replay import BlockReplay, FrozenEncoders
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import HookedModel, RunResult
@@ -154,13 +154,11 @@ def check_same_layout(a: ModalitySpans, b: ModalitySpans, name_a: str = "clean",
 
 @dataclass
 class Cell:
-    """One patch: ``layer`` (None for points without one), ``positions`` Bool[seq] (None = all),
-    ``head`` (None = all), and labels for the table."""
+    """One patch of a sweep: ``where`` (its hook point, positions ``at`` Bool[seq] or None = all, and
+    head ``heads`` or None = all), the ``layer`` (None for points without one), and labels for the table."""
 
-    point: str
+    where: Where
     layer: int | None
-    positions: Tensor | None
-    head: int | None
     labels: dict
 
 
@@ -252,7 +250,7 @@ def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], 
                     labels["span"] = key
                 if head is not None:
                     labels["head"] = head
-                cells.append(Cell(hp.name, layer, mask, head, labels))
+                cells.append(Cell(Where(hp.name, mask, head), layer, labels))
     return cells
 
 
@@ -264,30 +262,24 @@ def _patch_edit(hp: HookPoint, rows: list[tuple[int, Cell]], source: Tensor, sta
         out = act.clone()
         src = source[:, start:].to(act.device, act.dtype) if start else source.to(act.device, act.dtype)
         for r, cell in rows:
-            if cell.positions is None and cell.head is None:
-                out[r] = src[0]
-                continue
-            pos = cell.positions[start:].to(act.device) if cell.positions is not None else slice(None)
-            if cell.head is None:
-                out[r, pos] = src[0, pos]
-            else:
-                out[r, pos, cell.head] = src[0, pos, cell.head]
+            mask = _cell_mask(cell, hp, out[r:r + 1], start)
+            out[r:r + 1] = where_selected(mask, src, out[r:r + 1])
         return out
 
     return apply(hp.name, fn)
 
 
-def _unchanged(cell: Cell, source: Tensor, target: Tensor) -> bool:
+def _cell_mask(cell: Cell, hp: HookPoint, act: Tensor, start: int = 0) -> Tensor | None:
+    """The cell's (positions x heads) mask over ``act`` Float[1, seq - start, ...] (None: all of it)."""
+    return selection_mask(cell.where, act, hp, lambda at: at[start:].to(act.device)[None])
+
+
+def _unchanged(cell: Cell, hp: HookPoint, source: Tensor, target: Tensor) -> bool:
     """Whether patching ``cell`` writes exactly the value already there (source == target, batch 1)."""
     if source.shape != target.shape:
         return False
-    src, tgt = source[0], target[0]
-    if cell.positions is not None:
-        pos = cell.positions.to(src.device)
-        src, tgt = src[pos], tgt[pos]
-    if cell.head is not None:
-        src, tgt = src[..., cell.head, :], tgt[..., cell.head, :]
-    return torch.equal(src, tgt)
+    mask = _cell_mask(cell, hp, source)
+    return torch.equal(source, target) if mask is None else torch.equal(source[mask], target[mask])
 
 
 
@@ -444,14 +436,15 @@ def _pair_cells(hooked: HookedModel, swept: list[HookPoint], axes: tuple[str, ..
     cache = runs.source_run.cache
     lengths = {hp.name: cache[hp.name].shape[1] for hp in swept if not hp.fused_positions and cache[hp.name].dim() >= 3}
     cells = _cells(hooked, swept, axes, spans, pair, _row_tokens(decode, runs.target, spans, pair), lengths)
-    return [c for c in cells if c.positions is None or c.positions.any()] if "span" in axes else cells
+    return [c for c in cells if c.where.at is None or c.where.at.any()] if "span" in axes else cells
 
 
 def _cell_values(hooked: HookedModel, runs: _PairRuns, cells: list[Cell], target_edits: list[Edit], batch_size: int,
                  skip_unchanged: bool, tqdm_options: dict) -> tuple[list[float], int]:
     """The metric with each cell patched, in batches, and how many no-op cells were skipped."""
-    values = [runs.target_value if skip_unchanged and _unchanged(c, runs.source_run.cache[c.point],
-                                                                 runs.target_run.cache[c.point]) else None
+    values = [runs.target_value if skip_unchanged and _unchanged(c, hooked.hook_points[c.where.hook],
+                                                                 runs.source_run.cache[c.where.hook],
+                                                                 runs.target_run.cache[c.where.hook]) else None
               for c in cells]
     todo = [i for i, v in enumerate(values) if v is None]
     for start in tqdm(range(0, len(todo), batch_size), **tqdm_options):
@@ -491,7 +484,7 @@ def _patched_full(hooked: HookedModel, target: dict, target_edits: list[Edit], c
     batch = hooked.repeat(target, len(chunk))
     by_point: dict[str, list[tuple[int, Cell]]] = {}
     for r, cell in enumerate(chunk):
-        by_point.setdefault(cell.point, []).append((r, cell))
+        by_point.setdefault(cell.where.hook, []).append((r, cell))
     edits = list(target_edits) + [_patch_edit(hooked.hook_points[p], rows, sources[p]) for p, rows in by_point.items()]
     run = hooked.run(batch, edits=edits)
     return hooked.readout_logits(run.logits, batch)
@@ -503,7 +496,7 @@ def _replayed_logits(hooked: HookedModel, engine: BlockReplay, chunk: list[Cell]
     results: dict[int, Tensor] = {}
     by_block: dict[int, list[tuple[int, Cell]]] = {}
     for r, cell in enumerate(chunk):
-        hp = hooked.hook_points[cell.point]
+        hp = hooked.hook_points[cell.where.hook]
         by_block.setdefault(cell.layer + 1 if hp.kind == "resid_post" else cell.layer, []).append((r, cell))
     for block, rows in by_block.items():
         start = engine.start(block, min(_first_position(cell) for _, cell in rows))
@@ -511,10 +504,12 @@ def _replayed_logits(hooked: HookedModel, engine: BlockReplay, chunk: list[Cell]
         h = base[:, start:].expand(len(rows), base.shape[1] - start, *base.shape[2:]).clone()
         inner: dict[str, list[tuple[int, Cell]]] = {}
         for i, (_, cell) in enumerate(rows):
-            if hooked.hook_points[cell.point].kind in ("resid_pre", "resid_post"):
-                _write(h, i, cell, sources[cell.point][:, start:], start)
+            hp = hooked.hook_points[cell.where.hook]
+            if hp.kind in ("resid_pre", "resid_post"):
+                mask = _cell_mask(cell, hp, h[i:i + 1], start)
+                h[i:i + 1] = where_selected(mask, sources[hp.name][:, start:].to(h.device, h.dtype), h[i:i + 1])
             else:
-                inner.setdefault(cell.point, []).append((i, cell))
+                inner.setdefault(hp.name, []).append((i, cell))
         edits = [_patch_edit(hooked.hook_points[p], cells, sources[p], start) for p, cells in inner.items()]
         logits = engine.logits(h, block, start, edits)
         for i, (r, _) in enumerate(rows):
@@ -523,17 +518,7 @@ def _replayed_logits(hooked: HookedModel, engine: BlockReplay, chunk: list[Cell]
 
 
 def _first_position(cell: Cell) -> int:
-    return 0 if cell.positions is None else int(cell.positions.nonzero()[0])
-
-
-def _write(h: Tensor, row: int, cell: Cell, source: Tensor, start: int) -> None:
-    """Write ``source`` (batch 1, positions ``start..``) into row ``row`` of ``h`` at the cell's positions."""
-    source = source.to(h.device, h.dtype)
-    if cell.positions is None:
-        h[row] = source[0]
-    else:
-        pos = cell.positions[start:].to(h.device)
-        h[row, pos] = source[0, pos]
+    return 0 if cell.where.at is None else int(cell.where.at.nonzero()[0])
 
 
 
@@ -571,14 +556,10 @@ def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: 
                    and run.cache[n].dim() >= 3}
         cells = _cells(hooked, swept, axes, spans, pair, tokens, lengths)
         for cell in cells:
-            i = names.index(cell.point)
-            contrib = (clean_run.cache[cell.point] - run.cache[cell.point].detach()) * grads[i]
-            contrib = contrib[0]
-            if cell.head is not None:
-                contrib = contrib[:, cell.head]
-            if cell.positions is not None:
-                contrib = contrib[cell.positions.to(contrib.device)]
-            effect = float(contrib.sum())
+            name = cell.where.hook
+            contrib = (clean_run.cache[name] - run.cache[name].detach()) * grads[names.index(name)]
+            mask = _cell_mask(cell, hooked.hook_points[name], contrib)
+            effect = float((contrib if mask is None else contrib[mask]).sum())
             gap = clean_v - value
             rows.append({"pair": pair, **cell.labels, "value": value + effect, "effect": effect,
                          "normalized": effect / gap if gap != 0 else float("nan")})
@@ -698,13 +679,8 @@ def correlation(estimate: SweepResult, exact: SweepResult, value: str = "value")
 
 # -- path patching ----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Component:
-    """A component: a hook point with optional positions (any span selector) and heads."""
-
-    hook: str
-    at: Any = None
-    heads: Any = None
+Component = Where
+"""A component of path patching: a hook point with optional positions (any span selector) and heads."""
 
 
 def path_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping[str, Any] | Corruption,
@@ -743,21 +719,9 @@ def path_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping
 
 def _select(new: Tensor, old: Tensor, component: Component, hooked: HookedModel, inputs: dict) -> Tensor:
     """``old`` with ``new`` written at the component's positions/heads (a full-shape value)."""
-    if component.at is None and component.heads is None:
-        return new
-    hp = hooked.resolve(component.hook)
-    out = old.clone()
-    mask = hooked.spans(inputs).mask(component.at) if component.at is not None else torch.ones(old.shape[:2], dtype=torch.bool)
-    mask = mask.to(old.device)
-    if component.heads is None:
-        out[mask] = new[mask]
-    else:
-        heads = [component.heads] if isinstance(component.heads, int) else list(component.heads)
-        if not hp.heads or old.dim() != 4:
-            raise ValueError(f"heads= needs a per-head point such as 'lm.blocks.3.z'; {hp.name!r} has no head axis")
-        for h in heads:
-            out[:, :, h][mask] = new[:, :, h][mask]
-    return out
+    spans = hooked.spans(inputs)
+    mask = selection_mask(component, old, hooked.resolve(component.hook), lambda at: spans.mask(at).to(old.device))
+    return where_selected(mask, new, old)
 
 
 __all__ = ["Component", "Corruption", "EdgeScores", "SweepResult", "attribution_patch", "check_same_layout", "correlation",
