@@ -9,11 +9,18 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.metrics.desiderata import explanation_distance, faithfulness, granger, js_divergence, kappa_lambda, stability
-from mmlens.methods.explainers import Explanation, predicted_prob, prepare, with_embeds
-from mmlens.data.loading import load_model
-from mmlens.methods.patching import last_logits
 from mmlens.core.spans import spans_from_blocks
+from mmlens.data.loading import load_model
+from mmlens.methods.explainers import Explanation, predicted_prob, prepare, with_embeds
+from mmlens.methods.patching import last_logits
+from mmlens.metrics.desiderata import (
+    explanation_distance,
+    faithfulness,
+    granger,
+    js_divergence,
+    kappa_lambda,
+    stability,
+)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +200,7 @@ def test_interaction_terms_equal_runs_on_neutral_and_swapped_inputs(loaded):
     items = examples(hm, inputs)
     for i, x in enumerate(items):
         metric = predicted_prob(hm, x)
-        f = lambda batch: float(metric(last_logits(hm.run(batch).logits, None))[0])  # noqa: E731
+        f = lambda batch, metric=metric: float(metric(last_logits(hm.run(batch).logits, None))[0])
         both = hm.neutral(hm.neutral(x, "image"), "text")
         expected = {"v_ab": f(x), "v_a": f(hm.neutral(x, "text")), "v_b": f(hm.neutral(x, "image")), "v_none": f(both)}
         for key, value in expected.items():

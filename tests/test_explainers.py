@@ -123,8 +123,8 @@ def test_errors(vlm):
 
 @pytest.mark.parametrize("name", ["tiny-random-llava", "tinystories-656k"])
 def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_forwards(loaded, name):
-    from mmlens.metrics.desiderata import examples
     from mmlens.methods.explainers import masked_values
+    from mmlens.metrics.desiderata import examples
 
     lm = loaded(name)
     hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer, processor=lm.processor)
@@ -156,7 +156,7 @@ def test_sweeps_of_a_pooling_classifier_fall_back_to_full_forwards(loaded):
     hm = mmlens.wrap(lm.model)
     x = lm.example_inputs()
     corruption = mmlens.corrupt(hm, x, "text", "neutral")
-    metric = lambda logits: logits[:, 0]  # noqa: E731
+    metric = lambda logits: logits[:, 0]
     fast = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False)
     full = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False,
                         replay=False)

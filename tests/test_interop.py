@@ -14,8 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM,
-                          LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 import mmlens
@@ -221,7 +229,7 @@ def test_wrapped_bridge_equals_plain_hf_and_bridge_hooks(story_bridge):
     logits, tl_cache = bridge.run_with_cache(inputs["input_ids"], attention_mask=inputs["attention_mask"])
     torch.testing.assert_close(logits, run.logits)
     compared = set()
-    for tl_name in tl_cache.keys():
+    for tl_name in tl_cache:
         ours = from_transformer_lens_name(tl_name)
         if ours in set(run.cache):
             torch.testing.assert_close(run.cache[ours], tl_cache[tl_name], msg=tl_name)
@@ -252,7 +260,7 @@ def test_llava_bridge_with_a_saved_processor(story_tokenizer):
                                              pixel_values=inputs["pixel_values"])
     assert torch.equal(logits, run.logits)
     compared = set()
-    for tl_name in tl_cache.keys():
+    for tl_name in tl_cache:
         ours = from_transformer_lens_name(tl_name)
         if ours in set(run.cache):
             torch.testing.assert_close(run.cache[ours], tl_cache[tl_name], msg=tl_name)

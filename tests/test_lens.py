@@ -8,10 +8,17 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.methods.evolution import bootstrap_ci, evolution
 from mmlens.core.unembed import Unembed
-from mmlens.methods.lens import (TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
-                         nearest_tokens, residual_points)
+from mmlens.methods.evolution import bootstrap_ci, evolution
+from mmlens.methods.lens import (
+    TunedLens,
+    compare_lenses,
+    decode_encoder_layers,
+    decode_soft_tokens,
+    logit_lens,
+    nearest_tokens,
+    residual_points,
+)
 
 LENS_MODELS = ["tinystories-656k", "tea-glm-tiny", "tiny-random-llava", "tiny-random-idefics3", "tiny-random-gpt2"]
 

@@ -9,8 +9,17 @@ import torch
 
 import mmlens
 from mmlens.core.adapter import get_module
-from mmlens.methods.patching import (Component, attribution_patch, corrupt, correlation, edge_attribution_patch, last_logits,
-                             logit_diff, path_patch, sweep)
+from mmlens.methods.patching import (
+    Component,
+    attribution_patch,
+    correlation,
+    corrupt,
+    edge_attribution_patch,
+    last_logits,
+    logit_diff,
+    path_patch,
+    sweep,
+)
 from mmlens.plots import plot_edges, plot_patching
 
 
