@@ -9,11 +9,18 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.metrics.desiderata import explanation_distance, faithfulness, granger, js_divergence, kappa_lambda, stability
-from mmlens.methods.explainers import Explanation, _setup, _with_embeds, predicted_prob
-from mmlens.data.loading import load_model
-from mmlens.methods.patching import last_logits
 from mmlens.core.spans import spans_from_blocks
+from mmlens.data.loading import load_model
+from mmlens.methods.explainers import Explanation, predicted_prob, prepare, with_embeds
+from mmlens.methods.patching import last_logits
+from mmlens.metrics.desiderata import (
+    explanation_distance,
+    faithfulness,
+    granger,
+    js_divergence,
+    kappa_lambda,
+    stability,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,7 @@ def test_keep_masks_select_the_top_positions(text_only):
     hm, inputs = text_only
     one = {k: v[:1] for k, v in inputs.items()}
     metric = predicted_prob(hm, one)
-    setup = _setup(hm, one, metric, "joint")
+    setup = prepare(hm, one, metric, "joint")
     scores = torch.full(setup.explained.shape, float("nan"))
     text = setup.spans.masks["text"][0]
     scores[0, text] = torch.arange(int(text.sum()), dtype=torch.float)  # the last text positions score highest
@@ -76,7 +83,7 @@ def test_keep_masks_select_the_top_positions(text_only):
     result = faithfulness(hm, one, explanations=[explanation], fractions=(0.5,), random_draws=1, progress=False)
     keep_half = torch.where((text & ~explanation.top_mask("text", 0.5)[0])[None, :, None], setup.baseline, setup.embeds)
     with torch.no_grad():
-        expected = float(_with_embeds(hm, one, setup.point, keep_half, metric)[0])
+        expected = float(with_embeds(hm, one, setup.point, keep_half, metric)[0])
     row = result.curves[(result.curves.scope == "text") & (result.curves.source == "explanation")]
     assert abs(float(row.f_keep.iloc[0]) - expected) < 1e-6
     top = explanation.top_mask("text", 0.5)[0].nonzero()[:, 0].tolist()
@@ -193,7 +200,7 @@ def test_interaction_terms_equal_runs_on_neutral_and_swapped_inputs(loaded):
     items = examples(hm, inputs)
     for i, x in enumerate(items):
         metric = predicted_prob(hm, x)
-        f = lambda batch: float(metric(last_logits(hm.run(batch).logits, None))[0])  # noqa: E731
+        f = lambda batch, metric=metric: float(metric(last_logits(hm.run(batch).logits, None))[0])
         both = hm.neutral(hm.neutral(x, "image"), "text")
         expected = {"v_ab": f(x), "v_a": f(hm.neutral(x, "text")), "v_b": f(hm.neutral(x, "image")), "v_none": f(both)}
         for key, value in expected.items():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.methods.explainers import EXPLAINERS, _setup, _with_embeds, explain, predicted_prob
+from mmlens.methods.explainers import EXPLAINERS, explain, predicted_prob, prepare, with_embeds
 from mmlens.methods.patching import last_logits, logprob
 
 
@@ -32,9 +32,9 @@ def _logprob_of_prediction(hm, one):
 
 def _gap(hm, one, mode, metric):
     """f(input) - f(baseline), the quantity integrated gradients must add up to."""
-    setup = _setup(hm, one, metric, mode)
+    setup = prepare(hm, one, metric, mode)
     with torch.no_grad():
-        return float(setup.value[0] - _with_embeds(hm, one, setup.point, setup.baseline, metric)[0])
+        return float(setup.value[0] - with_embeds(hm, one, setup.point, setup.baseline, metric)[0])
 
 
 @pytest.mark.parametrize("mode", ["joint", "image", "text"])
@@ -123,13 +123,13 @@ def test_errors(vlm):
 
 @pytest.mark.parametrize("name", ["tiny-random-llava", "tinystories-656k"])
 def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_forwards(loaded, name):
+    from mmlens.methods.explainers import masked_values
     from mmlens.metrics.desiderata import examples
-    from mmlens.methods.explainers import _masked_values
 
     lm = loaded(name)
     hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer, processor=lm.processor)
     one = examples(hm, lm.example_inputs())[0]
-    setup = _setup(hm, one, None, "joint")
+    setup = prepare(hm, one, None, "joint")
     assert setup.replay is not None and setup.replay.reuse_kv
     seq = setup.embeds.shape[1]
     generator = torch.Generator().manual_seed(0)
@@ -140,10 +140,10 @@ def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_fo
     handle = hm.model.get_submodule(block).register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape), with_kwargs=True)
     try:
-        fast = _masked_values(hm, one, setup, masks, batch_size=4)
+        fast = masked_values(hm, one, setup, masks, batch_size=4)
     finally:
         handle.remove()
-    full = torch.stack([_with_embeds(hm, one, setup.point, torch.where(m[None, :, None], setup.baseline, setup.embeds),
+    full = torch.stack([with_embeds(hm, one, setup.point, torch.where(m[None, :, None], setup.baseline, setup.embeds),
                                      setup.metric)[0] for m in masks]).float()
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
     assert fast[-2] == setup.value[0] and fast[-1] == fast[0]
@@ -156,7 +156,7 @@ def test_sweeps_of_a_pooling_classifier_fall_back_to_full_forwards(loaded):
     hm = mmlens.wrap(lm.model)
     x = lm.example_inputs()
     corruption = mmlens.corrupt(hm, x, "text", "neutral")
-    metric = lambda logits: logits[:, 0]  # noqa: E731
+    metric = lambda logits: logits[:, 0]
     fast = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False)
     full = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False,
                         replay=False)
@@ -175,10 +175,10 @@ def test_integrated_gradients_and_occlusion_equal_captum_on_the_fused_embeddings
 
     hm, inputs = vlm
     one = examples(hm, inputs)[0]
-    setup = _setup(hm, one, None, "joint")
+    setup = prepare(hm, one, None, "joint")
 
     def f(embeds):
-        return _with_embeds(hm, one, setup.point, embeds, setup.metric, grad=torch.is_grad_enabled())
+        return with_embeds(hm, one, setup.point, embeds, setup.metric, grad=torch.is_grad_enabled())
 
     ours = explain(hm, one, "integrated_gradients", steps=16).scores[0]
     theirs = IntegratedGradients(f).attribute(setup.embeds, baselines=setup.baseline, n_steps=16,

@@ -8,9 +8,17 @@ import pytest
 import torch
 
 import mmlens
+from mmlens.core.unembed import Unembed
 from mmlens.methods.evolution import bootstrap_ci, evolution
-from mmlens.methods.lens import (TunedLens, _Decoder, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens,
-                         nearest_tokens, residual_points)
+from mmlens.methods.lens import (
+    TunedLens,
+    compare_lenses,
+    decode_encoder_layers,
+    decode_soft_tokens,
+    logit_lens,
+    nearest_tokens,
+    residual_points,
+)
 
 LENS_MODELS = ["tinystories-656k", "tea-glm-tiny", "tiny-random-llava", "tiny-random-idefics3", "tiny-random-gpt2"]
 
@@ -25,7 +33,7 @@ def test_final_layer_is_the_models_own_logits(loaded, name):
     hm, inputs = _wrapped(loaded, name)
     plain = hm.model(**inputs).logits
     run = hm.run(inputs, cache=residual_points(hm))
-    assert torch.equal(_Decoder(hm)(run.cache[residual_points(hm)[-1]]), plain)
+    assert torch.equal(Unembed(hm)(run.cache[residual_points(hm)[-1]]), plain)
 
     result = logit_lens(hm, inputs, k=4)
     valid = result.spans.valid

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import mmlens
 from mmlens.core.adapter import get_module
-from mmlens.methods.patching import (Component, attribution_patch, corrupt, correlation, edge_attribution_patch, last_logits,
-                             logit_diff, path_patch, sweep)
+from mmlens.methods.patching import (
+    Component,
+    attribution_patch,
+    correlation,
+    corrupt,
+    edge_attribution_patch,
+    last_logits,
+    logit_diff,
+    path_patch,
+    sweep,
+)
 from mmlens.plots import plot_edges, plot_patching
 
 
@@ -143,6 +154,19 @@ def test_replay_with_kv_reuse_equals_full_forwards_at_every_kind_of_point(loaded
         assert fast.method == "replay + kv" and slow.method == "full forwards", (hook, fast.method)
         assert len(fast.table) == len(slow.table) > 0
         assert (fast.table.value - slow.table.value).abs().max() < 1e-4, (name, hook, axes)
+
+
+def test_replay_asks_the_adapter_whether_keys_and_values_can_be_reused(story):
+    """An adapter that says its LM is not causal gets plain replay (every position re-run), still exact."""
+    hm, clean, corrupted = story
+    bidirectional = mmlens.HookedModel(hm.model, adapter=dataclasses.replace(hm.adapter, causal=False), tokenizer=hm.tokenizer)
+    metric = _metric(hm, clean)
+    fast = sweep(bidirectional, clean, corrupted, metric, hook="attn_out", batch_size=5, skip_unchanged=False,
+                 progress=False)
+    slow = sweep(bidirectional, clean, corrupted, metric, hook="attn_out", replay=False, skip_unchanged=False,
+                 progress=False)
+    assert fast.method == "replay" and slow.method == "full forwards"
+    assert (fast.table.value - slow.table.value).abs().max() < 1e-4
 
 
 def test_no_op_cells_are_skipped_and_equal_the_target_run(story):

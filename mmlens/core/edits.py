@@ -15,8 +15,9 @@ shape that broadcasts to the selected entries ``[n_selected, ...]`` / ``[batch, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -33,12 +34,29 @@ class HookContext:
 
 
 @dataclass(frozen=True)
+class Where:
+    """Where an intervention acts: a hook point, positions ``at`` (any span selector; None: all) and
+    heads ``heads`` (an int or a sequence of them, per-head points only; None: all). Edits, path
+    patching's components and circuit nodes are all places of this kind; :func:`selection_mask`
+    turns one into a mask over an activation."""
+
+    hook: str
+    at: Selector = None
+    heads: int | list[int] | tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Edit:
     hook: str
     op: Literal["replace", "add", "apply"]
     value: Any
     at: Selector = None
     heads: int | list[int] | None = None
+
+    @property
+    def where(self) -> Where:
+        """The place this edit writes."""
+        return Where(self.hook, self.at, self.heads)
 
 
 def replace(hook: str, value: Tensor | float, at: Selector = None, heads: int | list[int] | None = None) -> Edit:
@@ -70,7 +88,7 @@ def apply_edit(edit: Edit, act: Tensor, ctx: HookContext, position_mask: Callabl
             raise ValueError(f"edit function at {edit.hook!r} returned {got}; it must return a tensor of shape {tuple(act.shape)}")
         return out
     value = torch.as_tensor(edit.value, dtype=act.dtype, device=act.device)
-    mask = _selection_mask(edit, act, ctx, position_mask)
+    mask = selection_mask(edit.where, act, ctx.hook, position_mask)
     if mask is None:
         try:
             if edit.op == "replace":
@@ -81,7 +99,7 @@ def apply_edit(edit: Edit, act: Tensor, ctx: HookContext, position_mask: Callabl
                              f"activation's shape {tuple(act.shape)}") from err
     if value.shape == act.shape:
         if edit.op == "replace":
-            return torch.where(mask.view(*mask.shape, *([1] * (act.dim() - mask.dim()))), value, act)
+            return where_selected(mask, value, act)
         value = value[mask]
     out = act.clone()
     selected = out[mask]
@@ -102,24 +120,36 @@ def _fit(value: Tensor, selected_shape: torch.Size, mask: Tensor) -> Tensor:
     return value.expand(selected_shape)
 
 
-def _selection_mask(edit: Edit, act: Tensor, ctx: HookContext, position_mask: Callable[[Selector], Tensor]) -> Tensor | None:
-    """Bool mask over the leading axes of ``act`` ([batch, pos] or [batch, pos, head]), or None for all."""
-    hp = ctx.hook
-    if edit.heads is not None and hp.heads is None:
-        raise ValueError(f"heads= was given for {edit.hook!r}, which is not a per-head point; use its '.z' point")
-    if edit.at is None and edit.heads is None:
+def selection_mask(where: Where, act: Tensor, hook: Any, position_mask: Callable[[Selector], Tensor]) -> Tensor | None:
+    """The one (positions x heads) mask builder: Bool over the leading axes of ``act`` ([batch, pos],
+    or [batch, pos, head] when ``where.heads`` is given) that ``where`` selects, or None for all.
+
+    Args:
+        hook: the HookPoint of ``act`` (its ``heads`` says whether it has a head axis).
+        position_mask: selector -> Bool[batch, pos] (span selectors need the run's spans).
+    """
+    if where.heads is not None and hook.heads is None:
+        raise ValueError(f"heads= was given for {where.hook!r}, which is not a per-head point; use its '.z' point")
+    if where.at is None and where.heads is None:
         return None
     if act.dim() < 2:
-        raise ValueError(f"{edit.hook!r} has no position axis (shape {tuple(act.shape)}); drop at=")
-    pos = position_mask(edit.at) if edit.at is not None else torch.ones(act.shape[:2], dtype=torch.bool, device=act.device)
+        raise ValueError(f"{where.hook!r} has no position axis (shape {tuple(act.shape)}); drop at=")
+    pos = position_mask(where.at) if where.at is not None else torch.ones(act.shape[:2], dtype=torch.bool, device=act.device)
     if pos.shape != act.shape[:2]:
-        raise ValueError(f"position mask {tuple(pos.shape)} does not match {edit.hook!r} of shape {tuple(act.shape)}")
-    if edit.heads is None:
+        raise ValueError(f"position mask {tuple(pos.shape)} does not match {where.hook!r} of shape {tuple(act.shape)}")
+    if where.heads is None:
         return pos
-    heads = [edit.heads] if isinstance(edit.heads, int) else list(edit.heads)
+    heads = [where.heads] if isinstance(where.heads, int) else list(where.heads)
     head_mask = torch.zeros(act.shape[2], dtype=torch.bool, device=act.device)
     try:
         head_mask[heads] = True
     except IndexError as err:
-        raise IndexError(f"heads {heads} out of range for {act.shape[2]} heads at {edit.hook!r}") from err
+        raise IndexError(f"heads {heads} out of range for {act.shape[2]} heads at {where.hook!r}") from err
     return pos[:, :, None] & head_mask
+
+
+def where_selected(mask: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where ``mask`` (from :func:`selection_mask`; None: everywhere) is set, ``old`` elsewhere."""
+    if mask is None:
+        return new
+    return torch.where(mask.view(*mask.shape, *([1] * (old.dim() - mask.dim()))), new, old)

@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mmlens.core.adapter import HookPoint
-from mmlens.core.edits import Edit, replace
-from mmlens.methods.patching import Corruption, EdgeScores, SweepResult
+from mmlens.core.edits import Edit, Where, replace
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import CacheFilter, HookedModel, RunResult
+from mmlens.methods.patching import Corruption, EdgeScores, SweepResult
 
 MODES = ("keep", "remove")
 ABLATIONS = ("zero", "mean", "resample", "neutral")
@@ -45,8 +46,8 @@ PSEUDO_NODES = ("lm.blocks.0.resid_pre", "lm.final_norm")
 FORMAT = "mmlens.circuit"
 FORMAT_VERSION = 1
 
-Position = Union[str, tuple[int, ...], None]
-Reference = Union[Mapping[str, Any], Corruption]
+Position = str | tuple[int, ...] | None
+Reference = Mapping[str, Any] | Corruption
 
 
 def _int_tuple(value: Any, field: str) -> tuple[int, ...] | None:
@@ -62,8 +63,8 @@ def _int_tuple(value: Any, field: str) -> tuple[int, ...] | None:
 
 
 @dataclass(frozen=True)
-class Node:
-    """One circuit component.
+class Node(Where):
+    """One circuit component: a :class:`~mmlens.core.edits.Where` in a JSON-friendly form.
 
     Attributes:
         hook: full hook point name (``"lm.blocks.3.attn_out"``, ``"lm.blocks.3.z"``).
@@ -89,7 +90,7 @@ class Node:
                 "heads": list(self.heads) if self.heads is not None else None}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Node":
+    def from_dict(cls, data: Mapping[str, Any]) -> Node:
         unknown = set(data) - {"hook", "at", "heads"}
         if unknown:
             raise ValueError(f"unknown node fields {sorted(unknown)}; a node has hook, at, heads")
@@ -133,7 +134,7 @@ class Circuit:
                 "nodes": [n.to_dict() for n in self.nodes], "edges": [list(e) for e in self.edges]}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Circuit":
+    def from_dict(cls, data: Mapping[str, Any]) -> Circuit:
         if data.get("format") != FORMAT or not isinstance(data.get("version"), int):
             raise ValueError(f"not a circuit: expected format {FORMAT!r} with an integer version, "
                              f"got format={data.get('format')!r}, version={data.get('version')!r}")
@@ -151,11 +152,11 @@ class Circuit:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Circuit":
+    def load(cls, path: str | Path) -> Circuit:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def from_sweep(cls, result: SweepResult, k: int, value: str = "normalized", pair: int = 0) -> "Circuit":
+    def from_sweep(cls, result: SweepResult, k: int, value: str = "normalized", pair: int = 0) -> Circuit:
         """The ``k`` cells of one pair with the largest ``|value|`` (NaN cells skipped) as nodes.
 
         The hook is ``result.hook`` at the cell's layer (a short name such as ``"z"`` becomes
@@ -177,7 +178,7 @@ class Circuit:
                                f"{'/'.join(result.axes)} with the largest |{value}| (pair {pair})")
 
     @classmethod
-    def from_edges(cls, scores: EdgeScores, k: int, pair: int = 0) -> "Circuit":
+    def from_edges(cls, scores: EdgeScores, k: int, pair: int = 0) -> Circuit:
         """The ``k`` edges of one pair with the largest ``|score|`` (summed over spans when the scores
         are split by span); the nodes are their endpoints except :data:`PSEUDO_NODES`."""
         if k < 0:
@@ -195,7 +196,7 @@ class Circuit:
 
 def _sweep_node(hook: str, row: Mapping[str, Any]) -> Node:
     layer = row.get("layer")
-    if ".blocks." not in hook and layer is not None and layer == layer:  # not NaN
+    if ".blocks." not in hook and layer is not None and not math.isnan(layer):
         prefix, kind = hook.rsplit(".", 1) if "." in hook else ("lm", hook)
         hook = f"{prefix}.blocks.{int(layer)}.{kind}"
     elif ".blocks." not in hook and "." not in hook:
@@ -460,4 +461,4 @@ def intervene(hooked: HookedModel, inputs: Mapping[str, Any], circuit: Circuit, 
     return hooked.run(inputs, cache=cache, edits=edits)
 
 
-__all__ = ["ABLATIONS", "Circuit", "MODES", "Node", "PSEUDO_NODES", "circuit_edits", "components", "intervene"]
+__all__ = ["ABLATIONS", "MODES", "PSEUDO_NODES", "Circuit", "Node", "circuit_edits", "components", "intervene"]

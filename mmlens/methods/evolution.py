@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mmlens.methods.lens import LensResult, _modality_mask
+from mmlens.methods.lens import LensResult, modality_mask
 
 METRICS: dict[str, str] = {
     "top1_change": "lower",
@@ -123,7 +123,7 @@ def evolution(
     for m in modalities:
         if m not in result.spans.masks:
             raise KeyError(f"span {m!r} is not in these inputs; spans here: {result.spans.modalities}")
-        mask = _modality_mask(result, m, exclude_first)
+        mask = modality_mask(result, m, exclude_first)
         for row in range(mask.shape[0]):
             where = mask[row]
             if not where.any():

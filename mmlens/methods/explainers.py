@@ -35,16 +35,17 @@ import torch
 from torch import Tensor
 
 from mmlens.core.edits import replace
-from mmlens.methods.patching import REPLAY_KINDS, Cell, Metric, _Replay, last_logits
+from mmlens.core.replay import BlockReplay
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import HookedModel
+from mmlens.methods.patching import Corruption, Metric, sweep
 
 
 def predicted_prob(hooked: HookedModel, inputs: Mapping[str, Any]) -> Metric:
     """The probability of the predicted final-position token of ``inputs`` (one row), for every row
     of the logits it is applied to (the variants of that input)."""
     with torch.no_grad():
-        logits = last_logits(hooked.run(inputs).logits, inputs.get("attention_mask"))
+        logits = hooked.readout_logits(hooked.run(inputs).logits, inputs)
     return _prob_of_prediction(logits)
 
 
@@ -132,8 +133,9 @@ class Explanation:
 
 
 @dataclass
-class _Setup:
-    """What every explainer needs: the embeddings, the baseline, and which positions to explain."""
+class Setup:
+    """What every explainer (and every desideratum) needs for one input row: the LM-input embeddings,
+    the baseline, which positions to explain, the metric, and the replay engine of the input's run."""
 
     point: str
     embeds: Tensor  # Float[b, seq, d] at the input
@@ -143,7 +145,7 @@ class _Setup:
     logits: Tensor  # Float[b, vocab]: the input's final-position logits
     metric: Metric  # what is explained
     value: Tensor  # Float[b]: the metric on the input
-    replay: _Replay | None = None  # the input run's block calls, when variants can replay from them
+    replay: BlockReplay | None = None  # the input run's block calls, when variants can replay from them
 
 
 _NEUTRAL_CACHE: OrderedDict[tuple, tuple[weakref.ref, dict, Tensor]] = OrderedDict()
@@ -192,22 +194,21 @@ def _same_inputs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return True
 
 
-def _setup(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str) -> _Setup:
-    """One forward of ``inputs`` (embeddings, final logits) and one per explained modality's neutral
-    reference (unless cached). ``metric=None``: :func:`predicted_prob` of this input."""
+def prepare(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str) -> Setup:
+    """The :class:`Setup` of one input row: one forward of ``inputs`` (embeddings, final logits,
+    recorded for replay) and one per explained modality's neutral reference (unless cached).
+    ``metric=None``: :func:`predicted_prob` of this input."""
     point = embedding_point(hooked)
     spans = hooked.spans(inputs)
     if mode != "joint" and mode not in spans.masks:
         raise ValueError(f"mode must be 'joint' or a modality of these inputs {spans.modalities}, got {mode!r}")
-    replay = _replayer(hooked)
-    first, final = "lm.blocks.0.resid_pre", f"lm.blocks.{len(replay.modules) - 1}.resid_post" if replay else None
+    replay = BlockReplay(hooked) if BlockReplay.supports(hooked) else None
     with torch.no_grad(), replay.capture() if replay else contextlib.nullcontext():
-        run = hooked.run(inputs, cache=[point] + ([first, final] if replay else []))
+        run = hooked.run(inputs, cache=[point] + ([replay.final_point] if replay else []))
     embeds = run.cache[point]
-    logits = last_logits(run.logits, inputs.get("attention_mask")).detach()
-    if replay is not None and not (replay.usable and spans.batch_size == 1 and torch.equal(run.cache[first], embeds)
-                                   and replay.reproduces(run.cache[final], logits, _last_position(inputs, embeds))):
-        replay = None
+    logits = hooked.readout_logits(run.logits, inputs).detach()
+    if replay is not None and not (replay.ready(run, inputs) and torch.equal(replay.block_input(0), embeds)):
+        replay = None  # e.g. a head that pools positions, or positional embeddings added after the embedding point
     metric = metric or _prob_of_prediction(logits)
     baseline = embeds.clone()
     explained = torch.zeros(spans.valid.shape, dtype=torch.bool, device=embeds.device)
@@ -219,33 +220,20 @@ def _setup(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str) 
         mask = spans.masks[m].to(embeds.device)
         baseline[mask] = reference[mask]
         explained |= mask
-    return _Setup(point, embeds, baseline, explained & spans.valid.to(embeds.device), spans, logits, metric,
-                  metric(logits).detach(), replay)
+    return Setup(point, embeds, baseline, explained & spans.valid.to(embeds.device), spans, logits, metric,
+                 metric(logits).detach(), replay)
 
 
-def _replayer(hooked: HookedModel) -> _Replay | None:
-    """A replay engine when the LM's blocks can be re-run from the embeddings (else None)."""
-    names = {"lm.blocks.0.resid_pre", "lm.final_norm", "lm.logits"}
-    if not names <= set(hooked.hook_points) or hooked.hook_points["lm.blocks.0.resid_pre"].kind not in REPLAY_KINDS:
-        return None
-    return _Replay(hooked)
-
-
-def _last_position(inputs: Mapping[str, Any], embeds: Tensor) -> int:
-    mask = inputs.get("attention_mask")
-    return int(mask[0].nonzero().max()) if mask is not None and mask.shape[1] == embeds.shape[1] else embeds.shape[1] - 1
-
-
-def _masked_values(hooked: HookedModel, inputs: dict, setup: _Setup, masks: Sequence[Tensor],
-                   batch_size: int = 32) -> Tensor:
+def masked_values(hooked: HookedModel, inputs: dict, setup: Setup, masks: Sequence[Tensor],
+                  batch_size: int = 32) -> Tensor:
     """Float[len(masks)]: the metric of one input row when each Bool[seq] mask's positions take
     their baseline embedding.
 
     Each distinct mask runs once, in batches; an empty mask is the input itself (``setup.value``).
-    When the LM's blocks can be replayed from the embeddings (causal LMs; see
-    :class:`mmlens.methods.patching.sweep`), masks are sorted by their first position and each batch
+    When the LM's blocks can be replayed from the embeddings (:class:`mmlens.core.replay.BlockReplay`),
+    masks are sorted by their first position and, when the adapter says the LM is causal, each batch
     recomputes only positions from its earliest masked one, attending to the input run's keys and
-    values before it; only the final position is unembedded.
+    values before it; only the readout position is unembedded.
     """
     index: dict[bytes, int] = {}
     unique: list[Tensor] = []
@@ -260,61 +248,48 @@ def _masked_values(hooked: HookedModel, inputs: dict, setup: _Setup, masks: Sequ
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
+            where = torch.stack([unique[u] for u in chunk]).to(setup.embeds.device)[..., None]
             if setup.replay is not None:
-                cells = [Cell("lm.blocks.0.resid_pre", 0, unique[u], None, {}) for u in chunk]
-                logits = setup.replay.patched_logits(cells, {"lm.blocks.0.resid_pre": setup.baseline}, {},
-                                                     _last_position(inputs, setup.embeds))
-                out = setup.metric(logits)
+                first = setup.replay.start(0, int(unique[chunk[0]].nonzero()[0]))
+                variants = torch.where(where[:, first:], setup.baseline[:, first:], setup.embeds[:, first:])
+                out = setup.metric(setup.replay.logits(variants, 0, first))
             else:
-                variants = torch.where(torch.stack([unique[u] for u in chunk]).to(setup.embeds.device)[..., None],
-                                       setup.baseline, setup.embeds)
-                out = _with_embeds(hooked, inputs, setup.point, variants, setup.metric)
+                variants = torch.where(where, setup.baseline, setup.embeds)
+                out = with_embeds(hooked, inputs, setup.point, variants, setup.metric)
             values[chunk] = out.float().cpu()
     f = float(setup.value[0])
     return torch.tensor([float(values[index[m.cpu().numpy().tobytes()]]) if m.any() else f for m in masks])
 
 
-def _with_embeds(hooked: HookedModel, inputs: dict, point: str, embeds: Tensor, metric: Metric,
-                 grad: bool = False) -> Tensor:
-    """The metric Float[n] of runs whose LM-input embeddings are ``embeds`` Float[n, seq, d] (the
-    other inputs repeated to n rows)."""
-    n = embeds.shape[0]
-    batch = {k: _repeat_rows(v, n) if k not in ("node_features", "edge_index") else v for k, v in inputs.items()}
+def with_embeds(hooked: HookedModel, inputs: dict, point: str, embeds: Tensor, metric: Metric,
+                grad: bool = False) -> Tensor:
+    """The metric Float[n] of runs of one input row whose LM-input embeddings (at ``point``) are
+    ``embeds`` Float[n, seq, d] (the other inputs repeated to n rows)."""
+    batch = hooked.repeat(inputs, embeds.shape[0])
     run = hooked.run(batch, edits=[replace(point, embeds)], grad=grad)
-    return metric(last_logits(run.logits, batch.get("attention_mask")))
+    return metric(hooked.readout_logits(run.logits, batch))
 
 
-def _repeat_rows(value: Any, n: int) -> Any:
-    if not isinstance(value, Tensor) or value.shape[0] == n:
-        return value
-    return value.repeat(n // value.shape[0], *([1] * (value.dim() - 1)))
-
-
-def _rows(inputs: Mapping[str, Any], row: int) -> dict:
-    return {k: (v[row:row + 1] if isinstance(v, Tensor) and k not in ("node_features", "edge_index") else v)
-            for k, v in inputs.items()}
-
-
-def _gradient_x_input(hooked, inputs, metric, setup: _Setup) -> Tensor:
+def _gradient_x_input(hooked, inputs, metric, setup: Setup) -> Tensor:
     embeds = setup.embeds.detach().clone().requires_grad_(True)
-    value = _with_embeds(hooked, inputs, setup.point, embeds, metric, grad=True).sum()
+    value = with_embeds(hooked, inputs, setup.point, embeds, metric, grad=True).sum()
     (grad,) = torch.autograd.grad(value, embeds)
     return ((setup.embeds - setup.baseline) * grad).sum(-1)
 
 
-def _integrated_gradients(hooked, inputs, metric, setup: _Setup, steps: int = 32, batch_size: int = 16) -> Tensor:
+def _integrated_gradients(hooked, inputs, metric, setup: Setup, steps: int = 32, batch_size: int = 16) -> Tensor:
     alphas = (torch.arange(steps, dtype=setup.embeds.dtype, device=setup.embeds.device) + 0.5) / steps
     delta = setup.embeds - setup.baseline
     total = torch.zeros_like(setup.embeds[0])
     for start in range(0, steps, batch_size):
         a = alphas[start:start + batch_size]
         path = (setup.baseline + a[:, None, None] * delta).detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(_with_embeds(hooked, inputs, setup.point, path, metric, grad=True).sum(), path)
+        (grad,) = torch.autograd.grad(with_embeds(hooked, inputs, setup.point, path, metric, grad=True).sum(), path)
         total += grad.sum(0)
     return (delta[0] * total / steps).sum(-1)[None]
 
 
-def _occlusion(hooked, inputs, metric, setup: _Setup, window: int = 1, batch_size: int = 32) -> Tensor:
+def _occlusion(hooked, inputs, metric, setup: Setup, window: int = 1, batch_size: int = 32) -> Tensor:
     positions = setup.explained[0].nonzero()[:, 0].tolist()
     masks = []
     for p in positions:
@@ -323,7 +298,7 @@ def _occlusion(hooked, inputs, metric, setup: _Setup, window: int = 1, batch_siz
         masks.append(mask)
     scores = torch.full(setup.explained.shape, float("nan"), device=setup.embeds.device)
     if positions:
-        values = _masked_values(hooked, inputs, setup, masks, batch_size).to(scores.device)
+        values = masked_values(hooked, inputs, setup, masks, batch_size).to(scores.device)
         scores[0, positions] = setup.value.float() - values
     return scores
 
@@ -376,14 +351,14 @@ def _from_readout(hooked: HookedModel, inputs: dict, matrix: Tensor) -> Tensor:
     return (matrix * readers[:, :, None]).sum(1) / readers.sum(1, keepdim=True)
 
 
-def _attention(hooked, inputs, metric, setup: _Setup) -> Tensor:
+def _attention(hooked, inputs, metric, setup: Setup) -> Tensor:
     """Attention from the read-out positions (the final one; all, for pooling heads), mean over heads
     and layers."""
     weights = torch.stack([a.float().mean(1) for a in _attentions(hooked, inputs)]).mean(0)
     return _from_readout(hooked, inputs, weights)
 
 
-def _attention_rollout(hooked, inputs, metric, setup: _Setup, residual: float = 0.5) -> Tensor:
+def _attention_rollout(hooked, inputs, metric, setup: Setup, residual: float = 0.5) -> Tensor:
     """Abnar & Zuidema (2020): per layer ``residual * I + (1 - residual) * mean_heads(A)``,
     rows renormalized, multiplied from the first layer to the last."""
     rollout = None
@@ -394,11 +369,9 @@ def _attention_rollout(hooked, inputs, metric, setup: _Setup, residual: float = 
     return _from_readout(hooked, inputs, rollout)
 
 
-def _patching(hooked, inputs, metric, setup: _Setup, layer: int = 0) -> Tensor:
+def _patching(hooked, inputs, metric, setup: Setup, layer: int = 0) -> Tensor:
     """Exact noising per position: the metric's drop when the residual stream entering block
     ``layer`` takes, at one position, its value on the baseline input (the patching engine)."""
-    from mmlens.methods.patching import Corruption, sweep
-
     corruption = Corruption(inputs, [replace(setup.point, setup.baseline)], "baseline")
     result = sweep(hooked, inputs, corruption, metric, hook=f"lm.blocks.{layer}.resid_pre", axes=("position",),
                    direction="noise", progress=False)
@@ -438,10 +411,10 @@ def explain(hooked: HookedModel, inputs: Mapping[str, Any], method: str = "integ
     Returns:
         An :class:`Explanation` with NaN outside the explained positions.
     """
-    _check_method(method)
+    check_method(method)
     inputs = hooked.check_inputs(inputs)
-    rows = [_explain_row(hooked, _setup(hooked, one, metric, mode), one, method, mode, options)
-            for one in (_rows(inputs, row) for row in range(hooked.spans(inputs).batch_size))]
+    rows = [explain_row(hooked, prepare(hooked, one, metric, mode), one, method, mode, options)
+            for one in (hooked.rows(inputs, row) for row in range(hooked.spans(inputs).batch_size))]
     info = dict(options)
     if method == "integrated_gradients":
         info["completeness_error"] = [e.info["completeness_error"][0] for e in rows]
@@ -449,7 +422,8 @@ def explain(hooked: HookedModel, inputs: Mapping[str, Any], method: str = "integ
                        torch.cat([e.value for e in rows]), info)
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
+    """Raise, naming the nearest explainers, when ``method`` is not one of :data:`EXPLAINERS`."""
     if method not in EXPLAINERS:
         from difflib import get_close_matches
 
@@ -457,27 +431,18 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown explainer {method!r}; did you mean {near}? Explainers: {sorted(EXPLAINERS)}")
 
 
-def _explain_row(hooked: HookedModel, setup: _Setup, one: dict, method: str, mode: str, options: Mapping[str, Any]
-                 ) -> Explanation:
-    """:func:`explain` of one input row from its :func:`_setup` (which fixes the metric and mode)."""
-    raw = EXPLAINERS[method](hooked, one, setup.metric, setup, **options).detach().float()
-    scores = torch.where(setup.explained.to(raw.device), raw, torch.full_like(raw, float("nan"))).cpu()
+def explain_row(hooked: HookedModel, prepared: Setup, one: dict, method: str, mode: str, options: Mapping[str, Any]
+                ) -> Explanation:
+    """:func:`explain` of one input row from its :func:`prepare` (which fixes the metric and mode)."""
+    raw = EXPLAINERS[method](hooked, one, prepared.metric, prepared, **options).detach().float()
+    scores = torch.where(prepared.explained.to(raw.device), raw, torch.full_like(raw, float("nan"))).cpu()
     info = dict(options)
     if method == "integrated_gradients":
         with torch.no_grad():
-            gap = setup.value - _with_embeds(hooked, one, setup.point, setup.baseline, setup.metric)
+            gap = prepared.value - with_embeds(hooked, one, prepared.point, prepared.baseline, prepared.metric)
         info["completeness_error"] = [float((scores.nansum() - gap[0]).abs())]
-    return Explanation(scores, setup.spans, method, mode, setup.value.float().cpu(), info)
+    return Explanation(scores, prepared.spans, method, mode, prepared.value.float().cpu(), info)
 
 
-def explain_all(hooked: HookedModel, inputs: Mapping[str, Any], methods: Sequence[str] = tuple(EXPLAINERS),
-                modes: Sequence[str] = ("joint",), metric: Metric | None = None) -> dict[tuple[str, str], Explanation]:
-    """:func:`explain` for every (method, mode); modes may include ``"unimodal"`` for each modality in turn."""
-    inputs = hooked.check_inputs(inputs)
-    expanded = []
-    for mode in modes:
-        expanded += hooked.spans(inputs).modalities if mode == "unimodal" else [mode]
-    return {(m, mode): explain(hooked, inputs, m, mode=mode, metric=metric) for m in methods for mode in expanded}
-
-
-__all__ = ["EXPLAINERS", "Explanation", "embedding_point", "explain", "explain_all", "predicted_prob"]
+__all__ = ["EXPLAINERS", "Explanation", "Setup", "check_method", "embedding_point", "explain", "explain_row", "masked_values",
+           "predicted_prob", "prepare", "with_embeds"]

@@ -23,10 +23,10 @@ positions, ``k`` top-k, ``d`` model width, ``vocab`` the unembedding's output si
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 from mmlens.core.adapter import get_module
 from mmlens.core.cache import Named
 from mmlens.core.spans import ModalitySpans, Selector
+from mmlens.core.unembed import Unembed
+from mmlens.core.unembed import Unembed as _Decoder  # the name TunedLens.fit uses until it moves to the shared fit loop
 from mmlens.core.wrapper import HookedModel
 
 
@@ -122,7 +124,7 @@ class LensResult:
         return pd.DataFrame(data)
 
 
-# -- the residual stream and the decoder ------------------------------------------------------------
+# -- the residual stream -----------------------------------------------------------------------------
 
 def residual_points(hooked: HookedModel, prefix: str = "lm") -> list[str]:
     """The residual-stream points of stack ``prefix`` in layer order: the input of block 0, then
@@ -136,21 +138,6 @@ def residual_points(hooked: HookedModel, prefix: str = "lm") -> list[str]:
     names = [f"{prefix}.blocks.0.resid_pre"] if "resid_pre" in kinds else []
     last = max(hp.layer for hp in blocks)
     return names + [f"{prefix}.blocks.{i}.{post}" for i in range(last + 1)]
-
-
-class _Decoder:
-    """``unembed(final_norm(h))`` with the model's own modules, found through the adapter."""
-
-    def __init__(self, hooked: HookedModel):
-        missing = [n for n in ("lm.final_norm", "lm.logits") if n not in hooked.hook_points]
-        if missing:
-            raise KeyError(f"the logit lens needs hook points {missing}, which adapter {hooked.adapter.name!r} "
-                           "does not define; add them to its table (see mmlens.language_model)")
-        self.norm = get_module(hooked.model, hooked.hook_points["lm.final_norm"].site.module)
-        self.unembed = get_module(hooked.model, hooked.hook_points["lm.logits"].site.module)
-
-    def __call__(self, h: Tensor) -> Tensor:
-        return self.unembed(self.norm(h))
 
 
 def _label_of(hooked: HookedModel, name: str) -> str:
@@ -210,7 +197,7 @@ def logit_lens(
     *,
     k: int = 5,
     targets: Any = None,
-    tuned: "TunedLens | None" = None,
+    tuned: TunedLens | None = None,
     prefix: str = "lm",
     positions: Selector = None,
     max_chunk_mb: float = 256.0,
@@ -235,71 +222,86 @@ def logit_lens(
         A :class:`LensResult`; its final layer decodes to the model's own logits.
     """
     names = residual_points(hooked, prefix)
-    decoder = _Decoder(hooked)
+    reader = Unembed(hooked)
     run = hooked.run(inputs, cache=names)
     spans = run.spans
-    hidden = torch.stack([run.cache[n] for n in names])
-    n_layer, b, pos, d = hidden.shape
-    target_ids = _targets(hooked, targets, b, hidden.device)
-
+    hidden = torch.stack([run.cache[n] for n in names])  # Float[layer, b, pos, d]
+    target_ids = _targets(hooked, targets, hidden.shape[1], hidden.device)
     decoded = spans.mask(positions) & spans.valid
-    where = decoded.to(hidden.device)
-    picked = hidden[:, where]
-    n_cells = picked.shape[1]
-    final_logits = decoder(hidden[-1]).float()[where]
-    final_logp = final_logits.log_softmax(-1)
-    vocab = final_logits.shape[-1]
-    cell_batch = where.nonzero()[:, 0]
-    cells_per_chunk = max(1, int(max_chunk_mb * 2**20 // (vocab * 4 * 3)))
-    out: dict[str, list[Tensor]] = {key: [] for key in ("ids", "probs", "entropy", "kl", "tprob", "trank")}
-
-    def add(logits: Tensor, cells: slice) -> None:
-        logp = logits.log_softmax(-1)
-        probs = logp.exp()
-        top_p, top_i = probs.topk(k, dim=-1)
-        out["ids"].append(top_i)
-        out["probs"].append(top_p)
-        out["entropy"].append(-(probs * logp).sum(-1))
-        ref = final_logp[cells]
-        out["kl"].append((ref.exp() * (ref - logp)).sum(-1).clamp_min(0.0))
-        if target_ids is not None:
-            t = target_ids[cell_batch[cells]]
-            out["tprob"].append(probs.gather(-1, t))
-            out["trank"].append((logits[..., None, :] > logits.gather(-1, t)[..., None]).sum(-1))
-
-    for layer in range(n_layer - 1):
-        for start in range(0, n_cells, cells_per_chunk):
-            cells = slice(start, min(start + cells_per_chunk, n_cells))
-            h = picked[layer, cells]
-            if tuned is not None:
-                h = tuned.translate(h, torch.full((h.shape[0],), layer, device=h.device))
-            add(decoder(h).float(), cells)
-    for start in range(0, n_cells, cells_per_chunk):
-        cells = slice(start, min(start + cells_per_chunk, n_cells))
-        add(final_logits[cells], cells)
-
-    def assemble(key: str) -> Tensor:
-        values = torch.cat(out[key]).reshape(n_layer, n_cells, *out[key][0].shape[1:]).cpu()
-        fill = -1 if values.dtype == torch.long else float("nan")
-        full = torch.full((n_layer, b, pos, *values.shape[2:]), fill, dtype=values.dtype)
-        full[:, decoded.cpu()] = values
-        return full
-
-    cosine = torch.full((n_layer, b, pos), float("nan"))
-    cosine[1:] = F.cosine_similarity(hidden[1:].float(), hidden[:-1].float(), dim=-1).cpu()
-    cosine[:, ~decoded.cpu()] = float("nan")
+    stats = _decode_cells(reader, hidden, decoded.to(hidden.device), k, target_ids, tuned, max_chunk_mb)
+    full = {key: _scatter(values, decoded.cpu(), hidden.shape[1:3]) for key, values in stats.items()}
     modalities = spans.modality_of_positions()
     return LensResult(
         lens="tuned" if tuned is not None else "logit",
         layers=[_label_of(hooked, n) for n in names], hooks=names,
-        top_ids=assemble("ids"), top_probs=assemble("probs"), entropy=assemble("entropy"), kl_to_final=assemble("kl"),
-        cosine_to_previous=cosine,
+        top_ids=full["ids"], top_probs=full["probs"], entropy=full["entropy"], kl_to_final=full["kl"],
+        cosine_to_previous=_cosine_to_previous(hidden, decoded.cpu()),
         target_ids=None if target_ids is None else target_ids.cpu(),
-        target_probs=assemble("tprob") if target_ids is not None else None,
-        target_ranks=assemble("trank") if target_ids is not None else None,
+        target_probs=full.get("tprob"), target_ranks=full.get("trank"),
         tokens=_input_tokens(hooked, inputs, modalities), modalities=modalities, spans=spans,
         decode=_decoder_text(hooked), decoded=decoded.cpu(),
     )
+
+
+def _decode_cells(reader: Unembed, hidden: Tensor, where: Tensor, k: int, target_ids: Tensor | None,
+                  tuned: TunedLens | None, max_chunk_mb: float) -> dict[str, Tensor]:
+    """Decode the residual vectors ``hidden`` Float[layer, b, pos, d] at the cells ``where`` Bool[b, pos],
+    in chunks of at most ``max_chunk_mb`` of logits; each statistic as [layer, cells, ...] on the CPU."""
+    n_layer = hidden.shape[0]
+    picked = hidden[:, where]
+    n_cells = picked.shape[1]
+    final_logits = reader(hidden[-1]).float()[where]
+    final_logp = final_logits.log_softmax(-1)
+    cell_batch = where.nonzero()[:, 0]
+    per_chunk = max(1, int(max_chunk_mb * 2**20 // (final_logits.shape[-1] * 4 * 3)))
+    out: dict[str, list[Tensor]] = {key: [] for key in ("ids", "probs", "entropy", "kl", "tprob", "trank")}
+    for layer in range(n_layer):
+        for start in range(0, n_cells, per_chunk):
+            cells = slice(start, min(start + per_chunk, n_cells))
+            if layer == n_layer - 1:
+                logits = final_logits[cells]
+            else:
+                h = picked[layer, cells]
+                if tuned is not None:
+                    h = tuned.translate(h, torch.full((h.shape[0],), layer, device=h.device))
+                logits = reader(h).float()
+            targets = target_ids[cell_batch[cells]] if target_ids is not None else None
+            for key, value in _cell_statistics(logits, final_logp[cells], k, targets).items():
+                out[key].append(value)
+    return {key: torch.cat(values).reshape(n_layer, n_cells, *values[0].shape[1:]).cpu()
+            for key, values in out.items() if values}
+
+
+def _cell_statistics(logits: Tensor, final_logp: Tensor, k: int, targets: Tensor | None) -> dict[str, Tensor]:
+    """Top-k ids and probabilities, entropy, KL(final || this) and the targets' probabilities and
+    ranks of decoded logits Float[cells, vocab] (``targets`` Long[cells, n] or None)."""
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+    top_p, top_i = probs.topk(k, dim=-1)
+    stats = {"ids": top_i, "probs": top_p, "entropy": -(probs * logp).sum(-1),
+             "kl": (final_logp.exp() * (final_logp - logp)).sum(-1).clamp_min(0.0)}
+    if targets is not None:
+        stats["tprob"] = probs.gather(-1, targets)
+        stats["trank"] = (logits[..., None, :] > logits.gather(-1, targets)[..., None]).sum(-1)
+    return stats
+
+
+def _scatter(values: Tensor, decoded: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Per-cell values [layer, cells, ...] -> [layer, b, pos, ...], ``-1`` / NaN at cells not decoded."""
+    fill = -1 if values.dtype == torch.long else float("nan")
+    full = torch.full((values.shape[0], *shape, *values.shape[2:]), fill, dtype=values.dtype)
+    full[:, decoded] = values
+    return full
+
+
+def _cosine_to_previous(hidden: Tensor, decoded: Tensor) -> Tensor:
+    """Float[layer, b, pos]: cosine of each residual vector with the previous layer's (NaN for the
+    first layer and at cells not decoded)."""
+    n_layer, b, pos, _ = hidden.shape
+    cosine = torch.full((n_layer, b, pos), float("nan"))
+    cosine[1:] = F.cosine_similarity(hidden[1:].float(), hidden[:-1].float(), dim=-1).cpu()
+    cosine[:, ~decoded] = float("nan")
+    return cosine
 
 
 # -- cross-modal decodings --------------------------------------------------------------------------
@@ -498,7 +500,7 @@ class TunedLens(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TunedLens":
+    def load(cls, path: str | Path) -> TunedLens:
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         lens = cls(meta["d_model"], meta["n_layers"])
@@ -506,11 +508,10 @@ class TunedLens(nn.Module):
         return lens
 
     @classmethod
-    def for_model(cls, hooked: HookedModel) -> "TunedLens":
+    def for_model(cls, hooked: HookedModel) -> TunedLens:
         """An identity-initialised tuned lens sized for ``hooked``'s language model."""
         names = residual_points(hooked)
-        decoder = _Decoder(hooked)
-        d = getattr(decoder.norm, "weight", None)
+        d = getattr(Unembed(hooked).norm, "weight", None)
         if d is None:
             raise TypeError("cannot infer the residual width from the final norm; use TunedLens(d_model, n_layers)")
         return cls(d.shape[0], len(names)).to(hooked.device)
@@ -524,7 +525,7 @@ def compare_lenses(logit: LensResult, tuned: LensResult, exclude_first: bool = T
         raise ValueError("the two results decode different inputs (shapes differ); run both lenses on the same batch")
     rows = []
     for m in logit.spans.modalities:
-        mask = _modality_mask(logit, m, exclude_first)
+        mask = modality_mask(logit, m, exclude_first)
         if not mask.any():
             continue
         for i, label in enumerate(logit.layers[:-1]):
@@ -535,7 +536,7 @@ def compare_lenses(logit: LensResult, tuned: LensResult, exclude_first: bool = T
     return pd.DataFrame(rows)
 
 
-def _modality_mask(result: LensResult, modality: str, exclude_first: bool) -> Tensor:
+def modality_mask(result: LensResult, modality: str, exclude_first: bool) -> Tensor:
     """Bool[b, pos]: the decoded positions of ``modality``, without each row's first real position
     when ``exclude_first``."""
     spans = result.spans
@@ -548,5 +549,5 @@ def _modality_mask(result: LensResult, modality: str, exclude_first: bool) -> Te
 
 __all__: Sequence[str] = (
     "LensResult", "TunedLens", "compare_lenses", "decode_encoder_layers", "decode_soft_tokens", "logit_lens",
-    "nearest_tokens", "residual_points",
+    "modality_mask", "nearest_tokens", "residual_points",
 )

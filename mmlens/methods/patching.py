@@ -8,9 +8,10 @@ patch: a hook point's layer, a position (or a modality span) and optionally a he
 Speed (``sweep``): all cells of one pair are patched in batched forwards (``batch_size`` variants
 per pass). For points in the language model's blocks (residual stream, attention/MLP outputs,
 heads) the sweep replays only blocks ``l..L-1`` from the target run's residual stream at block
-``l``: the earlier blocks, and any encoder or projector before the LM, are never recomputed. Under
-causal attention it also replays only positions from the first patched one on, with the keys and
-values of earlier positions taken from the target run. Only the final position is unembedded. Cells
+``l`` (:class:`mmlens.core.replay.BlockReplay`): the earlier blocks, and any encoder or projector
+before the LM, are never recomputed. When the adapter says the LM is causal it also replays only
+positions from the first patched one on, with the keys and values of earlier positions taken from
+the target run. Only the final position is unembedded. Cells
 whose source activation equals the target's (no-op patches) are not run at all. Replay matches a
 full forward to float round-off; ``tests/test_patching.py`` checks it on every kind of point.
 """
@@ -19,20 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmlens.core.adapter import HookPoint, get_module
-from mmlens.core.edits import Edit, HookContext, add, apply, replace
+from mmlens.core.adapter import HookPoint
+from mmlens.core.edits import Edit, HookContext, Where, add, apply, replace, selection_mask, where_selected
+from mmlens.core.replay import BlockReplay, FrozenEncoders
 from mmlens.core.spans import ModalitySpans
-from mmlens.core.wrapper import HookedModel
+from mmlens.core.wrapper import HookedModel, RunResult
 
 Metric = Callable[[Tensor], Tensor]
 """Final-position logits Float[b, vocab] -> one number per row Float[b]."""
@@ -105,13 +106,7 @@ def corrupt(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, metho
         other = hooked.check_inputs(other)
         other_spans = hooked.spans(other)
         check_same_layout(spans, other_spans, "inputs", "other")
-        if modality == "text":
-            text = spans.masks["text"].to(inputs["input_ids"].device)
-            swapped = {**inputs, "input_ids": torch.where(text, other["input_ids"], inputs["input_ids"])}
-        else:
-            text_keys = {"input_ids", "attention_mask"}
-            swapped = {**inputs, **{k: v for k, v in other.items() if k not in text_keys}}
-        return Corruption(swapped, [], f"{modality}: swapped with another example")
+        return Corruption(_swap(hooked, inputs, other, spans, modality), [], f"{modality}: swapped with another example")
     if method == "noise":
         point = "fusion.embeds" if "fusion.embeds" in hooked.hook_points else "lm.embed"
         run = hooked.run(inputs, cache=point)
@@ -122,6 +117,26 @@ def corrupt(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, metho
         delta = (torch.randn(embeds.shape, generator=g) * scale).to(embeds.device, embeds.dtype) * mask[..., None]
         return Corruption(dict(inputs), [add(point, delta)], f"{modality}: Gaussian noise x{noise} embedding std")
     raise ValueError(f"unknown corruption method {method!r}; use 'neutral', 'swap' or 'noise'")
+
+
+def _swap(hooked: HookedModel, inputs: dict, other: dict, spans: ModalitySpans, modality: str) -> dict:
+    """``inputs`` with the input keys of ``modality`` (``Adapter.modality_inputs``) taken from ``other``:
+    keys laid out along the fused sequence ([b, seq], e.g. token ids) at that modality's positions,
+    the others whole."""
+    keys = hooked.adapter.modality_inputs.get(modality)
+    if not keys:
+        raise KeyError(f"adapter {hooked.adapter.name!r} does not say which inputs carry {modality!r} (modality_inputs)")
+    mask = spans.masks[modality]
+    swapped = dict(inputs)
+    for k in keys:
+        if k not in other:
+            continue
+        own, new = inputs.get(k), other[k]
+        if isinstance(own, Tensor) and own.shape == mask.shape and own.shape == new.shape:
+            swapped[k] = torch.where(mask.to(own.device), new, own)
+        else:
+            swapped[k] = new
+    return swapped
 
 
 def check_same_layout(a: ModalitySpans, b: ModalitySpans, name_a: str = "clean", name_b: str = "corrupted") -> None:
@@ -139,13 +154,11 @@ def check_same_layout(a: ModalitySpans, b: ModalitySpans, name_a: str = "clean",
 
 @dataclass
 class Cell:
-    """One patch: ``layer`` (None for points without one), ``positions`` Bool[seq] (None = all),
-    ``head`` (None = all), and labels for the table."""
+    """One patch of a sweep: ``where`` (its hook point, positions ``at`` Bool[seq] or None = all, and
+    head ``heads`` or None = all), the ``layer`` (None for points without one), and labels for the table."""
 
-    point: str
+    where: Where
     layer: int | None
-    positions: Tensor | None
-    head: int | None
     labels: dict
 
 
@@ -162,8 +175,8 @@ class SweepResult:
         skipped: cells that were no-op patches (source == target activation) and not recomputed.
         method: how the other cells were run: ``"full forwards"``, ``"full forwards, encoders
             cached"`` (patches after the encoders: encoder blocks return their target-run outputs),
-            ``"replay"`` (blocks l..L-1) or ``"replay + kv"`` (blocks l..L-1 on positions from the
-            first patched one).
+            ``"replay"`` (blocks l..L-1; also when the adapter says the LM is not causal) or
+            ``"replay + kv"`` (blocks l..L-1 on positions from the first patched one).
     """
 
     table: pd.DataFrame
@@ -187,15 +200,16 @@ AXES = {("layer", "position"), ("layer", "span"), ("layer", "head"), ("position"
         ("head",), ("layer", "position", "head")}
 
 
-def _points(hooked: HookedModel, hook: str) -> list[HookPoint]:
-    """``hook`` as a full name (one point) or a short block-point name (every layer of it)."""
+def points(hooked: HookedModel, hook: str) -> list[HookPoint]:
+    """The hook points ``hook`` names: a full name (one point) or a short block-point name (every
+    layer of it, in layer order)."""
     if hook in hooked.hook_points:
         return [hooked.hook_points[hook]]
     prefix, kind = hook.rsplit(".", 1) if "." in hook else ("lm", hook)
-    points = [hp for hp in hooked.hook_points.values() if hp.prefix == prefix and hp.kind == kind and hp.layer is not None]
-    if not points:
+    found = [hp for hp in hooked.hook_points.values() if hp.prefix == prefix and hp.kind == kind and hp.layer is not None]
+    if not found:
         return [hooked.resolve(hook)]
-    return sorted(points, key=lambda hp: hp.layer)
+    return sorted(found, key=lambda hp: hp.layer)
 
 
 def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], spans: ModalitySpans, row: int,
@@ -236,7 +250,7 @@ def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], 
                     labels["span"] = key
                 if head is not None:
                     labels["head"] = head
-                cells.append(Cell(hp.name, layer, mask, head, labels))
+                cells.append(Cell(Where(hp.name, mask, head), layer, labels))
     return cells
 
 
@@ -248,46 +262,46 @@ def _patch_edit(hp: HookPoint, rows: list[tuple[int, Cell]], source: Tensor, sta
         out = act.clone()
         src = source[:, start:].to(act.device, act.dtype) if start else source.to(act.device, act.dtype)
         for r, cell in rows:
-            if cell.positions is None and cell.head is None:
-                out[r] = src[0]
-                continue
-            pos = cell.positions[start:].to(act.device) if cell.positions is not None else slice(None)
-            if cell.head is None:
-                out[r, pos] = src[0, pos]
-            else:
-                out[r, pos, cell.head] = src[0, pos, cell.head]
+            mask = _cell_mask(cell, hp, out[r:r + 1], start)
+            out[r:r + 1] = where_selected(mask, src, out[r:r + 1])
         return out
 
     return apply(hp.name, fn)
 
 
-def _unchanged(cell: Cell, source: Tensor, target: Tensor) -> bool:
+def _cell_mask(cell: Cell, hp: HookPoint, act: Tensor, start: int = 0) -> Tensor | None:
+    """The cell's (positions x heads) mask over ``act`` Float[1, seq - start, ...] (None: all of it)."""
+    return selection_mask(cell.where, act, hp, lambda at: at[start:].to(act.device)[None])
+
+
+def _unchanged(cell: Cell, hp: HookPoint, source: Tensor, target: Tensor) -> bool:
     """Whether patching ``cell`` writes exactly the value already there (source == target, batch 1)."""
     if source.shape != target.shape:
         return False
-    src, tgt = source[0], target[0]
-    if cell.positions is not None:
-        pos = cell.positions.to(src.device)
-        src, tgt = src[pos], tgt[pos]
-    if cell.head is not None:
-        src, tgt = src[..., cell.head, :], tgt[..., cell.head, :]
-    return torch.equal(src, tgt)
+    mask = _cell_mask(cell, hp, source)
+    return torch.equal(source, target) if mask is None else torch.equal(source[mask], target[mask])
 
 
-def _repeat(inputs: Mapping[str, Any], n: int) -> dict:
-    """Inputs of batch 1 repeated to batch ``n`` (graph tensors shared, node ids repeated)."""
-    out = {}
-    for k, v in inputs.items():
-        if isinstance(v, Tensor) and k not in ("node_features", "edge_index"):
-            out[k] = v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v.repeat(n, *([1] * (v.dim() - 1)))
-        else:
-            out[k] = v
-    return out
 
+@dataclass
+class _PairRuns:
+    """One pair's unpatched runs (one row each), its metric, and what replays the target run's
+    patched variants (a :class:`BlockReplay`, :class:`FrozenEncoders`, or neither: full forwards)."""
 
-def _row(inputs: Mapping[str, Any], i: int) -> dict:
-    return {k: (v[i:i + 1] if isinstance(v, Tensor) and k not in ("node_features", "edge_index") else v)
-            for k, v in inputs.items()}
+    target: dict
+    source_run: RunResult
+    target_run: RunResult
+    metric: Metric
+    source_value: float
+    target_value: float
+    engine: BlockReplay | None
+    frozen: FrozenEncoders | None
+
+    @property
+    def method(self) -> str:
+        if self.engine is not None:
+            return self.engine.method
+        return "full forwards, encoders cached" if self.frozen is not None else "full forwards"
 
 
 def sweep(
@@ -316,10 +330,10 @@ def sweep(
         axes: ``("layer", "position")``, ``("layer", "span")``, ``("layer", "head")``, ``("position",)``, ...
         direction: ``"denoise"`` (clean -> corrupted run) or ``"noise"`` (corrupted -> clean run).
         batch_size: patched variants per forward pass.
-        replay: reuse what a patch cannot change: for points in the LM's blocks, recompute only
-            blocks l..L-1 and, under causal attention, only positions from the first patched one;
-            for points after the encoders (projector, fusion), reuse the encoder outputs. ``False``
-            runs every cell as a plain full forward.
+        replay: reuse what a patch cannot change (:mod:`mmlens.core.replay`): for points in the LM's
+            blocks, recompute only blocks l..L-1 and, when the adapter says the LM is causal, only
+            positions from the first patched one; for points after the encoders (projector,
+            fusion), reuse the encoder outputs. ``False`` runs every cell as a plain full forward.
         skip_unchanged: a cell whose source activation equals the target's bit for bit (e.g. every
             position before the first token where clean and corrupted prompts differ) is a no-op
             patch: its value is the unpatched target run's metric, and it is not recomputed.
@@ -334,87 +348,115 @@ def sweep(
         raise ValueError(f"axes {axes} not supported; use one of {sorted(AXES)}")
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
+    corruption = _as_corruption(corrupted)
     clean = hooked.check_inputs(clean)
     corrupt_inputs = hooked.check_inputs(corruption.inputs)
-    clean_spans, corrupt_spans = hooked.spans(clean), hooked.spans(corrupt_inputs)
-    if "span" not in axes and any(hp.fused_positions for hp in _points(hooked, hook)):
-        check_same_layout(clean_spans, corrupt_spans)
-    points = _points(hooked, hook)
-    if layers is not None:
-        wanted = set(layers)
-        points = [hp for hp in points if hp.layer in wanted]
-        if not points:
-            raise ValueError(f"layers {sorted(wanted)} select no layer of {hook!r}")
-    names = [hp.name for hp in points]
-    source_in, source_edits, target_in, target_edits = (
-        (clean, [], corrupt_inputs, corruption.edits) if direction == "denoise" else (corrupt_inputs, corruption.edits, clean, []))
-    target_spans = hooked.spans(target_in)
-    n_pairs = clean_spans.batch_size
+    clean_spans = hooked.spans(clean)
+    swept = _select_layers(points(hooked, hook), layers, hook)
+    if "span" not in axes and any(hp.fused_positions for hp in swept):
+        check_same_layout(clean_spans, hooked.spans(corrupt_inputs))
+    source, target = (clean, []), (corrupt_inputs, corruption.edits)
+    if direction == "noise":
+        source, target = target, source
+    reuse = _reuse(hooked, swept, target[1]) if replay else None
+    target_spans = hooked.spans(target[0])
     decode = _token_text(hooked)
-    use_replay = replay and {"lm.final_norm", "lm.logits"} <= set(hooked.hook_points) and all(
-        hp.prefix == "lm" and hp.layer is not None and hp.kind in REPLAY_KINDS for hp in points)
-    edited = [hooked.resolve(e.hook) for e in target_edits]
-    use_frozen = replay and not use_replay and any(hp.stage == "encoder" for hp in hooked.hook_points.values()) \
-        and all(hp.stage != "encoder" for hp in points + edited)
-    rows = []
-    clean_values, corrupt_values, skipped, method = [], [], 0, "full forwards"
-    for pair in range(n_pairs):
-        src, tgt = _row(source_in, pair), _row(target_in, pair)
-        src_run = hooked.run(src, cache=names, edits=source_edits)
-        clean_row = _row(clean, pair)
-        clean_run_logits = src_run.logits if direction == "denoise" else hooked.run(clean_row).logits
-        clean_logits = last_logits(clean_run_logits, clean_row.get("attention_mask"))
-        pair_metric = kl_from(clean_logits) if metric == "kl" else metric
-        if not callable(pair_metric):
-            raise ValueError(f"metric must be a callable on final-position logits or 'kl', got {metric!r}")
-        engine = _Replay(hooked) if use_replay else None
-        frozen = _FrozenEncoders(hooked) if use_frozen else None
-        target_names = names + ([f"lm.blocks.{len(engine.modules) - 1}.resid_post"] if engine else [])
-        with engine.capture() if engine else frozen.record() if frozen else contextlib.nullcontext():
-            tgt_run = hooked.run(tgt, cache=list(dict.fromkeys(target_names)), edits=target_edits)
-        mask = tgt.get("attention_mask")
-        last = int(mask[0].nonzero().max()) if mask is not None else tgt_run.logits.shape[1] - 1
-        if engine is not None and not (engine.usable and engine.reproduces(
-                tgt_run.cache[target_names[-1]], last_logits(tgt_run.logits, mask), last)):
-            engine = None  # e.g. a head that pools positions: patched cells run full forwards
-        if engine is not None:
-            method = "replay + kv" if engine.reuse_kv else "replay"
-        if frozen is not None and not frozen.active:
-            frozen = None
-        if frozen is not None:
-            method = "full forwards, encoders cached"
-        source_value = float(pair_metric(last_logits(src_run.logits, src.get("attention_mask")))[0])
-        target_value = float(pair_metric(last_logits(tgt_run.logits, mask))[0])
-        clean_v, corrupt_v = (source_value, target_value) if direction == "denoise" else (target_value, source_value)
+    rows, clean_values, corrupt_values, skipped, method = [], [], [], 0, "full forwards"
+    for pair in range(clean_spans.batch_size):
+        runs = _pair_runs(hooked, pair, clean, source, target, direction, metric, swept, reuse)
+        method = runs.method if runs.method != "full forwards" else method
+        pair_values = (runs.source_value, runs.target_value)
+        clean_v, corrupt_v = pair_values if direction == "denoise" else pair_values[::-1]
         clean_values.append(clean_v)
         corrupt_values.append(corrupt_v)
-        tokens = _row_tokens(decode, tgt, target_spans, pair)
-        lengths = {n: src_run.cache[n].shape[1] for n in names if not hooked.hook_points[n].fused_positions
-                   and src_run.cache[n].dim() >= 3}
-        cells = _cells(hooked, points, axes, target_spans, pair, tokens, lengths)
-        if "span" in axes:
-            cells = [c for c in cells if c.positions is None or c.positions.any()]
-        values = [target_value if skip_unchanged and _unchanged(c, src_run.cache[c.point], tgt_run.cache[c.point])
-                  else None for c in cells]
-        todo = [i for i, v in enumerate(values) if v is None]
-        skipped += len(cells) - len(todo)
-        bar = tqdm(range(0, len(todo), batch_size), desc=f"patching pair {pair}", disable=not progress)
-        for start in bar:
-            chunk = [cells[i] for i in todo[start:start + batch_size]]
-            if engine is not None:
-                logits = engine.patched_logits(chunk, {n: src_run.cache[n] for n in names}, tgt_run.cache, last)
-            else:
-                with frozen.replaying() if frozen else contextlib.nullcontext():
-                    logits = _patched_full(hooked, tgt, target_edits, chunk, src_run, points)
-            for i, v in zip(todo[start:start + batch_size], pair_metric(logits).float().cpu().tolist()):
-                values[i] = v
-        gap = source_value - target_value
-        for cell, v in zip(cells, values):
-            rows.append({"pair": pair, **cell.labels, "value": v,
-                         "normalized": (v - target_value) / gap if gap != 0 else float("nan")})
+        cells = _pair_cells(hooked, swept, axes, target_spans, pair, decode, runs)
+        values, n_skipped = _cell_values(hooked, runs, cells, target[1], batch_size, skip_unchanged,
+                                         tqdm_options={"desc": f"patching pair {pair}", "disable": not progress})
+        skipped += n_skipped
+        gap = runs.source_value - runs.target_value
+        rows += [{"pair": pair, **cell.labels, "value": v,
+                  "normalized": (v - runs.target_value) / gap if gap != 0 else float("nan")} for cell, v in zip(cells, values)]
     return SweepResult(table=pd.DataFrame(rows), clean=clean_values, corrupted=corrupt_values, direction=direction,
                        hook=hook, axes=axes, skipped=skipped, method=method)
+
+
+def _as_corruption(corrupted: Mapping[str, Any] | Corruption) -> Corruption:
+    return corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
+
+
+def _select_layers(swept: list[HookPoint], layers: Sequence[int] | None, hook: str) -> list[HookPoint]:
+    """The points of ``swept`` at ``layers`` (all when None)."""
+    if layers is None:
+        return swept
+    wanted = set(layers)
+    chosen = [hp for hp in swept if hp.layer in wanted]
+    if not chosen:
+        raise ValueError(f"layers {sorted(wanted)} select no layer of {hook!r}")
+    return chosen
+
+
+def _reuse(hooked: HookedModel, swept: list[HookPoint], target_edits: list[Edit]) -> str | None:
+    """What a replay of the target run can reuse: ``"blocks"`` (:class:`BlockReplay`), ``"encoders"``
+    (:class:`FrozenEncoders`) or nothing."""
+    if BlockReplay.supports(hooked, swept):
+        return "blocks"
+    edited = [hooked.resolve(e.hook) for e in target_edits]
+    return "encoders" if FrozenEncoders.supports(hooked, swept + edited) else None
+
+
+def _pair_runs(hooked: HookedModel, pair: int, clean: dict, source: tuple[dict, list[Edit]],
+               target: tuple[dict, list[Edit]], direction: str, metric: Metric | str, swept: list[HookPoint],
+               reuse: str | None) -> _PairRuns:
+    """Run row ``pair`` of the source and the target inputs (the target run recorded for reuse)."""
+    names = [hp.name for hp in swept]
+    src, tgt = hooked.rows(source[0], pair), hooked.rows(target[0], pair)
+    src_run = hooked.run(src, cache=names, edits=source[1])
+    clean_row = hooked.rows(clean, pair)
+    clean_logits = hooked.readout_logits(src_run.logits if direction == "denoise" else hooked.run(clean_row).logits,
+                                         clean_row)
+    pair_metric = kl_from(clean_logits) if metric == "kl" else metric
+    if not callable(pair_metric):
+        raise TypeError(f"metric must be a callable on final-position logits or 'kl', got {metric!r}")
+    engine = BlockReplay(hooked) if reuse == "blocks" else None
+    frozen = FrozenEncoders(hooked) if reuse == "encoders" else None
+    cache = list(dict.fromkeys(names + ([engine.final_point] if engine else [])))
+    with engine.capture() if engine else frozen.record() if frozen else contextlib.nullcontext():
+        tgt_run = hooked.run(tgt, cache=cache, edits=target[1])
+    if engine is not None and not engine.ready(tgt_run, tgt):
+        engine = None  # e.g. a head that pools positions: patched cells run full forwards
+    if frozen is not None and not frozen.active:
+        frozen = None
+    return _PairRuns(tgt, src_run, tgt_run, pair_metric, float(pair_metric(hooked.readout_logits(src_run.logits, src))[0]),
+                     float(pair_metric(hooked.readout_logits(tgt_run.logits, tgt))[0]), engine, frozen)
+
+
+def _pair_cells(hooked: HookedModel, swept: list[HookPoint], axes: tuple[str, ...], spans: ModalitySpans, pair: int,
+                decode: Callable[[list[int]], list[str]], runs: _PairRuns) -> list[Cell]:
+    """The cells of one pair (spans it lacks left out)."""
+    cache = runs.source_run.cache
+    lengths = {hp.name: cache[hp.name].shape[1] for hp in swept if not hp.fused_positions and cache[hp.name].dim() >= 3}
+    cells = _cells(hooked, swept, axes, spans, pair, _row_tokens(decode, runs.target, spans, pair), lengths)
+    return [c for c in cells if c.where.at is None or c.where.at.any()] if "span" in axes else cells
+
+
+def _cell_values(hooked: HookedModel, runs: _PairRuns, cells: list[Cell], target_edits: list[Edit], batch_size: int,
+                 skip_unchanged: bool, tqdm_options: dict) -> tuple[list[float], int]:
+    """The metric with each cell patched, in batches, and how many no-op cells were skipped."""
+    values = [runs.target_value if skip_unchanged and _unchanged(c, hooked.hook_points[c.where.hook],
+                                                                 runs.source_run.cache[c.where.hook],
+                                                                 runs.target_run.cache[c.where.hook]) else None
+              for c in cells]
+    todo = [i for i, v in enumerate(values) if v is None]
+    for start in tqdm(range(0, len(todo), batch_size), **tqdm_options):
+        chunk = [cells[i] for i in todo[start:start + batch_size]]
+        if runs.engine is not None:
+            logits = _replayed_logits(hooked, runs.engine, chunk, runs.source_run.cache)
+        else:
+            with runs.frozen.replaying() if runs.frozen else contextlib.nullcontext():
+                logits = _patched_full(hooked, runs.target, target_edits, chunk, runs.source_run.cache)
+        for i, v in zip(todo[start:start + batch_size], runs.metric(logits).float().cpu().tolist()):
+            values[i] = v
+    return values, len(cells) - len(todo)
 
 
 def _token_text(hooked: HookedModel) -> Callable[[list[int]], list[str]]:
@@ -435,323 +477,50 @@ def _row_tokens(decode, inputs: Mapping[str, Any], spans: ModalitySpans, pair: i
     return [next(tokens) if m in ("text", "pad") and text_like == len(text) else f"<{m}>" for m in modality]
 
 
-def _patched_full(hooked: HookedModel, target: dict, target_edits: list[Edit], chunk: list[Cell], src_run,
-                  points: list[HookPoint]) -> Tensor:
+
+def _patched_full(hooked: HookedModel, target: dict, target_edits: list[Edit], chunk: list[Cell],
+                  sources: Mapping[str, Tensor]) -> Tensor:
     """Full batched forwards, one row per cell, with per-row patch edits."""
-    batch = _repeat(target, len(chunk))
+    batch = hooked.repeat(target, len(chunk))
     by_point: dict[str, list[tuple[int, Cell]]] = {}
     for r, cell in enumerate(chunk):
-        by_point.setdefault(cell.point, []).append((r, cell))
-    edits = list(target_edits) + [_patch_edit(hooked.hook_points[p], rows, src_run.cache[p]) for p, rows in by_point.items()]
+        by_point.setdefault(cell.where.hook, []).append((r, cell))
+    edits = list(target_edits) + [_patch_edit(hooked.hook_points[p], rows, sources[p]) for p, rows in by_point.items()]
     run = hooked.run(batch, edits=edits)
-    return last_logits(run.logits, batch.get("attention_mask"))
+    return hooked.readout_logits(run.logits, batch)
 
 
-class _FrozenEncoders:
-    """Encoder blocks that return their target-run outputs instead of computing, for batched runs
-    whose patches all lie after the encoders (projector, fusion, LM).
-
-    ``with frozen.record(): target_run = hooked.run(...)`` records each encoder block's output;
-    inside ``with frozen.replaying():`` every such block returns that output, repeated to the batch
-    (an input with the recorded batch size, e.g. a graph shared by all rows, gets it unchanged).
-    """
-
-    def __init__(self, hooked: HookedModel):
-        paths = dict.fromkeys(hp.site.module for hp in hooked.hook_points.values()
-                              if hp.stage == "encoder" and hp.layer is not None and hp.kind in ("resid_pre", "out"))
-        self.modules = [get_module(hooked.model, path) for path in paths]
-        self.outputs: dict[int, tuple[int, Any]] = {}
-
-    @contextlib.contextmanager
-    def record(self) -> Iterator[None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            self.outputs[id(module)] = (_batch_of(args, kwargs), output)
-
-        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self.modules]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    @property
-    def active(self) -> bool:
-        """Whether any encoder block ran in the recorded run (e.g. not when the graph is given as embeddings)."""
-        return bool(self.outputs)
-
-    @contextlib.contextmanager
-    def replaying(self) -> Iterator[None]:
-        replaced = [m for m in self.modules if id(m) in self.outputs]
-        for module in replaced:
-            recorded_batch, output = self.outputs[id(module)]
-
-            def forward(*args: Any, _batch: int = recorded_batch, _output: Any = output, **kwargs: Any) -> Any:
-                n = _batch_of(args, kwargs)
-                return _output if n == _batch else _tile(_output, n // _batch)
-
-            module.forward = forward
-        try:
-            yield
-        finally:
-            for module in replaced:
-                del module.forward
-
-
-def _batch_of(args: tuple, kwargs: dict) -> int:
-    """The leading size of a call's first tensor argument."""
-    return next(v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)).shape[0]
-
-
-def _tile(value: Any, n: int) -> Any:
-    """``value`` (a tensor, or a tuple/list/ModelOutput of them) repeated ``n`` times along dim 0."""
-    if isinstance(value, Tensor):
-        return value.repeat(n, *([1] * (value.dim() - 1)))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_tile(v, n) for v in value)
-    if isinstance(value, Mapping):
-        return type(value)(**{k: _tile(v, n) for k, v in value.items()})
-    return value
-
-
-class _KVRecorder:
-    """Passed as ``past_key_values`` to each block during the target run: records every attention
-    layer's keys and values Float[b, kv_heads, seq, d_head] and returns them unchanged (a prefill)."""
-
-    def __init__(self) -> None:
-        self.entries: list[tuple[Tensor, Tensor]] = []
-
-    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        self.entries.append((keys, values))
-        return keys, values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-class _PrefixKV:
-    """``past_key_values`` for a replay of positions ``start..``: each attention layer's new keys and
-    values are appended to the target run's keys and values of positions ``< start`` (batch ``n``)."""
-
-    def __init__(self, entries: list[tuple[Tensor, Tensor]], first_block: int, start: int, n: int) -> None:
-        self.entries, self.first_block, self.start, self.n = entries, first_block, start, n
-        self.calls = 0
-
-    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        old_k, old_v = self.entries[self.first_block + self.calls]
-        self.calls += 1
-        prefix_k = old_k[..., :self.start, :].expand(self.n, *old_k.shape[1:-2], self.start, old_k.shape[-1])
-        prefix_v = old_v[..., :self.start, :].expand(self.n, *old_v.shape[1:-2], self.start, old_v.shape[-1])
-        return torch.cat([prefix_k.to(keys.dtype), keys], dim=-2), torch.cat([prefix_v.to(values.dtype), values], dim=-2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.start
-
-
-_POSITIONAL_KWARGS = {"position_ids": 1, "cache_position": 0, "position_embeddings": 1}
-_KV_KWARGS = ("past_key_values", "cache")
-"""A block's key/value-cache argument: ``past_key_values``, renamed ``cache`` in transformers 5.24."""
-REPLAY_KINDS = {"resid_pre", "attn_out", "z", "resid_mid", "mlp_out", "resid_post"}
-
-
-class _Replay:
-    """Recompute only what a patch can change.
-
-    A patch at block ``l`` (or inside it) cannot change blocks ``< l``, so the LM's blocks ``l..L-1``
-    are re-run from the target run's residual stream at block ``l``, with the call arguments each
-    block received in that run. Under causal attention a patch at position ``p`` cannot change
-    positions ``< p`` either: the blocks then run on positions ``p0..`` only (``p0`` the earliest
-    patched position of the batch), attending to the target run's keys and values for positions
-    ``< p0``. Only the final position is normalized and unembedded.
-
-    Use: ``with engine.capture(): target_run = hooked.run(...)`` records the block calls (and the
-    keys/values) during the target run; then :meth:`patched_logits` per chunk of cells.
-    """
-
-    def __init__(self, hooked: HookedModel):
-        self.hooked = hooked
-        blocks = sorted((hp for hp in hooked.hook_points.values()
-                         if hp.prefix == "lm" and hp.kind == "resid_pre" and hp.layer is not None), key=lambda hp: hp.layer)
-        self.modules = [get_module(hooked.model, hp.site.module) for hp in blocks]
-        self.hidden = [hp.site.kwarg or "hidden_states" for hp in blocks]
-        self.norm = get_module(hooked.model, hooked.hook_points["lm.final_norm"].site.module)
-        self.unembed = get_module(hooked.model, hooked.hook_points["lm.logits"].site.module)
-        self.calls: list[dict[str, Any]] = []
-        self.recorder = _KVRecorder()
-        self.reuse_kv = False
-        self.usable = True
-        self.kv_kwarg = "past_key_values"
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[None]:
-        """Record the block calls of the forward run inside (the target run)."""
-        self.calls, self.recorder = [], _KVRecorder()
-        handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in self.modules]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-        self.usable = self.usable and len(self.calls) == len(self.modules)
-        self.reuse_kv = self.usable and self._kv_reusable()
-
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        signature = inspect.signature(module.forward)
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError:
-            self.usable = False
-            return None
-        named: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            kind = signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                named.update(value)
-            elif kind is inspect.Parameter.VAR_POSITIONAL:
-                if value:
-                    self.usable = False
-                    return None
+def _replayed_logits(hooked: HookedModel, engine: BlockReplay, chunk: list[Cell], sources: Mapping[str, Tensor]) -> Tensor:
+    """Readout logits Float[len(chunk), vocab] of the target run with each cell patched, replayed from
+    the cell's block (and, with keys/values reused, from the chunk's first patched position) on."""
+    results: dict[int, Tensor] = {}
+    by_block: dict[int, list[tuple[int, Cell]]] = {}
+    for r, cell in enumerate(chunk):
+        hp = hooked.hook_points[cell.where.hook]
+        by_block.setdefault(cell.layer + 1 if hp.kind == "resid_post" else cell.layer, []).append((r, cell))
+    for block, rows in by_block.items():
+        start = engine.start(block, min(_first_position(cell) for _, cell in rows))
+        base = engine.block_input(block)
+        h = base[:, start:].expand(len(rows), base.shape[1] - start, *base.shape[2:]).clone()
+        inner: dict[str, list[tuple[int, Cell]]] = {}
+        for i, (_, cell) in enumerate(rows):
+            hp = hooked.hook_points[cell.where.hook]
+            if hp.kind in ("resid_pre", "resid_post"):
+                mask = _cell_mask(cell, hp, h[i:i + 1], start)
+                h[i:i + 1] = where_selected(mask, sources[hp.name][:, start:].to(h.device, h.dtype), h[i:i + 1])
             else:
-                named[name] = value
-        layer = len(self.calls)
-        if layer < len(self.hidden) and self.hidden[layer] not in named:
-            first = next(iter(signature.parameters), None)  # e.g. ``x`` instead of ``hidden_states``
-            if first is None or not isinstance(named.get(first), Tensor):
-                self.usable = False
-                return None
-            self.hidden[layer] = first
-        self.calls.append({k: v for k, v in named.items() if k not in _KV_KWARGS})
-        kv = next((name for name in _KV_KWARGS if name in signature.parameters), None)
-        if kv is None:
-            return None
-        self.kv_kwarg = kv
-        return (), {**named, kv: self.recorder}
-
-    @torch.no_grad()
-    def reproduces(self, final_resid: Tensor, logits: Tensor, last: int) -> bool:
-        """Whether normalizing and unembedding the final block's output Float[1, seq, d] at ``last``
-        gives the model's final logits Float[1, vocab] (not so for heads that pool positions)."""
-        mine = self.unembed(self.norm(final_resid[:, last]))
-        if mine.shape != logits.shape:
-            return False
-        return bool((mine.float() - logits.float()).abs().max() <= 1e-4 * logits.float().abs().max() + 1e-5)
-
-    def _kv_reusable(self) -> bool:
-        """Keys/values can be reused when every block is causal self-attention that recorded them
-        once, and every sequence-long call argument is one we know how to cut to a suffix."""
-        if len(self.recorder.entries) != len(self.modules):
-            return False
-        for module in self.modules:
-            flags = [m.is_causal for m in module.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-            if not flags or not all(flags):
-                return False
-        seq = self.calls[0][self.hidden[0]].shape[1]
-        if any(k.shape[-2] != seq for k, _ in self.recorder.entries):
-            return False
-        for call, hidden in zip(self.calls, self.hidden):
-            for name, value in call.items():
-                if name == hidden or name in _POSITIONAL_KWARGS:
-                    continue
-                if name == "attention_mask":
-                    if value is not None and not (value.dim() == 4 and value.shape[-2] == seq) and value.dim() != 2:
-                        return False
-                elif _has_seq_axis(value, seq):
-                    return False
-        return True
-
-    def _block_kwargs(self, layer: int, start: int, n: int) -> dict[str, Any]:
-        """Block ``layer``'s call arguments for queries at positions ``start..`` (batch ``n``)."""
-        call = self.calls[layer]
-        out = {k: v for k, v in call.items() if k != self.hidden[layer]}
-        if self.reuse_kv:
-            seq = call[self.hidden[layer]].shape[1]
-            for name, axis in _POSITIONAL_KWARGS.items():
-                if call.get(name) is not None:
-                    out[name] = _cut(call[name], axis, start)
-            mask = call.get("attention_mask")
-            if mask is None:
-                dtype = call[self.hidden[layer]].dtype
-                allowed = torch.arange(start, seq)[:, None] >= torch.arange(seq)[None, :]
-                mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-                out["attention_mask"] = mask[None, None].to(call[self.hidden[layer]].device)
-            elif mask.dim() == 4:
-                out["attention_mask"] = mask[..., start:, :]
-            out[self.kv_kwarg] = _PrefixKV(self.recorder.entries, layer, start, n)
-        return _expand(out, n)
-
-    @torch.no_grad()
-    def patched_logits(self, chunk: list[Cell], sources: dict[str, Tensor], target_cache: Mapping[str, Tensor],
-                       last: int) -> Tensor:
-        """Final-position logits Float[len(chunk), vocab] for the cells of ``chunk`` (``sources``:
-        the source run's activation per point; ``last``: the final real position)."""
-        results: dict[int, Tensor] = {}
-        by_block: dict[int, list[tuple[int, Cell]]] = {}
-        for r, cell in enumerate(chunk):
-            hp = self.hooked.hook_points[cell.point]
-            by_block.setdefault(cell.layer + 1 if hp.kind == "resid_post" else cell.layer, []).append((r, cell))
-        n_blocks = len(self.modules)
-        for block, rows in by_block.items():
-            start = min(_first_position(cell) for _, cell in rows) if self.reuse_kv and block < n_blocks else 0
-            base = self.calls[block][self.hidden[block]] if block < n_blocks else \
-                target_cache[f"lm.blocks.{n_blocks - 1}.resid_post"]
-            h = base[:, start:].expand(len(rows), base.shape[1] - start, *base.shape[2:]).clone()
-            inner: dict[str, list[tuple[int, Cell]]] = {}
-            for i, (_, cell) in enumerate(rows):
-                if self.hooked.hook_points[cell.point].kind in ("resid_pre", "resid_post"):
-                    _write(h, i, cell, sources[cell.point][:, start:], start)
-                else:
-                    inner.setdefault(cell.point, []).append((i, cell))
-            edits = [_patch_edit(self.hooked.hook_points[p], cells, sources[p], start) for p, cells in inner.items()]
-            with self.hooked.hooked(edits=edits) if edits else contextlib.nullcontext():
-                for layer in range(block, n_blocks):
-                    h = _first(self.modules[layer](**{self.hidden[layer]: h}, **self._block_kwargs(layer, start, len(rows))))
-            logits = self.unembed(self.norm(h[:, last - start]))
-            for i, (r, _) in enumerate(rows):
-                results[r] = logits[i]
-        return torch.stack([results[r] for r in range(len(chunk))])
+                inner.setdefault(hp.name, []).append((i, cell))
+        edits = [_patch_edit(hooked.hook_points[p], cells, sources[p], start) for p, cells in inner.items()]
+        logits = engine.logits(h, block, start, edits)
+        for i, (r, _) in enumerate(rows):
+            results[r] = logits[i]
+    return torch.stack([results[r] for r in range(len(chunk))])
 
 
 def _first_position(cell: Cell) -> int:
-    return 0 if cell.positions is None else int(cell.positions.nonzero()[0])
+    return 0 if cell.where.at is None else int(cell.where.at.nonzero()[0])
 
 
-def _write(h: Tensor, row: int, cell: Cell, source: Tensor, start: int) -> None:
-    """Write ``source`` (batch 1, positions ``start..``) into row ``row`` of ``h`` at the cell's positions."""
-    source = source.to(h.device, h.dtype)
-    if cell.positions is None:
-        h[row] = source[0]
-    else:
-        pos = cell.positions[start:].to(h.device)
-        h[row, pos] = source[0, pos]
-
-
-def _cut(value: Any, axis: int, start: int) -> Any:
-    """``value`` (a tensor or a tuple of them) from index ``start`` on along ``axis``."""
-    if isinstance(value, tuple):
-        return tuple(_cut(v, axis, start) for v in value)
-    return value.narrow(axis, start, value.shape[axis] - start)
-
-
-def _has_seq_axis(value: Any, seq: int) -> bool:
-    if isinstance(value, (tuple, list)):
-        return any(_has_seq_axis(v, seq) for v in value)
-    return isinstance(value, Tensor) and seq > 1 and seq in value.shape[1:]
-
-
-
-def _expand(kwargs: dict, n: int) -> dict:
-    out = {}
-    for k, v in kwargs.items():
-        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == 1 and k != "cache_position":
-            out[k] = v.expand(n, *v.shape[1:])
-        elif isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
-            out[k] = tuple(t.expand(n, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == 1 else t for t in v)
-        else:
-            out[k] = v
-    return out
-
-
-def _first(output: Any) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 # -- attribution patching ---------------------------------------------------------------------------
@@ -763,38 +532,34 @@ def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: 
     backward pass per pair. Same table layout as :func:`sweep` (``value`` is the estimated metric
     after patching, ``effect`` the estimated change)."""
     axes = tuple(axes)
-    corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
+    corruption = _as_corruption(corrupted)
     clean = hooked.check_inputs(clean)
     corrupt_inputs = hooked.check_inputs(corruption.inputs)
     spans = hooked.spans(corrupt_inputs)
     check_same_layout(hooked.spans(clean), spans)
-    points = _points(hooked, hook)
-    names = [hp.name for hp in points]
+    swept = points(hooked, hook)
+    names = [hp.name for hp in swept]
     decode = _token_text(hooked)
     rows, clean_values, corrupt_values = [], [], []
     for pair in range(spans.batch_size):
-        c, x = _row(clean, pair), _row(corrupt_inputs, pair)
+        c, x = hooked.rows(clean, pair), hooked.rows(corrupt_inputs, pair)
         clean_run = hooked.run(c, cache=names)
         run = hooked.run(x, cache=names, edits=corruption.edits, keep_grad=True)
-        output = metric(last_logits(run.logits, x.get("attention_mask")))[0]
+        output = metric(hooked.readout_logits(run.logits, x))[0]
         grads = torch.autograd.grad(output, [run.cache[n] for n in names])
         value = output.item()
-        clean_v = float(metric(last_logits(clean_run.logits, c.get("attention_mask")))[0])
+        clean_v = float(metric(hooked.readout_logits(clean_run.logits, c))[0])
         clean_values.append(clean_v)
         corrupt_values.append(value)
         tokens = _row_tokens(decode, x, spans, pair)
         lengths = {n: run.cache[n].shape[1] for n in names if not hooked.hook_points[n].fused_positions
                    and run.cache[n].dim() >= 3}
-        cells = _cells(hooked, points, axes, spans, pair, tokens, lengths)
+        cells = _cells(hooked, swept, axes, spans, pair, tokens, lengths)
         for cell in cells:
-            i = names.index(cell.point)
-            contrib = (clean_run.cache[cell.point] - run.cache[cell.point].detach()) * grads[i]
-            contrib = contrib[0]
-            if cell.head is not None:
-                contrib = contrib[:, cell.head]
-            if cell.positions is not None:
-                contrib = contrib[cell.positions.to(contrib.device)]
-            effect = float(contrib.sum())
+            name = cell.where.hook
+            contrib = (clean_run.cache[name] - run.cache[name].detach()) * grads[names.index(name)]
+            mask = _cell_mask(cell, hooked.hook_points[name], contrib)
+            effect = float((contrib if mask is None else contrib[mask]).sum())
             gap = clean_v - value
             rows.append({"pair": pair, **cell.labels, "value": value + effect, "effect": effect,
                          "normalized": effect / gap if gap != 0 else float("nan")})
@@ -856,7 +621,7 @@ def edge_attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrup
     """
     if by not in ("edge", "span"):
         raise ValueError(f"by must be 'edge' or 'span', got {by!r}")
-    corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
+    corruption = _as_corruption(corrupted)
     clean = hooked.check_inputs(clean)
     corrupt_inputs = hooked.check_inputs(corruption.inputs)
     spans = hooked.spans(corrupt_inputs)
@@ -874,16 +639,16 @@ def edge_attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrup
     # receiver inputs' gradients: attn_j = g(resid_pre_j) - g(resid_mid_j); mlp_j = g(resid_mid_j) - g(resid_pre_j+1)
     rows, clean_values, corrupt_values = [], [], []
     for pair in range(spans.batch_size):
-        c, x = _row(clean, pair), _row(corrupt_inputs, pair)
+        c, x = hooked.rows(clean, pair), hooked.rows(corrupt_inputs, pair)
         clean_run = hooked.run(c, cache=senders)
         run = hooked.run(x, cache=list(dict.fromkeys(senders + resid)), edits=corruption.edits, keep_grad=True)
-        output = metric(last_logits(run.logits, x.get("attention_mask")))[0]
+        output = metric(hooked.readout_logits(run.logits, x))[0]
         grads = torch.autograd.grad(output, [run.cache[n] for n in resid])
         receiver_grads = torch.stack([grads[i] - grads[i + 1] for i in range(len(grads) - 1)] + [grads[-1]])[:, 0]
         deltas = torch.stack([(clean_run.cache[n] - run.cache[n].detach())[0] for n in senders])
         per_position = torch.einsum("std,rtd->srt", deltas.double(), receiver_grads.double())  # [sender, receiver, pos]
         groups = {m: spans.masks[m][pair] for m in spans.modalities} if by == "span" else {None: spans.valid[pair]}
-        clean_v = float(metric(last_logits(clean_run.logits, c.get("attention_mask")))[0])
+        clean_v = float(metric(hooked.readout_logits(clean_run.logits, c))[0])
         gap = clean_v - output.item()
         clean_values.append(clean_v)
         corrupt_values.append(output.item())
@@ -914,13 +679,8 @@ def correlation(estimate: SweepResult, exact: SweepResult, value: str = "value")
 
 # -- path patching ----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Component:
-    """A component: a hook point with optional positions (any span selector) and heads."""
-
-    hook: str
-    at: Any = None
-    heads: Any = None
+Component = Where
+"""A component of path patching: a hook point with optional positions (any span selector) and heads."""
 
 
 def path_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping[str, Any] | Corruption,
@@ -937,9 +697,9 @@ def path_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping
 
     Returns the metric of step 3 (for the first pair). With no senders it equals the clean metric.
     """
-    corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
-    clean = hooked.check_inputs(_row(clean, 0))
-    corrupt_inputs = hooked.check_inputs(_row(corruption.inputs, 0))
+    corruption = _as_corruption(corrupted)
+    clean = hooked.rows(hooked.check_inputs(clean), 0)
+    corrupt_inputs = hooked.rows(hooked.check_inputs(corruption.inputs), 0)
     check_same_layout(hooked.spans(clean), hooked.spans(corrupt_inputs))
     sender_hooks = [hooked.resolve(s.hook).name for s in senders]
     receiver_hooks = [hooked.resolve(r.hook).name for r in receivers]
@@ -954,27 +714,16 @@ def path_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping
     final_edits = [replace(r_hook, _select(step2.cache[r_hook], clean_run.cache[r_hook], r, hooked, clean))
                    for r, r_hook in zip(receivers, receiver_hooks)]
     patched = hooked.run(clean, edits=final_edits)
-    return float(metric(last_logits(patched.logits, clean.get("attention_mask")))[0])
+    return float(metric(hooked.readout_logits(patched.logits, clean))[0])
 
 
 def _select(new: Tensor, old: Tensor, component: Component, hooked: HookedModel, inputs: dict) -> Tensor:
     """``old`` with ``new`` written at the component's positions/heads (a full-shape value)."""
-    if component.at is None and component.heads is None:
-        return new
-    hp = hooked.resolve(component.hook)
-    out = old.clone()
-    mask = hooked.spans(inputs).mask(component.at) if component.at is not None else torch.ones(old.shape[:2], dtype=torch.bool)
-    mask = mask.to(old.device)
-    if component.heads is None:
-        out[mask] = new[mask]
-    else:
-        heads = [component.heads] if isinstance(component.heads, int) else list(component.heads)
-        if not hp.heads or old.dim() != 4:
-            raise ValueError(f"heads= needs a per-head point such as 'lm.blocks.3.z'; {hp.name!r} has no head axis")
-        for h in heads:
-            out[:, :, h][mask] = new[:, :, h][mask]
-    return out
+    spans = hooked.spans(inputs)
+    mask = selection_mask(component, old, hooked.resolve(component.hook), lambda at: spans.mask(at).to(old.device))
+    return where_selected(mask, new, old)
 
 
 __all__ = ["Component", "Corruption", "EdgeScores", "SweepResult", "attribution_patch", "check_same_layout", "correlation",
-           "corrupt", "edge_attribution_patch", "kl_from", "last_logits", "logit_diff", "logprob", "path_patch", "prob", "sweep"]
+           "corrupt", "edge_attribution_patch", "kl_from", "last_logits", "logit_diff", "logprob", "path_patch", "points", "prob",
+           "sweep"]

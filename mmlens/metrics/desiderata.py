@@ -27,10 +27,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmlens.methods.explainers import Explanation, _check_method, _explain_row, _masked_values, _rows, _setup, _with_embeds, explain, predicted_prob
-from mmlens.methods.patching import last_logits
 from mmlens.core.wrapper import HookedModel
-
+from mmlens.methods.explainers import (
+    Explanation,
+    check_method,
+    explain,
+    explain_row,
+    masked_values,
+    predicted_prob,
+    prepare,
+    with_embeds,
+)
+from mmlens.methods.patching import Metric
 
 Dataset = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 """Inputs of several examples: one batch (a row per example), or a list of inputs (each one or more
@@ -45,7 +53,7 @@ def examples(hooked: HookedModel, dataset: Dataset) -> list[dict]:
     out = []
     for batch in batches:
         batch = hooked.check_inputs(batch)
-        out += [_rows(batch, i) for i in range(hooked.spans(batch).batch_size)]
+        out += [hooked.rows(batch, i) for i in range(hooked.spans(batch).batch_size)]
     return out
 
 
@@ -169,11 +177,11 @@ def granger(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("
     for i, x in enumerate(tqdm(items, desc="granger", disable=not progress)):
         metric = predicted_prob(hooked, x)
         with torch.no_grad():
-            logits = last_logits(hooked.run(x).logits, x.get("attention_mask"))
+            logits = hooked.readout_logits(hooked.run(x).logits, x)
         ablated = {m: hooked.neutral(x, m) for m in modalities}
         for m, x_m in ablated.items():
             with torch.no_grad():
-                logits_m = last_logits(hooked.run(x_m).logits, x_m.get("attention_mask"))
+                logits_m = hooked.readout_logits(hooked.run(x_m).logits, x_m)
             influence.append({"input": i, "modality": m, "delta_js": float(js_divergence(logits, logits_m)[0]),
                               "delta_prob": float(metric(logits)[0] - metric(logits_m)[0])})
         for name in explainers:
@@ -191,7 +199,7 @@ def granger(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("
     expl = pd.DataFrame(rows)
     if not expl.empty:
         expl = expl.merge(influence_df.rename(columns={"modality": "ablated"}), on=["input", "ablated"])
-    return GrangerResult(influence_df, expl, *_granger_summary(expl, fraction, tolerance), distance, fraction, tolerance)
+    return GrangerResult(influence_df, expl, *granger_summary(expl, fraction, tolerance), distance, fraction, tolerance)
 
 
 def _explain_mode(hooked: HookedModel, x: dict, name: str, mode: str, metric, kwargs: dict) -> dict[str, Explanation]:
@@ -205,7 +213,8 @@ def _explain_mode(hooked: HookedModel, x: dict, name: str, mode: str, metric, kw
     raise ValueError(f"mode must be 'joint' or 'unimodal', got {mode!r}")
 
 
-def _granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``summary`` and ``violations`` tables of a :class:`GrangerResult` from its ``explanations`` table."""
     if expl.empty:
         return pd.DataFrame(), pd.DataFrame()
     summary, violations = [], []
@@ -259,7 +268,7 @@ def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integra
     explaining.
     """
     items = examples(hooked, inputs)
-    fractions = sorted(set(float(k) for k in fractions))
+    fractions = sorted({float(k) for k in fractions})
     if not fractions or fractions[0] < 0 or fractions[-1] > 1:
         raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
     generator = torch.Generator().manual_seed(seed)
@@ -267,15 +276,15 @@ def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integra
         raise ValueError(f"got {len(explanations)} explanations for {len(items)} inputs")
     options = dict(options or {})
     mode = options.pop("mode", "joint")
-    _check_method(explainer)
+    check_method(explainer)
     rows = []
     for i, x in enumerate(tqdm(items, desc=f"faithfulness ({explainer})", disable=not progress)):
-        setup = _setup(hooked, x, None, "joint")
+        setup = prepare(hooked, x, None, "joint")
         if explanations is not None:
             e = explanations[i]
         else:
-            own = setup if mode == "joint" else _setup(hooked, x, setup.metric, mode)
-            e = _explain_row(hooked, own, x, explainer, mode, options)
+            own = setup if mode == "joint" else prepare(hooked, x, setup.metric, mode)
+            e = explain_row(hooked, own, x, explainer, mode, options)
         modalities = setup.spans.modalities
         masks, labels = [], []
         for scope in modalities + (["joint"] if len(modalities) > 1 else []):
@@ -292,7 +301,7 @@ def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integra
                     for d, mask in enumerate(chosen):
                         masks += [scope_mask & ~mask, mask]
                         labels += [(scope, k, source, d, "keep"), (scope, k, source, d, "remove")]
-        values = _masked_values(hooked, x, setup, masks, batch_size).tolist()
+        values = masked_values(hooked, x, setup, masks, batch_size).tolist()
         f = float(setup.value[0])
         table = pd.DataFrame([(*label, v) for label, v in zip(labels, values)],
                              columns=["scope", "k", "source", "draw", "which", "value"])
@@ -302,7 +311,7 @@ def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integra
             rows.append({"input": i, "scope": r.scope, "k": r.k, "source": r.source, "f": f, "f_keep": r.keep,
                          "f_remove": r.remove, "sufficiency_gap": abs(r.keep - f), "necessity_drop": f - r.remove})
     curves = pd.DataFrame(rows)
-    return FaithfulnessResult(curves, _areas(curves), explainer)
+    return FaithfulnessResult(curves, areas(curves), explainer)
 
 
 @dataclass
@@ -352,12 +361,12 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
     options = {name: dict((options or {}).get(name, {})) for name in explainers}
     modes = {name: options[name].pop("mode", "joint") for name in explainers}
     for name in explainers:
-        _check_method(name)
+        check_method(name)
     rows, skipped = [], {}
     for i, x in enumerate(tqdm(items, desc="stability", disable=not progress)):
-        setup = _setup(hooked, x, None, "joint")
+        setup = prepare(hooked, x, None, "joint")
         prediction = int(setup.logits[0].argmax())
-        base = {name: _explain_row(hooked, _mode_setup(hooked, x, setup, modes[name]), x, name,
+        base = {name: explain_row(hooked, _mode_setup(hooked, x, setup, modes[name]), x, name,
                                    modes[name], options[name]) for name in explainers}
         for m in targets:
             try:
@@ -370,13 +379,13 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
                 if not hooked.spans(p.inputs).same_layout(setup.spans):
                     raise ValueError(f"a {p.kind!r} perturbation changed the layout (modality spans); stability "
                                      "compares explanations position by position")
-                moved_setup = _setup(hooked, p.inputs, setup.metric, "joint")
+                moved_setup = prepare(hooked, p.inputs, setup.metric, "joint")
                 distance = float(torch.where(at, setup.embeds.float() - moved_setup.embeds.float(), 0.0).norm())
                 if distance == 0:
                     continue
                 kept = int(moved_setup.logits[0].argmax()) == prediction
                 for name in explainers:
-                    moved = _explain_row(hooked, _mode_setup(hooked, p.inputs, moved_setup, modes[name]),
+                    moved = explain_row(hooked, _mode_setup(hooked, p.inputs, moved_setup, modes[name]),
                                          p.inputs, name, modes[name], options[name])
                     for target in setup.spans.modalities:
                         change = float((base[name].masked(target) - moved.masked(target)).norm(dim=1)[0])
@@ -384,17 +393,18 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
                                      "explained": target, "input_distance": distance,
                                      "explanation_distance": change, "ratio": change / distance, "kept": kept})
     samples = pd.DataFrame(rows)
-    return StabilityResult(samples, _stability_summary(samples), skipped)
+    return StabilityResult(samples, stability_summary(samples), skipped)
 
 
-def _stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
+def stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
+    """The ``summary`` table of a :class:`StabilityResult` from its ``samples`` table."""
     if samples.empty:
         return pd.DataFrame()
     out = []
     for (name, m, target), group in samples.groupby(["explainer", "perturbed", "explained"], sort=False):
         kept = group[group.kept].ratio
         out.append({"explainer": name, "perturbed": m, "explained": target,
-                    "equation": "intra (6)" if m == target else "cross (7)", "n_kept": int(len(kept)),
+                    "equation": "intra (6)" if m == target else "cross (7)", "n_kept": len(kept),
                     "n_dropped": int((~group.kept).sum()),
                     "max": float(kept.max()) if len(kept) else float("nan"),
                     "p95": float(kept.quantile(0.95)) if len(kept) else float("nan"),
@@ -425,10 +435,9 @@ def circuit_faithfulness(hooked: HookedModel, inputs: Dataset, circuit: Any, abl
     rows = []
     for i, x in enumerate(tqdm(examples(hooked, inputs), desc="circuit faithfulness", disable=not progress)):
         metric = predicted_prob(hooked, x)
-        mask = x.get("attention_mask")
 
-        def f(run) -> float:
-            return float(metric(last_logits(run.logits, mask))[0])
+        def f(run, metric: Metric = metric, x: dict = x) -> float:
+            return float(metric(hooked.readout_logits(run.logits, x))[0])
 
         with torch.no_grad():
             base = f(hooked.run(x))
@@ -495,13 +504,13 @@ def interaction(hooked: HookedModel, inputs: Dataset, modalities: Sequence[str] 
     if len(pair) != 2 or any(m not in present for m in pair):
         raise ValueError(f"interaction takes two modalities of these inputs {present}, got {list(pair)}; pass "
                          "modalities=(a, b)")
-    a, b = pair
+    a = pair[0]
     rows, setups = [], []
     for i, x in enumerate(tqdm(items, desc="interaction", disable=not progress)):
-        setup = _setup(hooked, x, None, "joint")
+        setup = prepare(hooked, x, None, "joint")
         setups.append(setup)
         mask_a, mask_b = (setup.spans.masks[m][0].cpu() & setup.explained[0].cpu() for m in pair)
-        v_a, v_b, v_none = _masked_values(hooked, x, setup, [mask_b, mask_a, mask_a | mask_b], batch_size).tolist()
+        v_a, v_b, v_none = masked_values(hooked, x, setup, [mask_b, mask_a, mask_a | mask_b], batch_size).tolist()
         v_ab = float(setup.value[0])
         rows.append({"input": i, "v_ab": v_ab, "v_a": v_a, "v_b": v_b, "v_none": v_none,
                      "shapley_interaction": v_ab - v_a - v_b + v_none})
@@ -522,7 +531,7 @@ def _emap(hooked: HookedModel, items: list[dict], setups: list, a: str, labels, 
             for start in range(0, len(items), batch_size):
                 donors = torch.cat([s.embeds for s in setups[start:start + batch_size]])
                 mixed = torch.where(at, donors, setup.embeds)
-                row.append(_with_embeds(hooked, x, setup.point, mixed, lambda out: out).float().cpu())
+                row.append(with_embeds(hooked, x, setup.point, mixed, lambda out: out).float().cpu())
             logits.append(torch.cat(row))
     f = torch.stack(logits)  # Float[n, n, vocab]
     projection = f.mean(1) + f.mean(0) - f.mean((0, 1))
@@ -546,10 +555,11 @@ def _random_top(spans, members: list[str], k: float, generator: torch.Generator)
 
 def _mode_setup(hooked: HookedModel, x: dict, joint, mode: str):
     """The setup of an explanation in ``mode``: ``joint`` itself, or a unimodal one with its metric."""
-    return joint if mode == "joint" else _setup(hooked, x, joint.metric, mode)
+    return joint if mode == "joint" else prepare(hooked, x, joint.metric, mode)
 
 
-def _areas(curves: pd.DataFrame) -> pd.DataFrame:
+def areas(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (scope, source): the areas under the mean faithfulness curves over k (see :class:`FaithfulnessResult`)."""
     if curves.empty:
         return pd.DataFrame()
     mean = curves.groupby(["scope", "source", "k"], sort=False)[["sufficiency_gap", "necessity_drop"]].mean().reset_index()
@@ -563,6 +573,6 @@ def _areas(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-__all__ = ["Dataset", "FaithfulnessResult", "circuit_faithfulness", "GrangerResult", "InteractionResult", "StabilityResult",
-           "examples", "explanation_distance", "faithfulness", "granger", "interaction", "js_divergence", "kappa_lambda",
-           "stability"]
+__all__ = ["Dataset", "FaithfulnessResult", "GrangerResult", "InteractionResult", "StabilityResult", "areas",
+           "circuit_faithfulness", "examples", "explanation_distance", "faithfulness", "granger", "granger_summary",
+           "interaction", "js_divergence", "kappa_lambda", "stability", "stability_summary"]

@@ -41,8 +41,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mmlens.metrics.desiderata import (FaithfulnessResult, GrangerResult, StabilityResult, _areas, _granger_summary,
-                         _stability_summary, faithfulness, granger, stability)
+from mmlens.metrics.desiderata import (FaithfulnessResult, GrangerResult, StabilityResult, areas, granger_summary,
+                         stability_summary, faithfulness, granger, stability)
 from mmlens.runs.experiments import (DTYPES, ConfigError, ModelConfig, ResumeError, _atomic_write, _desc, _encode, _float,
                           _int, _keys, _model, _str, _table, _versions)
 from mmlens.methods.explainers import EXPLAINERS
@@ -333,7 +333,7 @@ def evaluate(config: EvaluationConfig | str | Path, *, out: str | Path | None = 
                 hooked, dataset, name, fractions=f["fractions"], random_draws=f["random_draws"], seed=config.seed,
                 options=options.get(name, {}), progress=progress).curves}, {}))
             curves = pd.DataFrame(data["tables"]["curves"])
-            faith[name] = FaithfulnessResult(curves, _areas(curves), name)
+            faith[name] = FaithfulnessResult(curves, areas(curves), name)
         if config.stability is not None:
             st = config.stability
             data = part(f"stability_{name}", lambda: (lambda r: ({"samples": r.samples}, {"skipped": r.skipped}))(
@@ -346,13 +346,13 @@ def evaluate(config: EvaluationConfig | str | Path, *, out: str | Path | None = 
         influence = pd.DataFrame(granger_tables[0]["influence"])
         explanations = pd.concat([pd.DataFrame(t["explanations"]) for t in granger_tables], ignore_index=True)
         g = config.granger
-        granger_result = GrangerResult(influence, explanations, *_granger_summary(explanations, g["fraction"],
+        granger_result = GrangerResult(influence, explanations, *granger_summary(explanations, g["fraction"],
                                                                                   g["tolerance"]),
                                        g["distance"], g["fraction"], g["tolerance"])
     stability_result = None
     if config.stability is not None:
         samples = pd.concat(stab_tables, ignore_index=True)
-        stability_result = StabilityResult(samples, _stability_summary(samples), skipped)
+        stability_result = StabilityResult(samples, stability_summary(samples), skipped)
     circuit_table = None
     if config.circuit is not None:
         from mmlens.methods.circuits import Circuit

@@ -53,8 +53,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mmlens.methods.patching import (AXES, Corruption, SweepResult, _points, _row, check_same_layout, corrupt, logit_diff, logprob,
+from mmlens.methods.patching import (AXES, Corruption, SweepResult, check_same_layout, corrupt, logit_diff, logprob,
                        prob, sweep)
+from mmlens.methods.patching import points as hook_points
 
 # --- errors --------------------------------------------------------------------------------------
 
@@ -589,7 +590,7 @@ def _prepare(config: ExperimentConfig) -> Prepared:
 def _resolve_hook(hooked, patch: PatchConfig) -> tuple[list, bool]:
     """The hook points to patch, and whether they are one block point swept over (a subset of) layers."""
     try:
-        points = _points(hooked, patch.hook)
+        points = hook_points(hooked, patch.hook)
     except (KeyError, ValueError) as err:
         kinds = sorted({f"{hp.prefix}.{hp.kind}" if hp.prefix != "lm" else hp.kind
                         for hp in hooked.hook_points.values() if hp.layer is not None})
@@ -646,8 +647,8 @@ def _prepare_pairs(config: ExperimentConfig, loaded, hooked, points: list) -> li
             raise ConfigError("corruption.swap_row", f"row {c.swap_row} does not exist: {loaded.name}'s example inputs "
                                                      f"have {n} rows (0..{n - 1})")
         for i, r in enumerate(rows):
-            clean = _row(example, r)
-            other = _row(example, c.swap_row) if c.swap_row is not None else None
+            clean = hooked.rows(example, r)
+            other = hooked.rows(example, c.swap_row) if c.swap_row is not None else None
             corrupted = _make_corruption(config, hooked, clean, other, f"inputs.example[{i}]")
             out.append(_finish_pair(config, loaded, hooked, points, clean, corrupted, None, f"inputs.example[{i}]"))
         return out

@@ -4,8 +4,8 @@ The LM and the (pretrained) GNN stay frozen; only the linear projector from a no
 representation to its K graph tokens is trained, with the LM's cross-entropy on the first token of
 the class name that answers the prompt. Every prompt shares its beginning (chat header,
 instruction, class list), so that prefix is run once and its keys/values are reused for every
-batch (exact up to float round-off; ``tests/test_tea_glm_training.py`` checks it against the full
-forward of :class:`TeaGLM`).
+batch (:class:`mmlens.core.replay.PrefixRunner`; exact up to float round-off,
+``tests/test_tea_glm_reproduction.py`` checks it against the full forward of :class:`TeaGLM`).
 
 Prompt (TEA-GLM style; the graph tokens stand where the node's graph is described)::
 
@@ -19,8 +19,6 @@ The text-only baseline is the same prompt without the graph tokens and the line 
 
 from __future__ import annotations
 
-import inspect
-
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from mmlens.core.replay import PrefixRunner
 from mmlens.models.tea_glm import TeaGLM
 
 _MARKER = "\u241fMMLENS\u241f"
@@ -117,36 +116,6 @@ def _right_pad(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return {"input_ids": ids, "attention_mask": mask}
-
-
-class PrefixRunner:
-    """A frozen causal LM run on a shared prefix (keys/values computed once) plus per-row suffixes.
-
-    Suffixes are right-padded, so the answer position of row i is ``prefix + lengths[i] - 1`` and
-    padding never influences it (causal attention); no attention mask is needed.
-    """
-
-    def __init__(self, lm: PreTrainedModel, prefix_ids: list[int]):
-        self.lm = lm
-        self.decoder = lm.get_decoder()
-        self.unembed = lm.get_output_embeddings()
-        # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40)
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
-        device = lm.get_input_embeddings().weight.device
-        with torch.no_grad():
-            out = lm(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
-        cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-        self.prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
-
-    def answer_logits(self, suffix_embeds: Tensor, lengths: Tensor) -> Tensor:
-        """Suffix embeddings Float[b, s, d] with real lengths Long[b] -> next-token logits Float[b, vocab]
-        at each row's last real suffix position."""
-        b = suffix_embeds.shape[0]
-        cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous())
-                                             for k, v in self.prefix_kv], config=self.lm.config)
-        hidden = self.decoder(inputs_embeds=suffix_embeds, use_cache=True, **{self.cache_kwarg: cache}).last_hidden_state
-        last = hidden[torch.arange(b, device=hidden.device), lengths.to(hidden.device) - 1]
-        return self.unembed(last)
 
 
 def suffix_embeddings(model: TeaGLM, prompts: NodePrompts, titles: list[str], node_repr: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,413 @@
+"""Replay: recompute only what an intervention can change.
+
+One engine for every job that reuses part of a forward pass:
+
+- :class:`BlockReplay` re-runs the LM's blocks ``l..L-1`` from a recorded run's residual stream at
+  block ``l``, with the call arguments each block received in that run: a patch at block ``l``
+  cannot change earlier blocks, nor any encoder or projector before the LM. When the adapter says
+  the LM's attention is causal (``Adapter.causal``) and the blocks take a key/value cache, it
+  re-runs only positions ``p0..`` (a patch at ``p0`` cannot change earlier positions) and attends
+  to the recorded keys and values of the earlier ones. Only the readout position is normalised and
+  unembedded (:class:`mmlens.core.unembed.Unembed`). Patching sweeps, the explainers' masked
+  variants and the desiderata replay through it.
+- :class:`FrozenEncoders`: encoder blocks return their recorded outputs, for batched runs whose
+  edits all lie after the encoders (projector, fusion, LM).
+- :class:`PrefixRunner`: a frozen causal LM's keys and values of a shared prompt prefix, computed
+  once and reused for every batch of suffixes (TEA-GLM projector training and evaluation).
+
+Every reuse equals the full forward up to float round-off (``tests/test_patching.py``,
+``tests/test_explainers.py``, ``tests/test_tea_glm_reproduction.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmlens.core.adapter import HookPoint, get_module
+from mmlens.core.edits import Edit
+from mmlens.core.unembed import Unembed
+from mmlens.core.wrapper import HookedModel, RunResult
+
+KINDS: frozenset[str] = frozenset({"resid_pre", "attn_out", "z", "resid_mid", "mlp_out", "resid_post"})
+"""Kinds of block points a :class:`BlockReplay` can patch."""
+
+KV_KWARGS: tuple[str, ...] = ("cache", "past_key_values")
+"""Names of a key/value-cache argument: ``past_key_values``, renamed ``cache`` in transformers 5.24."""
+
+
+def cache_kwarg(fn: Callable) -> str | None:
+    """The key/value-cache parameter of ``fn`` (one of :data:`KV_KWARGS`), or None when it takes none."""
+    parameters = inspect.signature(fn).parameters
+    return next((name for name in KV_KWARGS if name in parameters), None)
+
+
+def expand_prefix(states: Tensor, start: int, n: int) -> Tensor:
+    """Keys or values Float[1, heads, seq, d_head] of positions ``< start``, expanded to batch ``n`` (a view)."""
+    return states[..., :start, :].expand(n, *states.shape[1:-2], start, states.shape[-1])
+
+
+class _KVRecorder:
+    """Passed as the key/value cache to each block during the recorded run: keeps every attention
+    layer's keys and values Float[b, kv_heads, seq, d_head] and returns them unchanged (a prefill)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Tensor, Tensor]] = []
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        self.entries.append((keys, values))
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _PrefixKV:
+    """The key/value cache of a replay of positions ``start..``: each attention layer's new keys and
+    values are appended to the recorded ones of positions ``< start`` (batch ``n``)."""
+
+    def __init__(self, entries: list[tuple[Tensor, Tensor]], first_block: int, start: int, n: int) -> None:
+        self.entries, self.first_block, self.start, self.n = entries, first_block, start, n
+        self.calls = 0
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        old_k, old_v = self.entries[self.first_block + self.calls]
+        self.calls += 1
+        prefix_k, prefix_v = expand_prefix(old_k, self.start, self.n), expand_prefix(old_v, self.start, self.n)
+        return torch.cat([prefix_k.to(keys.dtype), keys], dim=-2), torch.cat([prefix_v.to(values.dtype), values], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start
+
+
+class BlockReplay:
+    """Re-run the LM's blocks from a recorded run (see the module docstring).
+
+    Use::
+
+        engine = BlockReplay(hooked)                  # when BlockReplay.supports(hooked)
+        with engine.capture():
+            run = hooked.run(inputs, cache=engine.final_point)   # one row
+        if engine.ready(run, inputs):
+            h = engine.block_input(l)[:, start:]       # edit it, repeat it to n rows
+            logits = engine.logits(h, l, start)        # Float[n, vocab] at the readout position
+
+    Attributes:
+        reuse_kv: whether keys/values of earlier positions are reused (``start > 0`` allowed).
+        last: the readout position (set by :meth:`ready`).
+    """
+
+    def __init__(self, hooked: HookedModel):
+        self.hooked = hooked
+        blocks = sorted((hp for hp in hooked.hook_points.values()
+                         if hp.prefix == "lm" and hp.kind == "resid_pre" and hp.layer is not None), key=lambda hp: hp.layer)
+        self.modules = [get_module(hooked.model, hp.site.module) for hp in blocks]
+        self.hidden = [hp.site.kwarg or "hidden_states" for hp in blocks]
+        self.reader = Unembed(hooked)
+        self.sequence_kwargs = dict(hooked.adapter.sequence_kwargs)
+        self.calls: list[dict[str, Any]] = []
+        self.recorder = _KVRecorder()
+        self.kv_kwarg: str | None = None
+        self.usable = True
+        self.reuse_kv = False
+        self.last = -1
+        self.final: Tensor | None = None
+
+    @staticmethod
+    def supports(hooked: HookedModel, points: Sequence[HookPoint] = ()) -> bool:
+        """Whether ``hooked``'s LM can be replayed (its adapter names block 0's input, the final norm
+        and the unembedding) at every one of ``points`` (LM block points of :data:`KINDS`)."""
+        first = hooked.hook_points.get("lm.blocks.0.resid_pre")
+        return first is not None and first.kind in KINDS and Unembed.available(hooked) and all(
+            hp.prefix == "lm" and hp.layer is not None and hp.kind in KINDS for hp in points)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.modules)
+
+    @property
+    def final_point(self) -> str:
+        """The hook point of the final block's output, which the recorded run must cache."""
+        return f"lm.blocks.{self.n_blocks - 1}.resid_post"
+
+    @property
+    def method(self) -> str:
+        """``"replay + kv"`` or ``"replay"``: how the replayed runs are computed."""
+        return "replay + kv" if self.reuse_kv else "replay"
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record the block calls (and keys/values) of the forward run inside."""
+        self.calls, self.recorder, self.usable = [], _KVRecorder(), True
+        handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in self.modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        self.usable = self.usable and len(self.calls) == self.n_blocks
+        self.reuse_kv = self.usable and self._kv_reusable()
+
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        named = _named_arguments(module, args, kwargs)
+        if named is None:
+            self.usable = False
+            return None
+        layer = len(self.calls)
+        if layer < len(self.hidden) and self.hidden[layer] not in named:
+            first = next(iter(inspect.signature(module.forward).parameters), None)  # e.g. ``x``, not ``hidden_states``
+            if first is None or not isinstance(named.get(first), Tensor):
+                self.usable = False
+                return None
+            self.hidden[layer] = first
+        self.calls.append({k: v for k, v in named.items() if k not in KV_KWARGS})
+        self.kv_kwarg = cache_kwarg(module.forward)
+        if self.kv_kwarg is None:
+            return None
+        return (), {**self.calls[-1], self.kv_kwarg: self.recorder}
+
+    def ready(self, run: RunResult, inputs: Mapping[str, Any]) -> bool:
+        """Whether the recorded run (one row, cached at :attr:`final_point`) can be replayed: every
+        block was recorded, and normalising and unembedding the final block's output at the readout
+        position gives the run's readout logits (not so for heads that pool positions)."""
+        if not (self.usable and run.spans is not None and run.spans.batch_size == 1 and self.final_point in run.cache):
+            return False
+        self.final = run.cache[self.final_point]
+        self.last = int(run.spans.mask("last")[0].nonzero().max())
+        with torch.no_grad():
+            mine = self.reader(self.final[:, self.last])
+        logits = self.hooked.readout_logits(run.logits, inputs)
+        if mine.shape != logits.shape:
+            return False
+        return bool((mine.float() - logits.float()).abs().max() <= 1e-4 * logits.float().abs().max() + 1e-5)
+
+    def _kv_reusable(self) -> bool:
+        """Keys/values can be reused when the adapter says the LM is causal (and no attention module
+        says otherwise), every block recorded them once, and every sequence-long call argument is one
+        the adapter says how to cut (``Adapter.sequence_kwargs``)."""
+        if not self.hooked.adapter.causal or len(self.recorder.entries) != self.n_blocks:
+            return False
+        if any(getattr(m, "is_causal", None) is False for block in self.modules for m in block.modules()):
+            return False
+        seq = self.calls[0][self.hidden[0]].shape[1]
+        if any(k.shape[-2] != seq for k, _ in self.recorder.entries):
+            return False
+        for call, hidden in zip(self.calls, self.hidden):
+            for name, value in call.items():
+                if name == hidden or name in self.sequence_kwargs:
+                    continue
+                if name == "attention_mask":
+                    if value is not None and not (value.dim() == 4 and value.shape[-2] == seq) and value.dim() != 2:
+                        return False
+                elif _has_seq_axis(value, seq):
+                    return False
+        return True
+
+    def block_input(self, block: int) -> Tensor:
+        """The recorded residual stream entering block ``block``, Float[1, seq, d] (``block ==
+        n_blocks``: the final block's output)."""
+        return self.final if block == self.n_blocks else self.calls[block][self.hidden[block]]
+
+    def start(self, block: int, first: int) -> int:
+        """The first position to re-run for a patch from position ``first`` on entering block
+        ``block``: ``first`` (at most the readout position) when keys/values are reused, else 0."""
+        return min(first, self.last) if self.reuse_kv and block < self.n_blocks else 0
+
+    @torch.no_grad()
+    def logits(self, h: Tensor, block: int, start: int = 0, edits: Sequence[Edit] = ()) -> Tensor:
+        """Readout logits Float[n, vocab] of blocks ``block..L-1`` run on ``h`` Float[n, seq - start, d]
+        (the residual stream entering block ``block`` at positions ``start..``; ``start`` from
+        :meth:`start`), with ``edits`` applied inside the blocks."""
+        with self.hooked.hooked(edits=list(edits)) if edits else contextlib.nullcontext():
+            for layer in range(block, self.n_blocks):
+                kwargs = self._block_kwargs(layer, start, h.shape[0])
+                h = _first(self.modules[layer](**{self.hidden[layer]: h}, **kwargs))
+        return self.reader(h[:, self.last - start])
+
+    def _block_kwargs(self, layer: int, start: int, n: int) -> dict[str, Any]:
+        """Block ``layer``'s call arguments for queries at positions ``start..`` (batch ``n``)."""
+        call = self.calls[layer]
+        out = {k: v for k, v in call.items() if k != self.hidden[layer]}
+        if self.reuse_kv:
+            hidden = call[self.hidden[layer]]
+            for name, axis in self.sequence_kwargs.items():
+                if call.get(name) is not None:
+                    out[name] = _cut(call[name], axis, start)
+            out["attention_mask"] = _cut_mask(call.get("attention_mask"), hidden, start)
+            out[self.kv_kwarg] = _PrefixKV(self.recorder.entries, layer, start, n)
+        unbatched = {name for name, axis in self.sequence_kwargs.items() if axis == 0}
+        return _expand(out, n, unbatched)
+
+
+def _named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """A module call's arguments by parameter name (None when they cannot all be named)."""
+    signature = inspect.signature(module.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        else:
+            named[name] = value
+    return named
+
+
+def _cut_mask(mask: Tensor | None, hidden: Tensor, start: int) -> Tensor | None:
+    """An attention mask for queries ``start..`` over all keys: a 4-D mask's rows from ``start`` on;
+    a causal additive mask when the call had none; a 2-D padding mask unchanged."""
+    if mask is None:
+        seq, dtype = hidden.shape[1], hidden.dtype
+        allowed = torch.arange(start, seq)[:, None] >= torch.arange(seq)[None, :]
+        causal = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        return causal[None, None].to(hidden.device)
+    return mask[..., start:, :] if mask.dim() == 4 else mask
+
+
+def _cut(value: Any, axis: int, start: int) -> Any:
+    """``value`` (a tensor or a tuple of them) from index ``start`` on along ``axis``."""
+    if isinstance(value, tuple):
+        return tuple(_cut(v, axis, start) for v in value)
+    return value.narrow(axis, start, value.shape[axis] - start)
+
+
+def _has_seq_axis(value: Any, seq: int) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_has_seq_axis(v, seq) for v in value)
+    return isinstance(value, Tensor) and seq > 1 and seq in value.shape[1:]
+
+
+def _expand(kwargs: dict, n: int, unbatched: set[str]) -> dict:
+    """Batch-1 call arguments expanded to batch ``n`` (those in ``unbatched`` have no batch axis)."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == 1 and k not in unbatched:
+            out[k] = v.expand(n, *v.shape[1:])
+        elif isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
+            out[k] = tuple(t.expand(n, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == 1 else t for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class FrozenEncoders:
+    """Encoder blocks that return their recorded outputs instead of computing, for batched runs
+    whose edits all lie after the encoders (projector, fusion, LM).
+
+    ``with frozen.record(): run = hooked.run(...)`` records each encoder block's output; inside
+    ``with frozen.replaying():`` every such block returns that output, repeated to the batch (an
+    input with the recorded batch size, e.g. a graph shared by all rows, gets it unchanged).
+    """
+
+    def __init__(self, hooked: HookedModel):
+        paths = dict.fromkeys(hp.site.module for hp in hooked.hook_points.values()
+                              if hp.stage == "encoder" and hp.layer is not None and hp.kind in ("resid_pre", "out"))
+        self.modules = [get_module(hooked.model, path) for path in paths]
+        self.outputs: dict[int, tuple[int, Any]] = {}
+
+    @staticmethod
+    def supports(hooked: HookedModel, points: Sequence[HookPoint]) -> bool:
+        """Whether ``hooked`` has encoders and none of ``points`` (the edited points) lies inside one."""
+        return any(hp.stage == "encoder" for hp in hooked.hook_points.values()) and all(
+            hp.stage != "encoder" for hp in points)
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self.outputs[id(module)] = (_batch_of(args, kwargs), output)
+
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self.modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @property
+    def active(self) -> bool:
+        """Whether any encoder block ran in the recorded run (e.g. not when the graph is given as embeddings)."""
+        return bool(self.outputs)
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        replaced = [m for m in self.modules if id(m) in self.outputs]
+        for module in replaced:
+            recorded_batch, output = self.outputs[id(module)]
+
+            def forward(*args: Any, _batch: int = recorded_batch, _output: Any = output, **kwargs: Any) -> Any:
+                n = _batch_of(args, kwargs)
+                return _output if n == _batch else _tile(_output, n // _batch)
+
+            module.forward = forward
+        try:
+            yield
+        finally:
+            for module in replaced:
+                del module.forward
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int:
+    """The leading size of a call's first tensor argument."""
+    return next(v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)).shape[0]
+
+
+def _tile(value: Any, n: int) -> Any:
+    """``value`` (a tensor, or a tuple/list/ModelOutput of them) repeated ``n`` times along dim 0."""
+    if isinstance(value, Tensor):
+        return value.repeat(n, *([1] * (value.dim() - 1)))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tile(v, n) for v in value)
+    if isinstance(value, Mapping):
+        return type(value)(**{k: _tile(v, n) for k, v in value.items()})
+    return value
+
+
+class PrefixRunner:
+    """A frozen causal LM (a transformers ``PreTrainedModel``) run on a shared prefix, whose keys and
+    values are computed once, plus per-row suffixes.
+
+    Suffixes are right-padded, so the answer position of row i is ``prefix + lengths[i] - 1`` and
+    padding never influences it (causal attention); no attention mask is needed.
+    """
+
+    def __init__(self, lm: nn.Module, prefix_ids: list[int]):
+        self.lm = lm
+        self.decoder = lm.get_decoder()
+        self.unembed = lm.get_output_embeddings()
+        self.cache_kwarg = cache_kwarg(self.decoder.forward) or "past_key_values"
+        device = lm.get_input_embeddings().weight.device
+        with torch.no_grad():
+            out = lm(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
+        cache = next(out.get(name) for name in KV_KWARGS if out.get(name) is not None)
+        self.prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def answer_logits(self, suffix_embeds: Tensor, lengths: Tensor) -> Tensor:
+        """Suffix embeddings Float[b, s, d] with real lengths Long[b] -> next-token logits Float[b, vocab]
+        at each row's last real suffix position."""
+        from transformers import DynamicCache
+
+        b = suffix_embeds.shape[0]
+        prefix = [(expand_prefix(k, k.shape[-2], b).contiguous(), expand_prefix(v, v.shape[-2], b).contiguous())
+                  for k, v in self.prefix_kv]
+        cache = DynamicCache(ddp_cache_data=prefix, config=self.lm.config)
+        hidden = self.decoder(inputs_embeds=suffix_embeds, use_cache=True, **{self.cache_kwarg: cache}).last_hidden_state
+        last = hidden[torch.arange(b, device=hidden.device), lengths.to(hidden.device) - 1]
+        return self.unembed(last)
+
+
+__all__ = ["KINDS", "KV_KWARGS", "BlockReplay", "FrozenEncoders", "PrefixRunner", "cache_kwarg", "expand_prefix"]
