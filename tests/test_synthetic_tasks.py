@@ -7,7 +7,7 @@ import torch
 
 import mmlens
 from mmlens.models.fusion import Attention
-from mmlens.data.tasks import KINDS, TASKS, VOCAB, bayes_accuracy, make_task
+from mmlens.data.tasks import TASK_KINDS, TASKS, VOCAB, bayes_accuracy, make_task
 from mmlens.training.fusion import train_fusion
 from mmlens.data.tasks import COLORS, TEXT_LEN, WORD_ID
 
@@ -28,7 +28,7 @@ def test_generators_are_deterministic():
 def test_shapes_dtypes_and_metadata(tasks):
     for name, task in tasks.items():
         n = len(task)
-        assert task.name == name and task.kind in KINDS and task.depends_on <= {"image", "text"}
+        assert task.name == name and task.kind in TASK_KINDS and task.depends_on <= {"image", "text"}
         assert task.pixel_values.shape == (n, 3, 16, 16) and task.pixel_values.dtype == torch.float32
         assert 0 <= task.pixel_values.min() and task.pixel_values.max() <= 1
         assert task.input_ids.shape == task.attention_mask.shape == task.text_key.shape == (n, TEXT_LEN)

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 from transformers import PreTrainedTokenizerBase
 
-from mmlens.data.paths import _candidate_shared_dirs
+from mmlens.data.paths import shared_dirs
 
 DATASETS = ("cora", "synthetic")
 
@@ -123,7 +123,7 @@ def _find_cora(data_dir: str | os.PathLike | None) -> Path:
     elif os.environ.get("MMLENS_DATA"):
         bases = [Path(os.environ["MMLENS_DATA"])]
     else:
-        bases = [shared / "data" for shared in _candidate_shared_dirs()]
+        bases = [shared / "data" for shared in shared_dirs()]
     looked: list[Path] = []
     for base in bases:
         for folder in (base / "cora_tag", base):
