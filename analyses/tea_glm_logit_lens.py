@@ -39,7 +39,8 @@ from mmlens.methods.evolution import METRICS, Evolution, evolution
 from mmlens.data.graphs import TextAttributedGraph, load_text_attributed_graph, stratified_split, text_features
 from mmlens.methods.lens import LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens
 from mmlens.data.loading import load_model
-from mmlens.models import GraphSAGEEncoder, TeaGLM, default_graph_token_id
+from mmlens.data.graphs import default_graph_token_id
+from mmlens.models import GraphSAGEEncoder, TeaGLM
 from mmlens.training.graph_pretraining import GraphPretrainConfig, llm_principal_components, pretrain_graph_encoder
 from mmlens.training.tea_glm import (NodePrompts, ProjectorTrainConfig, PromptTemplate, classify_nodes,
                                             train_projector)

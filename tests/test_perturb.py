@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.models import build_graph_prompt
+from mmlens.data.graphs import build_graph_prompt
 from mmlens.metrics.perturb import (KINDS, PUNCTUATION, drop_edges, input_distance, perturb, punctuation_edit, shift,
                             synonym_groups, synonym_swap)
 

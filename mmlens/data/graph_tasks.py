@@ -190,6 +190,24 @@ def centroid_accuracy(task: GraphTaskData, source: str) -> float:
     return float((guess == task.graph_attrs["community"]).float().mean())
 
 
-__all__ = ["FEATURE_DIM", "FILLERS", "GRAPH_TASKS", "GRAPH_TASK_KINDS", "GraphTaskData", "N_COMMUNITIES", "N_NODES", "P_IN",
-           "P_OUT", "SIDES", "SIGNAL", "TEXT_LEN", "VOCAB", "WORD_ID", "bayes_accuracy", "centroid_accuracy",
-           "graph_only", "graph_text_synergy", "make_graph_task"]
+__all__ = [
+    "FEATURE_DIM",
+    "FILLERS",
+    "GRAPH_TASKS",
+    "GRAPH_TASK_KINDS",
+    "N_COMMUNITIES",
+    "N_NODES",
+    "P_IN",
+    "P_OUT",
+    "SIDES",
+    "SIGNAL",
+    "TEXT_LEN",
+    "VOCAB",
+    "WORD_ID",
+    "GraphTaskData",
+    "bayes_accuracy",
+    "centroid_accuracy",
+    "graph_only",
+    "graph_text_synergy",
+    "make_graph_task",
+]

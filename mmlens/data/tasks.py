@@ -315,6 +315,27 @@ def bayes_accuracy(task: SyntheticTask, modality: str) -> float:
     return int(counts.max(1).values.sum()) / len(task)
 
 
-__all__ = ["COLORS", "FILLERS", "IMAGE_SIZE", "PATCH_SIZE", "RGB", "SHAPES", "SyntheticTask", "TASKS", "TASK_KINDS",
-           "TEXT_LEN", "TaskData", "VOCAB", "WORD_ID", "bayes_accuracy", "image_only", "make_task", "redundant",
-           "row_index", "shortcut", "synergistic", "text_only", "texts"]
+__all__ = [
+    "COLORS",
+    "FILLERS",
+    "IMAGE_SIZE",
+    "PATCH_SIZE",
+    "RGB",
+    "SHAPES",
+    "TASKS",
+    "TASK_KINDS",
+    "TEXT_LEN",
+    "VOCAB",
+    "WORD_ID",
+    "SyntheticTask",
+    "TaskData",
+    "bayes_accuracy",
+    "image_only",
+    "make_task",
+    "redundant",
+    "row_index",
+    "shortcut",
+    "synergistic",
+    "text_only",
+    "texts",
+]

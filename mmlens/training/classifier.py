@@ -106,7 +106,7 @@ def train_classifier(kind: str, net: nn.Module, train_task: SyntheticTask, test_
         generator = torch.Generator().manual_seed(config["seed"])
         p = config.get("modality_dropout", 0.0)
 
-        def step(rows: Tensor) -> Tensor:
+        def step(rows: Tensor, index: int) -> Tensor:
             inputs = train_task.batch(rows)
             if p:
                 inputs = _dropped(net, inputs, len(rows), adapter, p, generator)

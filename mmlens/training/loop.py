@@ -4,7 +4,7 @@
 (:func:`warmup_cosine`, or constant), gradient clipping, the stop rule (mean loss of the last
 ``window`` steps below a target), the seeded data order (:class:`RowOrder`), checkpoint/resume
 (:class:`Checkpoint`: a resumed run ends exactly as an uninterrupted one on a CPU) and the tqdm
-progress bar. A trainer supplies only ``step(rows) -> loss``.
+progress bar. A trainer supplies only ``step(rows, index) -> loss``.
 
 :func:`train_or_load` keeps trained weights in the :class:`~mmlens.store.ArtefactStore` under
 ``$MMLENS_CACHE`` (default ``~/.cache/mmlens``): ``<cache>/<kind>/<name>-<hash>/weights.safetensors``
@@ -96,12 +96,13 @@ class Fit:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
-def fit(step: Callable[[Tensor | None], Loss], parameters: Iterable[nn.Parameter], *, steps: int, lr: float,
+def fit(step: Callable[[Tensor | None, int], Loss], parameters: Iterable[nn.Parameter], *, steps: int, lr: float,
         optimizer: Literal["adam", "adamw"] = "adam", weight_decay: float = 0.0,
         schedule: Literal["constant", "warmup_cosine"] = "constant", clip: float | None = None,
         target_loss: float | None = None, window: int = 20, order: RowOrder | None = None,
         checkpoint: Checkpoint | None = None, progress: bool = False, desc: str = "train") -> Fit:
-    """Minimise ``step(rows)`` for ``steps`` steps, ``rows`` = ``order.next()`` (None without an order).
+    """Minimise ``step(rows, index)`` for ``steps`` steps: ``rows`` = ``order.next()`` (None without
+    an order), ``index`` the 0-based step number (e.g. to seed per-step augmentations).
 
     Args:
         parameters: what the optimiser updates (Adam, or AdamW with decoupled ``weight_decay``).
@@ -123,8 +124,8 @@ def fit(step: Callable[[Tensor | None], Loss], parameters: Iterable[nn.Parameter
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         done, history = _resume(checkpoint, state, steps) if checkpoint is not None else (0, {})
         bar = tqdm(range(done, steps), total=steps, initial=done, desc=desc, disable=not progress)
-        for _ in bar:
-            values = step(order.next() if order is not None else None)
+        for index in bar:
+            values = step(order.next() if order is not None else None, index)
             values = {"loss": values} if isinstance(values, Tensor) else dict(values)
             opt.zero_grad(set_to_none=True)
             values["loss"].backward()
@@ -217,4 +218,4 @@ def train_or_load(kind: str, identity: Any, module: nn.Module, train: Callable[[
     return Cached(canonical(meta), path, False)
 
 
-__all__ = ["Cached", "Checkpoint", "Fit", "Loss", "RowOrder", "WEIGHTS", "fit", "train_or_load", "warmup_cosine"]
+__all__ = ["WEIGHTS", "Cached", "Checkpoint", "Fit", "Loss", "RowOrder", "fit", "train_or_load", "warmup_cosine"]
