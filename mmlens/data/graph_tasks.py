@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmlens.data.tasks import SyntheticTask, bayes_accuracy, texts
+from mmlens.data.tasks import SyntheticTask, bayes_accuracy, generate, texts
 
 N_NODES = 1000
 """Nodes per graph."""
@@ -165,14 +165,7 @@ GRAPH_TASKS: dict[str, Callable[[int, int], GraphTaskData]] = {
 def make_graph_task(name: str, n: int, seed: int = 0) -> GraphTaskData:
     """``n`` examples of task ``name`` (a key of :data:`GRAPH_TASKS`) on one graph, a function of
     ``(name, n, seed)`` only; the graph depends on ``seed`` alone (both tasks share it)."""
-    if name not in GRAPH_TASKS:
-        from difflib import get_close_matches
-
-        near = get_close_matches(name, list(GRAPH_TASKS), n=3, cutoff=0.3)
-        raise ValueError(f"unknown synthetic graph task {name!r}; did you mean {near}? Tasks: {sorted(GRAPH_TASKS)}")
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    return GRAPH_TASKS[name](n, seed)
+    return generate(GRAPH_TASKS, name, n, seed, "synthetic graph task")
 
 
 def centroid_accuracy(task: GraphTaskData, source: str) -> float:

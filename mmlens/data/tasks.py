@@ -23,9 +23,9 @@ task            label                                                        ``d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -165,6 +165,9 @@ class TaskData(SyntheticTask):
     image_key: Tensor
 
 
+Task = TypeVar("Task", bound=SyntheticTask)
+
+
 def texts(rng: np.random.Generator, key_word: np.ndarray | None, n: int, filler_ids: np.ndarray, length: int,
           min_words: int) -> tuple[Tensor, Tensor, Tensor]:
     """Sentences of ``min_words``..``length`` words drawn from ``filler_ids``, with word id
@@ -291,16 +294,22 @@ TASKS: dict[str, Callable[[int, int], TaskData]] = {
 """Task name -> generator ``(n, seed) -> TaskData``."""
 
 
-def make_task(name: str, n: int, seed: int = 0) -> TaskData:
-    """``n`` examples of task ``name`` (a key of :data:`TASKS`), a function of ``(name, n, seed)`` only."""
-    if name not in TASKS:
+def generate(generators: Mapping[str, Callable[[int, int], Task]], name: str, n: int, seed: int, what: str) -> Task:
+    """``generators[name](n, seed)``, after checking ``n >= 1`` and that ``name`` (a ``what``, for
+    the error message, which suggests near names) is known."""
+    if name not in generators:
         from difflib import get_close_matches
 
-        near = get_close_matches(name, list(TASKS), n=3, cutoff=0.3)
-        raise ValueError(f"unknown synthetic task {name!r}; did you mean {near}? Tasks: {sorted(TASKS)}")
+        near = get_close_matches(name, list(generators), n=3, cutoff=0.3)
+        raise ValueError(f"unknown {what} {name!r}; did you mean {near}? Tasks: {sorted(generators)}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    return TASKS[name](n, seed)
+    return generators[name](n, seed)
+
+
+def make_task(name: str, n: int, seed: int = 0) -> TaskData:
+    """``n`` examples of task ``name`` (a key of :data:`TASKS`), a function of ``(name, n, seed)`` only."""
+    return generate(TASKS, name, n, seed, "synthetic task")
 
 
 def bayes_accuracy(task: SyntheticTask, modality: str) -> float:
@@ -330,6 +339,7 @@ __all__ = [
     "SyntheticTask",
     "TaskData",
     "bayes_accuracy",
+    "generate",
     "image_only",
     "make_task",
     "redundant",

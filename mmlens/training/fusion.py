@@ -29,7 +29,7 @@ from mmlens.training.classifier import LEARNED_THRESHOLD, TrainedModel, train_cl
 CODE_VERSION = 1
 """Part of the cache key: raise it when the tasks or the training change what a configuration yields."""
 MODEL_DEFAULTS: dict[str, Any] = {"d_model": 64, "n_heads": 4, "d_mlp": 128, "n_image_layers": 1, "n_text_layers": 1,
-                                      "n_joint_layers": 2}
+                                  "n_joint_layers": 2}
 """FusionConfig sizes used unless overridden (the rest follow the task)."""
 
 

@@ -29,8 +29,8 @@ from mmlens.training.classifier import LEARNED_THRESHOLD, TrainedModel, train_cl
 
 CODE_VERSION = 1
 """Part of the cache key: raise it when the tasks or the training change what a configuration yields."""
-MODEL_DEFAULTS: dict[str, Any] = {"gnn_dim": 64, "n_gnn_layers": 2, "n_graph_tokens": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128,
-                                      "n_layers": 2}
+MODEL_DEFAULTS: dict[str, Any] = {"gnn_dim": 64, "n_gnn_layers": 2, "n_graph_tokens": 2, "d_model": 64, "n_heads": 4,
+                                  "d_mlp": 128, "n_layers": 2}
 """GraphTextConfig sizes used unless overridden (the rest follow the task)."""
 
 

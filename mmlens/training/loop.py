@@ -162,8 +162,8 @@ def _resume(checkpoint: Checkpoint, state: Mapping[str, Any], steps: int) -> tup
         return 0, {}
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob["identity"] != canonical(checkpoint.identity):
-        raise ValueError(f"checkpoint {path} was trained with {blob['identity']}, not {canonical(checkpoint.identity)}; "
-                         "delete it or pass another checkpoint path")
+        raise ValueError(f"checkpoint {path} was trained with {blob['identity']}, not "
+                         f"{canonical(checkpoint.identity)}; delete it or pass another checkpoint path")
     if blob["step"] > steps:
         raise ValueError(f"checkpoint {path} has {blob['step']} steps, more than the {steps} asked for; "
                          "raise the step count or use another checkpoint path")
@@ -183,6 +183,13 @@ class Cached:
     meta: dict[str, Any]
     path: Path | None
     from_cache: bool
+
+
+def is_cached(kind: str, identity: Any, name: str = "") -> bool:
+    """Whether :func:`train_or_load` with these arguments would load rather than train."""
+    store = ArtefactStore(cache_dir())
+    folder = store.folder(kind, identity, name)
+    return store.complete(folder) and (folder / WEIGHTS).is_file()
 
 
 def train_or_load(kind: str, identity: Any, module: nn.Module, train: Callable[[], Mapping[str, Any]], *,
@@ -218,4 +225,5 @@ def train_or_load(kind: str, identity: Any, module: nn.Module, train: Callable[[
     return Cached(canonical(meta), path, False)
 
 
-__all__ = ["WEIGHTS", "Cached", "Checkpoint", "Fit", "Loss", "RowOrder", "fit", "train_or_load", "warmup_cosine"]
+__all__ = ["WEIGHTS", "Cached", "Checkpoint", "Fit", "Loss", "RowOrder", "fit", "is_cached", "train_or_load",
+           "warmup_cosine"]

@@ -376,7 +376,8 @@ def _align_projector(model: LlavaForConditionalGeneration, scenes: Scenes, proce
         return F.cross_entropy(logits, processor.answer_ids(batch, kinds))
 
     fit(step, model.model.multi_modal_projector.parameters(), steps=config.steps, lr=config.lr, optimizer="adamw",
-        weight_decay=0.01, schedule="warmup_cosine", order=RowOrder(n * len(config.kinds), config.batch_size, generator))
+        weight_decay=0.01, schedule="warmup_cosine",
+        order=RowOrder(n * len(config.kinds), config.batch_size, generator))
 
 
 def _train(model: LlavaForConditionalGeneration, processor: SceneProcessor, config: VLMConfig) -> None:
