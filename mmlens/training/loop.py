@@ -75,7 +75,8 @@ class Checkpoint:
     schedule, the row order, the CPU RNG state, the step and the history, written atomically every
     ``every`` steps and at the end. If ``path`` exists, training resumes from it; a checkpoint whose
     ``identity`` (what must not change across a resumption, e.g. the configuration less the step
-    count) differs is refused."""
+    count) differs is refused. The warm-up + cosine schedule spans the run's ``steps``: resuming
+    with another step count is exact only with a constant learning rate."""
 
     path: str | Path
     modules: Mapping[str, nn.Module]
@@ -123,7 +124,8 @@ def fit(step: Callable[[Tensor | None, int], Loss], parameters: Iterable[nn.Para
     state = {"optimizer": opt, "schedule": sched, **({"order": order} if order is not None else {})}
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         done, history = _resume(checkpoint, state, steps) if checkpoint is not None else (0, {})
-        bar = tqdm(range(done, steps), total=steps, initial=done, desc=desc, disable=not progress)
+        end = done if _stopped(history.get("loss", []), target_loss, window) else steps  # a resumed stopped run
+        bar = tqdm(range(done, end), total=steps, initial=done, desc=desc, disable=not progress)
         for index in bar:
             values = step(order.next() if order is not None else None, index)
             values = {"loss": values} if isinstance(values, Tensor) else dict(values)
@@ -137,14 +139,18 @@ def fit(step: Callable[[Tensor | None, int], Loss], parameters: Iterable[nn.Para
                 history.setdefault(key, []).append(value.item())
             bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", refresh=False)
             done += 1
-            losses = history["loss"]
-            stop = target_loss is not None and len(losses) >= window and sum(losses[-window:]) / window < target_loss
+            stop = _stopped(history["loss"], target_loss, window)
             if checkpoint is not None and (done % checkpoint.every == 0 or done == steps or stop):
                 _save(checkpoint, state, done, history)
             if stop:
                 break
         bar.close()
     return Fit(done, history)
+
+
+def _stopped(losses: list[float], target_loss: float | None, window: int) -> bool:
+    """The stop rule: the mean of the last ``window`` losses is below ``target_loss``."""
+    return target_loss is not None and len(losses) >= window and sum(losses[-window:]) / window < target_loss
 
 
 def _save(checkpoint: Checkpoint, state: Mapping[str, Any], done: int, history: dict[str, list[float]]) -> None:
