@@ -52,8 +52,9 @@ def test_resumed_fit_equals_uninterrupted_and_leaves_the_rng_alone(tmp_path):
     assert resumed_losses == losses and len(losses) == 9
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
     with pytest.raises(ValueError, match="delete it or pass another checkpoint"):
-        fit(lambda rows, i: torch.zeros((), requires_grad=True), [], steps=9, lr=0.1,
-            checkpoint=Checkpoint(tmp_path / "ckpt.pt", {}, identity={"lr": 0.1}))
+        net = nn.Linear(3, 1)
+        fit(lambda rows, i: net(X).sum(), net.parameters(), steps=9, lr=0.1,
+            checkpoint=Checkpoint(tmp_path / "ckpt.pt", {"net": net}, identity={"lr": 0.1}))
 
 
 def test_stop_rule_and_history():
