@@ -1,7 +1,7 @@
 """mmlens.training.vlm: LLaVA around the real TinyStories-656K, its vision side trained in-process.
 
 The module's model is trained once here with small settings (~20 s on one thread) in a temporary
-cache; the default settings (~45 s) reach colour 1.0 / shape 0.98 held-out.
+cache; the default settings (~45 s) reach colour 1.0 / shape 0.976 held-out.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def recolored(scenes: Scenes, row: int) -> tuple[Scenes, Scenes]:
 
 def test_the_frozen_lm_learns_to_answer_from_the_image(trained, models_dir):
     assert trained.accuracy["color"] >= 0.9  # chance 0.25
-    assert trained.accuracy["shape"] >= 0.5  # chance 0.33; the default settings reach 0.98
+    assert trained.accuracy["shape"] >= 0.5  # chance 0.33; the default settings reach 0.976
     assert trained.learned == (min(trained.accuracy.values()) >= vlm.LEARNED_THRESHOLD)
     assert trained.train_seconds > 0 and not trained.model.training
     lm = load_file(models_dir / "tinystories-656k" / "model.safetensors")
