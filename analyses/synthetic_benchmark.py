@@ -43,7 +43,7 @@ import torch
 import mmlens
 from mmlens.metrics.desiderata import examples, faithfulness, granger, interaction, stability
 from mmlens.methods.explainers import EXPLAINERS, explain
-from mmlens.data.tasks import KINDS
+from mmlens.data.tasks import TASK_KINDS as KINDS
 from mmlens.training.fusion import LEARNED_THRESHOLD, train_fusion
 from mmlens.data.graph_tasks import GRAPH_TASKS
 

@@ -39,8 +39,10 @@ from mmlens.methods.evolution import METRICS, Evolution, evolution
 from mmlens.data.graphs import TextAttributedGraph, load_text_attributed_graph, stratified_split, text_features
 from mmlens.methods.lens import LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens
 from mmlens.data.loading import load_model
-from mmlens.models import GraphSAGEEncoder, TeaGLM, default_graph_token_id
+from mmlens.data.graphs import default_graph_token_id
+from mmlens.models import GraphSAGEEncoder, TeaGLM
 from mmlens.training.graph_pretraining import GraphPretrainConfig, llm_principal_components, pretrain_graph_encoder
+from mmlens.training.loop import is_cached, train_or_load
 from mmlens.training.tea_glm import (NodePrompts, ProjectorTrainConfig, PromptTemplate, classify_nodes,
                                             train_projector)
 from mmlens.data.paths import cache_dir
@@ -186,28 +188,19 @@ def build(config: ReproductionConfig = ReproductionConfig(), progress: bool = Tr
         model = TeaGLM(lm, gnn, default_graph_token_id(tokenizer), config.num_graph_tokens).eval()
     prompts = NodePrompts(tokenizer, graph.class_words, model.graph_token_id, config.num_graph_tokens, config.template)
 
-    gnn_file = folder / f"gnn-{keys['gnn']}.pt"
-    with stages("GNN pretraining" if not gnn_file.exists() else "GNN (cached)"):
-        if gnn_file.exists():
-            gnn.load_state_dict(torch.load(gnn_file, map_location="cpu"))
-        else:
-            components = llm_principal_components(embedding, gnn_config.n_components)
-            pretrain_graph_encoder(gnn, features, graph.edge_index, components, gnn_config,
-                                   checkpoint=folder / f"gnn-{keys['gnn']}.ckpt", progress=progress)
-            _save(gnn.state_dict(), gnn_file)
+    with stages("GNN (cached)" if is_cached("tea_glm_gnn", keys["gnn"]) else "GNN pretraining"):
+        train_or_load("tea_glm_gnn", keys["gnn"], gnn, lambda: pretrain_graph_encoder(
+            gnn, features, graph.edge_index, llm_principal_components(embedding, gnn_config.n_components), gnn_config,
+            checkpoint=folder / f"gnn-{keys['gnn']}.ckpt", progress=progress))
         gnn.eval()
         with torch.no_grad():
             node_repr = gnn(features, graph.edge_index)
 
-    projector_file = folder / f"projector-{keys['projector']}.pt"
-    with stages("projector training" if not projector_file.exists() else "projector (cached)"):
-        if projector_file.exists():
-            model.projector.load_state_dict(torch.load(projector_file, map_location="cpu"))
-        else:
-            proj_config = replace(config.projector, seed=config.seed)
-            train_projector(model, prompts, node_repr, graph.titles, graph.labels, split["train"], proj_config,
-                            checkpoint=folder / f"projector-{keys['projector']}.ckpt", progress=progress)
-            _save(model.projector.state_dict(), projector_file)
+    with stages("projector (cached)" if is_cached("tea_glm_projector", keys["projector"]) else "projector training"):
+        train_or_load("tea_glm_projector", keys["projector"], model.projector, lambda: {"loss": train_projector(
+            model, prompts, node_repr, graph.titles, graph.labels, split["train"],
+            replace(config.projector, seed=config.seed), checkpoint=folder / f"projector-{keys['projector']}.ckpt",
+            progress=progress)})
         model.eval()
 
     evaluation_file = folder / f"evaluation-{keys['evaluation']}.json"
@@ -221,13 +214,6 @@ def build(config: ReproductionConfig = ReproductionConfig(), progress: bool = Tr
     hooked = HookedModel(model, tokenizer=tokenizer, name=f"TEA-GLM({config.llm})")
     return Reproduction(config=config, graph=graph, split=split, model=model, hooked=hooked, prompts=prompts,
                         features=features, node_repr=node_repr, evaluation=evaluation, keys=keys, stages=stages)
-
-
-def _save(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def _evaluate(model: TeaGLM, prompts: NodePrompts, graph: TextAttributedGraph, split: dict, node_repr: torch.Tensor,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmlens.data.graphs import load_text_attributed_graph, stratified_split, text_features
+from mmlens.models.tea_glm import GraphSAGEEncoder
 from mmlens.training.graph_pretraining import (
     GraphPretrainConfig,
     feature_contrastive_loss,
@@ -22,7 +23,6 @@ from mmlens.training.graph_pretraining import (
     llm_principal_components,
     pretrain_graph_encoder,
 )
-from mmlens.models.tea_glm import GraphSAGEEncoder
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mmlens.data.graphs import build_graph_prompt, default_graph_token_id
 from mmlens.models import (
     Attention,
     Block,
@@ -18,8 +19,6 @@ from mmlens.models import (
     FusionTransformer,
     GraphSAGEEncoder,
     TeaGLM,
-    build_graph_prompt,
-    default_graph_token_id,
 )
 
 K = 5

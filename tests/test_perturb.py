@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mmlens
+from mmlens.data.graphs import build_graph_prompt
 from mmlens.metrics.perturb import (
     PERTURBATIONS,
     PUNCTUATION,
@@ -21,7 +22,6 @@ from mmlens.metrics.perturb import (
     synonym_groups,
     synonym_swap,
 )
-from mmlens.models import build_graph_prompt
 
 STORIES = ["The pretty bunny was quick! She saw a small rabbit and a little dog. Yay!",
            "A tiny bunny made a big noise. Wow! It did a little jump!"]  # shorter: left padding

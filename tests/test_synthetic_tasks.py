@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import mmlens
+from mmlens.data.tasks import COLORS, TASK_KINDS, TASKS, TEXT_LEN, VOCAB, WORD_ID, bayes_accuracy, make_task
 from mmlens.models.fusion import Attention
-from mmlens.data.tasks import KINDS, TASKS, VOCAB, bayes_accuracy, make_task
 from mmlens.training.fusion import train_fusion
-from mmlens.data.tasks import COLORS, TEXT_LEN, WORD_ID
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def test_generators_are_deterministic():
 def test_shapes_dtypes_and_metadata(tasks):
     for name, task in tasks.items():
         n = len(task)
-        assert task.name == name and task.kind in KINDS and task.depends_on <= {"image", "text"}
+        assert task.name == name and task.kind in TASK_KINDS and task.depends_on <= {"image", "text"}
         assert task.pixel_values.shape == (n, 3, 16, 16) and task.pixel_values.dtype == torch.float32
         assert 0 <= task.pixel_values.min() and task.pixel_values.max() <= 1
         assert task.input_ids.shape == task.attention_mask.shape == task.text_key.shape == (n, TEXT_LEN)
@@ -96,10 +95,10 @@ def test_attention_weights_match_sdpa():
 
 def test_train_cache_determinism_and_explainers(tmp_path, monkeypatch):
     monkeypatch.setenv("MMLENS_CACHE", str(tmp_path))
-    kwargs = dict(n_train=2000, n_test=300, seed=1)
+    kwargs = {"n_train": 2000, "n_test": 300, "seed": 1}
     first = train_fusion("text_only", **kwargs)
     assert not first.from_cache and first.learned and first.accuracy >= 0.95
-    assert first.cache_path.is_file() and first.cache_path.with_suffix(".json").is_file()
+    assert first.cache_path.is_file() and (first.cache_path.parent / "manifest.json").is_file()
     assert first.neutral_accuracy["image"] >= 0.95 and first.neutral_accuracy["text"] < 0.5
     again = train_fusion("text_only", **kwargs)
     assert again.from_cache and again.accuracy == first.accuracy and not again.model.training

@@ -1,7 +1,7 @@
 """mmlens.training.vlm: LLaVA around the real TinyStories-656K, its vision side trained in-process.
 
 The module's model is trained once here with small settings (~20 s on one thread) in a temporary
-cache; the default settings (~45 s) reach colour 1.0 / shape 0.98 held-out.
+cache; the default settings (~45 s) reach colour 1.0 / shape 0.976 held-out.
 """
 
 from __future__ import annotations
@@ -16,10 +16,19 @@ import mmlens
 from mmlens.data.loading import load_model
 from mmlens.methods.patching import logit_diff
 from mmlens.training import vlm
-from mmlens.training.vlm import (BACKGROUND, COLORS, IMAGE_TOKEN_ID, QUESTIONS, SHAPES, Scenes, make_scenes,
-                                  render_scene, train_vlm)
+from mmlens.training.vlm import (
+    BACKGROUND,
+    COLORS,
+    IMAGE_TOKEN_ID,
+    QUESTIONS,
+    SHAPES,
+    Scenes,
+    make_scenes,
+    render_scene,
+    train_vlm,
+)
 
-QUICK = dict(n_train=2000, n_test=200, seed=0, vision_steps=300, steps=80)
+QUICK = {"n_train": 2000, "n_test": 200, "seed": 0, "vision_steps": 300, "steps": 80}
 PATCH = 8
 
 
@@ -52,7 +61,7 @@ def recolored(scenes: Scenes, row: int) -> tuple[Scenes, Scenes]:
 
 def test_the_frozen_lm_learns_to_answer_from_the_image(trained, models_dir):
     assert trained.accuracy["color"] >= 0.9  # chance 0.25
-    assert trained.accuracy["shape"] >= 0.5  # chance 0.33; the default settings reach 0.98
+    assert trained.accuracy["shape"] >= 0.5  # chance 0.33; the default settings reach 0.976
     assert trained.learned == (min(trained.accuracy.values()) >= vlm.LEARNED_THRESHOLD)
     assert trained.train_seconds > 0 and not trained.model.training
     lm = load_file(models_dir / "tinystories-656k" / "model.safetensors")
@@ -65,8 +74,8 @@ def test_the_frozen_lm_learns_to_answer_from_the_image(trained, models_dir):
 
 
 def test_a_cache_hit_loads_identical_weights_without_training(trained, monkeypatch):
-    assert trained.path.exists() and trained.path.with_suffix(".json").exists()
-    monkeypatch.setattr(vlm, "_train", lambda *a, **k: pytest.fail("a cache hit must not train"))
+    assert trained.path.exists() and (trained.path.parent / "manifest.json").exists()
+    monkeypatch.setattr(vlm, "fit", lambda *a, **k: pytest.fail("a cache hit must not train"))
     again = train_vlm(**QUICK)
     assert again.path == trained.path
     assert again.accuracy == trained.accuracy and again.train_seconds == trained.train_seconds
@@ -76,7 +85,7 @@ def test_a_cache_hit_loads_identical_weights_without_training(trained, monkeypat
 
 
 def test_the_same_seed_gives_identical_weights_and_leaves_the_global_rng_alone():
-    tiny = dict(n_train=64, n_test=8, vision_steps=3, steps=2, cache=False)
+    tiny = {"n_train": 64, "n_test": 8, "vision_steps": 3, "steps": 2, "cache": False}
     state = torch.random.get_rng_state()
     a, b, c = (train_vlm(seed=s, **tiny).model.state_dict() for s in (0, 0, 1))
     assert torch.equal(torch.random.get_rng_state(), state)

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from mmlens.analyses import tea_glm_logit_lens as repro
-from mmlens.models import GraphSAGEEncoder, TeaGLM, default_graph_token_id
-from mmlens.training.tea_glm import (NodePrompts, PrefixRunner, ProjectorTrainConfig, classify_nodes,
-                                            suffix_embeddings, train_projector)
+
+from mmlens.data.graphs import default_graph_token_id
+from mmlens.models import GraphSAGEEncoder, TeaGLM
+from mmlens.training.tea_glm import (
+    NodePrompts,
+    PrefixRunner,
+    ProjectorTrainConfig,
+    classify_nodes,
+    suffix_embeddings,
+    train_projector,
+)
 
 CLASSES = ["rule learning", "neural networks", "case based reasoning", "genetic algorithms", "theory",
            "reinforcement learning", "probabilistic methods"]
@@ -100,7 +107,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_quick_run_writes_the_documented_outputs(quick_run):
-    out, first, _ = quick_run
+    out, _first, _ = quick_run
     for name in ("logit_lens.png", "logit_lens.svg", "evolution.png", "evolution.svg", "logit_lens.json",
                  "lens_table.csv", "evolution_summary.csv", "split.json", "soft_tokens.csv", "gnn_layers.csv",
                  "predictions.csv"):

@@ -28,14 +28,15 @@ task                    label                                                   
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mmlens.data.tasks import _index
+from mmlens.data.tasks import SyntheticTask, bayes_accuracy, generate, texts
 
 N_NODES = 1000
 """Nodes per graph."""
@@ -61,82 +62,36 @@ VOCAB: tuple[str, ...] = ("<pad>", *SIDES, *FILLERS)
 WORD_ID = {word: i for i, word in enumerate(VOCAB)}
 
 _FILLER_IDS = np.array([WORD_ID[w] for w in FILLERS])
-_GRAPH_FIELDS = ("node_features", "edge_index", "communities", "is_query")
-KINDS = ("graph_only", "synergistic")
+GRAPH_TASK_KINDS = ("graph_only", "synergistic")
+"""The kinds of dependence of the graph + text tasks (``GraphTaskData.kind``)."""
 
 
 @dataclass
-class GraphTaskData:
-    """The examples of one graph + text task and their ground truth: ``n`` examples about nodes of
-    one graph of ``N`` nodes and ``E`` directed edges (each undirected edge both ways); ``T`` =
-    :data:`TEXT_LEN`.
+class GraphTaskData(SyntheticTask):
+    """A graph + text task: ``n`` examples about nodes of one graph of ``N`` nodes and ``E``
+    directed edges (each undirected edge both ways); ``T`` = :data:`TEXT_LEN`; ``kind`` is one of
+    :data:`GRAPH_TASK_KINDS`; modalities "graph" and "text". :meth:`batch` gives
+    ``{"node_features", "edge_index", "node_index", "input_ids", "attention_mask"}``, the whole
+    graph with every batch.
 
     Attributes:
-        name, kind: the task (one of :data:`KINDS` for the kind); ``rule``: the label rule in words.
-        depends_on: the modalities ("graph", "text") whose content determines the label.
         node_features: Float[N, FEATURE_DIM]; edge_index: Long[2, E]; communities: Long[N];
             is_query: Bool[N], the nodes with pure-noise features (the only targets).
         node_index: Long[n], each example's target node.
-        input_ids: Long[n, T], ids into ``vocab``, 0 at padding; attention_mask: Long[n, T], 1 = word.
-        labels: Long[n], indices into ``class_names``.
         graph_attrs: "community": the target's community, Long[n].
-        text_attrs: "side": the side word of each text (index into :data:`SIDES`), Long[n]; empty
-            when the texts have none.
-        text_key: Bool[n, T], the position of the side word.
-        seed: the generator's seed.
+        text_attrs: "side": the side word of each text (index into :data:`SIDES`).
     """
 
-    name: str
-    kind: str
-    depends_on: frozenset[str]
-    rule: str
+    INPUTS: ClassVar[tuple[str, ...]] = ("node_features", "edge_index", "node_index", "input_ids", "attention_mask")
+    SHARED: ClassVar[tuple[str, ...]] = ("node_features", "edge_index", "communities", "is_query")
+    MODALITIES: ClassVar[tuple[str, ...]] = ("graph", "text")
+
     node_features: Tensor
     edge_index: Tensor
     communities: Tensor
     is_query: Tensor
     node_index: Tensor
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-    class_names: tuple[str, ...]
-    vocab: tuple[str, ...]
     graph_attrs: dict[str, Tensor]
-    text_attrs: dict[str, Tensor]
-    text_key: Tensor
-    seed: int
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-    def batch(self, index: Iterable[int] | slice | Tensor | None = None) -> dict[str, Tensor]:
-        """Model inputs ``{"node_features", "edge_index", "node_index", "input_ids", "attention_mask"}``
-        of the rows ``index`` (all rows when None); the whole graph comes with every batch."""
-        rows = _index(index)
-        return {"node_features": self.node_features, "edge_index": self.edge_index,
-                "node_index": self.node_index[rows], "input_ids": self.input_ids[rows],
-                "attention_mask": self.attention_mask[rows]}
-
-    def subset(self, index: Iterable[int] | slice | Tensor) -> GraphTaskData:
-        """The same task (same graph) restricted to the example rows ``index``."""
-        rows = _index(index)
-        values = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Tensor) and f.name not in _GRAPH_FIELDS:
-                value = value[rows]
-            elif isinstance(value, dict):
-                value = {k: v[rows] for k, v in value.items()}
-            values[f.name] = value
-        return GraphTaskData(**values)
-
-    def text(self, row: int) -> str:
-        """The words of row ``row`` without padding."""
-        ids = self.input_ids[row][self.attention_mask[row].bool()]
-        return " ".join(self.vocab[i] for i in ids.tolist())
 
 
 # --- generation --------------------------------------------------------------------------------------
@@ -157,22 +112,6 @@ def _graph(rng: np.random.Generator) -> dict[str, np.ndarray]:
             "communities": communities, "is_query": is_query}
 
 
-def _texts(rng: np.random.Generator, key_word: np.ndarray | None, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Sentences of 3..TEXT_LEN filler words, with word id ``key_word[i]`` (Long[n]) at a random
-    position when given -> input_ids, attention_mask Long[n, T] (padded at the end), key Bool[n, T]."""
-    length = rng.integers(3, TEXT_LEN + 1, n)
-    ids = np.zeros((n, TEXT_LEN), dtype=np.int64)
-    words = rng.choice(_FILLER_IDS, (n, TEXT_LEN))
-    valid = np.arange(TEXT_LEN)[None] < length[:, None]
-    ids[valid] = words[valid]
-    key = np.zeros((n, TEXT_LEN), dtype=bool)
-    if key_word is not None:
-        position = rng.integers(0, length)
-        ids[np.arange(n), position] = key_word
-        key[np.arange(n), position] = True
-    return torch.from_numpy(ids), torch.from_numpy(valid.astype(np.int64)), torch.from_numpy(key)
-
-
 def _examples(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The graph, then ``n`` target nodes drawn uniformly (with replacement) from its query nodes."""
     graph = _graph(rng)
@@ -182,7 +121,7 @@ def _examples(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], 
 def _task(name: str, kind: str, depends_on: set[str], rule: str, rng: np.random.Generator, seed: int,
           graph: dict[str, np.ndarray], node_index: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...],
           text: dict[str, np.ndarray], key_word: np.ndarray | None) -> GraphTaskData:
-    ids, mask, text_key = _texts(rng, key_word, len(labels))
+    ids, mask, text_key = texts(rng, key_word, len(labels), _FILLER_IDS, TEXT_LEN, 3)
     return GraphTaskData(
         name=name, kind=kind, depends_on=frozenset(depends_on), rule=rule,
         **{k: torch.from_numpy(v) for k, v in graph.items()}, node_index=torch.from_numpy(node_index),
@@ -226,26 +165,7 @@ GRAPH_TASKS: dict[str, Callable[[int, int], GraphTaskData]] = {
 def make_graph_task(name: str, n: int, seed: int = 0) -> GraphTaskData:
     """``n`` examples of task ``name`` (a key of :data:`GRAPH_TASKS`) on one graph, a function of
     ``(name, n, seed)`` only; the graph depends on ``seed`` alone (both tasks share it)."""
-    if name not in GRAPH_TASKS:
-        from difflib import get_close_matches
-
-        near = get_close_matches(name, list(GRAPH_TASKS), n=3, cutoff=0.3)
-        raise ValueError(f"unknown synthetic graph task {name!r}; did you mean {near}? Tasks: {sorted(GRAPH_TASKS)}")
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    return GRAPH_TASKS[name](n, seed)
-
-
-def bayes_accuracy(task: GraphTaskData, modality: str) -> float:
-    """Accuracy of the best predictor of the label from one modality's generating attributes
-    (``graph_attrs`` or ``text_attrs``; majority label per combination of values, in-sample).
-    Chance is the majority-class rate."""
-    attrs = {"graph": task.graph_attrs, "text": task.text_attrs}[modality]
-    keys = torch.stack([torch.zeros_like(task.labels), *attrs.values()], dim=1)
-    _, group = torch.unique(keys, dim=0, return_inverse=True)
-    counts = torch.zeros(int(group.max()) + 1, task.n_classes, dtype=torch.long)
-    counts.index_put_((group, task.labels), torch.ones_like(task.labels), accumulate=True)
-    return int(counts.max(1).values.sum()) / len(task)
+    return generate(GRAPH_TASKS, name, n, seed, "synthetic graph task")
 
 
 def centroid_accuracy(task: GraphTaskData, source: str) -> float:
@@ -263,6 +183,24 @@ def centroid_accuracy(task: GraphTaskData, source: str) -> float:
     return float((guess == task.graph_attrs["community"]).float().mean())
 
 
-__all__ = ["FEATURE_DIM", "FILLERS", "GRAPH_TASKS", "GraphTaskData", "KINDS", "N_COMMUNITIES", "N_NODES", "P_IN",
-           "P_OUT", "SIDES", "SIGNAL", "TEXT_LEN", "VOCAB", "WORD_ID", "bayes_accuracy", "centroid_accuracy",
-           "graph_only", "graph_text_synergy", "make_graph_task"]
+__all__ = [
+    "FEATURE_DIM",
+    "FILLERS",
+    "GRAPH_TASKS",
+    "GRAPH_TASK_KINDS",
+    "N_COMMUNITIES",
+    "N_NODES",
+    "P_IN",
+    "P_OUT",
+    "SIDES",
+    "SIGNAL",
+    "TEXT_LEN",
+    "VOCAB",
+    "WORD_ID",
+    "GraphTaskData",
+    "bayes_accuracy",
+    "centroid_accuracy",
+    "graph_only",
+    "graph_text_synergy",
+    "make_graph_task",
+]

@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 from transformers import PreTrainedTokenizerBase
 
-from mmlens.data.paths import _candidate_shared_dirs
+from mmlens.data.paths import shared_dirs
 
 DATASETS = ("cora", "synthetic")
 
@@ -123,7 +123,7 @@ def _find_cora(data_dir: str | os.PathLike | None) -> Path:
     elif os.environ.get("MMLENS_DATA"):
         bases = [Path(os.environ["MMLENS_DATA"])]
     else:
-        bases = [shared / "data" for shared in _candidate_shared_dirs()]
+        bases = [shared / "data" for shared in shared_dirs()]
     looked: list[Path] = []
     for base in bases:
         for folder in (base / "cora_tag", base):
@@ -324,3 +324,34 @@ def text_features(
     feats = torch.sparse.mm(weights, embedding_matrix.detach().float().cpu()) / total[:, None]
     std = feats.std(dim=0, keepdim=True)
     return torch.where(std > 1e-8, (feats - feats.mean(dim=0, keepdim=True)) / std.clamp_min(1e-8), 0.0)
+
+
+def build_graph_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    before: str,
+    after: str,
+    graph_token_id: int,
+    num_graph_tokens: int = 5,
+) -> list[int]:
+    """Token ids of ``before`` (with the tokenizer's special tokens, e.g. BOS), then
+    ``num_graph_tokens`` placeholders, then ``after`` (without special tokens)."""
+    return (
+        tokenizer.encode(before)
+        + [graph_token_id] * num_graph_tokens
+        + tokenizer.encode(after, add_special_tokens=False)
+    )
+
+
+def default_graph_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An existing token id to use as the graph placeholder, so the LM's embeddings need no resize.
+
+    TeaGLM overwrites the placeholder's embedding, so which token it is does not matter as long as
+    it does not occur in the prompt text. Prefers the unk token, then pad, then eos.
+    """
+    for token_id in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ValueError(
+        "tokenizer has no unk, pad or eos token to reuse as the graph placeholder; "
+        "pass graph_token_id explicitly (any id that does not occur in your prompts)"
+    )

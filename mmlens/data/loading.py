@@ -396,7 +396,8 @@ _GRAPH_PROMPT = ("Given a node of a citation graph, represented by", "what is th
 def _tea_glm(name: str, lm_name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     """A TeaGLM around registry LM ``lm_name`` with a seeded, untrained GraphSAGE (in 32 -> 64) and
     projector; example inputs: a random 12-node graph, nodes 0 and 5, the same prompt twice."""
-    from mmlens.models import GraphSAGEEncoder, TeaGLM, build_graph_prompt, default_graph_token_id
+    from mmlens.data.graphs import build_graph_prompt, default_graph_token_id
+    from mmlens.models import GraphSAGEEncoder, TeaGLM
 
     lm = load_model(lm_name, dtype=dtype)
     graph_token_id = default_graph_token_id(lm.tokenizer)

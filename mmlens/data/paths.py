@@ -17,7 +17,9 @@ from pathlib import Path
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _candidate_shared_dirs() -> list[Path]:
+def shared_dirs() -> list[Path]:
+    """The conventional ``shared/`` folders, in search order: beside and one level above the
+    current directory, then the repository checkout."""
     bases = [Path.cwd(), _REPO_ROOT]
     found: list[Path] = []
     for base in bases:
@@ -33,7 +35,7 @@ def _resolve(explicit: str | os.PathLike | None, env_var: str, sub: str) -> tupl
         return Path(explicit), looked
     if os.environ.get(env_var):
         return Path(os.environ[env_var]), looked
-    for shared in _candidate_shared_dirs():
+    for shared in shared_dirs():
         candidate = shared / sub
         looked.append(str(candidate))
         if candidate.is_dir():

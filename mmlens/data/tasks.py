@@ -23,8 +23,9 @@ task            label                                                        ``d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -38,7 +39,13 @@ TEXT_LEN = 12
 """Token positions per text (sentences have 4..12 words, then padding)."""
 
 COLORS = ("red", "green", "blue", "yellow")
+"""Colour names, in label order."""
 SHAPES = ("circle", "square", "triangle", "cross")
+"""Shape names, in attribute order."""
+RGB: dict[str, tuple[float, float, float]] = {
+    "red": (0.9, 0.15, 0.1), "green": (0.15, 0.8, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.9, 0.85, 0.1),
+}
+"""Colour name -> RGB in [0, 1] of the shapes (before the per-image brightness)."""
 FILLERS = (
     "the", "a", "this", "that", "is", "there", "here", "picture", "image", "photo", "shows", "with", "of",
     "in", "on", "and", "some", "object", "thing", "look", "at", "see", "it", "very", "small", "big", "near",
@@ -49,44 +56,53 @@ VOCAB: tuple[str, ...] = ("<pad>", *COLORS, *FILLERS)
 """id -> word; id 0 is padding (the adapter's neutral text)."""
 WORD_ID = {word: i for i, word in enumerate(VOCAB)}
 
-_RGB = np.array([[0.9, 0.15, 0.1], [0.15, 0.8, 0.2], [0.15, 0.3, 0.95], [0.9, 0.85, 0.1]])  # COLORS
+_RGB = np.array([RGB[c] for c in COLORS])
 _FILLER_IDS = np.array([WORD_ID[w] for w in FILLERS])
-KINDS = ("image_only", "text_only", "shortcut", "redundant", "synergistic")
+TASK_KINDS = ("image_only", "text_only", "shortcut", "redundant", "synergistic")
+"""The kinds of dependence of the image + text tasks (``TaskData.kind``)."""
+
+
+def row_index(index: Iterable[int] | slice | Tensor | None) -> slice | Tensor:
+    """Rows to select: all for None, a slice or tensor as given, any other iterable as a Long tensor."""
+    if index is None:
+        return slice(None)
+    if isinstance(index, (slice, Tensor)):
+        return index
+    return torch.as_tensor(list(index), dtype=torch.long)
 
 
 @dataclass
-class TaskData:
-    """The examples of one task and their ground truth. ``n`` examples, ``T`` = :data:`TEXT_LEN`,
-    ``P`` = 16 patches of :data:`PATCH_SIZE` pixels in row-major order.
+class SyntheticTask:
+    """The base of the synthetic tasks' containers: ``n`` examples of one task, their text (``T``
+    positions) and their ground truth; subclasses add the other modality's fields.
 
     Attributes:
-        name, kind: the task (one of :data:`KINDS` for the kind); ``rule``: the label rule in words.
-        depends_on: the modalities ("image", "text") whose content determines the label.
-        pixel_values: Float[n, 3, 16, 16], values in [0, 1].
+        name, kind: the task and its kind of dependence; ``rule``: the label rule in words.
+        depends_on: the modalities whose content determines the label.
         input_ids: Long[n, T], ids into ``vocab``, 0 at padding; attention_mask: Long[n, T], 1 = word.
         labels: Long[n], indices into ``class_names``.
-        image_attrs: "shape" (index into :data:`SHAPES`), "color" (into :data:`COLORS`): Long[n], -1
-            where the image has no shape.
-        text_attrs: "color": the colour word of each text (index into :data:`COLORS`), Long[n];
-            empty when the texts have none.
-        image_key: Bool[n, P], the patches the shape touches.
+        text_attrs: the generating attributes of the texts, each Long[n] (empty when none).
         text_key: Bool[n, T], the position of the attribute word.
         seed: the generator's seed.
     """
+
+    INPUTS: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
+    """The model inputs :meth:`batch` returns, in order."""
+    SHARED: ClassVar[tuple[str, ...]] = ()
+    """Tensor fields without an example axis (e.g. the whole graph): never row-selected."""
+    MODALITIES: ClassVar[tuple[str, ...]] = ("text",)
+    """Modalities with a ``<modality>_attrs`` field."""
 
     name: str
     kind: str
     depends_on: frozenset[str]
     rule: str
-    pixel_values: Tensor
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
     class_names: tuple[str, ...]
     vocab: tuple[str, ...]
-    image_attrs: dict[str, Tensor]
     text_attrs: dict[str, Tensor]
-    image_key: Tensor
     text_key: Tensor
     seed: int
 
@@ -98,37 +114,76 @@ class TaskData:
         return len(self.class_names)
 
     def batch(self, index: Iterable[int] | slice | Tensor | None = None) -> dict[str, Tensor]:
-        """Model inputs ``{"pixel_values", "input_ids", "attention_mask"}`` of the rows ``index``
-        (all rows when None), as :class:`mmlens.models.FusionTransformer` and ``mmlens.wrap`` take them."""
-        rows = _index(index)
-        return {"pixel_values": self.pixel_values[rows], "input_ids": self.input_ids[rows],
-                "attention_mask": self.attention_mask[rows]}
+        """Model inputs (:attr:`INPUTS`) of the rows ``index`` (all rows when None), as the task's
+        model and ``mmlens.wrap`` take them; :attr:`SHARED` inputs come whole with every batch."""
+        rows = row_index(index)
+        return {k: getattr(self, k) if k in self.SHARED else getattr(self, k)[rows] for k in self.INPUTS}
 
-    def subset(self, index: Iterable[int] | slice | Tensor) -> TaskData:
-        """The same task restricted to the rows ``index``."""
-        rows = _index(index)
+    def subset(self, index: Iterable[int] | slice | Tensor) -> SyntheticTask:
+        """The same task restricted to the example rows ``index``."""
+        rows = row_index(index)
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Tensor):
+            if isinstance(value, Tensor) and f.name not in self.SHARED:
                 value = value[rows]
             elif isinstance(value, dict):
                 value = {k: v[rows] for k, v in value.items()}
             values[f.name] = value
-        return TaskData(**values)
+        return type(self)(**values)
 
     def text(self, row: int) -> str:
         """The words of row ``row`` without padding."""
         ids = self.input_ids[row][self.attention_mask[row].bool()]
         return " ".join(self.vocab[i] for i in ids.tolist())
 
+    def attrs(self, modality: str) -> dict[str, Tensor]:
+        """The generating attributes of ``modality`` (one of :attr:`MODALITIES`), each Long[n]."""
+        if modality not in self.MODALITIES:
+            raise KeyError(f"{type(self).__name__} has no modality {modality!r}; modalities: {self.MODALITIES}")
+        return getattr(self, f"{modality}_attrs")
 
-def _index(index: Iterable[int] | slice | Tensor | None) -> slice | Tensor:
-    if index is None:
-        return slice(None)
-    if isinstance(index, (slice, Tensor)):
-        return index
-    return torch.as_tensor(list(index), dtype=torch.long)
+
+@dataclass
+class TaskData(SyntheticTask):
+    """An image + text task. ``P`` = 16 patches of :data:`PATCH_SIZE` pixels in row-major order;
+    ``kind`` is one of :data:`TASK_KINDS`; modalities "image" and "text".
+
+    Attributes:
+        pixel_values: Float[n, 3, 16, 16], values in [0, 1].
+        image_attrs: "shape" (index into :data:`SHAPES`), "color" (into :data:`COLORS`): Long[n], -1
+            where the image has no shape.
+        text_attrs: "color": the colour word of each text (index into :data:`COLORS`).
+        image_key: Bool[n, P], the patches the shape touches.
+    """
+
+    INPUTS: ClassVar[tuple[str, ...]] = ("pixel_values", "input_ids", "attention_mask")
+    MODALITIES: ClassVar[tuple[str, ...]] = ("image", "text")
+
+    pixel_values: Tensor
+    image_attrs: dict[str, Tensor]
+    image_key: Tensor
+
+
+Task = TypeVar("Task", bound=SyntheticTask)
+
+
+def texts(rng: np.random.Generator, key_word: np.ndarray | None, n: int, filler_ids: np.ndarray, length: int,
+          min_words: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sentences of ``min_words``..``length`` words drawn from ``filler_ids``, with word id
+    ``key_word[i]`` (Long[n]) at a random position when given -> input_ids, attention_mask
+    Long[n, length] (padded at the end with 0), key Bool[n, length]."""
+    words_per_text = rng.integers(min_words, length + 1, n)
+    ids = np.zeros((n, length), dtype=np.int64)
+    words = rng.choice(filler_ids, (n, length))
+    valid = np.arange(length)[None] < words_per_text[:, None]
+    ids[valid] = words[valid]
+    key = np.zeros((n, length), dtype=bool)
+    if key_word is not None:
+        position = rng.integers(0, words_per_text)
+        ids[np.arange(n), position] = key_word
+        key[np.arange(n), position] = True
+    return torch.from_numpy(ids), torch.from_numpy(valid.astype(np.int64)), torch.from_numpy(key)
 
 
 # --- rendering ---------------------------------------------------------------------------------------
@@ -162,27 +217,11 @@ def _scenes(rng: np.random.Generator, shape: np.ndarray, color: np.ndarray) -> t
     return torch.tensor(pixels.clip(0, 1), dtype=torch.float32), torch.from_numpy(key)
 
 
-def _texts(rng: np.random.Generator, key_word: np.ndarray | None, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Sentences of 4..TEXT_LEN filler words, with word id ``key_word[i]`` (Long[n]) at a random
-    position when given -> input_ids, attention_mask Long[n, T] (padded at the end), key Bool[n, T]."""
-    length = rng.integers(4, TEXT_LEN + 1, n)
-    ids = np.zeros((n, TEXT_LEN), dtype=np.int64)
-    words = rng.choice(_FILLER_IDS, (n, TEXT_LEN))
-    valid = np.arange(TEXT_LEN)[None] < length[:, None]
-    ids[valid] = words[valid]
-    key = np.zeros((n, TEXT_LEN), dtype=bool)
-    if key_word is not None:
-        position = rng.integers(0, length)
-        ids[np.arange(n), position] = key_word
-        key[np.arange(n), position] = True
-    return torch.from_numpy(ids), torch.from_numpy(valid.astype(np.int64)), torch.from_numpy(key)
-
-
 def _task(name: str, kind: str, depends_on: set[str], rule: str, rng: np.random.Generator, seed: int,
           labels: np.ndarray, class_names: tuple[str, ...], image: dict[str, np.ndarray],
           text: dict[str, np.ndarray], key_word: np.ndarray | None) -> TaskData:
     pixels, image_key = _scenes(rng, image["shape"], image["color"])
-    ids, mask, text_key = _texts(rng, key_word, len(labels))
+    ids, mask, text_key = texts(rng, key_word, len(labels), _FILLER_IDS, TEXT_LEN, 4)
     return TaskData(
         name=name, kind=kind, depends_on=frozenset(depends_on), rule=rule, pixel_values=pixels, input_ids=ids,
         attention_mask=mask, labels=torch.from_numpy(labels), class_names=class_names, vocab=VOCAB,
@@ -255,23 +294,29 @@ TASKS: dict[str, Callable[[int, int], TaskData]] = {
 """Task name -> generator ``(n, seed) -> TaskData``."""
 
 
-def make_task(name: str, n: int, seed: int = 0) -> TaskData:
-    """``n`` examples of task ``name`` (a key of :data:`TASKS`), a function of ``(name, n, seed)`` only."""
-    if name not in TASKS:
+def generate(generators: Mapping[str, Callable[[int, int], Task]], name: str, n: int, seed: int, what: str) -> Task:
+    """``generators[name](n, seed)``, after checking ``n >= 1`` and that ``name`` (a ``what``, for
+    the error message, which suggests near names) is known."""
+    if name not in generators:
         from difflib import get_close_matches
 
-        near = get_close_matches(name, list(TASKS), n=3, cutoff=0.3)
-        raise ValueError(f"unknown synthetic task {name!r}; did you mean {near}? Tasks: {sorted(TASKS)}")
+        near = get_close_matches(name, list(generators), n=3, cutoff=0.3)
+        raise ValueError(f"unknown {what} {name!r}; did you mean {near}? Tasks: {sorted(generators)}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    return TASKS[name](n, seed)
+    return generators[name](n, seed)
 
 
-def bayes_accuracy(task: TaskData, modality: str) -> float:
+def make_task(name: str, n: int, seed: int = 0) -> TaskData:
+    """``n`` examples of task ``name`` (a key of :data:`TASKS`), a function of ``(name, n, seed)`` only."""
+    return generate(TASKS, name, n, seed, "synthetic task")
+
+
+def bayes_accuracy(task: SyntheticTask, modality: str) -> float:
     """Accuracy of the best predictor of the label from one modality's generating attributes
-    (``image_attrs`` or ``text_attrs``; majority label per combination of values, in-sample): what
-    that modality alone can tell about the label. Chance is the majority-class rate."""
-    attrs = {"image": task.image_attrs, "text": task.text_attrs}[modality]
+    (``task.attrs(modality)``; majority label per combination of values, in-sample): what that
+    modality alone can tell about the label. Chance is the majority-class rate."""
+    attrs = task.attrs(modality)
     keys = torch.stack([torch.zeros_like(task.labels), *attrs.values()], dim=1)
     _, group = torch.unique(keys, dim=0, return_inverse=True)
     counts = torch.zeros(int(group.max()) + 1, task.n_classes, dtype=torch.long)
@@ -279,6 +324,28 @@ def bayes_accuracy(task: TaskData, modality: str) -> float:
     return int(counts.max(1).values.sum()) / len(task)
 
 
-__all__ = ["COLORS", "FILLERS", "IMAGE_SIZE", "KINDS", "PATCH_SIZE", "SHAPES", "TASKS", "TEXT_LEN", "TaskData", "VOCAB",
-           "WORD_ID", "bayes_accuracy", "image_only", "make_task", "redundant", "shortcut", "synergistic",
-           "text_only"]
+__all__ = [
+    "COLORS",
+    "FILLERS",
+    "IMAGE_SIZE",
+    "PATCH_SIZE",
+    "RGB",
+    "SHAPES",
+    "TASKS",
+    "TASK_KINDS",
+    "TEXT_LEN",
+    "VOCAB",
+    "WORD_ID",
+    "SyntheticTask",
+    "TaskData",
+    "bayes_accuracy",
+    "generate",
+    "image_only",
+    "make_task",
+    "redundant",
+    "row_index",
+    "shortcut",
+    "synergistic",
+    "text_only",
+    "texts",
+]

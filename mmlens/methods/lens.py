@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mmlens.core.adapter import get_module
 from mmlens.core.cache import Named
@@ -40,6 +39,7 @@ from mmlens.core.spans import ModalitySpans, Selector
 from mmlens.core.unembed import Unembed
 from mmlens.core.unembed import Unembed as _Decoder  # the name TunedLens.fit uses until it moves to the shared fit loop
 from mmlens.core.wrapper import HookedModel
+from mmlens.training.loop import RowOrder, fit
 
 
 @dataclass
@@ -474,22 +474,18 @@ class TunedLens(nn.Module):
         self.to(hidden.device)
         for p in decoder.norm.parameters():
             p.requires_grad_(False)
-        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
-        losses = []
-        for _ in tqdm(range(steps), desc="tuned lens", disable=not progress):
-            pick = torch.randint(hidden.shape[1], (tokens_per_step,), generator=generator).to(hidden.device)
-            h = hidden[:, pick]
+        layers = torch.arange(self.n_layers - 1, device=hidden.device)
+
+        def step(rows: Tensor, index: int) -> Tensor:
+            h = hidden[:, rows.to(hidden.device)]
             with torch.no_grad():
                 target = decoder(h[-1]).float().log_softmax(-1)
-            layers = torch.arange(self.n_layers - 1, device=h.device)
-            translated = self.translate(h[:-1], layers)
-            logp = decoder(translated).float().log_softmax(-1)
-            loss = (target.exp() * (target - logp)).sum(-1).mean(-1).sum()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        return losses
+            logp = decoder(self.translate(h[:-1], layers)).float().log_softmax(-1)
+            return (target.exp() * (target - logp)).sum(-1).mean(-1).sum()
+
+        order = RowOrder(hidden.shape[1], tokens_per_step, generator, replacement=True)
+        return fit(step, self.parameters(), steps=steps, lr=lr, order=order, progress=progress,
+                   desc="tuned lens").history.get("loss", [])
 
     def save(self, path: str | Path) -> Path:
         """Write the translators (``.pt``) and their shape (``.json`` beside it)."""

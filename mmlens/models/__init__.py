@@ -9,7 +9,7 @@ from mmlens.models.fusion import (
     ImageEncoder,
     TextEncoder,
 )
-from mmlens.models.tea_glm import GraphSAGEEncoder, TeaGLM, build_graph_prompt, default_graph_token_id
+from mmlens.models.tea_glm import GraphSAGEEncoder, TeaGLM
 
 __all__ = [
     "Attention",
@@ -21,6 +21,4 @@ __all__ = [
     "ImageEncoder",
     "TeaGLM",
     "TextEncoder",
-    "build_graph_prompt",
-    "default_graph_token_id",
 ]

@@ -8,10 +8,12 @@ embedding width, ``n_nodes``/``n_edges`` the graph's size.
 
 from __future__ import annotations
 
+import itertools
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 
@@ -25,7 +27,7 @@ class GraphSAGEEncoder(nn.Module):
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.convs = nn.ModuleList(SAGEConv(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:]))
+        self.convs = nn.ModuleList(SAGEConv(d_in, d_out) for d_in, d_out in itertools.pairwise(dims))
         self.dropout = dropout
         self.out_dim = out_dim
 
@@ -105,7 +107,7 @@ class TeaGLM(nn.Module):
             raise ValueError(
                 f"every prompt needs exactly {self.num_graph_tokens} graph placeholder tokens "
                 f"(id {self.graph_token_id}); found {counts.tolist()} per row. Build prompts with "
-                "build_graph_prompt and keep the placeholder id out of the surrounding text."
+                "mmlens.data.graphs.build_graph_prompt and keep the placeholder id out of the surrounding text."
             )
         gnn_inputs = (node_features, edge_index, node_ids)
         if graph_embeds is not None and any(t is not None for t in gnn_inputs):
@@ -133,33 +135,3 @@ class TeaGLM(nn.Module):
         inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], tokens)
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
 
-
-def build_graph_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    before: str,
-    after: str,
-    graph_token_id: int,
-    num_graph_tokens: int = 5,
-) -> list[int]:
-    """Token ids of ``before`` (with the tokenizer's special tokens, e.g. BOS), then
-    ``num_graph_tokens`` placeholders, then ``after`` (without special tokens)."""
-    return (
-        tokenizer.encode(before)
-        + [graph_token_id] * num_graph_tokens
-        + tokenizer.encode(after, add_special_tokens=False)
-    )
-
-
-def default_graph_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """An existing token id to use as the graph placeholder, so the LM's embeddings need no resize.
-
-    TeaGLM overwrites the placeholder's embedding, so which token it is does not matter as long as
-    it does not occur in the prompt text. Prefers the unk token, then pad, then eos.
-    """
-    for token_id in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    raise ValueError(
-        "tokenizer has no unk, pad or eos token to reuse as the graph placeholder; "
-        "pass graph_token_id explicitly (any id that does not occur in your prompts)"
-    )

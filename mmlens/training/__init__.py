@@ -1,1 +1,3 @@
-"""Training: the models mmlens trains itself (synthetic fusion models, the synthetic VLM, TEA-GLM's encoder and projector)."""
+"""Training: one fit loop and one cache of trained weights (:mod:`mmlens.training.loop`), and the
+models mmlens trains itself with them (synthetic fusion and graph-text classifiers, the synthetic
+VLM, TEA-GLM's GNN and projector)."""

@@ -11,7 +11,6 @@ principal components, ``k`` projection-head width.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import coalesce, to_torch_csr_tensor
-from tqdm.auto import tqdm
 
 from mmlens.models.tea_glm import GraphSAGEEncoder
+from mmlens.training.loop import Checkpoint, fit
 
 # Config fields that may change between a checkpointed run and its resumption.
 _RESUMABLE_CHANGES = {"epochs", "checkpoint_every"}
@@ -204,22 +203,6 @@ def _check_setup(gnn: GraphSAGEEncoder, x: Tensor, components: Tensor, config: G
         )
     if gnn.convs[0].in_channels != x.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features but the GNN expects {gnn.convs[0].in_channels}")
-    if config.checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be at least 1, got {config.checkpoint_every}")
-
-
-def _save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _comparable(config: dict) -> dict:
-    """A config dict without the fields a resumed run may change, lists read as tuples."""
-    return {
-        k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k not in _RESUMABLE_CHANGES
-    }
 
 
 def pretrain_graph_encoder(
@@ -261,63 +244,25 @@ def pretrain_graph_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         head = _ProjectionHead(gnn.out_dim, config.proj_dim).to(x.device)
-        params = list(gnn.parameters()) + list(head.parameters())
-        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-        history: dict[str, list[float]] = {"loss": [], "grace": [], "feature": []}
-        start = 0
-        if checkpoint is not None and Path(checkpoint).exists():
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            if _comparable(state["config"]) != _comparable(config.to_dict()):
-                raise ValueError(
-                    f"checkpoint {checkpoint} was trained with config {state['config']}, not "
-                    f"{config.to_dict()}; delete it or pass another checkpoint path"
-                )
-            if state["epoch"] > config.epochs:
-                raise ValueError(
-                    f"checkpoint {checkpoint} has {state['epoch']} epochs, more than config.epochs="
-                    f"{config.epochs}; raise epochs or use another checkpoint path"
-                )
-            gnn.load_state_dict(state["gnn"])
-            head.load_state_dict(state["head"])
-            optimizer.load_state_dict(state["optimizer"])
-            history, start = state["history"], state["epoch"]
-            torch.set_rng_state(state["rng_state"])
 
-        gnn.train()
-        head.train()
-        bar = tqdm(range(start, config.epochs), total=config.epochs, initial=start,
-                   desc="pretrain GNN", disable=not progress)
-        for epoch in bar:
+        def step(rows: None, epoch: int) -> dict[str, Tensor]:
             g = torch.Generator(device=x.device).manual_seed((config.seed << 32) + epoch)
             x1, e1 = _augment(x, edge_index, config.drop_edge[0], config.mask_feature[0], g)
             x2, e2 = _augment(x, edge_index, config.drop_edge[1], config.mask_feature[1], g)
             h1, h2 = gnn(x1, e1), gnn(x2, e2)
             grace = grace_loss(head(h1), head(h2), config.tau)
             feature = feature_contrastive_loss(h1, h2, components, config.tau)
-            loss = grace + config.feature_loss_weight * feature
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            for key, value in (("loss", loss), ("grace", grace), ("feature", feature)):
-                history[key].append(value.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            done = epoch + 1
-            if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.epochs):
-                _save_atomic(
-                    {
-                        "gnn": gnn.state_dict(),
-                        "head": head.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": done,
-                        "history": history,
-                        "rng_state": torch.get_rng_state(),
-                        "config": config.to_dict(),
-                    },
-                    Path(checkpoint),
-                )
-        bar.close()
+            return {"loss": grace + config.feature_loss_weight * feature, "grace": grace, "feature": feature}
+
+        saved = None if checkpoint is None else Checkpoint(
+            checkpoint, {"gnn": gnn, "head": head}, every=config.checkpoint_every,
+            identity={k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES})
+        gnn.train()
+        head.train()
+        result = fit(step, [*gnn.parameters(), *head.parameters()], steps=config.epochs, lr=config.lr,
+                     weight_decay=config.weight_decay, checkpoint=saved, progress=progress, desc="pretrain GNN")
     gnn.eval()
-    return history
+    return result.history
 
 
 def linear_probe_accuracy(
@@ -333,14 +278,11 @@ def linear_probe_accuracy(
     mean, std = emb[train].mean(dim=0), emb[train].std(dim=0).clamp_min(1e-6)
     emb = (emb - mean) / std
     num_classes = int(labels.max()) + 1
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probe = nn.Linear(emb.shape[1], num_classes).to(emb.device)
-        optimizer = torch.optim.Adam(probe.parameters(), lr=0.01, weight_decay=1e-4)
-        for _ in range(epochs):
-            optimizer.zero_grad()
-            F.cross_entropy(probe(emb[train]), labels[train]).backward()
-            optimizer.step()
+    fit(lambda rows, index: F.cross_entropy(probe(emb[train]), labels[train]), probe.parameters(), steps=epochs,
+        lr=0.01, weight_decay=1e-4)
     with torch.no_grad():
         predicted = probe(emb).argmax(dim=1)
     return {name: (predicted[idx] == labels[idx]).float().mean().item() for name, idx in split.items()}

@@ -19,7 +19,6 @@ The text-only baseline is the same prompt without the graph tokens and the line 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmlens.core.replay import PrefixRunner
 from mmlens.models.tea_glm import TeaGLM
+from mmlens.training.loop import Checkpoint, RowOrder, fit
 
 _MARKER = "\u241fMMLENS\u241f"
 
@@ -170,44 +170,34 @@ def train_projector(
         node_repr: Float[n_nodes, gnn.out_dim], the frozen GNN's output for every node.
         titles: node titles; labels: Long[n_nodes] class indices (into ``prompts.class_words``).
         checkpoint: a file to save to every ``checkpoint_every`` steps (atomically) and to resume
-            from; a resumed run ends with the same weights as an uninterrupted one.
+            from (:class:`~mmlens.training.loop.Checkpoint`; refused when the config differs in
+            more than ``steps``/``checkpoint_every``); a resumed run ends with the same weights as
+            an uninterrupted one.
     """
     runner = PrefixRunner(model.lm, prompts.prefix_ids(True))
     answer_ids = prompts.answer_ids.to(node_repr.device)
-    optimizer = torch.optim.Adam(model.projector.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    start = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.projector.load_state_dict(state["projector"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        losses, start = state["losses"], state["step"]
-    if start == 0 and config.match_embedding_norm:
+    if config.match_embedding_norm:  # a resumed run then loads its projector over this
         with torch.no_grad():
             target = model.lm.get_input_embeddings().weight.norm(dim=-1).mean()
             current = model.graph_tokens(node_repr[train_idx[:256]]).norm(dim=-1).mean()
             model.projector.weight.mul_(target / current)
             model.projector.bias.mul_(target / current)
-    model.projector.train()
-    bar = tqdm(range(start, config.steps), desc="projector", initial=start, total=config.steps, disable=not progress)
-    for step in bar:
-        pick = train_idx[torch.randint(len(train_idx), (config.batch_size,), generator=generator)]
+
+    def step(rows: Tensor, index: int) -> Tensor:
+        pick = train_idx[rows]
         embeds, lengths = suffix_embeddings(model, prompts, [titles[i] for i in pick.tolist()], node_repr[pick])
         logits = runner.answer_logits(embeds, lengths)
-        loss = F.cross_entropy(logits.float(), answer_ids[labels[pick].to(answer_ids.device)])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        done = step + 1
-        if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-            _save_atomic({"projector": model.projector.state_dict(), "optimizer": optimizer.state_dict(),
-                          "generator": generator.get_state(), "losses": losses, "step": done}, checkpoint)
+        return F.cross_entropy(logits.float(), answer_ids[labels[pick].to(answer_ids.device)])
+
+    saved = None if checkpoint is None else Checkpoint(
+        checkpoint, {"projector": model.projector}, every=config.checkpoint_every,
+        identity={k: v for k, v in config.to_dict().items() if k not in ("steps", "checkpoint_every")})
+    model.projector.train()
+    order = RowOrder(len(train_idx), config.batch_size, torch.Generator().manual_seed(config.seed), replacement=True)
+    result = fit(step, model.projector.parameters(), steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
+                 order=order, checkpoint=saved, progress=progress, desc="projector")
     model.projector.eval()
-    return losses
+    return result.history["loss"]
 
 
 @torch.no_grad()
@@ -234,9 +224,3 @@ def classify_nodes(
         scores.append(runner.answer_logits(embeds, lengths)[:, answer_ids].float().log_softmax(-1).cpu())
     return torch.cat(scores)
 
-
-def _save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)

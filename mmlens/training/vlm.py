@@ -28,7 +28,7 @@ the character ``|``, which stories hardly use. :class:`SceneProcessor` writes 16
 ``"<image>"`` in a prompt and refuses text that contains a literal ``|``.
 
 >>> vlm = train_vlm()                 # ~40 s on one CPU thread the first time, then loaded from the cache
->>> vlm.accuracy                      # held-out: {"color": 1.0, "shape": 0.98}
+>>> vlm.accuracy                      # held-out: {"color": 1.0, "shape": 0.976}
 >>> scenes = vlm.test_scenes()[:4]
 >>> inputs = vlm.processor.questions(scenes, "color")   # input_ids [4, 29], pixel_values [4, 3, 32, 32]
 >>> vlm.model(**inputs).logits[:, -1].argmax(-1) == vlm.processor.answer_ids(scenes, "color")
@@ -36,8 +36,6 @@ the character ``|``, which stories hardly use. :class:`SceneProcessor` writes 16
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -49,19 +47,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, LlavaConfig,
-                          LlavaForConditionalGeneration)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
-from mmlens.data.paths import cache_dir, models_dir
+from mmlens.data import tasks
+from mmlens.data.paths import models_dir
+from mmlens.store import config_hash, file_digest
+from mmlens.training.loop import RowOrder, fit, train_or_load
 
 Inputs = dict[str, torch.Tensor]
 
-COLORS: dict[str, tuple[float, float, float]] = {
-    "red": (0.90, 0.15, 0.12), "green": (0.15, 0.80, 0.20), "blue": (0.20, 0.35, 0.95), "yellow": (0.92, 0.85, 0.15),
-}
-"""Colour name -> RGB in [0, 1]."""
-SHAPES = ("circle", "square", "triangle")
+COLORS = tasks.COLORS
+"""Colour names (those of :mod:`mmlens.data.tasks`, painted in its :data:`~mmlens.data.tasks.RGB`)."""
+SHAPES = tasks.SHAPES[:3]
+"""Shape names: circle, square, triangle (a cross would share the circle's first answer token ``c``)."""
 QUESTIONS = {"color": "Q: what color is it? A: it is ", "shape": "Q: what shape is it? A: a "}
 """Question kind -> the text after the image: the question, then an answer frame ("it is" / "a")
 that ends in a different token per kind; the answer is the scene's colour / shape name."""
@@ -70,7 +75,7 @@ IMAGE_TOKEN_ID = 79  # "|" in TinyStories' vocabulary: an existing id that stori
 PAD_TOKEN_ID = 0  # "<unk>", TinyStories' pad token
 BACKGROUND = (0.08, 0.08, 0.10)
 LEARNED_THRESHOLD = 0.9
-_VERSION = 1  # bump when rendering, model or training code changes what a configuration produces
+_VERSION = 2  # bump when rendering, model or training code changes what a configuration produces
 
 
 def tinystories_path() -> Path:
@@ -109,7 +114,7 @@ def render_scene(color: str, shape: str, center: tuple[float, float], radius: fl
     else:
         raise ValueError(f"unknown shape {shape!r}; shapes: {SHAPES}")
     cover = inside.reshape(size, sub, size, sub).mean(axis=(1, 3))
-    rgb, background = np.array(COLORS[color])[:, None, None], np.array(BACKGROUND)[:, None, None]
+    rgb, background = np.array(tasks.RGB[color])[:, None, None], np.array(BACKGROUND)[:, None, None]
     image = background + cover * (rgb - background)
     image = image + np.random.default_rng(seed).normal(0.0, noise, image.shape)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
@@ -149,7 +154,7 @@ def make_scenes(n: int, seed: int, *, size: int = 32, noise: float = 0.03,
     """``n`` seeded scenes: colour and shape uniform, radius uniform in ``radius`` (fractions of
     ``size``), the centre uniform in the middle 30% of each axis (shapes stay inside the image)."""
     rng = np.random.default_rng(seed)
-    colors = [list(COLORS)[i] for i in rng.integers(len(COLORS), size=n)]
+    colors = [COLORS[i] for i in rng.integers(len(COLORS), size=n)]
     shapes = [SHAPES[i] for i in rng.integers(len(SHAPES), size=n)]
     radii = rng.uniform(*radius, n) * size
     centers = rng.uniform(0.35, 0.65, (n, 2)) * size
@@ -263,7 +268,7 @@ class VLMConfig:
 
     Stage 1: ``vision_steps`` of AdamW (peak ``vision_lr``) on batches of ``vision_batch_size``
     scenes; stage 2: ``steps`` (peak ``lr``) on batches of ``batch_size`` (scene, question) pairs;
-    both with linear warm-up over 5% and cosine decay. The training scenes are
+    both with the loop's :func:`~mmlens.training.loop.warmup_cosine` schedule. The training scenes are
     ``make_scenes(n_train, 2 * seed)``, the held-out ones ``make_scenes(n_test, 2 * seed + 1)``.
     """
 
@@ -287,11 +292,14 @@ class VLMConfig:
     def n_image_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    def identity(self) -> dict[str, Any]:
+        """What identifies the trained weights: this configuration, the code version and the
+        sha256 of the LM's weights."""
+        return {**asdict(self), "version": _VERSION, "lm_sha256": file_digest(tinystories_path() / "model.safetensors")}
+
     def key(self) -> str:
-        """16 hex digits of the sha256 of this configuration, the code version and the LM's weights."""
-        lm = hashlib.sha256((tinystories_path() / "model.safetensors").read_bytes()).hexdigest()
-        blob = json.dumps({**asdict(self), "version": _VERSION, "lm_sha256": lm}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """:func:`~mmlens.store.config_hash` of :meth:`identity` (the artefact store's key)."""
+        return config_hash(self.identity())
 
 
 def build_vlm(config: VLMConfig) -> LlavaForConditionalGeneration:
@@ -316,14 +324,12 @@ def build_vlm(config: VLMConfig) -> LlavaForConditionalGeneration:
     return model.eval()
 
 
-def _trained_parts(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """The trained tensors (vision tower and projector) by state-dict name."""
-    return {k: v for k, v in model.state_dict().items()
-            if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+TRAINED_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")
+"""State-dict prefixes of the trained tensors (the rest is TinyStories-656K, loaded by :func:`build_vlm`)."""
 
 
 @torch.no_grad()
-def evaluate(model: LlavaForConditionalGeneration, processor: SceneProcessor, scenes: Scenes,
+def answer_accuracy(model: LlavaForConditionalGeneration, processor: SceneProcessor, scenes: Scenes,
              kinds: Sequence[str], batch_size: int = 256) -> dict[str, float]:
     """Accuracy per question kind: the final position's argmax over the whole vocabulary equals the
     answer's first token."""
@@ -338,19 +344,6 @@ def evaluate(model: LlavaForConditionalGeneration, processor: SceneProcessor, sc
     return accuracy
 
 
-def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over the first 5% of ``steps``, then cosine decay to 0."""
-    warmup = max(1, steps // 20)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (
-        1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-
-
-def _batches(n: int, size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """``steps`` batches of ``size`` row indices, in epochs of seeded permutations of ``range(n)``."""
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(math.ceil(steps * size / n))])
-    return list(order[: steps * size].reshape(steps, size))
-
-
 def _pretrain_vision(model: LlavaForConditionalGeneration, scenes: Scenes, processor: SceneProcessor,
                      config: VLMConfig, generator: torch.Generator) -> None:
     """Stage 1, standing in for CLIP's pretraining: the vision tower learns the scene attributes
@@ -360,34 +353,31 @@ def _pretrain_vision(model: LlavaForConditionalGeneration, scenes: Scenes, proce
     names = {"color": list(COLORS), "shape": list(SHAPES)}
     labels = {k: torch.tensor([names[k].index(a) for a in scenes.answers(k)]) for k in config.kinds}
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(config.vision_hidden, len(names[k])) for k in config.kinds})
-    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=config.vision_lr, weight_decay=0.01)
-    schedule = _schedule(optimizer, config.vision_steps)
     pixels = processor.pixels(scenes.pixels)
-    for rows in _batches(len(scenes), config.vision_batch_size, config.vision_steps, generator):
+
+    def step(rows: torch.Tensor, index: int) -> torch.Tensor:
         features = tower(pixels[rows], output_hidden_states=True).hidden_states[-1][:, 1:].mean(1)
-        loss = sum(F.cross_entropy(heads[k](features), y[rows], label_smoothing=0.1) for k, y in labels.items())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        return sum(F.cross_entropy(heads[k](features), y[rows], label_smoothing=0.1) for k, y in labels.items())
+
+    fit(step, [*tower.parameters(), *heads.parameters()], steps=config.vision_steps, lr=config.vision_lr,
+        optimizer="adamw", weight_decay=0.01, schedule="warmup_cosine",
+        order=RowOrder(len(scenes), config.vision_batch_size, generator))
 
 
 def _align_projector(model: LlavaForConditionalGeneration, scenes: Scenes, processor: SceneProcessor,
                      config: VLMConfig, generator: torch.Generator) -> None:
     """Stage 2, LLaVA's feature alignment: only the projector learns, with cross-entropy on the
     answer's first token at the final position, through the frozen LM (vision tower frozen too)."""
-    projector = model.model.multi_modal_projector
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=config.lr, weight_decay=0.01)
-    schedule = _schedule(optimizer, config.steps)
     n = len(scenes)
-    for rows in _batches(n * len(config.kinds), config.batch_size, config.steps, generator):
+
+    def step(rows: torch.Tensor, index: int) -> torch.Tensor:
         batch, kinds = scenes[(rows % n).tolist()], [config.kinds[i] for i in (rows // n).tolist()]
         logits = model(**processor.questions(batch, kinds), logits_to_keep=1).logits[:, -1]
-        loss = F.cross_entropy(logits, processor.answer_ids(batch, kinds))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        return F.cross_entropy(logits, processor.answer_ids(batch, kinds))
+
+    fit(step, model.model.multi_modal_projector.parameters(), steps=config.steps, lr=config.lr, optimizer="adamw",
+        weight_decay=0.01, schedule="warmup_cosine",
+        order=RowOrder(n * len(config.kinds), config.batch_size, generator))
 
 
 def _train(model: LlavaForConditionalGeneration, processor: SceneProcessor, config: VLMConfig) -> None:
@@ -414,10 +404,11 @@ class TrainedVLM:
         tokenizer: TinyStories' tokenizer.
         processor: a :class:`SceneProcessor` (``questions(scenes, kind)`` -> inputs).
         config: the :class:`VLMConfig` it was trained with.
-        accuracy: held-out accuracy per question kind (see :func:`evaluate`).
+        accuracy: held-out accuracy per question kind (see :func:`answer_accuracy`).
         train_seconds: wall time of the training run (on a cache hit: of the run that filled the cache).
         learned: every kind's accuracy is at least :data:`LEARNED_THRESHOLD`.
-        path: the cached weights (safetensors; a ``.json`` sidecar beside it), or None if not cached.
+        path: the cached weights of the trained parts (safetensors; the artefact store's
+            ``manifest.json`` beside it), or None if not cached.
     """
 
     model: LlavaForConditionalGeneration
@@ -444,8 +435,9 @@ def train_vlm(*, n_train: int = 6000, n_test: int = 500, seed: int = 0, steps: i
         seed: seeds the vision tower's initialisation, the scenes and the batch order.
         steps: optimiser steps of stage 2 (the projector through the LM; ~0.07 s each).
         kinds: question kinds to train (keys of :data:`QUESTIONS`).
-        cache: read and write ``<cache>/synthetic/vlm-<key>.safetensors`` (+ ``.json``), ``<cache>``
-            being ``MMLENS_CACHE`` or ``~/.cache/mmlens``; a hit loads without training.
+        cache: read and write the artefact store's ``<cache>/vlm/vlm-<key>/`` (``<cache>`` being
+            ``MMLENS_CACHE`` or ``~/.cache/mmlens``, ``<key>`` :meth:`VLMConfig.key`); a hit loads
+            without training.
         options: other :class:`VLMConfig` fields (batch_size, lr, image_size, ...).
     """
     config = VLMConfig(n_train=n_train, n_test=n_test, seed=seed, steps=steps, kinds=tuple(kinds), **options)
@@ -454,28 +446,17 @@ def train_vlm(*, n_train: int = 6000, n_test: int = 500, seed: int = 0, steps: i
     tokenizer = AutoTokenizer.from_pretrained(tinystories_path())
     processor = SceneProcessor(tokenizer, config.image_size, config.n_image_tokens)
     model = build_vlm(config)
-    path = cache_dir() / "synthetic" / f"vlm-{config.key()}.safetensors" if cache else None
-    sidecar = path.with_suffix(".json") if path else None
-    if path is not None and path.exists() and sidecar.exists():
-        weights = load_file(path)
-        if set(weights) != set(_trained_parts(model)):
-            raise ValueError(f"{path} does not hold this model's vision tower and projector; delete it to retrain")
-        model.load_state_dict(weights, strict=False)
-        meta = json.loads(sidecar.read_text())
-        return TrainedVLM(model, tokenizer, processor, config, meta["accuracy"], meta["train_seconds"],
-                          meta["learned"], path)
-    start = time.perf_counter()
-    _train(model, processor, config)
-    seconds = time.perf_counter() - start
-    test = make_scenes(config.n_test, 2 * config.seed + 1, size=config.image_size, noise=config.noise)
-    accuracy = evaluate(model, processor, test, config.kinds)
-    learned = min(accuracy.values()) >= LEARNED_THRESHOLD
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in _trained_parts(model).items()}, tmp)
-        sidecar.write_text(json.dumps({"config": asdict(config), "key": config.key(), "accuracy": accuracy,
-                                       "train_seconds": seconds, "learned": learned,
-                                       "image_token_id": IMAGE_TOKEN_ID}, indent=1))
-        tmp.rename(path)
-    return TrainedVLM(model, tokenizer, processor, config, accuracy, seconds, learned, path)
+
+    def train() -> dict[str, Any]:
+        start = time.perf_counter()
+        _train(model, processor, config)
+        seconds = time.perf_counter() - start
+        test = make_scenes(config.n_test, 2 * config.seed + 1, size=config.image_size, noise=config.noise)
+        accuracy = answer_accuracy(model, processor, test, config.kinds)
+        return {"config": asdict(config), "key": config.key(), "accuracy": accuracy, "train_seconds": seconds,
+                "learned": min(accuracy.values()) >= LEARNED_THRESHOLD, "image_token_id": IMAGE_TOKEN_ID}
+
+    cached = train_or_load("vlm", config.identity(), model, train, name="vlm", parts=TRAINED_PARTS, cache=cache)
+    meta = cached.meta
+    return TrainedVLM(model, tokenizer, processor, config, meta["accuracy"], meta["train_seconds"], meta["learned"],
+                      cached.path)
