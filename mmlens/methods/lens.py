@@ -37,7 +37,6 @@ from mmlens.core.adapter import get_module
 from mmlens.core.cache import Named
 from mmlens.core.spans import ModalitySpans, Selector
 from mmlens.core.unembed import Unembed
-from mmlens.core.unembed import Unembed as _Decoder  # the name TunedLens.fit uses until it moves to the shared fit loop
 from mmlens.core.wrapper import HookedModel
 from mmlens.training.loop import RowOrder, fit
 
@@ -460,7 +459,7 @@ class TunedLens(nn.Module):
         names = residual_points(hooked)
         if len(names) != self.n_layers:
             raise ValueError(f"this tuned lens has {self.n_layers} layers but {hooked.name} has {len(names)} residual layers")
-        decoder = _Decoder(hooked)
+        decoder = Unembed(hooked)
         with torch.no_grad():
             stacks = []
             for inputs in batches:
