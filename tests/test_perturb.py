@@ -298,7 +298,7 @@ def test_errors(story, vlm, glm_embeds):
     with pytest.raises(ValueError, match="n must be at least 1"):
         perturb(hm, inputs, "text", n=0)
     vhm, vinputs = vlm
-    with pytest.raises(ValueError, match="text perturbations need .*tokenizer"):
+    with pytest.raises(ValueError, match=r"text perturbations need\(s\) .*tokenizer"):
         perturb(vhm, vinputs, "text")
     no_image = {k: v for k, v in vinputs.items() if k != "pixel_values"}
     with pytest.raises(ValueError, match=r"image positions but none of its inputs \['pixel_values'\]"):

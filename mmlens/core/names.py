@@ -70,12 +70,12 @@ def to_transformer_lens_name(name: str) -> str | None:
     return None
 
 
-def nearest_names(name: str, names: Sequence[str], n: int = 5, cutoff: float = 0.4) -> list[str]:
-    """Up to ``n`` of ``names`` closest to ``name`` (difflib similarity >= ``cutoff``, in [0, 1]),
-    else the first ``n`` of ``names``."""
+def nearest_names(name: str, names: Sequence[str], n: int = 5, cutoff: float = 0.4, fallback: bool = True) -> list[str]:
+    """Up to ``n`` of ``names`` closest to ``name`` (difflib similarity >= ``cutoff``, in [0, 1]);
+    when none is that close, the first ``n`` of ``names`` (``fallback``) or none."""
     names = list(names)
     close = difflib.get_close_matches(name, names, n=n, cutoff=cutoff)
-    return close or names[:n]
+    return close or (names[:n] if fallback else [])
 
 
 def unknown_hook_error(name: str, names: Sequence[str]) -> KeyError:

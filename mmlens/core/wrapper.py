@@ -148,6 +148,23 @@ class HookedModel:
             raise ValueError(f"{self.name} has no tokenizer or processor; pass inputs as a dict of tensors")
         return dict(self.tokenizer(text, return_tensors="pt", padding=isinstance(text, list), **kwargs))
 
+    @property
+    def text_tokenizer(self) -> Any:
+        """The tokenizer (given, or the processor's), or ``None``: the one place mmlens looks it up."""
+        return self.tokenizer if self.tokenizer is not None else getattr(self.processor, "tokenizer", None)
+
+    def require_tokenizer(self, purpose: str) -> Any:
+        """:attr:`text_tokenizer`, raising with how to supply one when there is none."""
+        if self.text_tokenizer is None:
+            raise ValueError(f"{purpose} need(s) {self.name}'s tokenizer: wrap the model with "
+                             "mmlens.wrap(model, tokenizer=...) (or processor=...)")
+        return self.text_tokenizer
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token id decoded on its own (the id as text when there is no tokenizer)."""
+        tokenizer = self.text_tokenizer
+        return [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
+
     def rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
         """The inputs of some rows of a batch (an int ``i`` gives a batch of one); see
         :meth:`Adapter.select_rows`."""

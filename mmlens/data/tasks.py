@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmlens.core.names import nearest_names
+
 IMAGE_SIZE = 16
 """Image height and width, pixels."""
 PATCH_SIZE = 4
@@ -298,9 +300,7 @@ def generate(generators: Mapping[str, Callable[[int, int], Task]], name: str, n:
     """``generators[name](n, seed)``, after checking ``n >= 1`` and that ``name`` (a ``what``, for
     the error message, which suggests near names) is known."""
     if name not in generators:
-        from difflib import get_close_matches
-
-        near = get_close_matches(name, list(generators), n=3, cutoff=0.3)
+        near = nearest_names(name, generators, n=3, cutoff=0.3, fallback=False)
         raise ValueError(f"unknown {what} {name!r}; did you mean {near}? Tasks: {sorted(generators)}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")

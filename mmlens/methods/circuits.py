@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from mmlens.core.adapter import HookPoint
 from mmlens.core.edits import Edit, Where, replace
+from mmlens.core.names import nearest_names
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import CacheFilter, HookedModel, RunResult
 from mmlens.methods.patching import Corruption, EdgeScores, SweepResult
@@ -212,9 +212,8 @@ def _point(hooked: HookedModel, hook: str) -> HookPoint:
     try:
         return hooked.resolve(hook)
     except KeyError:
-        close = difflib.get_close_matches(hook, list(hooked.hook_points), n=5, cutoff=0.4)
         raise KeyError(f"circuit node hook {hook!r} is not a hook point of {hooked.name}; nearest valid names: "
-                       f"{close or list(hooked.hook_points)[:5]}") from None
+                       f"{nearest_names(hook, hooked.hook_points)}") from None
 
 
 def components(hooked: HookedModel, kinds: Sequence[str] = ("attn_out", "mlp_out"),

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from mmlens.core.edits import replace
+from mmlens.core.names import nearest_names
 from mmlens.core.replay import BlockReplay
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import HookedModel
@@ -425,9 +426,7 @@ def explain(hooked: HookedModel, inputs: Mapping[str, Any], method: str = "integ
 def check_method(method: str) -> None:
     """Raise, naming the nearest explainers, when ``method`` is not one of :data:`EXPLAINERS`."""
     if method not in EXPLAINERS:
-        from difflib import get_close_matches
-
-        near = get_close_matches(method, list(EXPLAINERS), n=3, cutoff=0.3)
+        near = nearest_names(method, EXPLAINERS, n=3, cutoff=0.3, fallback=False)
         raise ValueError(f"unknown explainer {method!r}; did you mean {near}? Explainers: {sorted(EXPLAINERS)}")
 
 

@@ -144,15 +144,8 @@ def _label_of(hooked: HookedModel, name: str) -> str:
     return "embed" if hp.kind == "resid_pre" else str(hp.layer)
 
 
-def _decoder_text(hooked: HookedModel) -> Callable[[list[int]], list[str]]:
-    tokenizer = hooked.tokenizer or getattr(hooked.processor, "tokenizer", None)
-    if tokenizer is None:
-        return lambda ids: [str(i) for i in ids]
-    return lambda ids: [tokenizer.decode([i]) for i in ids]
-
-
 def _input_tokens(hooked: HookedModel, inputs: Mapping[str, Any], modalities: list[list[str]]) -> list[list[str]]:
-    decode = _decoder_text(hooked)
+    decode = hooked.token_strings
     ids = inputs.get("input_ids")
     if ids is None:
         return [[f"<{m}>" for m in row] for row in modalities]
@@ -168,7 +161,7 @@ def _targets(hooked: HookedModel, targets: Any, batch: int, device: torch.device
     if isinstance(targets, Tensor):
         ids = targets.long()
     else:
-        tokenizer = hooked.tokenizer or getattr(hooked.processor, "tokenizer", None)
+        tokenizer = hooked.text_tokenizer
         ids_list = []
         for t in targets:
             if isinstance(t, str):
@@ -238,7 +231,7 @@ def logit_lens(
         target_ids=None if target_ids is None else target_ids.cpu(),
         target_probs=full.get("tprob"), target_ranks=full.get("trank"),
         tokens=_input_tokens(hooked, inputs, modalities), modalities=modalities, spans=spans,
-        decode=_decoder_text(hooked), decoded=decoded.cpu(),
+        decode=hooked.token_strings, decoded=decoded.cpu(),
     )
 
 
@@ -337,7 +330,7 @@ def nearest_tokens(hooked: HookedModel, vectors: Tensor, k: int = 5) -> tuple[Te
 
 def _nearest_table(hooked: HookedModel, vectors: Tensor, k: int, index: dict[str, list]) -> pd.DataFrame:
     ids, cos = nearest_tokens(hooked, vectors, k)
-    decode = _decoder_text(hooked)
+    decode = hooked.token_strings
     rows = []
     for i in range(ids.shape[0]):
         texts = decode(ids[i].tolist())

@@ -360,7 +360,7 @@ def sweep(
         source, target = target, source
     reuse = _reuse(hooked, swept, target[1]) if replay else None
     target_spans = hooked.spans(target[0])
-    decode = _token_text(hooked)
+    decode = hooked.token_strings
     rows, clean_values, corrupt_values, skipped, method = [], [], [], 0, "full forwards"
     for pair in range(clean_spans.batch_size):
         runs = _pair_runs(hooked, pair, clean, source, target, direction, metric, swept, reuse)
@@ -459,11 +459,6 @@ def _cell_values(hooked: HookedModel, runs: _PairRuns, cells: list[Cell], target
     return values, len(cells) - len(todo)
 
 
-def _token_text(hooked: HookedModel) -> Callable[[list[int]], list[str]]:
-    tokenizer = hooked.tokenizer or getattr(hooked.processor, "tokenizer", None)
-    return (lambda ids: [tokenizer.decode([i]) for i in ids]) if tokenizer is not None else (lambda ids: [str(i) for i in ids])
-
-
 def _row_tokens(decode, inputs: Mapping[str, Any], spans: ModalitySpans, pair: int) -> list[str]:
     ids = inputs.get("input_ids")
     modality = spans.modality_of_positions()[pair]
@@ -539,7 +534,7 @@ def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: 
     check_same_layout(hooked.spans(clean), spans)
     swept = points(hooked, hook)
     names = [hp.name for hp in swept]
-    decode = _token_text(hooked)
+    decode = hooked.token_strings
     rows, clean_values, corrupt_values = [], [], []
     for pair in range(spans.batch_size):
         c, x = hooked.rows(clean, pair), hooked.rows(corrupt_inputs, pair)

@@ -309,21 +309,13 @@ Prepare = Callable[[HookedModel, dict, ModalitySpans, float, torch.Generator], D
 :class:`CannotPerturb` when the kind cannot change these inputs."""
 
 
-def _tokenizer(hooked: HookedModel) -> Any:
-    tokenizer = hooked.tokenizer or getattr(hooked.processor, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError(f"text perturbations need {hooked.name}'s tokenizer: wrap the model with "
-                         "HookedModel(model, tokenizer=...) (or processor=...)")
-    return tokenizer
-
-
 def _core(tokenizer: Any, token_id: int) -> str:
     return _split(tokenizer.convert_ids_to_tokens(token_id))[1]
 
 
 def _token_swaps(hooked: HookedModel, inputs: dict, spans: ModalitySpans, count: int,
                  generator: torch.Generator, *, kind: str, key: str, modality: str) -> Draw:
-    tokenizer = _tokenizer(hooked)
+    tokenizer = hooked.require_tokenizer("text perturbations")
     ids = inputs[key]
     table, fits = (_synonym_table(), _whole_word) if kind == "synonym_swap" else (PUNCTUATION, _not_in_number)
     candidates = _swap_candidates(ids.cpu(), spans.masks[modality].cpu(), tokenizer, table, fits)
