@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import sys
 import time
 from contextlib import contextmanager
@@ -34,20 +33,31 @@ from typing import Any, Iterator
 import pandas as pd
 import torch
 
-import mmlens
-from mmlens.methods.evolution import METRICS, Evolution, evolution
-from mmlens.data.graphs import TextAttributedGraph, load_text_attributed_graph, stratified_split, text_features
-from mmlens.methods.lens import LensResult, TunedLens, compare_lenses, decode_encoder_layers, decode_soft_tokens, logit_lens
+from mmlens.core.wrapper import HookedModel
+from mmlens.data.graphs import (
+    TextAttributedGraph,
+    default_graph_token_id,
+    load_text_attributed_graph,
+    stratified_split,
+    text_features,
+)
 from mmlens.data.loading import load_model
-from mmlens.data.graphs import default_graph_token_id
+from mmlens.data.paths import cache_dir
+from mmlens.methods.evolution import METRICS, Evolution, evolution
+from mmlens.methods.lens import (
+    LensResult,
+    TunedLens,
+    compare_lenses,
+    decode_encoder_layers,
+    decode_soft_tokens,
+    logit_lens,
+)
 from mmlens.models import GraphSAGEEncoder, TeaGLM
+from mmlens.plots import plot_evolution, plot_lens_grid, save_figure
+from mmlens.store import atomic_write, config_hash, versions
 from mmlens.training.graph_pretraining import GraphPretrainConfig, llm_principal_components, pretrain_graph_encoder
 from mmlens.training.loop import is_cached, train_or_load
-from mmlens.training.tea_glm import (NodePrompts, ProjectorTrainConfig, PromptTemplate, classify_nodes,
-                                            train_projector)
-from mmlens.data.paths import cache_dir
-from mmlens.plots import plot_evolution, plot_lens_grid, save_figure
-from mmlens.core.wrapper import HookedModel
+from mmlens.training.tea_glm import NodePrompts, ProjectorTrainConfig, PromptTemplate, classify_nodes, train_projector
 
 SYNTHETIC_NOTE = "SYNTHETIC DATA: a generated text-attributed graph, not Cora; numbers say nothing about the paper's claim"
 CLAIM_RULE = ("graph tokens evolve measurably less than text tokens when, for at least 3 of the 4 metrics "
@@ -90,7 +100,7 @@ def quick_config(**overrides: Any) -> ReproductionConfig:
 
 
 def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return config_hash(parts, digits=12)
 
 
 def _fingerprint(graph: TextAttributedGraph) -> str:
@@ -210,7 +220,7 @@ def build(config: ReproductionConfig = ReproductionConfig(), progress: bool = Tr
         else:
             evaluation = _evaluate(model, prompts, graph, split, node_repr, config, progress)
             evaluation_file.parent.mkdir(parents=True, exist_ok=True)
-            evaluation_file.write_text(json.dumps(evaluation))
+            atomic_write(evaluation_file, json.dumps(evaluation))
     hooked = HookedModel(model, tokenizer=tokenizer, name=f"TEA-GLM({config.llm})")
     return Reproduction(config=config, graph=graph, split=split, model=model, hooked=hooked, prompts=prompts,
                         features=features, node_repr=node_repr, evaluation=evaluation, keys=keys, stages=stages)
@@ -400,13 +410,13 @@ def _record(rep: Reproduction, row: int, soft: pd.DataFrame, layers: pd.DataFram
         "tuned_lens": tuned,
         "config": config.to_dict(),
         "cache_keys": rep.keys,
-        "versions": {"mmlens": mmlens.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions(),
     }
     return record
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1, default=_json_default))
+    atomic_write(path, json.dumps(data, indent=1, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

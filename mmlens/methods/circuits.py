@@ -38,6 +38,7 @@ from mmlens.core.names import nearest_names
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import CacheFilter, HookedModel, RunResult
 from mmlens.methods.patching import Corruption, EdgeScores, SweepResult
+from mmlens.store import atomic_write
 
 MODES = ("keep", "remove")
 ABLATIONS = ("zero", "mean", "resample", "neutral")
@@ -148,7 +149,7 @@ class Circuit:
     def save(self, path: str | Path) -> Path:
         """Write the circuit as JSON (see :meth:`to_dict`); returns the path."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod

@@ -38,6 +38,7 @@ from mmlens.core.cache import Named
 from mmlens.core.spans import ModalitySpans, Selector
 from mmlens.core.unembed import Unembed
 from mmlens.core.wrapper import HookedModel
+from mmlens.store import atomic_path, write_json
 from mmlens.training.loop import RowOrder, fit
 
 
@@ -482,9 +483,9 @@ class TunedLens(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write the translators (``.pt``) and their shape (``.json`` beside it)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), path)
-        path.with_suffix(".json").write_text(json.dumps({"d_model": self.d_model, "n_layers": self.n_layers}))
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
+        write_json(path.with_suffix(".json"), {"d_model": self.d_model, "n_layers": self.n_layers})
         return path
 
     @classmethod
