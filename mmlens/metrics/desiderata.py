@@ -191,7 +191,7 @@ def granger(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("
     expl = pd.DataFrame(rows)
     if not expl.empty:
         expl = expl.merge(influence_df.rename(columns={"modality": "ablated"}), on=["input", "ablated"])
-    return GrangerResult(influence_df, expl, *_granger_summary(expl, fraction, tolerance), distance, fraction, tolerance)
+    return GrangerResult(influence_df, expl, *granger_summary(expl, fraction, tolerance), distance, fraction, tolerance)
 
 
 def _explain_mode(hooked: HookedModel, x: dict, name: str, mode: str, metric, kwargs: dict) -> dict[str, Explanation]:
@@ -205,7 +205,7 @@ def _explain_mode(hooked: HookedModel, x: dict, name: str, mode: str, metric, kw
     raise ValueError(f"mode must be 'joint' or 'unimodal', got {mode!r}")
 
 
-def _granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     if expl.empty:
         return pd.DataFrame(), pd.DataFrame()
     summary, violations = [], []
@@ -302,7 +302,7 @@ def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integra
             rows.append({"input": i, "scope": r.scope, "k": r.k, "source": r.source, "f": f, "f_keep": r.keep,
                          "f_remove": r.remove, "sufficiency_gap": abs(r.keep - f), "necessity_drop": f - r.remove})
     curves = pd.DataFrame(rows)
-    return FaithfulnessResult(curves, _areas(curves), explainer)
+    return FaithfulnessResult(curves, areas(curves), explainer)
 
 
 @dataclass
@@ -384,10 +384,10 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
                                      "explained": target, "input_distance": distance,
                                      "explanation_distance": change, "ratio": change / distance, "kept": kept})
     samples = pd.DataFrame(rows)
-    return StabilityResult(samples, _stability_summary(samples), skipped)
+    return StabilityResult(samples, stability_summary(samples), skipped)
 
 
-def _stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
+def stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
     if samples.empty:
         return pd.DataFrame()
     out = []
@@ -549,7 +549,7 @@ def _mode_setup(hooked: HookedModel, x: dict, joint, mode: str):
     return joint if mode == "joint" else _setup(hooked, x, joint.metric, mode)
 
 
-def _areas(curves: pd.DataFrame) -> pd.DataFrame:
+def areas(curves: pd.DataFrame) -> pd.DataFrame:
     if curves.empty:
         return pd.DataFrame()
     mean = curves.groupby(["scope", "source", "k"], sort=False)[["sufficiency_gap", "necessity_drop"]].mean().reset_index()
