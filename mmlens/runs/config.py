@@ -124,6 +124,8 @@ class RunConfig(Section):
     """A whole config file. Subclasses have an ``output`` section with a ``dir``, override
     :meth:`check` for rules across fields and :meth:`input_files` for the files they read."""
 
+    seed: Index = 0
+    """The run's seed: weights of tiny random models, noise and random baselines."""
     _source: Path | None = PrivateAttr(default=None)
 
     @classmethod

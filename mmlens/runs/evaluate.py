@@ -65,7 +65,6 @@ from mmlens.runs.config import (
     ConfigError,
     Count,
     Folder,
-    Index,
     ModelConfig,
     Number,
     Rows,
@@ -152,7 +151,6 @@ class EvaluationConfig(RunConfig):
     stability: StabilityConfig | None = None
     circuit: CircuitConfig | None = None
     output: EvaluationOutput
-    seed: Index = 0
 
     @property
     def circuit_file(self) -> Path | None:

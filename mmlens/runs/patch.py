@@ -182,7 +182,6 @@ class PatchConfig(RunConfig):
     metric: MetricConfig
     output: OutputConfig
     corruption: CorruptionConfig | None = None
-    seed: Index = 0
 
     def input_files(self) -> dict[str, Path]:
         """The image files of the pairs."""
