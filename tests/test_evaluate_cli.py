@@ -50,8 +50,8 @@ def test_evaluate_writes_every_file_and_resumes(tmp_path):
 
 def test_a_circuit_section_reports_keep_and_remove(tmp_path):
     import mmlens
-    from mmlens.methods.circuits import components
     from mmlens.data.loading import load_model
+    from mmlens.methods.circuits import components
 
     hm = mmlens.wrap(load_model("tiny-fusion").model)
     circuit = mmlens.Circuit(tuple(components(hm, ("attn_out", "mlp_out"))), name="whole joint transformer")

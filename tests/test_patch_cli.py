@@ -344,3 +344,49 @@ def test_image_pairs_go_through_the_processor_in_a_chat_turn():
     (images, text), = calls
     assert text == ["<image>What colour?"] and images[0].getpixel((32, 32)) == (40, 160, 60)
     assert inputs["pixel_values"].dtype == torch.float16 and inputs["input_ids"].dtype == torch.long
+
+
+# --- the resumable record and the hashing rule ------------------------------------------------------
+
+def test_the_record_continues_its_own_config_and_refuses_another(tmp_path):
+    from mmlens.runs.record import Record, ResumeError
+
+    path, config = tmp_path / "run" / "record.jsonl", {"model": "m", "method": {"noise": 2.0}}
+    assert Record.continuing(path, config) is None  # nothing to continue
+    record = Record.create(path, "test", config, n_parts=2)
+    calls = []
+    first = record.get_or_add("a", lambda: calls.append(1) or {"value": 1.5})
+    again = Record.continuing(path, {"method": {"noise": 2.0}, "model": "m"})  # key order does not matter
+    assert again.keys == ["a"] and again.get_or_add("a", lambda: calls.append(2) or {}) == first == {"key": "a", "value": 1.5}
+    assert calls == [1] and again.header["n_parts"] == 2
+    with pytest.raises(ResumeError, match=r"different config .*changed: method\.noise"):
+        Record.continuing(path, {"model": "m", "method": {"noise": 3.0}})
+    assert Record.continuing(path, {"model": "m"}, overwrite=True) is None
+    path.write_text("{not json\n")
+    with pytest.raises(ResumeError, match="unreadable"):
+        Record.continuing(path, config)
+
+
+def test_the_hash_names_image_contents_not_the_output_folder(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    raw = _raw()
+    raw["inputs"]["pairs"][0]["image"] = "a.png"
+    config = PatchConfig.from_dict(raw, source=tmp_path / "tiny.toml")
+    assert config.input_files() == {"a.png": tmp_path / "a.png"}
+    before = config.hash()
+    assert config.with_output(tmp_path / "elsewhere").hash() == before
+    Image.new("RGB", (8, 8), (3, 2, 1)).save(tmp_path / "a.png")
+    assert config.hash() != before
+
+
+def test_tokenizer_of_finds_a_processor_tokenizer():
+    from types import SimpleNamespace
+
+    from mmlens.data.loading import tokenizer_of
+
+    tok = object()
+    assert tokenizer_of(SimpleNamespace(tokenizer=tok, processor=None)) is tok
+    assert tokenizer_of(SimpleNamespace(tokenizer=None, processor=SimpleNamespace(tokenizer=tok))) is tok
+    assert tokenizer_of(SimpleNamespace(tokenizer=None, processor=None)) is None
