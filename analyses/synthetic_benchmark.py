@@ -22,8 +22,10 @@ mode, and the metrics of :mod:`mmlens.metrics.desiderata` are scored against the
 
 Writes ``benchmark.json`` (models with accuracies and seeds, a task x method x mode x score table,
 the interaction table, the paper's claims with the numbers behind them, runtime), CSVs, figures,
-``table.md`` (the summary as markdown), and prints the table. Each (task, model) part is saved under ``parts/`` as it finishes; a rerun
-resumes. The last line is ``benchmark_seconds=<s>``.
+``table.md`` (the summary as markdown), and prints the table. Each (task, model) part is added as it
+finishes to ``parts/<hash>.jsonl``, the :class:`mmlens.runs.record.Record` of these settings and
+explainers (hash: :func:`mmlens.store.config_hash`); a rerun with them resumes. The last line is
+``benchmark_seconds=<s>``.
 """
 
 from __future__ import annotations
