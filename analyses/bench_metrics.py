@@ -40,16 +40,16 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
+from mmlens.analyses.bench_patching import offline_if_cached
 from torch import Tensor
 
 import mmlens
-from mmlens.analyses.bench_patching import _offline_if_cached
-from mmlens.metrics.desiderata import examples, faithfulness, stability
-from mmlens.methods.explainers import embedding_point
-from mmlens.data.loading import load_model
-from mmlens.methods.patching import last_logits
-from mmlens.metrics.perturb import perturb
 from mmlens.core.wrapper import HookedModel
+from mmlens.data.loading import load_model
+from mmlens.methods.explainers import embedding_point
+from mmlens.methods.patching import last_logits
+from mmlens.metrics.desiderata import examples, faithfulness, stability
+from mmlens.metrics.perturb import perturb
 
 TOLERANCE = 1e-5
 SENTENCES = ("The little dog was happy and ran quickly to the big house.",
@@ -312,7 +312,7 @@ def run_llava(settings: Settings, repeats: int) -> dict:
 
 def run_smollm2(settings: Settings, repeats: int) -> dict:
     name = "smollm2-135m-instruct"
-    with _offline_if_cached(name):
+    with offline_if_cached(name):
         loaded = load_model(name)
     hooked = mmlens.HookedModel(loaded.model, tokenizer=loaded.tokenizer)
     items = [hooked.to_inputs(s) for s in SENTENCES]

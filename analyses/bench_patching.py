@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from typing_extensions import Self
 
 import mmlens
 from mmlens.data.loading import LoadedModel, load_model
@@ -92,7 +93,7 @@ class RssSampler:
             self.peak = max(self.peak, _rss())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self.start = self.peak = _rss()
         self._thread.start()
         return self
@@ -224,7 +225,7 @@ def _key(name: str) -> str:
 # -- setup helpers ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _offline_if_cached(name: str) -> Iterator[None]:
+def offline_if_cached(name: str) -> Iterator[None]:
     """Load SmolLM2 straight from mmlens's converted copy when there is one: without network each
     load would otherwise spend ~25 s in hub retries first."""
     cached = name == "smollm2-135m-instruct" and (cache_dir() / "models" / name).is_dir()
@@ -242,7 +243,7 @@ def _offline_if_cached(name: str) -> Iterator[None]:
 
 
 def _load(name: str, attn: str) -> LoadedModel:
-    with _offline_if_cached(name):
+    with offline_if_cached(name):
         loaded = load_model(name)
     if attn == "eager":
         loaded.model.set_attn_implementation("eager")

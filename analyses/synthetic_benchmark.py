@@ -22,15 +22,16 @@ mode, and the metrics of :mod:`mmlens.metrics.desiderata` are scored against the
 
 Writes ``benchmark.json`` (models with accuracies and seeds, a task x method x mode x score table,
 the interaction table, the paper's claims with the numbers behind them, runtime), CSVs, figures,
-``table.md`` (the summary as markdown), and prints the table. Each (task, model) part is saved under ``parts/`` as it finishes; a rerun
-resumes. The last line is ``benchmark_seconds=<s>``.
+``table.md`` (the summary as markdown), and prints the table. Each (task, model) part is added as it
+finishes to ``parts/<hash>.jsonl``, the :class:`mmlens.runs.record.Record` of these settings and
+explainers (hash: :func:`mmlens.store.config_hash`); a rerun with them resumes. The last line is
+``benchmark_seconds=<s>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -41,13 +42,15 @@ import pandas as pd
 import torch
 
 import mmlens
-from mmlens.metrics.desiderata import examples, faithfulness, granger, interaction, stability
-from mmlens.methods.explainers import EXPLAINERS, explain
-from mmlens.data.tasks import TASK_KINDS as KINDS
-from mmlens.training.fusion import LEARNED_THRESHOLD, train_fusion
 from mmlens.data.graph_tasks import GRAPH_TASKS
+from mmlens.data.tasks import TASK_KINDS
+from mmlens.methods.explainers import EXPLAINERS, explain
+from mmlens.metrics.desiderata import examples, faithfulness, granger, interaction, stability
+from mmlens.runs.record import Record
+from mmlens.store import atomic_path, atomic_write, config_hash, versions
+from mmlens.training.fusion import LEARNED_THRESHOLD, train_fusion
 
-TASK_NAMES = (*KINDS, *GRAPH_TASKS)
+TASK_NAMES = (*TASK_KINDS, *GRAPH_TASKS)
 
 MODALITIES = ("image", "text")
 """The two modalities of the image + text tasks (a case may name others, e.g. graph and text)."""
@@ -303,7 +306,8 @@ def _figures(scores: pd.DataFrame, out: Path) -> list[str]:
     fig.colorbar(im, ax=ax, label="truth match (fraction of inputs)")
     ax.set_title("Does the explanation rank the modalities as the ground truth does?")
     fig.tight_layout()
-    fig.savefig(out / "truth_match.png", dpi=130)
+    with atomic_path(out / "truth_match.png") as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
     written.append("truth_match.png")
 
@@ -319,7 +323,8 @@ def _figures(scores: pd.DataFrame, out: Path) -> list[str]:
     axes[1].axhline(0, c="k", lw=0.8)
     axes[1].set_title("Modality interaction (> 0 synergy, < 0 redundancy)")
     fig.tight_layout()
-    fig.savefig(out / "influence_and_interaction.png", dpi=130)
+    with atomic_path(out / "influence_and_interaction.png") as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
     written.append("influence_and_interaction.png")
     return written
@@ -346,14 +351,7 @@ def markdown(table: pd.DataFrame, digits: int = 2) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _versions() -> dict:
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "mmlens": mmlens.__version__}
-
-
-def main(argv: list[str] | None = None) -> dict:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/synthetic_benchmark", help="output folder")
     parser.add_argument("--quick", action="store_true", help="CI size: 12 held-out inputs, fewer steps and draws")
@@ -364,76 +362,97 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="recompute parts already saved")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name, given, valid in (("task", tasks, TASK_NAMES), ("explainer", methods, tuple(EXPLAINERS))):
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name, given, valid in (("task", args.tasks, TASK_NAMES), ("explainer", args.methods, tuple(EXPLAINERS))):
         unknown = [t for t in given if t not in valid]
         if unknown or not given:
             raise SystemExit(f"unknown {name}s {unknown}; choose from {', '.join(valid)}")
-    settings = Settings(**{**asdict(QUICK if args.quick else FULL), "seed": args.seed})
-    out = Path(args.out)
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    torch.manual_seed(settings.seed)
+    return args
 
+
+def score_cases(cases: Sequence[Case | dict], settings: Settings, methods: Sequence[str], record: Record,
+                progress: bool) -> tuple[list[dict], list[dict]]:
+    """Every case's model info and scores (:func:`evaluate_case`), each added to ``record`` as it
+    finishes and reused from it when finished before."""
     models, parts = [], []
-    cases = (fusion_cases([t for t in tasks if t in KINDS], settings)
-             + graph_cases([t for t in tasks if t in GRAPH_TASKS], settings)
-             + ([] if args.no_vlm else [vlm_case(settings)]))
     for case in cases:
         if isinstance(case, dict):
             print(f"{case['task']}: model not used ({case['skipped']})")
             models.append(case)
             continue
         models.append(case.info)
-        part = out / "parts" / f"{case.task}-{case.model_name}-{'quick' if args.quick else 'full'}-seed{settings.seed}.json"
-        if part.is_file() and not args.overwrite:
-            parts.append(json.loads(part.read_text()))
-            print(f"{case.task}: resumed from {part}")
+        key = f"{case.task}-{case.model_name}"
+        if record.get(key) is not None:
+            parts.append(record.get(key))
+            print(f"{case.task}: resumed from {record.path}")
             continue
-        t0 = time.perf_counter()
-        result = evaluate_case(case, settings, methods, progress=not args.no_progress)
-        result["seconds"] = time.perf_counter() - t0
-        part.write_text(json.dumps(result, default=float))
-        parts.append(result)
-        print(f"{case.task}: accuracy {case.info['accuracy']:.3f}, scored in {result['seconds']:.1f} s")
+        start = time.perf_counter()
+        result = evaluate_case(case, settings, methods, progress=progress)
+        parts.append(record.add({"key": key, **result, "seconds": time.perf_counter() - start}))
+        print(f"{case.task}: accuracy {case.info['accuracy']:.3f}, scored in {parts[-1]['seconds']:.1f} s")
+    return models, parts
 
-    scores = pd.DataFrame([row for p in parts for row in p["scores"]])
-    influence = pd.DataFrame([row for p in parts for row in p["influence"]])
-    per_input = pd.DataFrame([row for p in parts for row in p["interaction"]])
-    found = claims(scores, tasks) if not scores.empty else []
-    table = summary_table(scores) if not scores.empty else pd.DataFrame()
-    figures = _figures(scores, out) if not scores.empty else []
-    seconds = time.perf_counter() - start
-    report = {"settings": asdict(settings), "quick": args.quick, "versions": _versions(), "models": models,
-              "thresholds": {"large_delta_js": LARGE, "small_delta_js": SMALL, "learned_accuracy": LEARNED_THRESHOLD},
-              "scores": scores.to_dict("records"), "claims": found, "figures": figures, "seconds": seconds,
-              "definitions": {
-                  "delta_js_m": "mean JS divergence (nats) of the final distribution when m takes its neutral reference",
-                  "identifies_truth": "1 if exactly the modalities the label depends on have Delta >= large and the "
-                                      "others Delta < small (redundant task: the truth for single ablations is none)",
-                  "truth_match": "fraction of inputs whose explanation ranks the modalities as the truth does",
-                  "shapley_interaction": "mean v(ab) - v(a) - v(b) + v(none), v = prob of the prediction",
-                  "emap_gap": "accuracy - accuracy of the additive projection (EMAP)",
-                  "faithfulness_margin": "necessity-drop area of the explanation minus that of random top-k (joint)"}}
-    (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=float))
-    scores.to_csv(out / "scores.csv", index=False)
-    influence.to_csv(out / "influence.csv", index=False)
-    per_input.to_csv(out / "interaction.csv", index=False)
-    pd.DataFrame(models).to_csv(out / "models.csv", index=False)
+
+DEFINITIONS = {
+    "delta_js_m": "mean JS divergence (nats) of the final distribution when m takes its neutral reference",
+    "identifies_truth": "1 if exactly the modalities the label depends on have Delta >= large and the others Delta < "
+                        "small (redundant task: the truth for single ablations is none)",
+    "truth_match": "fraction of inputs whose explanation ranks the modalities as the truth does",
+    "shapley_interaction": "mean v(ab) - v(a) - v(b) + v(none), v = prob of the prediction",
+    "emap_gap": "accuracy - accuracy of the additive projection (EMAP)",
+    "faithfulness_margin": "necessity-drop area of the explanation minus that of random top-k (joint)"}
+"""What the scores in ``benchmark.json`` mean."""
+
+
+def _write(out: Path, report: dict, parts: list[dict], table: pd.DataFrame) -> None:
+    """benchmark.json, the CSVs and table.md."""
+    atomic_write(out / "benchmark.json", json.dumps(report, indent=1, default=float))
+    for name, rows in (("scores", report["scores"]), ("influence", [r for p in parts for r in p["influence"]]),
+                       ("interaction", [r for p in parts for r in p["interaction"]]), ("models", report["models"])):
+        atomic_write(out / f"{name}.csv", pd.DataFrame(rows).to_csv(index=False))
     if not table.empty:
-        (out / "table.md").write_text(markdown(table))
+        atomic_write(out / "table.md", markdown(table))
+
+
+def _print(report: dict, table: pd.DataFrame, out: Path) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         print("\nmodels:")
-        print(pd.DataFrame(models)[["task", "model", "accuracy", "learned", "train_seconds"]].to_string(index=False))
+        print(pd.DataFrame(report["models"])[["task", "model", "accuracy", "learned", "train_seconds"]].to_string(
+            index=False))
         print("\nscores (truth match per explainer: j = joint, u = unimodal):")
         print(table.round(3).to_string())
     print("\nclaims:")
-    for c in found:
+    for c in report["claims"]:
         print(f"  {'SUPPORTED' if c['supported'] else 'NOT SUPPORTED'}: {c['claim']}")
         print(f"    {json.dumps(c['evidence'], default=lambda v: round(float(v), 4))}")
     print(f"\nwrote {out / 'benchmark.json'}")
-    print(f"benchmark_seconds={seconds:.1f}")
+    print(f"benchmark_seconds={report['seconds']:.1f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _arguments(argv)
+    settings = Settings(**{**asdict(QUICK if args.quick else FULL), "seed": args.seed})
+    out = Path(args.out)
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    identity = {"settings": asdict(settings), "methods": args.methods}
+    path = out / "parts" / f"{config_hash(identity)}.jsonl"
+    record = Record.continuing(path, identity, overwrite=args.overwrite) or Record.create(
+        path, "synthetic-benchmark", identity)
+    cases = (fusion_cases([t for t in args.tasks if t in TASK_KINDS], settings)
+             + graph_cases([t for t in args.tasks if t in GRAPH_TASKS], settings)
+             + ([] if args.no_vlm else [vlm_case(settings)]))
+    models, parts = score_cases(cases, settings, args.methods, record, progress=not args.no_progress)
+    scores = pd.DataFrame([row for p in parts for row in p["scores"]])
+    table = summary_table(scores) if not scores.empty else pd.DataFrame()
+    report = {"settings": asdict(settings), "quick": args.quick, "versions": versions(), "models": models,
+              "thresholds": {"large_delta_js": LARGE, "small_delta_js": SMALL, "learned_accuracy": LEARNED_THRESHOLD},
+              "scores": scores.to_dict("records"), "claims": claims(scores, args.tasks) if not scores.empty else [],
+              "figures": _figures(scores, out) if not scores.empty else [], "seconds": time.perf_counter() - start,
+              "definitions": DEFINITIONS}
+    _write(out, report, parts, table)
+    _print(report, table, out)
     return report
 
 

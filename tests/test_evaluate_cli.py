@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from mmlens.runs.cli import main
-from mmlens.runs.evaluate import evaluate, load_evaluation_config, parse_evaluation_config
-from mmlens.runs.experiments import ConfigError, ResumeError
+from mmlens.runs.config import ConfigError
+from mmlens.runs.evaluate import EvaluationConfig, run_evaluation
+from mmlens.runs.record import ResumeError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "analyses" / "configs"
 
@@ -26,8 +27,8 @@ SMALL = {
 
 
 def test_evaluate_writes_every_file_and_resumes(tmp_path):
-    config = parse_evaluation_config(SMALL, out=tmp_path / "run")
-    first = evaluate(config, progress=False)
+    config = EvaluationConfig.from_dict(SMALL, out=tmp_path / "run")
+    first = run_evaluation(config, progress=False)
     names = {p.name for p in first.files}
     assert {"metrics.json", "summary.txt", "summary.csv", "granger_summary.csv", "stability_summary.csv",
             "faithfulness.png", "granger.svg", "stability.png"} <= names
@@ -37,20 +38,20 @@ def test_evaluate_writes_every_file_and_resumes(tmp_path):
     summary = first.summary()
     assert list(summary.explainer) == ["gradient_x_input", "occlusion"]
     assert {"granger_kappa_min", "necessity_auc", "stability_intra_p95"} <= set(summary.columns)
-    parts = sorted(p.name for p in (tmp_path / "run" / "parts").iterdir())
-    assert len(parts) == 6  # 3 metrics x 2 explainers, saved as they finished
-    again = evaluate(config, progress=False)  # every part is reused: nothing is recomputed
+    parts = (tmp_path / "run" / "parts.jsonl").read_text().splitlines()
+    assert len(parts) == 1 + 6  # the header, then 3 metrics x 2 explainers, saved as they finished
+    again = run_evaluation(config, progress=False)  # every part is reused: nothing is recomputed
     assert not any(k.startswith(("granger_", "faithfulness_", "stability_")) for k in again.seconds)
     assert again.summary().equals(summary)
-    other = parse_evaluation_config({**SMALL, "seed": 1}, out=tmp_path / "run")
+    other = EvaluationConfig.from_dict({**SMALL, "seed": 1}, out=tmp_path / "run")
     with pytest.raises(ResumeError, match="different config"):
-        evaluate(other, progress=False)
+        run_evaluation(other, progress=False)
 
 
 def test_a_circuit_section_reports_keep_and_remove(tmp_path):
     import mmlens
-    from mmlens.methods.circuits import components
     from mmlens.data.loading import load_model
+    from mmlens.methods.circuits import components
 
     hm = mmlens.wrap(load_model("tiny-fusion").model)
     circuit = mmlens.Circuit(tuple(components(hm, ("attn_out", "mlp_out"))), name="whole joint transformer")
@@ -58,13 +59,13 @@ def test_a_circuit_section_reports_keep_and_remove(tmp_path):
     raw = {**SMALL, "circuit": {"file": str(tmp_path / "circuit.json"), "ablation": "zero", "random_draws": 1}}
     for key in ("granger", "faithfulness", "stability"):
         raw.pop(key)
-    evaluation = evaluate(parse_evaluation_config(raw, out=tmp_path / "run"), progress=False)
+    evaluation = run_evaluation(EvaluationConfig.from_dict(raw, out=tmp_path / "run"), progress=False)
     table = evaluation.circuit
     assert list(table.source.unique()) == ["circuit", "random"]
     assert (table[table.source == "circuit"].sufficiency_gap == 0).all()
     assert (tmp_path / "run" / "circuit_faithfulness.csv").is_file()
     with pytest.raises(ConfigError, match="circuit.file: no circuit JSON"):
-        parse_evaluation_config({**raw, "circuit": {"file": str(tmp_path / "missing.json")}})
+        EvaluationConfig.from_dict({**raw, "circuit": {"file": str(tmp_path / "missing.json")}})
 
 
 def test_cli_and_config_errors(tmp_path, capsys):
@@ -74,21 +75,21 @@ def test_cli_and_config_errors(tmp_path, capsys):
     assert main(["evaluate", str(path)]) == 2
     assert "explainers.methods[0]: expected one of" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no metric section"):
-        parse_evaluation_config({k: v for k, v in SMALL.items() if k not in ("granger", "faithfulness", "stability")})
+        EvaluationConfig.from_dict({k: v for k, v in SMALL.items() if k not in ("granger", "faithfulness", "stability")})
     with pytest.raises(ConfigError, match="faithfulness.fractions"):
-        parse_evaluation_config({**SMALL, "faithfulness": {"fractions": [0.5]}})
+        EvaluationConfig.from_dict({**SMALL, "faithfulness": {"fractions": [0.5]}})
     with pytest.raises(ConfigError, match="inputs.example: rows \\[7\\] do not exist"):
-        evaluate(parse_evaluation_config({**SMALL, "inputs": {"example": [7]}}, out=tmp_path / "r"), progress=False)
+        run_evaluation(EvaluationConfig.from_dict({**SMALL, "inputs": {"example": [7]}}, out=tmp_path / "r"), progress=False)
 
 
 @pytest.mark.parametrize("name", ["evaluate_llava.toml", "evaluate_tea_glm.yaml"])
 def test_example_configs_run_offline(name, tmp_path, capsys):
-    config = load_evaluation_config(CONFIGS / name)
-    assert config.granger and config.faithfulness and config.stability and config.methods
+    config = EvaluationConfig.from_file(CONFIGS / name)
+    assert config.granger and config.faithfulness and config.stability and config.explainers.methods
     out = tmp_path / "run"
     assert main(["evaluate", str(CONFIGS / name), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert all(m in printed for m in config.methods) and "metrics.json" in printed
+    assert all(m in printed for m in config.explainers.methods) and "metrics.json" in printed
     for file in ("metrics.json", "summary.txt", "faithfulness.png", "granger.png", "stability.png"):
         assert (out / file).is_file(), file
     metrics = json.loads((out / "metrics.json").read_text())

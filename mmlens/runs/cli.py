@@ -98,14 +98,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    from mmlens.runs.experiments import describe, load_config, prepare, run_experiment
+    from mmlens.runs.patch import PatchConfig, describe, prepare, run_patch
 
-    config = load_config(args.config, out=args.out)
+    config = PatchConfig.from_file(args.config, out=args.out)
     if args.check:
         print(describe(prepare(config)))
         return 0
     try:
-        run = run_experiment(config, overwrite=args.overwrite, progress=not args.no_progress)
+        run = run_patch(config, overwrite=args.overwrite, progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"\nmmlens: interrupted; finished chunks are saved in {config.output.dir}. Run the same command again to "
               "continue from there.", file=sys.stderr)
@@ -117,14 +117,14 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mmlens.runs.evaluate import evaluate, load_evaluation_config, print_summary
+    from mmlens.runs.evaluate import PARTS_FILE, EvaluationConfig, print_summary, run_evaluation
 
-    config = load_evaluation_config(args.config, out=args.out)
+    config = EvaluationConfig.from_file(args.config, out=args.out)
     try:
-        evaluation = evaluate(config, overwrite=args.overwrite, progress=not args.no_progress)
+        evaluation = run_evaluation(config, overwrite=args.overwrite, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"\nmmlens: interrupted; finished parts are saved in {config.out}/parts. Run the same command again to "
-              "continue from there.", file=sys.stderr)
+        print(f"\nmmlens: interrupted; finished parts are saved in {config.output.dir}/{PARTS_FILE}. Run the same "
+              "command again to continue from there.", file=sys.stderr)
         return 130
     print_summary(evaluation)
     return 0
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model registry")
     models.set_defaults(func=cmd_models)
     patch = sub.add_parser("patch", help="run (or resume) an activation-patching sweep described by a config file")
-    patch.add_argument("config", help="a .toml or .yaml config (see mmlens/experiments.py and analyses/configs/)")
+    patch.add_argument("config", help="a .toml/.yaml/.json config (see mmlens/runs/patch.py and analyses/configs/)")
     patch.add_argument("--out", help="output folder (overrides output.dir)")
     patch.add_argument("--overwrite", action="store_true",
                        help="delete a previous run's results in the output folder instead of resuming or refusing")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
     patch.set_defaults(func=cmd_patch)
     evaluate = sub.add_parser("evaluate", help="score explainers on Granger influence, faithfulness and stability")
-    evaluate.add_argument("config", help="a .toml/.yaml/.json config (see mmlens/evaluation.py and analyses/configs/)")
+    evaluate.add_argument("config", help="a .toml/.yaml/.json config (see mmlens/runs/evaluate.py and analyses/configs/)")
     evaluate.add_argument("--out", help="output folder (overrides output.dir)")
     evaluate.add_argument("--overwrite", action="store_true", help="discard finished parts of a previous run")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,6 +1,7 @@
 """Config-driven evaluation of explainers against the three desiderata: ``mmlens evaluate CONFIG``.
 
-A config (TOML, YAML or JSON) names a model, a dataset, the explainers and the metrics::
+A config (TOML, YAML or JSON; see :mod:`mmlens.runs.config`) names a model, a dataset, the
+explainers and the metrics::
 
     seed = 0
     [model]
@@ -22,194 +23,175 @@ A config (TOML, YAML or JSON) names a model, a dataset, the explainers and the m
     [output]
     dir = "runs/evaluate_llava"
 
-:func:`evaluate` returns an :class:`Evaluation` (the metrics' results) and writes to the output
-folder ``metrics.json`` (every number, the config, versions, seed, timings), one CSV per table,
-``summary.txt`` (the table printed on the terminal) and figures. Each (metric, explainer) part is
-saved to ``parts/`` as it finishes; a rerun with the same config reuses finished parts, and a
-different config in the same folder is refused unless ``overwrite=True``.
+:func:`run_evaluation` returns an :class:`Evaluation` (the metrics' results) and writes to the
+output folder ``metrics.json`` (every number, the config, versions, seed, timings), one CSV per
+table, ``summary.txt`` (the table printed on the terminal) and figures. Each (metric, explainer)
+part is added to ``parts.jsonl`` (a :class:`mmlens.runs.record.Record`) as it finishes; a rerun
+with the same config reuses finished parts, and a different config in the same folder is refused
+unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
-import torch
+from pydantic import Field, StrictStr
 
-from mmlens.metrics.desiderata import (FaithfulnessResult, GrangerResult, StabilityResult, areas, granger_summary,
-                         stability_summary, faithfulness, granger, stability)
-from mmlens.runs.experiments import (DTYPES, ConfigError, ModelConfig, ResumeError, _atomic_write, _desc, _encode, _float,
-                          _int, _keys, _model, _str, _table, _versions)
+from mmlens.core.wrapper import HookedModel
+from mmlens.data.images import GENERATED, image_problem
+from mmlens.data.loading import LoadedModel
+from mmlens.methods.circuits import ABLATIONS, Circuit
 from mmlens.methods.explainers import EXPLAINERS
+from mmlens.metrics.desiderata import (
+    FaithfulnessResult,
+    GrangerResult,
+    StabilityResult,
+    areas,
+    circuit_faithfulness,
+    faithfulness,
+    granger,
+    granger_summary,
+    stability,
+    stability_summary,
+)
+from mmlens.plots import plot_faithfulness, plot_granger, plot_stability, save_figure
+from mmlens.runs.config import (
+    ConfigError,
+    Count,
+    Folder,
+    ModelConfig,
+    Number,
+    Rows,
+    RunConfig,
+    Section,
+    encode_text,
+)
+from mmlens.runs.record import Record
+from mmlens.store import atomic_write, versions, write_json
 
-_SECTIONS = ("model", "inputs", "explainers", "granger", "faithfulness", "stability", "circuit", "output", "seed")
+PARTS_FILE = "parts.jsonl"
+Explainer = Literal[tuple(EXPLAINERS)]
+Fraction = Annotated[Number, Field(ge=0, le=1)]
 
 
-@dataclass(frozen=True)
-class EvaluationConfig:
+# --- the config ------------------------------------------------------------------------------------
+
+class TextInput(Section):
+    """One input: a text and an optional image (a file, or ``generated:COLOR[-SHAPE]``)."""
+
+    text: StrictStr
+    image: StrictStr | None = None
+
+
+class EvaluationInputs(Section):
+    """``[inputs]``: exactly one of ``example`` (rows of the model's example inputs) and ``texts``."""
+
+    example: Rows = ()
+    texts: Annotated[tuple[TextInput, ...], Field(min_length=1)] = ()
+
+
+class ExplainersConfig(Section):
+    """``[explainers]``: the explainers to score, and keyword options per explainer."""
+
+    methods: Annotated[tuple[Explainer, ...], Field(min_length=1)]
+    options: dict[Explainer, dict[str, Any]] = Field(default_factory=dict)
+
+
+class GrangerConfig(Section):
+    """``[granger]``: the arguments of :func:`mmlens.metrics.desiderata.granger`."""
+
+    distance: Literal["tv", "relative_l2"] = "tv"
+    fraction: Annotated[Number, Field(gt=0, le=1)] = 0.9
+    tolerance: Number = 0.05
+    mode: Literal["joint", "unimodal"] = "joint"
+
+
+class FaithfulnessConfig(Section):
+    """``[faithfulness]``: the top-k fractions and the random baseline's draws."""
+
+    fractions: Annotated[tuple[Fraction, ...], Field(min_length=2)] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    random_draws: Count = 5
+
+
+class StabilityConfig(Section):
+    """``[stability]``: draws per perturbation kind, and which modalities to perturb (default: all)."""
+
+    n: Count = 4
+    modalities: tuple[StrictStr, ...] | None = None
+
+
+class CircuitConfig(Section):
+    """``[circuit]``: a circuit file (written by ``Circuit.save``), how the rest is ablated."""
+
+    file: StrictStr
+    ablation: Literal[ABLATIONS] = "neutral"
+    random_draws: Count = 5
+
+
+class EvaluationOutput(Section):
+    """``[output]``: the output folder."""
+
+    dir: Folder
+
+
+class EvaluationConfig(RunConfig):
+    """A ``mmlens evaluate`` config file (module docstring)."""
+
     model: ModelConfig
-    example: tuple[int, ...] | None
-    texts: tuple[tuple[str, str | None], ...] | None
-    methods: tuple[str, ...]
-    options: dict
-    granger: dict | None
-    faithfulness: dict | None
-    stability: dict | None
-    circuit: dict | None
-    out: str
-    seed: int = 0
-    source: str | None = field(default=None, compare=False)
+    inputs: EvaluationInputs
+    explainers: ExplainersConfig
+    granger: GrangerConfig | None = None
+    faithfulness: FaithfulnessConfig | None = None
+    stability: StabilityConfig | None = None
+    circuit: CircuitConfig | None = None
+    output: EvaluationOutput
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("source")
-        return data
+    @property
+    def circuit_file(self) -> Path | None:
+        """The circuit file (relative paths start at the config file's folder)."""
+        return self.resolve(self.circuit.file) if self.circuit is not None else None
 
-    def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def input_files(self) -> dict[str, Path]:
+        """The image files of the inputs and the circuit file."""
+        files = {t.image: self.resolve(t.image) for t in self.inputs.texts
+                 if t.image is not None and not t.image.startswith(GENERATED)}
+        return files | ({self.circuit.file: self.circuit_file} if self.circuit is not None else {})
 
-
-def load_evaluation_config(path: str | Path, *, out: str | Path | None = None) -> EvaluationConfig:
-    """Read and check an evaluation config; every error names the file and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(path.read_text())
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(path.read_text())
-        elif suffix == ".json":
-            raw = json.loads(path.read_text())
-        else:
-            raise ConfigError("(file)", f"unknown config extension {suffix!r}; use .toml, .yaml, .yml or .json")
-        return parse_evaluation_config(raw, source=path, out=out)
-    except ConfigError as err:
-        raise err.with_source(path) from None
-    except (ValueError, TypeError) as err:  # the parsers' own syntax errors
-        raise ConfigError("(file)", f"not valid {suffix.lstrip('.').upper()}: {err}", path) from None
+    def check(self) -> None:
+        """At least one metric; one source of inputs; images that exist; a circuit that loads."""
+        if not any((self.granger, self.faithfulness, self.stability, self.circuit)):
+            raise ConfigError("(top level)", "no metric section: add at least one of [granger], [faithfulness], "
+                                             "[stability], [circuit]")
+        if bool(self.inputs.example) == bool(self.inputs.texts):
+            raise ConfigError("inputs", "give exactly one of example (rows of the model's example inputs) or texts")
+        for i, item in enumerate(self.inputs.texts):
+            problem = image_problem(item.image, self.folder) if item.image is not None else None
+            if problem:
+                raise ConfigError(f"inputs.texts[{i}].image", problem)
+        if self.circuit is not None:
+            if not self.circuit_file.is_file():
+                raise ConfigError("circuit.file", f"no circuit JSON at {self.circuit_file} (write one with Circuit.save)")
+            try:
+                Circuit.load(self.circuit_file)
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigError("circuit.file", f"not a circuit: {err}") from None
 
 
-def parse_evaluation_config(raw: Any, *, source: str | Path | None = None,
-                            out: str | Path | None = None) -> EvaluationConfig:
-    """Check a config given as nested dicts (what TOML/YAML parse to)."""
-    top = _table(raw, "(top level)")
-    _keys(top, "", _SECTIONS)
-    for name in ("model", "inputs", "explainers", "output"):
-        if name not in top:
-            raise ConfigError(name, f"missing section [{name}]")
-    if not any(name in top for name in ("granger", "faithfulness", "stability", "circuit")):
-        raise ConfigError("(top level)", "no metric section: add at least one of [granger], [faithfulness], "
-                                         "[stability], [circuit]")
-    inputs = _table(top["inputs"], "inputs")
-    _keys(inputs, "inputs", ("example", "texts"))
-    if ("example" in inputs) == ("texts" in inputs):
-        raise ConfigError("inputs", "give exactly one of example (rows of the model's example inputs) or texts")
-    example = texts = None
-    if "example" in inputs:
-        rows = inputs["example"]
-        if not isinstance(rows, list) or not rows or not all(isinstance(r, int) and r >= 0 for r in rows):
-            raise ConfigError("inputs.example", f"expected a non-empty list of row indices, got {_desc(rows)}")
-        example = tuple(rows)
-    else:
-        items = inputs["texts"]
-        if not isinstance(items, list) or not items:
-            raise ConfigError("inputs.texts", f"expected a non-empty list of {{text = ..., image = ...}}, got {_desc(items)}")
-        parsed = []
-        for i, item in enumerate(items):
-            item = _table(item, f"inputs.texts[{i}]")
-            _keys(item, f"inputs.texts[{i}]", ("text", "image"))
-            parsed.append((_str(item, "text", f"inputs.texts[{i}]"), _str(item, "image", f"inputs.texts[{i}]", default=None)))
-        texts = tuple(parsed)
-    explainers = _table(top["explainers"], "explainers")
-    _keys(explainers, "explainers", ("methods", "options"))
-    methods = explainers.get("methods")
-    if not isinstance(methods, list) or not methods:
-        raise ConfigError("explainers.methods", f"expected a non-empty list of {sorted(EXPLAINERS)}, got {_desc(methods)}")
-    for i, m in enumerate(methods):
-        if m not in EXPLAINERS:
-            raise ConfigError(f"explainers.methods[{i}]", f"expected one of {sorted(EXPLAINERS)}; got {m!r}")
-    options = _table(explainers.get("options", {}), "explainers.options")
-    for name in options:
-        if name not in EXPLAINERS:
-            raise ConfigError(f"explainers.options.{name}", f"not an explainer; expected one of {sorted(EXPLAINERS)}")
-        _table(options[name], f"explainers.options.{name}")
-    output = dict(_table(top["output"], "output"))
-    _keys(output, "output", ("dir",))
-    if out is not None:
-        output["dir"] = str(out)
-    return EvaluationConfig(
-        model=_model(_table(top["model"], "model")), example=example, texts=texts, methods=tuple(methods),
-        options={k: dict(v) for k, v in options.items()},
-        granger=_granger(top["granger"]) if "granger" in top else None,
-        faithfulness=_faithfulness(top["faithfulness"]) if "faithfulness" in top else None,
-        stability=_stability(top["stability"]) if "stability" in top else None,
-        circuit=_circuit(top["circuit"], Path(source).parent if source else None) if "circuit" in top else None,
-        out=_str(output, "dir", "output"), seed=_int(top, "seed", "", default=0, minimum=0),
-        source=str(source) if source is not None else None)
+# --- running ---------------------------------------------------------------------------------------
 
-
-def _granger(t: Any) -> dict:
-    t = _table(t, "granger")
-    _keys(t, "granger", ("distance", "fraction", "tolerance", "mode"))
-    fraction = _float(t, "fraction", "granger", default=0.9, positive=True)
-    if fraction > 1:
-        raise ConfigError("granger.fraction", f"expected a fraction in (0, 1], got {fraction}")
-    return {"distance": _str(t, "distance", "granger", default="tv", choices=("tv", "relative_l2")),
-            "fraction": fraction, "tolerance": _float(t, "tolerance", "granger", default=0.05),
-            "mode": _str(t, "mode", "granger", default="joint", choices=("joint", "unimodal"))}
-
-
-def _faithfulness(t: Any) -> dict:
-    t = _table(t, "faithfulness")
-    _keys(t, "faithfulness", ("fractions", "random_draws"))
-    fractions = t.get("fractions", [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
-    if not isinstance(fractions, list) or len(fractions) < 2 or not all(
-            isinstance(k, (int, float)) and 0 <= k <= 1 for k in fractions):
-        raise ConfigError("faithfulness.fractions", f"expected at least two fractions in [0, 1], got {_desc(fractions)}")
-    return {"fractions": [float(k) for k in fractions],
-            "random_draws": _int(t, "random_draws", "faithfulness", default=5, minimum=1)}
-
-
-def _stability(t: Any) -> dict:
-    t = _table(t, "stability")
-    _keys(t, "stability", ("n", "modalities"))
-    modalities = t.get("modalities")
-    if modalities is not None and (not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities)):
-        raise ConfigError("stability.modalities", f"expected a list of modality names, got {_desc(modalities)}")
-    return {"n": _int(t, "n", "stability", default=4, minimum=1), "modalities": modalities}
-
-
-def _circuit(t: Any, folder: Path | None) -> dict:
-    from mmlens.methods.circuits import ABLATIONS, Circuit
-
-    t = _table(t, "circuit")
-    _keys(t, "circuit", ("file", "ablation", "random_draws"))
-    path = Path(_str(t, "file", "circuit"))
-    path = path if path.is_absolute() or folder is None else folder / path
-    if not path.is_file():
-        raise ConfigError("circuit.file", f"no circuit JSON at {path} (write one with Circuit.save)")
-    try:
-        Circuit.load(path)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError("circuit.file", f"not a circuit: {err}") from None
-    return {"file": str(path), "ablation": _str(t, "ablation", "circuit", default="neutral", choices=tuple(ABLATIONS)),
-            "random_draws": _int(t, "random_draws", "circuit", default=5, minimum=1)}
+METRICS = ("granger", "faithfulness", "stability")
+"""The per-explainer metrics, in the order each explainer's parts are computed."""
 
 
 @dataclass
 class Evaluation:
-    """What :func:`evaluate` returns: per metric, the combined result over explainers."""
+    """What :func:`run_evaluation` returns: per metric, the combined result over explainers."""
 
     config: EvaluationConfig
     granger: GrangerResult | None
@@ -222,7 +204,7 @@ class Evaluation:
     def summary(self) -> pd.DataFrame:
         """One row per explainer: the headline number of each metric (see the column names)."""
         rows = []
-        for name in self.config.methods:
+        for name in self.config.explainers.methods:
             row: dict[str, Any] = {"explainer": name}
             if self.granger is not None and not self.granger.summary.empty:
                 g = self.granger.summary[self.granger.summary.explainer == name]
@@ -243,140 +225,116 @@ class Evaluation:
         return pd.DataFrame(rows)
 
 
-def _dataset(config: EvaluationConfig, loaded, hooked) -> list[dict]:
-    if config.example is not None:
+def dataset(config: EvaluationConfig, loaded: LoadedModel, hooked: HookedModel) -> list[dict]:
+    """The inputs a config names, one batch-1 dict each; ConfigError for rows that do not exist."""
+    if config.inputs.example:
         batch = loaded.example_inputs()
         n = hooked.spans(batch).batch_size
-        bad = [r for r in config.example if r >= n]
+        bad = [r for r in config.inputs.example if r >= n]
         if bad:
             raise ConfigError("inputs.example", f"rows {bad} do not exist: the example inputs have {n} rows")
-        return [{k: (v[r:r + 1] if isinstance(v, torch.Tensor) and k not in ("node_features", "edge_index") else v)
-                 for k, v in batch.items()} for r in config.example]
-    source = Path(config.source).parent if config.source else None
-    return [_encode(loaded, hooked, text, image, source, f"inputs.texts[{i}]")
-            for i, (text, image) in enumerate(config.texts)]
+        return [hooked.rows(batch, r) for r in config.inputs.example]
+    return [encode_text(loaded, t.text, t.image, config.folder, (f"inputs.texts[{i}].text", f"inputs.texts[{i}].image"))
+            for i, t in enumerate(config.inputs.texts)]
 
 
-class _Parts:
-    """Finished (metric, explainer) parts in ``out/parts/``, tagged with the config hash."""
-
-    def __init__(self, out: Path, config_hash: str, overwrite: bool):
-        self.folder = out / "parts"
-        self.hash = config_hash
-        stamp = out / "config_hash.txt"
-        if stamp.is_file() and stamp.read_text().strip() != config_hash and not overwrite:
-            raise ResumeError(f"{out} holds an evaluation of a different config (hash {stamp.read_text().strip()}, this "
-                              f"one {config_hash}); use another output folder, or overwrite=True / --overwrite")
-        if overwrite and self.folder.is_dir():
-            for f in self.folder.glob("*.json"):
-                f.unlink()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(stamp, config_hash + "\n")
-
-    def get(self, key: str) -> dict | None:
-        path = self.folder / f"{key}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def put(self, key: str, tables: dict[str, pd.DataFrame], extra: dict | None = None) -> dict:
-        data = {"tables": {k: json.loads(v.to_json(orient="records")) for k, v in tables.items()}, **(extra or {})}
-        _atomic_write(self.folder / f"{key}.json", json.dumps(data))
-        return data
-
-
-def evaluate(config: EvaluationConfig | str | Path, *, out: str | Path | None = None, overwrite: bool = False,
-             progress: bool = True) -> Evaluation:
-    """Run every configured metric for every explainer; see the module docstring for the files."""
-    import mmlens
-    from mmlens.data.loading import load_model
-
+def run_evaluation(config: EvaluationConfig | str | Path, *, out: str | Path | None = None, overwrite: bool = False,
+                   progress: bool = True) -> Evaluation:
+    """Run (or continue) every configured metric for every explainer and write the output folder
+    (module docstring). A KeyboardInterrupt propagates after the parts finished so far are saved."""
     if not isinstance(config, EvaluationConfig):
-        config = load_evaluation_config(config, out=out)
+        config = EvaluationConfig.from_file(config, out=out)
     elif out is not None:
-        config = EvaluationConfig(**{**config.__dict__, "out": str(out)})
-    seconds: dict[str, float] = {}
+        config = config.with_output(out)
+    out_dir = Path(config.output.dir)
+    record = Record.continuing(out_dir / PARTS_FILE, config.identity(), overwrite=overwrite)  # before the model load
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
     try:
-        loaded = load_model(config.model.name, device=torch.device(config.model.device),
-                            dtype=DTYPES[config.model.dtype], seed=config.seed)
-    except ValueError as err:
-        raise ConfigError("model.name", str(err)) from None
-    hooked = mmlens.wrap(loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor, name=loaded.name)
-    dataset = _dataset(config, loaded, hooked)
-    seconds["load"] = time.perf_counter() - start
-    out_dir = Path(config.out)
-    parts = _Parts(out_dir, config.hash(), overwrite)
-    options = config.options
-
-    def part(key: str, compute) -> dict:
-        found = parts.get(key)
-        if found is not None:
-            return found
-        begin = time.perf_counter()
-        tables, extra = compute()
-        seconds[key] = time.perf_counter() - begin
-        return parts.put(key, tables, extra)
-
-    granger_tables, faith, stab_tables, skipped = [], {}, [], {}
-    for name in config.methods:
-        kwargs = {name: options.get(name, {})}
-        if config.granger is not None:
-            g = config.granger
-            data = part(f"granger_{name}", lambda: (lambda r: ({"influence": r.influence, "explanations": r.explanations},
-                                                               {}))(granger(hooked, dataset, [name], mode=g["mode"],
-                                                                            distance=g["distance"], options=kwargs,
-                                                                            progress=progress)))
-            granger_tables.append(data["tables"])
-        if config.faithfulness is not None:
-            f = config.faithfulness
-            data = part(f"faithfulness_{name}", lambda: ({"curves": faithfulness(
-                hooked, dataset, name, fractions=f["fractions"], random_draws=f["random_draws"], seed=config.seed,
-                options=options.get(name, {}), progress=progress).curves}, {}))
-            curves = pd.DataFrame(data["tables"]["curves"])
-            faith[name] = FaithfulnessResult(curves, areas(curves), name)
-        if config.stability is not None:
-            st = config.stability
-            data = part(f"stability_{name}", lambda: (lambda r: ({"samples": r.samples}, {"skipped": r.skipped}))(
-                stability(hooked, dataset, [name], modalities=st["modalities"], n=st["n"], seed=config.seed,
-                          options=kwargs, progress=progress)))
-            stab_tables.append(pd.DataFrame(data["tables"]["samples"]))
-            skipped.update(data.get("skipped", {}))
-    granger_result = None
-    if config.granger is not None:
-        influence = pd.DataFrame(granger_tables[0]["influence"])
-        explanations = pd.concat([pd.DataFrame(t["explanations"]) for t in granger_tables], ignore_index=True)
-        g = config.granger
-        granger_result = GrangerResult(influence, explanations, *granger_summary(explanations, g["fraction"],
-                                                                                  g["tolerance"]),
-                                       g["distance"], g["fraction"], g["tolerance"])
-    stability_result = None
-    if config.stability is not None:
-        samples = pd.concat(stab_tables, ignore_index=True)
-        stability_result = StabilityResult(samples, stability_summary(samples), skipped)
-    circuit_table = None
+        loaded, hooked = config.model.load(config.seed)
+        data = dataset(config, loaded, hooked)
+    except ConfigError as err:
+        raise err.with_source(config.source) from None
+    seconds = {"load": time.perf_counter() - start}
+    record = record or Record.create(out_dir / PARTS_FILE, "mmlens-evaluate", config.identity())
+    parts: dict[str, list[dict]] = {metric: [] for metric in METRICS}
+    for name in config.explainers.methods:
+        for metric in METRICS:
+            if getattr(config, metric) is not None:
+                compute = partial(_part, config, hooked, data, metric, name, progress)
+                parts[metric].append(record.get_or_add(f"{metric}_{name}", compute, seconds))
+    circuit = None
     if config.circuit is not None:
-        from mmlens.methods.circuits import Circuit
-        from mmlens.metrics.desiderata import circuit_faithfulness
-
-        c = config.circuit
-        data = part("circuit", lambda: ({"table": circuit_faithfulness(
-            hooked, dataset, Circuit.load(c["file"]), c["ablation"], random_draws=c["random_draws"], seed=config.seed,
-            progress=progress)}, {}))
-        circuit_table = pd.DataFrame(data["tables"]["table"])
-    evaluation = Evaluation(config, granger_result, faith, stability_result, circuit_table, seconds, [])
+        compute = partial(_circuit_part, config, hooked, data, progress)
+        circuit = pd.DataFrame(record.get_or_add("circuit", compute, seconds)["tables"]["table"])
+    evaluation = Evaluation(config, _granger_result(config.granger, parts["granger"]),
+                            _faithfulness_results(config, parts["faithfulness"]),
+                            _stability_result(parts["stability"]), circuit, seconds, [])
     evaluation.files = _write(evaluation, out_dir)
     return evaluation
 
 
-def _write(evaluation: Evaluation, out: Path) -> list[Path]:
-    """metrics.json, one CSV per table, summary.txt and the figures."""
-    from mmlens.plots import plot_faithfulness, plot_granger, plot_stability, save_figure
+def _records(**tables: pd.DataFrame) -> dict[str, list[dict]]:
+    """Tables as JSON records (NaN as null)."""
+    return {k: json.loads(v.to_json(orient="records")) for k, v in tables.items()}
 
-    files = []
+
+def _part(config: EvaluationConfig, hooked: HookedModel, data: list[dict], metric: str, name: str,
+          progress: bool) -> dict:
+    """The part ``metric`` x explainer ``name``: its tables (and extras)."""
+    options = config.explainers.options.get(name, {})
+    if metric == "granger":
+        g = config.granger
+        r = granger(hooked, data, [name], mode=g.mode, distance=g.distance, options={name: options}, progress=progress)
+        return {"tables": _records(influence=r.influence, explanations=r.explanations)}
+    if metric == "faithfulness":
+        f = config.faithfulness
+        curves = faithfulness(hooked, data, name, fractions=list(f.fractions), random_draws=f.random_draws,
+                              seed=config.seed, options=options, progress=progress).curves
+        return {"tables": _records(curves=curves)}
+    s = config.stability
+    r = stability(hooked, data, [name], modalities=list(s.modalities) if s.modalities is not None else None, n=s.n,
+                  seed=config.seed, options={name: options}, progress=progress)
+    return {"tables": _records(samples=r.samples), "skipped": r.skipped}
+
+
+def _circuit_part(config: EvaluationConfig, hooked: HookedModel, data: list[dict], progress: bool) -> dict:
+    """The circuit's keep/remove table."""
+    c = config.circuit
+    table = circuit_faithfulness(hooked, data, Circuit.load(config.circuit_file), c.ablation,
+                                 random_draws=c.random_draws, seed=config.seed, progress=progress)
+    return {"tables": _records(table=table)}
+
+
+def _granger_result(g: GrangerConfig | None, parts: list[dict]) -> GrangerResult | None:
+    if g is None:
+        return None
+    influence = pd.DataFrame(parts[0]["tables"]["influence"])
+    explanations = pd.concat([pd.DataFrame(p["tables"]["explanations"]) for p in parts], ignore_index=True)
+    return GrangerResult(influence, explanations, *granger_summary(explanations, g.fraction, g.tolerance), g.distance,
+                         g.fraction, g.tolerance)
+
+
+def _faithfulness_results(config: EvaluationConfig, parts: list[dict]) -> dict[str, FaithfulnessResult]:
+    names = config.explainers.methods if config.faithfulness is not None else ()
+    curves = {name: pd.DataFrame(p["tables"]["curves"]) for name, p in zip(names, parts)}
+    return {name: FaithfulnessResult(c, areas(c), name) for name, c in curves.items()}
+
+
+def _stability_result(parts: list[dict]) -> StabilityResult | None:
+    if not parts:
+        return None
+    samples = pd.concat([pd.DataFrame(p["tables"]["samples"]) for p in parts], ignore_index=True)
+    skipped = {k: v for p in parts for k, v in p.get("skipped", {}).items()}
+    return StabilityResult(samples, stability_summary(samples), skipped)
+
+
+def _tables(evaluation: Evaluation) -> dict[str, pd.DataFrame]:
+    """Every table of an evaluation by its file stem, the summary last."""
     tables: dict[str, pd.DataFrame] = {}
     if evaluation.granger is not None:
-        tables.update(granger_influence=evaluation.granger.influence, granger_explanations=evaluation.granger.explanations,
-                      granger_summary=evaluation.granger.summary, granger_violations=evaluation.granger.violations)
+        g = evaluation.granger
+        tables.update(granger_influence=g.influence, granger_explanations=g.explanations, granger_summary=g.summary,
+                      granger_violations=g.violations)
     for name, result in evaluation.faithfulness.items():
         tables[f"faithfulness_curves_{name}"] = result.curves
         tables[f"faithfulness_areas_{name}"] = result.areas
@@ -384,19 +342,23 @@ def _write(evaluation: Evaluation, out: Path) -> list[Path]:
         tables.update(stability_samples=evaluation.stability.samples, stability_summary=evaluation.stability.summary)
     if evaluation.circuit is not None:
         tables["circuit_faithfulness"] = evaluation.circuit
-    summary = evaluation.summary()
-    tables["summary"] = summary
-    for key, table in tables.items():
-        path = out / f"{key}.csv"
-        _atomic_write(path, table.to_csv(index=False))
-        files.append(path)
-    text = summary.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-    _atomic_write(out / "summary.txt", text + "\n")
-    files.append(out / "summary.txt")
+    tables["summary"] = evaluation.summary()
+    return tables
+
+
+def _write(evaluation: Evaluation, out: Path) -> list[Path]:
+    """metrics.json, one CSV per table, summary.txt and the figures."""
+    import matplotlib.pyplot as plt
+
+    tables = _tables(evaluation)
+    files = [atomic_write(out / f"{key}.csv", table.to_csv(index=False)) for key, table in tables.items()]
+    text = tables["summary"].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    files.append(atomic_write(out / "summary.txt", text + "\n"))
+    config = evaluation.config
     metrics = {
-        "command": "mmlens evaluate", "config": evaluation.config.to_dict(), "config_hash": evaluation.config.hash(),
-        "config_file": evaluation.config.source, "seed": evaluation.config.seed, "versions": _versions(),
-        "timings_s": {k: round(v, 4) for k, v in evaluation.seconds.items()},
+        "command": "mmlens evaluate", "config": config.to_dict(), "config_hash": config.hash(),
+        "config_file": str(config.source) if config.source is not None else None, "seed": config.seed,
+        "versions": versions(), "timings_s": {k: round(v, 4) for k, v in evaluation.seconds.items()},
         "definitions": {
             "granger.delta_js": "Jensen-Shannon divergence (nats) of the final-position distributions, input vs the "
                                 "modality at its neutral reference",
@@ -406,11 +368,10 @@ def _write(evaluation: Evaluation, out: Path) -> list[Path]:
                             "modality's positions, the rest/those at the neutral reference embedding",
             "stability.ratio": "L2 change of the raw scores at the explained modality / L2 change of the LM input "
                                "embeddings at the perturbed modality; prediction-changing perturbations dropped"},
-        "tables": {k: json.loads(v.to_json(orient="records")) for k, v in tables.items()},
+        "tables": _records(**tables),
         "stability_skipped": evaluation.stability.skipped if evaluation.stability else {},
     }
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
-    files.append(out / "metrics.json")
+    files.append(write_json(out / "metrics.json", metrics))
     figures: list[tuple[str, Any]] = []
     if evaluation.faithfulness:
         figures.append(("faithfulness", plot_faithfulness(evaluation.faithfulness)))
@@ -418,8 +379,6 @@ def _write(evaluation: Evaluation, out: Path) -> list[Path]:
         figures.append(("granger", plot_granger(evaluation.granger)))
     if evaluation.stability is not None and not evaluation.stability.samples.empty:
         figures.append(("stability", plot_stability(evaluation.stability)))
-    import matplotlib.pyplot as plt
-
     for stem, fig in figures:
         files += save_figure(fig, out / stem)
         plt.close(fig)
@@ -434,11 +393,10 @@ def print_summary(evaluation: Evaluation) -> None:
           "(lower = more stable)")
     if evaluation.circuit is not None:
         means = evaluation.circuit.groupby("source", sort=False)[["sufficiency_gap", "necessity_drop"]].mean()
-        print(f"circuit ({evaluation.config.circuit['file']}), mean over inputs:")
+        print(f"circuit ({evaluation.config.circuit_file}), mean over inputs:")
         print(means.to_string(float_format=lambda v: f"{v:.4g}"))
     for path in evaluation.files:
         print(f"  {path}")
 
 
-__all__ = ["Evaluation", "EvaluationConfig", "evaluate", "load_evaluation_config", "parse_evaluation_config",
-           "print_summary"]
+__all__ = ["PARTS_FILE", "Evaluation", "EvaluationConfig", "dataset", "print_summary", "run_evaluation"]

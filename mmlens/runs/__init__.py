@@ -1,0 +1,1 @@
+"""The commands: config loading and checking, the resumable record, ``mmlens patch`` and ``mmlens evaluate``."""
