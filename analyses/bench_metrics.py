@@ -15,7 +15,7 @@ written that way, independently of :mod:`mmlens.metrics.desiderata`, and compute
   forward, then the Lipschitz ratios.
 
 Both sides explain with occlusion (window 1) and share only the model, the perturbations and
-``last_logits``; the reference builds its own embeddings, neutral baseline, explanations and masks.
+``hooked.readout_logits``; the reference builds its own embeddings, neutral baseline, explanations and masks.
 Timing is end to end per implementation and metric (explaining included), repeats interleaved
 round by round (the order rotates), median reported, after one small untimed warm-up run of each.
 Agreement is the largest |difference| over every number of ``faithfulness(...).curves`` and
@@ -40,14 +40,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
-from mmlens.analyses.bench_patching import offline_if_cached
 from torch import Tensor
 
 import mmlens
+from mmlens.analyses.bench_patching import offline_if_cached
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.loading import load_model
 from mmlens.methods.explainers import embedding_point
-from mmlens.methods.patching import last_logits
 from mmlens.metrics.desiderata import examples, faithfulness, stability
 from mmlens.metrics.perturb import perturb
 
@@ -99,7 +98,7 @@ def _base(hooked: HookedModel, x: dict, point: str) -> _Base:
         positions[m] = mask.nonzero()[:, 0].tolist()
     valid = set(spans.valid[0].nonzero()[:, 0].tolist())
     explained = sorted(p for ps in positions.values() for p in ps if p in valid)
-    return _Base(embeds, baseline, positions, explained, last_logits(run.logits, x.get("attention_mask"))[0])
+    return _Base(embeds, baseline, positions, explained, hooked.readout_logits(run.logits, x)[0])
 
 
 def _prob(hooked: HookedModel, x: dict, point: str, base: _Base, to_baseline: Sequence[int], target: int) -> Tensor:
@@ -107,7 +106,7 @@ def _prob(hooked: HookedModel, x: dict, point: str, base: _Base, to_baseline: Se
     variant = base.embeds.clone()
     variant[0, list(to_baseline)] = base.baseline[0, list(to_baseline)]
     run = hooked.run(x, edits=[mmlens.replace(point, variant)])
-    return last_logits(run.logits, x.get("attention_mask"))[0].float().softmax(-1)[target]
+    return hooked.readout_logits(run.logits, x)[0].float().softmax(-1)[target]
 
 
 def reference_occlusion(hooked: HookedModel, x: dict, point: str, base: _Base, target: int) -> dict[int, float]:

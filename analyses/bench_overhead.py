@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from mmlens.data.loading import load_model
 from mmlens.core.wrapper import HookedModel
+from mmlens.data.loading import load_model
 
 RESIDUAL_STREAM = ["lm.blocks.*.resid_pre", "lm.blocks.*.resid_mid", "lm.blocks.*.resid_post"]
 

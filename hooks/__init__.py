@@ -7,14 +7,13 @@ Importing this package registers the built-in tables with :func:`mmlens.core.ada
 
 from __future__ import annotations
 
+from mmlens.core.adapter import ADAPTERS, Adapter, find_adapter, register_adapter
 from mmlens.hooks.fusion_transformer import FUSION_TRANSFORMER
 from mmlens.hooks.graph_text import GRAPH_TEXT
 from mmlens.hooks.idefics3 import IDEFICS3
 from mmlens.hooks.language_models import GPT2, LLAMA_FAMILY
 from mmlens.hooks.llava import LLAVA
 from mmlens.hooks.tea_glm import TEA_GLM
-
-from mmlens.core.adapter import ADAPTERS, Adapter, find_adapter, register_adapter
 
 __all__ = ["ADAPTERS", "BUILT_IN", "FUSION_TRANSFORMER", "GPT2", "GRAPH_TEXT", "IDEFICS3", "LLAMA_FAMILY", "LLAVA", "TEA_GLM",
            "find_adapter", "register_adapter"]

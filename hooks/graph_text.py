@@ -5,10 +5,10 @@ with the text embeddings into joint transformer blocks."""
 from __future__ import annotations
 
 import torch
-from mmlens.hooks.fusion_transformer import FUSION_BLOCK
 
 from mmlens.core.adapter import Adapter, Point, Site, Stack
 from mmlens.core.spans import spans_from_blocks
+from mmlens.hooks.fusion_transformer import FUSION_BLOCK
 from mmlens.metrics.perturb import graph_perturbations, token_perturbations
 
 

@@ -3,10 +3,9 @@ pixel-shuffle connector -> Llama text model."""
 
 from __future__ import annotations
 
+from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.hooks.language_models import neutral_text
 from mmlens.hooks.llava import image_token_spans
-
-from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(base="model.text_model", logits="lm_head",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from mmlens.hooks.language_models import neutral_text
 
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
+from mmlens.hooks.language_models import neutral_text
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(base="model.language_model", logits="lm_head",

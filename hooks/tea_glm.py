@@ -4,10 +4,10 @@ K graph tokens spliced into any causal LM, whose own adapter supplies the ``lm.*
 from __future__ import annotations
 
 import torch
-from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 
 from mmlens.core.adapter import Adapter, Point, Site, Stack
 from mmlens.core.spans import spans_from_token_ids
+from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 from mmlens.metrics.perturb import graph_perturbations, token_perturbations
 
 

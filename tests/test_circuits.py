@@ -10,7 +10,7 @@ import torch
 
 import mmlens
 from mmlens.methods.circuits import ABLATIONS, Circuit, Node, circuit_edits, components, intervene
-from mmlens.methods.patching import corrupt, edge_attribution_patch, kl_from, last_logits, sweep
+from mmlens.methods.patching import corrupt, edge_attribution_patch, kl_from, sweep
 
 
 def _flip(inputs):
@@ -50,8 +50,8 @@ def test_keep_and_remove_of_the_whole_universe_and_of_nothing(model, ablation):
     everything = Circuit(tuple(universe))
     kept = intervene(hm, inputs, everything, "keep", ablation, reference=reference)
     assert torch.equal(kept.logits, plain.logits)
-    clean_last = last_logits(plain.logits, inputs["attention_mask"])
-    assert (kl_from(clean_last)(last_logits(kept.logits, inputs["attention_mask"])) == 0).all()  # sufficiency gap 0
+    clean_last = hm.readout_logits(plain.logits, inputs)
+    assert (kl_from(clean_last)(hm.readout_logits(kept.logits, inputs)) == 0).all()  # sufficiency gap 0
     removed = intervene(hm, inputs, everything, "remove", ablation, reference=reference)
     assert torch.equal(removed.logits, ablated)
     assert torch.equal(intervene(hm, inputs, Circuit(), "remove", ablation, reference=reference).logits, plain.logits)
@@ -146,7 +146,7 @@ def test_from_sweep_from_edges_and_json_round_trip(story, tmp_path):
     assert json.loads(path.read_text())["version"] == 1
     assert Circuit.load(path) == circuit and Circuit.from_dict(heads.to_dict()) == heads
 
-    clean_last = last_logits(hm.run(clean).logits, clean["attention_mask"])
+    clean_last = hm.readout_logits(hm.run(clean).logits, clean)
     scores = edge_attribution_patch(hm, clean, corrupted, kl_from(clean_last))
     edges = Circuit.from_edges(scores, k=4)
     top = scores.top(4)

@@ -12,7 +12,6 @@ import mmlens
 from mmlens.core.spans import spans_from_blocks
 from mmlens.data.loading import load_model
 from mmlens.methods.explainers import Explanation, predicted_prob, prepare, with_embeds
-from mmlens.methods.patching import last_logits
 from mmlens.metrics.desiderata import (
     explanation_distance,
     faithfulness,
@@ -64,7 +63,7 @@ def test_keep_and_remove_behave_as_defined(text_only):
         one = {k: v[i:i + 1] for k, v in inputs.items()}
         metric = predicted_prob(hm, one)
         neutral = hm.neutral(one, "text")
-        expected = float(metric(last_logits(hm.run(neutral).logits, None))[0])
+        expected = float(metric(hm.readout_logits(hm.run(neutral).logits, {}))[0])
         row = curves[(curves.input == i) & (curves.scope == "text") & (curves.k == 1.0) & (curves.source == "explanation")]
         assert abs(float(row.f_remove.iloc[0]) - expected) < 1e-6
     assert set(result.areas.source) == {"explanation", "random"}
@@ -171,7 +170,7 @@ def test_circuit_keep_remove_known_answers(loaded):
         one = {k: v[i:i + 1] for k, v in inputs.items()}
         ablated = intervene(hm, one, whole, "remove", "neutral")
         metric = predicted_prob(hm, one)
-        expected = float(metric(last_logits(ablated.logits, one["attention_mask"]))[0])
+        expected = float(metric(hm.readout_logits(ablated.logits, one))[0])
         assert float(mine.f_remove.iloc[i]) == expected  # removing the whole model = the fully ablated run
     assert (mine.necessity_drop.abs() > 0).any()
     assert set(table.source) == {"circuit", "random"}
@@ -200,7 +199,8 @@ def test_interaction_terms_equal_runs_on_neutral_and_swapped_inputs(loaded):
     items = examples(hm, inputs)
     for i, x in enumerate(items):
         metric = predicted_prob(hm, x)
-        f = lambda batch, metric=metric: float(metric(last_logits(hm.run(batch).logits, None))[0])
+        def f(batch, metric=metric):
+            return float(metric(hm.readout_logits(hm.run(batch).logits, {}))[0])
         both = hm.neutral(hm.neutral(x, "image"), "text")
         expected = {"v_ab": f(x), "v_a": f(hm.neutral(x, "text")), "v_b": f(hm.neutral(x, "image")), "v_none": f(both)}
         for key, value in expected.items():

@@ -9,7 +9,7 @@ import torch
 
 import mmlens
 from mmlens.methods.explainers import EXPLAINERS, explain, predicted_prob, prepare, with_embeds
-from mmlens.methods.patching import last_logits, logprob
+from mmlens.methods.patching import logprob
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def story(loaded):
 
 
 def _logprob_of_prediction(hm, one):
-    logits = last_logits(hm.run(one).logits, one.get("attention_mask"))
+    logits = hm.readout_logits(hm.run(one).logits, one)
     return logprob(int(logits[0].argmax()))
 
 
@@ -156,7 +156,8 @@ def test_sweeps_of_a_pooling_classifier_fall_back_to_full_forwards(loaded):
     hm = mmlens.wrap(lm.model)
     x = lm.example_inputs()
     corruption = mmlens.corrupt(hm, x, "text", "neutral")
-    metric = lambda logits: logits[:, 0]
+    def metric(logits):
+        return logits[:, 0]
     fast = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False)
     full = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False,
                         replay=False)

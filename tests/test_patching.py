@@ -15,7 +15,6 @@ from mmlens.methods.patching import (
     correlation,
     corrupt,
     edge_attribution_patch,
-    last_logits,
     logit_diff,
     path_patch,
     sweep,
@@ -40,7 +39,7 @@ def image_pair(llava):
 
 
 def _metric(hm, clean):
-    logits = last_logits(hm.run(clean).logits, clean["attention_mask"])[0]
+    logits = hm.readout_logits(hm.run(clean).logits, clean)[0]
     top2 = logits.topk(2).indices.tolist()
     return logit_diff(*top2)
 
@@ -48,7 +47,7 @@ def _metric(hm, clean):
 def test_clean_into_clean_is_bit_exact(story):
     hm, clean, _ = story
     metric = _metric(hm, clean)
-    exact = float(metric(last_logits(hm.run(clean).logits, clean["attention_mask"]))[0])
+    exact = float(metric(hm.readout_logits(hm.run(clean).logits, clean))[0])
     single = sweep(hm, clean, clean, metric, batch_size=1, replay=False, progress=False)
     assert (single.table.value == exact).all() and single.clean == [exact]
     batched = sweep(hm, clean, clean, metric, batch_size=16, progress=False)
@@ -119,7 +118,7 @@ def test_attribution_is_exact_on_a_linear_path(story):
 def test_path_patching(story):
     hm, clean, corrupted = story
     metric = _metric(hm, clean)
-    clean_value = float(metric(last_logits(hm.run(clean).logits, clean["attention_mask"]))[0])
+    clean_value = float(metric(hm.readout_logits(hm.run(clean).logits, clean))[0])
     receivers = [Component("lm.blocks.1.resid_pre", at="last")]
     assert path_patch(hm, clean, corrupted, metric, senders=[], receivers=receivers) == clean_value
     embed = [Component("lm.blocks.0.attn_out")]

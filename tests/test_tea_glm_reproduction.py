@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmlens.analyses import tea_glm_logit_lens as repro
 
+from mmlens.analyses import tea_glm_logit_lens as repro
 from mmlens.data.graphs import default_graph_token_id
 from mmlens.models import GraphSAGEEncoder, TeaGLM
 from mmlens.training.tea_glm import (

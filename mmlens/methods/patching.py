@@ -62,17 +62,6 @@ def kl_from(reference: Tensor) -> Metric:
     return lambda logits: (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1)
 
 
-def last_logits(logits: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Logits at each row's last real position: Float[b, seq, vocab] -> Float[b, vocab] (classifier
-    logits Float[b, classes] pass through)."""
-    if logits.dim() == 2:
-        return logits
-    if attention_mask is None:
-        return logits[:, -1]
-    last = attention_mask.long().cumsum(1).argmax(1)
-    return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
-
-
 # -- corruptions ----------------------------------------------------------------------------------
 
 @dataclass
@@ -720,5 +709,5 @@ def _select(new: Tensor, old: Tensor, component: Component, hooked: HookedModel,
 
 
 __all__ = ["Component", "Corruption", "EdgeScores", "SweepResult", "attribution_patch", "check_same_layout", "correlation",
-           "corrupt", "edge_attribution_patch", "kl_from", "last_logits", "logit_diff", "logprob", "path_patch", "points", "prob",
+           "corrupt", "edge_attribution_patch", "kl_from", "logit_diff", "logprob", "path_patch", "points", "prob",
            "sweep"]
