@@ -51,9 +51,11 @@ from mmlens.metrics.desiderata import examples, faithfulness, stability
 from mmlens.metrics.perturb import perturb
 
 TOLERANCE = 1e-5
-SENTENCES = ("The little dog was happy and ran quickly to the big house.",
-             "She smiled at the tiny cat, then walked to the door.",
-             "He was angry, so he shouted at the slow bus.")
+SENTENCES = (
+    "The little dog was happy and ran quickly to the big house.",
+    "She smiled at the tiny cat, then walked to the door.",
+    "He was angry, so he shouted at the slow bus.",
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ WARM = Settings(fractions=(0.0, 1.0), random_draws=1, n=1)
 
 
 # -- the reference: one batch-1 forward per sample ---------------------------------------------------
+
 
 @dataclass
 class _Base:
@@ -118,7 +121,7 @@ def reference_occlusion(hooked: HookedModel, x: dict, point: str, base: _Base, t
 def _top(scores: dict[int, float], positions: list[int], k: float) -> list[int]:
     """The ceil(k * n) highest-scoring ``positions`` (ties by position; unscored last)."""
     order = sorted(positions, key=lambda p: -scores.get(p, float("-inf")))
-    return order[:math.ceil(k * len(positions) - 1e-9)]
+    return order[: math.ceil(k * len(positions) - 1e-9)]
 
 
 def reference_faithfulness(hooked: HookedModel, items: list[dict], settings: Settings) -> pd.DataFrame:
@@ -143,22 +146,35 @@ def reference_faithfulness(hooked: HookedModel, items: list[dict], settings: Set
                     draw = []
                     for m in members:
                         ps = base.positions[m]
-                        order = torch.randperm(len(ps), generator=generator)[:math.ceil(k * len(ps) - 1e-9)]
+                        order = torch.randperm(len(ps), generator=generator)[: math.ceil(k * len(ps) - 1e-9)]
                         draw += [ps[j] for j in order.tolist()]
                     draws.append(draw)
                 for source, masks in (("explanation", [top]), ("random", draws)):
-                    keep = [float(_prob(hooked, x, point, base, sorted(set(in_scope) - set(mask)), target))
-                            for mask in masks]
+                    keep = [
+                        float(_prob(hooked, x, point, base, sorted(set(in_scope) - set(mask)), target))
+                        for mask in masks
+                    ]
                     remove = [float(_prob(hooked, x, point, base, mask, target)) for mask in masks]
                     f_keep, f_remove = sum(keep) / len(keep), sum(remove) / len(remove)
-                    rows.append({"input": i, "scope": scope, "k": k, "source": source, "f": f, "f_keep": f_keep,
-                                 "f_remove": f_remove, "sufficiency_gap": abs(f_keep - f),
-                                 "necessity_drop": f - f_remove})
+                    rows.append(
+                        {
+                            "input": i,
+                            "scope": scope,
+                            "k": k,
+                            "source": source,
+                            "f": f,
+                            "f_keep": f_keep,
+                            "f_remove": f_remove,
+                            "sufficiency_gap": abs(f_keep - f),
+                            "necessity_drop": f - f_remove,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
-def reference_stability(hooked: HookedModel, items: list[dict], modalities: Sequence[str],
-                        settings: Settings) -> pd.DataFrame:
+def reference_stability(
+    hooked: HookedModel, items: list[dict], modalities: Sequence[str], settings: Settings
+) -> pd.DataFrame:
     """:func:`mmlens.metrics.desiderata.stability` samples (occlusion explainer), one forward per occluded position."""
     point = embedding_point(hooked)
     rows = []
@@ -177,15 +193,28 @@ def reference_stability(hooked: HookedModel, items: list[dict], modalities: Sequ
                 moved_scores = reference_occlusion(hooked, p.inputs, point, moved, target)
                 for n, ps in base.positions.items():
                     ps = [q for q in ps if q in scores]
-                    change = float((torch.tensor([scores[q] for q in ps])
-                                    - torch.tensor([moved_scores[q] for q in ps])).norm())
-                    rows.append({"input": i, "explainer": "occlusion", "perturbed": m, "kind": p.kind, "draw": draw,
-                                 "explained": n, "input_distance": distance, "explanation_distance": change,
-                                 "ratio": change / distance, "kept": kept})
+                    change = float(
+                        (torch.tensor([scores[q] for q in ps]) - torch.tensor([moved_scores[q] for q in ps])).norm()
+                    )
+                    rows.append(
+                        {
+                            "input": i,
+                            "explainer": "occlusion",
+                            "perturbed": m,
+                            "kind": p.kind,
+                            "draw": draw,
+                            "explained": n,
+                            "input_distance": distance,
+                            "explanation_distance": change,
+                            "ratio": change / distance,
+                            "kept": kept,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
 # -- timing and agreement ---------------------------------------------------------------------------
+
 
 @dataclass
 class Timed:
@@ -206,7 +235,7 @@ class Timed:
 def measure(impls: list[Timed], repeats: int) -> None:
     """Run every implementation ``repeats`` times, interleaved round by round (the order rotates)."""
     for round_ in range(repeats):
-        for impl in impls[round_ % len(impls):] + impls[:round_ % len(impls)]:
+        for impl in impls[round_ % len(impls) :] + impls[: round_ % len(impls)]:
             start = time.perf_counter()
             with torch.no_grad():
                 impl.result = impl.run()
@@ -214,8 +243,9 @@ def measure(impls: list[Timed], repeats: int) -> None:
             impl.load.append(os.getloadavg()[0])
 
 
-def difference(mine: pd.DataFrame, reference: pd.DataFrame, keys: list[str], values: list[str],
-               flags: Sequence[str] = ()) -> float:
+def difference(
+    mine: pd.DataFrame, reference: pd.DataFrame, keys: list[str], values: list[str], flags: Sequence[str] = ()
+) -> float:
     """Largest |difference| of ``values`` over rows matched on ``keys``; inf if the rows or ``flags``
     differ or a difference is NaN."""
     if mine.empty or len(mine) != len(reference):
@@ -227,8 +257,15 @@ def difference(mine: pd.DataFrame, reference: pd.DataFrame, keys: list[str], val
     return float("inf") if diffs.isna().any() else float(diffs.max())
 
 
-def run_section(title: str, hooked: HookedModel, items: list[dict], modalities: list[str], settings: Settings,
-                repeats: int, notes: Sequence[str] = ()) -> dict:
+def run_section(
+    title: str,
+    hooked: HookedModel,
+    items: list[dict],
+    modalities: list[str],
+    settings: Settings,
+    repeats: int,
+    notes: Sequence[str] = (),
+) -> dict:
     """Time and compare both metrics on ``items``; print ``title``, ``notes`` and the table; returns ratios,
     times and differences."""
     print(f"\n{title}")
@@ -236,24 +273,33 @@ def run_section(title: str, hooked: HookedModel, items: list[dict], modalities: 
         print(f"  {note}")
 
     def mmlens_faithfulness(s: Settings, xs: list[dict]) -> pd.DataFrame:
-        return faithfulness(hooked, xs, "occlusion", fractions=s.fractions, random_draws=s.random_draws, seed=s.seed,
-                            progress=False).curves
+        return faithfulness(
+            hooked, xs, "occlusion", fractions=s.fractions, random_draws=s.random_draws, seed=s.seed, progress=False
+        ).curves
 
     def mmlens_stability(s: Settings, xs: list[dict]) -> pd.DataFrame:
         return stability(hooked, xs, ["occlusion"], modalities=modalities, n=s.n, seed=s.seed, progress=False).samples
 
     impls = [
         Timed("faithfulness", "mmlens faithfulness (batched)", lambda: mmlens_faithfulness(settings, items)),
-        Timed("faithfulness", "reference (one forward per variant)",
-              lambda: reference_faithfulness(hooked, items, settings)),
+        Timed(
+            "faithfulness",
+            "reference (one forward per variant)",
+            lambda: reference_faithfulness(hooked, items, settings),
+        ),
         Timed("stability", "mmlens stability (batched occlusion)", lambda: mmlens_stability(settings, items)),
-        Timed("stability", "reference (one forward per position)",
-              lambda: reference_stability(hooked, items, modalities, settings)),
+        Timed(
+            "stability",
+            "reference (one forward per position)",
+            lambda: reference_stability(hooked, items, modalities, settings),
+        ),
     ]
-    warm_ups = [lambda: mmlens_faithfulness(WARM, items[:1]),
-                lambda: reference_faithfulness(hooked, items[:1], WARM),
-                lambda: mmlens_stability(WARM, items[:1]),
-                lambda: reference_stability(hooked, items[:1], modalities, WARM)]
+    warm_ups = [
+        lambda: mmlens_faithfulness(WARM, items[:1]),
+        lambda: reference_faithfulness(hooked, items[:1], WARM),
+        lambda: mmlens_stability(WARM, items[:1]),
+        lambda: reference_stability(hooked, items[:1], modalities, WARM),
+    ]
     with torch.no_grad():
         for warm_up in warm_ups:
             warm_up()
@@ -261,52 +307,80 @@ def run_section(title: str, hooked: HookedModel, items: list[dict], modalities: 
 
     faith_mine, faith_ref, stab_mine, stab_ref = (impl.result for impl in impls)
     diffs = {
-        "faithfulness": difference(faith_mine, faith_ref, ["input", "scope", "k", "source"],
-                                   ["f", "f_keep", "f_remove", "sufficiency_gap", "necessity_drop"]),
-        "stability": difference(stab_mine, stab_ref, ["input", "perturbed", "kind", "draw", "explained"],
-                                ["input_distance", "explanation_distance", "ratio"], flags=["kept"]),
+        "faithfulness": difference(
+            faith_mine,
+            faith_ref,
+            ["input", "scope", "k", "source"],
+            ["f", "f_keep", "f_remove", "sufficiency_gap", "necessity_drop"],
+        ),
+        "stability": difference(
+            stab_mine,
+            stab_ref,
+            ["input", "perturbed", "kind", "draw", "explained"],
+            ["input_distance", "explanation_distance", "ratio"],
+            flags=["kept"],
+        ),
     }
     spans = hooked.spans(items[0])
     layout = ", ".join(f"{len(spans.masks[m][0].nonzero())} {m}" for m in spans.modalities)
     print(f"  {len(items)} inputs (first: {spans.seq_len} positions: {layout}); occlusion explainer (window 1)")
-    print(f"  faithfulness: fractions {list(settings.fractions)}, {settings.random_draws} random draws, scopes "
-          f"{sorted(set(faith_mine.scope))} -> {len(faith_mine)} curve rows")
-    print(f"  stability: {', '.join(modalities)} perturbations, n={settings.n} per kind -> {len(stab_mine)} samples "
-          f"({int(stab_mine.kept.sum())} kept)")
+    print(
+        f"  faithfulness: fractions {list(settings.fractions)}, {settings.random_draws} random draws, scopes "
+        f"{sorted(set(faith_mine.scope))} -> {len(faith_mine)} curve rows"
+    )
+    print(
+        f"  stability: {', '.join(modalities)} perturbations, n={settings.n} per kind -> {len(stab_mine)} samples "
+        f"({int(stab_mine.kept.sum())} kept)"
+    )
     width = max(len(impl.name) for impl in impls)
     print(f"  {'metric':<13} {'implementation':<{width}} {'time (s)':>9} {'x mmlens':>9} {'load 1m':>8}")
     for mine, ref in (impls[:2], impls[2:]):
         for impl in (mine, ref):
             spread = f"  [{min(impl.times):.3f}-{max(impl.times):.3f}]" if len(impl.times) > 1 else ""
-            print(f"  {impl.metric:<13} {impl.name:<{width}} {impl.time:9.3f} {impl.time / mine.time:9.2f} "
-                  f"{max(impl.load):8.2f}{spread}")
+            print(
+                f"  {impl.metric:<13} {impl.name:<{width}} {impl.time:9.3f} {impl.time / mine.time:9.2f} "
+                f"{max(impl.load):8.2f}{spread}"
+            )
     mine_total, ref_total = impls[0].time + impls[2].time, impls[1].time + impls[3].time
     print(f"  {'both':<13} {'mmlens':<{width}} {mine_total:9.3f} {1:9.2f}")
     print(f"  {'both':<13} {'reference':<{width}} {ref_total:9.3f} {ref_total / mine_total:9.2f}")
-    print(f"  (median of {repeats} interleaved run(s), end to end, explaining included; load 1m = the largest "
-          f"1-minute load average after a run, above ~{torch.get_num_threads()} means another process competed)")
+    print(
+        f"  (median of {repeats} interleaved run(s), end to end, explaining included; load 1m = the largest "
+        f"1-minute load average after a run, above ~{torch.get_num_threads()} means another process competed)"
+    )
     for metric, diff in diffs.items():
         status = "OK" if diff <= TOLERANCE else "MISMATCH"
         print(f"  agreement {metric}: max |difference| {diff:.2e} (tolerance {TOLERANCE:.0e}): {status}")
-    out = {f"{metric}_speedup": ref.time / mine.time for metric, mine, ref in
-           (("faithfulness", impls[0], impls[1]), ("stability", impls[2], impls[3]))}
-    out.update({f"{metric}_max_abs_diff": diff for metric, diff in diffs.items()},
-               speedup=ref_total / mine_total, max_abs_diff=max(diffs.values()), agree=max(diffs.values()) <= TOLERANCE,
-               times={f"{impl.metric}_{side}": impl.time for impl, side in zip(impls, ("mmlens", "reference") * 2)},
-               mmlens_s=mine_total, reference_s=ref_total)
-    print(f"  speedup: faithfulness {out['faithfulness_speedup']:.2f}x, stability {out['stability_speedup']:.2f}x, "
-          f"both {out['speedup']:.2f}x")
+    out = {
+        f"{metric}_speedup": ref.time / mine.time
+        for metric, mine, ref in (("faithfulness", impls[0], impls[1]), ("stability", impls[2], impls[3]))
+    }
+    out.update(
+        {f"{metric}_max_abs_diff": diff for metric, diff in diffs.items()},
+        speedup=ref_total / mine_total,
+        max_abs_diff=max(diffs.values()),
+        agree=max(diffs.values()) <= TOLERANCE,
+        times={f"{impl.metric}_{side}": impl.time for impl, side in zip(impls, ("mmlens", "reference") * 2)},
+        mmlens_s=mine_total,
+        reference_s=ref_total,
+    )
+    print(
+        f"  speedup: faithfulness {out['faithfulness_speedup']:.2f}x, stability {out['stability_speedup']:.2f}x, "
+        f"both {out['speedup']:.2f}x"
+    )
     return out
 
 
 # -- sections ---------------------------------------------------------------------------------------
 
+
 def run_llava(settings: Settings, repeats: int) -> dict:
     loaded = load_model("tiny-random-llava")
     hooked = mmlens.wrap(loaded.model)
     items = examples(hooked, loaded.example_inputs())
-    return run_section("== tiny random LLaVA (2 example rows, text + image) ==", hooked, items, ["image"], settings,
-                       repeats)
+    return run_section(
+        "== tiny random LLaVA (2 example rows, text + image) ==", hooked, items, ["image"], settings, repeats
+    )
 
 
 def run_smollm2(settings: Settings, repeats: int) -> dict:
@@ -315,29 +389,41 @@ def run_smollm2(settings: Settings, repeats: int) -> dict:
         loaded = load_model(name)
     hooked = mmlens.HookedModel(loaded.model, tokenizer=loaded.tokenizer)
     items = [hooked.to_inputs(s) for s in SENTENCES]
-    notes = [f"sentence {s!r}: {x['input_ids'].shape[1]} tokens, {len(perturb(hooked, x, 'text', n=settings.n))} "
-             "text perturbations" for s, x in zip(SENTENCES, items)]
+    notes = [
+        f"sentence {s!r}: {x['input_ids'].shape[1]} tokens, {len(perturb(hooked, x, 'text', n=settings.n))} "
+        "text perturbations"
+        for s, x in zip(SENTENCES, items)
+    ]
     return run_section("== SmolLM2-135M-Instruct (text) ==", hooked, items, ["text"], settings, repeats, notes)
 
 
 def _environment(settings: Settings, repeats: int) -> None:
     import transformers
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "pandas": pd.__version__, "mmlens": mmlens.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pandas": pd.__version__,
+        "mmlens": mmlens.__version__,
+    }
     print("environment: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"  torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), CPU cores "
-          f"{os.cpu_count()}, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}; float32 on CPU; "
-          f"mmlens batch_size 32 (defaults); {repeats} repeat(s); seed {settings.seed}")
+    print(
+        f"  torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), CPU cores "
+        f"{os.cpu_count()}, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}; float32 on CPU; "
+        f"mmlens batch_size 32 (defaults); {repeats} repeat(s); seed {settings.seed}"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="seconds, for tests: tiny LLaVA only, fractions 0/0.5/1, 2 random draws, n=2, 1 repeat")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds, for tests: tiny LLaVA only, fractions 0/0.5/1, 2 random draws, n=2, 1 repeat",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 3; quick 1)")
-    parser.add_argument("--sections", default=None,
-                        help="comma-separated: llava, smollm2 (default both; quick: llava)")
+    parser.add_argument("--sections", default=None, help="comma-separated: llava, smollm2 (default both; quick: llava)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
@@ -357,8 +443,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
     for s in sections:
         r = results[s]
-        print(f"{s}_faithfulness_speedup={r['faithfulness_speedup']:.2f} {s}_stability_speedup="
-              f"{r['stability_speedup']:.2f} {s}_speedup={r['speedup']:.2f} {s}_max_abs_diff={r['max_abs_diff']:.2e}")
+        print(
+            f"{s}_faithfulness_speedup={r['faithfulness_speedup']:.2f} {s}_stability_speedup="
+            f"{r['stability_speedup']:.2f} {s}_speedup={r['speedup']:.2f} {s}_max_abs_diff={r['max_abs_diff']:.2e}"
+        )
     speedup = sum(results[s]["reference_s"] for s in sections) / sum(results[s]["mmlens_s"] for s in sections)
     diff = max(results[s]["max_abs_diff"] for s in sections)
     results.update(speedup=speedup, max_abs_diff=diff, agree=all(results[s]["agree"] for s in sections))

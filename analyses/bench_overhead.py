@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.warmup + args.repeats):
-        order = list(variants)[round_ % 3:] + list(variants)[: round_ % 3]
+        order = list(variants)[round_ % 3 :] + list(variants)[: round_ % 3]
         for name in order:
             start = time.perf_counter()
             variants[name]()
@@ -63,13 +63,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     base = medians["plain HF forward"]
-    print(f"{loaded.name}, batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved rounds; all variants give bit-identical logits")
+    print(
+        f"{loaded.name}, batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} interleaved rounds; all variants give bit-identical logits"
+    )
     for name, t in medians.items():
         print(f"  {name:<34} {t * 1000:8.1f} ms   x{t / base:.3f}")
     print(f"  (residual stream = {n_cached} hook points: resid_pre/mid/post of every block)")
-    result = {"wrapped_over_plain": medians["mmlens wrapped (no cache)"] / base,
-              "cache_over_plain": medians["mmlens caching residual stream"] / base}
+    result = {
+        "wrapped_over_plain": medians["mmlens wrapped (no cache)"] / base,
+        "cache_over_plain": medians["mmlens caching residual stream"] / base,
+    }
     print(f"wrapped_over_plain={result['wrapped_over_plain']:.3f} cache_over_plain={result['cache_over_plain']:.3f}")
     return result
 

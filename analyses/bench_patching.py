@@ -54,16 +54,19 @@ from mmlens.data.paths import cache_dir
 from mmlens.methods.patching import logit_diff, sweep
 
 TOLERANCE = 1e-4
-STORY = ("Last summer the whole family spent a long weekend at the old cabin by the lake. The weather was warm and "
-         "bright, the children swam in the cold water every morning, and in the evenings everyone sat together "
-         "around the fire, telling stories and laughing until late at night. On the last day the house was quiet, "
-         "the bags were packed, and the fridge was nearly empty.")
+STORY = (
+    "Last summer the whole family spent a long weekend at the old cabin by the lake. The weather was warm and "
+    "bright, the children swam in the cold water every morning, and in the evenings everyone sat together "
+    "around the fire, telling stories and laughing until late at night. On the last day the house was quiet, "
+    "the bags were packed, and the fridge was nearly empty."
+)
 IOI_CLEAN = " When Mary and John went to the store, John gave a drink to"
 IOI_CORRUPTED = " When Mary and John went to the store, Mary gave a drink to"
 ANSWER, WRONG = " Mary", " John"
 
 
 # -- measurement ------------------------------------------------------------------------------------
+
 
 def _rss() -> int:
     """Resident set size of this process in bytes."""
@@ -153,7 +156,7 @@ def warm_up(runs: list[Callable[[], Grid]]) -> None:
 def measure(impls: list[Measured], repeats: int) -> None:
     """Run every implementation ``repeats`` times, interleaved round by round (the order rotates)."""
     for round_ in range(repeats):
-        order = impls[round_ % len(impls):] + impls[:round_ % len(impls)]
+        order = impls[round_ % len(impls) :] + impls[: round_ % len(impls)]
         for impl in order:
             _release_memory()
             with RssSampler() as rss:
@@ -172,7 +175,7 @@ def compare(impls: list[Measured]) -> tuple[float, list[str]]:
     """Largest |difference| over cells (and the unpatched metrics) between any two implementations."""
     worst, lines = 0.0, []
     for i, a in enumerate(impls):
-        for b in impls[i + 1:]:
+        for b in impls[i + 1 :]:
             cells = float(np.abs(a.grid.values - b.grid.values).max())
             base = max(abs(a.grid.clean - b.grid.clean), abs(a.grid.corrupted - b.grid.corrupted))
             worst = max(worst, cells, base)
@@ -189,16 +192,22 @@ def report(title: str, impls: list[Measured], repeats: int) -> dict[str, float]:
     diff, lines = compare(impls)
     print(f"\n{title}")
     width = max(len(impl.name) for impl in impls)
-    print(f"  {'implementation':<{width}} {'time (s)':>9} {'x mmlens':>9} {'peak extra RSS (MB)':>20} "
-          f"{'CPU/wall':>9} {'load 1m':>8}")
+    print(
+        f"  {'implementation':<{width}} {'time (s)':>9} {'x mmlens':>9} {'peak extra RSS (MB)':>20} "
+        f"{'CPU/wall':>9} {'load 1m':>8}"
+    )
     for impl in impls:
         spread = f"  [{min(impl.times):.3f}-{max(impl.times):.3f}]" if len(impl.times) > 1 else ""
         busy = statistics.median(c / t for c, t in zip(impl.cpu, impl.times))
-        print(f"  {impl.name:<{width}} {impl.time:9.3f} {impl.time / mine.time:9.2f} {impl.peak:20.1f} {busy:9.2f} "
-              f"{max(impl.load):8.2f}{spread}")
-    print(f"  (median of {repeats} interleaved run(s); time includes each implementation's clean/corrupted runs; "
-          f"CPU/wall = process CPU time over wall time, ~threads when the cores are ours; load 1m = 1-minute "
-          f"load average at the end of the run, above ~{torch.get_num_threads()} means another process competed)")
+        print(
+            f"  {impl.name:<{width}} {impl.time:9.3f} {impl.time / mine.time:9.2f} {impl.peak:20.1f} {busy:9.2f} "
+            f"{max(impl.load):8.2f}{spread}"
+        )
+    print(
+        f"  (median of {repeats} interleaved run(s); time includes each implementation's clean/corrupted runs; "
+        f"CPU/wall = process CPU time over wall time, ~threads when the cores are ours; load 1m = 1-minute "
+        f"load average at the end of the run, above ~{torch.get_num_threads()} means another process competed)"
+    )
     print("  agreement (max |difference|):")
     for line in lines:
         print(f"    {line}")
@@ -206,16 +215,27 @@ def report(title: str, impls: list[Measured], repeats: int) -> dict[str, float]:
     print(f"  max_abs_diff {diff:.2e} (tolerance {TOLERANCE:.0e}): {status}")
     fastest = min(competitors, key=lambda impl: impl.time)
     speedup = fastest.time / mine.time
-    print(f"  mmlens is {speedup:.1f}x faster than the faster competitor ({fastest.name}); peak extra RSS "
-          f"{mine.peak:.1f} MB vs {fastest.peak:.1f} MB")
+    print(
+        f"  mmlens is {speedup:.1f}x faster than the faster competitor ({fastest.name}); peak extra RSS "
+        f"{mine.peak:.1f} MB vs {fastest.peak:.1f} MB"
+    )
     all_cells_speedup = fastest.time / all_cells.time
     if all_cells is not mine:
-        print(f"  mmlens computing every cell (no-op cells too) is {all_cells_speedup:.1f}x faster; peak extra RSS "
-              f"{all_cells.peak:.1f} MB")
-    return {"speedup": speedup, "all_cells_speedup": all_cells_speedup, "max_abs_diff": diff, "agree": diff <= TOLERANCE,
-            "clean": mine.grid.clean, "corrupted": mine.grid.corrupted,
-            **{f"time_{_key(i.name)}": i.time for i in impls}, **{f"peak_mb_{_key(i.name)}": i.peak for i in impls},
-            "grids": {_key(i.name): i.grid.values for i in impls}}
+        print(
+            f"  mmlens computing every cell (no-op cells too) is {all_cells_speedup:.1f}x faster; peak extra RSS "
+            f"{all_cells.peak:.1f} MB"
+        )
+    return {
+        "speedup": speedup,
+        "all_cells_speedup": all_cells_speedup,
+        "max_abs_diff": diff,
+        "agree": diff <= TOLERANCE,
+        "clean": mine.grid.clean,
+        "corrupted": mine.grid.corrupted,
+        **{f"time_{_key(i.name)}": i.time for i in impls},
+        **{f"peak_mb_{_key(i.name)}": i.peak for i in impls},
+        "grids": {_key(i.name): i.grid.values for i in impls},
+    }
 
 
 def _key(name: str) -> str:
@@ -223,6 +243,7 @@ def _key(name: str) -> str:
 
 
 # -- setup helpers ----------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def offline_if_cached(name: str) -> Iterator[None]:
@@ -260,12 +281,19 @@ def _environment(args: argparse.Namespace) -> None:
     import transformer_lens
     import transformers
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "transformer_lens": _version(transformer_lens, "transformer-lens"),
-                "nnsight": _version(nnsight, "nnsight"), "mmlens": mmlens.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "transformer_lens": _version(transformer_lens, "transformer-lens"),
+        "nnsight": _version(nnsight, "nnsight"),
+        "mmlens": mmlens.__version__,
+    }
     print("environment: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"  torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
-          f"CPU cores {os.cpu_count()}, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"  torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
+        f"CPU cores {os.cpu_count()}, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(f"  attention {args.attn} for all three; mmlens batch_size {args.batch_size}; float32 on CPU")
 
 
@@ -289,8 +317,17 @@ def _layers(spec: str | None, n_layers: int) -> list[int]:
 
 # -- the three implementations ------------------------------------------------------------------------
 
-def tl_grid(bridge, clean: dict, corrupted: dict, answer: int, wrong: int, layers: list[int],
-            extra: dict | None = None, positions: list[int] | None = None) -> Grid:
+
+def tl_grid(
+    bridge,
+    clean: dict,
+    corrupted: dict,
+    answer: int,
+    wrong: int,
+    layers: list[int],
+    extra: dict | None = None,
+    positions: list[int] | None = None,
+) -> Grid:
     """TransformerLens: ``get_act_patch_resid_pre`` (or ``generic_activation_patch`` on a layer
     subset) on the bridge; with ``extra`` forward inputs (pixel values, which TL's patching
     utilities cannot pass) a ``run_with_hooks`` loop instead."""
@@ -314,14 +351,16 @@ def tl_grid(bridge, clean: dict, corrupted: dict, answer: int, wrong: int, layer
             values = tlp.get_act_patch_resid_pre(bridge, corrupt_ids, cache, metric)
         else:
             index = pd.DataFrame([(layer, p) for layer in layers for p in positions], columns=["layer", "pos"])
-            values = tlp.generic_activation_patch(bridge, corrupt_ids, cache, metric, tlp.layer_pos_patch_setter,
-                                                  "resid_pre", index_df=index).reshape(len(layers), len(positions))
+            values = tlp.generic_activation_patch(
+                bridge, corrupt_ids, cache, metric, tlp.layer_pos_patch_setter, "resid_pre", index_df=index
+            ).reshape(len(layers), len(positions))
         return Grid(values.cpu().numpy(), clean_v, corrupt_v)
     values = np.zeros((len(layers), len(positions)))
     for i, layer in enumerate(layers):
         name = f"blocks.{layer}.hook_resid_pre"
         source = cache[name]
         for j, p in enumerate(positions):
+
             def patch(act, hook, p=p, source=source):
                 act[:, p] = source[:, p]
                 return act
@@ -331,8 +370,16 @@ def tl_grid(bridge, clean: dict, corrupted: dict, answer: int, wrong: int, layer
     return Grid(values, clean_v, corrupt_v)
 
 
-def nnsight_grid(envoy, blocks: Callable, clean: dict, corrupted: dict, answer: int, wrong: int,
-                 layers: list[int], positions: list[int] | None = None) -> Grid:
+def nnsight_grid(
+    envoy,
+    blocks: Callable,
+    clean: dict,
+    corrupted: dict,
+    answer: int,
+    wrong: int,
+    layers: list[int],
+    positions: list[int] | None = None,
+) -> Grid:
     """A plain nnsight loop: one clean trace saving every block input, one corrupted baseline trace,
     then one trace per cell writing the clean value into ``blocks(envoy)[l].input[:, p]``."""
     import nnsight
@@ -351,20 +398,40 @@ def nnsight_grid(envoy, blocks: Callable, clean: dict, corrupted: dict, answer: 
                 blocks(envoy)[layer].input[:, p] = source[:, p]
                 last = nnsight.save(envoy.output.logits[0, -1])
             values[i, j] = float(last[answer] - last[wrong])
-    return Grid(values, float(clean_last[answer] - clean_last[wrong]),
-                float(corrupt_last[answer] - corrupt_last[wrong]))
+    return Grid(
+        values, float(clean_last[answer] - clean_last[wrong]), float(corrupt_last[answer] - corrupt_last[wrong])
+    )
 
 
-def mmlens_grid(hm, clean: dict, corrupted: dict, answer: int, wrong: int, layers: list[int], n_layers: int,
-                batch_size: int, skip_unchanged: bool = True) -> Grid:
+def mmlens_grid(
+    hm,
+    clean: dict,
+    corrupted: dict,
+    answer: int,
+    wrong: int,
+    layers: list[int],
+    n_layers: int,
+    batch_size: int,
+    skip_unchanged: bool = True,
+) -> Grid:
     """``mmlens.methods.patching.sweep`` over every layer (one call), or one call per layer of a subset;
     ``skip_unchanged=False`` computes the no-op cells too (positions before the first difference)."""
     metric = logit_diff(answer, wrong)
     hooks = ["resid_pre"] if layers == list(range(n_layers)) else [f"lm.blocks.{layer}.resid_pre" for layer in layers]
     grids, result = [], None
     for hook in hooks:
-        result = sweep(hm, clean, corrupted, metric, hook=hook, axes=("layer", "position"), direction="denoise",
-                       batch_size=batch_size, skip_unchanged=skip_unchanged, progress=False)
+        result = sweep(
+            hm,
+            clean,
+            corrupted,
+            metric,
+            hook=hook,
+            axes=("layer", "position"),
+            direction="denoise",
+            batch_size=batch_size,
+            skip_unchanged=skip_unchanged,
+            progress=False,
+        )
         grids.append(result.grid())
     grid = pd.concat(grids).sort_index()
     if list(grid.index) != layers:
@@ -386,6 +453,7 @@ def _quiet_tl_progress() -> Iterator[None]:
 
 
 # -- SmolLM2 ----------------------------------------------------------------------------------------
+
 
 def ioi_prompts(tokenizer, n_tokens: int) -> tuple[dict, dict, str]:
     """Clean/corrupted inputs [1, n_tokens]: a story prefix (whole words, else cut by tokens) then the
@@ -448,32 +516,57 @@ def run_smollm2(args: argparse.Namespace) -> dict:
     for loaded in copies:
         _warm(loaded.model, corrupted)
 
-    print(f"\n== SmolLM2-135M-Instruct: resid_pre denoising grid, {len(layers)} layers x {n_pos} positions "
-          f"= {len(layers) * n_pos} cells ==")
+    print(
+        f"\n== SmolLM2-135M-Instruct: resid_pre denoising grid, {len(layers)} layers x {n_pos} positions "
+        f"= {len(layers) * n_pos} cells =="
+    )
     print(f"  clean prompt: {text!r}")
     print(f"  corrupted: the second name is Mary; metric logit({ANSWER!r}) - logit({WRONG!r}) at the final position")
-    print(f"  setup (not timed): 3 model loads {load_s:.1f} s, bridge boot {boot_s:.2f} s, NNsight wrap "
-          f"{nnsight_s:.2f} s, mmlens.wrap {wrap_s:.2f} s")
+    print(
+        f"  setup (not timed): 3 model loads {load_s:.1f} s, bridge boot {boot_s:.2f} s, NNsight wrap "
+        f"{nnsight_s:.2f} s, mmlens.wrap {wrap_s:.2f} s"
+    )
     if len(layers) < n_layers:
-        print("  layer subset: mmlens runs one sweep per layer (each repeats its baseline runs), TL "
-              "generic_activation_patch with an index_df; not a speed comparison")
+        print(
+            "  layer subset: mmlens runs one sweep per layer (each repeats its baseline runs), TL "
+            "generic_activation_patch with an index_df; not a speed comparison"
+        )
 
     impls = [
-        Measured(f"TransformerLens {_version(None, 'transformer-lens')} bridge (get_act_patch_resid_pre)",
-                 lambda: tl_grid(bridge, clean, corrupted, answer, wrong, layers)),
-        Measured(f"nnsight {_version(None, 'nnsight')} (one trace per cell)",
-                 lambda: nnsight_grid(envoy, lambda m: m.model.layers, clean, corrupted, answer, wrong, layers)),
-        Measured(f"mmlens sweep, every cell computed (skip_unchanged=False, batch_size {args.batch_size})",
-                 lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size, False)),
-        Measured(f"mmlens sweep (defaults: batch_size {args.batch_size}, no-op cells skipped)",
-                 lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size)),
+        Measured(
+            f"TransformerLens {_version(None, 'transformer-lens')} bridge (get_act_patch_resid_pre)",
+            lambda: tl_grid(bridge, clean, corrupted, answer, wrong, layers),
+        ),
+        Measured(
+            f"nnsight {_version(None, 'nnsight')} (one trace per cell)",
+            lambda: nnsight_grid(envoy, lambda m: m.model.layers, clean, corrupted, answer, wrong, layers),
+        ),
+        Measured(
+            f"mmlens sweep, every cell computed (skip_unchanged=False, batch_size {args.batch_size})",
+            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size, False),
+        ),
+        Measured(
+            f"mmlens sweep (defaults: batch_size {args.batch_size}, no-op cells skipped)",
+            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size),
+        ),
     ]
     with _quiet_tl_progress():
-        warm_up([
-            lambda: tl_grid(bridge, clean, corrupted, answer, wrong, layers[-1:], positions=[0, n_pos - 1]),
-            lambda: nnsight_grid(envoy, lambda m: m.model.layers, clean, corrupted, answer, wrong, layers[-1:],
-                                 positions=[0, n_pos - 1]),
-            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers[-1:], n_layers, args.batch_size)])
+        warm_up(
+            [
+                lambda: tl_grid(bridge, clean, corrupted, answer, wrong, layers[-1:], positions=[0, n_pos - 1]),
+                lambda: nnsight_grid(
+                    envoy,
+                    lambda m: m.model.layers,
+                    clean,
+                    corrupted,
+                    answer,
+                    wrong,
+                    layers[-1:],
+                    positions=[0, n_pos - 1],
+                ),
+                lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers[-1:], n_layers, args.batch_size),
+            ]
+        )
         measure(impls, args.repeats)
     result = report(f"SmolLM2 results ({len(layers) * n_pos} cells):", impls, args.repeats)
     g = impls[-1].grid
@@ -496,6 +589,7 @@ def _profile(fn: Callable[[], Grid]) -> None:
 
 # -- LLaVA ------------------------------------------------------------------------------------------
 
+
 def _stand_in_processor(tokenizer):
     """A LlavaProcessor for booting the bridge around the tiny random LLaVA, which has no processor of
     its own (TransformerLens loads one for multimodal models). Only the boot uses it: inputs are given
@@ -505,10 +599,14 @@ def _stand_in_processor(tokenizer):
 
     tok = copy.deepcopy(tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32},
-                                                                crop_size={"height": 32, "width": 32}),
-                          tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          image_token="<image>", num_additional_image_tokens=1)
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
 
 
 def run_llava(args: argparse.Namespace) -> dict:
@@ -536,10 +634,14 @@ def run_llava(args: argparse.Namespace) -> dict:
     n_pos = clean["input_ids"].shape[1]
     n_image = int((clean["input_ids"] == copies[2].model.config.image_token_id).sum())
 
-    print(f"\n== tiny random LLaVA: LM resid_pre denoising grid, {n_layers} layers x {n_pos} positions "
-          f"({n_image} image tokens) = {n_layers * n_pos} cells ==")
-    print(f"  corrupted: pixel_values replaced by {'a zero image' if args.image_corruption == 'zeros' else 'noise'}; "
-          f"metric logit[{answer}] - logit[{wrong}] (clean vs corrupted top tokens) at the final position")
+    print(
+        f"\n== tiny random LLaVA: LM resid_pre denoising grid, {n_layers} layers x {n_pos} positions "
+        f"({n_image} image tokens) = {n_layers * n_pos} cells =="
+    )
+    print(
+        f"  corrupted: pixel_values replaced by {'a zero image' if args.image_corruption == 'zeros' else 'noise'}; "
+        f"metric logit[{answer}] - logit[{wrong}] (clean vs corrupted top tokens) at the final position"
+    )
 
     impls: list[Measured] = []
     tl_note = ""
@@ -551,10 +653,16 @@ def run_llava(args: argparse.Namespace) -> dict:
         if tok is None:
             raise RuntimeError("no tokenizer to build a stand-in processor from (SmolLM2's converted copy is missing)")
         bridge = boot_bridge(copies[0].model, processor=_stand_in_processor(tok))
-        impls.append(Measured(f"TransformerLens {_version(None, 'transformer-lens')} bridge (run_with_hooks loop)",
-                              lambda: tl_grid(bridge, clean, corrupted, answer, wrong, layers, extra={})))
-        tl_note = ("  TransformerLens: bridge booted with a stand-in LlavaProcessor (SmolLM2 tokenizer + <image>); "
-                   "get_act_patch_resid_pre cannot pass pixel_values, so a run_with_hooks loop is used")
+        impls.append(
+            Measured(
+                f"TransformerLens {_version(None, 'transformer-lens')} bridge (run_with_hooks loop)",
+                lambda: tl_grid(bridge, clean, corrupted, answer, wrong, layers, extra={}),
+            )
+        )
+        tl_note = (
+            "  TransformerLens: bridge booted with a stand-in LlavaProcessor (SmolLM2 tokenizer + <image>); "
+            "get_act_patch_resid_pre cannot pass pixel_values, so a run_with_hooks loop is used"
+        )
     except Exception as err:  # noqa: BLE001 - any boot failure means: compare without TL
         bridge = None
         tl_note = f"  TransformerLens could not boot a bridge for LLaVA ({type(err).__name__}: {err}); comparing with nnsight only"
@@ -563,14 +671,26 @@ def run_llava(args: argparse.Namespace) -> dict:
     hm = mmlens.wrap(copies[2].model)
     for loaded in copies:
         _warm(loaded.model, corrupted)
-    impls.append(Measured(f"nnsight {_version(None, 'nnsight')} (one trace per cell)",
-                          lambda: nnsight_grid(envoy, lambda m: m.model.language_model.layers, clean, corrupted,
-                                               answer, wrong, layers)))
-    impls.append(Measured(f"mmlens sweep, every cell computed (skip_unchanged=False, batch_size {args.batch_size})",
-                          lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size,
-                                              False)))
-    impls.append(Measured(f"mmlens sweep (defaults: batch_size {args.batch_size}, no-op cells skipped)",
-                          lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size)))
+    impls.append(
+        Measured(
+            f"nnsight {_version(None, 'nnsight')} (one trace per cell)",
+            lambda: nnsight_grid(
+                envoy, lambda m: m.model.language_model.layers, clean, corrupted, answer, wrong, layers
+            ),
+        )
+    )
+    impls.append(
+        Measured(
+            f"mmlens sweep, every cell computed (skip_unchanged=False, batch_size {args.batch_size})",
+            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size, False),
+        )
+    )
+    impls.append(
+        Measured(
+            f"mmlens sweep (defaults: batch_size {args.batch_size}, no-op cells skipped)",
+            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size),
+        )
+    )
     with _quiet_tl_progress():
         warm_up([impl.run for impl in impls])
         measure(impls, args.llava_repeats)
@@ -583,6 +703,7 @@ def run_llava(args: argparse.Namespace) -> dict:
 
 # -- main -------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=40, help="SmolLM2 prompt length (>= 14)")
@@ -590,14 +711,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--llava-repeats", type=int, default=5, help="timed runs per implementation, LLaVA")
     parser.add_argument("--batch-size", type=int, default=8, help="mmlens sweep batch_size")
     parser.add_argument("--layers", default=None, help="SmolLM2 layer subset, e.g. 0,15,29 (default: all 30)")
-    parser.add_argument("--attn", choices=["eager", "sdpa"], default="eager",
-                        help="attention of the nnsight and mmlens copies (the bridge always uses eager)")
+    parser.add_argument(
+        "--attn",
+        choices=["eager", "sdpa"],
+        default="eager",
+        help="attention of the nnsight and mmlens copies (the bridge always uses eager)",
+    )
     parser.add_argument("--image-corruption", choices=["zeros", "noise"], default="zeros")
     parser.add_argument("--sections", default="smollm2,llava", help="comma-separated: smollm2, llava")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="cProfile one extra mmlens sweep (SmolLM2)")
-    parser.add_argument("--quick", action="store_true",
-                        help="seconds, for tests: 14-token prompt, layers 0,20, one LLaVA repeat")
+    parser.add_argument(
+        "--quick", action="store_true", help="seconds, for tests: 14-token prompt, layers 0,20, one LLaVA repeat"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.prompt_tokens = min(args.prompt_tokens, 14)
@@ -620,8 +746,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
     if "llava" in results:
         r = results["llava"]
-        print(f"llava_speedup={r['speedup']:.2f} llava_all_cells_speedup={r['all_cells_speedup']:.2f} "
-              f"llava_max_abs_diff={r['max_abs_diff']:.2e}")
+        print(
+            f"llava_speedup={r['speedup']:.2f} llava_all_cells_speedup={r['all_cells_speedup']:.2f} "
+            f"llava_max_abs_diff={r['max_abs_diff']:.2e}"
+        )
     if "smollm2" in results:
         r = results["smollm2"]
         results.update(speedup=r["speedup"], max_abs_diff=r["max_abs_diff"])

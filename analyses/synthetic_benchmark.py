@@ -99,16 +99,36 @@ def fusion_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
     out: list[Case | dict] = []
     for task in tasks:
         trained = train_fusion(task, n_train=settings.n_train, seed=settings.seed)
-        info = {"task": task, "model": "fusion-transformer", "accuracy": trained.accuracy, "learned": trained.learned,
-                "threshold": LEARNED_THRESHOLD, "neutral_accuracy": trained.neutral_accuracy,
-                "train_seconds": trained.train_seconds, "from_cache": trained.from_cache, "seed": settings.seed,
-                "n_train": settings.n_train, "depends_on": sorted(trained.task.depends_on), "rule": trained.task.rule}
+        info = {
+            "task": task,
+            "model": "fusion-transformer",
+            "accuracy": trained.accuracy,
+            "learned": trained.learned,
+            "threshold": LEARNED_THRESHOLD,
+            "neutral_accuracy": trained.neutral_accuracy,
+            "train_seconds": trained.train_seconds,
+            "from_cache": trained.from_cache,
+            "seed": settings.seed,
+            "n_train": settings.n_train,
+            "depends_on": sorted(trained.task.depends_on),
+            "rule": trained.task.rule,
+        }
         if not trained.learned:
             out.append({**info, "skipped": f"test accuracy {trained.accuracy:.3f} < {LEARNED_THRESHOLD}"})
             continue
         rows = range(min(settings.n_eval, len(trained.task)))
-        out.append(Case(task, "fusion-transformer", trained.task.kind, trained.task.depends_on,
-                        mmlens.wrap(trained.model), trained.batch(rows), trained.task.labels[list(rows)], info))
+        out.append(
+            Case(
+                task,
+                "fusion-transformer",
+                trained.task.kind,
+                trained.task.depends_on,
+                mmlens.wrap(trained.model),
+                trained.batch(rows),
+                trained.task.labels[list(rows)],
+                info,
+            )
+        )
     return out
 
 
@@ -119,18 +139,34 @@ def vlm_case(settings: Settings) -> Case | dict:
     from mmlens.training.vlm import train_vlm
 
     vlm = train_vlm(seed=settings.seed)
-    info = {"task": "vqa", "model": "synthetic-vlm (LLaVA + TinyStories-656K)", "accuracy": min(vlm.accuracy.values()),
-            "accuracy_per_question": vlm.accuracy, "learned": vlm.learned, "threshold": 0.9,
-            "train_seconds": vlm.train_seconds, "seed": settings.seed, "depends_on": ["image", "text"],
-            "rule": "answer = the colour or the shape of the scene's shape, as the question asks"}
+    info = {
+        "task": "vqa",
+        "model": "synthetic-vlm (LLaVA + TinyStories-656K)",
+        "accuracy": min(vlm.accuracy.values()),
+        "accuracy_per_question": vlm.accuracy,
+        "learned": vlm.learned,
+        "threshold": 0.9,
+        "train_seconds": vlm.train_seconds,
+        "seed": settings.seed,
+        "depends_on": ["image", "text"],
+        "rule": "answer = the colour or the shape of the scene's shape, as the question asks",
+    }
     if not vlm.learned:
         return {**info, "skipped": f"held-out accuracy {vlm.accuracy} below 0.9"}
     scenes = vlm.test_scenes()[list(range(min(settings.n_eval, len(vlm.test_scenes()))))]
     kinds = ["color", "shape"] * ((len(scenes) + 1) // 2)
-    kinds = kinds[:len(scenes)]
+    kinds = kinds[: len(scenes)]
     hooked = mmlens.wrap(vlm.model, tokenizer=vlm.tokenizer)
-    return Case("vqa", "synthetic-vlm", "interaction", frozenset({"image", "text"}), hooked,
-                dict(vlm.processor.questions(scenes, kinds)), vlm.processor.answer_ids(scenes, kinds), info)
+    return Case(
+        "vqa",
+        "synthetic-vlm",
+        "interaction",
+        frozenset({"image", "text"}),
+        hooked,
+        dict(vlm.processor.questions(scenes, kinds)),
+        vlm.processor.answer_ids(scenes, kinds),
+        info,
+    )
 
 
 def graph_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
@@ -141,17 +177,36 @@ def graph_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
     out: list[Case | dict] = []
     for task in tasks:
         trained = train_graph_text(task, seed=settings.seed)
-        info = {"task": task, "model": "graph-text-fusion", "accuracy": trained.accuracy, "learned": trained.learned,
-                "threshold": LEARNED_THRESHOLD, "neutral_accuracy": trained.neutral_accuracy,
-                "train_seconds": trained.train_seconds, "from_cache": trained.from_cache, "seed": settings.seed,
-                "depends_on": sorted(trained.task.depends_on), "rule": trained.task.rule}
+        info = {
+            "task": task,
+            "model": "graph-text-fusion",
+            "accuracy": trained.accuracy,
+            "learned": trained.learned,
+            "threshold": LEARNED_THRESHOLD,
+            "neutral_accuracy": trained.neutral_accuracy,
+            "train_seconds": trained.train_seconds,
+            "from_cache": trained.from_cache,
+            "seed": settings.seed,
+            "depends_on": sorted(trained.task.depends_on),
+            "rule": trained.task.rule,
+        }
         if not trained.learned:
             out.append({**info, "skipped": f"test accuracy {trained.accuracy:.3f} < {LEARNED_THRESHOLD}"})
             continue
         rows = list(range(min(settings.n_eval, len(trained.task))))
-        out.append(Case(task, "graph-text-fusion", trained.task.kind, trained.task.depends_on,
-                        mmlens.wrap(trained.model), trained.batch(rows), trained.task.labels[rows], info,
-                        ("graph", "text")))
+        out.append(
+            Case(
+                task,
+                "graph-text-fusion",
+                trained.task.kind,
+                trained.task.depends_on,
+                mmlens.wrap(trained.model),
+                trained.batch(rows),
+                trained.task.labels[rows],
+                info,
+                ("graph", "text"),
+            )
+        )
     return out
 
 
@@ -194,27 +249,48 @@ def evaluate_case(case: Case, settings: Settings, methods: Sequence[str], progre
         totals = {}  # mode -> Float[n]: the signed score sum over every explained position
         for mode in ("joint", "unimodal"):
             per_mode = list(modalities) if mode == "unimodal" else ["joint"]
-            explained = {m: [explain(hm, one, method, mode=m, **options.get(method, {})) for one in items]
-                         for m in per_mode}
+            explained = {
+                m: [explain(hm, one, method, mode=m, **options.get(method, {})) for one in items] for m in per_mode
+            }
             masses = {m: np.zeros(len(items)) for m in modalities}
             for m, es in explained.items():
                 for i, e in enumerate(es):
-                    for n in (modalities if m == "joint" else [m]):
+                    for n in modalities if m == "joint" else [m]:
                         masses[n][i] = float(e.masked(n).abs().sum())
             total = np.maximum(sum(masses.values()), 1e-30)
             shares = {m: v / total for m, v in masses.items()}
             for m in modalities:
                 add(method, mode, f"share_{m}", shares[m].mean())
             add(method, mode, "truth_match", _truth_match(case, shares))
-            totals[mode] = np.array([sum(float(e.scores[0].nansum()) for e in (es[i] for es in explained.values()))
-                                     for i in range(len(items))])
+            totals[mode] = np.array(
+                [
+                    sum(float(e.scores[0].nansum()) for e in (es[i] for es in explained.values()))
+                    for i in range(len(items))
+                ]
+            )
         add(method, "unimodal", "overcount", (totals["unimodal"] - totals["joint"]).mean())
-        f = faithfulness(hm, x, method, fractions=settings.fractions, random_draws=settings.random_draws,
-                         seed=settings.seed, options=options.get(method), progress=progress)
+        f = faithfulness(
+            hm,
+            x,
+            method,
+            fractions=settings.fractions,
+            random_draws=settings.random_draws,
+            seed=settings.seed,
+            options=options.get(method),
+            progress=progress,
+        )
         areas = f.areas.set_index(["scope", "source"]).auc_necessity_drop
         add(method, "joint", "faithfulness_margin", areas["joint", "explanation"] - areas["joint", "random"])
-        s = stability(hm, x, [method], modalities=modalities[:1], n=settings.stability_n, seed=settings.seed,
-                      options={method: options.get(method, {})}, progress=progress)
+        s = stability(
+            hm,
+            x,
+            [method],
+            modalities=modalities[:1],
+            n=settings.stability_n,
+            seed=settings.seed,
+            options={method: options.get(method, {})},
+            progress=progress,
+        )
         for r in s.summary.itertuples(index=False):
             add(method, "joint", f"stability_median_{'intra' if r.perturbed == r.explained else 'cross'}", r.median)
 
@@ -222,8 +298,11 @@ def evaluate_case(case: Case, settings: Settings, methods: Sequence[str], progre
     add("interaction", "-", "shapley_interaction", inter.mean_interaction)
     add("interaction", "-", "emap_gap", inter.emap["gap"] if inter.emap else float("nan"))
     add("interaction", "-", "emap_accuracy", inter.emap["emap_accuracy"] if inter.emap else float("nan"))
-    return {"scores": scores, "influence": g.influence.assign(**base).to_dict("records"),
-            "interaction": inter.per_input.assign(**base).to_dict("records")}
+    return {
+        "scores": scores,
+        "influence": g.influence.assign(**base).to_dict("records"),
+        "interaction": inter.per_input.assign(**base).to_dict("records"),
+    }
 
 
 def _value(scores: pd.DataFrame, task: str, method: str, mode: str, score: str) -> float:
@@ -241,48 +320,77 @@ def claims(scores: pd.DataFrame, tasks: Sequence[str]) -> list[dict]:
         overcount = {t: _value(scores, t, "integrated_gradients", "unimodal", "overcount") for t in tasks if t in have}
         separates = inter["synergistic"] > 0.1 and all(inter["synergistic"] > 4 * abs(inter[t]) for t in additive)
         misses = abs(overcount["synergistic"]) > 0.1 and all(
-            abs(overcount["synergistic"]) > 4 * abs(overcount[t]) for t in additive)
-        out.append({"claim": "(a) unimodal explanations miss the cross-modal interaction (synergistic task)",
-                    "supported": bool(separates and misses),
-                    "evidence": {"shapley_interaction": inter, "unimodal_ig_overcount": overcount},
-                    "reading": "integrated gradients in unimodal mode (each modality explained with the other held "
-                               "at its input) sum to f(x) - f(x without m) per modality; joint mode sums to f(x) - "
-                               "f(nothing). Their difference is the interaction, counted twice for synergy and not at "
-                               "all for redundancy. It is ~0 on additive tasks and large on XOR, so per-modality "
-                               "scores absorb the interaction into both modalities and cannot show it."})
+            abs(overcount["synergistic"]) > 4 * abs(overcount[t]) for t in additive
+        )
+        out.append(
+            {
+                "claim": "(a) unimodal explanations miss the cross-modal interaction (synergistic task)",
+                "supported": bool(separates and misses),
+                "evidence": {"shapley_interaction": inter, "unimodal_ig_overcount": overcount},
+                "reading": "integrated gradients in unimodal mode (each modality explained with the other held "
+                "at its input) sum to f(x) - f(x without m) per modality; joint mode sums to f(x) - "
+                "f(nothing). Their difference is the interaction, counted twice for synergy and not at "
+                "all for redundancy. It is ~0 on additive tasks and large on XOR, so per-modality "
+                "scores absorb the interaction into both modalities and cannot show it.",
+            }
+        )
     if "shortcut" in have:
         attention = _value(scores, "shortcut", "attention", "joint", "share_image")
         occlusion = _value(scores, "shortcut", "occlusion", "joint", "share_image")
         delta = _value(scores, "shortcut", "granger", "-", "delta_js_image")
-        out.append({"claim": "(b) attention weights misattribute influence (shortcut task)",
-                    "supported": bool(attention >= 0.2 and delta < SMALL and attention > 3 * max(occlusion, 1e-6)),
-                    "evidence": {"attention_share_image": attention, "occlusion_share_image": occlusion,
-                                 "delta_js_image": delta},
-                    "reading": "attention's share of mass on the image tokens vs the image's causal effect "
-                               "(Delta_image) and occlusion's share"})
+        out.append(
+            {
+                "claim": "(b) attention weights misattribute influence (shortcut task)",
+                "supported": bool(attention >= 0.2 and delta < SMALL and attention > 3 * max(occlusion, 1e-6)),
+                "evidence": {
+                    "attention_share_image": attention,
+                    "occlusion_share_image": occlusion,
+                    "delta_js_image": delta,
+                },
+                "reading": "attention's share of mass on the image tokens vs the image's causal effect "
+                "(Delta_image) and occlusion's share",
+            }
+        )
     single = [t for t in RELEVANT if t in have]
     methods = [m for m in dict.fromkeys(scores.method) if m not in ("granger", "interaction")]
     delta = scores[scores.score.str.startswith("delta_js_")]
-    quiet = [(r.task, r.score[len("delta_js_"):]) for r in delta.itertuples() if r.value < SMALL]
+    quiet = [(r.task, r.score[len("delta_js_") :]) for r in delta.itertuples() if r.value < SMALL]
     if single and len(methods) >= 3:
-        per = pd.DataFrame({m: {
-            "truth": np.nanmean([_value(scores, t, m, "joint", f"share_{RELEVANT[t]}") for t in single]),
-            "granger_alignment": np.nanmean([1 - _value(scores, t, m, "joint", f"share_{n}") for t, n in quiet]),
-            "faithfulness_margin": np.nanmean([_value(scores, t, m, "joint", "faithfulness_margin") for t in have]),
-            "stability_median": np.nanmean([_value(scores, t, m, "joint", "stability_median_intra") for t in have]),
-        } for m in methods}).T
-        agree = {metric: float(per.truth.rank().corr(sign * per[metric].rank()))
-                 for metric, sign in (("granger_alignment", 1), ("faithfulness_margin", 1), ("stability_median", -1))}
-        out.append({"claim": "(c) the Granger, faithfulness and stability metrics tell a good explainer from a bad one",
-                    "supported": bool(agree["granger_alignment"] >= 0.5 and agree["faithfulness_margin"] >= 0.5),
-                    "evidence": {"per_explainer": per.round(4).to_dict("index"), "spearman_with_truth": agree},
-                    "reading": "explainers ranked by the ground truth (mean importance share on the modality the "
-                               "label depends on, single-modality tasks) "
-                               "and by each metric computed without it: Granger alignment (1 - the importance share "
-                               "on modalities whose ablation leaves the output unchanged), the faithfulness margin, "
-                               "and stability (lower median Lipschitz ratio = better); supported when the Granger "
-                               "and faithfulness rankings agree with the truth (Spearman >= 0.5). Stability is "
-                               "reported, not required: a constant explainer is perfectly stable"})
+        per = pd.DataFrame(
+            {
+                m: {
+                    "truth": np.nanmean([_value(scores, t, m, "joint", f"share_{RELEVANT[t]}") for t in single]),
+                    "granger_alignment": np.nanmean(
+                        [1 - _value(scores, t, m, "joint", f"share_{n}") for t, n in quiet]
+                    ),
+                    "faithfulness_margin": np.nanmean(
+                        [_value(scores, t, m, "joint", "faithfulness_margin") for t in have]
+                    ),
+                    "stability_median": np.nanmean(
+                        [_value(scores, t, m, "joint", "stability_median_intra") for t in have]
+                    ),
+                }
+                for m in methods
+            }
+        ).T
+        agree = {
+            metric: float(per.truth.rank().corr(sign * per[metric].rank()))
+            for metric, sign in (("granger_alignment", 1), ("faithfulness_margin", 1), ("stability_median", -1))
+        }
+        out.append(
+            {
+                "claim": "(c) the Granger, faithfulness and stability metrics tell a good explainer from a bad one",
+                "supported": bool(agree["granger_alignment"] >= 0.5 and agree["faithfulness_margin"] >= 0.5),
+                "evidence": {"per_explainer": per.round(4).to_dict("index"), "spearman_with_truth": agree},
+                "reading": "explainers ranked by the ground truth (mean importance share on the modality the "
+                "label depends on, single-modality tasks) "
+                "and by each metric computed without it: Granger alignment (1 - the importance share "
+                "on modalities whose ablation leaves the output unchanged), the faithfulness margin, "
+                "and stability (lower median Lipschitz ratio = better); supported when the Granger "
+                "and faithfulness rankings agree with the truth (Spearman >= 0.5). Stability is "
+                "reported, not required: a constant explainer is perfectly stable",
+            }
+        )
     return out
 
 
@@ -298,8 +406,9 @@ def _figures(scores: pd.DataFrame, out: Path) -> list[str]:
     table = match.pivot_table(index="task", columns=["method", "mode"], values="value").reindex(tasks)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * table.shape[1], 0.6 + 0.5 * len(tasks)))
     im = ax.imshow(table.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(table.shape[1]), [f"{m}\n{mode}" for m, mode in table.columns], rotation=60, ha="right",
-                  fontsize=7)
+    ax.set_xticks(
+        range(table.shape[1]), [f"{m}\n{mode}" for m, mode in table.columns], rotation=60, ha="right", fontsize=7
+    )
     ax.set_yticks(range(len(tasks)), tasks)
     for (i, j), v in np.ndenumerate(table.to_numpy()):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
@@ -334,8 +443,13 @@ def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
     """Task x (method, mode) truth match, plus Delta per modality and the interaction per task."""
     match = scores[scores.score == "truth_match"].pivot_table(index="task", columns=["method", "mode"], values="value")
     match.columns = [f"{m} ({mode[0]})" for m, mode in match.columns]
-    extra = scores[scores.method.isin(["granger", "interaction"]) & (scores.score.str.startswith("delta_js_") | scores.score.isin(
-        ["identifies_truth", "shapley_interaction", "emap_gap"]))]
+    extra = scores[
+        scores.method.isin(["granger", "interaction"])
+        & (
+            scores.score.str.startswith("delta_js_")
+            | scores.score.isin(["identifies_truth", "shapley_interaction", "emap_gap"])
+        )
+    ]
     extra = extra.pivot_table(index="task", columns="score", values="value")
     order = list(dict.fromkeys(scores.task))
     return extra.join(match).reindex(order)
@@ -371,8 +485,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def score_cases(cases: Sequence[Case | dict], settings: Settings, methods: Sequence[str], record: Record,
-                progress: bool) -> tuple[list[dict], list[dict]]:
+def score_cases(
+    cases: Sequence[Case | dict], settings: Settings, methods: Sequence[str], record: Record, progress: bool
+) -> tuple[list[dict], list[dict]]:
     """Every case's model info and scores (:func:`evaluate_case`), each added to ``record`` as it
     finishes and reused from it when finished before."""
     models, parts = [], []
@@ -397,19 +512,24 @@ def score_cases(cases: Sequence[Case | dict], settings: Settings, methods: Seque
 DEFINITIONS = {
     "delta_js_m": "mean JS divergence (nats) of the final distribution when m takes its neutral reference",
     "identifies_truth": "1 if exactly the modalities the label depends on have Delta >= large and the others Delta < "
-                        "small (redundant task: the truth for single ablations is none)",
+    "small (redundant task: the truth for single ablations is none)",
     "truth_match": "fraction of inputs whose explanation ranks the modalities as the truth does",
     "shapley_interaction": "mean v(ab) - v(a) - v(b) + v(none), v = prob of the prediction",
     "emap_gap": "accuracy - accuracy of the additive projection (EMAP)",
-    "faithfulness_margin": "necessity-drop area of the explanation minus that of random top-k (joint)"}
+    "faithfulness_margin": "necessity-drop area of the explanation minus that of random top-k (joint)",
+}
 """What the scores in ``benchmark.json`` mean."""
 
 
 def _write(out: Path, report: dict, parts: list[dict], table: pd.DataFrame) -> None:
     """benchmark.json, the CSVs and table.md."""
     atomic_write(out / "benchmark.json", json.dumps(report, indent=1, default=float))
-    for name, rows in (("scores", report["scores"]), ("influence", [r for p in parts for r in p["influence"]]),
-                       ("interaction", [r for p in parts for r in p["interaction"]]), ("models", report["models"])):
+    for name, rows in (
+        ("scores", report["scores"]),
+        ("influence", [r for p in parts for r in p["influence"]]),
+        ("interaction", [r for p in parts for r in p["interaction"]]),
+        ("models", report["models"]),
+    ):
         atomic_write(out / f"{name}.csv", pd.DataFrame(rows).to_csv(index=False))
     if not table.empty:
         atomic_write(out / "table.md", markdown(table))
@@ -418,8 +538,11 @@ def _write(out: Path, report: dict, parts: list[dict], table: pd.DataFrame) -> N
 def _print(report: dict, table: pd.DataFrame, out: Path) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         print("\nmodels:")
-        print(pd.DataFrame(report["models"])[["task", "model", "accuracy", "learned", "train_seconds"]].to_string(
-            index=False))
+        print(
+            pd.DataFrame(report["models"])[["task", "model", "accuracy", "learned", "train_seconds"]].to_string(
+                index=False
+            )
+        )
         print("\nscores (truth match per explainer: j = joint, u = unimodal):")
         print(table.round(3).to_string())
     print("\nclaims:")
@@ -439,18 +562,28 @@ def main(argv: list[str] | None = None) -> dict:
     identity = {"settings": asdict(settings), "methods": args.methods}
     path = out / "parts" / f"{config_hash(identity)}.jsonl"
     record = Record.continuing(path, identity, overwrite=args.overwrite) or Record.create(
-        path, "synthetic-benchmark", identity)
-    cases = (fusion_cases([t for t in args.tasks if t in TASK_KINDS], settings)
-             + graph_cases([t for t in args.tasks if t in GRAPH_TASKS], settings)
-             + ([] if args.no_vlm else [vlm_case(settings)]))
+        path, "synthetic-benchmark", identity
+    )
+    cases = (
+        fusion_cases([t for t in args.tasks if t in TASK_KINDS], settings)
+        + graph_cases([t for t in args.tasks if t in GRAPH_TASKS], settings)
+        + ([] if args.no_vlm else [vlm_case(settings)])
+    )
     models, parts = score_cases(cases, settings, args.methods, record, progress=not args.no_progress)
     scores = pd.DataFrame([row for p in parts for row in p["scores"]])
     table = summary_table(scores) if not scores.empty else pd.DataFrame()
-    report = {"settings": asdict(settings), "quick": args.quick, "versions": versions(), "models": models,
-              "thresholds": {"large_delta_js": LARGE, "small_delta_js": SMALL, "learned_accuracy": LEARNED_THRESHOLD},
-              "scores": scores.to_dict("records"), "claims": claims(scores, args.tasks) if not scores.empty else [],
-              "figures": _figures(scores, out) if not scores.empty else [], "seconds": time.perf_counter() - start,
-              "definitions": DEFINITIONS}
+    report = {
+        "settings": asdict(settings),
+        "quick": args.quick,
+        "versions": versions(),
+        "models": models,
+        "thresholds": {"large_delta_js": LARGE, "small_delta_js": SMALL, "learned_accuracy": LEARNED_THRESHOLD},
+        "scores": scores.to_dict("records"),
+        "claims": claims(scores, args.tasks) if not scores.empty else [],
+        "figures": _figures(scores, out) if not scores.empty else [],
+        "seconds": time.perf_counter() - start,
+        "definitions": DEFINITIONS,
+    }
     _write(out, report, parts, table)
     _print(report, table, out)
     return report

@@ -59,11 +59,15 @@ from mmlens.training.graph_pretraining import GraphPretrainConfig, llm_principal
 from mmlens.training.loop import is_cached, train_or_load
 from mmlens.training.tea_glm import NodePrompts, ProjectorTrainConfig, PromptTemplate, classify_nodes, train_projector
 
-SYNTHETIC_NOTE = "SYNTHETIC DATA: a generated text-attributed graph, not Cora; numbers say nothing about the paper's claim"
-CLAIM_RULE = ("graph tokens evolve measurably less than text tokens when, for at least 3 of the 4 metrics "
-              "(top-1 change rate lower, mean KL to the final layer lower, consecutive-layer cosine higher, "
-              "final top-1 first appearing earlier), the 95% bootstrap interval of the paired per-node "
-              "difference (graph - text) lies entirely on the 'evolves less' side of zero")
+SYNTHETIC_NOTE = (
+    "SYNTHETIC DATA: a generated text-attributed graph, not Cora; numbers say nothing about the paper's claim"
+)
+CLAIM_RULE = (
+    "graph tokens evolve measurably less than text tokens when, for at least 3 of the 4 metrics "
+    "(top-1 change rate lower, mean KL to the final layer lower, consecutive-layer cosine higher, "
+    "final top-1 first appearing earlier), the 95% bootstrap interval of the paired per-node "
+    "difference (graph - text) lies entirely on the 'evolves less' side of zero"
+)
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,13 @@ def quick_config(**overrides: Any) -> ReproductionConfig:
     """A small run for tests and CI (TinyStories-656K, few epochs/steps/nodes): checks the code
     path end to end in well under a minute; its numbers mean nothing."""
     base = ReproductionConfig(
-        llm="tinystories-656k", gnn=GraphPretrainConfig(hidden_dim=128, epochs=3, n_components=16, checkpoint_every=2),
-        projector=ProjectorTrainConfig(steps=4, batch_size=8, checkpoint_every=2), eval_nodes=24, lens_nodes=6,
-        tuned_lens_steps=3)
+        llm="tinystories-656k",
+        gnn=GraphPretrainConfig(hidden_dim=128, epochs=3, n_components=16, checkpoint_every=2),
+        projector=ProjectorTrainConfig(steps=4, batch_size=8, checkpoint_every=2),
+        eval_nodes=24,
+        lens_nodes=6,
+        tuned_lens_steps=3,
+    )
     return replace(base, **overrides)
 
 
@@ -169,14 +177,18 @@ class Reproduction:
         return mask
 
 
-def build(config: ReproductionConfig = ReproductionConfig(), progress: bool = True, stages: _Stages | None = None) -> Reproduction:
+def build(
+    config: ReproductionConfig = ReproductionConfig(), progress: bool = True, stages: _Stages | None = None
+) -> Reproduction:
     """Load data and LLM, pretrain the GNN, train the projector and evaluate, each cached by a hash
     of its configuration under ``$MMLENS_CACHE/tea_glm`` (a rerun loads them)."""
     stages = stages or _Stages(progress)
     torch.manual_seed(config.seed)
     folder = cache_dir() / "tea_glm"
     with stages("load data"):
-        graph = load_text_attributed_graph(config.dataset, config.data_dir, seed=config.seed, num_nodes=config.synthetic_nodes)
+        graph = load_text_attributed_graph(
+            config.dataset, config.data_dir, seed=config.seed, num_nodes=config.synthetic_nodes
+        )
         split = stratified_split(graph.labels, config.seed, config.split)
     with stages("load LLM"):
         loaded = load_model(config.llm)
@@ -188,8 +200,14 @@ def build(config: ReproductionConfig = ReproductionConfig(), progress: bool = Tr
     with stages("text features"):
         features = text_features(graph.texts, tokenizer, embedding, config.max_text_tokens)
     keys = {"gnn": _hash(config.llm, _fingerprint(graph), config.max_text_tokens, gnn_config.to_dict())}
-    keys["projector"] = _hash(keys["gnn"], config.split, config.seed, config.num_graph_tokens, asdict(config.template),
-                              config.projector.to_dict())
+    keys["projector"] = _hash(
+        keys["gnn"],
+        config.split,
+        config.seed,
+        config.num_graph_tokens,
+        asdict(config.template),
+        config.projector.to_dict(),
+    )
     keys["evaluation"] = _hash(keys["projector"], config.eval_nodes)
 
     with torch.random.fork_rng(devices=[]):
@@ -199,18 +217,43 @@ def build(config: ReproductionConfig = ReproductionConfig(), progress: bool = Tr
     prompts = NodePrompts(tokenizer, graph.class_words, model.graph_token_id, config.num_graph_tokens, config.template)
 
     with stages("GNN (cached)" if is_cached("tea_glm_gnn", keys["gnn"]) else "GNN pretraining"):
-        train_or_load("tea_glm_gnn", keys["gnn"], gnn, lambda: pretrain_graph_encoder(
-            gnn, features, graph.edge_index, llm_principal_components(embedding, gnn_config.n_components), gnn_config,
-            checkpoint=folder / f"gnn-{keys['gnn']}.ckpt", progress=progress))
+        train_or_load(
+            "tea_glm_gnn",
+            keys["gnn"],
+            gnn,
+            lambda: pretrain_graph_encoder(
+                gnn,
+                features,
+                graph.edge_index,
+                llm_principal_components(embedding, gnn_config.n_components),
+                gnn_config,
+                checkpoint=folder / f"gnn-{keys['gnn']}.ckpt",
+                progress=progress,
+            ),
+        )
         gnn.eval()
         with torch.no_grad():
             node_repr = gnn(features, graph.edge_index)
 
     with stages("projector (cached)" if is_cached("tea_glm_projector", keys["projector"]) else "projector training"):
-        train_or_load("tea_glm_projector", keys["projector"], model.projector, lambda: {"loss": train_projector(
-            model, prompts, node_repr, graph.titles, graph.labels, split["train"],
-            replace(config.projector, seed=config.seed), checkpoint=folder / f"projector-{keys['projector']}.ckpt",
-            progress=progress)})
+        train_or_load(
+            "tea_glm_projector",
+            keys["projector"],
+            model.projector,
+            lambda: {
+                "loss": train_projector(
+                    model,
+                    prompts,
+                    node_repr,
+                    graph.titles,
+                    graph.labels,
+                    split["train"],
+                    replace(config.projector, seed=config.seed),
+                    checkpoint=folder / f"projector-{keys['projector']}.ckpt",
+                    progress=progress,
+                )
+            },
+        )
         model.eval()
 
     evaluation_file = folder / f"evaluation-{keys['evaluation']}.json"
@@ -222,12 +265,30 @@ def build(config: ReproductionConfig = ReproductionConfig(), progress: bool = Tr
             evaluation_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(evaluation_file, json.dumps(evaluation))
     hooked = HookedModel(model, tokenizer=tokenizer, name=f"TEA-GLM({config.llm})")
-    return Reproduction(config=config, graph=graph, split=split, model=model, hooked=hooked, prompts=prompts,
-                        features=features, node_repr=node_repr, evaluation=evaluation, keys=keys, stages=stages)
+    return Reproduction(
+        config=config,
+        graph=graph,
+        split=split,
+        model=model,
+        hooked=hooked,
+        prompts=prompts,
+        features=features,
+        node_repr=node_repr,
+        evaluation=evaluation,
+        keys=keys,
+        stages=stages,
+    )
 
 
-def _evaluate(model: TeaGLM, prompts: NodePrompts, graph: TextAttributedGraph, split: dict, node_repr: torch.Tensor,
-              config: ReproductionConfig, progress: bool) -> dict:
+def _evaluate(
+    model: TeaGLM,
+    prompts: NodePrompts,
+    graph: TextAttributedGraph,
+    split: dict,
+    node_repr: torch.Tensor,
+    config: ReproductionConfig,
+    progress: bool,
+) -> dict:
     test = split["test"]
     if config.eval_nodes is not None and config.eval_nodes < len(test):
         g = torch.Generator().manual_seed(config.seed)
@@ -257,8 +318,12 @@ def _lens_nodes(rep: Reproduction) -> list[int]:
 
 def _representative(rep: Reproduction, nodes: list[int]) -> int:
     """Row of the first lens node that the model classifies correctly (else row 0)."""
-    correct = dict(zip(rep.evaluation["test_nodes"], (p == y for p, y in zip(rep.evaluation["predictions"],
-                                                                             rep.evaluation["labels"]))))
+    correct = dict(
+        zip(
+            rep.evaluation["test_nodes"],
+            (p == y for p, y in zip(rep.evaluation["predictions"], rep.evaluation["labels"])),
+        )
+    )
     return next((i for i, n in enumerate(nodes) if correct.get(n)), 0)
 
 
@@ -268,28 +333,43 @@ def _grid_columns(cols: list[int], max_cols: int = 48) -> list[int]:
     if len(cols) <= max_cols:
         return cols
     head = max_cols // 3
-    return cols[:head] + cols[-(max_cols - head):]
+    return cols[:head] + cols[-(max_cols - head) :]
 
 
 def claim(evo: Evolution) -> dict:
     """Decide whether graph tokens evolve measurably less than text tokens (:data:`CLAIM_RULE`)."""
     table = evo.compare("graph", "text")
     votes = int(table.a_evolves_less.sum())
-    return {"claim_reproduced": votes >= 3, "metrics_in_favour": votes, "of": len(METRICS), "rule": CLAIM_RULE,
-            "comparison": table.to_dict(orient="records")}
+    return {
+        "claim_reproduced": votes >= 3,
+        "metrics_in_favour": votes,
+        "of": len(METRICS),
+        "rule": CLAIM_RULE,
+        "comparison": table.to_dict(orient="records"),
+    }
 
 
-def run(config: ReproductionConfig = ReproductionConfig(), out: str | Path = "results/tea_glm_logit_lens",
-        progress: bool = True) -> Reproduction:
+def run(
+    config: ReproductionConfig = ReproductionConfig(),
+    out: str | Path = "results/tea_glm_logit_lens",
+    progress: bool = True,
+) -> Reproduction:
     """Build (or load) the model, run the lens on test nodes and write every output to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
     rep = build(config, progress, stages)
     synthetic = rep.graph.synthetic
-    _write_json(out / "split.json", {"dataset": rep.graph.name, "seed": config.seed, "fractions": list(config.split),
-                                     **({"note": SYNTHETIC_NOTE} if synthetic else {}),
-                                     **{k: v.tolist() for k, v in rep.split.items()}})
+    _write_json(
+        out / "split.json",
+        {
+            "dataset": rep.graph.name,
+            "seed": config.seed,
+            "fractions": list(config.split),
+            **({"note": SYNTHETIC_NOTE} if synthetic else {}),
+            **{k: v.tolist() for k, v in rep.split.items()},
+        },
+    )
 
     nodes = _lens_nodes(rep)
     rep.lens_nodes = nodes
@@ -313,12 +393,18 @@ def run(config: ReproductionConfig = ReproductionConfig(), out: str | Path = "re
         title_suffix = f" [{SYNTHETIC_NOTE.split(':')[0]}]" if synthetic else ""
         node = nodes[row]
         grid_cols = _grid_columns(positions[row].nonzero().flatten().tolist())
-        fig = plot_lens_grid(rep.lens, row=row, positions=grid_cols,
-                             title=f"Logit lens, TEA-GLM on {config.llm}: node {node} "
-                                   f"({rep.graph.class_words[int(rep.graph.labels[node])]}){title_suffix}")
+        fig = plot_lens_grid(
+            rep.lens,
+            row=row,
+            positions=grid_cols,
+            title=f"Logit lens, TEA-GLM on {config.llm}: node {node} "
+            f"({rep.graph.class_words[int(rep.graph.labels[node])]}){title_suffix}",
+        )
         save_figure(fig, out / "logit_lens")
-        fig = plot_evolution(rep.evolution, title=f"Graph vs text tokens across layers ({len(nodes)} test nodes, "
-                                                  f"95% bootstrap CI){title_suffix}")
+        fig = plot_evolution(
+            rep.evolution,
+            title=f"Graph vs text tokens across layers ({len(nodes)} test nodes, 95% bootstrap CI){title_suffix}",
+        )
         save_figure(fig, out / "evolution")
         import matplotlib.pyplot as plt
 
@@ -328,10 +414,21 @@ def run(config: ReproductionConfig = ReproductionConfig(), out: str | Path = "re
         soft.insert(0, "node", [nodes[i] for i in soft["input"]])
         layers.insert(0, "node", [nodes[i] for i in layers["item"]])
         ev = rep.evaluation
-        predictions = pd.DataFrame({"node": ev["test_nodes"], "label": ev["labels"], "prediction": ev["predictions"],
-                                    "text_only_prediction": ev["text_only_predictions"]})
-        for name, frame in (("lens_table", table), ("evolution_summary", rep.evolution.summary.copy()),
-                            ("soft_tokens", soft), ("gnn_layers", layers), ("predictions", predictions)):
+        predictions = pd.DataFrame(
+            {
+                "node": ev["test_nodes"],
+                "label": ev["labels"],
+                "prediction": ev["predictions"],
+                "text_only_prediction": ev["text_only_predictions"],
+            }
+        )
+        for name, frame in (
+            ("lens_table", table),
+            ("evolution_summary", rep.evolution.summary.copy()),
+            ("soft_tokens", soft),
+            ("gnn_layers", layers),
+            ("predictions", predictions),
+        ):
             frame.insert(0, "dataset", rep.graph.name)
             frame.to_csv(out / f"{name}.csv", index=False)
         record = _record(rep, row, soft, layers, tuned_summary)
@@ -363,8 +460,11 @@ def _tuned_summary(logit: LensResult, tuned: LensResult) -> dict:
     out = {}
     for m, group in table.groupby("modality"):
         kl_logit, kl_tuned = float(group.kl_logit.mean()), float(group.kl_tuned.mean())
-        out[m] = {"mean_kl_logit_lens": kl_logit, "mean_kl_tuned_lens": kl_tuned,
-                  "reduction": 1 - kl_tuned / kl_logit if kl_logit > 0 else None}
+        out[m] = {
+            "mean_kl_logit_lens": kl_logit,
+            "mean_kl_tuned_lens": kl_tuned,
+            "reduction": 1 - kl_tuned / kl_logit if kl_logit > 0 else None,
+        }
     return out
 
 
@@ -373,8 +473,13 @@ def _record(rep: Reproduction, row: int, soft: pd.DataFrame, layers: pd.DataFram
     cols = rep.node_positions(rep.inputs([rep.lens_nodes[row]]))[0].nonzero().flatten().tolist()
     top = lens.top_ids[:, row, cols, 0]
     decision = claim(rep.evolution)
-    summary = {m: {r.metric: {"mean": r.mean, "low": r.low, "high": r.high, "n_inputs": int(r.n_inputs)}
-                   for r in group.itertuples()} for m, group in rep.evolution.summary.groupby("modality")}
+    summary = {
+        m: {
+            r.metric: {"mean": r.mean, "low": r.low, "high": r.high, "n_inputs": int(r.n_inputs)}
+            for r in group.itertuples()
+        }
+        for m, group in rep.evolution.summary.groupby("modality")
+    }
     node = rep.lens_nodes[row]
     record = {
         "llm": config.llm,
@@ -400,13 +505,19 @@ def _record(rep: Reproduction, row: int, soft: pd.DataFrame, layers: pd.DataFram
         "lens_nodes": rep.lens_nodes,
         "seed": config.seed,
         "decoded_positions": "from the first graph token to the answer cue (the shared instruction before them is "
-                             "identical for every node and not decoded); each row's first real position is excluded "
-                             "from the evolution metrics",
-        "soft_tokens_nearest": soft[soft.input == row].groupby("position").apply(
-            lambda g: list(zip(g.token, g.cosine.round(3))), include_groups=False).tolist(),
-        "gnn_layers_nearest": {f"layer {layer}": g[g["item"] == row].groupby("slot").apply(
-            lambda s: list(zip(s.token, s.cosine.round(3))), include_groups=False).tolist()
-            for layer, g in layers.groupby("layer")},
+        "identical for every node and not decoded); each row's first real position is excluded "
+        "from the evolution metrics",
+        "soft_tokens_nearest": soft[soft.input == row]
+        .groupby("position")
+        .apply(lambda g: list(zip(g.token, g.cosine.round(3))), include_groups=False)
+        .tolist(),
+        "gnn_layers_nearest": {
+            f"layer {layer}": g[g["item"] == row]
+            .groupby("slot")
+            .apply(lambda s: list(zip(s.token, s.cosine.round(3))), include_groups=False)
+            .tolist()
+            for layer, g in layers.groupby("layer")
+        },
         "tuned_lens": tuned,
         "config": config.to_dict(),
         "cache_keys": rep.keys,
@@ -432,42 +543,62 @@ def _json_default(value: Any) -> Any:
 def _print_summary(rep: Reproduction, record: dict, out: Path) -> None:
     if rep.graph.synthetic:
         print(f"*** {SYNTHETIC_NOTE} ***")
-    print(f"TEA-GLM on {record['dataset']} with {record['llm']}: test accuracy {record['accuracy']:.3f} "
-          f"(majority {record['majority_baseline']:.3f}, text-only prompt {record['text_only_accuracy']:.3f}, "
-          f"{record['n_test_nodes']} test nodes)")
-    table = pd.DataFrame(record["claim_evidence"]["comparison"])[["metric", "mean_a", "mean_b", "diff", "low", "high",
-                                                                  "a_evolves_less"]]
+    print(
+        f"TEA-GLM on {record['dataset']} with {record['llm']}: test accuracy {record['accuracy']:.3f} "
+        f"(majority {record['majority_baseline']:.3f}, text-only prompt {record['text_only_accuracy']:.3f}, "
+        f"{record['n_test_nodes']} test nodes)"
+    )
+    table = pd.DataFrame(record["claim_evidence"]["comparison"])[
+        ["metric", "mean_a", "mean_b", "diff", "low", "high", "a_evolves_less"]
+    ]
     table.columns = ["metric", "graph", "text", "graph - text", "ci low", "ci high", "graph evolves less"]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     verdict = "REPRODUCED" if record["claim_reproduced"] else "NOT reproduced"
-    print(f"claim (graph tokens evolve less than text tokens): {verdict} "
-          f"({record['claim_evidence']['metrics_in_favour']}/{record['claim_evidence']['of']} metrics)")
+    print(
+        f"claim (graph tokens evolve less than text tokens): {verdict} "
+        f"({record['claim_evidence']['metrics_in_favour']}/{record['claim_evidence']['of']} metrics)"
+    )
     if record["tuned_lens"]:
         for m, v in record["tuned_lens"].items():
-            print(f"tuned lens, {m}: mean KL to final {v['mean_kl_logit_lens']:.3f} -> {v['mean_kl_tuned_lens']:.3f} nats")
+            print(
+                f"tuned lens, {m}: mean KL to final {v['mean_kl_logit_lens']:.3f} -> {v['mean_kl_tuned_lens']:.3f} nats"
+            )
     print(f"outputs in {out}/")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmlens.analyses.tea_glm_logit_lens", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", default=None, help="registry name or hub id of the causal LM (default smollm2-135m-instruct)")
+    parser = argparse.ArgumentParser(
+        prog="python -m mmlens.analyses.tea_glm_logit_lens",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--llm", default=None, help="registry name or hub id of the causal LM (default smollm2-135m-instruct)"
+    )
     parser.add_argument("--dataset", choices=("cora", "synthetic"), default="cora")
     parser.add_argument("--data-dir", default=None, help="folder holding cora_tag/cora.json (default: $MMLENS_DATA)")
     parser.add_argument("--out", default="results/tea_glm_logit_lens", help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gnn-epochs", type=int, default=None)
     parser.add_argument("--projector-steps", type=int, default=None)
-    parser.add_argument("--eval-nodes", type=int, default=None, help="evaluate on a seeded sample of test nodes (default all)")
+    parser.add_argument(
+        "--eval-nodes", type=int, default=None, help="evaluate on a seeded sample of test nodes (default all)"
+    )
     parser.add_argument("--lens-nodes", type=int, default=None, help="test nodes the lens decodes (default 32)")
-    parser.add_argument("--tuned-lens-steps", type=int, default=None, help="train a tuned lens for this many steps (0 = off)")
+    parser.add_argument(
+        "--tuned-lens-steps", type=int, default=None, help="train a tuned lens for this many steps (0 = off)"
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (TinyStories-656K, few steps)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     args = parser.parse_args(argv)
     config = quick_config() if args.quick else ReproductionConfig()
     overrides: dict[str, Any] = {"dataset": args.dataset, "seed": args.seed, "data_dir": args.data_dir}
-    for key, value in (("llm", args.llm), ("eval_nodes", args.eval_nodes), ("lens_nodes", args.lens_nodes),
-                       ("tuned_lens_steps", args.tuned_lens_steps)):
+    for key, value in (
+        ("llm", args.llm),
+        ("eval_nodes", args.eval_nodes),
+        ("lens_nodes", args.lens_nodes),
+        ("tuned_lens_steps", args.tuned_lens_steps),
+    ):
         if value is not None:
             overrides[key] = value
     if args.gnn_epochs is not None:

@@ -15,8 +15,19 @@ from mmlens.hooks.language_models import GPT2, LLAMA_FAMILY
 from mmlens.hooks.llava import LLAVA
 from mmlens.hooks.tea_glm import TEA_GLM
 
-__all__ = ["ADAPTERS", "BUILT_IN", "FUSION_TRANSFORMER", "GPT2", "GRAPH_TEXT", "IDEFICS3", "LLAMA_FAMILY", "LLAVA", "TEA_GLM",
-           "find_adapter", "register_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "BUILT_IN",
+    "FUSION_TRANSFORMER",
+    "GPT2",
+    "GRAPH_TEXT",
+    "IDEFICS3",
+    "LLAMA_FAMILY",
+    "LLAVA",
+    "TEA_GLM",
+    "find_adapter",
+    "register_adapter",
+]
 
 BUILT_IN: tuple[Adapter, ...] = (LLAMA_FAMILY, GPT2, LLAVA, IDEFICS3, TEA_GLM, FUSION_TRANSFORMER, GRAPH_TEXT)
 """The shipped tables, in lookup order (the first whose ``architectures`` matches wins)."""

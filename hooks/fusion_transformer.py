@@ -15,8 +15,12 @@ FUSION_BLOCK = BlockLayout(attn="attn", attn_out_proj="attn.out_proj", mlp="mlp"
 def block_spans(model, inputs):
     """Image patches occupy the first ``n_patches`` positions, text the rest (minus padding)."""
     ids = inputs["input_ids"]
-    return spans_from_blocks(ids.shape[0], {"image": model.config.n_patches, "text": ids.shape[1]},
-                             {"text": inputs.get("attention_mask")}, device=ids.device)
+    return spans_from_blocks(
+        ids.shape[0],
+        {"image": model.config.n_patches, "text": ids.shape[1]},
+        {"text": inputs.get("attention_mask")},
+        device=ids.device,
+    )
 
 
 def neutral_image(model, inputs, spans):
@@ -30,7 +34,9 @@ def neutral_text(model, inputs, spans):
 
 
 def _encoder(prefix: str, modality: str, path: str) -> Stack:
-    return Stack(prefix=prefix, stage="encoder", modality=modality, blocks=path, layout=FUSION_BLOCK, n_heads="config.n_heads")
+    return Stack(
+        prefix=prefix, stage="encoder", modality=modality, blocks=path, layout=FUSION_BLOCK, n_heads="config.n_heads"
+    )
 
 
 FUSION_TRANSFORMER = Adapter(
@@ -39,7 +45,9 @@ FUSION_TRANSFORMER = Adapter(
     stacks=(
         _encoder("vision", "image", "image_encoder.blocks"),
         _encoder("text", "text", "text_encoder.blocks"),
-        Stack(prefix="lm", stage="lm", modality=None, blocks="joint_blocks", layout=FUSION_BLOCK, n_heads="config.n_heads"),
+        Stack(
+            prefix="lm", stage="lm", modality=None, blocks="joint_blocks", layout=FUSION_BLOCK, n_heads="config.n_heads"
+        ),
     ),
     points=(
         Point("vision.embed", "encoder", "image", Site("image_encoder.patch_embed")),

@@ -15,8 +15,12 @@ from mmlens.metrics.perturb import graph_perturbations, token_perturbations
 def block_spans(model, inputs):
     """Graph tokens occupy the first ``n_graph_tokens`` positions, text the rest (minus padding)."""
     ids = inputs["input_ids"]
-    return spans_from_blocks(ids.shape[0], {"graph": model.config.n_graph_tokens, "text": ids.shape[1]},
-                             {"text": inputs.get("attention_mask")}, device=ids.device)
+    return spans_from_blocks(
+        ids.shape[0],
+        {"graph": model.config.n_graph_tokens, "text": ids.shape[1]},
+        {"text": inputs.get("attention_mask")},
+        device=ids.device,
+    )
 
 
 def neutral_graph(model, inputs, spans):
@@ -49,6 +53,8 @@ GRAPH_TEXT = Adapter(
     required_inputs=("node_features", "edge_index", "node_index", "input_ids"),
     shared_inputs=("node_features", "edge_index"),
     modality_inputs={"graph": ("node_features", "edge_index", "node_index"), "text": ("input_ids", "attention_mask")},
-    perturbations={"graph": graph_perturbations(features="node_features", edges="edge_index"),
-                   "text": token_perturbations("input_ids")},
+    perturbations={
+        "graph": graph_perturbations(features="node_features", edges="edge_index"),
+        "text": token_perturbations("input_ids"),
+    },
 )

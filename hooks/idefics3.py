@@ -8,8 +8,9 @@ from mmlens.hooks.language_models import neutral_text
 from mmlens.hooks.llava import image_token_spans
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
-_lm_stack, _lm_points = language_model(base="model.text_model", logits="lm_head",
-                                       n_heads="config.text_config.num_attention_heads")
+_lm_stack, _lm_points = language_model(
+    base="model.text_model", logits="lm_head", n_heads="config.text_config.num_attention_heads"
+)
 
 
 def neutral_image(model, inputs, spans):
@@ -31,14 +32,22 @@ IDEFICS3 = Adapter(
     name="idefics3",
     architectures=("Idefics3ForConditionalGeneration",),
     stacks=(
-        Stack(prefix="vision", stage="encoder", modality="image", blocks="model.vision_model.encoder.layers",
-              layout=CLIP_BLOCK, n_heads="config.vision_config.num_attention_heads"),
+        Stack(
+            prefix="vision",
+            stage="encoder",
+            modality="image",
+            blocks="model.vision_model.encoder.layers",
+            layout=CLIP_BLOCK,
+            n_heads="config.vision_config.num_attention_heads",
+        ),
         _lm_stack,
     ),
     points=(
         Point("vision.embed", "encoder", "image", Site("model.vision_model.embeddings")),
         Point("fusion.projector_out", "fusion", "image", Site("model.connector")),
-        Point("fusion.embeds", "fusion", None, Site("model.text_model", "input", 0, "inputs_embeds"), fused_positions=True),
+        Point(
+            "fusion.embeds", "fusion", None, Site("model.text_model", "input", 0, "inputs_embeds"), fused_positions=True
+        ),
         *_lm_points,
     ),
     spans=image_token_spans,

@@ -7,8 +7,15 @@ from mmlens.core.spans import spans_from_token_ids
 from mmlens.metrics.perturb import token_perturbations
 
 _llama_stack, _llama_points = language_model(base="model", logits="lm_head")
-_gpt2_stack, _gpt2_points = language_model(base="transformer", logits="lm_head", layout=GPT2_BLOCK, n_heads="config.n_head",
-                                           blocks="h", embed="wte", final_norm="ln_f")
+_gpt2_stack, _gpt2_points = language_model(
+    base="transformer",
+    logits="lm_head",
+    layout=GPT2_BLOCK,
+    n_heads="config.n_head",
+    blocks="h",
+    embed="wte",
+    final_norm="ln_f",
+)
 
 
 def text_spans(model, inputs):
@@ -26,7 +33,9 @@ def neutral_text(model, inputs, spans):
     if isinstance(pad, (list, tuple)):
         pad = pad[0]
     if pad is None:
-        raise ValueError("the model config has no pad_token_id or eos_token_id to build a neutral text; set config.pad_token_id")
+        raise ValueError(
+            "the model config has no pad_token_id or eos_token_id to build a neutral text; set config.pad_token_id"
+        )
     text = spans.masks["text"].to(inputs["input_ids"].device)
     return {**inputs, "input_ids": inputs["input_ids"].masked_fill(text, int(pad))}
 

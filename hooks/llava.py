@@ -9,13 +9,16 @@ from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
-_lm_stack, _lm_points = language_model(base="model.language_model", logits="lm_head",
-                                       n_heads="config.text_config.num_attention_heads")
+_lm_stack, _lm_points = language_model(
+    base="model.language_model", logits="lm_head", n_heads="config.text_config.num_attention_heads"
+)
 
 
 def image_token_spans(model, inputs):
     """Image positions are where ``input_ids == config.image_token_id`` (LLaVA's placeholder mask)."""
-    return spans_from_token_ids(inputs["input_ids"], inputs.get("attention_mask"), {"image": model.config.image_token_id})
+    return spans_from_token_ids(
+        inputs["input_ids"], inputs.get("attention_mask"), {"image": model.config.image_token_id}
+    )
 
 
 def neutral_image(model, inputs, spans):
@@ -35,15 +38,26 @@ LLAVA = Adapter(
     name="llava",
     architectures=("LlavaForConditionalGeneration",),
     stacks=(
-        Stack(prefix="vision", stage="encoder", modality="image", blocks="model.vision_tower.encoder.layers",
-              layout=CLIP_BLOCK, n_heads="config.vision_config.num_attention_heads"),
+        Stack(
+            prefix="vision",
+            stage="encoder",
+            modality="image",
+            blocks="model.vision_tower.encoder.layers",
+            layout=CLIP_BLOCK,
+            n_heads="config.vision_config.num_attention_heads",
+        ),
         _lm_stack,
     ),
     points=(
         Point("vision.embed", "encoder", "image", Site("model.vision_tower.embeddings")),
         Point("fusion.projector_out", "fusion", "image", Site("model.multi_modal_projector")),
-        Point("fusion.embeds", "fusion", None, Site("model.language_model", "input", 0, "inputs_embeds"),
-              fused_positions=True),
+        Point(
+            "fusion.embeds",
+            "fusion",
+            None,
+            Site("model.language_model", "input", 0, "inputs_embeds"),
+            fused_positions=True,
+        ),
         *_lm_points,
     ),
     spans=image_token_spans,

@@ -33,11 +33,14 @@ def project_graph_layer(model, inputs, hidden):
     """A GNN layer's node representations ``[n_nodes, d]`` -> each prompt's K graph tokens
     ``[b, K, d_lm]`` (rows ``node_ids``, through the projector); needs ``d == gnn.out_dim``."""
     if "node_ids" not in inputs:
-        raise ValueError("decoding GNN layers needs the graph inputs (node_features, edge_index, node_ids), "
-                         "not graph_embeds")
+        raise ValueError(
+            "decoding GNN layers needs the graph inputs (node_features, edge_index, node_ids), not graph_embeds"
+        )
     if hidden.shape[-1] != model.gnn.out_dim:
-        raise ValueError(f"this GNN layer is {hidden.shape[-1]} wide but the projector reads {model.gnn.out_dim}; "
-                         "only layers as wide as the GNN output can be projected (use hidden_dim == out_dim)")
+        raise ValueError(
+            f"this GNN layer is {hidden.shape[-1]} wide but the projector reads {model.gnn.out_dim}; "
+            "only layers as wide as the GNN output can be projected (use hidden_dim == out_dim)"
+        )
     return model.graph_tokens(hidden[inputs["node_ids"]])
 
 
@@ -53,8 +56,13 @@ TEA_GLM = Adapter(
     spans=graph_token_spans,
     neutral={"graph": neutral_graph, "text": neutral_text},
     shared_inputs=("node_features", "edge_index"),
-    modality_inputs={"graph": ("node_features", "edge_index", "node_ids", "graph_embeds"), "text": ("input_ids", "attention_mask")},
-    perturbations={"graph": graph_perturbations(features="node_features", edges="edge_index", embeds="graph_embeds"),
-                   "text": token_perturbations("input_ids")},
+    modality_inputs={
+        "graph": ("node_features", "edge_index", "node_ids", "graph_embeds"),
+        "text": ("input_ids", "attention_mask"),
+    },
+    perturbations={
+        "graph": graph_perturbations(features="node_features", edges="edge_index", embeds="graph_embeds"),
+        "text": token_perturbations("input_ids"),
+    },
     project_encoder=project_graph_layer,
 )

@@ -35,11 +35,19 @@ from matplotlib.patches import Patch, Rectangle
 
 from mmlens.store import atomic_path
 
-__all__ = ["modality_colors", "plot_edges", "plot_evolution", "plot_faithfulness", "plot_granger", "plot_lens_grid",
-           "plot_patching", "plot_stability", "save_figure"]
+__all__ = [
+    "modality_colors",
+    "plot_edges",
+    "plot_evolution",
+    "plot_faithfulness",
+    "plot_granger",
+    "plot_lens_grid",
+    "plot_patching",
+    "plot_stability",
+    "save_figure",
+]
 
-_FIXED_COLORS = {"text": "tab:blue", "graph": "tab:orange", "image": "tab:green", "audio": "tab:red",
-                 "pad": "#b0b0b0"}
+_FIXED_COLORS = {"text": "tab:blue", "graph": "tab:orange", "image": "tab:green", "audio": "tab:red", "pad": "#b0b0b0"}
 _OTHER_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 _VALUES = {"prob": ("top-1 probability", "Blues"), "entropy": ("entropy (nats)", "YlOrRd")}
 _METRIC_LABELS = {
@@ -90,8 +98,13 @@ def _display_units(text: str) -> list[str]:
         if ch in _ESCAPES:
             units.append(_ESCAPES[ch])
         elif not ch.isprintable() or ord(ch) not in glyphs:
-            units.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
-                         f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+            units.append(
+                f"\\x{ord(ch):02x}"
+                if ord(ch) < 0x100
+                else f"\\u{ord(ch):04x}"
+                if ord(ch) < 0x10000
+                else f"\\U{ord(ch):08x}"
+            )
         else:
             units.append(ch)
     return units + [_SPACE] * trail
@@ -130,8 +143,7 @@ def _select_positions(result, row: int, positions) -> list[int]:
     for p in positions:
         p = operator.index(p)
         if not -n_pos <= p < n_pos:
-            raise IndexError(f"position {p} is out of range: valid positions are 0..{n_pos - 1} "
-                             f"(or -{n_pos}..-1)")
+            raise IndexError(f"position {p} is out of range: valid positions are 0..{n_pos - 1} (or -{n_pos}..-1)")
         picked.append(p % n_pos)
     if not picked:
         raise ValueError("positions is empty")
@@ -151,8 +163,16 @@ def _text_color(rgba) -> str:
     return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
 
 
-def plot_lens_grid(result, row: int = 0, positions: Sequence[int] | None = None, value: str = "prob",
-                   max_chars: int = 8, ax: Axes | None = None, title: str | None = None, cmap=None) -> Figure:
+def plot_lens_grid(
+    result,
+    row: int = 0,
+    positions: Sequence[int] | None = None,
+    value: str = "prob",
+    max_chars: int = 8,
+    ax: Axes | None = None,
+    title: str | None = None,
+    cmap=None,
+) -> Figure:
     """Logit-lens grid of one batch row: the top-1 token of every layer at every position.
 
     Rows are layers (``result.layers``; the earliest at the bottom, the final layer on top), columns
@@ -193,21 +213,43 @@ def plot_lens_grid(result, row: int = 0, positions: Sequence[int] | None = None,
     label, default_cmap = _VALUES[value]
     finite = data[np.isfinite(data)]
     vmax = 1.0 if value == "prob" else (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
-    image = ax.imshow(data, origin="lower", aspect="auto", cmap=cmap or default_cmap, vmin=0.0, vmax=vmax,
-                      interpolation="nearest")
+    image = ax.imshow(
+        data, origin="lower", aspect="auto", cmap=cmap or default_cmap, vmin=0.0, vmax=vmax, interpolation="nearest"
+    )
     for (layer, col), v in np.ndenumerate(data):
         color = _text_color(image.cmap(image.norm(v))) if np.isfinite(v) else "black"
-        ax.text(col, layer, cell_text[int(ids[layer, col])], ha="center", va="center", fontsize=_CELL_FONTSIZE,
-                color=color, parse_math=False)
+        ax.text(
+            col,
+            layer,
+            cell_text[int(ids[layer, col])],
+            ha="center",
+            va="center",
+            fontsize=_CELL_FONTSIZE,
+            color=color,
+            parse_math=False,
+        )
 
     strip_low, strip_high = -0.5 - 0.45, -0.5 - 0.1
     for col, modality in enumerate(modalities):
-        ax.add_patch(Rectangle((col - 0.5, strip_low), 1.0, strip_high - strip_low, facecolor=colors[modality],
-                               edgecolor="none", gid=f"modality:{modality}"))
+        ax.add_patch(
+            Rectangle(
+                (col - 0.5, strip_low),
+                1.0,
+                strip_high - strip_low,
+                facecolor=colors[modality],
+                edgecolor="none",
+                gid=f"modality:{modality}",
+            )
+        )
     for col in range(1, n_cols):
         if modalities[col] != modalities[col - 1]:
-            ax.plot([col - 0.5, col - 0.5], [strip_low, n_layers - 0.5], color="black", linewidth=1.5,
-                    gid="modality-boundary")
+            ax.plot(
+                [col - 0.5, col - 0.5],
+                [strip_low, n_layers - 0.5],
+                color="black",
+                linewidth=1.5,
+                gid="modality-boundary",
+            )
     ax.set_xlim(-0.5, n_cols - 0.5)
     ax.set_ylim(strip_low, n_layers - 0.5)
 
@@ -220,12 +262,23 @@ def plot_lens_grid(result, row: int = 0, positions: Sequence[int] | None = None,
     ax.set_xlabel("input token")
     ax.set_ylabel("layer")
     fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
-    ax.legend(handles=[Patch(facecolor=c, label=m) for m, c in colors.items()], loc="lower left",
-              bbox_to_anchor=(0.0, 1.0), ncol=len(colors), frameon=False, fontsize="small", borderaxespad=0.2,
-              handlelength=1.0, columnspacing=1.0)
+    ax.legend(
+        handles=[Patch(facecolor=c, label=m) for m, c in colors.items()],
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0),
+        ncol=len(colors),
+        frameon=False,
+        fontsize="small",
+        borderaxespad=0.2,
+        handlelength=1.0,
+        columnspacing=1.0,
+    )
     lens = getattr(result, "lens", "")
-    ax.set_title(title if title is not None else f"{lens.capitalize() + ' lens' if lens else 'Lens'} · row {row}",
-                 loc="left", pad=22)
+    ax.set_title(
+        title if title is not None else f"{lens.capitalize() + ' lens' if lens else 'Lens'} · row {row}",
+        loc="left",
+        pad=22,
+    )
     return fig
 
 
@@ -242,8 +295,9 @@ def _layer_ticks(labels: dict[int, str]) -> tuple[list[int], list[str]]:
     return [layers[i] for i in picked], [labels[layers[i]] for i in picked]
 
 
-def plot_evolution(evo, metrics: Sequence[str] | None = None, ax: Axes | Sequence[Axes] | None = None,
-                   title: str | None = None) -> Figure:
+def plot_evolution(
+    evo, metrics: Sequence[str] | None = None, ax: Axes | Sequence[Axes] | None = None, title: str | None = None
+) -> Figure:
     """Layer-wise curves of ``evo.curves``: one panel per metric (in a row), one line per modality
     (mean over inputs, shaded 95% CI ``low..high``), x = layer labelled by ``layer_label``.
 
@@ -278,8 +332,14 @@ def plot_evolution(evo, metrics: Sequence[str] | None = None, ax: Axes | Sequenc
             if sub.empty:
                 continue
             x = sub["layer"].to_numpy(dtype=int)
-            panel.fill_between(x, sub["low"].to_numpy(dtype=float), sub["high"].to_numpy(dtype=float),
-                               color=color, alpha=0.2, linewidth=0)
+            panel.fill_between(
+                x,
+                sub["low"].to_numpy(dtype=float),
+                sub["high"].to_numpy(dtype=float),
+                color=color,
+                alpha=0.2,
+                linewidth=0,
+            )
             panel.plot(x, sub["mean"].to_numpy(dtype=float), color=color, marker="o", markersize=3, label=modality)
         panel.set_xticks(ticks, tick_labels)
         panel.set_xlabel("layer")
@@ -291,8 +351,14 @@ def plot_evolution(evo, metrics: Sequence[str] | None = None, ax: Axes | Sequenc
     return fig
 
 
-def plot_patching(result, pair: int = 0, value: str = "normalized", ax: Axes | None = None, title: str | None = None,
-                  cmap: str = "RdBu_r") -> Figure:
+def plot_patching(
+    result,
+    pair: int = 0,
+    value: str = "normalized",
+    ax: Axes | None = None,
+    title: str | None = None,
+    cmap: str = "RdBu_r",
+) -> Figure:
     """Heatmap of a patching sweep (:class:`mmlens.methods.patching.SweepResult`) for one input pair.
 
     Rows are the first swept axis (e.g. layer, earliest at the bottom), columns the second
@@ -304,7 +370,9 @@ def plot_patching(result, pair: int = 0, value: str = "normalized", ax: Axes | N
     if table.empty:
         raise IndexError(f"no cells for pair {pair}; pairs are {sorted(result.table['pair'].unique())}")
     if value not in table.columns:
-        raise ValueError(f"value must be a column of the table ({', '.join(c for c in ('value', 'normalized', 'effect') if c in table)}); got {value!r}")
+        raise ValueError(
+            f"value must be a column of the table ({', '.join(c for c in ('value', 'normalized', 'effect') if c in table)}); got {value!r}"
+        )
     axes = list(result.axes)
     rows_axis, cols_axis = (axes[0], axes[1]) if len(axes) >= 2 else (None, axes[0])
     cols = list(dict.fromkeys(table[cols_axis]))
@@ -321,10 +389,14 @@ def plot_patching(result, pair: int = 0, value: str = "normalized", ax: Axes | N
         fig = ax.figure
     finite = data[np.isfinite(data)]
     bound = float(np.abs(finite).max()) if finite.size else 1.0
-    image = ax.imshow(data, origin="lower", aspect="auto", cmap=cmap, vmin=-bound or -1.0, vmax=bound or 1.0,
-                      interpolation="nearest")
-    label = {"normalized": "restored fraction of the clean-corrupted gap", "value": "metric",
-             "effect": "estimated effect"}.get(value, value)
+    image = ax.imshow(
+        data, origin="lower", aspect="auto", cmap=cmap, vmin=-bound or -1.0, vmax=bound or 1.0, interpolation="nearest"
+    )
+    label = {
+        "normalized": "restored fraction of the clean-corrupted gap",
+        "value": "metric",
+        "effect": "estimated effect",
+    }.get(value, value)
     fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
     if cols_axis == "position" and "token" in table.columns:
         first = table.drop_duplicates("position").set_index("position")
@@ -337,8 +409,14 @@ def plot_patching(result, pair: int = 0, value: str = "normalized", ax: Axes | N
         for c in range(1, len(cols)):
             if modalities[c] != modalities[c - 1]:
                 ax.axvline(c - 0.5, color="black", linewidth=1.5, gid="modality-boundary")
-        ax.legend(handles=[Patch(facecolor=c, label=m) for m, c in colors.items()], loc="lower left",
-                  bbox_to_anchor=(0.0, 1.0), ncol=len(colors), frameon=False, fontsize="small")
+        ax.legend(
+            handles=[Patch(facecolor=c, label=m) for m, c in colors.items()],
+            loc="lower left",
+            bbox_to_anchor=(0.0, 1.0),
+            ncol=len(colors),
+            frameon=False,
+            fontsize="small",
+        )
     else:
         ax.set_xticks(range(len(cols)), [str(c) for c in cols], rotation=90 if len(cols) > 12 else 0)
     ax.set_xlabel(cols_axis)
@@ -351,8 +429,15 @@ def plot_patching(result, pair: int = 0, value: str = "normalized", ax: Axes | N
     return fig
 
 
-def plot_edges(scores, pair: int = 0, span: str | None = None, value: str = "score", ax: Axes | None = None,
-               title: str | None = None, cmap: str = "RdBu_r") -> Figure:
+def plot_edges(
+    scores,
+    pair: int = 0,
+    span: str | None = None,
+    value: str = "score",
+    ax: Axes | None = None,
+    title: str | None = None,
+    cmap: str = "RdBu_r",
+) -> Figure:
     """Heatmap of edge attribution scores (:class:`mmlens.methods.patching.EdgeScores`): senders as rows,
     receivers as columns, blank where no edge exists; ``span`` restricts to sender positions of one
     modality (scores computed with ``by="span"``)."""
@@ -365,13 +450,26 @@ def plot_edges(scores, pair: int = 0, span: str | None = None, value: str = "sco
         fig = ax.figure
     finite = data[np.isfinite(data)]
     bound = float(np.abs(finite).max()) if finite.size else 1.0
-    image = ax.imshow(data, origin="upper", aspect="auto", cmap=cmap, vmin=-bound or -1.0, vmax=bound or 1.0,
-                      interpolation="nearest")
-    fig.colorbar(image, ax=ax, label={"score": "estimated effect on the metric",
-                                      "normalized": "fraction of the clean-corrupted gap"}.get(value, value),
-                 fraction=0.05, pad=0.02)
-    short = [n.removeprefix("lm.blocks.").replace(".resid_pre", " input").replace(".attn_out", " attn")
-             .replace(".mlp_out", " mlp").replace("lm.final_norm", "logits") for n in scores.nodes]
+    image = ax.imshow(
+        data, origin="upper", aspect="auto", cmap=cmap, vmin=-bound or -1.0, vmax=bound or 1.0, interpolation="nearest"
+    )
+    fig.colorbar(
+        image,
+        ax=ax,
+        label={"score": "estimated effect on the metric", "normalized": "fraction of the clean-corrupted gap"}.get(
+            value, value
+        ),
+        fraction=0.05,
+        pad=0.02,
+    )
+    short = [
+        n.removeprefix("lm.blocks.")
+        .replace(".resid_pre", " input")
+        .replace(".attn_out", " attn")
+        .replace(".mlp_out", " mlp")
+        .replace("lm.final_norm", "logits")
+        for n in scores.nodes
+    ]
     ax.set_yticks(range(data.shape[0]), short[:-1], fontsize="small")
     ax.set_xticks(range(data.shape[1]), short[1:], rotation=90, fontsize="small")
     ax.set_ylabel("sender")
@@ -397,8 +495,15 @@ def plot_faithfulness(results: Mapping[str, Any], scope: str | None = None) -> F
             for source, style in (("explanation", "-"), ("random", "--")):
                 if source in mean.index.get_level_values(0):
                     line = mean.loc[source][column]
-                    ax.plot(line.index, line.to_numpy(), style, color=color, marker="o", markersize=3,
-                            label=f"{name}" if source == "explanation" else f"{name} (random)")
+                    ax.plot(
+                        line.index,
+                        line.to_numpy(),
+                        style,
+                        color=color,
+                        marker="o",
+                        markersize=3,
+                        label=f"{name}" if source == "explanation" else f"{name} (random)",
+                    )
     axes[0].set_ylabel("sufficiency gap |f(keep) - f(x)|  (lower is better)")
     axes[1].set_ylabel("necessity drop f(x) - f(remove)  (higher is better)")
     for ax in axes:
@@ -438,8 +543,10 @@ def plot_stability(result) -> Figure:
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(pairs) * max(1, len(names)) / 2, 3.4), layout="constrained")
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        data = [samples[(samples.explainer == name) & (samples.perturbed == m) & (samples.explained == n)].ratio.to_numpy()
-                for m, n in pairs]
+        data = [
+            samples[(samples.explainer == name) & (samples.perturbed == m) & (samples.explained == n)].ratio.to_numpy()
+            for m, n in pairs
+        ]
         positions = [j + (i - (len(names) - 1) / 2) * width for j in range(len(pairs))]
         parts = ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True, showfliers=True)
         for box in parts["boxes"]:

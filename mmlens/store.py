@@ -98,8 +98,12 @@ def versions() -> dict[str, str]:
 
     import mmlens
 
-    return {"mmlens": mmlens.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "mmlens": mmlens.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 class ArtefactStore:

@@ -58,8 +58,17 @@ def test_stages_and_modalities(name, loaded):
         assert len(hm.names(f"lm.blocks.*.{kind}")) == n_blocks, kind
 
 
-@pytest.mark.parametrize("name", ["tiny-random-gpt2", "tiny-random-phi3", "tiny-random-llava", "tiny-random-idefics3",
-                                  "tea-glm-tiny", "tiny-fusion"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny-random-gpt2",
+        "tiny-random-phi3",
+        "tiny-random-llava",
+        "tiny-random-idefics3",
+        "tea-glm-tiny",
+        "tiny-fusion",
+    ],
+)
 def test_resid_mid_write_matches_a_recomputed_block(name, loaded):
     """Setting resid_mid to X makes the block output X + mlp(norm(X)) in every block family."""
     lm = loaded(name)
@@ -67,8 +76,11 @@ def test_resid_mid_write_matches_a_recomputed_block(name, loaded):
     inputs = lm.example_inputs()
     clean = hm.run(inputs, cache=True).cache
     x = clean["lm.blocks.0.resid_mid"] * 1.5
-    run = hm.run(inputs, edits=[mmlens.replace("lm.blocks.0.resid_mid", x)],
-                 cache=["lm.blocks.0.mlp_out", "lm.blocks.0.resid_post"])
+    run = hm.run(
+        inputs,
+        edits=[mmlens.replace("lm.blocks.0.resid_mid", x)],
+        cache=["lm.blocks.0.mlp_out", "lm.blocks.0.resid_post"],
+    )
     assert torch.equal(run.cache["lm.blocks.0.resid_post"], x + run.cache["lm.blocks.0.mlp_out"])
     assert not torch.allclose(run.cache["lm.blocks.0.mlp_out"], clean["lm.blocks.0.mlp_out"])
 
@@ -95,7 +107,9 @@ def _mmlens_cli() -> list[str]:
 
 @pytest.mark.parametrize("name,encoder_modality", [("tiny-random-llava", "image"), ("tea-glm", "graph")])
 def test_cli_hooks_json_lists_every_stage(name, encoder_modality):
-    out = subprocess.run([*_mmlens_cli(), "hooks", name, "--json"], capture_output=True, text=True, check=True, timeout=600)
+    out = subprocess.run(
+        [*_mmlens_cli(), "hooks", name, "--json"], capture_output=True, text=True, check=True, timeout=600
+    )
     rows = json.loads(out.stdout)
     stages = {r["stage"] for r in rows}
     assert stages == {"encoder", "fusion", "lm"}
@@ -108,8 +122,9 @@ def test_cli_hooks_json_lists_every_stage(name, encoder_modality):
 
 
 def test_cli_reports_unknown_model():
-    out = subprocess.run([*_mmlens_cli(), "hooks", "no-such-model"], capture_output=True, text=True, timeout=300,
-                         check=False)
+    out = subprocess.run(
+        [*_mmlens_cli(), "hooks", "no-such-model"], capture_output=True, text=True, timeout=300, check=False
+    )
     assert out.returncode == 2 and "tiny-random-llava" in out.stderr
 
 

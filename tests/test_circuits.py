@@ -55,8 +55,9 @@ def test_keep_and_remove_of_the_whole_universe_and_of_nothing(model, ablation):
     removed = intervene(hm, inputs, everything, "remove", ablation, reference=reference)
     assert torch.equal(removed.logits, ablated)
     assert torch.equal(intervene(hm, inputs, Circuit(), "remove", ablation, reference=reference).logits, plain.logits)
-    nothing_kept = intervene(hm, inputs, Circuit(), "keep", ablation, reference=reference,
-                             kinds=("attn_out", "mlp_out"))
+    nothing_kept = intervene(
+        hm, inputs, Circuit(), "keep", ablation, reference=reference, kinds=("attn_out", "mlp_out")
+    )
     assert torch.equal(nothing_kept.logits, ablated)
 
 
@@ -113,8 +114,10 @@ def test_mean_and_neutral_ablation_values(llava, tinystories):
     per_position = intervene(hm, inputs, circuit, "remove", "mean", reference=inputs, cache=point).cache[point]
     assert torch.equal(per_position[0], per_position[1])  # one mean per position, the same in every row
     assert torch.allclose(per_position[0], hm.run(inputs, cache=point).cache[point].mean(0), atol=1e-6)
-    for modality, neutral in (("image", hm.neutral(inputs, "image")),
-                              (None, hm.neutral(hm.neutral(inputs, "image"), "text"))):
+    for modality, neutral in (
+        ("image", hm.neutral(inputs, "image")),
+        (None, hm.neutral(hm.neutral(inputs, "image"), "text")),
+    ):
         out = intervene(hm, inputs, circuit, "remove", "neutral", modality=modality, cache=point).cache[point]
         assert torch.equal(out, hm.run(neutral, cache=point).cache[point]), modality
     # a reference of another length: the mean over its positions, the same at every position
@@ -136,8 +139,9 @@ def test_from_sweep_from_edges_and_json_round_trip(story, tmp_path):
     score = {(r.layer, r.position): abs(r.normalized) for r in table.itertuples()}
     assert min(score[c] for c in chosen) >= max(v for c, v in score.items() if c not in chosen)
     assert score[chosen[0]] == max(score.values())
-    heads = Circuit.from_sweep(sweep(hm, clean, corrupted, "kl", hook="z", axes=("layer", "head"), progress=False), k=2,
-                               value="value")
+    heads = Circuit.from_sweep(
+        sweep(hm, clean, corrupted, "kl", hook="z", axes=("layer", "head"), progress=False), k=2, value="value"
+    )
     assert all(n.hook.endswith(".z") and n.at is None and len(n.heads) == 1 for n in heads.nodes)
     kept = intervene(hm, clean, heads, "keep", "resample", reference=corrupted)  # a Corruption: run with its edits
     assert kept.logits.shape == hm.run(clean).logits.shape
@@ -156,8 +160,9 @@ def test_from_sweep_from_edges_and_json_round_trip(story, tmp_path):
     only_edges = Circuit(edges=edges.edges)
     assert set(only_edges.effective_nodes) == set(edges.nodes)
     assert Circuit.load(edges.save(tmp_path / "edges.json")) == edges
-    assert torch.equal(intervene(hm, clean, only_edges, "remove", "zero").logits,
-                       intervene(hm, clean, edges, "remove", "zero").logits)
+    assert torch.equal(
+        intervene(hm, clean, only_edges, "remove", "zero").logits, intervene(hm, clean, edges, "remove", "zero").logits
+    )
 
 
 def test_nodes_normalise_and_reject_bad_fields():

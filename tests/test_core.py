@@ -38,8 +38,11 @@ def test_resid_mid_write_reaches_the_block_output(tinystories):
     """Writing resid_mid must be what the block adds its MLP to: out = X + mlp(norm(X))."""
     hm, inputs = tinystories
     other = hm.run(text_batch(hm.model.config.vocab_size, seed=1), cache=True).cache
-    run = hm.run(inputs, edits=[mmlens.replace("lm.blocks.1.resid_mid", other["lm.blocks.1.resid_mid"])],
-                 cache=["lm.blocks.1.resid_post", "lm.blocks.1.mlp_out"])
+    run = hm.run(
+        inputs,
+        edits=[mmlens.replace("lm.blocks.1.resid_mid", other["lm.blocks.1.resid_mid"])],
+        cache=["lm.blocks.1.resid_post", "lm.blocks.1.mlp_out"],
+    )
     assert torch.equal(run.cache["lm.blocks.1.resid_post"], other["lm.blocks.1.resid_post"])
     assert torch.equal(run.cache["lm.blocks.1.mlp_out"], other["lm.blocks.1.mlp_out"])
 
@@ -55,7 +58,9 @@ def test_resid_pre_write_changes_downstream_as_a_fresh_run_would(tinystories):
 def test_replace_at_span_changes_only_selected_positions(tinystories):
     hm, inputs = tinystories
     clean = hm.run(inputs, cache="lm.blocks.0.resid_post")
-    run = hm.run(inputs, edits=[mmlens.replace("lm.blocks.0.resid_post", 0.0, at=[2, 3])], cache="lm.blocks.0.resid_post")
+    run = hm.run(
+        inputs, edits=[mmlens.replace("lm.blocks.0.resid_post", 0.0, at=[2, 3])], cache="lm.blocks.0.resid_post"
+    )
     act, ref = run.cache["lm.blocks.0.resid_post"], clean.cache["lm.blocks.0.resid_post"]
     assert torch.all(act[:, [2, 3]] == 0)
     assert torch.equal(act[:, [0, 1, 4, 5]], ref[:, [0, 1, 4, 5]])
@@ -69,7 +74,9 @@ def test_add_and_apply_and_heads(tinystories):
     delta = torch.randn(hm.model.config.hidden_size)
     run = hm.run(inputs, edits=[mmlens.add("lm.blocks.0.attn_out", delta, at="last")], cache="lm.blocks.0.attn_out")
     assert torch.allclose(run.cache["lm.blocks.0.attn_out"][:, -1], clean["lm.blocks.0.attn_out"][:, -1] + delta)
-    run = hm.run(inputs, edits=[mmlens.apply("lm.blocks.0.attn_out", lambda a, ctx: a * 2)], cache="lm.blocks.0.attn_out")
+    run = hm.run(
+        inputs, edits=[mmlens.apply("lm.blocks.0.attn_out", lambda a, ctx: a * 2)], cache="lm.blocks.0.attn_out"
+    )
     assert torch.equal(run.cache["lm.blocks.0.attn_out"], clean["lm.blocks.0.attn_out"] * 2)
     run = hm.run(inputs, edits=[mmlens.ablate("lm.blocks.0.z", heads=[1, 3], at="last")], cache="lm.blocks.0.z")
     z = run.cache["lm.blocks.0.z"]
@@ -111,8 +118,12 @@ def test_runs_never_see_each_others_edits_and_hooks_are_removed_on_error(tinysto
 def test_gradients_flow_through_edits(tinystories):
     hm, inputs = tinystories
     delta = torch.zeros(hm.model.config.hidden_size, requires_grad=True)
-    run = hm.run(inputs, edits=[mmlens.add("lm.blocks.0.resid_post", delta, at="last")], keep_grad=True,
-                 cache="lm.blocks.1.resid_post")
+    run = hm.run(
+        inputs,
+        edits=[mmlens.add("lm.blocks.0.resid_post", delta, at="last")],
+        keep_grad=True,
+        cache="lm.blocks.1.resid_post",
+    )
     run.logits[:, -1].logsumexp(-1).sum().backward()
     assert delta.grad is not None and delta.grad.abs().sum() > 0
     assert run.cache["lm.blocks.1.resid_post"].requires_grad
@@ -202,14 +213,18 @@ def test_encoder_points_reject_span_names(llava):
     hm, inputs = llava
     with pytest.raises(ValueError, match="positions are its own"):
         hm.run(inputs, edits=[mmlens.ablate("vision.blocks.0.resid_post", at="image")])
-    run = hm.run(inputs, edits=[mmlens.ablate("vision.blocks.0.resid_post", at=[0])], cache="vision.blocks.0.resid_post")
+    run = hm.run(
+        inputs, edits=[mmlens.ablate("vision.blocks.0.resid_post", at=[0])], cache="vision.blocks.0.resid_post"
+    )
     assert torch.all(run.cache["vision.blocks.0.resid_post"][:, 0] == 0)
 
 
 def test_missing_modality_input_is_reported(llava):
     hm, inputs = llava
     text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
-    text_only["input_ids"] = torch.where(text_only["input_ids"] == hm.model.config.image_token_id, 1, text_only["input_ids"])
+    text_only["input_ids"] = torch.where(
+        text_only["input_ids"] == hm.model.config.image_token_id, 1, text_only["input_ids"]
+    )
     with pytest.raises(RuntimeError, match="never reached"):
         hm.run(text_only, cache=["vision.blocks.0.resid_post"])
 

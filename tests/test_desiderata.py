@@ -42,7 +42,10 @@ def test_granger_finds_no_influence_of_an_unused_modality(text_only):
     assert (image.delta_js == 0).all() and (image.delta_prob == 0).all()  # exactly: the image tokens are identical
     assert (text.delta_js > 0).all()
     assert set(result.explanations.explainer) == {"gradient_x_input", "occlusion"}
-    assert set(zip(result.explanations.ablated, result.explanations.explained)) == {("image", "text"), ("text", "image")}
+    assert set(zip(result.explanations.ablated, result.explanations.explained)) == {
+        ("image", "text"),
+        ("text", "image"),
+    }
     # ablating the unused image changes nothing, so no explanation of the text may move
     moved = result.explanations[result.explanations.ablated == "image"]
     assert (moved.delta.abs() < 1e-6).all()
@@ -60,11 +63,13 @@ def test_keep_and_remove_behave_as_defined(text_only):
     assert (image.sufficiency_gap < 1e-6).all() and (image.necessity_drop.abs() < 1e-6).all()  # unused modality
     # removing every text position = running the model on the neutral text
     for i in range(inputs["input_ids"].shape[0]):
-        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
         metric = predicted_prob(hm, one)
         neutral = hm.neutral(one, "text")
         expected = float(metric(hm.readout_logits(hm.run(neutral).logits, {}))[0])
-        row = curves[(curves.input == i) & (curves.scope == "text") & (curves.k == 1.0) & (curves.source == "explanation")]
+        row = curves[
+            (curves.input == i) & (curves.scope == "text") & (curves.k == 1.0) & (curves.source == "explanation")
+        ]
         assert abs(float(row.f_remove.iloc[0]) - expected) < 1e-6
     assert set(result.areas.source) == {"explanation", "random"}
     assert set(result.areas.scope) == {"image", "text", "joint"}
@@ -87,7 +92,7 @@ def test_keep_masks_select_the_top_positions(text_only):
     assert abs(float(row.f_keep.iloc[0]) - expected) < 1e-6
     top = explanation.top_mask("text", 0.5)[0].nonzero()[:, 0].tolist()
     text_positions = text.nonzero()[:, 0].tolist()
-    assert top == text_positions[len(text_positions) - len(top):]
+    assert top == text_positions[len(text_positions) - len(top) :]
 
 
 def test_kappa_lambda_known_answers():
@@ -135,12 +140,14 @@ def test_stability_ratios_and_the_prediction_criterion(loaded):
     from mmlens.metrics.perturb import input_distance, perturb
 
     first = samples[(samples.kept) & (samples.explained == "text")].iloc[0]
-    x = {k: v[int(first.input):int(first.input) + 1] for k, v in inputs.items()}
+    x = {k: v[int(first.input) : int(first.input) + 1] for k, v in inputs.items()}
     p = perturb(hm, x, "image", n=2, seed=int(first.input))[int(first.draw)]  # as stability draws them
     assert p.kind == first.kind
     metric = predicted_prob(hm, x)
-    change = (explain(hm, x, "gradient_x_input", metric=metric).masked("text")
-              - explain(hm, p.inputs, "gradient_x_input", metric=metric).masked("text")).norm()
+    change = (
+        explain(hm, x, "gradient_x_input", metric=metric).masked("text")
+        - explain(hm, p.inputs, "gradient_x_input", metric=metric).masked("text")
+    ).norm()
     assert abs(float(change) / float(input_distance(hm, x, p.inputs, "image")[0]) - first.ratio) < 1e-6
 
 
@@ -167,7 +174,7 @@ def test_circuit_keep_remove_known_answers(loaded):
     mine = table[table.source == "circuit"]
     assert (mine.sufficiency_gap == 0).all()  # keeping everything ablates nothing: bit-exact
     for i in range(2):
-        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
         ablated = intervene(hm, one, whole, "remove", "neutral")
         metric = predicted_prob(hm, one)
         expected = float(metric(hm.readout_logits(ablated.logits, one))[0])
@@ -199,15 +206,18 @@ def test_interaction_terms_equal_runs_on_neutral_and_swapped_inputs(loaded):
     items = examples(hm, inputs)
     for i, x in enumerate(items):
         metric = predicted_prob(hm, x)
+
         def f(batch, metric=metric):
             return float(metric(hm.readout_logits(hm.run(batch).logits, {}))[0])
+
         both = hm.neutral(hm.neutral(x, "image"), "text")
         expected = {"v_ab": f(x), "v_a": f(hm.neutral(x, "text")), "v_b": f(hm.neutral(x, "image")), "v_none": f(both)}
         for key, value in expected.items():
             assert math.isclose(result.per_input[key][i], value, abs_tol=1e-6), key
     # EMAP from real runs with the image of input j and the text of input i
-    logits = torch.stack([torch.stack([hm.run({**x, "pixel_values": y["pixel_values"]}).logits[0] for y in items])
-                          for x in items])
+    logits = torch.stack(
+        [torch.stack([hm.run({**x, "pixel_values": y["pixel_values"]}).logits[0] for y in items]) for x in items]
+    )
     projection = logits.mean(1) + logits.mean(0) - logits.mean((0, 1))
     own = torch.diagonal(logits).T.argmax(-1)
     assert result.emap["accuracy"] == float((own == torch.tensor([0, 1])).float().mean())

@@ -30,8 +30,16 @@ def test_evaluate_writes_every_file_and_resumes(tmp_path):
     config = EvaluationConfig.from_dict(SMALL, out=tmp_path / "run")
     first = run_evaluation(config, progress=False)
     names = {p.name for p in first.files}
-    assert {"metrics.json", "summary.txt", "summary.csv", "granger_summary.csv", "stability_summary.csv",
-            "faithfulness.png", "granger.svg", "stability.png"} <= names
+    assert {
+        "metrics.json",
+        "summary.txt",
+        "summary.csv",
+        "granger_summary.csv",
+        "stability_summary.csv",
+        "faithfulness.png",
+        "granger.svg",
+        "stability.png",
+    } <= names
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["config_hash"] == config.hash() and set(metrics["versions"]) >= {"mmlens", "torch"}
     assert {"granger_influence", "faithfulness_areas_occlusion", "stability_samples"} <= set(metrics["tables"])
@@ -70,16 +78,22 @@ def test_a_circuit_section_reports_keep_and_remove(tmp_path):
 
 def test_cli_and_config_errors(tmp_path, capsys):
     path = tmp_path / "bad.toml"
-    path.write_text('[model]\nname = "tiny-fusion"\n[inputs]\nexample = [0]\n[explainers]\nmethods = ["saliency"]\n'
-                    '[granger]\n[output]\ndir = "x"\n')
+    path.write_text(
+        '[model]\nname = "tiny-fusion"\n[inputs]\nexample = [0]\n[explainers]\nmethods = ["saliency"]\n'
+        '[granger]\n[output]\ndir = "x"\n'
+    )
     assert main(["evaluate", str(path)]) == 2
     assert "explainers.methods[0]: expected one of" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no metric section"):
-        EvaluationConfig.from_dict({k: v for k, v in SMALL.items() if k not in ("granger", "faithfulness", "stability")})
+        EvaluationConfig.from_dict(
+            {k: v for k, v in SMALL.items() if k not in ("granger", "faithfulness", "stability")}
+        )
     with pytest.raises(ConfigError, match="faithfulness.fractions"):
         EvaluationConfig.from_dict({**SMALL, "faithfulness": {"fractions": [0.5]}})
     with pytest.raises(ConfigError, match="inputs.example: rows \\[7\\] do not exist"):
-        run_evaluation(EvaluationConfig.from_dict({**SMALL, "inputs": {"example": [7]}}, out=tmp_path / "r"), progress=False)
+        run_evaluation(
+            EvaluationConfig.from_dict({**SMALL, "inputs": {"example": [7]}}, out=tmp_path / "r"), progress=False
+        )
 
 
 @pytest.mark.parametrize("name", ["evaluate_llava.toml", "evaluate_tea_glm.yaml"])

@@ -138,13 +138,21 @@ def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_fo
     lengths = []
     block = hm.hook_points["lm.blocks.0.resid_pre"].site.module
     handle = hm.model.get_submodule(block).register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape), with_kwargs=True)
+        lambda module, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape),
+        with_kwargs=True,
+    )
     try:
         fast = masked_values(hm, one, setup, masks, batch_size=4)
     finally:
         handle.remove()
-    full = torch.stack([with_embeds(hm, one, setup.point, torch.where(m[None, :, None], setup.baseline, setup.embeds),
-                                     setup.metric)[0] for m in masks]).float()
+    full = torch.stack(
+        [
+            with_embeds(
+                hm, one, setup.point, torch.where(m[None, :, None], setup.baseline, setup.embeds), setup.metric
+            )[0]
+            for m in masks
+        ]
+    ).float()
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
     assert fast[-2] == setup.value[0] and fast[-1] == fast[0]
     firsts = sorted(int(m.nonzero()[0]) for m in masks[:11] if m.any())
@@ -156,11 +164,14 @@ def test_sweeps_of_a_pooling_classifier_fall_back_to_full_forwards(loaded):
     hm = mmlens.wrap(lm.model)
     x = lm.example_inputs()
     corruption = mmlens.corrupt(hm, x, "text", "neutral")
+
     def metric(logits):
         return logits[:, 0]
+
     fast = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False)
-    full = mmlens.sweep(hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False,
-                        replay=False)
+    full = mmlens.sweep(
+        hm, x, corruption, metric, hook="lm.blocks.1.resid_pre", axes=("position",), progress=False, replay=False
+    )
     assert fast.method == "full forwards"
     assert (fast.table.value - full.table.value).abs().max() == 0
     assert len(fast.table) == int(hm.spans(x).valid.sum())  # every real position of both rows
@@ -182,16 +193,20 @@ def test_integrated_gradients_and_occlusion_equal_captum_on_the_fused_embeddings
         return with_embeds(hm, one, setup.point, embeds, setup.metric, grad=torch.is_grad_enabled())
 
     ours = explain(hm, one, "integrated_gradients", steps=16).scores[0]
-    theirs = IntegratedGradients(f).attribute(setup.embeds, baselines=setup.baseline, n_steps=16,
-                                              method="riemann_middle", internal_batch_size=16).sum(-1)[0]
+    theirs = (
+        IntegratedGradients(f)
+        .attribute(setup.embeds, baselines=setup.baseline, n_steps=16, method="riemann_middle", internal_batch_size=16)
+        .sum(-1)[0]
+    )
     explained = setup.explained[0]
     torch.testing.assert_close(ours[explained], theirs[explained].float(), rtol=1e-4, atol=1e-6)
 
     ours = explain(hm, one, "occlusion").scores[0]
     positions = torch.arange(setup.embeds.shape[1])[None, :, None].expand_as(setup.embeds)
     with torch.no_grad():
-        theirs = FeatureAblation(f).attribute(setup.embeds, baselines=setup.baseline, feature_mask=positions,
-                                              perturbations_per_eval=8)[..., 0][0]
+        theirs = FeatureAblation(f).attribute(
+            setup.embeds, baselines=setup.baseline, feature_mask=positions, perturbations_per_eval=8
+        )[..., 0][0]
     torch.testing.assert_close(ours[explained], theirs[explained].float(), rtol=1e-4, atol=1e-6)
 
 

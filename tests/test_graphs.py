@@ -51,9 +51,7 @@ def synthetic():
 def _undirected_simple(edge_index: torch.Tensor) -> bool:
     edges = set(map(tuple, edge_index.t().tolist()))
     return (
-        len(edges) == edge_index.shape[1]
-        and all((d, s) in edges for s, d in edges)
-        and all(s != d for s, d in edges)
+        len(edges) == edge_index.shape[1] and all((d, s) in edges for s, d in edges) and all(s != d for s, d in edges)
     )
 
 
@@ -232,9 +230,7 @@ def test_resumed_pretraining_equals_uninterrupted(tmp_path):
     )
     assert len(first["loss"]) == 3 and ckpt.exists() and not list(tmp_path.glob("*.tmp"))
     _, _, _, _, resumed_gnn = _toy_setup()
-    resumed = pretrain_graph_encoder(
-        resumed_gnn, x, graph.edge_index, components, config, ckpt, progress=False
-    )
+    resumed = pretrain_graph_encoder(resumed_gnn, x, graph.edge_index, components, config, ckpt, progress=False)
     assert resumed == straight
     for (name, a), b in zip(gnn.state_dict().items(), resumed_gnn.state_dict().values()):
         assert torch.equal(a, b), name

@@ -46,8 +46,16 @@ def no_subprocess(monkeypatch):
 @pytest.fixture(scope="module")
 def llama():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     return mmlens.wrap(model), text_batch(100, seq=7)
 
 
@@ -60,11 +68,26 @@ def story_tokenizer(models_dir: Path):
 
 def tiny_llava(tokenizer) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
+    )
     return LlavaForConditionalGeneration(config).eval()
 
 
@@ -72,7 +95,11 @@ def llava_inputs(image_id: int) -> dict[str, torch.Tensor]:
     """Two rows, 16 image positions each (at different offsets), 4 text positions."""
     ids = torch.tensor([[1, 5] + [image_id] * 16 + [7, 8], [1] + [image_id] * 16 + [4, 5, 6]])
     g = torch.Generator().manual_seed(0)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(2, 3, 32, 32, generator=g),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +120,16 @@ def assert_same_run(a, b) -> None:
 def test_tl_names_round_trip(llava):
     hm, _ = llava
     mapped = [n for n in hm.hook_points if to_transformer_lens_name(n)]
-    assert {"lm.blocks.1.resid_mid", "lm.blocks.0.z", "vision.blocks.1.attn_out", "fusion.projector_out",
-            "lm.final_norm", "lm.logits", "lm.embed", "vision.embed"} <= set(mapped)
+    assert {
+        "lm.blocks.1.resid_mid",
+        "lm.blocks.0.z",
+        "vision.blocks.1.attn_out",
+        "fusion.projector_out",
+        "lm.final_norm",
+        "lm.logits",
+        "lm.embed",
+        "vision.embed",
+    } <= set(mapped)
     for name in mapped:
         assert from_transformer_lens_name(to_transformer_lens_name(name)) == name
     assert to_transformer_lens_name("lm.blocks.3.resid_post") == "blocks.3.hook_resid_post"
@@ -181,8 +216,16 @@ def test_nnsight_gradients_equal_torch_hooks(llama):
 
 def test_nnsight_refuses_modules_that_run_twice():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).eval()
     model.model.layers[1] = model.model.layers[0]  # one block, called twice per forward
     hm = mmlens.wrap(model)
     inputs = text_batch(50, seq=5)
@@ -247,17 +290,22 @@ def test_wrapping_a_compatibility_mode_bridge_is_refused(story_bridge, monkeypat
 
 def test_llava_bridge_with_a_saved_processor(story_tokenizer):
     model = tiny_llava(story_tokenizer)
-    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32},
-                                                                     crop_size={"height": 32, "width": 32}),
-                               tokenizer=story_tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                               image_token="<image>", num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=story_tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
     bridge = interop.boot_bridge(model, processor=processor)
     hm = mmlens.wrap(bridge)
     assert type(hm.processor).__name__ == "LlavaProcessor"
     inputs = llava_inputs(model.config.image_token_id)
     run = hm.run(inputs, cache=True)
-    logits, tl_cache = bridge.run_with_cache(inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                             pixel_values=inputs["pixel_values"])
+    logits, tl_cache = bridge.run_with_cache(
+        inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+    )
     assert torch.equal(logits, run.logits)
     compared = set()
     for tl_name in tl_cache:

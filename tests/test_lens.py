@@ -90,9 +90,14 @@ def test_target_strings_must_be_single_tokens(tinystories, loaded):
 
 def test_models_without_an_unembedding_are_refused(loaded):
     lm = loaded("tiny-fusion")
-    adapter = mmlens.Adapter(name="no-head", architectures=("FusionTransformer",), stacks=(
-        mmlens.Stack(prefix="lm", stage="lm", modality=None, blocks="joint_blocks", layout=None),), points=(),
-        spans=lambda model, inputs: mmlens.hooks.find_adapter(model).spans(model, inputs), required_inputs=("input_ids",))
+    adapter = mmlens.Adapter(
+        name="no-head",
+        architectures=("FusionTransformer",),
+        stacks=(mmlens.Stack(prefix="lm", stage="lm", modality=None, blocks="joint_blocks", layout=None),),
+        points=(),
+        spans=lambda model, inputs: mmlens.hooks.find_adapter(model).spans(model, inputs),
+        required_inputs=("input_ids",),
+    )
     hm = mmlens.HookedModel(lm.model, adapter)
     with pytest.raises(KeyError, match="lm.final_norm"):
         logit_lens(hm, lm.example_inputs())

@@ -89,13 +89,26 @@ def test_a_local_vlm_folder_loads_with_its_processor(tmp_path, models_dir):
         "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
     )
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, chat_template=template,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(tmp_path)
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        chat_template=template,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(tmp_path)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=1, num_attention_heads=4),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4
+        ),
         image_token_id=image_id,
     )
     LlavaForConditionalGeneration(config).save_pretrained(tmp_path)
@@ -142,7 +155,7 @@ def smollm2():
 def greedy_continuation(loaded: loading.LoadedModel, new_tokens: int = 2) -> str:
     inputs = loaded.example_inputs()
     out = loaded.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-    return loaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+    return loaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
 
 
 def test_smollm2_greedily_answers_paris(smollm2):

@@ -80,6 +80,7 @@ def finished(tmp_path_factory):
 
 # --- the example configs ---------------------------------------------------------------------------
 
+
 def test_example_configs_parse_and_validate_against_their_models():
     smol = PatchConfig.from_file(CONFIGS / "patch_smollm2_text.toml")
     assert smol.model.name == "smollm2-135m-instruct" and smol.metric.answer == " Mary"
@@ -108,10 +109,18 @@ def test_multimodal_example_runs(tmp_path, capsys):
 
 # --- a run: outputs, and the same numbers as sweep ------------------------------------------------------
 
+
 def test_run_writes_results_meta_and_heatmaps(finished):
     _, out = finished
-    for name in ("results.csv", "meta.json", "chunks.jsonl", "heatmap_pair0.png", "heatmap_pair0.svg",
-                 "heatmap_pair1.png", "heatmap_pair1.svg"):
+    for name in (
+        "results.csv",
+        "meta.json",
+        "chunks.jsonl",
+        "heatmap_pair0.png",
+        "heatmap_pair0.svg",
+        "heatmap_pair1.png",
+        "heatmap_pair1.svg",
+    ):
         assert (out / name).is_file(), name
     meta = json.loads((out / "meta.json").read_text())
     assert set(meta["versions"]) >= {"mmlens", "torch", "transformers"} and meta["seed"] == 0
@@ -130,13 +139,17 @@ def test_results_equal_a_direct_sweep(finished, loaded):
     hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
     clean0, corrupted0 = (dict(lm.tokenizer([t], return_tensors="pt")) for t in (CLEAN, CORRUPTED))
     clean1 = dict(lm.tokenizer([STORY], return_tensors="pt"))
-    direct = [sweep(hm, clean0, corrupted0, "kl", batch_size=8, progress=False),
-              sweep(hm, clean1, corrupt(hm, clean1, "text", "noise", noise=2.0, seed=0), "kl", batch_size=8,
-                    progress=False)]
+    direct = [
+        sweep(hm, clean0, corrupted0, "kl", batch_size=8, progress=False),
+        sweep(hm, clean1, corrupt(hm, clean1, "text", "noise", noise=2.0, seed=0), "kl", batch_size=8, progress=False),
+    ]
     expected = pd.concat([r.table.assign(pair=i) for i, r in enumerate(direct)], ignore_index=True)
     got = _results(out)
-    assert list(got.columns) == list(expected.columns) == ["pair", "layer", "position", "token", "modality", "value",
-                                                           "normalized"]
+    assert (
+        list(got.columns)
+        == list(expected.columns)
+        == ["pair", "layer", "position", "token", "modality", "value", "normalized"]
+    )
     assert len(got) == len(expected) == 2 * (9 + 10)
     for column in ("pair", "layer", "position"):
         assert (got[column] == expected[column]).all()
@@ -148,6 +161,7 @@ def test_results_equal_a_direct_sweep(finished, loaded):
 
 
 # --- resuming ----------------------------------------------------------------------------------
+
 
 def test_an_interrupted_run_resumes_without_recomputing_finished_chunks(finished, tmp_path, monkeypatch, capsys):
     config = _write(tmp_path)
@@ -217,6 +231,7 @@ def test_output_only_changes_keep_the_hash():
 
 # --- errors name the field -----------------------------------------------------------------------
 
+
 def _set(raw: dict, dotted: str, value) -> dict:
     raw = copy.deepcopy(raw)
     *parents, last = dotted.split(".")
@@ -260,7 +275,9 @@ STATIC_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("dotted, value, field, hint", STATIC_ERRORS, ids=[e[2] + ":" + str(e[1]) for e in STATIC_ERRORS])
+@pytest.mark.parametrize(
+    "dotted, value, field, hint", STATIC_ERRORS, ids=[e[2] + ":" + str(e[1]) for e in STATIC_ERRORS]
+)
 def test_bad_fields_are_named(dotted, value, field, hint):
     with pytest.raises(ConfigError) as info:
         PatchConfig.from_dict(_set(_raw(), dotted, value))
@@ -289,8 +306,10 @@ def test_model_dependent_errors_are_named(change, field, hint):
 
 def test_unequal_token_counts_and_images_without_a_processor_are_named():
     raw = _raw()
-    raw["inputs"]["pairs"][0].update(clean="Lily and Ben went to the park. Ben gave the ball to",  # 9 tokens
-                                      corrupted="Lily and Ben went to the park. Lily gave the ball to")  # 8 tokens
+    raw["inputs"]["pairs"][0].update(
+        clean="Lily and Ben went to the park. Ben gave the ball to",  # 9 tokens
+        corrupted="Lily and Ben went to the park. Lily gave the ball to",
+    )  # 8 tokens
     with pytest.raises(ConfigError) as info:
         prepare(PatchConfig.from_dict(raw))
     assert info.value.field == "inputs.pairs[0]" and "different shapes" in str(info.value)
@@ -341,12 +360,13 @@ def test_image_pairs_go_through_the_processor_in_a_chat_turn():
         model = torch.nn.Linear(2, 2).to(torch.float16)
 
     inputs = encode(Loaded(), "What colour?", make_image("generated:green-circle"))
-    (images, text), = calls
+    ((images, text),) = calls
     assert text == ["<image>What colour?"] and images[0].getpixel((32, 32)) == (40, 160, 60)
     assert inputs["pixel_values"].dtype == torch.float16 and inputs["input_ids"].dtype == torch.long
 
 
 # --- the resumable record and the hashing rule ------------------------------------------------------
+
 
 def test_the_record_continues_its_own_config_and_refuses_another(tmp_path):
     from mmlens.runs.record import Record, ResumeError
@@ -357,7 +377,10 @@ def test_the_record_continues_its_own_config_and_refuses_another(tmp_path):
     calls = []
     first = record.get_or_add("a", lambda: calls.append(1) or {"value": 1.5})
     again = Record.continuing(path, {"method": {"noise": 2.0}, "model": "m"})  # key order does not matter
-    assert again.keys == ["a"] and again.get_or_add("a", lambda: calls.append(2) or {}) == first == {"key": "a", "value": 1.5}
+    assert again.keys == ["a"] and again.get_or_add("a", lambda: calls.append(2) or {}) == first == {
+        "key": "a",
+        "value": 1.5,
+    }
     assert calls == [1] and again.header["n_parts"] == 2
     with pytest.raises(ResumeError, match=r"different config .*changed: method\.noise"):
         Record.continuing(path, {"model": "m", "method": {"noise": 3.0}})

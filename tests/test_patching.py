@@ -57,8 +57,17 @@ def test_clean_into_clean_is_bit_exact(story):
 @pytest.mark.parametrize("replay", [True, False])
 def test_patching_every_position_at_layer_0_gives_the_corrupted_run(story, replay):
     hm, clean, corrupted = story
-    result = sweep(hm, clean, corrupted, "kl", hook="lm.blocks.0.resid_pre", axes=("layer",), direction="noise",
-                   replay=replay, progress=False)
+    result = sweep(
+        hm,
+        clean,
+        corrupted,
+        "kl",
+        hook="lm.blocks.0.resid_pre",
+        axes=("layer",),
+        direction="noise",
+        replay=replay,
+        progress=False,
+    )
     assert len(result.table) == 1
     assert abs(result.table.value[0] - result.corrupted[0]) < 1e-5
     assert result.corrupted[0] > 1e-3 and result.clean[0] == 0.0
@@ -112,7 +121,9 @@ def test_attribution_is_exact_on_a_linear_path(story):
     agreement = correlation(estimate, exact)
     assert agreement["max_abs_diff"] < 1e-4 and agreement["n_cells"] == clean["input_ids"].shape[1]
     resid = attribution_patch(hm, clean, corrupted, metric)
-    assert correlation(resid, sweep(hm, clean, corrupted, metric, progress=False))["pearson"] > 0  # first order: agrees in trend
+    assert (
+        correlation(resid, sweep(hm, clean, corrupted, metric, progress=False))["pearson"] > 0
+    )  # first order: agrees in trend
 
 
 def test_path_patching(story):
@@ -125,16 +136,32 @@ def test_path_patching(story):
     through = path_patch(hm, clean, corrupted, metric, senders=embed, receivers=receivers)
     assert through != clean_value
     # with the receiver at the logits' input, the path patch equals noising that sender directly
-    direct = sweep(hm, clean, corrupted, metric, hook="lm.blocks.0.attn_out", axes=("layer",), direction="noise",
-                   replay=False, progress=False)
-    final = path_patch(hm, clean, corrupted, metric, senders=embed, receivers=[Component("lm.final_norm")],
-                       frozen="none")
+    direct = sweep(
+        hm,
+        clean,
+        corrupted,
+        metric,
+        hook="lm.blocks.0.attn_out",
+        axes=("layer",),
+        direction="noise",
+        replay=False,
+        progress=False,
+    )
+    final = path_patch(
+        hm, clean, corrupted, metric, senders=embed, receivers=[Component("lm.final_norm")], frozen="none"
+    )
     assert abs(final - float(direct.table.value[0])) < 1e-4
 
 
-REPLAY_CASES = [("resid_pre", ("layer", "position")), ("resid_post", ("layer", "position")),
-                ("attn_out", ("layer", "position")), ("mlp_out", ("layer", "span")), ("resid_mid", ("layer", "position")),
-                ("z", ("layer", "head")), ("z", ("layer", "position", "head"))]
+REPLAY_CASES = [
+    ("resid_pre", ("layer", "position")),
+    ("resid_post", ("layer", "position")),
+    ("attn_out", ("layer", "position")),
+    ("mlp_out", ("layer", "span")),
+    ("resid_mid", ("layer", "position")),
+    ("z", ("layer", "head")),
+    ("z", ("layer", "position", "head")),
+]
 
 
 @pytest.mark.parametrize("name", ["tinystories-656k", "tiny-random-gpt2", "tiny-random-llava", "tiny-random-idefics3"])
@@ -146,10 +173,12 @@ def test_replay_with_kv_reuse_equals_full_forwards_at_every_kind_of_point(loaded
     corrupted = corrupt(hm, clean, "text", "noise", noise=1.0, seed=3)
     metric = _metric(hm, clean)
     for hook, axes in REPLAY_CASES:
-        fast = sweep(hm, clean, corrupted, metric, hook=hook, axes=axes, batch_size=5, skip_unchanged=False,
-                     progress=False)
-        slow = sweep(hm, clean, corrupted, metric, hook=hook, axes=axes, replay=False, skip_unchanged=False,
-                     progress=False)
+        fast = sweep(
+            hm, clean, corrupted, metric, hook=hook, axes=axes, batch_size=5, skip_unchanged=False, progress=False
+        )
+        slow = sweep(
+            hm, clean, corrupted, metric, hook=hook, axes=axes, replay=False, skip_unchanged=False, progress=False
+        )
         assert fast.method == "replay + kv" and slow.method == "full forwards", (hook, fast.method)
         assert len(fast.table) == len(slow.table) > 0
         assert (fast.table.value - slow.table.value).abs().max() < 1e-4, (name, hook, axes)
@@ -158,12 +187,16 @@ def test_replay_with_kv_reuse_equals_full_forwards_at_every_kind_of_point(loaded
 def test_replay_asks_the_adapter_whether_keys_and_values_can_be_reused(story):
     """An adapter that says its LM is not causal gets plain replay (every position re-run), still exact."""
     hm, clean, corrupted = story
-    bidirectional = mmlens.HookedModel(hm.model, adapter=dataclasses.replace(hm.adapter, causal=False), tokenizer=hm.tokenizer)
+    bidirectional = mmlens.HookedModel(
+        hm.model, adapter=dataclasses.replace(hm.adapter, causal=False), tokenizer=hm.tokenizer
+    )
     metric = _metric(hm, clean)
-    fast = sweep(bidirectional, clean, corrupted, metric, hook="attn_out", batch_size=5, skip_unchanged=False,
-                 progress=False)
-    slow = sweep(bidirectional, clean, corrupted, metric, hook="attn_out", replay=False, skip_unchanged=False,
-                 progress=False)
+    fast = sweep(
+        bidirectional, clean, corrupted, metric, hook="attn_out", batch_size=5, skip_unchanged=False, progress=False
+    )
+    slow = sweep(
+        bidirectional, clean, corrupted, metric, hook="attn_out", replay=False, skip_unchanged=False, progress=False
+    )
     assert fast.method == "replay" and slow.method == "full forwards"
     assert (fast.table.value - slow.table.value).abs().max() < 1e-4
 
@@ -206,8 +239,10 @@ def test_edge_attribution_sums_to_node_attribution_and_splits_by_span(image_pair
     merged = by_span.table.groupby(["sender", "receiver"]).score.sum()
     assert (merged - edges.table.set_index(["sender", "receiver"]).score).abs().max() < 1e-6
     matrix = edges.matrix()
-    assert matrix.shape == (2 * n_layers + 1, 2 * n_layers + 1) and matrix.isna().to_numpy().sum() == \
-        (2 * n_layers + 1) * (2 * n_layers) // 2
+    assert (
+        matrix.shape == (2 * n_layers + 1, 2 * n_layers + 1)
+        and matrix.isna().to_numpy().sum() == (2 * n_layers + 1) * (2 * n_layers) // 2
+    )
     assert abs(edges.top(1).score[0]) == edges.table.score.abs().max()
     fig = plot_edges(edges)
     assert fig.axes[0].get_ylabel() == "sender"
@@ -217,17 +252,21 @@ def test_edge_attribution_sums_to_node_attribution_and_splits_by_span(image_pair
 def test_projector_sweeps_reuse_the_encoder_outputs_exactly(loaded, name):
     lm = loaded(name)
     hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer, processor=lm.processor)
-    clean = {k: (v[:1] if isinstance(v, torch.Tensor) and k not in ("node_features", "edge_index") else v)
-             for k, v in lm.example_inputs().items()}
+    clean = {
+        k: (v[:1] if isinstance(v, torch.Tensor) and k not in ("node_features", "edge_index") else v)
+        for k, v in lm.example_inputs().items()
+    }
     modality = "graph" if name == "tea-glm-tiny" else "image"
     corrupted = corrupt(hm, clean, modality, "neutral")
     metric = _metric(hm, clean)
     hook = "fusion.embeds" if name == "tea-glm-tiny" else "fusion.projector_out"  # TEA-GLM's projector: [b, 5 * d]
     # noising: the target run is the clean one, whose encoder runs (TEA-GLM's neutral graph skips the GNN)
-    fast = sweep(hm, clean, corrupted, metric, hook=hook, axes=("position",), direction="noise", batch_size=3,
-                 progress=False)
-    slow = sweep(hm, clean, corrupted, metric, hook=hook, axes=("position",), direction="noise", replay=False,
-                 progress=False)
+    fast = sweep(
+        hm, clean, corrupted, metric, hook=hook, axes=("position",), direction="noise", batch_size=3, progress=False
+    )
+    slow = sweep(
+        hm, clean, corrupted, metric, hook=hook, axes=("position",), direction="noise", replay=False, progress=False
+    )
     assert fast.method == "full forwards, encoders cached" and slow.method == "full forwards"
     assert len(fast.table) > 1 and (fast.table.value - slow.table.value).abs().max() < 1e-5
     encoder_blocks = [hp for hp in hm.hook_points.values() if hp.stage == "encoder" and hp.layer is not None]

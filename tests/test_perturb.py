@@ -23,10 +23,16 @@ from mmlens.metrics.perturb import (
     synonym_swap,
 )
 
-STORIES = ["The pretty bunny was quick! She saw a small rabbit and a little dog. Yay!",
-           "A tiny bunny made a big noise. Wow! It did a little jump!"]  # shorter: left padding
+STORIES = [
+    "The pretty bunny was quick! She saw a small rabbit and a little dog. Yay!",
+    "A tiny bunny made a big noise. Wow! It did a little jump!",
+]  # shorter: left padding
 GRAPH_PROMPT = ("The pretty bunny was quick! She saw a small rabbit and a little dog.", "Yay! It did a little jump!")
-MODALITY_KEYS = {"text": {"input_ids"}, "image": {"pixel_values"}, "graph": {"node_features", "edge_index", "graph_embeds"}}
+MODALITY_KEYS = {
+    "text": {"input_ids"},
+    "image": {"pixel_values"},
+    "graph": {"node_features", "edge_index", "graph_embeds"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +69,18 @@ def vlm(loaded):
     return mmlens.wrap(lm.model), lm.example_inputs()
 
 
-CASES = [("story", "text", "synonym_swap"), ("story", "text", "punctuation_edit"),
-         ("glm", "text", "synonym_swap"), ("glm", "text", "punctuation_edit"),
-         ("vlm", "image", "shift"), ("vlm", "image", "brightness"), ("vlm", "image", "gaussian_noise"),
-         ("glm", "graph", "drop_edges"), ("glm", "graph", "feature_noise"), ("glm_embeds", "graph", "embedding_noise")]
+CASES = [
+    ("story", "text", "synonym_swap"),
+    ("story", "text", "punctuation_edit"),
+    ("glm", "text", "synonym_swap"),
+    ("glm", "text", "punctuation_edit"),
+    ("vlm", "image", "shift"),
+    ("vlm", "image", "brightness"),
+    ("vlm", "image", "gaussian_noise"),
+    ("glm", "graph", "drop_edges"),
+    ("glm", "graph", "feature_noise"),
+    ("glm_embeds", "graph", "embedding_noise"),
+]
 
 
 def _flat(variants) -> list[torch.Tensor]:
@@ -87,7 +101,9 @@ def test_every_kind_keeps_the_layout_changes_only_its_modality_and_is_seeded(req
         assert (v.modality, v.kind) == (modality, kind) and v.description.startswith(f"{kind}: ")
         assert hm.spans(v.inputs).same_layout(spans)
         assert v.inputs.keys() == inputs.keys()
-        changed = {k for k in inputs if not (v.inputs[k].shape == inputs[k].shape and torch.equal(v.inputs[k], inputs[k]))}
+        changed = {
+            k for k in inputs if not (v.inputs[k].shape == inputs[k].shape and torch.equal(v.inputs[k], inputs[k]))
+        }
         assert changed and changed <= MODALITY_KEYS[modality], changed
         for k in inputs.keys() - changed:
             assert v.inputs[k] is inputs[k]  # untouched inputs are the very same tensors
@@ -97,7 +113,7 @@ def test_every_kind_keeps_the_layout_changes_only_its_modality_and_is_seeded(req
         if "pixel_values" in changed:
             assert v.inputs["pixel_values"].shape == inputs["pixel_values"].shape
     for i, a in enumerate(variants):
-        assert not any(_same_draws([a], [b]) for b in variants[i + 1:])  # no repeats
+        assert not any(_same_draws([a], [b]) for b in variants[i + 1 :])  # no repeats
     assert _same_draws(variants, perturb(hm, inputs, modality, kind, n=4, seed=0))
     assert any(not _same_draws(variants, perturb(hm, inputs, modality, kind, n=4, seed=s)) for s in (1, 2, 3))
 
@@ -145,8 +161,30 @@ class _ByteLevelVocab:
 
 
 def test_token_swaps_keep_case_whole_words_numbers_and_the_allowed_positions():
-    vocab = _ByteLevelVocab(["<s>", "The", "ĠBig", "ĠLarge", "Ġdog", "Ġran", "Ġfast", "Ġquick", ".", "ĠBIG", "ĠLARGE",
-                             "Ġbreak", "fast", "quick", "!", "3", "5", "Ġlarge", "Ġbig", "ĠHappy"])
+    vocab = _ByteLevelVocab(
+        [
+            "<s>",
+            "The",
+            "ĠBig",
+            "ĠLarge",
+            "Ġdog",
+            "Ġran",
+            "Ġfast",
+            "Ġquick",
+            ".",
+            "ĠBIG",
+            "ĠLARGE",
+            "Ġbreak",
+            "fast",
+            "quick",
+            "!",
+            "3",
+            "5",
+            "Ġlarge",
+            "Ġbig",
+            "ĠHappy",
+        ]
+    )
     text = ["<s>", "The", "ĠBig", "Ġdog", "Ġran", "Ġfast", ".", "ĠBIG", "Ġbreak", "fast", "!", "3", ".", "5", "ĠHappy"]
     ids = torch.tensor([[vocab.tokens.index(t) for t in text]])
     where = torch.ones_like(ids, dtype=torch.bool)
@@ -189,7 +227,8 @@ def test_repeated_draws_are_left_out(vlm):
     hm, inputs = vlm
     variants = perturb(hm, inputs, "image", "shift", n=20)  # scale 1: the 8 one-pixel shifts, each once
     assert sorted(v.description for v in variants) == sorted(
-        f"shift: shift by dx={dx}, dy={dy} px" for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (dx, dy) != (0, 0))
+        f"shift: shift by dx={dx}, dy={dy} px" for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (dx, dy) != (0, 0)
+    )
 
 
 def test_image_noise_and_brightness_scale_with_each_images_std(vlm):
@@ -205,7 +244,9 @@ def test_image_noise_and_brightness_scale_with_each_images_std(vlm):
         assert torch.allclose(delta, delta[:, :1].expand_as(delta), atol=1e-5)  # one constant per image
         assert (delta[:, 0].abs() <= 0.2 * std + 1e-5).all() and (delta[:, 0] != 0).all()
     neutral = hm.neutral(inputs, "image")  # all-zero images: std 0, nothing to perturb
-    with pytest.raises(ValueError, match=r"no image perturbation.*\['shift', 'brightness', 'gaussian_noise'\].*unchanged"):
+    with pytest.raises(
+        ValueError, match=r"no image perturbation.*\['shift', 'brightness', 'gaussian_noise'\].*unchanged"
+    ):
         perturb(hm, neutral, "image")
 
 
@@ -251,8 +292,11 @@ def test_graph_kinds_on_the_graph_language_model(glm, glm_embeds):
 
 
 def test_input_distance_is_measured_per_modality_in_the_lms_input_embeddings(story, glm, vlm):
-    for hm, inputs, modalities in ((story[0], story[1], ["text"]), (glm[0], glm[1], ["text", "graph"]),
-                                   (vlm[0], vlm[1], ["text", "image"])):
+    for hm, inputs, modalities in (
+        (story[0], story[1], ["text"]),
+        (glm[0], glm[1], ["text", "graph"]),
+        (vlm[0], vlm[1], ["text", "image"]),
+    ):
         for m in modalities:
             assert torch.equal(input_distance(hm, inputs, dict(inputs), m), torch.zeros(2))
     hm, inputs = vlm
@@ -269,8 +313,11 @@ def test_input_distance_is_measured_per_modality_in_the_lms_input_embeddings(sto
     hm, inputs = story  # a text LM: lm.embed; one swapped token per row
     (v,) = perturb(hm, inputs, "text", "synonym_swap", n=1)
     embed = hm.model.get_input_embeddings().weight.detach()
-    expected = [float((embed[int(a[p])] - embed[int(b[p])]).norm())
-                for a, b in zip(inputs["input_ids"], v.inputs["input_ids"]) for p in (a != b).nonzero()[:, 0]]
+    expected = [
+        float((embed[int(a[p])] - embed[int(b[p])]).norm())
+        for a, b in zip(inputs["input_ids"], v.inputs["input_ids"])
+        for p in (a != b).nonzero()[:, 0]
+    ]
     assert input_distance(hm, inputs, v.inputs, "text").tolist() == pytest.approx(expected, rel=1e-5)
     assert torch.equal(input_distance(hm, inputs, v.inputs, "all"), input_distance(hm, inputs, v.inputs, "text"))
 
@@ -279,15 +326,20 @@ def test_errors(story, vlm, glm_embeds):
     hm, inputs = story
     with pytest.raises(ValueError, match=r"unknown modality 'audio'.*\['graph', 'image', 'text'\]"):
         perturb(hm, inputs, "audio")
-    with pytest.raises(ValueError, match=r"'shift' is for image\); text kinds are \['synonym_swap', 'punctuation_edit'\]"):
+    with pytest.raises(
+        ValueError, match=r"'shift' is for image\); text kinds are \['synonym_swap', 'punctuation_edit'\]"
+    ):
         perturb(hm, inputs, "text", "shift")
     with pytest.raises(ValueError, match=r"unknown image perturbation kind\(s\) \['blur'\]; image kinds are"):
         perturb(*vlm, "image", ["shift", "blur"])
     with pytest.raises(ValueError, match=r"modality 'image' is not in these inputs; their modalities are \['text'\]"):
         perturb(hm, inputs, "image")
     plain = hm.to_inputs(["Once upon a time there was a girl who"])
-    with pytest.raises(ValueError, match=r"no text perturbation could be made with kinds \['synonym_swap', "
-                                         r"'punctuation_edit'\]: synonym_swap: no word .*; punctuation_edit: no punct"):
+    with pytest.raises(
+        ValueError,
+        match=r"no text perturbation could be made with kinds \['synonym_swap', "
+        r"'punctuation_edit'\]: synonym_swap: no word .*; punctuation_edit: no punct",
+    ):
         perturb(hm, plain, "text")
     with pytest.raises(ValueError, match=r"shift's scale is a count of pixels, an int >= 1; got 0.5"):
         perturb(*vlm, "image", "shift", scale=0.5)

@@ -40,11 +40,16 @@ def _result(**overrides) -> SimpleNamespace:
     top_probs = torch.rand(N_LAYER, BATCH, POS, K, generator=g).sort(-1, descending=True).values
     top_probs[0, 0, 0, 0], top_probs[-1, 0, 0, 0] = 0.0, 1.0
     fields = dict(
-        layers=["embed", "0", "1", "2"], top_ids=top_ids, top_probs=top_probs,
+        layers=["embed", "0", "1", "2"],
+        top_ids=top_ids,
+        top_probs=top_probs,
         entropy=torch.rand(N_LAYER, BATCH, POS, generator=g) * 3,
         kl_to_final=torch.rand(N_LAYER, BATCH, POS, generator=g),
-        tokens=[TOKENS] * BATCH, modalities=[MODALITIES] * BATCH,
-        decode=lambda ids: [VOCAB[i] for i in ids], lens="logit")
+        tokens=[TOKENS] * BATCH,
+        modalities=[MODALITIES] * BATCH,
+        decode=lambda ids: [VOCAB[i] for i in ids],
+        lens="logit",
+    )
     return SimpleNamespace(**(fields | overrides))
 
 
@@ -86,7 +91,8 @@ def test_grid_axes_mark_input_tokens_and_modalities():
     assert [to_hex(t.get_color()) for t in labels] == [colors["graph"]] * 2 + [colors["text"]] * 4
     strip = [(p.get_gid(), p.get_x() + 0.5, p.get_facecolor()) for p in ax.patches]
     assert [(gid, round(x)) for gid, x, _ in strip] == [("modality:graph", 0), ("modality:graph", 1)] + [
-        ("modality:text", c) for c in range(2, 6)]
+        ("modality:text", c) for c in range(2, 6)
+    ]
     assert all(face == to_rgba(colors[gid.split(":")[1]]) for gid, _, face in strip)
     boundaries = [line for line in ax.get_lines() if line.get_gid() == "modality-boundary"]
     assert [tuple(line.get_xdata()) for line in boundaries] == [(1.5, 1.5)]
@@ -158,9 +164,17 @@ def _curves(n_layers: int = 4) -> pd.DataFrame:
         for metric in ("top1_change", "kl_to_final", "cosine_to_previous"):
             for layer in range(n_layers):
                 mean = np.nan if metric == "top1_change" and layer == 0 else base + 0.05 * layer
-                rows.append({"modality": modality, "metric": metric, "layer": layer,
-                             "layer_label": "embed" if layer == 0 else str(layer - 1),
-                             "mean": mean, "low": mean - 0.1, "high": mean + 0.1})
+                rows.append(
+                    {
+                        "modality": modality,
+                        "metric": metric,
+                        "layer": layer,
+                        "layer_label": "embed" if layer == 0 else str(layer - 1),
+                        "mean": mean,
+                        "low": mean - 0.1,
+                        "high": mean + 0.1,
+                    }
+                )
     return pd.DataFrame(rows)
 
 

@@ -58,9 +58,13 @@ def _imports(module: str) -> list[tuple[str, list[str], int, bool]]:
 
 
 def test_no_private_names_imported_across_modules():
-    bad = [f"{MODULES[m].relative_to(ROOT)}:{line}: from {base} import {name}"
-           for m in MODULES for base, names, line, _ in _imports(m)
-           for name in names if name.startswith("_") and base != m]
+    bad = [
+        f"{MODULES[m].relative_to(ROOT)}:{line}: from {base} import {name}"
+        for m in MODULES
+        for base, names, line, _ in _imports(m)
+        for name in names
+        if name.startswith("_") and base != m
+    ]
     assert not bad, "private names imported across modules (make them public or move them):\n" + "\n".join(bad)
 
 

@@ -18,8 +18,9 @@ def run(tmp_path_factory):
 
 
 def _score(report, task, method, score):
-    values = [r["value"] for r in report["scores"] if r["task"] == task and r["method"] == method
-              and r["score"] == score]
+    values = [
+        r["value"] for r in report["scores"] if r["task"] == task and r["method"] == method and r["score"] == score
+    ]
     assert len(values) == 1, (task, method, score)
     return values[0]
 
@@ -35,13 +36,26 @@ def test_it_writes_the_report_with_every_model_and_explainer(run):
     assert scored == {(t, m, mode) for t in tasks for m in sb.EXPLAINERS for mode in ("joint", "unimodal")}
     assert {c["claim"][:3] for c in report["claims"]} == {"(a)", "(b)", "(c)"}
     assert all(isinstance(c["supported"], bool) for c in report["claims"])
-    for name in ("scores.csv", "influence.csv", "interaction.csv", "models.csv", "truth_match.png",
-                 "influence_and_interaction.png"):
+    for name in (
+        "scores.csv",
+        "influence.csv",
+        "interaction.csv",
+        "models.csv",
+        "truth_match.png",
+        "influence_and_interaction.png",
+    ):
         assert (out / name).is_file(), name
 
 
-@pytest.mark.parametrize("task, relevant, other", [("image_only", "image", "text"), ("text_only", "text", "image"),
-                                                   ("shortcut", "text", "image"), ("graph_only", "graph", "text")])
+@pytest.mark.parametrize(
+    "task, relevant, other",
+    [
+        ("image_only", "image", "text"),
+        ("text_only", "text", "image"),
+        ("shortcut", "text", "image"),
+        ("graph_only", "graph", "text"),
+    ],
+)
 def test_granger_influence_identifies_the_ground_truth_modality(run, task, relevant, other):
     _, report = run
     assert _score(report, task, "granger", f"delta_js_{relevant}") >= sb.LARGE
@@ -49,8 +63,9 @@ def test_granger_influence_identifies_the_ground_truth_modality(run, task, relev
     assert _score(report, task, "granger", "identifies_truth") == 1
 
 
-@pytest.mark.parametrize("task, modalities", [("synergistic", ("image", "text")),
-                                              ("graph_text_synergy", ("graph", "text"))])
+@pytest.mark.parametrize(
+    "task, modalities", [("synergistic", ("image", "text")), ("graph_text_synergy", ("graph", "text"))]
+)
 def test_granger_finds_both_modalities_in_the_xor_tasks(run, task, modalities):
     _, report = run
     assert min(_score(report, task, "granger", f"delta_js_{m}") for m in modalities) >= sb.LARGE
@@ -65,8 +80,10 @@ def test_the_interaction_separates_the_synergistic_task_from_the_additive_ones(r
         assert abs(_score(report, task, "interaction", "shapley_interaction")) < synergy / 4, task
         assert abs(_score(report, task, "interaction", "emap_gap")) < 0.05, task
     for score in ("shapley_interaction", "emap_gap"):  # the graph XOR interacts, its additive twin does not
-        assert (_score(report, "graph_text_synergy", "interaction", score)
-                > _score(report, "graph_only", "interaction", score) + 0.05), score
+        assert (
+            _score(report, "graph_text_synergy", "interaction", score)
+            > _score(report, "graph_only", "interaction", score) + 0.05
+        ), score
     assert _score(report, "redundant", "interaction", "shapley_interaction") < 0  # redundancy: either suffices
 
 

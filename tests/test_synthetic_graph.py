@@ -46,10 +46,23 @@ def trained(tmp_path_factory):
 
 
 def test_generators_are_deterministic_and_share_the_graph_of_a_seed():
-    keys = ("node_features", "edge_index", "communities", "is_query", "node_index", "input_ids", "attention_mask",
-            "labels", "text_key")
+    keys = (
+        "node_features",
+        "edge_index",
+        "communities",
+        "is_query",
+        "node_index",
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "text_key",
+    )
     for name in GRAPH_TASKS:
-        a, b, c = make_graph_task(name, 50, seed=3), make_graph_task(name, 50, seed=3), make_graph_task(name, 50, seed=4)
+        a, b, c = (
+            make_graph_task(name, 50, seed=3),
+            make_graph_task(name, 50, seed=3),
+            make_graph_task(name, 50, seed=4),
+        )
         for key in keys:
             assert torch.equal(getattr(a, key), getattr(b, key)), (name, key)
         assert not torch.equal(a.node_features, c.node_features)
@@ -92,7 +105,9 @@ def test_ground_truth_the_neighbourhood_not_the_node_decides(tasks):
     # XOR: each modality alone is at chance, both together determine the label
     assert abs(bayes_accuracy(xor, "graph") - 0.5) < 0.03 and abs(bayes_accuracy(xor, "text") - 0.5) < 0.03
     assert torch.equal(xor.labels, (xor.graph_attrs["community"] // 2 == xor.text_attrs["side"]).long())
-    assert (xor.text_key.sum(1) == 1).all() and torch.equal(xor.input_ids[xor.text_key], side_ids[xor.text_attrs["side"]])
+    assert (xor.text_key.sum(1) == 1).all() and torch.equal(
+        xor.input_ids[xor.text_key], side_ids[xor.text_attrs["side"]]
+    )
 
 
 def test_unknown_task_name_suggests():
@@ -138,7 +153,9 @@ def test_wrapped_model_equals_the_plain_one_and_has_graph_and_text_spans(trained
     assert torch.equal(spans.masks["text"][:, K:], batch["attention_mask"].bool())
     # an edit at the fused sequence reaches the output: the graph tokens of another target node
     other = {**batch, "node_index": batch["node_index"].flip(0)}
-    swapped = hm.run(batch, edits=[mmlens.replace("fusion.embeds", hm.run(other, cache="fusion.embeds").cache["fusion.embeds"])])
+    swapped = hm.run(
+        batch, edits=[mmlens.replace("fusion.embeds", hm.run(other, cache="fusion.embeds").cache["fusion.embeds"])]
+    )
     assert torch.equal(swapped.logits, hm.run(other).logits)
 
 

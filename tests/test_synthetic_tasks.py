@@ -116,4 +116,3 @@ def test_train_cache_determinism_and_explainers(tmp_path, monkeypatch):
         assert torch.isfinite(explanation.importance()["text"]).all(), method
     assert not any(m.return_weights for m in first.model.modules() if isinstance(m, Attention))
     assert float(mmlens.explain(hooked, row, "occlusion").importance()["text"][0]) > 0.5
-

@@ -68,7 +68,8 @@ def test_the_frozen_lm_learns_to_answer_from_the_image(trained, models_dir):
     state = trained.model.model.language_model.state_dict()
     assert all(torch.equal(state[k.removeprefix("model.")], v.float()) for k, v in lm.items() if k.startswith("model."))
     answers = [trained.processor.answer_id(w, "color") for w in COLORS] + [
-        trained.processor.answer_id(w, "shape") for w in SHAPES]
+        trained.processor.answer_id(w, "shape") for w in SHAPES
+    ]
     assert len(set(answers)) == len(answers)
     assert trained.tokenizer.convert_ids_to_tokens(answers[:4]) == ["red▁", "green▁", "blue▁", "yellow▁"]
 

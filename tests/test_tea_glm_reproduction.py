@@ -21,8 +21,15 @@ from mmlens.training.tea_glm import (
     train_projector,
 )
 
-CLASSES = ["rule learning", "neural networks", "case based reasoning", "genetic algorithms", "theory",
-           "reinforcement learning", "probabilistic methods"]
+CLASSES = [
+    "rule learning",
+    "neural networks",
+    "case based reasoning",
+    "genetic algorithms",
+    "theory",
+    "reinforcement learning",
+    "probabilistic methods",
+]
 TITLES = ["Learning rules from data", "Backpropagation in deep nets", "A case memory", "Evolving programs"]
 
 
@@ -75,8 +82,17 @@ def test_projector_training_learns_and_resumes_exactly(tiny_tea_glm, tmp_path):
 
     def fresh(steps: int, checkpoint: Path | None) -> tuple[list[float], dict]:
         model.projector.load_state_dict(start)
-        losses = train_projector(model, prompts, node_repr, titles, labels, torch.arange(16),
-                                 replace(config, steps=steps), checkpoint=checkpoint, progress=False)
+        losses = train_projector(
+            model,
+            prompts,
+            node_repr,
+            titles,
+            labels,
+            torch.arange(16),
+            replace(config, steps=steps),
+            checkpoint=checkpoint,
+            progress=False,
+        )
         return losses, {k: v.clone() for k, v in model.projector.state_dict().items()}
 
     straight, weights = fresh(12, None)
@@ -90,9 +106,23 @@ def test_projector_training_learns_and_resumes_exactly(tiny_tea_glm, tmp_path):
     torch.testing.assert_close(scores.exp().sum(1), torch.ones(16))
 
 
-REQUIRED = {"llm": str, "dataset": str, "layers": list, "positions": list, "top_tokens": list, "top_probs": list,
-            "evolution": dict, "accuracy": float, "majority_baseline": float, "text_only_accuracy": float,
-            "n_nodes": int, "seed": int, "claim_reproduced": bool, "claim_evidence": dict, "timings_s": dict}
+REQUIRED = {
+    "llm": str,
+    "dataset": str,
+    "layers": list,
+    "positions": list,
+    "top_tokens": list,
+    "top_probs": list,
+    "evolution": dict,
+    "accuracy": float,
+    "majority_baseline": float,
+    "text_only_accuracy": float,
+    "n_nodes": int,
+    "seed": int,
+    "claim_reproduced": bool,
+    "claim_evidence": dict,
+    "timings_s": dict,
+}
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +138,19 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_the_documented_outputs(quick_run):
     out, _first, _ = quick_run
-    for name in ("logit_lens.png", "logit_lens.svg", "evolution.png", "evolution.svg", "logit_lens.json",
-                 "lens_table.csv", "evolution_summary.csv", "split.json", "soft_tokens.csv", "gnn_layers.csv",
-                 "predictions.csv"):
+    for name in (
+        "logit_lens.png",
+        "logit_lens.svg",
+        "evolution.png",
+        "evolution.svg",
+        "logit_lens.json",
+        "lens_table.csv",
+        "evolution_summary.csv",
+        "split.json",
+        "soft_tokens.csv",
+        "gnn_layers.csv",
+        "predictions.csv",
+    ):
         assert (out / name).stat().st_size > 0, name
     record = json.loads((out / "logit_lens.json").read_text())
     for key, kind in REQUIRED.items():

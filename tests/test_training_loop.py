@@ -13,8 +13,9 @@ X = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.1
 
 
-def _run(steps: int, checkpoint=None, net: nn.Linear | None = None, crash: int | None = None,
-         **options) -> tuple[nn.Linear, list[float]]:
+def _run(
+    steps: int, checkpoint=None, net: nn.Linear | None = None, crash: int | None = None, **options
+) -> tuple[nn.Linear, list[float]]:
     torch.manual_seed(0)
     net = net or nn.Linear(3, 1)
     order = RowOrder(len(X), 8, torch.Generator().manual_seed(1))
@@ -26,8 +27,18 @@ def _run(steps: int, checkpoint=None, net: nn.Linear | None = None, crash: int |
         return ((net(X[rows]).squeeze(1) + noise - Y[rows]) ** 2).mean()
 
     saved = None if checkpoint is None else Checkpoint(checkpoint, {"net": net}, identity={"lr": 0.05}, every=2)
-    result = fit(step, net.parameters(), steps=steps, lr=0.05, optimizer="adamw", schedule="warmup_cosine", clip=1.0,
-                 order=order, checkpoint=saved, **options)
+    result = fit(
+        step,
+        net.parameters(),
+        steps=steps,
+        lr=0.05,
+        optimizer="adamw",
+        schedule="warmup_cosine",
+        clip=1.0,
+        order=order,
+        checkpoint=saved,
+        **options,
+    )
     return net, result.history["loss"]
 
 
@@ -53,8 +64,13 @@ def test_resumed_fit_equals_uninterrupted_and_leaves_the_rng_alone(tmp_path):
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
     with pytest.raises(ValueError, match="delete it or pass another checkpoint"):
         net = nn.Linear(3, 1)
-        fit(lambda rows, i: net(X).sum(), net.parameters(), steps=9, lr=0.1,
-            checkpoint=Checkpoint(tmp_path / "ckpt.pt", {"net": net}, identity={"lr": 0.1}))
+        fit(
+            lambda rows, i: net(X).sum(),
+            net.parameters(),
+            steps=9,
+            lr=0.1,
+            checkpoint=Checkpoint(tmp_path / "ckpt.pt", {"net": net}, identity={"lr": 0.1}),
+        )
 
 
 def test_stop_rule_and_history():

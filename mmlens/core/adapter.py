@@ -224,8 +224,10 @@ class Adapter:
         for what, table in tables.items():
             unknown = sorted(set(table) - set(self.modality_inputs))
             if unknown:
-                raise ValueError(f"adapter {self.name!r}: {what} names modalities {unknown} that modality_inputs "
-                                 f"does not ({sorted(self.modality_inputs)}); add their input keys there")
+                raise ValueError(
+                    f"adapter {self.name!r}: {what} names modalities {unknown} that modality_inputs "
+                    f"does not ({sorted(self.modality_inputs)}); add their input keys there"
+                )
 
     def matches(self, model: nn.Module) -> bool:
         return any(cls.__name__ in self.architectures for cls in type(model).__mro__)
@@ -238,12 +240,17 @@ class Adapter:
             child = get_module(model, child_path, self.name)
             for hp in find_adapter(child).hook_points(child).values():
                 points[hp.name] = replace(
-                    hp, site=replace(hp.site, module=_join(child_path, hp.site.module)),
-                    block=hp.block and _join(child_path, hp.block), mlp=hp.mlp and _join(child_path, hp.mlp))
+                    hp,
+                    site=replace(hp.site, module=_join(child_path, hp.site.module)),
+                    block=hp.block and _join(child_path, hp.block),
+                    mlp=hp.mlp and _join(child_path, hp.mlp),
+                )
         for stack in self.stacks:
             blocks = get_module(model, stack.blocks, self.name)
             if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-                raise TypeError(f"adapter {self.name!r}: {stack.blocks!r} is a {type(blocks).__name__}, not a ModuleList")
+                raise TypeError(
+                    f"adapter {self.name!r}: {stack.blocks!r} is a {type(blocks).__name__}, not a ModuleList"
+                )
             heads = int(get_attr(model, stack.n_heads, self.name)) if stack.n_heads else None
             for i in range(len(blocks)):
                 for hp in _block_points(stack, i, heads):
@@ -252,8 +259,13 @@ class Adapter:
         for p in self.points:
             get_module(model, p.site.module, self.name)
             points[p.name] = HookPoint(
-                name=p.name, stage=p.stage, modality=p.modality, site=p.site, kind=p.name.rsplit(".", 1)[-1],
-                prefix=p.name.split(".", 1)[0], fused_positions=p.fused_positions,
+                name=p.name,
+                stage=p.stage,
+                modality=p.modality,
+                site=p.site,
+                kind=p.name.rsplit(".", 1)[-1],
+                prefix=p.name.split(".", 1)[0],
+                fused_positions=p.fused_positions,
             )
         return _in_flow_order(points)
 
@@ -302,8 +314,13 @@ def _join(parent: str, child: str) -> str:
 
 def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
     block = f"{stack.blocks}.{i}"
-    common = {"stage": stack.stage, "modality": stack.modality, "layer": i, "prefix": stack.prefix,
-              "fused_positions": stack.modality is None}
+    common = {
+        "stage": stack.stage,
+        "modality": stack.modality,
+        "layer": i,
+        "prefix": stack.prefix,
+        "fused_positions": stack.modality is None,
+    }
     name = f"{stack.prefix}.blocks.{i}"
     if stack.layout is None:
         return [HookPoint(name=f"{name}.out", site=Site(block), kind="out", **common)]
@@ -311,14 +328,24 @@ def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
     out = [
         HookPoint(name=f"{name}.resid_pre", site=Site(block, "input", 0, "hidden_states"), kind="resid_pre", **common),
         HookPoint(name=f"{name}.attn_out", site=Site(f"{block}.{lay.attn}"), kind="attn_out", **common),
-        HookPoint(name=f"{name}.resid_mid", site=Site(f"{block}.{lay.norm_mid}", "input", 0, "hidden_states"),
-                  kind="resid_mid", block=block, mlp=f"{block}.{lay.mlp}", **common),
+        HookPoint(
+            name=f"{name}.resid_mid",
+            site=Site(f"{block}.{lay.norm_mid}", "input", 0, "hidden_states"),
+            kind="resid_mid",
+            block=block,
+            mlp=f"{block}.{lay.mlp}",
+            **common,
+        ),
         HookPoint(name=f"{name}.mlp_out", site=Site(f"{block}.{lay.mlp}"), kind="mlp_out", **common),
         HookPoint(name=f"{name}.resid_post", site=Site(block), kind="resid_post", **common),
     ]
     if heads is not None:
-        out.insert(2, HookPoint(name=f"{name}.z", site=Site(f"{block}.{lay.attn_out_proj}", "input", 0),
-                                kind="z", heads=heads, **common))
+        out.insert(
+            2,
+            HookPoint(
+                name=f"{name}.z", site=Site(f"{block}.{lay.attn_out_proj}", "input", 0), kind="z", heads=heads, **common
+            ),
+        )
     return out
 
 
@@ -340,8 +367,15 @@ def get_attr(obj: object, path: str, adapter: str = "?") -> object:
     return obj
 
 
-def language_model(base: str, logits: str, layout: BlockLayout = LLAMA_BLOCK, n_heads: str = "config.num_attention_heads",
-                   blocks: str = "layers", embed: str = "embed_tokens", final_norm: str = "norm") -> tuple[Stack, tuple[Point, ...]]:
+def language_model(
+    base: str,
+    logits: str,
+    layout: BlockLayout = LLAMA_BLOCK,
+    n_heads: str = "config.num_attention_heads",
+    blocks: str = "layers",
+    embed: str = "embed_tokens",
+    final_norm: str = "norm",
+) -> tuple[Stack, tuple[Point, ...]]:
     """The table rows of a decoder-only language model whose body lives at ``base``.
 
     Returns the block stack and the ``lm.embed``, ``lm.final_norm`` and ``lm.logits`` points.

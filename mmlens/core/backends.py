@@ -47,15 +47,21 @@ def unwrap_bridge(model: Any, tokenizer: Any = None, processor: Any = None) -> t
     if bridge_module is None or not isinstance(model, bridge_module.BridgeCore):
         return model, tokenizer, processor
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{type(model).__name__} has no local torch module to hook (remote driver); "
-                        "boot the model with TransformerBridge.boot_transformers(...) to use it with mmlens")
+        raise TypeError(
+            f"{type(model).__name__} has no local torch module to hook (remote driver); "
+            "boot the model with TransformerBridge.boot_transformers(...) to use it with mmlens"
+        )
     if getattr(model, "compatibility_mode", False):
         raise ValueError(
             "this TransformerBridge is in compatibility mode: enable_compatibility_mode() folded and centred "
             "the HF weights in place, so its activations are no longer the model's own; wrap a freshly booted "
-            "bridge (never call enable_compatibility_mode() on a model you analyse with mmlens)")
-    return (model.original_model, model.tokenizer if tokenizer is None else tokenizer,
-            getattr(model, "processor", None) if processor is None else processor)
+            "bridge (never call enable_compatibility_mode() on a model you analyse with mmlens)"
+        )
+    return (
+        model.original_model,
+        model.tokenizer if tokenizer is None else tokenizer,
+        getattr(model, "processor", None) if processor is None else processor,
+    )
 
 
 def _refuse_torchvision_install() -> bool:
@@ -69,7 +75,8 @@ def _refuse_torchvision_install() -> bool:
         f"TransformerLens could not load this model's processor ({cause!r}) and would now run "
         "`pip install torchvision` inside this interpreter, which replaces the CPU torch with a ~4.5 GB CUDA "
         "build; mmlens blocked it. Fix: boot with mmlens.core.backends.boot_bridge(model, tokenizer, processor=...) "
-        "so TransformerLens finds a saved processor, or install a torchvision that matches your torch yourself")
+        "so TransformerLens finds a saved processor, or install a torchvision that matches your torch yourself"
+    )
 
 
 @contextmanager
@@ -114,8 +121,9 @@ def boot_bridge(hf_model: nn.Module, tokenizer: Any = None, *, processor: Any = 
         tokenizer.save_pretrained(folder)
         if processor is not None:
             processor.save_pretrained(folder)
-        return TransformerBridge.boot_transformers(folder, hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(folder),
-                                                   **boot_kwargs)
+        return TransformerBridge.boot_transformers(
+            folder, hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(folder), **boot_kwargs
+        )
 
 
 # -- nnsight backend --------------------------------------------------------------------------------
@@ -138,7 +146,9 @@ def _envoy(hm: Hookable) -> Any:
     return envoy
 
 
-def _execution_order(hm: Hookable, inputs: Mapping[str, Any], forward_kwargs: dict) -> tuple[dict[_Event, int], Counter]:
+def _execution_order(
+    hm: Hookable, inputs: Mapping[str, Any], forward_kwargs: dict
+) -> tuple[dict[_Event, int], Counter]:
     """Rank of every hook-point event in one forward, and how often each module ran.
 
     Recorded once per HookedModel and set of input keys (which modules run depends on which
@@ -156,14 +166,18 @@ def _execution_order(hm: Hookable, inputs: Mapping[str, Any], forward_kwargs: di
         def hook(module: nn.Module, args: tuple) -> None:
             calls[path] += 1
             order.setdefault((path, "input"), len(order))
+
         return hook
 
     def after(path: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             order.setdefault((path, "output"), len(order))
+
         return hook
 
-    paths = dict.fromkeys(p for hp in hm.hook_points.values() for p in (hp.site.module, hp.block, hp.mlp) if p is not None)
+    paths = dict.fromkeys(
+        p for hp in hm.hook_points.values() for p in (hp.site.module, hp.block, hp.mlp) if p is not None
+    )
     handles = []
     try:
         for path in paths:
@@ -197,9 +211,16 @@ def _intervene(envoy: Any, plan: Plan, events: list[tuple[_Event, list]]) -> Non
         nnsight.save(value)
 
 
-def run_with_nnsight(hm: Hookable, inputs: Mapping[str, Any], *, cache: CacheFilter = None,
-                     edits: Edit | list[Edit] = (), grad: bool = False, keep_grad: bool | None = None,
-                     **forward_kwargs: Any) -> RunResult:
+def run_with_nnsight(
+    hm: Hookable,
+    inputs: Mapping[str, Any],
+    *,
+    cache: CacheFilter = None,
+    edits: Edit | list[Edit] = (),
+    grad: bool = False,
+    keep_grad: bool | None = None,
+    **forward_kwargs: Any,
+) -> RunResult:
     """:meth:`HookedModel.run` with ``backend="nnsight"``: the same hook points and edits, applied
     inside one ``nnsight`` trace of ``hm.model`` (the route to NDIF-style execution).
 
@@ -213,21 +234,35 @@ def run_with_nnsight(hm: Hookable, inputs: Mapping[str, Any], *, cache: CacheFil
     """
     cache_names, edits_by_point, must_fire = hm._request(cache, edits)
     order, calls = _execution_order(hm, inputs, forward_kwargs)
-    unreached = {n for n in [*cache_names, *edits_by_point]
-                 if (hm.hook_points[n].site.module, hm.hook_points[n].site.io) not in order}
+    unreached = {
+        n
+        for n in [*cache_names, *edits_by_point]
+        if (hm.hook_points[n].site.module, hm.hook_points[n].site.io) not in order
+    }
     if unreached & must_fire:
-        raise RuntimeError(f"hook points {sorted(unreached & must_fire)} were never reached in this forward (their "
-                           "modules did not run: is that modality's input missing?)")
+        raise RuntimeError(
+            f"hook points {sorted(unreached & must_fire)} were never reached in this forward (their "
+            "modules did not run: is that modality's input missing?)"
+        )
     spans = hm.adapter.spans(hm.model, inputs)
     store: dict[str, Tensor] = {}
     fired: set[str] = set()
-    plan = Plan(hm, spans, {n for n in cache_names if n not in unreached}, edits_by_point, store, fired,
-                 grad if keep_grad is None else keep_grad)
+    plan = Plan(
+        hm,
+        spans,
+        {n for n in cache_names if n not in unreached},
+        edits_by_point,
+        store,
+        fired,
+        grad if keep_grad is None else keep_grad,
+    )
     events = sorted(plan.events().items(), key=lambda item: order[item[0]])
     repeated = sorted({path for (path, _), _ in events if calls[path] > 1})
     if repeated:
-        raise NotImplementedError(f"modules {repeated} run more than once per forward; the nnsight backend sees only "
-                                  "their first call, so it cannot match the torch backend: use backend='torch'")
+        raise NotImplementedError(
+            f"modules {repeated} run more than once per forward; the nnsight backend sees only "
+            "their first call, so it cannot match the torch backend: use backend='torch'"
+        )
     import nnsight
 
     envoy = _envoy(hm)

@@ -28,7 +28,9 @@ class Named:
 
     def __post_init__(self) -> None:
         if len(self.dims) != self.values.dim():
-            raise ValueError(f"{len(self.dims)} axis names {self.dims} for a tensor of shape {tuple(self.values.shape)}")
+            raise ValueError(
+                f"{len(self.dims)} axis names {self.dims} for a tensor of shape {tuple(self.values.shape)}"
+            )
 
     @property
     def shape(self) -> dict[str, int]:
@@ -108,14 +110,18 @@ class ActivationCache(Mapping):
         full = self.resolve(name, layer)
         if full not in self._data:
             recorded = list(self._data)
-            raise KeyError(f"{full!r} was not recorded in this run (recorded: {nearest_names(full, recorded)}); "
-                           "add it to the run's cache= filter")
+            raise KeyError(
+                f"{full!r} was not recorded in this run (recorded: {nearest_names(full, recorded)}); "
+                "add it to the run's cache= filter"
+            )
         act = self._data[full]
         if at is None:
             return act if row is None else act[row]
         if not self._points[full].fused_positions or self.spans is None:
-            raise ValueError(f"{full!r} does not index the fused sequence, so span {at!r} does not apply; "
-                             "index its positions directly")
+            raise ValueError(
+                f"{full!r} does not index the fused sequence, so span {at!r} does not apply; "
+                "index its positions directly"
+            )
         mask = self.spans.mask(at)
         if row is not None:
             return act[row][mask[row]]
@@ -133,7 +139,9 @@ class ActivationCache(Mapping):
             names = [n for n in self._data if fnmatch.fnmatchcase(n, name)]
         else:
             prefix, kind = name.rsplit(".", 1) if "." in name else ("lm", name)
-            names = [n for n, hp in self._points.items() if hp.prefix == prefix and hp.kind == kind and hp.layer is not None]
+            names = [
+                n for n, hp in self._points.items() if hp.prefix == prefix and hp.kind == kind and hp.layer is not None
+            ]
         names = [n for n in names if n in self._data]
         if not names:
             raise KeyError(f"no recorded activations match {name!r}; recorded: {nearest_names(name, list(self._data))}")

@@ -85,7 +85,9 @@ def apply_edit(edit: Edit, act: Tensor, ctx: HookContext, position_mask: Callabl
         out = edit.value(act, ctx)
         if not isinstance(out, Tensor) or out.shape != act.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"edit function at {edit.hook!r} returned {got}; it must return a tensor of shape {tuple(act.shape)}")
+            raise ValueError(
+                f"edit function at {edit.hook!r} returned {got}; it must return a tensor of shape {tuple(act.shape)}"
+            )
         return out
     value = torch.as_tensor(edit.value, dtype=act.dtype, device=act.device)
     mask = selection_mask(edit.where, act, ctx.hook, position_mask)
@@ -95,8 +97,10 @@ def apply_edit(edit: Edit, act: Tensor, ctx: HookContext, position_mask: Callabl
                 return value.expand_as(act) if value.shape != act.shape else value
             return act + value
         except RuntimeError as err:
-            raise ValueError(f"edit at {edit.hook!r}: value of shape {tuple(value.shape)} does not broadcast to the "
-                             f"activation's shape {tuple(act.shape)}") from err
+            raise ValueError(
+                f"edit at {edit.hook!r}: value of shape {tuple(value.shape)} does not broadcast to the "
+                f"activation's shape {tuple(act.shape)}"
+            ) from err
     if value.shape == act.shape:
         if edit.op == "replace":
             return where_selected(mask, value, act)
@@ -134,7 +138,11 @@ def selection_mask(where: Where, act: Tensor, hook: Any, position_mask: Callable
         return None
     if act.dim() < 2:
         raise ValueError(f"{where.hook!r} has no position axis (shape {tuple(act.shape)}); drop at=")
-    pos = position_mask(where.at) if where.at is not None else torch.ones(act.shape[:2], dtype=torch.bool, device=act.device)
+    pos = (
+        position_mask(where.at)
+        if where.at is not None
+        else torch.ones(act.shape[:2], dtype=torch.bool, device=act.device)
+    )
     if pos.shape != act.shape[:2]:
         raise ValueError(f"position mask {tuple(pos.shape)} does not match {where.hook!r} of shape {tuple(act.shape)}")
     if where.heads is None:

@@ -51,8 +51,16 @@ class Hookable(Protocol):
 class Plan:
     """The hooks of one run: one handler per (module, input/output), applying its points in order."""
 
-    def __init__(self, hm: Hookable, spans: ModalitySpans | None, cache_names: set[str],
-                 edits: dict[str, list[Edit]], store: dict[str, Tensor], fired: set[str], keep_grad: bool):
+    def __init__(
+        self,
+        hm: Hookable,
+        spans: ModalitySpans | None,
+        cache_names: set[str],
+        edits: dict[str, list[Edit]],
+        store: dict[str, Tensor],
+        fired: set[str],
+        keep_grad: bool,
+    ):
         self.hm, self.spans, self.store, self.fired, self.keep_grad = hm, spans, store, fired, keep_grad
         self.edits = edits
         self.cache_names = cache_names
@@ -82,7 +90,9 @@ class Plan:
                 if io == "output":
                     handles.append(module.register_forward_hook(self._output_hook(acts), prepend=True))
                 else:
-                    handles.append(module.register_forward_pre_hook(self._input_hook(acts), with_kwargs=True, prepend=True))
+                    handles.append(
+                        module.register_forward_pre_hook(self._input_hook(acts), with_kwargs=True, prepend=True)
+                    )
         except BaseException:
             for h in handles:
                 h.remove()
@@ -111,13 +121,16 @@ class Plan:
                 raise ValueError(f"position selector {selector!r} at {hp.name!r} needs the run's inputs to find spans")
             mask = self.spans.mask(selector)
             if mask.shape != act.shape[:2]:
-                raise ValueError(f"spans cover [batch, seq] = {tuple(mask.shape)} but {hp.name!r} has shape "
-                                 f"{tuple(act.shape)} (generation with a KV cache? patch by explicit positions)")
+                raise ValueError(
+                    f"spans cover [batch, seq] = {tuple(mask.shape)} but {hp.name!r} has shape "
+                    f"{tuple(act.shape)} (generation with a KV cache? patch by explicit positions)"
+                )
             return mask.to(act.device)
         if isinstance(selector, str):
             raise ValueError(  # noqa: TRY004 - a valid selector type, but not for this point
                 f"{hp.name!r} is inside the {hp.modality or hp.stage} encoder, whose positions are its own "
-                f"tokens, so span {selector!r} does not apply; select positions by index")
+                f"tokens, so span {selector!r} does not apply; select positions by index"
+            )
         if isinstance(selector, Tensor) and selector.dtype == torch.bool:
             return selector.to(act.device).expand(act.shape[:2])
         mask = torch.zeros(act.shape[:2], dtype=torch.bool, device=act.device)
@@ -139,7 +152,7 @@ class Plan:
                     value = self.mid.pop(arg) + self.mlp_out.pop(arg)
             if value is original:
                 return None
-            return (*output[:index], value, *output[index + 1:]) if is_tuple else value
+            return (*output[:index], value, *output[index + 1 :]) if is_tuple else value
 
         return hook
 
@@ -150,8 +163,10 @@ class Plan:
                 site: Site = hp.site
                 by_kw = site.kwarg is not None and site.kwarg in kwargs
                 if not by_kw and len(args) <= site.index:
-                    raise RuntimeError(f"{hp.name!r}: module {site.module!r} was called without input "
-                                       f"{site.kwarg or site.index!r}; fix the adapter's Site")
+                    raise RuntimeError(
+                        f"{hp.name!r}: module {site.module!r} was called without input "
+                        f"{site.kwarg or site.index!r}; fix the adapter's Site"
+                    )
                 value = kwargs[site.kwarg] if by_kw else args[site.index]
                 new = self._process(hp, value)
                 if new is not value:
@@ -159,7 +174,7 @@ class Plan:
                     if by_kw:
                         kwargs = {**kwargs, site.kwarg: new}
                     else:
-                        args = (*args[: site.index], new, *args[site.index + 1:])
+                        args = (*args[: site.index], new, *args[site.index + 1 :])
             return (args, kwargs) if changed else None
 
         return hook

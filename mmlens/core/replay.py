@@ -79,7 +79,9 @@ class _PrefixKV:
         old_k, old_v = self.entries[self.first_block + self.calls]
         self.calls += 1
         prefix_k, prefix_v = expand_prefix(old_k, self.start, self.n), expand_prefix(old_v, self.start, self.n)
-        return torch.cat([prefix_k.to(keys.dtype), keys], dim=-2), torch.cat([prefix_v.to(values.dtype), values], dim=-2)
+        return torch.cat([prefix_k.to(keys.dtype), keys], dim=-2), torch.cat(
+            [prefix_v.to(values.dtype), values], dim=-2
+        )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
@@ -104,8 +106,14 @@ class BlockReplay:
 
     def __init__(self, hooked: HookedModel):
         self.hooked = hooked
-        blocks = sorted((hp for hp in hooked.hook_points.values()
-                         if hp.prefix == "lm" and hp.kind == "resid_pre" and hp.layer is not None), key=lambda hp: hp.layer)
+        blocks = sorted(
+            (
+                hp
+                for hp in hooked.hook_points.values()
+                if hp.prefix == "lm" and hp.kind == "resid_pre" and hp.layer is not None
+            ),
+            key=lambda hp: hp.layer,
+        )
         self.modules = [get_module(hooked.model, hp.site.module) for hp in blocks]
         self.hidden = [hp.site.kwarg or "hidden_states" for hp in blocks]
         self.reader = Unembed(hooked)
@@ -123,8 +131,12 @@ class BlockReplay:
         """Whether ``hooked``'s LM can be replayed (its adapter names block 0's input, the final norm
         and the unembedding) at every one of ``points`` (LM block points of :data:`KINDS`)."""
         first = hooked.hook_points.get("lm.blocks.0.resid_pre")
-        return first is not None and first.kind in KINDS and Unembed.available(hooked) and all(
-            hp.prefix == "lm" and hp.layer is not None and hp.kind in KINDS for hp in points)
+        return (
+            first is not None
+            and first.kind in KINDS
+            and Unembed.available(hooked)
+            and all(hp.prefix == "lm" and hp.layer is not None and hp.kind in KINDS for hp in points)
+        )
 
     @property
     def n_blocks(self) -> int:
@@ -315,8 +327,11 @@ class FrozenEncoders:
     """
 
     def __init__(self, hooked: HookedModel):
-        paths = dict.fromkeys(hp.site.module for hp in hooked.hook_points.values()
-                              if hp.stage == "encoder" and hp.layer is not None and hp.kind in ("resid_pre", "out"))
+        paths = dict.fromkeys(
+            hp.site.module
+            for hp in hooked.hook_points.values()
+            if hp.stage == "encoder" and hp.layer is not None and hp.kind in ("resid_pre", "out")
+        )
         self.modules = [get_module(hooked.model, path) for path in paths]
         self.outputs: dict[int, tuple[int, Any]] = {}
 
@@ -324,7 +339,8 @@ class FrozenEncoders:
     def supports(hooked: HookedModel, points: Sequence[HookPoint]) -> bool:
         """Whether ``hooked`` has encoders and none of ``points`` (the edited points) lies inside one."""
         return any(hp.stage == "encoder" for hp in hooked.hook_points.values()) and all(
-            hp.stage != "encoder" for hp in points)
+            hp.stage != "encoder" for hp in points
+        )
 
     @contextlib.contextmanager
     def record(self) -> Iterator[None]:
@@ -402,10 +418,14 @@ class PrefixRunner:
         from transformers import DynamicCache
 
         b = suffix_embeds.shape[0]
-        prefix = [(expand_prefix(k, k.shape[-2], b).contiguous(), expand_prefix(v, v.shape[-2], b).contiguous())
-                  for k, v in self.prefix_kv]
+        prefix = [
+            (expand_prefix(k, k.shape[-2], b).contiguous(), expand_prefix(v, v.shape[-2], b).contiguous())
+            for k, v in self.prefix_kv
+        ]
         cache = DynamicCache(ddp_cache_data=prefix, config=self.lm.config)
-        hidden = self.decoder(inputs_embeds=suffix_embeds, use_cache=True, **{self.cache_kwarg: cache}).last_hidden_state
+        hidden = self.decoder(
+            inputs_embeds=suffix_embeds, use_cache=True, **{self.cache_kwarg: cache}
+        ).last_hidden_state
         last = hidden[torch.arange(b, device=hidden.device), lengths.to(hidden.device) - 1]
         return self.unembed(last)
 

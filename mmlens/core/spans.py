@@ -69,8 +69,8 @@ class ModalitySpans:
             if selector == "last":
                 return _edge(self.valid, last=True)
             for edge in ("first_", "last_"):
-                if selector.startswith(edge) and selector[len(edge):] in self.masks:
-                    return _edge(self.masks[selector[len(edge):]], last=edge == "last_")
+                if selector.startswith(edge) and selector[len(edge) :] in self.masks:
+                    return _edge(self.masks[selector[len(edge) :]], last=edge == "last_")
             raise self._unknown(selector)
         if isinstance(selector, Tensor) and selector.dtype == torch.bool:
             if selector.shape == (s,):
@@ -104,7 +104,8 @@ class ModalitySpans:
 
     def same_layout(self, other: ModalitySpans) -> bool:
         return self.masks.keys() == other.masks.keys() and all(
-            self.masks[k].shape == other.masks[k].shape and torch.equal(self.masks[k], other.masks[k]) for k in self.masks
+            self.masks[k].shape == other.masks[k].shape and torch.equal(self.masks[k], other.masks[k])
+            for k in self.masks
         )
 
 
@@ -153,7 +154,9 @@ def spans_from_token_ids(input_ids: Tensor, attention_mask: Tensor | None, token
     return ModalitySpans(masks={"text": valid & ~other, **masks}, valid=valid)
 
 
-def spans_from_blocks(batch: int, lengths: dict[str, int], masks: dict[str, Tensor | None], device=None) -> ModalitySpans:
+def spans_from_blocks(
+    batch: int, lengths: dict[str, int], masks: dict[str, Tensor | None], device=None
+) -> ModalitySpans:
     """Spans of a model that concatenates modality blocks in order (e.g. image patches, then text).
 
     Args:

@@ -26,8 +26,10 @@ class Unembed:
     def __init__(self, hooked: HookedModel):
         missing = [n for n in POINTS if n not in hooked.hook_points]
         if missing:
-            raise KeyError(f"reading logits from the residual stream needs hook points {missing}, which adapter "
-                           f"{hooked.adapter.name!r} does not define; add them to its table (see mmlens.language_model)")
+            raise KeyError(
+                f"reading logits from the residual stream needs hook points {missing}, which adapter "
+                f"{hooked.adapter.name!r} does not define; add them to its table (see mmlens.language_model)"
+            )
         self.norm: nn.Module = get_module(hooked.model, hooked.hook_points["lm.final_norm"].site.module)
         self.unembed: nn.Module = get_module(hooked.model, hooked.hook_points["lm.logits"].site.module)
 

@@ -45,8 +45,15 @@ class HookedModel:
         tokenizer / processor: optional, used by :meth:`to_inputs`.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter | None = None, *, tokenizer: Any = None, processor: Any = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter | None = None,
+        *,
+        tokenizer: Any = None,
+        processor: Any = None,
+        name: str | None = None,
+    ):
         model, tokenizer, processor = unwrap_bridge(model, tokenizer, processor)
         if not isinstance(model, nn.Module):
             raise TypeError(f"HookedModel wraps a torch.nn.Module, got {type(model).__name__}")
@@ -72,8 +79,10 @@ class HookedModel:
     def names(self, pattern: str = "*", *, stage: str | None = None, modality: str | None = None) -> list[str]:
         """Hook point names matching a glob, optionally filtered by stage and modality."""
         return [
-            n for n, hp in self.hook_points.items()
-            if fnmatch.fnmatchcase(n, pattern) and (stage is None or hp.stage == stage)
+            n
+            for n, hp in self.hook_points.items()
+            if fnmatch.fnmatchcase(n, pattern)
+            and (stage is None or hp.stage == stage)
             and (modality is None or hp.modality == modality)
         ]
 
@@ -103,7 +112,9 @@ class HookedModel:
             if any(c in item for c in "*?["):
                 matched = [n for n in self.hook_points if fnmatch.fnmatchcase(n, item)]
                 if not matched:
-                    raise KeyError(f"pattern {item!r} matches no hook point; nearest: {nearest_names(item, list(self.hook_points))}")
+                    raise KeyError(
+                        f"pattern {item!r} matches no hook point; nearest: {nearest_names(item, list(self.hook_points))}"
+                    )
                 chosen.update(dict.fromkeys(matched))
             else:
                 name = self.resolve(item).name
@@ -111,7 +122,9 @@ class HookedModel:
                 explicit.add(name)
         return list(chosen), explicit
 
-    def _request(self, cache: CacheFilter, edits: Edit | list[Edit]) -> tuple[list[str], dict[str, list[Edit]], set[str]]:
+    def _request(
+        self, cache: CacheFilter, edits: Edit | list[Edit]
+    ) -> tuple[list[str], dict[str, list[Edit]], set[str]]:
         """Validate a run's request: (names to cache, edits grouped by hook name, names that must fire)."""
         edits = [edits] if isinstance(edits, Edit) else list(edits)
         for e in edits:
@@ -136,7 +149,9 @@ class HookedModel:
             )
         missing = [k for k in self.adapter.required_inputs if k not in inputs]
         if missing:
-            raise KeyError(f"inputs lack {missing} required by adapter {self.adapter.name!r}; got keys {sorted(inputs)}")
+            raise KeyError(
+                f"inputs lack {missing} required by adapter {self.adapter.name!r}; got keys {sorted(inputs)}"
+            )
         device = self.device
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
@@ -156,8 +171,10 @@ class HookedModel:
     def require_tokenizer(self, purpose: str) -> Any:
         """:attr:`text_tokenizer`, raising with how to supply one when there is none."""
         if self.text_tokenizer is None:
-            raise ValueError(f"{purpose} need(s) {self.name}'s tokenizer: wrap the model with "
-                             "mmlens.wrap(model, tokenizer=...) (or processor=...)")
+            raise ValueError(
+                f"{purpose} need(s) {self.name}'s tokenizer: wrap the model with "
+                "mmlens.wrap(model, tokenizer=...) (or processor=...)"
+            )
         return self.text_tokenizer
 
     def token_strings(self, ids: list[int]) -> list[str]:
@@ -186,15 +203,23 @@ class HookedModel:
     def neutral(self, inputs: Mapping[str, Any], modality: str) -> dict:
         """``inputs`` with ``modality`` replaced by the adapter's neutral reference."""
         if modality not in self.adapter.neutral:
-            raise KeyError(f"adapter {self.adapter.name!r} has no neutral reference for {modality!r}; "
-                           f"it has: {sorted(self.adapter.neutral)}")
+            raise KeyError(
+                f"adapter {self.adapter.name!r} has no neutral reference for {modality!r}; "
+                f"it has: {sorted(self.adapter.neutral)}"
+            )
         inputs = self.check_inputs(inputs)
         return self.adapter.neutral[modality](self.model, dict(inputs), self.adapter.spans(self.model, inputs))
 
     # -- running -----------------------------------------------------------------------------------
     @contextmanager
-    def hooked(self, inputs: Mapping[str, Any] | None = None, *, cache: CacheFilter = None, edits: Edit | list[Edit] = (),
-               keep_grad: bool = False) -> Iterator[Recording]:
+    def hooked(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        cache: CacheFilter = None,
+        edits: Edit | list[Edit] = (),
+        keep_grad: bool = False,
+    ) -> Iterator[Recording]:
         """Install hooks for the forward passes run inside the block, then remove them.
 
         ``inputs`` (optional) gives the modality spans that position selectors refer to.
@@ -218,8 +243,17 @@ class HookedModel:
             )
         recording.cache = ActivationCache(store, self.hook_points, spans)
 
-    def run(self, inputs: Mapping[str, Any], *, cache: CacheFilter = None, edits: Edit | list[Edit] = (),
-            grad: bool = False, keep_grad: bool = False, backend: str = "torch", **forward_kwargs: Any) -> RunResult:
+    def run(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        cache: CacheFilter = None,
+        edits: Edit | list[Edit] = (),
+        grad: bool = False,
+        keep_grad: bool = False,
+        backend: str = "torch",
+        **forward_kwargs: Any,
+    ) -> RunResult:
         """One forward pass with hook points cached and/or edited.
 
         Args:
@@ -234,12 +268,15 @@ class HookedModel:
         """
         inputs = self.check_inputs(inputs)
         if backend == "nnsight":
-            return run_with_nnsight(self, inputs, cache=cache, edits=edits, grad=grad or keep_grad, keep_grad=keep_grad,
-                                    **forward_kwargs)
+            return run_with_nnsight(
+                self, inputs, cache=cache, edits=edits, grad=grad or keep_grad, keep_grad=keep_grad, **forward_kwargs
+            )
         if backend != "torch":
             raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'nnsight'")
-        with torch.set_grad_enabled(grad or keep_grad), self.hooked(inputs, cache=cache, edits=edits,
-                                                                     keep_grad=keep_grad) as rec:
+        with (
+            torch.set_grad_enabled(grad or keep_grad),
+            self.hooked(inputs, cache=cache, edits=edits, keep_grad=keep_grad) as rec,
+        ):
             output = self.model(**inputs, **forward_kwargs)
         logits = output if isinstance(output, Tensor) else output.logits
         return RunResult(output=output, logits=logits, cache=rec.cache, spans=rec.spans)

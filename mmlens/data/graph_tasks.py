@@ -53,9 +53,36 @@ TEXT_LEN = 8
 SIDES = ("low", "high")
 """Side words: communities 0, 1 are the "low" side, 2, 3 the "high" side."""
 FILLERS = (
-    "the", "a", "this", "that", "is", "node", "paper", "user", "in", "of", "on", "graph", "network", "which",
-    "does", "it", "belong", "to", "group", "cluster", "community", "where", "and", "with", "link", "friend",
-    "here", "see", "what", "some",
+    "the",
+    "a",
+    "this",
+    "that",
+    "is",
+    "node",
+    "paper",
+    "user",
+    "in",
+    "of",
+    "on",
+    "graph",
+    "network",
+    "which",
+    "does",
+    "it",
+    "belong",
+    "to",
+    "group",
+    "cluster",
+    "community",
+    "where",
+    "and",
+    "with",
+    "link",
+    "friend",
+    "here",
+    "see",
+    "what",
+    "some",
 )
 VOCAB: tuple[str, ...] = ("<pad>", *SIDES, *FILLERS)
 """id -> word; id 0 is padding (the adapter's neutral text)."""
@@ -108,8 +135,12 @@ def _graph(rng: np.random.Generator) -> dict[str, np.ndarray]:
     src, dst = adjacency.nonzero()
     means = SIGNAL * np.eye(N_COMMUNITIES, FEATURE_DIM)[communities] * ~is_query[:, None]
     features = means + rng.normal(0, 1, (N_NODES, FEATURE_DIM))
-    return {"node_features": features.astype(np.float32), "edge_index": np.stack([np.r_[src, dst], np.r_[dst, src]]),
-            "communities": communities, "is_query": is_query}
+    return {
+        "node_features": features.astype(np.float32),
+        "edge_index": np.stack([np.r_[src, dst], np.r_[dst, src]]),
+        "communities": communities,
+        "is_query": is_query,
+    }
 
 
 def _examples(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -118,16 +149,37 @@ def _examples(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], 
     return graph, rng.choice(graph["is_query"].nonzero()[0], n)
 
 
-def _task(name: str, kind: str, depends_on: set[str], rule: str, rng: np.random.Generator, seed: int,
-          graph: dict[str, np.ndarray], node_index: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...],
-          text: dict[str, np.ndarray], key_word: np.ndarray | None) -> GraphTaskData:
+def _task(
+    name: str,
+    kind: str,
+    depends_on: set[str],
+    rule: str,
+    rng: np.random.Generator,
+    seed: int,
+    graph: dict[str, np.ndarray],
+    node_index: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    text: dict[str, np.ndarray],
+    key_word: np.ndarray | None,
+) -> GraphTaskData:
     ids, mask, text_key = texts(rng, key_word, len(labels), _FILLER_IDS, TEXT_LEN, 3)
     return GraphTaskData(
-        name=name, kind=kind, depends_on=frozenset(depends_on), rule=rule,
-        **{k: torch.from_numpy(v) for k, v in graph.items()}, node_index=torch.from_numpy(node_index),
-        input_ids=ids, attention_mask=mask, labels=torch.from_numpy(labels), class_names=class_names, vocab=VOCAB,
+        name=name,
+        kind=kind,
+        depends_on=frozenset(depends_on),
+        rule=rule,
+        **{k: torch.from_numpy(v) for k, v in graph.items()},
+        node_index=torch.from_numpy(node_index),
+        input_ids=ids,
+        attention_mask=mask,
+        labels=torch.from_numpy(labels),
+        class_names=class_names,
+        vocab=VOCAB,
         graph_attrs={"community": torch.from_numpy(graph["communities"][node_index])},
-        text_attrs={k: torch.from_numpy(v) for k, v in text.items()}, text_key=text_key, seed=seed,
+        text_attrs={k: torch.from_numpy(v) for k, v in text.items()},
+        text_key=text_key,
+        seed=seed,
     )
 
 
@@ -139,8 +191,20 @@ def graph_only(n: int, seed: int) -> GraphTaskData:
     rng = np.random.default_rng(seed)
     graph, nodes = _examples(rng, n)
     community = graph["communities"][nodes]
-    return _task("graph_only", "graph_only", {"graph"}, "label = the target node's community", rng, seed, graph,
-                 nodes, community, tuple(f"community {c}" for c in range(N_COMMUNITIES)), {}, None)
+    return _task(
+        "graph_only",
+        "graph_only",
+        {"graph"},
+        "label = the target node's community",
+        rng,
+        seed,
+        graph,
+        nodes,
+        community,
+        tuple(f"community {c}" for c in range(N_COMMUNITIES)),
+        {},
+        None,
+    )
 
 
 def graph_text_synergy(n: int, seed: int) -> GraphTaskData:
@@ -149,10 +213,21 @@ def graph_text_synergy(n: int, seed: int) -> GraphTaskData:
     rng = np.random.default_rng(seed)
     graph, nodes = _examples(rng, n)
     side, word = graph["communities"][nodes] // 2, rng.integers(0, 2, n)
-    return _task("graph_text_synergy", "synergistic", {"graph", "text"},
-                 "label = yes iff the side word in the text (low/high) names the target node's side "
-                 "(communities 0-1 low, 2-3 high)", rng, seed, graph, nodes, (side == word).astype(np.int64),
-                 ("no", "yes"), {"side": word}, np.array([WORD_ID[s] for s in SIDES])[word])
+    return _task(
+        "graph_text_synergy",
+        "synergistic",
+        {"graph", "text"},
+        "label = yes iff the side word in the text (low/high) names the target node's side "
+        "(communities 0-1 low, 2-3 high)",
+        rng,
+        seed,
+        graph,
+        nodes,
+        (side == word).astype(np.int64),
+        ("no", "yes"),
+        {"side": word},
+        np.array([WORD_ID[s] for s in SIDES])[word],
+    )
 
 
 GRAPH_TASKS: dict[str, Callable[[int, int], GraphTaskData]] = {

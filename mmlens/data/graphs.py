@@ -44,9 +44,36 @@ _SYNTHETIC_TOPICS = (
     ("bayesian", "probability", "inference", "posterior", "networks", "sampling", "likelihood", "prior"),
 )
 _SYNTHETIC_FILLER = (
-    "we", "present", "a", "new", "method", "for", "the", "problem", "of", "results", "show", "that",
-    "approach", "is", "paper", "this", "in", "and", "data", "model", "on", "with", "experiments",
-    "performance", "study", "using", "propose", "algorithm", "learning", "based",
+    "we",
+    "present",
+    "a",
+    "new",
+    "method",
+    "for",
+    "the",
+    "problem",
+    "of",
+    "results",
+    "show",
+    "that",
+    "approach",
+    "is",
+    "paper",
+    "this",
+    "in",
+    "and",
+    "data",
+    "model",
+    "on",
+    "with",
+    "experiments",
+    "performance",
+    "study",
+    "using",
+    "propose",
+    "algorithm",
+    "learning",
+    "based",
 )
 
 
@@ -147,8 +174,7 @@ def _read_json(path: Path) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path} is missing: labels.json must sit next to cora.json and hold "
-            "{'labels': [one name per class]}"
+            f"{path} is missing: labels.json must sit next to cora.json and hold {{'labels': [one name per class]}}"
         ) from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); re-download the file") from None
@@ -177,9 +203,7 @@ def _load_cora(folder: Path) -> TextAttributedGraph:
         )
     edge_index = torch.tensor(edges, dtype=torch.long)
     if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(
-            f"{path}: edge_index must be [[src...], [dst...]], got shape {tuple(edge_index.shape)}"
-        )
+        raise ValueError(f"{path}: edge_index must be [[src...], [dst...]], got shape {tuple(edge_index.shape)}")
     if edge_index.numel() and (edge_index.min() < 0 or edge_index.max() >= len(texts)):
         raise ValueError(f"{path}: edge_index refers to nodes outside [0, {len(texts)})")
     return TextAttributedGraph(
@@ -203,7 +227,7 @@ def extract_title(text: str, max_chars: int = 300) -> str:
     then strips whitespace, quotes and trailing punctuation. A few texts have no title and start
     with the separator; their first phrase stands in.
     """
-    head = text.lstrip(" :\"")[:max_chars]
+    head = text.lstrip(' :"')[:max_chars]
     for sep in (" : ", ":", ". "):
         if sep in head:
             head = head.split(sep, 1)[0]

@@ -16,9 +16,16 @@ from PIL import Image, ImageDraw
 GENERATED = "generated:"
 """The prefix of a generated image's name."""
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 200, 40),
-    "orange": (230, 130, 30), "purple": (130, 50, 160), "white": (250, 250, 250), "black": (10, 10, 10),
-    "gray": (128, 128, 128)}
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (230, 200, 40),
+    "orange": (230, 130, 30),
+    "purple": (130, 50, 160),
+    "white": (250, 250, 250),
+    "black": (10, 10, 10),
+    "gray": (128, 128, 128),
+}
 SHAPES = ("plain", "square", "circle", "stripes")
 GROUND = (220, 220, 220)
 """The background RGB of a generated shape."""
@@ -33,22 +40,26 @@ def image_path(spec: str, folder: str | Path | None = None) -> Path:
 def image_problem(spec: str, folder: str | Path | None = None) -> str | None:
     """Why ``spec`` names no image (an unknown colour or shape, a missing file), or None when it does."""
     if spec.startswith(GENERATED):
-        color, _, shape = spec[len(GENERATED):].partition("-")
+        color, _, shape = spec[len(GENERATED) :].partition("-")
         if color in COLORS and (not shape or shape in SHAPES):
             return None
-        return (f"unknown generated image {spec!r}; use generated:COLOR or generated:COLOR-SHAPE with COLOR in "
-                f"{', '.join(COLORS)} and SHAPE in {', '.join(SHAPES)}")
+        return (
+            f"unknown generated image {spec!r}; use generated:COLOR or generated:COLOR-SHAPE with COLOR in "
+            f"{', '.join(COLORS)} and SHAPE in {', '.join(SHAPES)}"
+        )
     if image_path(spec, folder).is_file():
         return None
-    return (f"image file {image_path(spec, folder)} not found (relative paths start at the config file's folder), "
-            "and it is not generated:COLOR[-SHAPE]")
+    return (
+        f"image file {image_path(spec, folder)} not found (relative paths start at the config file's folder), "
+        "and it is not generated:COLOR[-SHAPE]"
+    )
 
 
 def make_image(spec: str, folder: str | Path | None = None, size: int = 64) -> Image.Image:
     """An RGB image: ``generated:COLOR[-SHAPE]`` drawn at ``size`` x ``size`` px, else the file ``spec``."""
     if not spec.startswith(GENERATED):
         return Image.open(image_path(spec, folder)).convert("RGB")
-    color, _, shape = spec[len(GENERATED):].partition("-")
+    color, _, shape = spec[len(GENERATED) :].partition("-")
     return draw_shape(COLORS[color], shape or "plain", size)
 
 

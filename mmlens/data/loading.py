@@ -332,12 +332,24 @@ _IMAGE_TOKEN_ID = _VOCAB - 1
 _FAKE_AROUND_IMAGE_ID, _GLOBAL_IMAGE_ID = _VOCAB - 2, _VOCAB - 3  # Idefics3's layout tokens
 _TEXT_IDS = (3, _VOCAB - 3)
 _TINY_LLAMA = {
-    "vocab_size": _VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 0,
-    "bos_token_id": 1, "eos_token_id": 2,
+    "vocab_size": _VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
 }
-_TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "patch_size": 8}
+_TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "patch_size": 8,
+}
 
 
 def _tiny(
@@ -388,8 +400,11 @@ def _tiny_phi3(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
 def _tiny_llava(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     vision = CLIPVisionConfig(**_TINY_VISION, image_size=32, projection_dim=32)
     config = LlavaConfig(
-        vision_config=vision, text_config=LlamaConfig(**_TINY_LLAMA), image_token_id=_IMAGE_TOKEN_ID,
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
+        vision_config=vision,
+        text_config=LlamaConfig(**_TINY_LLAMA),
+        image_token_id=_IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
     )
 
     def inputs() -> Inputs:
@@ -420,8 +435,12 @@ def _tiny_idefics3(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         ids = _ids_around(seed, image)
         pixels = torch.randn(2, 1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
         pixel_mask = torch.ones(2, 1, 64, 64, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
-                "pixel_attention_mask": pixel_mask}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": pixels,
+            "pixel_attention_mask": pixel_mask,
+        }
 
     return _tiny(Idefics3ForConditionalGeneration, config, name, seed, inputs)
 
@@ -447,15 +466,22 @@ def _tea_glm(name: str, lm_name: str, dtype: torch.dtype, seed: int) -> LoadedMo
     def inputs() -> Inputs:
         g = torch.Generator().manual_seed(seed)
         input_ids = torch.tensor([ids, ids])
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "node_features": torch.randn(12, 32, generator=g), "edge_index": torch.randint(0, 12, (2, 40), generator=g),
-                "node_ids": torch.tensor([0, 5])}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "node_features": torch.randn(12, 32, generator=g),
+            "edge_index": torch.randint(0, 12, (2, 40), generator=g),
+            "node_ids": torch.tensor([0, 5]),
+        }
 
     return LoadedModel(model, lm.tokenizer, None, name, inputs)
 
 
-@register("tea-glm", "TEA-GLM-style graph-language model: GraphSAGE -> 5 graph tokens -> SmolLM2-135M-Instruct "
-                     "(untrained GNN/projector)")
+@register(
+    "tea-glm",
+    "TEA-GLM-style graph-language model: GraphSAGE -> 5 graph tokens -> SmolLM2-135M-Instruct "
+    "(untrained GNN/projector)",
+)
 def _tea_glm_smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     return _tea_glm(name, "smollm2-135m-instruct", dtype, seed)
 
@@ -465,8 +491,11 @@ def _tea_glm_tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedMode
     return _tea_glm(name, "tinystories-656k", dtype, seed)
 
 
-@register("synthetic-vlm", "LLaVA: CLIP 2x64 (32px, patch 8 -> 16 image tokens) + the real TinyStories-656K, vision "
-                           "side trained to name a rendered shape's colour / shape (~45 s once, then cached)")
+@register(
+    "synthetic-vlm",
+    "LLaVA: CLIP 2x64 (32px, patch 8 -> 16 image tokens) + the real TinyStories-656K, vision "
+    "side trained to name a rendered shape's colour / shape (~45 s once, then cached)",
+)
 def _synthetic_vlm(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     from mmlens.training.vlm import train_vlm
 
@@ -481,8 +510,11 @@ def _synthetic_vlm(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     return LoadedModel(trained.model, trained.tokenizer, trained.processor, name, inputs)
 
 
-@register("tiny-fusion", "mmlens FusionTransformer, random weights: image (16px, patch 4) + text encoders, "
-                         "2-layer joint transformer, 4 classes")
+@register(
+    "tiny-fusion",
+    "mmlens FusionTransformer, random weights: image (16px, patch 4) + text encoders, "
+    "2-layer joint transformer, 4 classes",
+)
 def _tiny_fusion(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     from mmlens.models import FusionConfig, FusionTransformer
 

@@ -45,14 +45,55 @@ COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle", "cross")
 """Shape names, in attribute order."""
 RGB: dict[str, tuple[float, float, float]] = {
-    "red": (0.9, 0.15, 0.1), "green": (0.15, 0.8, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.9, 0.85, 0.1),
+    "red": (0.9, 0.15, 0.1),
+    "green": (0.15, 0.8, 0.2),
+    "blue": (0.15, 0.3, 0.95),
+    "yellow": (0.9, 0.85, 0.1),
 }
 """Colour name -> RGB in [0, 1] of the shapes (before the per-image brightness)."""
 FILLERS = (
-    "the", "a", "this", "that", "is", "there", "here", "picture", "image", "photo", "shows", "with", "of",
-    "in", "on", "and", "some", "object", "thing", "look", "at", "see", "it", "very", "small", "big", "near",
-    "maybe", "what", "scene", "cat", "dog", "tree", "house", "car", "boat", "bird", "sun", "sky", "left",
-    "right", "top",
+    "the",
+    "a",
+    "this",
+    "that",
+    "is",
+    "there",
+    "here",
+    "picture",
+    "image",
+    "photo",
+    "shows",
+    "with",
+    "of",
+    "in",
+    "on",
+    "and",
+    "some",
+    "object",
+    "thing",
+    "look",
+    "at",
+    "see",
+    "it",
+    "very",
+    "small",
+    "big",
+    "near",
+    "maybe",
+    "what",
+    "scene",
+    "cat",
+    "dog",
+    "tree",
+    "house",
+    "car",
+    "boat",
+    "bird",
+    "sun",
+    "sky",
+    "left",
+    "right",
+    "top",
 )
 VOCAB: tuple[str, ...] = ("<pad>", *COLORS, *FILLERS)
 """id -> word; id 0 is padding (the adapter's neutral text)."""
@@ -170,8 +211,9 @@ class TaskData(SyntheticTask):
 Task = TypeVar("Task", bound=SyntheticTask)
 
 
-def texts(rng: np.random.Generator, key_word: np.ndarray | None, n: int, filler_ids: np.ndarray, length: int,
-          min_words: int) -> tuple[Tensor, Tensor, Tensor]:
+def texts(
+    rng: np.random.Generator, key_word: np.ndarray | None, n: int, filler_ids: np.ndarray, length: int, min_words: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Sentences of ``min_words``..``length`` words drawn from ``filler_ids``, with word id
     ``key_word[i]`` (Long[n]) at a random position when given -> input_ids, attention_mask
     Long[n, length] (padded at the end with 0), key Bool[n, length]."""
@@ -204,12 +246,14 @@ def _scenes(rng: np.random.Generator, shape: np.ndarray, color: np.ndarray) -> t
     grid = np.arange(s) + 0.5
     dy, dx = grid[None, :, None] - cy, grid[None, None, :] - cx
     arm = 0.35 * r
-    masks = np.stack([
-        dx**2 + dy**2 <= r**2,  # circle
-        np.maximum(abs(dx), abs(dy)) <= 0.85 * r,  # square of about the circle's area
-        (abs(dy) <= r) & (abs(dx) <= (dy + r) / 2),  # triangle, apex up
-        ((abs(dx) <= arm) & (abs(dy) <= r)) | ((abs(dy) <= arm) & (abs(dx) <= r)),  # cross
-    ])
+    masks = np.stack(
+        [
+            dx**2 + dy**2 <= r**2,  # circle
+            np.maximum(abs(dx), abs(dy)) <= 0.85 * r,  # square of about the circle's area
+            (abs(dy) <= r) & (abs(dx) <= (dy + r) / 2),  # triangle, apex up
+            ((abs(dx) <= arm) & (abs(dy) <= r)) | ((abs(dy) <= arm) & (abs(dx) <= r)),  # cross
+        ]
+    )
     mask = masks[np.maximum(shape, 0), np.arange(n)] & (shape >= 0)[:, None, None]  # [n, s, s]
     background = rng.uniform(0, 0.15, (n, 3, 1, 1))
     paint = _RGB[np.maximum(color, 0)][:, :, None, None] * rng.uniform(0.8, 1.0, (n, 1, 1, 1))
@@ -219,16 +263,36 @@ def _scenes(rng: np.random.Generator, shape: np.ndarray, color: np.ndarray) -> t
     return torch.tensor(pixels.clip(0, 1), dtype=torch.float32), torch.from_numpy(key)
 
 
-def _task(name: str, kind: str, depends_on: set[str], rule: str, rng: np.random.Generator, seed: int,
-          labels: np.ndarray, class_names: tuple[str, ...], image: dict[str, np.ndarray],
-          text: dict[str, np.ndarray], key_word: np.ndarray | None) -> TaskData:
+def _task(
+    name: str,
+    kind: str,
+    depends_on: set[str],
+    rule: str,
+    rng: np.random.Generator,
+    seed: int,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    image: dict[str, np.ndarray],
+    text: dict[str, np.ndarray],
+    key_word: np.ndarray | None,
+) -> TaskData:
     pixels, image_key = _scenes(rng, image["shape"], image["color"])
     ids, mask, text_key = texts(rng, key_word, len(labels), _FILLER_IDS, TEXT_LEN, 4)
     return TaskData(
-        name=name, kind=kind, depends_on=frozenset(depends_on), rule=rule, pixel_values=pixels, input_ids=ids,
-        attention_mask=mask, labels=torch.from_numpy(labels), class_names=class_names, vocab=VOCAB,
+        name=name,
+        kind=kind,
+        depends_on=frozenset(depends_on),
+        rule=rule,
+        pixel_values=pixels,
+        input_ids=ids,
+        attention_mask=mask,
+        labels=torch.from_numpy(labels),
+        class_names=class_names,
+        vocab=VOCAB,
         image_attrs={k: torch.from_numpy(v) for k, v in image.items()},
-        text_attrs={k: torch.from_numpy(v) for k, v in text.items()}, image_key=image_key, text_key=text_key,
+        text_attrs={k: torch.from_numpy(v) for k, v in text.items()},
+        image_key=image_key,
+        text_key=text_key,
         seed=seed,
     )
 
@@ -244,8 +308,19 @@ def image_only(n: int, seed: int) -> TaskData:
     """Label: the shape's colour (4 classes); any of 4 shapes; the text is filler words."""
     rng = np.random.default_rng(seed)
     color, shape = rng.integers(0, 4, n), rng.integers(0, 4, n)
-    return _task("image_only", "image_only", {"image"}, "label = colour of the shape in the image", rng, seed,
-                 color, COLORS, {"shape": shape, "color": color}, {}, None)
+    return _task(
+        "image_only",
+        "image_only",
+        {"image"},
+        "label = colour of the shape in the image",
+        rng,
+        seed,
+        color,
+        COLORS,
+        {"shape": shape, "color": color},
+        {},
+        None,
+    )
 
 
 def text_only(n: int, seed: int) -> TaskData:
@@ -253,8 +328,19 @@ def text_only(n: int, seed: int) -> TaskData:
     rng = np.random.default_rng(seed)
     word = rng.integers(0, 4, n)
     none = np.full(n, -1)
-    return _task("text_only", "text_only", {"text"}, "label = colour word in the text", rng, seed,
-                 word, COLORS, {"shape": none, "color": none}, {"color": word}, _color_words(word))
+    return _task(
+        "text_only",
+        "text_only",
+        {"text"},
+        "label = colour word in the text",
+        rng,
+        seed,
+        word,
+        COLORS,
+        {"shape": none, "color": none},
+        {"color": word},
+        _color_words(word),
+    )
 
 
 def shortcut(n: int, seed: int) -> TaskData:
@@ -262,16 +348,38 @@ def shortcut(n: int, seed: int) -> TaskData:
     is independent of the label, so it looks relevant but carries no label information."""
     rng = np.random.default_rng(seed)
     word, color, shape = rng.integers(0, 4, n), rng.integers(0, 4, n), rng.integers(0, 4, n)
-    return _task("shortcut", "shortcut", {"text"}, "label = colour word in the text (the shape's colour is random)",
-                 rng, seed, word, COLORS, {"shape": shape, "color": color}, {"color": word}, _color_words(word))
+    return _task(
+        "shortcut",
+        "shortcut",
+        {"text"},
+        "label = colour word in the text (the shape's colour is random)",
+        rng,
+        seed,
+        word,
+        COLORS,
+        {"shape": shape, "color": color},
+        {"color": word},
+        _color_words(word),
+    )
 
 
 def redundant(n: int, seed: int) -> TaskData:
     """Label: the shape's colour, which the colour word in the text repeats (4 classes)."""
     rng = np.random.default_rng(seed)
     color, shape = rng.integers(0, 4, n), rng.integers(0, 4, n)
-    return _task("redundant", "redundant", {"image", "text"}, "label = colour of the shape = colour word in the text",
-                 rng, seed, color, COLORS, {"shape": shape, "color": color}, {"color": color}, _color_words(color))
+    return _task(
+        "redundant",
+        "redundant",
+        {"image", "text"},
+        "label = colour of the shape = colour word in the text",
+        rng,
+        seed,
+        color,
+        COLORS,
+        {"shape": shape, "color": color},
+        {"color": color},
+        _color_words(color),
+    )
 
 
 def synergistic(n: int, seed: int) -> TaskData:
@@ -280,10 +388,19 @@ def synergistic(n: int, seed: int) -> TaskData:
     rng = np.random.default_rng(seed)
     pair = np.array([COLORS.index("red"), COLORS.index("blue")])
     color, word, shape = pair[rng.integers(0, 2, n)], pair[rng.integers(0, 2, n)], rng.integers(0, 4, n)
-    return _task("synergistic", "synergistic", {"image", "text"},
-                 "label = yes iff the shape's colour (red/blue) is the colour word in the text (red/blue)", rng, seed,
-                 (color == word).astype(np.int64), ("no", "yes"), {"shape": shape, "color": color}, {"color": word},
-                 _color_words(word))
+    return _task(
+        "synergistic",
+        "synergistic",
+        {"image", "text"},
+        "label = yes iff the shape's colour (red/blue) is the colour word in the text (red/blue)",
+        rng,
+        seed,
+        (color == word).astype(np.int64),
+        ("no", "yes"),
+        {"shape": shape, "color": color},
+        {"color": word},
+        _color_words(word),
+    )
 
 
 TASKS: dict[str, Callable[[int, int], TaskData]] = {

@@ -87,8 +87,11 @@ class Node(Where):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: ``{"hook": str, "at": None | str | [int], "heads": None | [int]}``."""
-        return {"hook": self.hook, "at": list(self.at) if isinstance(self.at, tuple) else self.at,
-                "heads": list(self.heads) if self.heads is not None else None}
+        return {
+            "hook": self.hook,
+            "at": list(self.at) if isinstance(self.at, tuple) else self.at,
+            "heads": list(self.heads) if self.heads is not None else None,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Node:
@@ -131,20 +134,33 @@ class Circuit:
         return tuple(Node(h) for h in hooks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "name": self.name, "description": self.description,
-                "nodes": [n.to_dict() for n in self.nodes], "edges": [list(e) for e in self.edges]}
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "description": self.description,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "edges": [list(e) for e in self.edges],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Circuit:
         if data.get("format") != FORMAT or not isinstance(data.get("version"), int):
-            raise ValueError(f"not a circuit: expected format {FORMAT!r} with an integer version, "
-                             f"got format={data.get('format')!r}, version={data.get('version')!r}")
+            raise ValueError(
+                f"not a circuit: expected format {FORMAT!r} with an integer version, "
+                f"got format={data.get('format')!r}, version={data.get('version')!r}"
+            )
         if data["version"] > FORMAT_VERSION:
-            raise ValueError(f"circuit format version {data['version']} is newer than this mmlens reads "
-                             f"({FORMAT_VERSION}); upgrade mmlens")
-        return cls(nodes=tuple(Node.from_dict(n) for n in data.get("nodes", ())),
-                   edges=tuple(tuple(e) for e in data.get("edges", ())),
-                   name=data.get("name", ""), description=data.get("description", ""))
+            raise ValueError(
+                f"circuit format version {data['version']} is newer than this mmlens reads "
+                f"({FORMAT_VERSION}); upgrade mmlens"
+            )
+        return cls(
+            nodes=tuple(Node.from_dict(n) for n in data.get("nodes", ())),
+            edges=tuple(tuple(e) for e in data.get("edges", ())),
+            name=data.get("name", ""),
+            description=data.get("description", ""),
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the circuit as JSON (see :meth:`to_dict`); returns the path."""
@@ -174,9 +190,12 @@ class Circuit:
         sub = sub.dropna(subset=[value])
         top = sub.loc[sub[value].abs().sort_values(ascending=False, kind="stable").index].head(k)
         nodes = tuple(_sweep_node(result.hook, row) for row in top.to_dict("records"))
-        return cls(nodes=nodes, name=f"top {k} {result.hook}",
-                   description=f"the {len(nodes)} cells of a {result.direction} sweep over {result.hook} x "
-                               f"{'/'.join(result.axes)} with the largest |{value}| (pair {pair})")
+        return cls(
+            nodes=nodes,
+            name=f"top {k} {result.hook}",
+            description=f"the {len(nodes)} cells of a {result.direction} sweep over {result.hook} x "
+            f"{'/'.join(result.axes)} with the largest |{value}| (pair {pair})",
+        )
 
     @classmethod
     def from_edges(cls, scores: EdgeScores, k: int, pair: int = 0) -> Circuit:
@@ -191,8 +210,12 @@ class Circuit:
         top = summed.loc[summed.abs().sort_values(ascending=False, kind="stable").index].head(k)
         edges = tuple(top.index)
         hooks = dict.fromkeys(h for edge in edges for h in edge if h not in PSEUDO_NODES)
-        return cls(nodes=tuple(Node(h) for h in hooks), edges=edges, name=f"top {k} edges",
-                   description=f"the {len(edges)} edges with the largest |score| (pair {pair})")
+        return cls(
+            nodes=tuple(Node(h) for h in hooks),
+            edges=edges,
+            name=f"top {k} edges",
+            description=f"the {len(edges)} edges with the largest |score| (pair {pair})",
+        )
 
 
 def _sweep_node(hook: str, row: Mapping[str, Any]) -> Node:
@@ -201,8 +224,10 @@ def _sweep_node(hook: str, row: Mapping[str, Any]) -> Node:
         prefix, kind = hook.rsplit(".", 1) if "." in hook else ("lm", hook)
         hook = f"{prefix}.blocks.{int(layer)}.{kind}"
     elif ".blocks." not in hook and "." not in hook:
-        raise ValueError(f"the sweep over {hook!r} has no layer column (one layer, axes without 'layer'); "
-                         "sweep with axes including 'layer' or a full hook name")
+        raise ValueError(
+            f"the sweep over {hook!r} has no layer column (one layer, axes without 'layer'); "
+            "sweep with axes including 'layer' or a full hook name"
+        )
     at = (int(row["position"]),) if "position" in row else row.get("span")
     heads = (int(row["head"]),) if "head" in row else None
     return Node(hook, at, heads)
@@ -213,12 +238,15 @@ def _point(hooked: HookedModel, hook: str) -> HookPoint:
     try:
         return hooked.resolve(hook)
     except KeyError:
-        raise KeyError(f"circuit node hook {hook!r} is not a hook point of {hooked.name}; nearest valid names: "
-                       f"{nearest_names(hook, hooked.hook_points)}") from None
+        raise KeyError(
+            f"circuit node hook {hook!r} is not a hook point of {hooked.name}; nearest valid names: "
+            f"{nearest_names(hook, hooked.hook_points)}"
+        ) from None
 
 
-def components(hooked: HookedModel, kinds: Sequence[str] = ("attn_out", "mlp_out"),
-               stage: str | Sequence[str] | None = "lm") -> list[Node]:
+def components(
+    hooked: HookedModel, kinds: Sequence[str] = ("attn_out", "mlp_out"), stage: str | Sequence[str] | None = "lm"
+) -> list[Node]:
     """The component universe: one node per hook point of each kind in ``stage`` (``None``: every
     stage), in flow order; for kind ``"z"``, one node per head (``heads=(h,)``)."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
@@ -226,8 +254,9 @@ def components(hooked: HookedModel, kinds: Sequence[str] = ("attn_out", "mlp_out
     points = [hp for hp in hooked.hook_points.values() if stages is None or hp.stage in stages]
     missing = [k for k in kinds if not any(hp.kind == k for hp in points)]
     if missing:
-        raise ValueError(f"no hook point of kind {missing} in stage {stage!r}; kinds there: "
-                         f"{sorted({hp.kind for hp in points})}")
+        raise ValueError(
+            f"no hook point of kind {missing} in stage {stage!r}; kinds there: {sorted({hp.kind for hp in points})}"
+        )
     nodes = []
     for hp in points:
         if hp.kind not in kinds:
@@ -256,20 +285,25 @@ def _checked(hooked: HookedModel, nodes: Iterable[Node]) -> list[tuple[HookPoint
         hp = _point(hooked, node.hook)
         if node.heads is not None:
             if not hp.heads:
-                raise ValueError(f"node {node} gives heads but {hp.name!r} has no head axis; per-head nodes go on "
-                                 f"'z' points (e.g. {hp.name.rsplit('.', 1)[0] + '.z'!r})")
+                raise ValueError(
+                    f"node {node} gives heads but {hp.name!r} has no head axis; per-head nodes go on "
+                    f"'z' points (e.g. {hp.name.rsplit('.', 1)[0] + '.z'!r})"
+                )
             bad = [h for h in node.heads if not 0 <= h < hp.heads]
             if bad:
                 raise IndexError(f"node {node}: heads {bad} out of range for the {hp.heads} heads of {hp.name!r}")
         if isinstance(node.at, str) and not hp.fused_positions:
-            raise ValueError(f"node {node}: {hp.name!r} is inside the {hp.modality or hp.stage} encoder, whose "
-                             f"positions are its own tokens, so span {node.at!r} does not apply; give positions")
+            raise ValueError(
+                f"node {node}: {hp.name!r} is inside the {hp.modality or hp.stage} encoder, whose "
+                f"positions are its own tokens, so span {node.at!r} does not apply; give positions"
+            )
         out.append((hp, Node(hp.name, node.at, node.heads)))
     return out
 
 
-def _plan(hooked: HookedModel, circuit: Circuit, mode: str, kinds: Sequence[str] | None,
-          stage: str | Sequence[str] | None) -> list[_Ablate]:
+def _plan(
+    hooked: HookedModel, circuit: Circuit, mode: str, kinds: Sequence[str] | None, stage: str | Sequence[str] | None
+) -> list[_Ablate]:
     nodes = _checked(hooked, circuit.effective_nodes)
     if mode == "remove":
         return [_Ablate(hp, node.at, node.heads) for hp, node in nodes]
@@ -283,8 +317,11 @@ def _plan(hooked: HookedModel, circuit: Circuit, mode: str, kinds: Sequence[str]
     whole: dict[str, list] = {}  # hook -> heads to ablate at every position ([None]: the whole point)
     partial: list[_Ablate] = []
     for u in components(hooked, kinds, stage):
-        covering = [c for c in by_hook.get(u.hook, ()) if c.heads is None
-                    or (u.heads is not None and set(u.heads) <= set(c.heads))]
+        covering = [
+            c
+            for c in by_hook.get(u.hook, ())
+            if c.heads is None or (u.heads is not None and set(u.heads) <= set(c.heads))
+        ]
         if not covering:
             whole.setdefault(u.hook, []).extend(u.heads or [None])
         elif all(c.at is not None for c in covering):
@@ -298,29 +335,44 @@ def _layout_error(spans: ModalitySpans, ref: ModalitySpans, what: str) -> ValueE
     (b, s), (rb, rs) = spans.valid.shape, ref.valid.shape
     shapes = f"[batch, seq] = {(b, s)} for the inputs vs {(rb, rs)} for the {what}"
     if rs != s or rb not in (1, b):
-        return ValueError(f"the {what} has a different layout: {shapes}; use one with the same sequence layout "
-                          f"and batch 1 or {b}")
+        return ValueError(
+            f"the {what} has a different layout: {shapes}; use one with the same sequence layout and batch 1 or {b}"
+        )
     same = spans.masks.keys() == ref.masks.keys() and all(
-        torch.equal(spans.masks[m], ref.masks[m].to(spans.masks[m].device).expand(b, s)) for m in spans.masks)
+        torch.equal(spans.masks[m], ref.masks[m].to(spans.masks[m].device).expand(b, s)) for m in spans.masks
+    )
     if not same:
-        counts = {m: (spans.masks[m].sum(1).tolist(), ref.masks[m].sum(1).tolist())
-                  for m in spans.masks if m in ref.masks}
-        return ValueError(f"the {what}'s modality spans do not line up with the inputs' ({shapes}; positions per "
-                          f"modality, inputs vs {what}: {counts})")
+        counts = {
+            m: (spans.masks[m].sum(1).tolist(), ref.masks[m].sum(1).tolist()) for m in spans.masks if m in ref.masks
+        }
+        return ValueError(
+            f"the {what}'s modality spans do not line up with the inputs' ({shapes}; positions per "
+            f"modality, inputs vs {what}: {counts})"
+        )
     return None
 
 
-def _reference_run(hooked: HookedModel, inputs: dict, spans: ModalitySpans, ablation: str, names: list[str],
-                   reference: Reference | None, modality: str | None) -> tuple[RunResult, bool]:
+def _reference_run(
+    hooked: HookedModel,
+    inputs: dict,
+    spans: ModalitySpans,
+    ablation: str,
+    names: list[str],
+    reference: Reference | None,
+    modality: str | None,
+) -> tuple[RunResult, bool]:
     """One cached run of the reference at ``names``, and whether it has the inputs' batch and a checked layout."""
     if ablation == "neutral":
         if reference is not None:
             raise ValueError("ablation='neutral' builds its reference from the inputs; drop reference=")
-        modalities = [modality] if modality is not None else [
-            m for m in spans.modalities if m in hooked.adapter.neutral]
+        modalities = (
+            [modality] if modality is not None else [m for m in spans.modalities if m in hooked.adapter.neutral]
+        )
         if not modalities:
-            raise ValueError(f"no modality of these inputs ({spans.modalities}) has a neutral reference in adapter "
-                             f"{hooked.adapter.name!r}")
+            raise ValueError(
+                f"no modality of these inputs ({spans.modalities}) has a neutral reference in adapter "
+                f"{hooked.adapter.name!r}"
+            )
         ref_inputs = inputs
         for m in modalities:
             ref_inputs = hooked.neutral(ref_inputs, m)
@@ -330,8 +382,10 @@ def _reference_run(hooked: HookedModel, inputs: dict, spans: ModalitySpans, abla
         if modality is not None:
             raise ValueError(f"modality= applies to ablation='neutral' only, not {ablation!r}")
         if reference is None:
-            raise ValueError(f"ablation={ablation!r} needs reference= (inputs, or a mmlens.Corruption: "
-                             + ("a batch to average over)" if ablation == "mean" else "an input of the same layout)"))
+            raise ValueError(
+                f"ablation={ablation!r} needs reference= (inputs, or a mmlens.Corruption: "
+                + ("a batch to average over)" if ablation == "mean" else "an input of the same layout)")
+            )
         corruption = reference if isinstance(reference, Corruption) else Corruption(dict(reference), [], "reference")
         ref_inputs, ref_edits, what = hooked.check_inputs(corruption.inputs), corruption.edits, "reference"
     ref_spans = hooked.spans(ref_inputs)
@@ -342,8 +396,10 @@ def _reference_run(hooked: HookedModel, inputs: dict, spans: ModalitySpans, abla
         for key, value in inputs.items():
             other = ref_inputs.get(key)
             if isinstance(value, Tensor) and isinstance(other, Tensor) and value.shape[1:] != other.shape[1:]:
-                raise ValueError(f"the {what} has a different layout: input {key!r} has shape {tuple(value.shape)} "
-                                 f"in the inputs vs {tuple(other.shape)} in the {what}")
+                raise ValueError(
+                    f"the {what} has a different layout: input {key!r} has shape {tuple(value.shape)} "
+                    f"in the inputs vs {tuple(other.shape)} in the {what}"
+                )
     run = hooked.run(ref_inputs, cache=names, edits=ref_edits)
     return run, ablation != "mean" and ref_spans.valid.shape == spans.valid.shape
 
@@ -360,8 +416,10 @@ def _value(act: Tensor, shape: tuple[int, ...], ablation: str, valid: Tensor | N
     try:
         return act.expand(shape)
     except RuntimeError:
-        raise ValueError(f"the reference's activation at {name!r} has shape {tuple(act.shape)}, which does not fit "
-                         f"the inputs' {tuple(shape)}") from None
+        raise ValueError(
+            f"the reference's activation at {name!r} has shape {tuple(act.shape)}, which does not fit "
+            f"the inputs' {tuple(shape)}"
+        ) from None
 
 
 def _mask(hp: HookPoint, selectors: tuple[Position, ...], spans: ModalitySpans, lead: tuple[int, int]) -> Tensor:
@@ -375,9 +433,18 @@ def _mask(hp: HookPoint, selectors: tuple[Position, ...], spans: ModalitySpans, 
     return out
 
 
-def circuit_edits(hooked: HookedModel, inputs: Mapping[str, Any], circuit: Circuit, mode: str = "keep",
-                  ablation: str = "mean", *, reference: Reference | None = None, modality: str | None = None,
-                  kinds: Sequence[str] | None = None, stage: str | Sequence[str] | None = None) -> list[Edit]:
+def circuit_edits(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    circuit: Circuit,
+    mode: str = "keep",
+    ablation: str = "mean",
+    *,
+    reference: Reference | None = None,
+    modality: str | None = None,
+    kinds: Sequence[str] | None = None,
+    stage: str | Sequence[str] | None = None,
+) -> list[Edit]:
     """The :func:`mmlens.replace` edits of :func:`intervene` (see there), to run or to batch with others.
 
     Runs the reference once (not for ``"zero"``, nor when nothing is ablated), plus, only for
@@ -409,14 +476,18 @@ def circuit_edits(hooked: HookedModel, inputs: Mapping[str, Any], circuit: Circu
             shapes[n] = (*spans.valid.shape, *(acts[n].shape[2:] if n in acts else ()))
         elif same_batch:
             shapes[n] = tuple(acts[n].shape)
-    probe = [n for n in names if n not in shapes
-             and (ablation != "zero" or any(a.keep for a in plan if a.hp.name == n))]
+    probe = [
+        n for n in names if n not in shapes and (ablation != "zero" or any(a.keep for a in plan if a.hp.name == n))
+    ]
     if probe:
         probed = hooked.run(inputs, cache=probe)
         shapes.update({n: tuple(probed.cache[n].shape) for n in probe})
     values: dict[str, Tensor | float] = {
         n: _value(acts[n], shapes[n], ablation, ref_valid if hooked.hook_points[n].fused_positions else None, n)
-        if n in acts else 0.0 for n in names}
+        if n in acts
+        else 0.0
+        for n in names
+    }
     edits = []
     for a in plan:
         at: Any = list(a.at) if isinstance(a.at, tuple) else a.at
@@ -429,10 +500,19 @@ def circuit_edits(hooked: HookedModel, inputs: Mapping[str, Any], circuit: Circu
     return edits
 
 
-def intervene(hooked: HookedModel, inputs: Mapping[str, Any], circuit: Circuit, mode: str = "keep",
-              ablation: str = "mean", *, reference: Reference | None = None, modality: str | None = None,
-              kinds: Sequence[str] | None = None, stage: str | Sequence[str] | None = None,
-              cache: CacheFilter = None) -> RunResult:
+def intervene(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    circuit: Circuit,
+    mode: str = "keep",
+    ablation: str = "mean",
+    *,
+    reference: Reference | None = None,
+    modality: str | None = None,
+    kinds: Sequence[str] | None = None,
+    stage: str | Sequence[str] | None = None,
+    cache: CacheFilter = None,
+) -> RunResult:
     """Run ``inputs`` with the circuit kept (everything else in the universe ablated) or removed.
 
     Args:
@@ -456,8 +536,9 @@ def intervene(hooked: HookedModel, inputs: Mapping[str, Any], circuit: Circuit, 
     Returns:
         The :class:`mmlens.RunResult` of the intervened run (``logits`` Float[batch, seq, vocab]).
     """
-    edits = circuit_edits(hooked, inputs, circuit, mode, ablation, reference=reference, modality=modality,
-                          kinds=kinds, stage=stage)
+    edits = circuit_edits(
+        hooked, inputs, circuit, mode, ablation, reference=reference, modality=modality, kinds=kinds, stage=stage
+    )
     return hooked.run(inputs, cache=cache, edits=edits)
 
 

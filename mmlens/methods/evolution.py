@@ -78,16 +78,28 @@ class Evolution:
         """
         rows = []
         for metric, direction in METRICS.items():
-            table = self.per_input[self.per_input.metric == metric].pivot(index="input", columns="modality", values="value")
+            table = self.per_input[self.per_input.metric == metric].pivot(
+                index="input", columns="modality", values="value"
+            )
             if a not in table or b not in table:
                 raise KeyError(f"modalities {a!r} and {b!r} must both be present; have {sorted(table.columns)}")
             pair = table[[a, b]].dropna()
             diff = torch.tensor((pair[a] - pair[b]).to_numpy())
             mean, low, high = bootstrap_ci(diff, self.n_boot, self.ci, self.seed)
             less = high < 0 if direction == "lower" else low > 0
-            rows.append({"metric": metric, "mean_a": float(pair[a].mean()), "mean_b": float(pair[b].mean()),
-                         "diff": mean, "low": low, "high": high, "direction": direction,
-                         "a_evolves_less": bool(less), "n_inputs": len(pair)})
+            rows.append(
+                {
+                    "metric": metric,
+                    "mean_a": float(pair[a].mean()),
+                    "mean_b": float(pair[b].mean()),
+                    "diff": mean,
+                    "low": low,
+                    "high": high,
+                    "direction": direction,
+                    "a_evolves_less": bool(less),
+                    "n_inputs": len(pair),
+                }
+            )
         return pd.DataFrame(rows)
 
 
@@ -131,23 +143,52 @@ def evolution(
             for metric, (values, offset) in per_layer_values.items():
                 by_layer = values[:, row, where].mean(-1)
                 per_input.append({"input": row, "modality": m, "metric": metric, "value": float(by_layer.mean())})
-                per_layer.extend({"input": row, "modality": m, "metric": metric, "layer": i + offset, "value": float(v)}
-                                 for i, v in enumerate(by_layer.tolist()))
-            per_input.append({"input": row, "modality": m, "metric": "first_final_top1_layer",
-                              "value": float(first_final[row, where].mean())})
+                per_layer.extend(
+                    {"input": row, "modality": m, "metric": metric, "layer": i + offset, "value": float(v)}
+                    for i, v in enumerate(by_layer.tolist())
+                )
+            per_input.append(
+                {
+                    "input": row,
+                    "modality": m,
+                    "metric": "first_final_top1_layer",
+                    "value": float(first_final[row, where].mean()),
+                }
+            )
     per_input_df = pd.DataFrame(per_input, columns=["input", "modality", "metric", "value"])
     per_layer_df = pd.DataFrame(per_layer, columns=["input", "modality", "metric", "layer", "value"])
     if per_input_df.empty:
-        raise ValueError(f"no positions of {modalities} in these inputs (after excluding first positions: {exclude_first})")
+        raise ValueError(
+            f"no positions of {modalities} in these inputs (after excluding first positions: {exclude_first})"
+        )
 
     curves = []
     for (m, metric, layer), group in per_layer_df.groupby(["modality", "metric", "layer"], sort=False):
         mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), n_boot, ci, seed)
-        curves.append({"modality": m, "metric": metric, "layer": int(layer), "layer_label": result.layers[int(layer)],
-                       "mean": mean, "low": low, "high": high})
+        curves.append(
+            {
+                "modality": m,
+                "metric": metric,
+                "layer": int(layer),
+                "layer_label": result.layers[int(layer)],
+                "mean": mean,
+                "low": low,
+                "high": high,
+            }
+        )
     summary = []
     for (m, metric), group in per_input_df.groupby(["modality", "metric"], sort=False):
         mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), n_boot, ci, seed)
-        summary.append({"modality": m, "metric": metric, "mean": mean, "low": low, "high": high, "n_inputs": len(group)})
-    return Evolution(layers=list(result.layers), per_input=per_input_df, per_layer=per_layer_df,
-                     curves=pd.DataFrame(curves), summary=pd.DataFrame(summary), n_boot=n_boot, ci=ci, seed=seed)
+        summary.append(
+            {"modality": m, "metric": metric, "mean": mean, "low": low, "high": high, "n_inputs": len(group)}
+        )
+    return Evolution(
+        layers=list(result.layers),
+        per_input=per_input_df,
+        per_layer=per_layer_df,
+        curves=pd.DataFrame(curves),
+        summary=pd.DataFrame(summary),
+        n_boot=n_boot,
+        ci=ci,
+        seed=seed,
+    )

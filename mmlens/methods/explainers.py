@@ -63,8 +63,10 @@ def embedding_point(hooked: HookedModel) -> str:
     for name in ("fusion.embeds", "lm.embed"):
         if name in hooked.hook_points:
             return name
-    raise ValueError(f"adapter {hooked.adapter.name!r} has neither 'fusion.embeds' nor 'lm.embed'; explainers need "
-                     "the LM's input embeddings")
+    raise ValueError(
+        f"adapter {hooked.adapter.name!r} has neither 'fusion.embeds' nor 'lm.embed'; explainers need "
+        "the LM's input embeddings"
+    )
 
 
 @dataclass
@@ -127,9 +129,12 @@ class Explanation:
     def table(self) -> pd.DataFrame:
         """One row per scored position: row, position, modality, score."""
         modality = self.spans.modality_of_positions()
-        rows = [{"row": b, "position": p, "modality": modality[b][p], "score": float(self.scores[b, p])}
-                for b in range(self.scores.shape[0]) for p in range(self.scores.shape[1])
-                if not torch.isnan(self.scores[b, p])]
+        rows = [
+            {"row": b, "position": p, "modality": modality[b][p], "score": float(self.scores[b, p])}
+            for b in range(self.scores.shape[0])
+            for p in range(self.scores.shape[1])
+            if not torch.isnan(self.scores[b, p])
+        ]
         return pd.DataFrame(rows)
 
 
@@ -159,8 +164,12 @@ def _neutral_embeds(hooked: HookedModel, neutral: dict, point: str) -> Tensor:
     input asks for the same neutral references). Keyed by the model, its parameters' in-place
     version counters (so edited weights miss) and the inputs' bytes; a hit is checked for equality."""
     model = hooked.model
-    key = (id(model), point, sum(p._version for p in model.parameters()),
-           tuple((k, _fingerprint(v)) for k, v in sorted(neutral.items())))
+    key = (
+        id(model),
+        point,
+        sum(p._version for p in model.parameters()),
+        tuple((k, _fingerprint(v)) for k, v in sorted(neutral.items())),
+    )
     hit = _NEUTRAL_CACHE.get(key)
     if hit is not None and hit[0]() is model and _same_inputs(hit[1], neutral):
         _NEUTRAL_CACHE.move_to_end(key)
@@ -176,8 +185,13 @@ def _neutral_embeds(hooked: HookedModel, neutral: dict, point: str) -> Tensor:
 def _fingerprint(value: Any) -> Any:
     if isinstance(value, Tensor):
         data = value.detach().contiguous().cpu()
-        return (str(data.dtype), tuple(data.shape), hash(data.view(-1).view(torch.uint8).numpy().tobytes())
-                if data.dtype != torch.bool else hash(data.numpy().tobytes()))
+        return (
+            str(data.dtype),
+            tuple(data.shape),
+            hash(data.view(-1).view(torch.uint8).numpy().tobytes())
+            if data.dtype != torch.bool
+            else hash(data.numpy().tobytes()),
+        )
     return repr(value)
 
 
@@ -187,8 +201,13 @@ def _same_inputs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     for k, v in a.items():
         w = b[k]
         if isinstance(v, Tensor) or isinstance(w, Tensor):
-            if not (isinstance(v, Tensor) and isinstance(w, Tensor) and v.shape == w.shape and v.dtype == w.dtype
-                    and torch.equal(v, w)):
+            if not (
+                isinstance(v, Tensor)
+                and isinstance(w, Tensor)
+                and v.shape == w.shape
+                and v.dtype == w.dtype
+                and torch.equal(v, w)
+            ):
                 return False
         elif v is not w and v != w:
             return False
@@ -213,7 +232,7 @@ def prepare(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str)
     metric = metric or _prob_of_prediction(logits)
     baseline = embeds.clone()
     explained = torch.zeros(spans.valid.shape, dtype=torch.bool, device=embeds.device)
-    for m in (spans.modalities if mode == "joint" else [mode]):
+    for m in spans.modalities if mode == "joint" else [mode]:
         neutral = hooked.neutral(inputs, m)
         if not hooked.spans(neutral).same_layout(spans):
             raise ValueError(f"the neutral reference of {m!r} changes the layout; explainers need one that keeps it")
@@ -221,12 +240,22 @@ def prepare(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str)
         mask = spans.masks[m].to(embeds.device)
         baseline[mask] = reference[mask]
         explained |= mask
-    return Setup(point, embeds, baseline, explained & spans.valid.to(embeds.device), spans, logits, metric,
-                 metric(logits).detach(), replay)
+    return Setup(
+        point,
+        embeds,
+        baseline,
+        explained & spans.valid.to(embeds.device),
+        spans,
+        logits,
+        metric,
+        metric(logits).detach(),
+        replay,
+    )
 
 
-def masked_values(hooked: HookedModel, inputs: dict, setup: Setup, masks: Sequence[Tensor],
-                  batch_size: int = 32) -> Tensor:
+def masked_values(
+    hooked: HookedModel, inputs: dict, setup: Setup, masks: Sequence[Tensor], batch_size: int = 32
+) -> Tensor:
     """Float[len(masks)]: the metric of one input row when each Bool[seq] mask's positions take
     their baseline embedding.
 
@@ -243,12 +272,14 @@ def masked_values(hooked: HookedModel, inputs: dict, setup: Setup, masks: Sequen
         if mask.any() and key not in index:
             index[key] = len(unique)
             unique.append(mask.cpu())
-    order = sorted(range(len(unique)), key=lambda u: int(unique[u].nonzero()[0])) if setup.replay else range(len(unique))
+    order = (
+        sorted(range(len(unique)), key=lambda u: int(unique[u].nonzero()[0])) if setup.replay else range(len(unique))
+    )
     order = list(order)
     values = torch.empty(len(unique))
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             where = torch.stack([unique[u] for u in chunk]).to(setup.embeds.device)[..., None]
             if setup.replay is not None:
                 first = setup.replay.start(0, int(unique[chunk[0]].nonzero()[0]))
@@ -262,8 +293,9 @@ def masked_values(hooked: HookedModel, inputs: dict, setup: Setup, masks: Sequen
     return torch.tensor([float(values[index[m.cpu().numpy().tobytes()]]) if m.any() else f for m in masks])
 
 
-def with_embeds(hooked: HookedModel, inputs: dict, point: str, embeds: Tensor, metric: Metric,
-                grad: bool = False) -> Tensor:
+def with_embeds(
+    hooked: HookedModel, inputs: dict, point: str, embeds: Tensor, metric: Metric, grad: bool = False
+) -> Tensor:
     """The metric Float[n] of runs of one input row whose LM-input embeddings (at ``point``) are
     ``embeds`` Float[n, seq, d] (the other inputs repeated to n rows)."""
     batch = hooked.repeat(inputs, embeds.shape[0])
@@ -283,7 +315,7 @@ def _integrated_gradients(hooked, inputs, metric, setup: Setup, steps: int = 32,
     delta = setup.embeds - setup.baseline
     total = torch.zeros_like(setup.embeds[0])
     for start in range(0, steps, batch_size):
-        a = alphas[start:start + batch_size]
+        a = alphas[start : start + batch_size]
         path = (setup.baseline + a[:, None, None] * delta).detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(with_embeds(hooked, inputs, setup.point, path, metric, grad=True).sum(), path)
         total += grad.sum(0)
@@ -314,15 +346,24 @@ def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
 
     models = [m for m in hooked.model.modules() if isinstance(m, PreTrainedModel)]
     previous = [m.config._attn_implementation for m in models]
-    modules = [get_module(hooked.model, hp.site.module) for hp in sorted(
-        (hp for hp in hooked.hook_points.values() if hp.prefix == "lm" and hp.kind == "attn_out"), key=lambda hp: hp.layer)]
+    modules = [
+        get_module(hooked.model, hp.site.module)
+        for hp in sorted(
+            (hp for hp in hooked.hook_points.values() if hp.prefix == "lm" and hp.kind == "attn_out"),
+            key=lambda hp: hp.layer,
+        )
+    ]
     if not modules:
         raise ValueError(f"adapter {hooked.adapter.name!r} has no LM attention points ('lm.blocks.*.attn_out')")
     flagged = [m for m in modules if hasattr(m, "return_weights")]
     flags = [m.return_weights for m in flagged]
     weights: list[Tensor] = []
-    handles = [m.register_forward_hook(lambda module, args, out: weights.append(
-        out[1] if isinstance(out, tuple) and len(out) > 1 else None)) for m in modules]
+    handles = [
+        m.register_forward_hook(
+            lambda module, args, out: weights.append(out[1] if isinstance(out, tuple) and len(out) > 1 else None)
+        )
+        for m in modules
+    ]
     try:
         for m in models:
             m.set_attn_implementation("eager")
@@ -338,8 +379,9 @@ def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
         for m, implementation in zip(models, previous):
             m.set_attn_implementation(implementation)
     if len(weights) != len(modules) or any(w is None for w in weights):
-        raise ValueError(f"{type(hooked.model).__name__}'s attention modules did not return their weights under eager "
-                         "attention")
+        raise ValueError(
+            f"{type(hooked.model).__name__}'s attention modules did not return their weights under eager attention"
+        )
     return weights
 
 
@@ -374,12 +416,21 @@ def _patching(hooked, inputs, metric, setup: Setup, layer: int = 0) -> Tensor:
     """Exact noising per position: the metric's drop when the residual stream entering block
     ``layer`` takes, at one position, its value on the baseline input (the patching engine)."""
     corruption = Corruption(inputs, [replace(setup.point, setup.baseline)], "baseline")
-    result = sweep(hooked, inputs, corruption, metric, hook=f"lm.blocks.{layer}.resid_pre", axes=("position",),
-                   direction="noise", progress=False)
+    result = sweep(
+        hooked,
+        inputs,
+        corruption,
+        metric,
+        hook=f"lm.blocks.{layer}.resid_pre",
+        axes=("position",),
+        direction="noise",
+        progress=False,
+    )
     scores = torch.full(setup.explained.shape, float("nan"), device=setup.embeds.device)
     positions = torch.tensor(result.table.position.tolist(), device=scores.device)
-    scores[0, positions] = torch.tensor((result.clean[0] - result.table.value).tolist(), dtype=scores.dtype,
-                                        device=scores.device)
+    scores[0, positions] = torch.tensor(
+        (result.clean[0] - result.table.value).tolist(), dtype=scores.dtype, device=scores.device
+    )
     return scores
 
 
@@ -394,8 +445,15 @@ EXPLAINERS: dict[str, Callable[..., Tensor]] = {
 """Name -> implementation; every one returns Float[b, seq] scores."""
 
 
-def explain(hooked: HookedModel, inputs: Mapping[str, Any], method: str = "integrated_gradients", *,
-            mode: str = "joint", metric: Metric | None = None, **options: Any) -> Explanation:
+def explain(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    method: str = "integrated_gradients",
+    *,
+    mode: str = "joint",
+    metric: Metric | None = None,
+    **options: Any,
+) -> Explanation:
     """Explain ``inputs`` with one of :data:`EXPLAINERS`.
 
     Args:
@@ -414,13 +472,21 @@ def explain(hooked: HookedModel, inputs: Mapping[str, Any], method: str = "integ
     """
     check_method(method)
     inputs = hooked.check_inputs(inputs)
-    rows = [explain_row(hooked, prepare(hooked, one, metric, mode), one, method, mode, options)
-            for one in (hooked.rows(inputs, row) for row in range(hooked.spans(inputs).batch_size))]
+    rows = [
+        explain_row(hooked, prepare(hooked, one, metric, mode), one, method, mode, options)
+        for one in (hooked.rows(inputs, row) for row in range(hooked.spans(inputs).batch_size))
+    ]
     info = dict(options)
     if method == "integrated_gradients":
         info["completeness_error"] = [e.info["completeness_error"][0] for e in rows]
-    return Explanation(torch.cat([e.scores for e in rows]), hooked.spans(inputs), method, mode,
-                       torch.cat([e.value for e in rows]), info)
+    return Explanation(
+        torch.cat([e.scores for e in rows]),
+        hooked.spans(inputs),
+        method,
+        mode,
+        torch.cat([e.value for e in rows]),
+        info,
+    )
 
 
 def check_method(method: str) -> None:
@@ -430,8 +496,9 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown explainer {method!r}; did you mean {near}? Explainers: {sorted(EXPLAINERS)}")
 
 
-def explain_row(hooked: HookedModel, prepared: Setup, one: dict, method: str, mode: str, options: Mapping[str, Any]
-                ) -> Explanation:
+def explain_row(
+    hooked: HookedModel, prepared: Setup, one: dict, method: str, mode: str, options: Mapping[str, Any]
+) -> Explanation:
     """:func:`explain` of one input row from its :func:`prepare` (which fixes the metric and mode)."""
     raw = EXPLAINERS[method](hooked, one, prepared.metric, prepared, **options).detach().float()
     scores = torch.where(prepared.explained.to(raw.device), raw, torch.full_like(raw, float("nan"))).cpu()
@@ -443,5 +510,16 @@ def explain_row(hooked: HookedModel, prepared: Setup, one: dict, method: str, mo
     return Explanation(scores, prepared.spans, method, mode, prepared.value.float().cpu(), info)
 
 
-__all__ = ["EXPLAINERS", "Explanation", "Setup", "check_method", "embedding_point", "explain", "explain_row", "masked_values",
-           "predicted_prob", "prepare", "with_embeds"]
+__all__ = [
+    "EXPLAINERS",
+    "Explanation",
+    "Setup",
+    "check_method",
+    "embedding_point",
+    "explain",
+    "explain_row",
+    "masked_values",
+    "predicted_prob",
+    "prepare",
+    "with_embeds",
+]

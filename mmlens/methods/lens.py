@@ -107,8 +107,11 @@ class LensResult:
         keep = self.decoded[None].expand(n_layer, b, pos)
         li, bi, pi = grid[keep].unbind(-1)
         data: dict[str, Any] = {
-            "input": bi.tolist(), "layer": li.tolist(), "layer_label": [self.layers[i] for i in li.tolist()],
-            "position": pi.tolist(), "token": [self.tokens[r][p] for r, p in zip(bi.tolist(), pi.tolist())],
+            "input": bi.tolist(),
+            "layer": li.tolist(),
+            "layer_label": [self.layers[i] for i in li.tolist()],
+            "position": pi.tolist(),
+            "token": [self.tokens[r][p] for r, p in zip(bi.tolist(), pi.tolist())],
             "modality": [self.modalities[r][p] for r, p in zip(bi.tolist(), pi.tolist())],
         }
         for j in range(k):
@@ -125,6 +128,7 @@ class LensResult:
 
 
 # -- the residual stream -----------------------------------------------------------------------------
+
 
 def residual_points(hooked: HookedModel, prefix: str = "lm") -> list[str]:
     """The residual-stream points of stack ``prefix`` in layer order: the input of block 0, then
@@ -170,8 +174,10 @@ def _targets(hooked: HookedModel, targets: Any, batch: int, device: torch.device
                     raise ValueError(f"target {t!r} is text but {hooked.name} has no tokenizer; pass token ids")
                 pieces = tokenizer.encode(t, add_special_tokens=False)
                 if len(pieces) != 1:
-                    raise ValueError(f"target {t!r} is {len(pieces)} tokens {tokenizer.convert_ids_to_tokens(pieces)}; "
-                                     "pass a single-token string (e.g. with a leading space) or a token id")
+                    raise ValueError(
+                        f"target {t!r} is {len(pieces)} tokens {tokenizer.convert_ids_to_tokens(pieces)}; "
+                        "pass a single-token string (e.g. with a leading space) or a token id"
+                    )
                 ids_list.append(pieces[0])
             else:
                 ids_list.append(int(t))
@@ -179,7 +185,9 @@ def _targets(hooked: HookedModel, targets: Any, batch: int, device: torch.device
     if ids.dim() == 1:
         ids = ids[None].expand(batch, -1)
     if ids.dim() != 2 or ids.shape[0] != batch:
-        raise ValueError(f"targets must be a list (same for every row) or shaped [batch={batch}, n]; got {tuple(ids.shape)}")
+        raise ValueError(
+            f"targets must be a list (same for every row) or shaped [batch={batch}, n]; got {tuple(ids.shape)}"
+        )
     return ids.to(device)
 
 
@@ -226,18 +234,33 @@ def logit_lens(
     modalities = spans.modality_of_positions()
     return LensResult(
         lens="tuned" if tuned is not None else "logit",
-        layers=[_label_of(hooked, n) for n in names], hooks=names,
-        top_ids=full["ids"], top_probs=full["probs"], entropy=full["entropy"], kl_to_final=full["kl"],
+        layers=[_label_of(hooked, n) for n in names],
+        hooks=names,
+        top_ids=full["ids"],
+        top_probs=full["probs"],
+        entropy=full["entropy"],
+        kl_to_final=full["kl"],
         cosine_to_previous=_cosine_to_previous(hidden, decoded.cpu()),
         target_ids=None if target_ids is None else target_ids.cpu(),
-        target_probs=full.get("tprob"), target_ranks=full.get("trank"),
-        tokens=_input_tokens(hooked, inputs, modalities), modalities=modalities, spans=spans,
-        decode=hooked.token_strings, decoded=decoded.cpu(),
+        target_probs=full.get("tprob"),
+        target_ranks=full.get("trank"),
+        tokens=_input_tokens(hooked, inputs, modalities),
+        modalities=modalities,
+        spans=spans,
+        decode=hooked.token_strings,
+        decoded=decoded.cpu(),
     )
 
 
-def _decode_cells(reader: Unembed, hidden: Tensor, where: Tensor, k: int, target_ids: Tensor | None,
-                  tuned: TunedLens | None, max_chunk_mb: float) -> dict[str, Tensor]:
+def _decode_cells(
+    reader: Unembed,
+    hidden: Tensor,
+    where: Tensor,
+    k: int,
+    target_ids: Tensor | None,
+    tuned: TunedLens | None,
+    max_chunk_mb: float,
+) -> dict[str, Tensor]:
     """Decode the residual vectors ``hidden`` Float[layer, b, pos, d] at the cells ``where`` Bool[b, pos],
     in chunks of at most ``max_chunk_mb`` of logits; each statistic as [layer, cells, ...] on the CPU."""
     n_layer = hidden.shape[0]
@@ -261,8 +284,11 @@ def _decode_cells(reader: Unembed, hidden: Tensor, where: Tensor, k: int, target
             targets = target_ids[cell_batch[cells]] if target_ids is not None else None
             for key, value in _cell_statistics(logits, final_logp[cells], k, targets).items():
                 out[key].append(value)
-    return {key: torch.cat(values).reshape(n_layer, n_cells, *values[0].shape[1:]).cpu()
-            for key, values in out.items() if values}
+    return {
+        key: torch.cat(values).reshape(n_layer, n_cells, *values[0].shape[1:]).cpu()
+        for key, values in out.items()
+        if values
+    }
 
 
 def _cell_statistics(logits: Tensor, final_logp: Tensor, k: int, targets: Tensor | None) -> dict[str, Tensor]:
@@ -271,8 +297,12 @@ def _cell_statistics(logits: Tensor, final_logp: Tensor, k: int, targets: Tensor
     logp = logits.log_softmax(-1)
     probs = logp.exp()
     top_p, top_i = probs.topk(k, dim=-1)
-    stats = {"ids": top_i, "probs": top_p, "entropy": -(probs * logp).sum(-1),
-             "kl": (final_logp.exp() * (final_logp - logp)).sum(-1).clamp_min(0.0)}
+    stats = {
+        "ids": top_i,
+        "probs": top_p,
+        "entropy": -(probs * logp).sum(-1),
+        "kl": (final_logp.exp() * (final_logp - logp)).sum(-1).clamp_min(0.0),
+    }
     if targets is not None:
         stats["tprob"] = probs.gather(-1, targets)
         stats["trank"] = (logits[..., None, :] > logits.gather(-1, targets)[..., None]).sum(-1)
@@ -299,10 +329,13 @@ def _cosine_to_previous(hidden: Tensor, decoded: Tensor) -> Tensor:
 
 # -- cross-modal decodings --------------------------------------------------------------------------
 
+
 def _embedding_matrix(hooked: HookedModel) -> Tensor:
     if "lm.embed" not in hooked.hook_points:
-        raise KeyError(f"nearest-token decoding needs the LM's input embedding (hook point 'lm.embed'), which adapter "
-                       f"{hooked.adapter.name!r} does not define")
+        raise KeyError(
+            f"nearest-token decoding needs the LM's input embedding (hook point 'lm.embed'), which adapter "
+            f"{hooked.adapter.name!r} does not define"
+        )
     module = get_module(hooked.model, hooked.hook_points["lm.embed"].site.module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
@@ -336,13 +369,22 @@ def _nearest_table(hooked: HookedModel, vectors: Tensor, k: int, index: dict[str
     for i in range(ids.shape[0]):
         texts = decode(ids[i].tolist())
         for rank in range(k):
-            rows.append({**{key: values[i] for key, values in index.items()}, "rank": rank,
-                         "token_id": int(ids[i, rank]), "token": texts[rank], "cosine": float(cos[i, rank])})
+            rows.append(
+                {
+                    **{key: values[i] for key, values in index.items()},
+                    "rank": rank,
+                    "token_id": int(ids[i, rank]),
+                    "token": texts[rank],
+                    "cosine": float(cos[i, rank]),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 @torch.no_grad()
-def decode_soft_tokens(hooked: HookedModel, inputs: Mapping[str, Any], modality: str | None = None, k: int = 5) -> pd.DataFrame:
+def decode_soft_tokens(
+    hooked: HookedModel, inputs: Mapping[str, Any], modality: str | None = None, k: int = 5
+) -> pd.DataFrame:
     """Nearest vocabulary tokens of each non-text position of the LM's input (``fusion.embeds``).
 
     Returns a table with one row per (input, position, rank): ``input, position, modality, rank,
@@ -372,7 +414,9 @@ def decode_soft_tokens(hooked: HookedModel, inputs: Mapping[str, Any], modality:
 
 
 @torch.no_grad()
-def decode_encoder_layers(hooked: HookedModel, inputs: Mapping[str, Any], k: int = 5, prefix: str | None = None) -> pd.DataFrame:
+def decode_encoder_layers(
+    hooked: HookedModel, inputs: Mapping[str, Any], k: int = 5, prefix: str | None = None
+) -> pd.DataFrame:
     """Each encoder layer's output pushed through the projector into the LM's input space
     (``Adapter.project_encoder``) and read by its nearest vocabulary tokens.
 
@@ -381,9 +425,13 @@ def decode_encoder_layers(hooked: HookedModel, inputs: Mapping[str, Any], k: int
     """
     project = hooked.adapter.project_encoder
     if project is None:
-        raise ValueError(f"adapter {hooked.adapter.name!r} does not say how encoder outputs reach the LM "
-                         "(set Adapter.project_encoder)")
-    encoder_prefixes = sorted({hp.prefix for hp in hooked.hook_points.values() if hp.stage == "encoder" and hp.layer is not None})
+        raise ValueError(
+            f"adapter {hooked.adapter.name!r} does not say how encoder outputs reach the LM "
+            "(set Adapter.project_encoder)"
+        )
+    encoder_prefixes = sorted(
+        {hp.prefix for hp in hooked.hook_points.values() if hp.stage == "encoder" and hp.layer is not None}
+    )
     if prefix is None:
         if len(encoder_prefixes) != 1:
             raise ValueError(f"{hooked.name} has encoder stacks {encoder_prefixes}; pass prefix= to choose one")
@@ -395,14 +443,17 @@ def decode_encoder_layers(hooked: HookedModel, inputs: Mapping[str, Any], k: int
     for name in names:
         tokens = project(hooked.model, model_inputs, run.cache[name])
         n_items, n_slots, _ = tokens.shape
-        index = {"layer": [hooked.hook_points[name].layer] * (n_items * n_slots),
-                 "item": [i for i in range(n_items) for _ in range(n_slots)],
-                 "slot": [s for _ in range(n_items) for s in range(n_slots)]}
+        index = {
+            "layer": [hooked.hook_points[name].layer] * (n_items * n_slots),
+            "item": [i for i in range(n_items) for _ in range(n_slots)],
+            "slot": [s for _ in range(n_items) for s in range(n_slots)],
+        }
         tables.append(_nearest_table(hooked, tokens.reshape(n_items * n_slots, -1), k, index))
     return pd.concat(tables, ignore_index=True)
 
 
 # -- tuned lens -------------------------------------------------------------------------------------
+
 
 class TunedLens(nn.Module):
     """Belrose et al. (2023): one affine translator per layer, ``h -> h + A_l h + b_l`` (identity at
@@ -452,7 +503,9 @@ class TunedLens(nn.Module):
         """
         names = residual_points(hooked)
         if len(names) != self.n_layers:
-            raise ValueError(f"this tuned lens has {self.n_layers} layers but {hooked.name} has {len(names)} residual layers")
+            raise ValueError(
+                f"this tuned lens has {self.n_layers} layers but {hooked.name} has {len(names)} residual layers"
+            )
         decoder = Unembed(hooked)
         with torch.no_grad():
             stacks = []
@@ -477,8 +530,9 @@ class TunedLens(nn.Module):
             return (target.exp() * (target - logp)).sum(-1).mean(-1).sum()
 
         order = RowOrder(hidden.shape[1], tokens_per_step, generator, replacement=True)
-        return fit(step, self.parameters(), steps=steps, lr=lr, order=order, progress=progress,
-                   desc="tuned lens").history.get("loss", [])
+        return fit(
+            step, self.parameters(), steps=steps, lr=lr, order=order, progress=progress, desc="tuned lens"
+        ).history.get("loss", [])
 
     def save(self, path: str | Path) -> Path:
         """Write the translators (``.pt``) and their shape (``.json`` beside it)."""
@@ -520,8 +574,16 @@ def compare_lenses(logit: LensResult, tuned: LensResult, exclude_first: bool = T
         for i, label in enumerate(logit.layers[:-1]):
             a = float(logit.kl_to_final[i][mask].mean())
             t = float(tuned.kl_to_final[i][mask].mean())
-            rows.append({"modality": m, "layer": i, "layer_label": label, "kl_logit": a, "kl_tuned": t,
-                         "reduction": 1 - t / a if a > 0 else float("nan")})
+            rows.append(
+                {
+                    "modality": m,
+                    "layer": i,
+                    "layer_label": label,
+                    "kl_logit": a,
+                    "kl_tuned": t,
+                    "reduction": 1 - t / a if a > 0 else float("nan"),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -537,6 +599,13 @@ def modality_mask(result: LensResult, modality: str, exclude_first: bool) -> Ten
 
 
 __all__: Sequence[str] = (
-    "LensResult", "TunedLens", "compare_lenses", "decode_encoder_layers", "decode_soft_tokens", "logit_lens",
-    "modality_mask", "nearest_tokens", "residual_points",
+    "LensResult",
+    "TunedLens",
+    "compare_lenses",
+    "decode_encoder_layers",
+    "decode_soft_tokens",
+    "logit_lens",
+    "modality_mask",
+    "nearest_tokens",
+    "residual_points",
 )

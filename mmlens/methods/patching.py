@@ -41,6 +41,7 @@ Metric = Callable[[Tensor], Tensor]
 
 # -- metrics --------------------------------------------------------------------------------------
 
+
 def logit_diff(answer: int, wrong: int) -> Metric:
     """``logit[answer] - logit[wrong]`` at the final position."""
     return lambda logits: logits[:, answer] - logits[:, wrong]
@@ -64,6 +65,7 @@ def kl_from(reference: Tensor) -> Metric:
 
 # -- corruptions ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Corruption:
     """A corrupted input: inputs to run, plus edits applied during the run (for embedding noise)."""
@@ -73,8 +75,16 @@ class Corruption:
     description: str
 
 
-def corrupt(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, method: str = "neutral", *,
-            other: Mapping[str, Any] | None = None, noise: float = 3.0, seed: int = 0) -> Corruption:
+def corrupt(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    modality: str,
+    method: str = "neutral",
+    *,
+    other: Mapping[str, Any] | None = None,
+    noise: float = 3.0,
+    seed: int = 0,
+) -> Corruption:
     """Corrupt one modality of ``inputs``.
 
     Args:
@@ -95,7 +105,9 @@ def corrupt(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, metho
         other = hooked.check_inputs(other)
         other_spans = hooked.spans(other)
         check_same_layout(spans, other_spans, "inputs", "other")
-        return Corruption(_swap(hooked, inputs, other, spans, modality), [], f"{modality}: swapped with another example")
+        return Corruption(
+            _swap(hooked, inputs, other, spans, modality), [], f"{modality}: swapped with another example"
+        )
     if method == "noise":
         point = "fusion.embeds" if "fusion.embeds" in hooked.hook_points else "lm.embed"
         run = hooked.run(inputs, cache=point)
@@ -114,7 +126,9 @@ def _swap(hooked: HookedModel, inputs: dict, other: dict, spans: ModalitySpans, 
     the others whole."""
     keys = hooked.adapter.modality_inputs.get(modality)
     if not keys:
-        raise KeyError(f"adapter {hooked.adapter.name!r} does not say which inputs carry {modality!r} (modality_inputs)")
+        raise KeyError(
+            f"adapter {hooked.adapter.name!r} does not say which inputs carry {modality!r} (modality_inputs)"
+        )
     mask = spans.masks[modality]
     swapped = dict(inputs)
     for k in keys:
@@ -131,15 +145,20 @@ def _swap(hooked: HookedModel, inputs: dict, other: dict, spans: ModalitySpans, 
 def check_same_layout(a: ModalitySpans, b: ModalitySpans, name_a: str = "clean", name_b: str = "corrupted") -> None:
     """Raise if two inputs' spans do not line up position by position."""
     if a.valid.shape != b.valid.shape:
-        raise ValueError(f"{name_a} and {name_b} inputs have different shapes [batch, seq]: {tuple(a.valid.shape)} vs "
-                         f"{tuple(b.valid.shape)}; pad them to the same length, or patch by span (axes=('layer', 'span'))")
+        raise ValueError(
+            f"{name_a} and {name_b} inputs have different shapes [batch, seq]: {tuple(a.valid.shape)} vs "
+            f"{tuple(b.valid.shape)}; pad them to the same length, or patch by span (axes=('layer', 'span'))"
+        )
     if not a.same_layout(b):
         counts = {m: (a.masks[m].sum(1).tolist(), b.masks[m].sum(1).tolist()) for m in a.masks if m in b.masks}
-        raise ValueError(f"{name_a} and {name_b} spans do not line up (positions per modality, {name_a} vs {name_b}: "
-                         f"{counts}); use inputs with the same layout, or patch by span (axes=('layer', 'span'))")
+        raise ValueError(
+            f"{name_a} and {name_b} spans do not line up (positions per modality, {name_a} vs {name_b}: "
+            f"{counts}); use inputs with the same layout, or patch by span (axes=('layer', 'span'))"
+        )
 
 
 # -- sweeps ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class Cell:
@@ -185,8 +204,16 @@ class SweepResult:
         return sub.pivot(index=self.axes[0], columns=self.axes[1], values=value)
 
 
-AXES = {("layer", "position"), ("layer", "span"), ("layer", "head"), ("position",), ("layer",), ("span",),
-        ("head",), ("layer", "position", "head")}
+AXES = {
+    ("layer", "position"),
+    ("layer", "span"),
+    ("layer", "head"),
+    ("position",),
+    ("layer",),
+    ("span",),
+    ("head",),
+    ("layer", "position", "head"),
+}
 
 
 def points(hooked: HookedModel, hook: str) -> list[HookPoint]:
@@ -195,14 +222,23 @@ def points(hooked: HookedModel, hook: str) -> list[HookPoint]:
     if hook in hooked.hook_points:
         return [hooked.hook_points[hook]]
     prefix, kind = hook.rsplit(".", 1) if "." in hook else ("lm", hook)
-    found = [hp for hp in hooked.hook_points.values() if hp.prefix == prefix and hp.kind == kind and hp.layer is not None]
+    found = [
+        hp for hp in hooked.hook_points.values() if hp.prefix == prefix and hp.kind == kind and hp.layer is not None
+    ]
     if not found:
         return [hooked.resolve(hook)]
     return sorted(found, key=lambda hp: hp.layer)
 
 
-def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], spans: ModalitySpans, row: int,
-           tokens: list[str], encoder_lengths: dict[str, int] | None = None) -> list[Cell]:
+def _cells(
+    hooked: HookedModel,
+    points: list[HookPoint],
+    axes: tuple[str, ...],
+    spans: ModalitySpans,
+    row: int,
+    tokens: list[str],
+    encoder_lengths: dict[str, int] | None = None,
+) -> list[Cell]:
     """The cells of one pair; ``encoder_lengths`` gives the token count of encoder points (which do
     not index the fused sequence)."""
     encoder_lengths = encoder_lengths or {}
@@ -234,7 +270,9 @@ def _cells(hooked: HookedModel, points: list[HookPoint], axes: tuple[str, ...], 
                 if "position" in axes and hp.fused_positions:
                     labels.update(position=key, token=tokens[key], modality=modality[key])
                 elif "position" in axes:
-                    labels.update(position=key, token=f"<{hp.modality or hp.stage} {key}>", modality=hp.modality or hp.stage)
+                    labels.update(
+                        position=key, token=f"<{hp.modality or hp.stage} {key}>", modality=hp.modality or hp.stage
+                    )
                 if "span" in axes:
                     labels["span"] = key
                 if head is not None:
@@ -251,8 +289,8 @@ def _patch_edit(hp: HookPoint, rows: list[tuple[int, Cell]], source: Tensor, sta
         out = act.clone()
         src = source[:, start:].to(act.device, act.dtype) if start else source.to(act.device, act.dtype)
         for r, cell in rows:
-            mask = _cell_mask(cell, hp, out[r:r + 1], start)
-            out[r:r + 1] = where_selected(mask, src, out[r:r + 1])
+            mask = _cell_mask(cell, hp, out[r : r + 1], start)
+            out[r : r + 1] = where_selected(mask, src, out[r : r + 1])
         return out
 
     return apply(hp.name, fn)
@@ -269,7 +307,6 @@ def _unchanged(cell: Cell, hp: HookPoint, source: Tensor, target: Tensor) -> boo
         return False
     mask = _cell_mask(cell, hp, source)
     return torch.equal(source, target) if mask is None else torch.equal(source[mask], target[mask])
-
 
 
 @dataclass
@@ -359,14 +396,36 @@ def sweep(
         clean_values.append(clean_v)
         corrupt_values.append(corrupt_v)
         cells = _pair_cells(hooked, swept, axes, target_spans, pair, decode, runs)
-        values, n_skipped = _cell_values(hooked, runs, cells, target[1], batch_size, skip_unchanged,
-                                         tqdm_options={"desc": f"patching pair {pair}", "disable": not progress})
+        values, n_skipped = _cell_values(
+            hooked,
+            runs,
+            cells,
+            target[1],
+            batch_size,
+            skip_unchanged,
+            tqdm_options={"desc": f"patching pair {pair}", "disable": not progress},
+        )
         skipped += n_skipped
         gap = runs.source_value - runs.target_value
-        rows += [{"pair": pair, **cell.labels, "value": v,
-                  "normalized": (v - runs.target_value) / gap if gap != 0 else float("nan")} for cell, v in zip(cells, values)]
-    return SweepResult(table=pd.DataFrame(rows), clean=clean_values, corrupted=corrupt_values, direction=direction,
-                       hook=hook, axes=axes, skipped=skipped, method=method)
+        rows += [
+            {
+                "pair": pair,
+                **cell.labels,
+                "value": v,
+                "normalized": (v - runs.target_value) / gap if gap != 0 else float("nan"),
+            }
+            for cell, v in zip(cells, values)
+        ]
+    return SweepResult(
+        table=pd.DataFrame(rows),
+        clean=clean_values,
+        corrupted=corrupt_values,
+        direction=direction,
+        hook=hook,
+        axes=axes,
+        skipped=skipped,
+        method=method,
+    )
 
 
 def _as_corruption(corrupted: Mapping[str, Any] | Corruption) -> Corruption:
@@ -393,16 +452,25 @@ def _reuse(hooked: HookedModel, swept: list[HookPoint], target_edits: list[Edit]
     return "encoders" if FrozenEncoders.supports(hooked, swept + edited) else None
 
 
-def _pair_runs(hooked: HookedModel, pair: int, clean: dict, source: tuple[dict, list[Edit]],
-               target: tuple[dict, list[Edit]], direction: str, metric: Metric | str, swept: list[HookPoint],
-               reuse: str | None) -> _PairRuns:
+def _pair_runs(
+    hooked: HookedModel,
+    pair: int,
+    clean: dict,
+    source: tuple[dict, list[Edit]],
+    target: tuple[dict, list[Edit]],
+    direction: str,
+    metric: Metric | str,
+    swept: list[HookPoint],
+    reuse: str | None,
+) -> _PairRuns:
     """Run row ``pair`` of the source and the target inputs (the target run recorded for reuse)."""
     names = [hp.name for hp in swept]
     src, tgt = hooked.rows(source[0], pair), hooked.rows(target[0], pair)
     src_run = hooked.run(src, cache=names, edits=source[1])
     clean_row = hooked.rows(clean, pair)
-    clean_logits = hooked.readout_logits(src_run.logits if direction == "denoise" else hooked.run(clean_row).logits,
-                                         clean_row)
+    clean_logits = hooked.readout_logits(
+        src_run.logits if direction == "denoise" else hooked.run(clean_row).logits, clean_row
+    )
     pair_metric = kl_from(clean_logits) if metric == "kl" else metric
     if not callable(pair_metric):
         raise TypeError(f"metric must be a callable on final-position logits or 'kl', got {metric!r}")
@@ -415,12 +483,27 @@ def _pair_runs(hooked: HookedModel, pair: int, clean: dict, source: tuple[dict, 
         engine = None  # e.g. a head that pools positions: patched cells run full forwards
     if frozen is not None and not frozen.active:
         frozen = None
-    return _PairRuns(tgt, src_run, tgt_run, pair_metric, float(pair_metric(hooked.readout_logits(src_run.logits, src))[0]),
-                     float(pair_metric(hooked.readout_logits(tgt_run.logits, tgt))[0]), engine, frozen)
+    return _PairRuns(
+        tgt,
+        src_run,
+        tgt_run,
+        pair_metric,
+        float(pair_metric(hooked.readout_logits(src_run.logits, src))[0]),
+        float(pair_metric(hooked.readout_logits(tgt_run.logits, tgt))[0]),
+        engine,
+        frozen,
+    )
 
 
-def _pair_cells(hooked: HookedModel, swept: list[HookPoint], axes: tuple[str, ...], spans: ModalitySpans, pair: int,
-                decode: Callable[[list[int]], list[str]], runs: _PairRuns) -> list[Cell]:
+def _pair_cells(
+    hooked: HookedModel,
+    swept: list[HookPoint],
+    axes: tuple[str, ...],
+    spans: ModalitySpans,
+    pair: int,
+    decode: Callable[[list[int]], list[str]],
+    runs: _PairRuns,
+) -> list[Cell]:
     """The cells of one pair (spans it lacks left out)."""
     cache = runs.source_run.cache
     lengths = {hp.name: cache[hp.name].shape[1] for hp in swept if not hp.fused_positions and cache[hp.name].dim() >= 3}
@@ -428,22 +511,37 @@ def _pair_cells(hooked: HookedModel, swept: list[HookPoint], axes: tuple[str, ..
     return [c for c in cells if c.where.at is None or c.where.at.any()] if "span" in axes else cells
 
 
-def _cell_values(hooked: HookedModel, runs: _PairRuns, cells: list[Cell], target_edits: list[Edit], batch_size: int,
-                 skip_unchanged: bool, tqdm_options: dict) -> tuple[list[float], int]:
+def _cell_values(
+    hooked: HookedModel,
+    runs: _PairRuns,
+    cells: list[Cell],
+    target_edits: list[Edit],
+    batch_size: int,
+    skip_unchanged: bool,
+    tqdm_options: dict,
+) -> tuple[list[float], int]:
     """The metric with each cell patched, in batches, and how many no-op cells were skipped."""
-    values = [runs.target_value if skip_unchanged and _unchanged(c, hooked.hook_points[c.where.hook],
-                                                                 runs.source_run.cache[c.where.hook],
-                                                                 runs.target_run.cache[c.where.hook]) else None
-              for c in cells]
+    values = [
+        runs.target_value
+        if skip_unchanged
+        and _unchanged(
+            c,
+            hooked.hook_points[c.where.hook],
+            runs.source_run.cache[c.where.hook],
+            runs.target_run.cache[c.where.hook],
+        )
+        else None
+        for c in cells
+    ]
     todo = [i for i, v in enumerate(values) if v is None]
     for start in tqdm(range(0, len(todo), batch_size), **tqdm_options):
-        chunk = [cells[i] for i in todo[start:start + batch_size]]
+        chunk = [cells[i] for i in todo[start : start + batch_size]]
         if runs.engine is not None:
             logits = _replayed_logits(hooked, runs.engine, chunk, runs.source_run.cache)
         else:
             with runs.frozen.replaying() if runs.frozen else contextlib.nullcontext():
                 logits = _patched_full(hooked, runs.target, target_edits, chunk, runs.source_run.cache)
-        for i, v in zip(todo[start:start + batch_size], runs.metric(logits).float().cpu().tolist()):
+        for i, v in zip(todo[start : start + batch_size], runs.metric(logits).float().cpu().tolist()):
             values[i] = v
     return values, len(cells) - len(todo)
 
@@ -461,9 +559,9 @@ def _row_tokens(decode, inputs: Mapping[str, Any], spans: ModalitySpans, pair: i
     return [next(tokens) if m in ("text", "pad") and text_like == len(text) else f"<{m}>" for m in modality]
 
 
-
-def _patched_full(hooked: HookedModel, target: dict, target_edits: list[Edit], chunk: list[Cell],
-                  sources: Mapping[str, Tensor]) -> Tensor:
+def _patched_full(
+    hooked: HookedModel, target: dict, target_edits: list[Edit], chunk: list[Cell], sources: Mapping[str, Tensor]
+) -> Tensor:
     """Full batched forwards, one row per cell, with per-row patch edits."""
     batch = hooked.repeat(target, len(chunk))
     by_point: dict[str, list[tuple[int, Cell]]] = {}
@@ -474,7 +572,9 @@ def _patched_full(hooked: HookedModel, target: dict, target_edits: list[Edit], c
     return hooked.readout_logits(run.logits, batch)
 
 
-def _replayed_logits(hooked: HookedModel, engine: BlockReplay, chunk: list[Cell], sources: Mapping[str, Tensor]) -> Tensor:
+def _replayed_logits(
+    hooked: HookedModel, engine: BlockReplay, chunk: list[Cell], sources: Mapping[str, Tensor]
+) -> Tensor:
     """Readout logits Float[len(chunk), vocab] of the target run with each cell patched, replayed from
     the cell's block (and, with keys/values reused, from the chunk's first patched position) on."""
     results: dict[int, Tensor] = {}
@@ -490,8 +590,8 @@ def _replayed_logits(hooked: HookedModel, engine: BlockReplay, chunk: list[Cell]
         for i, (_, cell) in enumerate(rows):
             hp = hooked.hook_points[cell.where.hook]
             if hp.kind in ("resid_pre", "resid_post"):
-                mask = _cell_mask(cell, hp, h[i:i + 1], start)
-                h[i:i + 1] = where_selected(mask, sources[hp.name][:, start:].to(h.device, h.dtype), h[i:i + 1])
+                mask = _cell_mask(cell, hp, h[i : i + 1], start)
+                h[i : i + 1] = where_selected(mask, sources[hp.name][:, start:].to(h.device, h.dtype), h[i : i + 1])
             else:
                 inner.setdefault(hp.name, []).append((i, cell))
         edits = [_patch_edit(hooked.hook_points[p], cells, sources[p], start) for p, cells in inner.items()]
@@ -505,12 +605,18 @@ def _first_position(cell: Cell) -> int:
     return 0 if cell.where.at is None else int(cell.where.at.nonzero()[0])
 
 
-
-
 # -- attribution patching ---------------------------------------------------------------------------
 
-def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping[str, Any] | Corruption,
-                      metric: Metric, *, hook: str = "resid_pre", axes: Sequence[str] = ("layer", "position")) -> SweepResult:
+
+def attribution_patch(
+    hooked: HookedModel,
+    clean: Mapping[str, Any],
+    corrupted: Mapping[str, Any] | Corruption,
+    metric: Metric,
+    *,
+    hook: str = "resid_pre",
+    axes: Sequence[str] = ("layer", "position"),
+) -> SweepResult:
     """Attribution patching (Nanda 2023): the denoising effect of each cell estimated to first order,
     ``(clean_act - corrupted_act) . d metric / d act`` at the corrupted run, from one forward and one
     backward pass per pair. Same table layout as :func:`sweep` (``value`` is the estimated metric
@@ -536,8 +642,11 @@ def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: 
         clean_values.append(clean_v)
         corrupt_values.append(value)
         tokens = _row_tokens(decode, x, spans, pair)
-        lengths = {n: run.cache[n].shape[1] for n in names if not hooked.hook_points[n].fused_positions
-                   and run.cache[n].dim() >= 3}
+        lengths = {
+            n: run.cache[n].shape[1]
+            for n in names
+            if not hooked.hook_points[n].fused_positions and run.cache[n].dim() >= 3
+        }
         cells = _cells(hooked, swept, axes, spans, pair, tokens, lengths)
         for cell in cells:
             name = cell.where.hook
@@ -545,8 +654,15 @@ def attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: 
             mask = _cell_mask(cell, hooked.hook_points[name], contrib)
             effect = float((contrib if mask is None else contrib[mask]).sum())
             gap = clean_v - value
-            rows.append({"pair": pair, **cell.labels, "value": value + effect, "effect": effect,
-                         "normalized": effect / gap if gap != 0 else float("nan")})
+            rows.append(
+                {
+                    "pair": pair,
+                    **cell.labels,
+                    "value": value + effect,
+                    "effect": effect,
+                    "normalized": effect / gap if gap != 0 else float("nan"),
+                }
+            )
     return SweepResult(pd.DataFrame(rows), clean_values, corrupt_values, "denoise", hook, axes)
 
 
@@ -587,8 +703,14 @@ class EdgeScores:
         return sub.reindex(sub.score.abs().sort_values(ascending=False).index).head(k).reset_index(drop=True)
 
 
-def edge_attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping[str, Any] | Corruption,
-                           metric: Metric, *, by: str = "edge") -> EdgeScores:
+def edge_attribution_patch(
+    hooked: HookedModel,
+    clean: Mapping[str, Any],
+    corrupted: Mapping[str, Any] | Corruption,
+    metric: Metric,
+    *,
+    by: str = "edge",
+) -> EdgeScores:
     """Edge attribution patching (Syed et al. 2023) between the LM's components.
 
     Nodes are the residual stream's input (``lm.blocks.0.resid_pre``: token, image or graph
@@ -610,16 +732,30 @@ def edge_attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrup
     corrupt_inputs = hooked.check_inputs(corruption.inputs)
     spans = hooked.spans(corrupt_inputs)
     check_same_layout(hooked.spans(clean), spans)
-    layers = sorted(hp.layer for hp in hooked.hook_points.values()
-                    if hp.prefix == "lm" and hp.kind == "resid_pre" and hp.layer is not None)
-    missing = [f"lm.blocks.{i}.{k}" for i in layers for k in ("attn_out", "resid_mid", "mlp_out", "resid_post")
-               if f"lm.blocks.{i}.{k}" not in hooked.hook_points]
+    layers = sorted(
+        hp.layer
+        for hp in hooked.hook_points.values()
+        if hp.prefix == "lm" and hp.kind == "resid_pre" and hp.layer is not None
+    )
+    missing = [
+        f"lm.blocks.{i}.{k}"
+        for i in layers
+        for k in ("attn_out", "resid_mid", "mlp_out", "resid_post")
+        if f"lm.blocks.{i}.{k}" not in hooked.hook_points
+    ]
     if not layers or missing:
-        raise ValueError(f"edge attribution needs the LM's attention/MLP/residual points; this adapter lacks {missing[:4]}")
-    nodes = ["lm.blocks.0.resid_pre"] + [f"lm.blocks.{i}.{k}" for i in layers for k in ("attn_out", "mlp_out")] \
+        raise ValueError(
+            f"edge attribution needs the LM's attention/MLP/residual points; this adapter lacks {missing[:4]}"
+        )
+    nodes = (
+        ["lm.blocks.0.resid_pre"]
+        + [f"lm.blocks.{i}.{k}" for i in layers for k in ("attn_out", "mlp_out")]
         + ["lm.final_norm"]
+    )
     senders = nodes[:-1]
-    resid = [f"lm.blocks.{i}.{k}" for i in layers for k in ("resid_pre", "resid_mid")] + [f"lm.blocks.{layers[-1]}.resid_post"]
+    resid = [f"lm.blocks.{i}.{k}" for i in layers for k in ("resid_pre", "resid_mid")] + [
+        f"lm.blocks.{layers[-1]}.resid_post"
+    ]
     # receiver inputs' gradients: attn_j = g(resid_pre_j) - g(resid_mid_j); mlp_j = g(resid_mid_j) - g(resid_pre_j+1)
     rows, clean_values, corrupt_values = [], [], []
     for pair in range(spans.batch_size):
@@ -643,9 +779,16 @@ def edge_attribution_patch(hooked: HookedModel, clean: Mapping[str, Any], corrup
                     if r + 1 <= s:  # the receiver comes before the sender (or is the sender)
                         continue
                     score = float(scores[s, r])
-                    rows.append({"pair": pair, "sender": sender, "receiver": receiver,
-                                 **({"span": label} if by == "span" else {}), "score": score,
-                                 "normalized": score / gap if gap != 0 else float("nan")})
+                    rows.append(
+                        {
+                            "pair": pair,
+                            "sender": sender,
+                            "receiver": receiver,
+                            **({"span": label} if by == "span" else {}),
+                            "score": score,
+                            "normalized": score / gap if gap != 0 else float("nan"),
+                        }
+                    )
     return EdgeScores(pd.DataFrame(rows), clean_values, corrupt_values, nodes)
 
 
@@ -657,8 +800,12 @@ def correlation(estimate: SweepResult, exact: SweepResult, value: str = "value")
     if len(merged) != len(exact.table):
         raise ValueError(f"the sweeps cover different cells ({len(estimate.table)} vs {len(exact.table)})")
     a, b = merged[f"{value}_exact"], merged[f"{value}_estimate"]
-    return {"pearson": float(a.corr(b)), "spearman": float(a.rank().corr(b.rank())),
-            "max_abs_diff": float((a - b).abs().max()), "n_cells": len(merged)}
+    return {
+        "pearson": float(a.corr(b)),
+        "spearman": float(a.rank().corr(b.rank())),
+        "max_abs_diff": float((a - b).abs().max()),
+        "n_cells": len(merged),
+    }
 
 
 # -- path patching ----------------------------------------------------------------------------------
@@ -667,9 +814,15 @@ Component = Where
 """A component of path patching: a hook point with optional positions (any span selector) and heads."""
 
 
-def path_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping[str, Any] | Corruption,
-               metric: Metric, senders: Sequence[Component], receivers: Sequence[Component],
-               frozen: str = "lm.blocks.*") -> float:
+def path_patch(
+    hooked: HookedModel,
+    clean: Mapping[str, Any],
+    corrupted: Mapping[str, Any] | Corruption,
+    metric: Metric,
+    senders: Sequence[Component],
+    receivers: Sequence[Component],
+    frozen: str = "lm.blocks.*",
+) -> float:
     """Path patching (Wang et al. 2022; Goldowsky-Dill et al. 2023): the metric on the clean run when
     only the paths from ``senders`` to ``receivers`` carry corrupted activations.
 
@@ -687,16 +840,23 @@ def path_patch(hooked: HookedModel, clean: Mapping[str, Any], corrupted: Mapping
     check_same_layout(hooked.spans(clean), hooked.spans(corrupt_inputs))
     sender_hooks = [hooked.resolve(s.hook).name for s in senders]
     receiver_hooks = [hooked.resolve(r.hook).name for r in receivers]
-    freeze = [n for n, hp in hooked.hook_points.items() if hp.kind in ("attn_out", "mlp_out")
-              and fnmatch.fnmatchcase(n, frozen) and n not in sender_hooks]
+    freeze = [
+        n
+        for n, hp in hooked.hook_points.items()
+        if hp.kind in ("attn_out", "mlp_out") and fnmatch.fnmatchcase(n, frozen) and n not in sender_hooks
+    ]
     clean_run = hooked.run(clean, cache=freeze + sender_hooks + receiver_hooks)
     corrupt_run = hooked.run(corrupt_inputs, cache=sender_hooks, edits=corruption.edits)
     edits = [replace(n, clean_run.cache[n]) for n in freeze]
-    edits += [replace(s_hook, _select(corrupt_run.cache[s_hook], clean_run.cache[s_hook], s, hooked, clean))
-              for s, s_hook in zip(senders, sender_hooks)]
+    edits += [
+        replace(s_hook, _select(corrupt_run.cache[s_hook], clean_run.cache[s_hook], s, hooked, clean))
+        for s, s_hook in zip(senders, sender_hooks)
+    ]
     step2 = hooked.run(clean, cache=receiver_hooks, edits=edits)
-    final_edits = [replace(r_hook, _select(step2.cache[r_hook], clean_run.cache[r_hook], r, hooked, clean))
-                   for r, r_hook in zip(receivers, receiver_hooks)]
+    final_edits = [
+        replace(r_hook, _select(step2.cache[r_hook], clean_run.cache[r_hook], r, hooked, clean))
+        for r, r_hook in zip(receivers, receiver_hooks)
+    ]
     patched = hooked.run(clean, edits=final_edits)
     return float(metric(hooked.readout_logits(patched.logits, clean))[0])
 
@@ -708,6 +868,21 @@ def _select(new: Tensor, old: Tensor, component: Component, hooked: HookedModel,
     return where_selected(mask, new, old)
 
 
-__all__ = ["Component", "Corruption", "EdgeScores", "SweepResult", "attribution_patch", "check_same_layout", "correlation",
-           "corrupt", "edge_attribution_patch", "kl_from", "logit_diff", "logprob", "path_patch", "points", "prob",
-           "sweep"]
+__all__ = [
+    "Component",
+    "Corruption",
+    "EdgeScores",
+    "SweepResult",
+    "attribution_patch",
+    "check_same_layout",
+    "correlation",
+    "corrupt",
+    "edge_attribution_patch",
+    "kl_from",
+    "logit_diff",
+    "logprob",
+    "path_patch",
+    "points",
+    "prob",
+    "sweep",
+]

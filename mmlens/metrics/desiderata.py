@@ -70,7 +70,9 @@ def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     m = (p + q) / 2
 
     def kl(a: Tensor, b: Tensor) -> Tensor:
-        return torch.where(a > 0, a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log()), torch.zeros_like(a)).sum(-1)
+        return torch.where(a > 0, a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log()), torch.zeros_like(a)).sum(
+            -1
+        )
 
     return (kl(p, m) + kl(q, m)) / 2
 
@@ -118,8 +120,9 @@ class GrangerResult:
     tolerance: float
 
 
-def kappa_lambda(delta_out: np.ndarray, delta_expl: np.ndarray, fraction: float = 0.9,
-                 tolerance: float = 0.05) -> tuple[float, float]:
+def kappa_lambda(
+    delta_out: np.ndarray, delta_expl: np.ndarray, fraction: float = 0.9, tolerance: float = 0.05
+) -> tuple[float, float]:
     """The largest kappa such that ``delta_expl >= kappa * delta_out - lambda`` holds for
     ``fraction`` of the inputs with some lambda <= ``tolerance``, and the smallest such lambda.
 
@@ -152,9 +155,18 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(a.rank().corr(b.rank()))
 
 
-def granger(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("integrated_gradients",), *,
-            mode: str = "joint", distance: str = "tv", fraction: float = 0.9, tolerance: float = 0.05,
-            options: Mapping[str, dict] | None = None, progress: bool = True) -> GrangerResult:
+def granger(
+    hooked: HookedModel,
+    inputs: Dataset,
+    explainers: Sequence[str] = ("integrated_gradients",),
+    *,
+    mode: str = "joint",
+    distance: str = "tv",
+    fraction: float = 0.9,
+    tolerance: float = 0.05,
+    options: Mapping[str, dict] | None = None,
+    progress: bool = True,
+) -> GrangerResult:
     """Granger-style modality influence over the rows of ``inputs`` (a dataset).
 
     For each row x and modality m: x_m = x with m replaced by its neutral reference. Each explainer
@@ -170,8 +182,9 @@ def granger(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("
     present = _modalities(hooked, items)
     modalities = [m for m in present if m in hooked.adapter.neutral]
     if len(modalities) < 1:
-        raise ValueError(f"no modality of these inputs ({present}) has a neutral reference in adapter "
-                         f"{hooked.adapter.name!r}")
+        raise ValueError(
+            f"no modality of these inputs ({present}) has a neutral reference in adapter {hooked.adapter.name!r}"
+        )
     options = dict(options or {})
     influence, rows = [], []
     for i, x in enumerate(tqdm(items, desc="granger", disable=not progress)):
@@ -182,8 +195,14 @@ def granger(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("
         for m, x_m in ablated.items():
             with torch.no_grad():
                 logits_m = hooked.readout_logits(hooked.run(x_m).logits, x_m)
-            influence.append({"input": i, "modality": m, "delta_js": float(js_divergence(logits, logits_m)[0]),
-                              "delta_prob": float(metric(logits)[0] - metric(logits_m)[0])})
+            influence.append(
+                {
+                    "input": i,
+                    "modality": m,
+                    "delta_js": float(js_divergence(logits, logits_m)[0]),
+                    "delta_prob": float(metric(logits)[0] - metric(logits_m)[0]),
+                }
+            )
         for name in explainers:
             kwargs = options.get(name, {})
             base = _explain_mode(hooked, x, name, mode, metric, kwargs)
@@ -192,9 +211,16 @@ def granger(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("
                 for n in modalities:
                     if n == m:
                         continue
-                    rows.append({"input": i, "explainer": name, "ablated": m, "explained": n,
-                                 "delta": float(explanation_distance(base[n], moved[n], n, distance)[0]),
-                                 "importance_m": float(base[m].importance()[m][0]) if mode == "joint" else float("nan")})
+                    rows.append(
+                        {
+                            "input": i,
+                            "explainer": name,
+                            "ablated": m,
+                            "explained": n,
+                            "delta": float(explanation_distance(base[n], moved[n], n, distance)[0]),
+                            "importance_m": float(base[m].importance()[m][0]) if mode == "joint" else float("nan"),
+                        }
+                    )
     influence_df = pd.DataFrame(influence)
     expl = pd.DataFrame(rows)
     if not expl.empty:
@@ -220,10 +246,20 @@ def granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tu
     summary, violations = [], []
     for (name, m, n), group in expl.groupby(["explainer", "ablated", "explained"], sort=False):
         kappa, lam = kappa_lambda(group.delta_js.to_numpy(), group.delta.to_numpy(), fraction, tolerance)
-        summary.append({"explainer": name, "ablated": m, "explained": n, "n_inputs": len(group), "kappa": kappa,
-                        "lambda": lam, "spearman_importance": _spearman(group.delta_js, group.importance_m),
-                        "spearman_delta": _spearman(group.delta_js, group.delta),
-                        "mean_delta_js": group.delta_js.mean(), "mean_delta": group.delta.mean()})
+        summary.append(
+            {
+                "explainer": name,
+                "ablated": m,
+                "explained": n,
+                "n_inputs": len(group),
+                "kappa": kappa,
+                "lambda": lam,
+                "spearman_importance": _spearman(group.delta_js, group.importance_m),
+                "spearman_delta": _spearman(group.delta_js, group.delta),
+                "mean_delta_js": group.delta_js.mean(),
+                "mean_delta": group.delta.mean(),
+            }
+        )
         scale_out = max(group.delta_js.max(), 1e-30)
         scale_expl = max(group.delta.max(), 1e-30)
         hidden = group.delta_js / scale_out - group.delta / scale_expl
@@ -231,10 +267,19 @@ def granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tu
         for kind, score in (("hidden_dependency", hidden), ("over_credit", over)):
             worst = score.idxmax()
             if np.isfinite(score[worst]) and score[worst] > 0:
-                violations.append({"explainer": name, "ablated": m, "explained": n, "kind": kind,
-                                   "input": int(group.input[worst]), "score": float(score[worst]),
-                                   "delta_js": float(group.delta_js[worst]), "delta": float(group.delta[worst]),
-                                   "importance_m": float(group.importance_m[worst])})
+                violations.append(
+                    {
+                        "explainer": name,
+                        "ablated": m,
+                        "explained": n,
+                        "kind": kind,
+                        "input": int(group.input[worst]),
+                        "score": float(score[worst]),
+                        "delta_js": float(group.delta_js[worst]),
+                        "delta": float(group.delta[worst]),
+                        "importance_m": float(group.importance_m[worst]),
+                    }
+                )
     return pd.DataFrame(summary), pd.DataFrame(violations)
 
 
@@ -256,10 +301,19 @@ class FaithfulnessResult:
     method: str
 
 
-def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integrated_gradients", *,
-                 fractions: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), random_draws: int = 5,
-                 seed: int = 0, batch_size: int = 32, options: Mapping[str, Any] | None = None,
-                 explanations: Sequence[Explanation] | None = None, progress: bool = True) -> FaithfulnessResult:
+def faithfulness(
+    hooked: HookedModel,
+    inputs: Dataset,
+    explainer: str = "integrated_gradients",
+    *,
+    fractions: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+    random_draws: int = 5,
+    seed: int = 0,
+    batch_size: int = 32,
+    options: Mapping[str, Any] | None = None,
+    explanations: Sequence[Explanation] | None = None,
+    progress: bool = True,
+) -> FaithfulnessResult:
     """Sufficiency and necessity of an explainer's top-k positions per modality and jointly.
 
     keep_k: every explained position outside the top-k fraction of its modality takes its neutral
@@ -303,13 +357,26 @@ def faithfulness(hooked: HookedModel, inputs: Dataset, explainer: str = "integra
                         labels += [(scope, k, source, d, "keep"), (scope, k, source, d, "remove")]
         values = masked_values(hooked, x, setup, masks, batch_size).tolist()
         f = float(setup.value[0])
-        table = pd.DataFrame([(*label, v) for label, v in zip(labels, values)],
-                             columns=["scope", "k", "source", "draw", "which", "value"])
+        table = pd.DataFrame(
+            [(*label, v) for label, v in zip(labels, values)],
+            columns=["scope", "k", "source", "draw", "which", "value"],
+        )
         wide = table.pivot_table(index=["scope", "k", "source", "draw"], columns="which", values="value").reset_index()
         wide = wide.groupby(["scope", "k", "source"], sort=False)[["keep", "remove"]].mean().reset_index()
         for r in wide.itertuples(index=False):
-            rows.append({"input": i, "scope": r.scope, "k": r.k, "source": r.source, "f": f, "f_keep": r.keep,
-                         "f_remove": r.remove, "sufficiency_gap": abs(r.keep - f), "necessity_drop": f - r.remove})
+            rows.append(
+                {
+                    "input": i,
+                    "scope": r.scope,
+                    "k": r.k,
+                    "source": r.source,
+                    "f": f,
+                    "f_keep": r.keep,
+                    "f_remove": r.remove,
+                    "sufficiency_gap": abs(r.keep - f),
+                    "necessity_drop": f - r.remove,
+                }
+            )
     curves = pd.DataFrame(rows)
     return FaithfulnessResult(curves, areas(curves), explainer)
 
@@ -334,10 +401,19 @@ class StabilityResult:
     skipped: dict[str, str]
 
 
-def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = ("integrated_gradients",), *,
-              modalities: Sequence[str] | None = None, kinds: Mapping[str, Sequence[str]] | None = None, n: int = 4,
-              scale: Mapping[str, float] | None = None, seed: int = 0, options: Mapping[str, dict] | None = None,
-              progress: bool = True) -> StabilityResult:
+def stability(
+    hooked: HookedModel,
+    inputs: Dataset,
+    explainers: Sequence[str] = ("integrated_gradients",),
+    *,
+    modalities: Sequence[str] | None = None,
+    kinds: Mapping[str, Sequence[str]] | None = None,
+    n: int = 4,
+    scale: Mapping[str, float] | None = None,
+    seed: int = 0,
+    options: Mapping[str, dict] | None = None,
+    progress: bool = True,
+) -> StabilityResult:
     """Unified stability: Lipschitz ratios ||E(x) - E(x')|| / ||x - x'|| under small
     meaning-preserving perturbations of each modality m (:func:`mmlens.metrics.perturb.perturb`), for the
     explanation of every modality n (Eq. 6 for n = m, Eq. 7 for n != m).
@@ -366,8 +442,10 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
     for i, x in enumerate(tqdm(items, desc="stability", disable=not progress)):
         setup = prepare(hooked, x, None, "joint")
         prediction = int(setup.logits[0].argmax())
-        base = {name: explain_row(hooked, _mode_setup(hooked, x, setup, modes[name]), x, name,
-                                   modes[name], options[name]) for name in explainers}
+        base = {
+            name: explain_row(hooked, _mode_setup(hooked, x, setup, modes[name]), x, name, modes[name], options[name])
+            for name in explainers
+        }
         for m in targets:
             try:
                 perturbed = perturb(hooked, x, m, (kinds or {}).get(m), n=n, scale=scale, seed=seed + i)
@@ -377,21 +455,40 @@ def stability(hooked: HookedModel, inputs: Dataset, explainers: Sequence[str] = 
             at = setup.spans.masks[m].to(setup.embeds.device)[..., None]
             for draw, p in enumerate(perturbed):
                 if not hooked.spans(p.inputs).same_layout(setup.spans):
-                    raise ValueError(f"a {p.kind!r} perturbation changed the layout (modality spans); stability "
-                                     "compares explanations position by position")
+                    raise ValueError(
+                        f"a {p.kind!r} perturbation changed the layout (modality spans); stability "
+                        "compares explanations position by position"
+                    )
                 moved_setup = prepare(hooked, p.inputs, setup.metric, "joint")
                 distance = float(torch.where(at, setup.embeds.float() - moved_setup.embeds.float(), 0.0).norm())
                 if distance == 0:
                     continue
                 kept = int(moved_setup.logits[0].argmax()) == prediction
                 for name in explainers:
-                    moved = explain_row(hooked, _mode_setup(hooked, p.inputs, moved_setup, modes[name]),
-                                         p.inputs, name, modes[name], options[name])
+                    moved = explain_row(
+                        hooked,
+                        _mode_setup(hooked, p.inputs, moved_setup, modes[name]),
+                        p.inputs,
+                        name,
+                        modes[name],
+                        options[name],
+                    )
                     for target in setup.spans.modalities:
                         change = float((base[name].masked(target) - moved.masked(target)).norm(dim=1)[0])
-                        rows.append({"input": i, "explainer": name, "perturbed": m, "kind": p.kind, "draw": draw,
-                                     "explained": target, "input_distance": distance,
-                                     "explanation_distance": change, "ratio": change / distance, "kept": kept})
+                        rows.append(
+                            {
+                                "input": i,
+                                "explainer": name,
+                                "perturbed": m,
+                                "kind": p.kind,
+                                "draw": draw,
+                                "explained": target,
+                                "input_distance": distance,
+                                "explanation_distance": change,
+                                "ratio": change / distance,
+                                "kept": kept,
+                            }
+                        )
     samples = pd.DataFrame(rows)
     return StabilityResult(samples, stability_summary(samples), skipped)
 
@@ -403,18 +500,35 @@ def stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (name, m, target), group in samples.groupby(["explainer", "perturbed", "explained"], sort=False):
         kept = group[group.kept].ratio
-        out.append({"explainer": name, "perturbed": m, "explained": target,
-                    "equation": "intra (6)" if m == target else "cross (7)", "n_kept": len(kept),
-                    "n_dropped": int((~group.kept).sum()),
-                    "max": float(kept.max()) if len(kept) else float("nan"),
-                    "p95": float(kept.quantile(0.95)) if len(kept) else float("nan"),
-                    "median": float(kept.median()) if len(kept) else float("nan")})
+        out.append(
+            {
+                "explainer": name,
+                "perturbed": m,
+                "explained": target,
+                "equation": "intra (6)" if m == target else "cross (7)",
+                "n_kept": len(kept),
+                "n_dropped": int((~group.kept).sum()),
+                "max": float(kept.max()) if len(kept) else float("nan"),
+                "p95": float(kept.quantile(0.95)) if len(kept) else float("nan"),
+                "median": float(kept.median()) if len(kept) else float("nan"),
+            }
+        )
     return pd.DataFrame(out)
 
 
-def circuit_faithfulness(hooked: HookedModel, inputs: Dataset, circuit: Any, ablation: str = "neutral", *,
-                         reference: Any = None, modality: str | None = None, kinds: Sequence[str] | None = None,
-                         random_draws: int = 5, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+def circuit_faithfulness(
+    hooked: HookedModel,
+    inputs: Dataset,
+    circuit: Any,
+    ablation: str = "neutral",
+    *,
+    reference: Any = None,
+    modality: str | None = None,
+    kinds: Sequence[str] | None = None,
+    random_draws: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Sufficiency and necessity of a circuit (:class:`mmlens.methods.circuits.Circuit`) with keep/remove
     interventions inside the model (:func:`mmlens.methods.circuits.intervene`), against random circuits with
     as many components drawn from the same universe.
@@ -430,8 +544,10 @@ def circuit_faithfulness(hooked: HookedModel, inputs: Dataset, circuit: Any, abl
     nodes = circuit.effective_nodes
     kinds = tuple(kinds or dict.fromkeys(hooked.resolve(n.hook).kind for n in nodes)) or ("attn_out", "mlp_out")
     universe = components(hooked, kinds)
-    randoms = [Circuit(tuple(universe[j] for j in torch.randperm(len(universe), generator=generator)[:len(nodes)]))
-               for _ in range(random_draws)]
+    randoms = [
+        Circuit(tuple(universe[j] for j in torch.randperm(len(universe), generator=generator)[: len(nodes)]))
+        for _ in range(random_draws)
+    ]
     rows = []
     for i, x in enumerate(tqdm(examples(hooked, inputs), desc="circuit faithfulness", disable=not progress)):
         metric = predicted_prob(hooked, x)
@@ -442,15 +558,28 @@ def circuit_faithfulness(hooked: HookedModel, inputs: Dataset, circuit: Any, abl
         with torch.no_grad():
             base = f(hooked.run(x))
             for source, group in (("circuit", [circuit]), ("random", randoms)):
-                keep = [f(intervene(hooked, x, c, "keep", ablation, reference=reference, modality=modality, kinds=kinds))
-                        for c in group]
-                remove = [f(intervene(hooked, x, c, "remove", ablation, reference=reference, modality=modality))
-                          for c in group]
+                keep = [
+                    f(intervene(hooked, x, c, "keep", ablation, reference=reference, modality=modality, kinds=kinds))
+                    for c in group
+                ]
+                remove = [
+                    f(intervene(hooked, x, c, "remove", ablation, reference=reference, modality=modality))
+                    for c in group
+                ]
                 if not group:
                     continue
                 f_keep, f_remove = float(np.mean(keep)), float(np.mean(remove))
-                rows.append({"input": i, "source": source, "f": base, "f_keep": f_keep, "f_remove": f_remove,
-                             "sufficiency_gap": abs(f_keep - base), "necessity_drop": base - f_remove})
+                rows.append(
+                    {
+                        "input": i,
+                        "source": source,
+                        "f": base,
+                        "f_keep": f_keep,
+                        "f_remove": f_remove,
+                        "sufficiency_gap": abs(f_keep - base),
+                        "necessity_drop": base - f_remove,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -482,9 +611,16 @@ class InteractionResult:
         return float(self.per_input.shapley_interaction.mean())
 
 
-def interaction(hooked: HookedModel, inputs: Dataset, modalities: Sequence[str] | None = None, *,
-                labels: Sequence[int] | Tensor | None = None, emap: bool = True, batch_size: int = 64,
-                progress: bool = True) -> InteractionResult:
+def interaction(
+    hooked: HookedModel,
+    inputs: Dataset,
+    modalities: Sequence[str] | None = None,
+    *,
+    labels: Sequence[int] | Tensor | None = None,
+    emap: bool = True,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> InteractionResult:
     """How much two modalities interact in the model's output, per input and over a dataset.
 
     Shapley interaction of the two modalities as players, each either present or at its neutral
@@ -502,8 +638,9 @@ def interaction(hooked: HookedModel, inputs: Dataset, modalities: Sequence[str] 
     present = _modalities(hooked, items)
     pair = tuple(modalities or present)
     if len(pair) != 2 or any(m not in present for m in pair):
-        raise ValueError(f"interaction takes two modalities of these inputs {present}, got {list(pair)}; pass "
-                         "modalities=(a, b)")
+        raise ValueError(
+            f"interaction takes two modalities of these inputs {present}, got {list(pair)}; pass modalities=(a, b)"
+        )
     a = pair[0]
     rows, setups = [], []
     for i, x in enumerate(tqdm(items, desc="interaction", disable=not progress)):
@@ -512,14 +649,24 @@ def interaction(hooked: HookedModel, inputs: Dataset, modalities: Sequence[str] 
         mask_a, mask_b = (setup.spans.masks[m][0].cpu() & setup.explained[0].cpu() for m in pair)
         v_a, v_b, v_none = masked_values(hooked, x, setup, [mask_b, mask_a, mask_a | mask_b], batch_size).tolist()
         v_ab = float(setup.value[0])
-        rows.append({"input": i, "v_ab": v_ab, "v_a": v_a, "v_b": v_b, "v_none": v_none,
-                     "shapley_interaction": v_ab - v_a - v_b + v_none})
-    return InteractionResult(pair, pd.DataFrame(rows), _emap(hooked, items, setups, a, labels, batch_size, progress)
-                             if emap else None)
+        rows.append(
+            {
+                "input": i,
+                "v_ab": v_ab,
+                "v_a": v_a,
+                "v_b": v_b,
+                "v_none": v_none,
+                "shapley_interaction": v_ab - v_a - v_b + v_none,
+            }
+        )
+    return InteractionResult(
+        pair, pd.DataFrame(rows), _emap(hooked, items, setups, a, labels, batch_size, progress) if emap else None
+    )
 
 
-def _emap(hooked: HookedModel, items: list[dict], setups: list, a: str, labels, batch_size: int,
-          progress: bool) -> dict | None:
+def _emap(
+    hooked: HookedModel, items: list[dict], setups: list, a: str, labels, batch_size: int, progress: bool
+) -> dict | None:
     masks = [s.spans.masks[a][0].cpu() for s in setups]
     if len(items) < 2 or any(not torch.equal(m, masks[0]) for m in masks):
         return None
@@ -529,7 +676,7 @@ def _emap(hooked: HookedModel, items: list[dict], setups: list, a: str, labels, 
         for i, (x, setup) in enumerate(tqdm(list(zip(items, setups)), desc="EMAP", disable=not progress)):
             row = []
             for start in range(0, len(items), batch_size):
-                donors = torch.cat([s.embeds for s in setups[start:start + batch_size]])
+                donors = torch.cat([s.embeds for s in setups[start : start + batch_size]])
                 mixed = torch.where(at, donors, setup.embeds)
                 row.append(with_embeds(hooked, x, setup.point, mixed, lambda out: out).float().cpu())
             logits.append(torch.cat(row))
@@ -539,8 +686,13 @@ def _emap(hooked: HookedModel, items: list[dict], setups: list, a: str, labels, 
     truth = own if labels is None else torch.as_tensor(labels).long().cpu()
     accuracy = float((own == truth).float().mean())
     emap_accuracy = float((projection.argmax(-1) == truth).float().mean())
-    return {"accuracy": accuracy, "emap_accuracy": emap_accuracy, "gap": accuracy - emap_accuracy, "n": len(items),
-            "labels": "given" if labels is not None else "model predictions"}
+    return {
+        "accuracy": accuracy,
+        "emap_accuracy": emap_accuracy,
+        "gap": accuracy - emap_accuracy,
+        "n": len(items),
+        "labels": "given" if labels is not None else "model predictions",
+    }
 
 
 def _random_top(spans, members: list[str], k: float, generator: torch.Generator) -> Tensor:
@@ -562,17 +714,44 @@ def areas(curves: pd.DataFrame) -> pd.DataFrame:
     """Per (scope, source): the areas under the mean faithfulness curves over k (see :class:`FaithfulnessResult`)."""
     if curves.empty:
         return pd.DataFrame()
-    mean = curves.groupby(["scope", "source", "k"], sort=False)[["sufficiency_gap", "necessity_drop"]].mean().reset_index()
+    mean = (
+        curves.groupby(["scope", "source", "k"], sort=False)[["sufficiency_gap", "necessity_drop"]].mean().reset_index()
+    )
     out = []
     for (scope, source), group in mean.groupby(["scope", "source"], sort=False):
         group = group.sort_values("k")
         k = group.k.to_numpy()
-        out.append({"scope": scope, "source": source,
-                    "aoc_sufficiency_gap": float(np.trapezoid(group.sufficiency_gap.to_numpy(), k)) if len(k) > 1 else float("nan"),
-                    "auc_necessity_drop": float(np.trapezoid(group.necessity_drop.to_numpy(), k)) if len(k) > 1 else float("nan")})
+        out.append(
+            {
+                "scope": scope,
+                "source": source,
+                "aoc_sufficiency_gap": float(np.trapezoid(group.sufficiency_gap.to_numpy(), k))
+                if len(k) > 1
+                else float("nan"),
+                "auc_necessity_drop": float(np.trapezoid(group.necessity_drop.to_numpy(), k))
+                if len(k) > 1
+                else float("nan"),
+            }
+        )
     return pd.DataFrame(out)
 
 
-__all__ = ["Dataset", "FaithfulnessResult", "GrangerResult", "InteractionResult", "StabilityResult", "areas",
-           "circuit_faithfulness", "examples", "explanation_distance", "faithfulness", "granger", "granger_summary",
-           "interaction", "js_divergence", "kappa_lambda", "stability", "stability_summary"]
+__all__ = [
+    "Dataset",
+    "FaithfulnessResult",
+    "GrangerResult",
+    "InteractionResult",
+    "StabilityResult",
+    "areas",
+    "circuit_faithfulness",
+    "examples",
+    "explanation_distance",
+    "faithfulness",
+    "granger",
+    "granger_summary",
+    "interaction",
+    "js_divergence",
+    "kappa_lambda",
+    "stability",
+    "stability_summary",
+]

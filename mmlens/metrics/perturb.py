@@ -57,9 +57,27 @@ from mmlens.core.wrapper import HookedModel
 from mmlens.methods.explainers import embedding_point
 
 __all__ = [
-    "DEFAULT_SCALE", "PERTURBATIONS", "PUNCTUATION", "CannotPerturb", "Draw", "Perturbed", "Prepare", "brightness",
-    "drop_edges", "embedding_noise", "feature_noise", "gaussian_noise", "graph_perturbations", "image_perturbations",
-    "input_distance", "perturb", "punctuation_edit", "shift", "synonym_groups", "synonym_swap", "token_perturbations",
+    "DEFAULT_SCALE",
+    "PERTURBATIONS",
+    "PUNCTUATION",
+    "CannotPerturb",
+    "Draw",
+    "Perturbed",
+    "Prepare",
+    "brightness",
+    "drop_edges",
+    "embedding_noise",
+    "feature_noise",
+    "gaussian_noise",
+    "graph_perturbations",
+    "image_perturbations",
+    "input_distance",
+    "perturb",
+    "punctuation_edit",
+    "shift",
+    "synonym_groups",
+    "synonym_swap",
+    "token_perturbations",
 ]
 
 PERTURBATIONS: dict[str, list[str]] = {
@@ -71,9 +89,14 @@ PERTURBATIONS: dict[str, list[str]] = {
 tries every kind the model's adapter declares for the modality."""
 
 DEFAULT_SCALE: dict[str, float] = {
-    "synonym_swap": 1, "punctuation_edit": 1, "shift": 1,
-    "brightness": 0.1, "gaussian_noise": 0.05,
-    "drop_edges": 0.05, "feature_noise": 0.05, "embedding_noise": 0.05,
+    "synonym_swap": 1,
+    "punctuation_edit": 1,
+    "shift": 1,
+    "brightness": 0.1,
+    "gaussian_noise": 0.05,
+    "drop_edges": 0.05,
+    "feature_noise": 0.05,
+    "embedding_noise": 0.05,
 }
 """Kind -> default ``scale``: a count (words, tokens, pixels), a fraction of edges, or a sigma in stds."""
 
@@ -125,7 +148,7 @@ def _split(token: str) -> tuple[str, str, str]:
     core = token.lstrip(_SPACE)
     prefix = token[: len(token) - len(core)]
     stripped = core.rstrip(_SPACE)
-    return prefix, stripped, core[len(stripped):]
+    return prefix, stripped, core[len(stripped) :]
 
 
 def _case_like(core: str, word: str) -> str | None:
@@ -159,8 +182,13 @@ def _not_in_number(tokens: list[str], text: list[bool], p: int) -> bool:
     return not (digit_before and digit_after)
 
 
-def _swap_candidates(token_ids: Tensor, where: Tensor, tokenizer: Any, table: Mapping[str, list[str]],
-                     fits: Callable[[list[str], list[bool], int], bool]) -> list[list[tuple[int, list[int]]]]:
+def _swap_candidates(
+    token_ids: Tensor,
+    where: Tensor,
+    tokenizer: Any,
+    table: Mapping[str, list[str]],
+    fits: Callable[[list[str], list[bool], int], bool],
+) -> list[list[tuple[int, list[int]]]]:
     """Per row, the positions that can be swapped and the single-token replacements of each."""
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids)
@@ -185,8 +213,9 @@ def _swap_candidates(token_ids: Tensor, where: Tensor, tokenizer: Any, table: Ma
     return rows
 
 
-def _swap(token_ids: Tensor, candidates: list[list[tuple[int, list[int]]]], count: int,
-          generator: torch.Generator) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
+def _swap(
+    token_ids: Tensor, candidates: list[list[tuple[int, list[int]]]], count: int, generator: torch.Generator
+) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
     """Swap up to ``count`` candidate positions per row: (new ids, per row [(position, old id, new id)])."""
     new = token_ids.clone()
     done = []
@@ -202,8 +231,9 @@ def _swap(token_ids: Tensor, candidates: list[list[tuple[int, list[int]]]], coun
     return new, done
 
 
-def synonym_swap(token_ids: Tensor, where: Tensor, tokenizer: Any, *, words: int = 1,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
+def synonym_swap(
+    token_ids: Tensor, where: Tensor, tokenizer: Any, *, words: int = 1, generator: torch.Generator | None = None
+) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
     """Replace up to ``words`` whole words per row by a synonym of the same token form.
 
     Args:
@@ -221,8 +251,9 @@ def synonym_swap(token_ids: Tensor, where: Tensor, tokenizer: Any, *, words: int
     return new.to(token_ids.device), swaps
 
 
-def punctuation_edit(token_ids: Tensor, where: Tensor, tokenizer: Any, *, edits: int = 1,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
+def punctuation_edit(
+    token_ids: Tensor, where: Tensor, tokenizer: Any, *, edits: int = 1, generator: torch.Generator | None = None
+) -> tuple[Tensor, list[list[tuple[int, int, int]]]]:
     """Replace up to ``edits`` punctuation tokens per row by a near-equivalent (:data:`PUNCTUATION`) of
     the same token form; as :func:`synonym_swap` otherwise. Punctuation between digits is kept."""
     if edits < 1:
@@ -313,8 +344,17 @@ def _core(tokenizer: Any, token_id: int) -> str:
     return _split(tokenizer.convert_ids_to_tokens(token_id))[1]
 
 
-def _token_swaps(hooked: HookedModel, inputs: dict, spans: ModalitySpans, count: int,
-                 generator: torch.Generator, *, kind: str, key: str, modality: str) -> Draw:
+def _token_swaps(
+    hooked: HookedModel,
+    inputs: dict,
+    spans: ModalitySpans,
+    count: int,
+    generator: torch.Generator,
+    *,
+    kind: str,
+    key: str,
+    modality: str,
+) -> Draw:
     tokenizer = hooked.require_tokenizer("text perturbations")
     ids = inputs[key]
     table, fits = (_synonym_table(), _whole_word) if kind == "synonym_swap" else (PUNCTUATION, _not_in_number)
@@ -325,16 +365,20 @@ def _token_swaps(hooked: HookedModel, inputs: dict, spans: ModalitySpans, count:
 
     def draw(i: int) -> tuple[dict, str]:
         new, swaps = _swap(ids.cpu(), candidates, count, generator)
-        parts = [f"row {r}: " + ", ".join(f"{_core(tokenizer, old)!r}->{_core(tokenizer, rep)!r} at {p}"
-                                          for p, old, rep in row)
-                 for r, row in enumerate(swaps) if row]
+        parts = [
+            f"row {r}: "
+            + ", ".join(f"{_core(tokenizer, old)!r}->{_core(tokenizer, rep)!r} at {p}" for p, old, rep in row)
+            for r, row in enumerate(swaps)
+            if row
+        ]
         return {**inputs, key: new.to(ids.device)}, "; ".join(parts)
 
     return draw
 
 
-def _shifts(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: int, generator: torch.Generator,
-            *, key: str) -> Draw:
+def _shifts(
+    hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: int, generator: torch.Generator, *, key: str
+) -> Draw:
     offsets = [(dx, dy) for dx in range(-scale, scale + 1) for dy in range(-scale, scale + 1) if (dx, dy) != (0, 0)]
     order = torch.randperm(len(offsets), generator=generator).tolist()
 
@@ -345,8 +389,9 @@ def _shifts(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: int,
     return draw
 
 
-def _brightness(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float,
-                generator: torch.Generator, *, key: str) -> Draw:
+def _brightness(
+    hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float, generator: torch.Generator, *, key: str
+) -> Draw:
     pixels = inputs[key]
 
     def draw(i: int) -> tuple[dict, str]:
@@ -358,21 +403,26 @@ def _brightness(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: 
 
 
 def _noise_kind(key: str, fn: Callable[[Tensor, float, torch.Generator], Tensor], what: str) -> Prepare:
-    def prepare(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float,
-                generator: torch.Generator) -> Draw:
+    def prepare(
+        hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float, generator: torch.Generator
+    ) -> Draw:
         if key not in inputs:
             raise CannotPerturb(f"these inputs have no {key!r}")
 
         def draw(i: int) -> tuple[dict, str]:
-            return {**inputs, key: fn(inputs[key], scale, generator)}, f"Gaussian noise on {key}, sigma = {scale} x {what}"
+            return {
+                **inputs,
+                key: fn(inputs[key], scale, generator),
+            }, f"Gaussian noise on {key}, sigma = {scale} x {what}"
 
         return draw
 
     return prepare
 
 
-def _drops(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float, generator: torch.Generator,
-           *, key: str) -> Draw:
+def _drops(
+    hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float, generator: torch.Generator, *, key: str
+) -> Draw:
     if key not in inputs:
         raise CannotPerturb(f"these inputs have no {key!r} (they give the node representations directly)")
     edges = inputs[key]
@@ -389,19 +439,25 @@ def _drops(hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float
 def token_perturbations(key: str, modality: str = "text") -> dict[str, Prepare]:
     """The text kinds (``synonym_swap``, ``punctuation_edit``) on the token ids ``Long[b, seq]`` at input
     ``key``, changing only the positions of span ``modality``."""
-    return {kind: partial(_token_swaps, kind=kind, key=key, modality=modality)
-            for kind in ("synonym_swap", "punctuation_edit")}
+    return {
+        kind: partial(_token_swaps, kind=kind, key=key, modality=modality)
+        for kind in ("synonym_swap", "punctuation_edit")
+    }
 
 
 def image_perturbations(key: str) -> dict[str, Prepare]:
     """The image kinds (``shift``, ``brightness``, ``gaussian_noise``) on images ``[..., C, H, W]`` at
     input ``key`` (an adapter whose images have another layout declares its own preparers)."""
-    return {"shift": partial(_shifts, key=key), "brightness": partial(_brightness, key=key),
-            "gaussian_noise": _noise_kind(key, gaussian_noise, "each image's pixel std")}
+    return {
+        "shift": partial(_shifts, key=key),
+        "brightness": partial(_brightness, key=key),
+        "gaussian_noise": _noise_kind(key, gaussian_noise, "each image's pixel std"),
+    }
 
 
-def graph_perturbations(*, features: str | None = None, edges: str | None = None,
-                        embeds: str | None = None) -> dict[str, Prepare]:
+def graph_perturbations(
+    *, features: str | None = None, edges: str | None = None, embeds: str | None = None
+) -> dict[str, Prepare]:
     """The graph kinds for the inputs a model has: ``drop_edges`` on the edge list ``Long[2, E]`` at
     ``edges``, ``feature_noise`` on the node features ``[n_nodes, d]`` at ``features``,
     ``embedding_noise`` on node representations ``[b, d]`` given directly at ``embeds``."""
@@ -422,8 +478,10 @@ def _declared(hooked: HookedModel, modality: str) -> Mapping[str, Prepare]:
     """The kinds ``hooked``'s adapter declares for ``modality`` (kind -> preparer)."""
     declared = hooked.adapter.perturbations
     if modality not in declared:
-        raise ValueError(f"adapter {hooked.adapter.name!r} declares no {modality} perturbations (it declares "
-                         f"{sorted(declared)}); add them to its table's perturbations")
+        raise ValueError(
+            f"adapter {hooked.adapter.name!r} declares no {modality} perturbations (it declares "
+            f"{sorted(declared)}); add them to its table's perturbations"
+        )
     return declared[modality]
 
 
@@ -457,21 +515,33 @@ def _scale(kind: str, scale: float | Mapping[str, float] | None) -> float:
 
 def _check_modality(hooked: HookedModel, inputs: Mapping[str, Any], spans: ModalitySpans, modality: str) -> None:
     if modality not in spans.masks or not spans.masks[modality].any():
-        raise ValueError(f"modality {modality!r} is not in these inputs; their modalities are "
-                         f"{[m for m in spans.modalities if spans.masks[m].any()]}")
+        raise ValueError(
+            f"modality {modality!r} is not in these inputs; their modalities are "
+            f"{[m for m in spans.modalities if spans.masks[m].any()]}"
+        )
     keys = list(hooked.adapter.modality_inputs.get(modality, ()))
     if not any(key in inputs for key in keys):
-        raise ValueError(f"these inputs have {modality} positions but none of its inputs {keys}; "
-                         f"got keys {sorted(inputs)}")
+        raise ValueError(
+            f"these inputs have {modality} positions but none of its inputs {keys}; got keys {sorted(inputs)}"
+        )
 
 
 def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return all(a[k] is b[k] or (isinstance(a[k], Tensor) and a[k].shape == b[k].shape and torch.equal(a[k], b[k]))
-               for k in a)
+    return all(
+        a[k] is b[k] or (isinstance(a[k], Tensor) and a[k].shape == b[k].shape and torch.equal(a[k], b[k])) for k in a
+    )
 
 
-def perturb(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, kind: str | Sequence[str] | None = None, *,
-            n: int = 8, scale: float | Mapping[str, float] | None = None, seed: int = 0) -> list[Perturbed]:
+def perturb(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    modality: str,
+    kind: str | Sequence[str] | None = None,
+    *,
+    n: int = 8,
+    scale: float | Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> list[Perturbed]:
     """Up to ``n`` distinct perturbed copies of ``inputs`` per kind, changing only ``modality``.
 
     Args:
@@ -520,10 +590,14 @@ def perturb(hooked: HookedModel, inputs: Mapping[str, Any], modality: str, kind:
             if _same(new, inputs) or any(_same(new, p.inputs) for p in own):
                 continue
             if not hooked.spans(new).same_layout(spans):
-                raise RuntimeError(f"{k} changed the layout of the inputs (a bug in mmlens.metrics.perturb): {description}")
+                raise RuntimeError(
+                    f"{k} changed the layout of the inputs (a bug in mmlens.metrics.perturb): {description}"
+                )
             own.append(Perturbed(new, modality, k, f"{k}: {description}"))
         if not own:
-            reasons[k] = f"all {n} draws left the input unchanged (an input of zero std, or scale {scales[k]} too small)"
+            reasons[k] = (
+                f"all {n} draws left the input unchanged (an input of zero std, or scale {scales[k]} too small)"
+            )
         made += own
     if not made:
         why = "; ".join(f"{k}: {r}" for k, r in reasons.items())

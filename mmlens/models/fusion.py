@@ -37,9 +37,7 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
 
@@ -170,9 +168,7 @@ class TextEncoder(nn.Module):
         if attention_mask is not None:
             key_mask = attention_mask.bool()
             if not key_mask.any(dim=1).all():
-                raise ValueError(
-                    "attention_mask has a row with no valid token; every text needs at least one"
-                )
+                raise ValueError("attention_mask has a row with no valid token; every text needs at least one")
         x = self.embed(input_ids) + self.pos_embed[:length]
         for block in self.blocks:
             x = block(x, key_mask)
@@ -194,15 +190,11 @@ class FusionTransformer(nn.Module):
         self.text_encoder = TextEncoder(cfg)
         self.modality_embed = nn.Embedding(2, cfg.d_model)
         self.fuse = nn.Identity()
-        self.joint_blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.d_mlp) for _ in range(cfg.n_joint_layers)
-        )
+        self.joint_blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.d_mlp) for _ in range(cfg.n_joint_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
 
-    def forward(
-        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
-    ) -> FusionOutput:
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> FusionOutput:
         """``pixel_values`` ``[b, c, H, W]``, ``input_ids`` ``[b, T]``, ``attention_mask`` ``[b, T]``
         (1 = token, 0 = padding) -> :class:`FusionOutput` with ``logits`` ``[b, n_classes]``."""
         if pixel_values.shape[0] != input_ids.shape[0]:

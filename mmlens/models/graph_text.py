@@ -69,24 +69,34 @@ class GraphTextFusion(nn.Module):
         """Node representations ``[b, gnn_dim]`` -> graph-token embeddings ``[b, K, d]``."""
         return self.projector(node_repr).view(node_repr.shape[0], self.config.n_graph_tokens, self.config.d_model)
 
-    def forward(self, node_features: Tensor, edge_index: Tensor, node_index: Tensor, input_ids: Tensor,
-                attention_mask: Tensor | None = None) -> FusionOutput:
+    def forward(
+        self,
+        node_features: Tensor,
+        edge_index: Tensor,
+        node_index: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+    ) -> FusionOutput:
         """``node_features`` ``[N, f]``, ``edge_index`` ``[2, E]`` long, ``node_index`` ``[b]`` long
         (each row's target node), ``input_ids`` ``[b, T]``, ``attention_mask`` ``[b, T]`` (1 = token,
         0 = padding) -> :class:`~mmlens.models.fusion.FusionOutput` with ``logits`` ``[b, n_classes]``."""
         cfg = self.config
         if node_features.ndim != 2 or node_features.shape[1] != cfg.node_dim:
-            raise ValueError(f"node_features has shape {tuple(node_features.shape)}, expected [n_nodes, {cfg.node_dim}] "
-                             "(one graph for the whole batch; build the model with a matching node_dim)")
+            raise ValueError(
+                f"node_features has shape {tuple(node_features.shape)}, expected [n_nodes, {cfg.node_dim}] "
+                "(one graph for the whole batch; build the model with a matching node_dim)"
+            )
         if node_index.shape != (input_ids.shape[0],):
-            raise ValueError(f"node_index has shape {tuple(node_index.shape)}, expected ({input_ids.shape[0]},): "
-                             "one target node per text")
+            raise ValueError(
+                f"node_index has shape {tuple(node_index.shape)}, expected ({input_ids.shape[0]},): "
+                "one target node per text"
+            )
         if input_ids.shape[1] > cfg.max_text_len:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens but max_text_len is {cfg.max_text_len}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         graph = self.graph_tokens(self.gnn(node_features, edge_index)[node_index])
-        text = self.embed(input_ids) + self.pos_embed[:input_ids.shape[1]]
+        text = self.embed(input_ids) + self.pos_embed[: input_ids.shape[1]]
         x = self.fuse(torch.cat([graph, text], dim=1))
         key_mask = torch.cat([attention_mask.new_ones(graph.shape[:2], dtype=torch.bool), attention_mask.bool()], dim=1)
         for block in self.blocks:

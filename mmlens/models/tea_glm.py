@@ -20,9 +20,7 @@ from transformers.utils import ModelOutput
 class GraphSAGEEncoder(nn.Module):
     """A stack of ``SAGEConv`` layers with ReLU and dropout between layers (none after the last)."""
 
-    def __init__(
-        self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, dropout: float = 0.0) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
@@ -111,9 +109,7 @@ class TeaGLM(nn.Module):
             )
         gnn_inputs = (node_features, edge_index, node_ids)
         if graph_embeds is not None and any(t is not None for t in gnn_inputs):
-            raise ValueError(
-                "pass either graph_embeds or (node_features, edge_index, node_ids), not both"
-            )
+            raise ValueError("pass either graph_embeds or (node_features, edge_index, node_ids), not both")
         if graph_embeds is None:
             if any(t is None for t in gnn_inputs):
                 raise ValueError(
@@ -134,4 +130,3 @@ class TeaGLM(nn.Module):
         tokens = self.graph_tokens(node_repr).to(inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], tokens)
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
-

@@ -1,12 +1,12 @@
 """The ``mmlens`` command line.
 
-    mmlens models                 list the model registry
-    mmlens hooks MODEL [--json | --markdown]
-                                  list a model's hook points by stage and modality
-    mmlens patch CONFIG [--out DIR] [--overwrite] [--check]
-                                  run (or resume) the patching sweep a TOML/YAML config describes
-    mmlens evaluate CONFIG [--out DIR] [--overwrite]
-                                  score explainers on the three desiderata (Granger, faithfulness, stability)
+mmlens models                 list the model registry
+mmlens hooks MODEL [--json | --markdown]
+                              list a model's hook points by stage and modality
+mmlens patch CONFIG [--out DIR] [--overwrite] [--check]
+                              run (or resume) the patching sweep a TOML/YAML config describes
+mmlens evaluate CONFIG [--out DIR] [--overwrite]
+                              score explainers on the three desiderata (Granger, faithfulness, stability)
 """
 
 from __future__ import annotations
@@ -28,15 +28,18 @@ def hook_table(hm, example_inputs: dict | None) -> list[dict]:
         shapes = {name: list(t.shape) for name, t in cache.items()}
     rows = []
     for name, hp in hm.hook_points.items():
-        rows.append({
-            "name": name,
-            "stage": hp.stage,
-            "modality": hp.modality or "fused",
-            "module": hp.site.module + ("" if hp.site.io == "output" else f" (input {hp.site.kwarg or hp.site.index})"),
-            "layer": hp.layer,
-            "shape": shapes.get(name),
-            "spans_apply": hp.fused_positions,
-        })
+        rows.append(
+            {
+                "name": name,
+                "stage": hp.stage,
+                "modality": hp.modality or "fused",
+                "module": hp.site.module
+                + ("" if hp.site.io == "output" else f" (input {hp.site.kwarg or hp.site.index})"),
+                "layer": hp.layer,
+                "shape": shapes.get(name),
+                "spans_apply": hp.fused_positions,
+            }
+        )
     return rows
 
 
@@ -107,8 +110,11 @@ def cmd_patch(args: argparse.Namespace) -> int:
     try:
         run = run_patch(config, overwrite=args.overwrite, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"\nmmlens: interrupted; finished chunks are saved in {config.output.dir}. Run the same command again to "
-              "continue from there.", file=sys.stderr)
+        print(
+            f"\nmmlens: interrupted; finished chunks are saved in {config.output.dir}. Run the same command again to "
+            "continue from there.",
+            file=sys.stderr,
+        )
         return 130
     print(f"{run.total} chunks ({run.computed} computed, {run.reused} reused), {len(run.result.table)} cells; wrote:")
     for path in run.files:
@@ -123,15 +129,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         evaluation = run_evaluation(config, overwrite=args.overwrite, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print(f"\nmmlens: interrupted; finished parts are saved in {config.output.dir}/{PARTS_FILE}. Run the same "
-              "command again to continue from there.", file=sys.stderr)
+        print(
+            f"\nmmlens: interrupted; finished parts are saved in {config.output.dir}/{PARTS_FILE}. Run the same "
+            "command again to continue from there.",
+            file=sys.stderr,
+        )
         return 130
     print_summary(evaluation)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmlens", description="Mechanistic interpretability for multimodal transformers.")
+    parser = argparse.ArgumentParser(
+        prog="mmlens", description="Mechanistic interpretability for multimodal transformers."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     hooks = sub.add_parser("hooks", help="list a model's hook points grouped by stage and modality")
     hooks.add_argument("model", help="registry name (see `mmlens models`) or a Hugging Face id / folder")
@@ -144,13 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     patch = sub.add_parser("patch", help="run (or resume) an activation-patching sweep described by a config file")
     patch.add_argument("config", help="a .toml/.yaml/.json config (see mmlens/runs/patch.py and analyses/configs/)")
     patch.add_argument("--out", help="output folder (overrides output.dir)")
-    patch.add_argument("--overwrite", action="store_true",
-                       help="delete a previous run's results in the output folder instead of resuming or refusing")
+    patch.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete a previous run's results in the output folder instead of resuming or refusing",
+    )
     patch.add_argument("--check", action="store_true", help="validate the config against the model and print the plan")
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
     patch.set_defaults(func=cmd_patch)
     evaluate = sub.add_parser("evaluate", help="score explainers on Granger influence, faithfulness and stability")
-    evaluate.add_argument("config", help="a .toml/.yaml/.json config (see mmlens/runs/evaluate.py and analyses/configs/)")
+    evaluate.add_argument(
+        "config", help="a .toml/.yaml/.json config (see mmlens/runs/evaluate.py and analyses/configs/)"
+    )
     evaluate.add_argument("--out", help="output folder (overrides output.dir)")
     evaluate.add_argument("--overwrite", action="store_true", help="discard finished parts of a previous run")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -61,6 +61,7 @@ def shown(value: Any) -> str:
 
 # --- field types -----------------------------------------------------------------------------------
 
+
 def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, (str, int)) else value
 
@@ -117,7 +118,9 @@ class ModelConfig(Section):
             loaded = load_model(self.name, device=device, dtype=DTYPES[self.dtype], seed=seed)
         except ValueError as err:
             raise ConfigError("model.name", str(err)) from None
-        return loaded, HookedModel(loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor, name=loaded.name)
+        return loaded, HookedModel(
+            loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor, name=loaded.name
+        )
 
 
 class RunConfig(Section):
@@ -200,6 +203,7 @@ class RunConfig(Section):
 
 # --- reading files and explaining validation errors ------------------------------------------------
 
+
 def read_table(path: Path) -> Any:
     """A config file's contents as nested dicts and lists; ConfigError for an unknown extension or bad syntax."""
     suffix = path.suffix.lower()
@@ -220,12 +224,19 @@ def read_table(path: Path) -> Any:
 
 
 _PROBLEMS = {
-    "int_type": "expected an integer", "float_type": "expected a number", "string_type": "expected a string",
-    "bool_type": "expected true or false", "literal_error": "expected one of {expected}",
-    "greater_than_equal": "expected a value >= {ge}", "greater_than": "expected a value > {gt}",
-    "less_than_equal": "expected a value <= {le}", "too_short": "expected at least {min_length} item(s)",
-    "model_type": "expected a table (key = value pairs)", "dict_type": "expected a table (key = value pairs)",
-    "tuple_type": "expected a list", "list_type": "expected a list",
+    "int_type": "expected an integer",
+    "float_type": "expected a number",
+    "string_type": "expected a string",
+    "bool_type": "expected true or false",
+    "literal_error": "expected one of {expected}",
+    "greater_than_equal": "expected a value >= {ge}",
+    "greater_than": "expected a value > {gt}",
+    "less_than_equal": "expected a value <= {le}",
+    "too_short": "expected at least {min_length} item(s)",
+    "model_type": "expected a table (key = value pairs)",
+    "dict_type": "expected a table (key = value pairs)",
+    "tuple_type": "expected a list",
+    "list_type": "expected a list",
 }
 
 
@@ -270,11 +281,16 @@ def _model_in(annotation: Any) -> Any:
 
 # --- inputs a config names -------------------------------------------------------------------------
 
-def encode_text(loaded: LoadedModel, text: str, image: str | None, folder: Path | None, fields: tuple[str, str]) -> dict:
+
+def encode_text(
+    loaded: LoadedModel, text: str, image: str | None, folder: Path | None, fields: tuple[str, str]
+) -> dict:
     """Model inputs of batch 1 for a config's text and optional image (a file, or
     ``generated:COLOR[-SHAPE]``; see :mod:`mmlens.data.images`); ConfigError at ``fields`` (the
     text's, the image's) when the model cannot take them."""
     try:
         return encode(loaded, text, make_image(image, folder) if image is not None else None)
     except ValueError as err:
-        raise ConfigError(fields[image is not None], f"{err}; use inputs.example (its example inputs) instead") from None
+        raise ConfigError(
+            fields[image is not None], f"{err}; use inputs.example (its example inputs) instead"
+        ) from None

@@ -82,6 +82,7 @@ Fraction = Annotated[Number, Field(ge=0, le=1)]
 
 # --- the config ------------------------------------------------------------------------------------
 
+
 class TextInput(Section):
     """One input: a text and an optional image (a file, or ``generated:COLOR[-SHAPE]``)."""
 
@@ -159,15 +160,20 @@ class EvaluationConfig(RunConfig):
 
     def input_files(self) -> dict[str, Path]:
         """The image files of the inputs and the circuit file."""
-        files = {t.image: self.resolve(t.image) for t in self.inputs.texts
-                 if t.image is not None and not t.image.startswith(GENERATED)}
+        files = {
+            t.image: self.resolve(t.image)
+            for t in self.inputs.texts
+            if t.image is not None and not t.image.startswith(GENERATED)
+        }
         return files | ({self.circuit.file: self.circuit_file} if self.circuit is not None else {})
 
     def check(self) -> None:
         """At least one metric; one source of inputs; images that exist; a circuit that loads."""
         if not any((self.granger, self.faithfulness, self.stability, self.circuit)):
-            raise ConfigError("(top level)", "no metric section: add at least one of [granger], [faithfulness], "
-                                             "[stability], [circuit]")
+            raise ConfigError(
+                "(top level)",
+                "no metric section: add at least one of [granger], [faithfulness], [stability], [circuit]",
+            )
         if bool(self.inputs.example) == bool(self.inputs.texts):
             raise ConfigError("inputs", "give exactly one of example (rows of the model's example inputs) or texts")
         for i, item in enumerate(self.inputs.texts):
@@ -176,7 +182,9 @@ class EvaluationConfig(RunConfig):
                 raise ConfigError(f"inputs.texts[{i}].image", problem)
         if self.circuit is not None:
             if not self.circuit_file.is_file():
-                raise ConfigError("circuit.file", f"no circuit JSON at {self.circuit_file} (write one with Circuit.save)")
+                raise ConfigError(
+                    "circuit.file", f"no circuit JSON at {self.circuit_file} (write one with Circuit.save)"
+                )
             try:
                 Circuit.load(self.circuit_file)
             except (ValueError, KeyError, TypeError) as err:
@@ -234,12 +242,19 @@ def dataset(config: EvaluationConfig, loaded: LoadedModel, hooked: HookedModel) 
         if bad:
             raise ConfigError("inputs.example", f"rows {bad} do not exist: the example inputs have {n} rows")
         return [hooked.rows(batch, r) for r in config.inputs.example]
-    return [encode_text(loaded, t.text, t.image, config.folder, (f"inputs.texts[{i}].text", f"inputs.texts[{i}].image"))
-            for i, t in enumerate(config.inputs.texts)]
+    return [
+        encode_text(loaded, t.text, t.image, config.folder, (f"inputs.texts[{i}].text", f"inputs.texts[{i}].image"))
+        for i, t in enumerate(config.inputs.texts)
+    ]
 
 
-def run_evaluation(config: EvaluationConfig | str | Path, *, out: str | Path | None = None, overwrite: bool = False,
-                   progress: bool = True) -> Evaluation:
+def run_evaluation(
+    config: EvaluationConfig | str | Path,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Evaluation:
     """Run (or continue) every configured metric for every explainer and write the output folder
     (module docstring). A KeyboardInterrupt propagates after the parts finished so far are saved."""
     if not isinstance(config, EvaluationConfig):
@@ -266,9 +281,15 @@ def run_evaluation(config: EvaluationConfig | str | Path, *, out: str | Path | N
     if config.circuit is not None:
         compute = partial(_circuit_part, config, hooked, data, progress)
         circuit = pd.DataFrame(record.get_or_add("circuit", compute, seconds)["tables"]["table"])
-    evaluation = Evaluation(config, _granger_result(config.granger, parts["granger"]),
-                            _faithfulness_results(config, parts["faithfulness"]),
-                            _stability_result(parts["stability"]), circuit, seconds, [])
+    evaluation = Evaluation(
+        config,
+        _granger_result(config.granger, parts["granger"]),
+        _faithfulness_results(config, parts["faithfulness"]),
+        _stability_result(parts["stability"]),
+        circuit,
+        seconds,
+        [],
+    )
     evaluation.files = _write(evaluation, out_dir)
     return evaluation
 
@@ -278,8 +299,9 @@ def _records(**tables: pd.DataFrame) -> dict[str, list[dict]]:
     return {k: json.loads(v.to_json(orient="records")) for k, v in tables.items()}
 
 
-def _part(config: EvaluationConfig, hooked: HookedModel, data: list[dict], metric: str, name: str,
-          progress: bool) -> dict:
+def _part(
+    config: EvaluationConfig, hooked: HookedModel, data: list[dict], metric: str, name: str, progress: bool
+) -> dict:
     """The part ``metric`` x explainer ``name``: its tables (and extras)."""
     options = config.explainers.options.get(name, {})
     if metric == "granger":
@@ -288,20 +310,43 @@ def _part(config: EvaluationConfig, hooked: HookedModel, data: list[dict], metri
         return {"tables": _records(influence=r.influence, explanations=r.explanations)}
     if metric == "faithfulness":
         f = config.faithfulness
-        curves = faithfulness(hooked, data, name, fractions=list(f.fractions), random_draws=f.random_draws,
-                              seed=config.seed, options=options, progress=progress).curves
+        curves = faithfulness(
+            hooked,
+            data,
+            name,
+            fractions=list(f.fractions),
+            random_draws=f.random_draws,
+            seed=config.seed,
+            options=options,
+            progress=progress,
+        ).curves
         return {"tables": _records(curves=curves)}
     s = config.stability
-    r = stability(hooked, data, [name], modalities=list(s.modalities) if s.modalities is not None else None, n=s.n,
-                  seed=config.seed, options={name: options}, progress=progress)
+    r = stability(
+        hooked,
+        data,
+        [name],
+        modalities=list(s.modalities) if s.modalities is not None else None,
+        n=s.n,
+        seed=config.seed,
+        options={name: options},
+        progress=progress,
+    )
     return {"tables": _records(samples=r.samples), "skipped": r.skipped}
 
 
 def _circuit_part(config: EvaluationConfig, hooked: HookedModel, data: list[dict], progress: bool) -> dict:
     """The circuit's keep/remove table."""
     c = config.circuit
-    table = circuit_faithfulness(hooked, data, Circuit.load(config.circuit_file), c.ablation,
-                                 random_draws=c.random_draws, seed=config.seed, progress=progress)
+    table = circuit_faithfulness(
+        hooked,
+        data,
+        Circuit.load(config.circuit_file),
+        c.ablation,
+        random_draws=c.random_draws,
+        seed=config.seed,
+        progress=progress,
+    )
     return {"tables": _records(table=table)}
 
 
@@ -310,8 +355,14 @@ def _granger_result(g: GrangerConfig | None, parts: list[dict]) -> GrangerResult
         return None
     influence = pd.DataFrame(parts[0]["tables"]["influence"])
     explanations = pd.concat([pd.DataFrame(p["tables"]["explanations"]) for p in parts], ignore_index=True)
-    return GrangerResult(influence, explanations, *granger_summary(explanations, g.fraction, g.tolerance), g.distance,
-                         g.fraction, g.tolerance)
+    return GrangerResult(
+        influence,
+        explanations,
+        *granger_summary(explanations, g.fraction, g.tolerance),
+        g.distance,
+        g.fraction,
+        g.tolerance,
+    )
 
 
 def _faithfulness_results(config: EvaluationConfig, parts: list[dict]) -> dict[str, FaithfulnessResult]:
@@ -333,8 +384,12 @@ def _tables(evaluation: Evaluation) -> dict[str, pd.DataFrame]:
     tables: dict[str, pd.DataFrame] = {}
     if evaluation.granger is not None:
         g = evaluation.granger
-        tables.update(granger_influence=g.influence, granger_explanations=g.explanations, granger_summary=g.summary,
-                      granger_violations=g.violations)
+        tables.update(
+            granger_influence=g.influence,
+            granger_explanations=g.explanations,
+            granger_summary=g.summary,
+            granger_violations=g.violations,
+        )
     for name, result in evaluation.faithfulness.items():
         tables[f"faithfulness_curves_{name}"] = result.curves
         tables[f"faithfulness_areas_{name}"] = result.areas
@@ -356,18 +411,23 @@ def _write(evaluation: Evaluation, out: Path) -> list[Path]:
     files.append(atomic_write(out / "summary.txt", text + "\n"))
     config = evaluation.config
     metrics = {
-        "command": "mmlens evaluate", "config": config.to_dict(), "config_hash": config.hash(),
-        "config_file": str(config.source) if config.source is not None else None, "seed": config.seed,
-        "versions": versions(), "timings_s": {k: round(v, 4) for k, v in evaluation.seconds.items()},
+        "command": "mmlens evaluate",
+        "config": config.to_dict(),
+        "config_hash": config.hash(),
+        "config_file": str(config.source) if config.source is not None else None,
+        "seed": config.seed,
+        "versions": versions(),
+        "timings_s": {k: round(v, 4) for k, v in evaluation.seconds.items()},
         "definitions": {
             "granger.delta_js": "Jensen-Shannon divergence (nats) of the final-position distributions, input vs the "
-                                "modality at its neutral reference",
+            "modality at its neutral reference",
             "granger.delta": f"explanation distance ({evaluation.granger.distance if evaluation.granger else 'tv'}) "
-                             "of the other modality's explanation",
+            "of the other modality's explanation",
             "faithfulness": "f = probability of the input's predicted token; keep/remove the top-k fraction of each "
-                            "modality's positions, the rest/those at the neutral reference embedding",
+            "modality's positions, the rest/those at the neutral reference embedding",
             "stability.ratio": "L2 change of the raw scores at the explained modality / L2 change of the LM input "
-                               "embeddings at the perturbed modality; prediction-changing perturbations dropped"},
+            "embeddings at the perturbed modality; prediction-changing perturbations dropped",
+        },
         "tables": _records(**tables),
         "stability_skipped": evaluation.stability.skipped if evaluation.stability else {},
     }
@@ -388,9 +448,11 @@ def _write(evaluation: Evaluation, out: Path) -> list[Path]:
 def print_summary(evaluation: Evaluation) -> None:
     """The terminal report: the headline table, then where everything was written."""
     print(evaluation.summary().to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print("columns: granger_kappa_min (smallest kappa over modality pairs; higher = explanations follow the "
-          "model's dependence), necessity/sufficiency areas (explanation vs random top-k), stability p95 ratios "
-          "(lower = more stable)")
+    print(
+        "columns: granger_kappa_min (smallest kappa over modality pairs; higher = explanations follow the "
+        "model's dependence), necessity/sufficiency areas (explanation vs random top-k), stability p95 ratios "
+        "(lower = more stable)"
+    )
     if evaluation.circuit is not None:
         means = evaluation.circuit.groupby("source", sort=False)[["sufficiency_gap", "necessity_drop"]].mean()
         print(f"circuit ({evaluation.config.circuit_file}), mean over inputs:")

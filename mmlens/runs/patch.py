@@ -94,11 +94,15 @@ METRIC_TOKENS = {"logit_diff": ("answer", "wrong"), "logprob": ("target",), "pro
 
 # --- the config ------------------------------------------------------------------------------------
 
+
 def _axes(axes: tuple[str, ...]) -> tuple[str, ...]:
     if axes not in AXES:
         valid = ", ".join(str(list(a)) for a in sorted(AXES))
-        raise PydanticCustomError("axes", "{axes} is not a supported combination; use one of {valid}",
-                                  {"axes": str(list(axes)), "valid": valid})
+        raise PydanticCustomError(
+            "axes",
+            "{axes} is not a supported combination; use one of {valid}",
+            {"axes": str(list(axes)), "valid": valid},
+        )
     return axes
 
 
@@ -148,8 +152,9 @@ class SweepConfig(Section):
     """``[patch]``: the arguments of :func:`mmlens.methods.patching.sweep`, and which layers."""
 
     hook: StrictStr = "resid_pre"
-    axes: Annotated[tuple[StrictStr, ...], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
-                    AfterValidator(_axes)] = ("layer", "position")
+    axes: Annotated[
+        tuple[StrictStr, ...], BeforeValidator(lambda v: [v] if isinstance(v, str) else v), AfterValidator(_axes)
+    ] = ("layer", "position")
     direction: Literal["denoise", "noise"] = "denoise"
     batch_size: Count = 8
     layers: Annotated[Rows, AfterValidator(_distinct_sorted)] | None = None
@@ -194,12 +199,16 @@ class PatchConfig(RunConfig):
         """Rules across fields: one source of inputs, images that exist, one corruption source per
         pair, the metric's tokens, a parquet engine."""
         if bool(self.inputs.pairs) == bool(self.inputs.example):
-            raise ConfigError("inputs", "give exactly one of inputs.pairs (a list of {clean = ..., corrupted = ...}) "
-                                        "and inputs.example (rows of the model's example inputs, e.g. [0])")
+            raise ConfigError(
+                "inputs",
+                "give exactly one of inputs.pairs (a list of {clean = ..., corrupted = ...}) "
+                "and inputs.example (rows of the model's example inputs, e.g. [0])",
+            )
         for i, pair in enumerate(self.inputs.pairs):
             if pair.corrupted_image is not None and pair.image is None:
-                raise ConfigError(f"inputs.pairs[{i}].corrupted_image", "needs an image for the clean input too (set "
-                                                                        "image)")
+                raise ConfigError(
+                    f"inputs.pairs[{i}].corrupted_image", "needs an image for the clean input too (set image)"
+                )
             for key in ("image", "corrupted_image"):
                 problem = image_problem(getattr(pair, key), self.folder) if getattr(pair, key) else None
                 if problem:
@@ -207,8 +216,11 @@ class PatchConfig(RunConfig):
         _check_corruption(self)
         _check_metric_tokens(self)
         if self.output.format == "parquet" and not has_parquet_engine():
-            raise ConfigError("output.format", "'parquet' needs pyarrow or fastparquet, and neither is installed "
-                                               "(pip install pyarrow); or use format = 'csv'")
+            raise ConfigError(
+                "output.format",
+                "'parquet' needs pyarrow or fastparquet, and neither is installed "
+                "(pip install pyarrow); or use format = 'csv'",
+            )
 
 
 def has_parquet_engine() -> bool:
@@ -225,20 +237,30 @@ def _check_corruption(config: PatchConfig) -> None:
         if c.swap_row is not None and c.method != "swap":
             raise ConfigError("corruption.swap_row", f"only applies to method = 'swap' (method is {c.method!r})")
         if c.method == "swap" and c.swap_row is None:
-            raise ConfigError("corruption.swap_row", "method = 'swap' needs the example row whose modality is swapped "
-                                                     "in (an integer >= 0)")
+            raise ConfigError(
+                "corruption.swap_row",
+                "method = 'swap' needs the example row whose modality is swapped in (an integer >= 0)",
+            )
     if inputs.example:
         if c is None:
-            raise ConfigError("corruption", "inputs.example gives clean inputs only; add a [corruption] section "
-                                            "(modality, method) to make the corrupted ones")
+            raise ConfigError(
+                "corruption",
+                "inputs.example gives clean inputs only; add a [corruption] section "
+                "(modality, method) to make the corrupted ones",
+            )
         return
     if c is not None and c.method == "swap":
-        raise ConfigError("corruption.method", "'swap' works with inputs.example (and corruption.swap_row); with "
-                                               "inputs.pairs, give the swapped input as corrupted / corrupted_image")
+        raise ConfigError(
+            "corruption.method",
+            "'swap' works with inputs.example (and corruption.swap_row); with "
+            "inputs.pairs, give the swapped input as corrupted / corrupted_image",
+        )
     users = [i for i, p in enumerate(inputs.pairs) if not p.explicit]
     if users and c is None:
-        raise ConfigError(f"inputs.pairs[{users[0]}].corrupted",
-                          "missing: give corrupted (text) or corrupted_image, or add a [corruption] section")
+        raise ConfigError(
+            f"inputs.pairs[{users[0]}].corrupted",
+            "missing: give corrupted (text) or corrupted_image, or add a [corruption] section",
+        )
     if c is not None and not users:
         raise ConfigError("corruption", "no pair uses it (every pair gives its corrupted input); remove the section")
 
@@ -248,8 +270,9 @@ def _check_metric_tokens(config: PatchConfig) -> None:
     metric, inputs = config.metric, config.inputs
     needs = METRIC_TOKENS[metric.kind]
     for key in ("answer", "wrong", "target"):
-        where = [("metric", getattr(metric, key))] + [(f"inputs.pairs[{i}]", getattr(p, key))
-                                                       for i, p in enumerate(inputs.pairs)]
+        where = [("metric", getattr(metric, key))] + [
+            (f"inputs.pairs[{i}]", getattr(p, key)) for i, p in enumerate(inputs.pairs)
+        ]
         for path, value in where:
             if value is not None and key not in needs:
                 wanted = " and ".join(needs) if needs else "no tokens"
@@ -263,11 +286,15 @@ def _check_metric_tokens(config: PatchConfig) -> None:
             field = f"inputs.pairs[{missing[0]}].{key}"
         else:
             continue
-        raise ConfigError(field, f"missing: metric.kind = {metric.kind!r} needs {' and '.join(needs)} (each a "
-                                 "single-token string or a token id), in [metric] or on every pair")
+        raise ConfigError(
+            field,
+            f"missing: metric.kind = {metric.kind!r} needs {' and '.join(needs)} (each a "
+            "single-token string or a token id), in [metric] or on every pair",
+        )
 
 
 # --- preparing: the model-dependent checks ------------------------------------------------------------
+
 
 @dataclass
 class PreparedPair:
@@ -328,23 +355,38 @@ def _resolve_hook(hooked: HookedModel, patch: SweepConfig) -> tuple[list[HookPoi
     try:
         points = hook_points(hooked, patch.hook)
     except (KeyError, ValueError) as err:
-        kinds = sorted({f"{hp.prefix}.{hp.kind}" if hp.prefix != "lm" else hp.kind
-                        for hp in hooked.hook_points.values() if hp.layer is not None})
-        raise ConfigError("patch.hook", f"{patch.hook!r} is not a hook point of {hooked.name}: {_message(err)}. Block "
-                                        f"points swept over layers: {', '.join(kinds)}; full names: `mmlens hooks "
-                                        f"{hooked.name}`") from None
+        kinds = sorted(
+            {
+                f"{hp.prefix}.{hp.kind}" if hp.prefix != "lm" else hp.kind
+                for hp in hooked.hook_points.values()
+                if hp.layer is not None
+            }
+        )
+        raise ConfigError(
+            "patch.hook",
+            f"{patch.hook!r} is not a hook point of {hooked.name}: {_message(err)}. Block "
+            f"points swept over layers: {', '.join(kinds)}; full names: `mmlens hooks "
+            f"{hooked.name}`",
+        ) from None
     if "head" in patch.axes and not all(hp.heads for hp in points):
-        raise ConfigError("patch.axes", f"a head axis needs a per-head point (e.g. hook = 'z'); {patch.hook!r} has none")
+        raise ConfigError(
+            "patch.axes", f"a head axis needs a per-head point (e.g. hook = 'z'); {patch.hook!r} has none"
+        )
     if patch.layers is None:
         return points, len(points) > 1
     available = [hp.layer for hp in points if hp.layer is not None]
     if len(points) < 2 and not available:
-        raise ConfigError("patch.layers", f"hook {patch.hook!r} is a single point without layers; patch.layers "
-                                          "applies to block points swept over layers (e.g. 'resid_pre')")
+        raise ConfigError(
+            "patch.layers",
+            f"hook {patch.hook!r} is a single point without layers; patch.layers "
+            "applies to block points swept over layers (e.g. 'resid_pre')",
+        )
     bad = [layer for layer in patch.layers if layer not in available]
     if bad:
-        raise ConfigError("patch.layers", f"layers {bad} do not exist for hook {patch.hook!r}; it has layers "
-                                          f"{min(available)}..{max(available)}")
+        raise ConfigError(
+            "patch.layers",
+            f"layers {bad} do not exist for hook {patch.hook!r}; it has layers {min(available)}..{max(available)}",
+        )
     return [hp for hp in points if hp.layer in patch.layers], patch.hook not in hooked.hook_points
 
 
@@ -363,8 +405,9 @@ def _plan_chunks(points: list[HookPoint], per_layer: bool, n_pairs: int) -> list
     return chunks
 
 
-def _prepare_pairs(config: PatchConfig, loaded: LoadedModel, hooked: HookedModel,
-                   points: list[HookPoint]) -> list[PreparedPair]:
+def _prepare_pairs(
+    config: PatchConfig, loaded: LoadedModel, hooked: HookedModel, points: list[HookPoint]
+) -> list[PreparedPair]:
     if config.inputs.example:
         return _example_pairs(config, loaded, hooked, points)
     out = []
@@ -374,24 +417,29 @@ def _prepare_pairs(config: PatchConfig, loaded: LoadedModel, hooked: HookedModel
         if pair.explicit:
             text = pair.corrupted if pair.corrupted is not None else pair.clean
             image = pair.corrupted_image if pair.corrupted_image is not None else pair.image
-            corrupted = encode_text(loaded, text, image, config.folder, (f"{path}.corrupted", f"{path}.corrupted_image"))
+            corrupted = encode_text(
+                loaded, text, image, config.folder, (f"{path}.corrupted", f"{path}.corrupted_image")
+            )
         else:
             corrupted = _make_corruption(config, hooked, clean, None, path)
         out.append(_finish_pair(config, loaded, hooked, points, clean, corrupted, pair, path))
     return out
 
 
-def _example_pairs(config: PatchConfig, loaded: LoadedModel, hooked: HookedModel,
-                   points: list[HookPoint]) -> list[PreparedPair]:
+def _example_pairs(
+    config: PatchConfig, loaded: LoadedModel, hooked: HookedModel, points: list[HookPoint]
+) -> list[PreparedPair]:
     """Pairs from rows of the model's example inputs, corrupted as [corruption] says."""
     example = loaded.example_inputs()
     n = hooked.spans(example).batch_size
     c = config.corruption
     for field, row in [(f"inputs.example[{i}]", r) for i, r in enumerate(config.inputs.example)] + [
-            ("corruption.swap_row", c.swap_row)]:
+        ("corruption.swap_row", c.swap_row)
+    ]:
         if row is not None and row >= n:
-            raise ConfigError(field, f"row {row} does not exist: {loaded.name}'s example inputs have {n} rows "
-                                     f"(0..{n - 1})")
+            raise ConfigError(
+                field, f"row {row} does not exist: {loaded.name}'s example inputs have {n} rows (0..{n - 1})"
+            )
     other = hooked.rows(example, c.swap_row) if c.swap_row is not None else None
     out = []
     for i, r in enumerate(config.inputs.example):
@@ -401,13 +449,16 @@ def _example_pairs(config: PatchConfig, loaded: LoadedModel, hooked: HookedModel
     return out
 
 
-def _make_corruption(config: PatchConfig, hooked: HookedModel, clean: dict, other: dict | None,
-                     path: str) -> Corruption:
+def _make_corruption(
+    config: PatchConfig, hooked: HookedModel, clean: dict, other: dict | None, path: str
+) -> Corruption:
     c = config.corruption
     modalities = hooked.spans(clean).modalities
     if c.modality not in modalities:
-        raise ConfigError("corruption.modality", f"{c.modality!r} is not in the inputs of {path}; modalities there: "
-                                                 f"{', '.join(modalities)}")
+        raise ConfigError(
+            "corruption.modality",
+            f"{c.modality!r} is not in the inputs of {path}; modalities there: {', '.join(modalities)}",
+        )
     try:
         return corrupt(hooked, clean, c.modality, c.method, other=other, noise=c.noise, seed=config.seed)
     except KeyError as err:  # no neutral reference for this modality
@@ -416,8 +467,16 @@ def _make_corruption(config: PatchConfig, hooked: HookedModel, clean: dict, othe
         raise ConfigError("corruption.swap_row", str(err)) from None
 
 
-def _finish_pair(config: PatchConfig, loaded: LoadedModel, hooked: HookedModel, points: list[HookPoint], clean: dict,
-                 corrupted: dict | Corruption, pair: PairConfig | None, path: str) -> PreparedPair:
+def _finish_pair(
+    config: PatchConfig,
+    loaded: LoadedModel,
+    hooked: HookedModel,
+    points: list[HookPoint],
+    clean: dict,
+    corrupted: dict | Corruption,
+    pair: PairConfig | None,
+    path: str,
+) -> PreparedPair:
     corrupt_inputs = corrupted.inputs if isinstance(corrupted, Corruption) else corrupted
     if "span" not in config.patch.axes and any(hp.fused_positions for hp in points):
         try:
@@ -438,8 +497,9 @@ def _tokens_of(loaded: LoadedModel, inputs: dict) -> list[str] | None:
     return tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
 
 
-def _metric_for(metric: MetricConfig, pair: PairConfig | None, loaded: LoadedModel,
-                path: str) -> tuple[Callable | str, dict]:
+def _metric_for(
+    metric: MetricConfig, pair: PairConfig | None, loaded: LoadedModel, path: str
+) -> tuple[Callable | str, dict]:
     if metric.kind == "kl":
         return "kl", {}
     ids, tokens = [], {}
@@ -465,32 +525,43 @@ def resolve_token(value: str | int, where: str, loaded: LoadedModel) -> int:
         return value
     tokenizer = tokenizer_of(loaded)
     if tokenizer is None:
-        raise ConfigError(where, f"{loaded.name} has no tokenizer, so {value!r} cannot be tokenized; give a token id "
-                                 "(an integer)")
+        raise ConfigError(
+            where, f"{loaded.name} has no tokenizer, so {value!r} cannot be tokenized; give a token id (an integer)"
+        )
     ids = tokenizer.encode(value, add_special_tokens=False)
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise ConfigError(where, f"{value!r} is {len(ids)} tokens {pieces} (ids {ids}), not one; pick a string that is "
-                                 "a single token (often with a leading space) or give a token id")
+        raise ConfigError(
+            where,
+            f"{value!r} is {len(ids)} tokens {pieces} (ids {ids}), not one; pick a string that is "
+            "a single token (often with a leading space) or give a token id",
+        )
     return ids[0]
 
 
 def describe(prepared: Prepared) -> str:
     """A short plan of a prepared run (what ``mmlens patch --check`` prints)."""
     config = prepared.config
-    lines = [f"config {config.source} (hash {config.hash()}): valid",
-             (f"model {config.model.name} ({prepared.hooked.name}), hook {config.patch.hook}, axes "
-              f"{list(config.patch.axes)}, direction {config.patch.direction}"),
-             f"{len(prepared.pairs)} pair(s), {len(prepared.chunks)} chunk(s) -> {config.output.dir}"]
+    lines = [
+        f"config {config.source} (hash {config.hash()}): valid",
+        (
+            f"model {config.model.name} ({prepared.hooked.name}), hook {config.patch.hook}, axes "
+            f"{list(config.patch.axes)}, direction {config.patch.direction}"
+        ),
+        f"{len(prepared.pairs)} pair(s), {len(prepared.chunks)} chunk(s) -> {config.output.dir}",
+    ]
     for i, pair in enumerate(prepared.pairs):
         n = prepared.hooked.spans(pair.clean).seq_len
         tokens = ", ".join(f"{k}={v['text']!r} (id {v['id']})" for k, v in pair.metric_tokens.items())
-        lines.append(f"  pair {i}: {n} positions; corrupted: {pair.corruption}; metric {config.metric.kind}"
-                     + (f" [{tokens}]" if tokens else ""))
+        lines.append(
+            f"  pair {i}: {n} positions; corrupted: {pair.corruption}; metric {config.metric.kind}"
+            + (f" [{tokens}]" if tokens else "")
+        )
     return "\n".join(lines)
 
 
 # --- running -------------------------------------------------------------------------------------
+
 
 @dataclass
 class PatchRun:
@@ -509,8 +580,14 @@ class PatchRun:
         return self.computed + self.reused
 
 
-def run_patch(config: PatchConfig | str | Path, *, out: str | Path | None = None, overwrite: bool = False,
-              progress: bool = True, prepared: Prepared | None = None) -> PatchRun:
+def run_patch(
+    config: PatchConfig | str | Path,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    prepared: Prepared | None = None,
+) -> PatchRun:
     """Run (or continue) the sweep a config describes and write the output folder (module docstring).
 
     A KeyboardInterrupt (Ctrl-C) propagates after the chunks finished so far are saved; rerunning
@@ -531,15 +608,23 @@ def run_patch(config: PatchConfig | str | Path, *, out: str | Path | None = None
     if record is None:
         record = Record.create(out_dir / CHUNKS_FILE, "mmlens-patch", config.identity(), n_chunks=len(prepared.chunks))
     elif record.header.get("versions", {}) != versions() and record.entries:
-        _say(True, f"mmlens patch: note: the chunks in {out_dir} were computed with {record.header.get('versions')}; "
-                   f"continuing with {versions()}")
+        _say(
+            True,
+            f"mmlens patch: note: the chunks in {out_dir} were computed with {record.header.get('versions')}; "
+            f"continuing with {versions()}",
+        )
     done, planned = set(record.keys), {c.key for c in prepared.chunks}
     if not done <= planned:
-        raise ResumeError(f"{record.path} has chunks this config does not plan ({sorted(done - planned)[:3]}); "
-                          "pass --overwrite to start again")
-    _say(progress, f"mmlens patch: {config.model.name}, hook {config.patch.hook}, axes {list(config.patch.axes)}, "
-                   f"{len(prepared.pairs)} pair(s), {len(prepared.chunks)} chunks"
-                   + (f" ({len(done)} already done in {out_dir})" if done else f" -> {out_dir}"))
+        raise ResumeError(
+            f"{record.path} has chunks this config does not plan ({sorted(done - planned)[:3]}); "
+            "pass --overwrite to start again"
+        )
+    _say(
+        progress,
+        f"mmlens patch: {config.model.name}, hook {config.patch.hook}, axes {list(config.patch.axes)}, "
+        f"{len(prepared.pairs)} pair(s), {len(prepared.chunks)} chunks"
+        + (f" ({len(done)} already done in {out_dir})" if done else f" -> {out_dir}"),
+    )
     start = time.perf_counter()
     try:
         computed = _sweep_chunks(prepared, record, progress)
@@ -568,9 +653,11 @@ def _continuing(out_dir: Path, config: PatchConfig, overwrite: bool) -> Record |
     except (OSError, ValueError):
         old = "unknown"
     if old != config.hash():
-        raise ResumeError(f"{out_dir} holds results of another run (config hash {old}, this config {config.hash()}) "
-                          f"but no {CHUNKS_FILE} to resume from; use another output folder (--out), or --overwrite to "
-                          "replace them")
+        raise ResumeError(
+            f"{out_dir} holds results of another run (config hash {old}, this config {config.hash()}) "
+            f"but no {CHUNKS_FILE} to resume from; use another output folder (--out), or --overwrite to "
+            "replace them"
+        )
     return None
 
 
@@ -584,23 +671,49 @@ def _sweep_chunks(prepared: Prepared, record: Record, progress: bool) -> int:
     """Sweep every chunk the record lacks, adding each as it finishes; the number swept."""
     patch = prepared.config.patch
     todo = [c for c in prepared.chunks if record.get(c.key) is None]
-    bar = tqdm(total=len(prepared.chunks), initial=len(prepared.chunks) - len(todo), desc="patching", unit="chunk",
-               disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(prepared.chunks),
+        initial=len(prepared.chunks) - len(todo),
+        desc="patching",
+        unit="chunk",
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:
         for chunk in todo:
             bar.set_postfix_str(chunk.key)
             pair = prepared.pairs[chunk.pair]
             start = time.perf_counter()
-            result = sweep(prepared.hooked, pair.clean, pair.corrupted, pair.metric, hook=chunk.hook, axes=patch.axes,
-                           direction=patch.direction, batch_size=patch.batch_size, replay=patch.replay,
-                           skip_unchanged=patch.skip_unchanged, progress=False)
+            result = sweep(
+                prepared.hooked,
+                pair.clean,
+                pair.corrupted,
+                pair.metric,
+                hook=chunk.hook,
+                axes=patch.axes,
+                direction=patch.direction,
+                batch_size=patch.batch_size,
+                replay=patch.replay,
+                skip_unchanged=patch.skip_unchanged,
+                progress=False,
+            )
             table = result.table.assign(pair=chunk.pair)
             if prepared.add_layer_column and "layer" not in table.columns:
                 table.insert(1, "layer", chunk.layer)
-            record.add({"key": chunk.key, "pair": chunk.pair, "layer": chunk.layer, "hook": chunk.hook,
-                        "clean": result.clean[0], "corrupted": result.corrupted[0], "method": result.method,
-                        "skipped": result.skipped, "seconds": time.perf_counter() - start,
-                        "rows": table.to_dict("records")})
+            record.add(
+                {
+                    "key": chunk.key,
+                    "pair": chunk.pair,
+                    "layer": chunk.layer,
+                    "hook": chunk.hook,
+                    "clean": result.clean[0],
+                    "corrupted": result.corrupted[0],
+                    "method": result.method,
+                    "skipped": result.skipped,
+                    "seconds": time.perf_counter() - start,
+                    "rows": table.to_dict("records"),
+                }
+            )
             bar.update(1)
     finally:
         bar.close()
@@ -620,9 +733,14 @@ def _combine(prepared: Prepared, record: Record) -> SweepResult:
         first.setdefault(c["pair"], c)
     pairs = range(len(prepared.pairs))
     patch = prepared.config.patch
-    return SweepResult(table=pd.DataFrame(rows), clean=[first[p]["clean"] for p in pairs],
-                       corrupted=[first[p]["corrupted"] for p in pairs], direction=patch.direction, hook=patch.hook,
-                       axes=patch.axes)
+    return SweepResult(
+        table=pd.DataFrame(rows),
+        clean=[first[p]["clean"] for p in pairs],
+        corrupted=[first[p]["corrupted"] for p in pairs],
+        direction=patch.direction,
+        hook=patch.hook,
+        axes=patch.axes,
+    )
 
 
 def _write_outputs(prepared: Prepared, result: SweepResult, out_dir: Path) -> tuple[list[Path], dict[str, float]]:
@@ -649,11 +767,20 @@ def _write_outputs(prepared: Prepared, result: SweepResult, out_dir: Path) -> tu
     return files, seconds
 
 
-def _meta(prepared: Prepared, record: Record, result: SweepResult, seconds: dict, computed: int,
-          files: list[Path]) -> dict:
+def _meta(
+    prepared: Prepared, record: Record, result: SweepResult, seconds: dict, computed: int, files: list[Path]
+) -> dict:
     config = prepared.config
-    baselines = [{"pair": i, "clean": result.clean[i], "corrupted": result.corrupted[i], "corruption": pair.corruption,
-                  "metric_tokens": pair.metric_tokens} for i, pair in enumerate(prepared.pairs)]
+    baselines = [
+        {
+            "pair": i,
+            "clean": result.clean[i],
+            "corrupted": result.corrupted[i],
+            "corruption": pair.corruption,
+            "metric_tokens": pair.metric_tokens,
+        }
+        for i, pair in enumerate(prepared.pairs)
+    ]
     return {
         "command": "mmlens patch",
         "config_file": str(config.source) if config.source is not None else None,
@@ -666,8 +793,12 @@ def _meta(prepared: Prepared, record: Record, result: SweepResult, seconds: dict
         "chunk_seconds_all_runs": round(sum(c["seconds"] for c in record.entries), 4),
         "sweep_methods": sorted({c.get("method", "?") for c in record.entries}),
         "no_op_cells_skipped": sum(c.get("skipped", 0) for c in record.entries),
-        "chunks": {"total": len(prepared.chunks), "computed_this_run": computed,
-                   "reused": len(prepared.chunks) - computed, "unit": "pair x layer" if prepared.per_layer else "pair"},
+        "chunks": {
+            "total": len(prepared.chunks),
+            "computed_this_run": computed,
+            "reused": len(prepared.chunks) - computed,
+            "unit": "pair x layer" if prepared.per_layer else "pair",
+        },
         "baselines": baselines,
         "n_cells": len(result.table),
         "files": [p.name for p in files] + [META_FILE, CHUNKS_FILE],
@@ -675,5 +806,14 @@ def _meta(prepared: Prepared, record: Record, result: SweepResult, seconds: dict
     }
 
 
-__all__ = ["CHUNKS_FILE", "META_FILE", "PatchConfig", "PatchRun", "Prepared", "describe", "prepare", "resolve_token",
-           "run_patch"]
+__all__ = [
+    "CHUNKS_FILE",
+    "META_FILE",
+    "PatchConfig",
+    "PatchRun",
+    "Prepared",
+    "describe",
+    "prepare",
+    "resolve_token",
+    "run_patch",
+]

@@ -41,8 +41,14 @@ class Record:
     def create(cls, path: str | Path, kind: str, config: Any, **extra: Any) -> Record:
         """A new, empty record at ``path`` (replacing any there) of the computation that ``config``
         identifies; ``extra`` fields go into the header."""
-        header = {"kind": kind, "version": RECORD_VERSION, "config_hash": config_hash(config), **extra,
-                  "versions": versions(), "config": canonical(config)}
+        header = {
+            "kind": kind,
+            "version": RECORD_VERSION,
+            "config_hash": config_hash(config),
+            **extra,
+            "versions": versions(),
+            "config": canonical(config),
+        }
         record = cls(path, header, [])
         record.write()
         return record
@@ -70,7 +76,8 @@ class Record:
         raise ResumeError(
             f"{Path(path).parent} holds a run of a different config (hash {record.header.get('config_hash')}, this "
             f"config {config_hash(config)}; changed: {', '.join(changed) or 'unknown'}); runs are never mixed. Use "
-            "another output folder (--out), or --overwrite to delete that run")
+            "another output folder (--out), or --overwrite to delete that run"
+        )
 
     @property
     def keys(self) -> list[str]:
@@ -91,8 +98,9 @@ class Record:
         self.write()
         return entry
 
-    def get_or_add(self, key: str, compute: Callable[[], Mapping[str, Any]],
-                   seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    def get_or_add(
+        self, key: str, compute: Callable[[], Mapping[str, Any]], seconds: dict[str, float] | None = None
+    ) -> dict[str, Any]:
         """The entry ``key``: the finished one, else ``compute()``'s, added under ``key``; the time
         ``compute`` took goes to ``seconds[key]``."""
         found = self.get(key)

@@ -66,8 +66,9 @@ class TrainedModel:
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, task: SyntheticTask, adapter: Adapter, neutral: str | None = None,
-             batch_size: int = 500) -> float:
+def accuracy(
+    net: nn.Module, task: SyntheticTask, adapter: Adapter, neutral: str | None = None, batch_size: int = 500
+) -> float:
     """Fraction of ``task``'s examples that ``net`` classifies correctly; with ``neutral`` (a
     modality) that modality replaced by ``adapter``'s neutral reference."""
     net.eval()
@@ -76,12 +77,13 @@ def accuracy(net: nn.Module, task: SyntheticTask, adapter: Adapter, neutral: str
         batch = task.batch(slice(start, start + batch_size))
         if neutral is not None:
             batch = adapter.neutral[neutral](net, batch, None)
-        correct += int((net(**batch).logits.argmax(-1) == task.labels[start:start + batch_size]).sum())
+        correct += int((net(**batch).logits.argmax(-1) == task.labels[start : start + batch_size]).sum())
     return correct / len(task)
 
 
-def _dropped(net: nn.Module, inputs: dict[str, Tensor], n: int, adapter: Adapter, p: float,
-             generator: torch.Generator) -> dict[str, Tensor]:
+def _dropped(
+    net: nn.Module, inputs: dict[str, Tensor], n: int, adapter: Adapter, p: float, generator: torch.Generator
+) -> dict[str, Tensor]:
     """Per row of the ``n``, with probability ``p`` one of the adapter's two modalities (evenly) at
     its neutral reference."""
     dropped = torch.rand(n, generator=generator) < p
@@ -94,13 +96,22 @@ def _dropped(net: nn.Module, inputs: dict[str, Tensor], n: int, adapter: Adapter
     return out
 
 
-def train_classifier(kind: str, net: nn.Module, train_task: SyntheticTask, test_task: SyntheticTask,
-                     config: Mapping[str, Any], adapter: Adapter, *, threshold: float = LEARNED_THRESHOLD,
-                     cache: bool = True) -> TrainedModel:
+def train_classifier(
+    kind: str,
+    net: nn.Module,
+    train_task: SyntheticTask,
+    test_task: SyntheticTask,
+    config: Mapping[str, Any],
+    adapter: Adapter,
+    *,
+    threshold: float = LEARNED_THRESHOLD,
+    cache: bool = True,
+) -> TrainedModel:
     """Train ``net`` on ``train_task`` under ``config`` (keys ``seed``, ``max_steps``, ``target_loss``,
     ``batch_size``, ``lr``, ``weight_decay``, optional ``modality_dropout``: the probability that a
     training row has one modality at its neutral reference), or load it from the artefact store
     folder ``<kind>/<task name>-<hash of config>``; evaluate it on ``test_task``."""
+
     def train() -> dict[str, Any]:
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(config["seed"])
@@ -113,19 +124,41 @@ def train_classifier(kind: str, net: nn.Module, train_task: SyntheticTask, test_
             return F.cross_entropy(net(**inputs).logits, train_task.labels[rows])
 
         net.train()
-        result = fit(step, net.parameters(), steps=config["max_steps"], lr=config["lr"], optimizer="adamw",
-                     weight_decay=config["weight_decay"], schedule="warmup_cosine", clip=1.0,
-                     target_loss=config["target_loss"],
-                     order=RowOrder(len(train_task), config["batch_size"], generator))
-        return {"config": config, "train_seconds": time.perf_counter() - start, "steps_run": result.steps,
-                "accuracy": accuracy(net, test_task, adapter),
-                "neutral_accuracy": {m: accuracy(net, test_task, adapter, m) for m in adapter.neutral}}
+        result = fit(
+            step,
+            net.parameters(),
+            steps=config["max_steps"],
+            lr=config["lr"],
+            optimizer="adamw",
+            weight_decay=config["weight_decay"],
+            schedule="warmup_cosine",
+            clip=1.0,
+            target_loss=config["target_loss"],
+            order=RowOrder(len(train_task), config["batch_size"], generator),
+        )
+        return {
+            "config": config,
+            "train_seconds": time.perf_counter() - start,
+            "steps_run": result.steps,
+            "accuracy": accuracy(net, test_task, adapter),
+            "neutral_accuracy": {m: accuracy(net, test_task, adapter, m) for m in adapter.neutral},
+        }
 
     cached = train_or_load(kind, config, net, train, name=train_task.name, cache=cache)
     meta = cached.meta
     net.eval()
-    return TrainedModel(net, test_task, meta["accuracy"], meta["accuracy"] >= threshold, meta["neutral_accuracy"],
-                        meta["train_seconds"], meta["steps_run"], dict(config), cached.path, cached.from_cache)
+    return TrainedModel(
+        net,
+        test_task,
+        meta["accuracy"],
+        meta["accuracy"] >= threshold,
+        meta["neutral_accuracy"],
+        meta["train_seconds"],
+        meta["steps_run"],
+        dict(config),
+        cached.path,
+        cached.from_cache,
+    )
 
 
 __all__ = ["LEARNED_THRESHOLD", "TrainedModel", "accuracy", "train_classifier"]

@@ -28,15 +28,33 @@ from mmlens.training.classifier import LEARNED_THRESHOLD, TrainedModel, train_cl
 
 CODE_VERSION = 1
 """Part of the cache key: raise it when the tasks or the training change what a configuration yields."""
-MODEL_DEFAULTS: dict[str, Any] = {"d_model": 64, "n_heads": 4, "d_mlp": 128, "n_image_layers": 1, "n_text_layers": 1,
-                                  "n_joint_layers": 2}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "d_model": 64,
+    "n_heads": 4,
+    "d_mlp": 128,
+    "n_image_layers": 1,
+    "n_text_layers": 1,
+    "n_joint_layers": 2,
+}
 """FusionConfig sizes used unless overridden (the rest follow the task)."""
 
 
-def train_fusion(task_name: str, *, n_train: int = 10_000, n_test: int = 1_000, seed: int = 0, max_steps: int = 600,
-                 target_loss: float = 0.01, batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 0.01,
-                 model: Mapping[str, Any] | None = None, modality_dropout: float | None = None,
-                 threshold: float = LEARNED_THRESHOLD, cache: bool = True) -> TrainedModel:
+def train_fusion(
+    task_name: str,
+    *,
+    n_train: int = 10_000,
+    n_test: int = 1_000,
+    seed: int = 0,
+    max_steps: int = 600,
+    target_loss: float = 0.01,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 0.01,
+    model: Mapping[str, Any] | None = None,
+    modality_dropout: float | None = None,
+    threshold: float = LEARNED_THRESHOLD,
+    cache: bool = True,
+) -> TrainedModel:
     """Train (or load from the cache) a FusionTransformer on ``task_name`` (a key of ``TASKS``).
 
     Args:
@@ -60,19 +78,37 @@ def train_fusion(task_name: str, *, n_train: int = 10_000, n_test: int = 1_000, 
     test_task = make_task(task_name, n_test, 2 * seed + 1)
     if modality_dropout is None:
         modality_dropout = 0.5 if train_task.kind == "redundant" else 0.0
-    fusion_config = FusionConfig(**{
-        "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "vocab_size": len(train_task.vocab),
-        "max_text_len": train_task.input_ids.shape[1], "n_classes": train_task.n_classes,
-        **MODEL_DEFAULTS, **(model or {}),
-    })
-    config = {"task": task_name, "n_train": n_train, "n_test": n_test, "seed": seed, "max_steps": max_steps,
-              "target_loss": target_loss, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-              "modality_dropout": modality_dropout, "model": asdict(fusion_config), "code_version": CODE_VERSION}
+    fusion_config = FusionConfig(
+        **{
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
+            "vocab_size": len(train_task.vocab),
+            "max_text_len": train_task.input_ids.shape[1],
+            "n_classes": train_task.n_classes,
+            **MODEL_DEFAULTS,
+            **(model or {}),
+        }
+    )
+    config = {
+        "task": task_name,
+        "n_train": n_train,
+        "n_test": n_test,
+        "seed": seed,
+        "max_steps": max_steps,
+        "target_loss": target_loss,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "modality_dropout": modality_dropout,
+        "model": asdict(fusion_config),
+        "code_version": CODE_VERSION,
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = FusionTransformer(fusion_config)
-    return train_classifier("fusion", net, train_task, test_task, config, FUSION_TRANSFORMER, threshold=threshold,
-                            cache=cache)
+    return train_classifier(
+        "fusion", net, train_task, test_task, config, FUSION_TRANSFORMER, threshold=threshold, cache=cache
+    )
 
 
 __all__ = ["CODE_VERSION", "LEARNED_THRESHOLD", "MODEL_DEFAULTS", "TrainedModel", "train_fusion"]

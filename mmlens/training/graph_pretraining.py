@@ -254,13 +254,28 @@ def pretrain_graph_encoder(
             feature = feature_contrastive_loss(h1, h2, components, config.tau)
             return {"loss": grace + config.feature_loss_weight * feature, "grace": grace, "feature": feature}
 
-        saved = None if checkpoint is None else Checkpoint(
-            checkpoint, {"gnn": gnn, "head": head}, every=config.checkpoint_every,
-            identity={k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES})
+        saved = (
+            None
+            if checkpoint is None
+            else Checkpoint(
+                checkpoint,
+                {"gnn": gnn, "head": head},
+                every=config.checkpoint_every,
+                identity={k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES},
+            )
+        )
         gnn.train()
         head.train()
-        result = fit(step, [*gnn.parameters(), *head.parameters()], steps=config.epochs, lr=config.lr,
-                     weight_decay=config.weight_decay, checkpoint=saved, progress=progress, desc="pretrain GNN")
+        result = fit(
+            step,
+            [*gnn.parameters(), *head.parameters()],
+            steps=config.epochs,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            checkpoint=saved,
+            progress=progress,
+            desc="pretrain GNN",
+        )
     gnn.eval()
     return result.history
 
@@ -281,8 +296,13 @@ def linear_probe_accuracy(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probe = nn.Linear(emb.shape[1], num_classes).to(emb.device)
-    fit(lambda rows, index: F.cross_entropy(probe(emb[train]), labels[train]), probe.parameters(), steps=epochs,
-        lr=0.01, weight_decay=1e-4)
+    fit(
+        lambda rows, index: F.cross_entropy(probe(emb[train]), labels[train]),
+        probe.parameters(),
+        steps=epochs,
+        lr=0.01,
+        weight_decay=1e-4,
+    )
     with torch.no_grad():
         predicted = probe(emb).argmax(dim=1)
     return {name: (predicted[idx] == labels[idx]).float().mean().item() for name, idx in split.items()}

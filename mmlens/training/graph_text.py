@@ -29,15 +29,33 @@ from mmlens.training.classifier import LEARNED_THRESHOLD, TrainedModel, train_cl
 
 CODE_VERSION = 1
 """Part of the cache key: raise it when the tasks or the training change what a configuration yields."""
-MODEL_DEFAULTS: dict[str, Any] = {"gnn_dim": 64, "n_gnn_layers": 2, "n_graph_tokens": 2, "d_model": 64, "n_heads": 4,
-                                  "d_mlp": 128, "n_layers": 2}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "gnn_dim": 64,
+    "n_gnn_layers": 2,
+    "n_graph_tokens": 2,
+    "d_model": 64,
+    "n_heads": 4,
+    "d_mlp": 128,
+    "n_layers": 2,
+}
 """GraphTextConfig sizes used unless overridden (the rest follow the task)."""
 
 
-def train_graph_text(task_name: str, *, n_train: int = 4_000, n_test: int = 1_000, seed: int = 0, max_steps: int = 600,
-                     target_loss: float = 0.02, batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 0.01,
-                     model: Mapping[str, Any] | None = None, threshold: float = LEARNED_THRESHOLD,
-                     cache: bool = True) -> TrainedModel:
+def train_graph_text(
+    task_name: str,
+    *,
+    n_train: int = 4_000,
+    n_test: int = 1_000,
+    seed: int = 0,
+    max_steps: int = 600,
+    target_loss: float = 0.02,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 0.01,
+    model: Mapping[str, Any] | None = None,
+    threshold: float = LEARNED_THRESHOLD,
+    cache: bool = True,
+) -> TrainedModel:
     """Train (or load from the cache) a GraphTextFusion on ``task_name`` (a key of ``GRAPH_TASKS``).
 
     Args:
@@ -54,18 +72,35 @@ def train_graph_text(task_name: str, *, n_train: int = 4_000, n_test: int = 1_00
     """
     train_task = make_graph_task(task_name, n_train, 2 * seed)
     test_task = make_graph_task(task_name, n_test, 2 * seed + 1)
-    net_config = GraphTextConfig(**{
-        "node_dim": FEATURE_DIM, "vocab_size": len(train_task.vocab), "max_text_len": train_task.input_ids.shape[1],
-        "n_classes": train_task.n_classes, **MODEL_DEFAULTS, **(model or {}),
-    })
-    config = {"task": task_name, "n_train": n_train, "n_test": n_test, "seed": seed, "max_steps": max_steps,
-              "target_loss": target_loss, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-              "model": asdict(net_config), "code_version": CODE_VERSION}
+    net_config = GraphTextConfig(
+        **{
+            "node_dim": FEATURE_DIM,
+            "vocab_size": len(train_task.vocab),
+            "max_text_len": train_task.input_ids.shape[1],
+            "n_classes": train_task.n_classes,
+            **MODEL_DEFAULTS,
+            **(model or {}),
+        }
+    )
+    config = {
+        "task": task_name,
+        "n_train": n_train,
+        "n_test": n_test,
+        "seed": seed,
+        "max_steps": max_steps,
+        "target_loss": target_loss,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "model": asdict(net_config),
+        "code_version": CODE_VERSION,
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = GraphTextFusion(net_config)
-    return train_classifier("graph_text", net, train_task, test_task, config, GRAPH_TEXT, threshold=threshold,
-                            cache=cache)
+    return train_classifier(
+        "graph_text", net, train_task, test_task, config, GRAPH_TEXT, threshold=threshold, cache=cache
+    )
 
 
 __all__ = ["CODE_VERSION", "MODEL_DEFAULTS", "train_graph_text"]

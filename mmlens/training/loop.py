@@ -58,7 +58,7 @@ class RowOrder:
             return torch.randint(self.n, (self.batch_size,), generator=self.generator)
         while len(self.pending) < self.batch_size:
             self.pending = torch.cat([self.pending, torch.randperm(self.n, generator=self.generator)])
-        rows, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size:]
+        rows, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
         return rows
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -97,11 +97,23 @@ class Fit:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
-def fit(step: Callable[[Tensor | None, int], Loss], parameters: Iterable[nn.Parameter], *, steps: int, lr: float,
-        optimizer: Literal["adam", "adamw"] = "adam", weight_decay: float = 0.0,
-        schedule: Literal["constant", "warmup_cosine"] = "constant", clip: float | None = None,
-        target_loss: float | None = None, window: int = 20, order: RowOrder | None = None,
-        checkpoint: Checkpoint | None = None, progress: bool = False, desc: str = "train") -> Fit:
+def fit(
+    step: Callable[[Tensor | None, int], Loss],
+    parameters: Iterable[nn.Parameter],
+    *,
+    steps: int,
+    lr: float,
+    optimizer: Literal["adam", "adamw"] = "adam",
+    weight_decay: float = 0.0,
+    schedule: Literal["constant", "warmup_cosine"] = "constant",
+    clip: float | None = None,
+    target_loss: float | None = None,
+    window: int = 20,
+    order: RowOrder | None = None,
+    checkpoint: Checkpoint | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> Fit:
     """Minimise ``step(rows, index)`` for ``steps`` steps: ``rows`` = ``order.next()`` (None without
     an order), ``index`` the 0-based step number (e.g. to seed per-step augmentations).
 
@@ -154,9 +166,14 @@ def _stopped(losses: list[float], target_loss: float | None, window: int) -> boo
 
 
 def _save(checkpoint: Checkpoint, state: Mapping[str, Any], done: int, history: dict[str, list[float]]) -> None:
-    blob = {"modules": {k: m.state_dict() for k, m in checkpoint.modules.items()},
-            **{k: v.state_dict() for k, v in state.items()}, "rng_state": torch.get_rng_state(), "step": done,
-            "history": history, "identity": canonical(checkpoint.identity)}
+    blob = {
+        "modules": {k: m.state_dict() for k, m in checkpoint.modules.items()},
+        **{k: v.state_dict() for k, v in state.items()},
+        "rng_state": torch.get_rng_state(),
+        "step": done,
+        "history": history,
+        "identity": canonical(checkpoint.identity),
+    }
     with atomic_path(checkpoint.path) as tmp:
         torch.save(blob, tmp)
 
@@ -168,11 +185,15 @@ def _resume(checkpoint: Checkpoint, state: Mapping[str, Any], steps: int) -> tup
         return 0, {}
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob["identity"] != canonical(checkpoint.identity):
-        raise ValueError(f"checkpoint {path} was trained with {blob['identity']}, not "
-                         f"{canonical(checkpoint.identity)}; delete it or pass another checkpoint path")
+        raise ValueError(
+            f"checkpoint {path} was trained with {blob['identity']}, not "
+            f"{canonical(checkpoint.identity)}; delete it or pass another checkpoint path"
+        )
     if blob["step"] > steps:
-        raise ValueError(f"checkpoint {path} has {blob['step']} steps, more than the {steps} asked for; "
-                         "raise the step count or use another checkpoint path")
+        raise ValueError(
+            f"checkpoint {path} has {blob['step']} steps, more than the {steps} asked for; "
+            "raise the step count or use another checkpoint path"
+        )
     for key, module in checkpoint.modules.items():
         module.load_state_dict(blob["modules"][key])
     for key, value in state.items():
@@ -198,8 +219,16 @@ def is_cached(kind: str, identity: Any, name: str = "") -> bool:
     return store.complete(folder) and (folder / WEIGHTS).is_file()
 
 
-def train_or_load(kind: str, identity: Any, module: nn.Module, train: Callable[[], Mapping[str, Any]], *,
-                  name: str = "", parts: tuple[str, ...] | None = None, cache: bool = True) -> Cached:
+def train_or_load(
+    kind: str,
+    identity: Any,
+    module: nn.Module,
+    train: Callable[[], Mapping[str, Any]],
+    *,
+    name: str = "",
+    parts: tuple[str, ...] | None = None,
+    cache: bool = True,
+) -> Cached:
     """Load ``module``'s weights from the artefact store, or run ``train()`` (which trains ``module``
     in place and returns JSON metadata) and store them.
 
@@ -231,5 +260,15 @@ def train_or_load(kind: str, identity: Any, module: nn.Module, train: Callable[[
     return Cached(canonical(meta), path, False)
 
 
-__all__ = ["WEIGHTS", "Cached", "Checkpoint", "Fit", "Loss", "RowOrder", "fit", "is_cached", "train_or_load",
-           "warmup_cosine"]
+__all__ = [
+    "WEIGHTS",
+    "Cached",
+    "Checkpoint",
+    "Fit",
+    "Loss",
+    "RowOrder",
+    "fit",
+    "is_cached",
+    "train_or_load",
+    "warmup_cosine",
+]

@@ -54,16 +54,23 @@ class NodePrompts:
     so those first tokens must differ.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, class_words: list[str], graph_token_id: int,
-                 num_graph_tokens: int = 5, template: PromptTemplate = PromptTemplate()):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        class_words: list[str],
+        graph_token_id: int,
+        num_graph_tokens: int = 5,
+        template: PromptTemplate = PromptTemplate(),
+    ):
         self.tokenizer = tokenizer
         self.class_words = list(class_words)
         self.graph_token_id = graph_token_id
         self.num_graph_tokens = num_graph_tokens
         self.template = template
         if getattr(tokenizer, "chat_template", None):
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": _MARKER}], tokenize=False,
-                                                     add_generation_prompt=True)
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _MARKER}], tokenize=False, add_generation_prompt=True
+            )
             self.head, self.tail = rendered.split(_MARKER)
             self.tail += template.answer_cue
         else:
@@ -82,15 +89,19 @@ class NodePrompts:
         first = [a[shared] for a in answers]
         if len(set(first)) != len(first):
             pieces = {w: tokenizer.convert_ids_to_tokens([t])[0] for w, t in zip(self.class_words, first)}
-            raise ValueError(f"class words must start with different tokens to be scored by one logit; got {pieces}. "
-                             "Reword the classes (class_words) so their first tokens differ.")
+            raise ValueError(
+                f"class words must start with different tokens to be scored by one logit; got {pieces}. "
+                "Reword the classes (class_words) so their first tokens differ."
+            )
         self.answer_ids = torch.tensor(first)
         candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, graph_token_id + 1)
         self.pad_id = next(t for t in candidates if t is not None and t != graph_token_id)
         for with_graph in (True, False):
             if graph_token_id in self._prefix[with_graph]:
-                raise ValueError(f"the graph placeholder id {graph_token_id} occurs in the prompt text; "
-                                 "pass a graph_token_id that the tokenizer never produces for it")
+                raise ValueError(
+                    f"the graph placeholder id {graph_token_id} occurs in the prompt text; "
+                    "pass a graph_token_id that the tokenizer never produces for it"
+                )
 
     def prefix_ids(self, with_graph: bool = True) -> list[int]:
         """The shared beginning of every prompt (ends just before the graph tokens)."""
@@ -118,7 +129,9 @@ def _right_pad(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def suffix_embeddings(model: TeaGLM, prompts: NodePrompts, titles: list[str], node_repr: Tensor | None) -> tuple[Tensor, Tensor]:
+def suffix_embeddings(
+    model: TeaGLM, prompts: NodePrompts, titles: list[str], node_repr: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Input embeddings of the prompts' suffixes, graph tokens spliced in when ``node_repr``
     Float[b, gnn.out_dim] is given: ``(embeds Float[b, s, d], lengths Long[b])``."""
     with_graph = node_repr is not None
@@ -189,13 +202,29 @@ def train_projector(
         logits = runner.answer_logits(embeds, lengths)
         return F.cross_entropy(logits.float(), answer_ids[labels[pick].to(answer_ids.device)])
 
-    saved = None if checkpoint is None else Checkpoint(
-        checkpoint, {"projector": model.projector}, every=config.checkpoint_every,
-        identity={k: v for k, v in config.to_dict().items() if k not in ("steps", "checkpoint_every")})
+    saved = (
+        None
+        if checkpoint is None
+        else Checkpoint(
+            checkpoint,
+            {"projector": model.projector},
+            every=config.checkpoint_every,
+            identity={k: v for k, v in config.to_dict().items() if k not in ("steps", "checkpoint_every")},
+        )
+    )
     model.projector.train()
     order = RowOrder(len(train_idx), config.batch_size, torch.Generator().manual_seed(config.seed), replacement=True)
-    result = fit(step, model.projector.parameters(), steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
-                 order=order, checkpoint=saved, progress=progress, desc="projector")
+    result = fit(
+        step,
+        model.projector.parameters(),
+        steps=config.steps,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        order=order,
+        checkpoint=saved,
+        progress=progress,
+        desc="projector",
+    )
     model.projector.eval()
     return result.history["loss"]
 
@@ -218,9 +247,9 @@ def classify_nodes(
     answer_ids = prompts.answer_ids.to(model.projector.weight.device)
     scores = []
     for start in tqdm(range(0, len(nodes), batch_size), desc=desc, disable=not progress):
-        chunk = nodes[start:start + batch_size]
-        embeds, lengths = suffix_embeddings(model, prompts, [titles[i] for i in chunk.tolist()],
-                                            node_repr[chunk] if with_graph else None)
+        chunk = nodes[start : start + batch_size]
+        embeds, lengths = suffix_embeddings(
+            model, prompts, [titles[i] for i in chunk.tolist()], node_repr[chunk] if with_graph else None
+        )
         scores.append(runner.answer_logits(embeds, lengths)[:, answer_ids].float().log_softmax(-1).cpu())
     return torch.cat(scores)
-

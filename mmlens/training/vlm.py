@@ -85,8 +85,17 @@ def tinystories_path() -> Path:
 
 # -- scenes -----------------------------------------------------------------------------------------
 
-def render_scene(color: str, shape: str, center: tuple[float, float], radius: float, *, size: int = 32,
-                 noise: float = 0.03, seed: int = 0) -> np.ndarray:
+
+def render_scene(
+    color: str,
+    shape: str,
+    center: tuple[float, float],
+    radius: float,
+    *,
+    size: int = 32,
+    noise: float = 0.03,
+    seed: int = 0,
+) -> np.ndarray:
     """One scene: a ``shape`` of ``color`` on a dark background, anti-aliased, with Gaussian noise.
 
     Args:
@@ -141,16 +150,22 @@ class Scenes:
 
     def __getitem__(self, index: slice | Sequence[int]) -> Scenes:
         rows = list(range(len(self))[index]) if isinstance(index, slice) else list(index)
-        return Scenes(self.pixels[rows], [self.colors[i] for i in rows], [self.shapes[i] for i in rows],
-                      self.centers[rows], self.radii[rows])
+        return Scenes(
+            self.pixels[rows],
+            [self.colors[i] for i in rows],
+            [self.shapes[i] for i in rows],
+            self.centers[rows],
+            self.radii[rows],
+        )
 
     def answers(self, kind: str) -> list[str]:
         """The answer word of question ``kind`` for every scene."""
         return {"color": self.colors, "shape": self.shapes}[kind]
 
 
-def make_scenes(n: int, seed: int, *, size: int = 32, noise: float = 0.03,
-                radius: tuple[float, float] = (0.17, 0.24)) -> Scenes:
+def make_scenes(
+    n: int, seed: int, *, size: int = 32, noise: float = 0.03, radius: tuple[float, float] = (0.17, 0.24)
+) -> Scenes:
     """``n`` seeded scenes: colour and shape uniform, radius uniform in ``radius`` (fractions of
     ``size``), the centre uniform in the middle 30% of each axis (shapes stay inside the image)."""
     rng = np.random.default_rng(seed)
@@ -159,12 +174,17 @@ def make_scenes(n: int, seed: int, *, size: int = 32, noise: float = 0.03,
     radii = rng.uniform(*radius, n) * size
     centers = rng.uniform(0.35, 0.65, (n, 2)) * size
     noise_seeds = rng.integers(2**31, size=n)
-    pixels = np.stack([render_scene(c, s, tuple(xy), r, size=size, noise=noise, seed=int(k))
-                       for c, s, xy, r, k in zip(colors, shapes, centers, radii, noise_seeds)])
+    pixels = np.stack(
+        [
+            render_scene(c, s, tuple(xy), r, size=size, noise=noise, seed=int(k))
+            for c, s, xy, r, k in zip(colors, shapes, centers, radii, noise_seeds)
+        ]
+    )
     return Scenes(pixels, colors, shapes, centers, radii)
 
 
 # -- inputs -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class SceneProcessor:
@@ -217,8 +237,12 @@ class SceneProcessor:
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
             x = torch.as_tensor(images, dtype=torch.float32)
         else:
-            x = torch.stack([_image_tensor(im, self.image_size) for im in
-                             (images if isinstance(images, (list, tuple)) else [images])])
+            x = torch.stack(
+                [
+                    _image_tensor(im, self.image_size)
+                    for im in (images if isinstance(images, (list, tuple)) else [images])
+                ]
+            )
         if x.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"images must be [n, 3, {self.image_size}, {self.image_size}], got {tuple(x.shape)}")
         return (x - 0.5) / 0.5
@@ -261,6 +285,7 @@ def _per_scene(kinds: str | Sequence[str], n: int) -> list[str]:
 
 
 # -- model ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class VLMConfig:
@@ -308,12 +333,22 @@ def build_vlm(config: VLMConfig) -> LlavaForConditionalGeneration:
     text_config = AutoConfig.from_pretrained(tinystories_path())
     text_config.dtype = torch.float32  # the checkpoint says bfloat16, which the model would be built in
     text_config.pad_token_id = PAD_TOKEN_ID
-    vision = CLIPVisionConfig(hidden_size=config.vision_hidden, intermediate_size=2 * config.vision_hidden,
-                              num_hidden_layers=config.vision_layers, num_attention_heads=4,
-                              image_size=config.image_size, patch_size=config.patch_size,
-                              projection_dim=config.vision_hidden)
-    llava = LlavaConfig(vision_config=vision, text_config=text_config, image_token_id=IMAGE_TOKEN_ID,
-                        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_hidden,
+        intermediate_size=2 * config.vision_hidden,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=4,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        projection_dim=config.vision_hidden,
+    )
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
     llava.architectures = [LlavaForConditionalGeneration.__name__]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -329,23 +364,33 @@ TRAINED_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")
 
 
 @torch.no_grad()
-def answer_accuracy(model: LlavaForConditionalGeneration, processor: SceneProcessor, scenes: Scenes,
-             kinds: Sequence[str], batch_size: int = 256) -> dict[str, float]:
+def answer_accuracy(
+    model: LlavaForConditionalGeneration,
+    processor: SceneProcessor,
+    scenes: Scenes,
+    kinds: Sequence[str],
+    batch_size: int = 256,
+) -> dict[str, float]:
     """Accuracy per question kind: the final position's argmax over the whole vocabulary equals the
     answer's first token."""
     accuracy = {}
     for kind in kinds:
         correct = 0
         for start in range(0, len(scenes), batch_size):
-            batch = scenes[start:start + batch_size]
+            batch = scenes[start : start + batch_size]
             logits = model(**processor.questions(batch, kind), logits_to_keep=1).logits[:, -1]
             correct += int((logits.argmax(-1) == processor.answer_ids(batch, kind)).sum())
         accuracy[kind] = correct / len(scenes)
     return accuracy
 
 
-def _pretrain_vision(model: LlavaForConditionalGeneration, scenes: Scenes, processor: SceneProcessor,
-                     config: VLMConfig, generator: torch.Generator) -> None:
+def _pretrain_vision(
+    model: LlavaForConditionalGeneration,
+    scenes: Scenes,
+    processor: SceneProcessor,
+    config: VLMConfig,
+    generator: torch.Generator,
+) -> None:
     """Stage 1, standing in for CLIP's pretraining: the vision tower learns the scene attributes
     through temporary linear heads (one per question kind) on the mean of the patch features that
     LLaVA passes on (last layer, CLS dropped). Cheap: the LM is not run."""
@@ -359,13 +404,25 @@ def _pretrain_vision(model: LlavaForConditionalGeneration, scenes: Scenes, proce
         features = tower(pixels[rows], output_hidden_states=True).hidden_states[-1][:, 1:].mean(1)
         return sum(F.cross_entropy(heads[k](features), y[rows], label_smoothing=0.1) for k, y in labels.items())
 
-    fit(step, [*tower.parameters(), *heads.parameters()], steps=config.vision_steps, lr=config.vision_lr,
-        optimizer="adamw", weight_decay=0.01, schedule="warmup_cosine",
-        order=RowOrder(len(scenes), config.vision_batch_size, generator))
+    fit(
+        step,
+        [*tower.parameters(), *heads.parameters()],
+        steps=config.vision_steps,
+        lr=config.vision_lr,
+        optimizer="adamw",
+        weight_decay=0.01,
+        schedule="warmup_cosine",
+        order=RowOrder(len(scenes), config.vision_batch_size, generator),
+    )
 
 
-def _align_projector(model: LlavaForConditionalGeneration, scenes: Scenes, processor: SceneProcessor,
-                     config: VLMConfig, generator: torch.Generator) -> None:
+def _align_projector(
+    model: LlavaForConditionalGeneration,
+    scenes: Scenes,
+    processor: SceneProcessor,
+    config: VLMConfig,
+    generator: torch.Generator,
+) -> None:
     """Stage 2, LLaVA's feature alignment: only the projector learns, with cross-entropy on the
     answer's first token at the final position, through the frozen LM (vision tower frozen too)."""
     n = len(scenes)
@@ -375,9 +432,16 @@ def _align_projector(model: LlavaForConditionalGeneration, scenes: Scenes, proce
         logits = model(**processor.questions(batch, kinds), logits_to_keep=1).logits[:, -1]
         return F.cross_entropy(logits, processor.answer_ids(batch, kinds))
 
-    fit(step, model.model.multi_modal_projector.parameters(), steps=config.steps, lr=config.lr, optimizer="adamw",
-        weight_decay=0.01, schedule="warmup_cosine",
-        order=RowOrder(n * len(config.kinds), config.batch_size, generator))
+    fit(
+        step,
+        model.model.multi_modal_projector.parameters(),
+        steps=config.steps,
+        lr=config.lr,
+        optimizer="adamw",
+        weight_decay=0.01,
+        schedule="warmup_cosine",
+        order=RowOrder(n * len(config.kinds), config.batch_size, generator),
+    )
 
 
 def _train(model: LlavaForConditionalGeneration, processor: SceneProcessor, config: VLMConfig) -> None:
@@ -426,8 +490,16 @@ class TrainedVLM:
         return make_scenes(c.n_test, 2 * c.seed + 1, size=c.image_size, noise=c.noise)
 
 
-def train_vlm(*, n_train: int = 6000, n_test: int = 500, seed: int = 0, steps: int = 200,
-              kinds: Sequence[str] = ("color", "shape"), cache: bool = True, **options: Any) -> TrainedVLM:
+def train_vlm(
+    *,
+    n_train: int = 6000,
+    n_test: int = 500,
+    seed: int = 0,
+    steps: int = 200,
+    kinds: Sequence[str] = ("color", "shape"),
+    cache: bool = True,
+    **options: Any,
+) -> TrainedVLM:
     """Train (or load from the cache) the synthetic VLM; the same arguments give identical weights.
 
     Args:
@@ -453,10 +525,17 @@ def train_vlm(*, n_train: int = 6000, n_test: int = 500, seed: int = 0, steps: i
         seconds = time.perf_counter() - start
         test = make_scenes(config.n_test, 2 * config.seed + 1, size=config.image_size, noise=config.noise)
         accuracy = answer_accuracy(model, processor, test, config.kinds)
-        return {"config": asdict(config), "key": config.key(), "accuracy": accuracy, "train_seconds": seconds,
-                "learned": min(accuracy.values()) >= LEARNED_THRESHOLD, "image_token_id": IMAGE_TOKEN_ID}
+        return {
+            "config": asdict(config),
+            "key": config.key(),
+            "accuracy": accuracy,
+            "train_seconds": seconds,
+            "learned": min(accuracy.values()) >= LEARNED_THRESHOLD,
+            "image_token_id": IMAGE_TOKEN_ID,
+        }
 
     cached = train_or_load("vlm", config.identity(), model, train, name="vlm", parts=TRAINED_PARTS, cache=cache)
     meta = cached.meta
-    return TrainedVLM(model, tokenizer, processor, config, meta["accuracy"], meta["train_seconds"], meta["learned"],
-                      cached.path)
+    return TrainedVLM(
+        model, tokenizer, processor, config, meta["accuracy"], meta["train_seconds"], meta["learned"], cached.path
+    )
