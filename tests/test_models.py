@@ -12,14 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmlens.data.graphs import build_graph_prompt, default_graph_token_id
-from mmlens.models import (
-    Attention,
-    Block,
-    FusionConfig,
-    FusionTransformer,
-    GraphSAGEEncoder,
-    TeaGLM,
-)
+from mmlens.models import Attention, Block, FusionConfig, FusionTransformer, GraphSAGEEncoder, TeaGLM
 
 K = 5
 IN_DIM, GNN_DIM, N_NODES = 8, 16, 12

@@ -123,10 +123,7 @@ class TextAttributedGraph:
 
 
 def load_text_attributed_graph(
-    dataset: str = "cora",
-    data_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    num_nodes: int = 700,
+    dataset: str = "cora", data_dir: str | os.PathLike | None = None, seed: int = 0, num_nodes: int = 700
 ) -> TextAttributedGraph:
     """Load ``"cora"`` (2,708 papers, 7 classes) or generate ``"synthetic"`` (``num_nodes`` nodes,
     7 planted communities, from ``seed``).
@@ -351,11 +348,7 @@ def text_features(
 
 
 def build_graph_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    before: str,
-    after: str,
-    graph_token_id: int,
-    num_graph_tokens: int = 5,
+    tokenizer: PreTrainedTokenizerBase, before: str, after: str, graph_token_id: int, num_graph_tokens: int = 5
 ) -> list[int]:
     """Token ids of ``before`` (with the tokenizer's special tokens, e.g. BOS), then
     ``num_graph_tokens`` placeholders, then ``after`` (without special tokens)."""

@@ -111,11 +111,7 @@ def registry_descriptions() -> dict[str, str]:
 
 
 def load_model(
-    name: str,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
+    name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> LoadedModel:
     """Load a registry model, else ``name`` as a hub id or local folder, on ``device`` in ``dtype``.
 

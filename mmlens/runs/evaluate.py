@@ -61,17 +61,7 @@ from mmlens.metrics.desiderata import (
     stability_summary,
 )
 from mmlens.plots import plot_faithfulness, plot_granger, plot_stability, save_figure
-from mmlens.runs.config import (
-    ConfigError,
-    Count,
-    Folder,
-    ModelConfig,
-    Number,
-    Rows,
-    RunConfig,
-    Section,
-    encode_text,
-)
+from mmlens.runs.config import ConfigError, Count, Folder, ModelConfig, Number, Rows, RunConfig, Section, encode_text
 from mmlens.runs.record import Record
 from mmlens.store import atomic_write, versions, write_json
 

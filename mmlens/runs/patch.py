@@ -65,9 +65,7 @@ from mmlens.methods.patching import (
     prob,
     sweep,
 )
-from mmlens.methods.patching import (
-    points as hook_points,
-)
+from mmlens.methods.patching import points as hook_points
 from mmlens.plots import plot_patching, save_figure
 from mmlens.runs.config import (
     ConfigError,
