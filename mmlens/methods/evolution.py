@@ -121,6 +121,22 @@ def evolution(
         n_boot, ci, seed: percentile-bootstrap settings.
     """
     modalities = modalities or result.spans.modalities
+    per_input, per_layer = _per_input_and_layer(result, modalities, exclude_first)
+    return Evolution(
+        layers=list(result.layers),
+        per_input=per_input,
+        per_layer=per_layer,
+        curves=_curves(per_layer, result.layers, n_boot, ci, seed),
+        summary=_summary(per_input, n_boot, ci, seed),
+        n_boot=n_boot,
+        ci=ci,
+        seed=seed,
+    )
+
+
+def _layer_values(result: LensResult) -> tuple[dict[str, tuple[Tensor, int]], Tensor]:
+    """The per-layer metrics, each as (values Float[layer', b, pos], the layer row of its first entry), and
+    Float[b, pos]: the earliest layer row whose top-1 equals the final layer's."""
     top1 = result.top_ids[..., 0]
     changed = (top1[1:] != top1[:-1]).float()
     is_final = top1 == top1[-1:]
@@ -131,6 +147,14 @@ def evolution(
         "kl_to_final": (result.kl_to_final[:-1], 0),
         "cosine_to_previous": (result.cosine_to_previous[1:], 1),
     }
+    return per_layer_values, first_final
+
+
+def _per_input_and_layer(
+    result: LensResult, modalities: list[str], exclude_first: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``per_input`` and ``per_layer`` tables of an :class:`Evolution`."""
+    per_layer_values, first_final = _layer_values(result)
     per_input, per_layer = [], []
     for m in modalities:
         if m not in result.spans.masks:
@@ -161,34 +185,34 @@ def evolution(
         raise ValueError(
             f"no positions of {modalities} in these inputs (after excluding first positions: {exclude_first})"
         )
+    return per_input_df, per_layer_df
 
+
+def _curves(per_layer: pd.DataFrame, layers: list[str], n_boot: int, ci: float, seed: int) -> pd.DataFrame:
+    """The ``curves`` table of an :class:`Evolution`: per-layer means over inputs with their intervals."""
     curves = []
-    for (m, metric, layer), group in per_layer_df.groupby(["modality", "metric", "layer"], sort=False):
+    for (m, metric, layer), group in per_layer.groupby(["modality", "metric", "layer"], sort=False):
         mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), n_boot, ci, seed)
         curves.append(
             {
                 "modality": m,
                 "metric": metric,
                 "layer": int(layer),
-                "layer_label": result.layers[int(layer)],
+                "layer_label": layers[int(layer)],
                 "mean": mean,
                 "low": low,
                 "high": high,
             }
         )
+    return pd.DataFrame(curves)
+
+
+def _summary(per_input: pd.DataFrame, n_boot: int, ci: float, seed: int) -> pd.DataFrame:
+    """The ``summary`` table of an :class:`Evolution`: each metric's mean over inputs with its interval."""
     summary = []
-    for (m, metric), group in per_input_df.groupby(["modality", "metric"], sort=False):
+    for (m, metric), group in per_input.groupby(["modality", "metric"], sort=False):
         mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), n_boot, ci, seed)
         summary.append(
             {"modality": m, "metric": metric, "mean": mean, "low": low, "high": high, "n_inputs": len(group)}
         )
-    return Evolution(
-        layers=list(result.layers),
-        per_input=per_input_df,
-        per_layer=per_layer_df,
-        curves=pd.DataFrame(curves),
-        summary=pd.DataFrame(summary),
-        n_boot=n_boot,
-        ci=ci,
-        seed=seed,
-    )
+    return pd.DataFrame(summary)

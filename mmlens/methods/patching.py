@@ -381,9 +381,7 @@ def sweep(
     swept = _select_layers(points(hooked, hook), layers, hook)
     if "span" not in axes and any(hp.fused_positions for hp in swept):
         check_same_layout(clean_spans, hooked.spans(corrupt_inputs))
-    source, target = (clean, []), (corrupt_inputs, corruption.edits)
-    if direction == "noise":
-        source, target = target, source
+    source, target = _source_and_target(clean, corrupt_inputs, corruption.edits, direction)
     reuse = _reuse(hooked, swept, target[1]) if replay else None
     target_spans = hooked.spans(target[0])
     decode = hooked.token_strings
@@ -396,36 +394,11 @@ def sweep(
         clean_values.append(clean_v)
         corrupt_values.append(corrupt_v)
         cells = _pair_cells(hooked, swept, axes, target_spans, pair, decode, runs)
-        values, n_skipped = _cell_values(
-            hooked,
-            runs,
-            cells,
-            target[1],
-            batch_size,
-            skip_unchanged,
-            tqdm_options={"desc": f"patching pair {pair}", "disable": not progress},
-        )
+        bar = {"desc": f"patching pair {pair}", "disable": not progress}
+        values, n_skipped = _cell_values(hooked, runs, cells, target[1], batch_size, skip_unchanged, tqdm_options=bar)
         skipped += n_skipped
-        gap = runs.source_value - runs.target_value
-        rows += [
-            {
-                "pair": pair,
-                **cell.labels,
-                "value": v,
-                "normalized": (v - runs.target_value) / gap if gap != 0 else float("nan"),
-            }
-            for cell, v in zip(cells, values)
-        ]
-    return SweepResult(
-        table=pd.DataFrame(rows),
-        clean=clean_values,
-        corrupted=corrupt_values,
-        direction=direction,
-        hook=hook,
-        axes=axes,
-        skipped=skipped,
-        method=method,
-    )
+        rows += _sweep_rows(pair, cells, values, runs)
+    return SweepResult(pd.DataFrame(rows), clean_values, corrupt_values, direction, hook, axes, skipped, method)
 
 
 def _as_corruption(corrupted: Mapping[str, Any] | Corruption) -> Corruption:
@@ -441,6 +414,15 @@ def _select_layers(swept: list[HookPoint], layers: Sequence[int] | None, hook: s
     if not chosen:
         raise ValueError(f"layers {sorted(wanted)} select no layer of {hook!r}")
     return chosen
+
+
+def _source_and_target(
+    clean: dict, corrupt_inputs: dict, corrupt_edits: list[Edit], direction: str
+) -> tuple[tuple[dict, list[Edit]], tuple[dict, list[Edit]]]:
+    """The (inputs, edits) of the run patches come from and of the run they go into: clean into
+    corrupted for denoising, corrupted into clean for noising."""
+    source, target = (clean, []), (corrupt_inputs, corrupt_edits)
+    return (target, source) if direction == "noise" else (source, target)
 
 
 def _reuse(hooked: HookedModel, swept: list[HookPoint], target_edits: list[Edit]) -> str | None:
@@ -544,6 +526,20 @@ def _cell_values(
         for i, v in zip(todo[start : start + batch_size], runs.metric(logits).float().cpu().tolist()):
             values[i] = v
     return values, len(cells) - len(todo)
+
+
+def _sweep_rows(pair: int, cells: list[Cell], values: list[float], runs: _PairRuns) -> list[dict]:
+    """One pair's rows of the :class:`SweepResult` table: each cell's labels, value and normalized value."""
+    gap = runs.source_value - runs.target_value
+    return [
+        {
+            "pair": pair,
+            **cell.labels,
+            "value": v,
+            "normalized": (v - runs.target_value) / gap if gap != 0 else float("nan"),
+        }
+        for cell, v in zip(cells, values)
+    ]
 
 
 def _row_tokens(decode, inputs: Mapping[str, Any], spans: ModalitySpans, pair: int) -> list[str]:
@@ -732,6 +728,24 @@ def edge_attribution_patch(
     corrupt_inputs = hooked.check_inputs(corruption.inputs)
     spans = hooked.spans(corrupt_inputs)
     check_same_layout(hooked.spans(clean), spans)
+    nodes, resid = _edge_points(hooked)
+    rows, clean_values, corrupt_values = [], [], []
+    for pair in range(spans.batch_size):
+        c, x = hooked.rows(clean, pair), hooked.rows(corrupt_inputs, pair)
+        per_position, clean_v, corrupt_v = _edge_effects(hooked, c, x, corruption.edits, metric, nodes, resid)
+        groups = {m: spans.masks[m][pair] for m in spans.modalities} if by == "span" else {None: spans.valid[pair]}
+        clean_values.append(clean_v)
+        corrupt_values.append(corrupt_v)
+        for label, mask in groups.items():
+            scores = per_position[:, :, mask.to(per_position.device)].sum(-1).cpu()
+            labels = {"span": label} if by == "span" else {}
+            rows += _edge_rows(pair, nodes, scores, clean_v - corrupt_v, labels)
+    return EdgeScores(pd.DataFrame(rows), clean_values, corrupt_values, nodes)
+
+
+def _edge_points(hooked: HookedModel) -> tuple[list[str], list[str]]:
+    """The nodes of :func:`edge_attribution_patch`, and the residual points whose gradients give the
+    receivers' input gradients (each block's ``resid_pre`` and ``resid_mid``, then the last ``resid_post``)."""
     layers = sorted(
         hp.layer
         for hp in hooked.hook_points.values()
@@ -752,44 +766,56 @@ def edge_attribution_patch(
         + [f"lm.blocks.{i}.{k}" for i in layers for k in ("attn_out", "mlp_out")]
         + ["lm.final_norm"]
     )
-    senders = nodes[:-1]
     resid = [f"lm.blocks.{i}.{k}" for i in layers for k in ("resid_pre", "resid_mid")] + [
         f"lm.blocks.{layers[-1]}.resid_post"
     ]
+    return nodes, resid
+
+
+def _edge_effects(
+    hooked: HookedModel,
+    clean: dict,
+    corrupted: dict,
+    edits: list[Edit],
+    metric: Metric,
+    nodes: list[str],
+    resid: list[str],
+) -> tuple[Tensor, float, float]:
+    """One pair's edge scores per sender position, Float64[sender, receiver, pos], from one forward and
+    one backward pass of the corrupted run (with ``edits``); and the clean and corrupted metric."""
+    senders = nodes[:-1]
+    clean_run = hooked.run(clean, cache=senders)
+    run = hooked.run(corrupted, cache=list(dict.fromkeys(senders + resid)), edits=edits, keep_grad=True)
+    output = metric(hooked.readout_logits(run.logits, corrupted))[0]
+    grads = torch.autograd.grad(output, [run.cache[n] for n in resid])
     # receiver inputs' gradients: attn_j = g(resid_pre_j) - g(resid_mid_j); mlp_j = g(resid_mid_j) - g(resid_pre_j+1)
-    rows, clean_values, corrupt_values = [], [], []
-    for pair in range(spans.batch_size):
-        c, x = hooked.rows(clean, pair), hooked.rows(corrupt_inputs, pair)
-        clean_run = hooked.run(c, cache=senders)
-        run = hooked.run(x, cache=list(dict.fromkeys(senders + resid)), edits=corruption.edits, keep_grad=True)
-        output = metric(hooked.readout_logits(run.logits, x))[0]
-        grads = torch.autograd.grad(output, [run.cache[n] for n in resid])
-        receiver_grads = torch.stack([grads[i] - grads[i + 1] for i in range(len(grads) - 1)] + [grads[-1]])[:, 0]
-        deltas = torch.stack([(clean_run.cache[n] - run.cache[n].detach())[0] for n in senders])
-        per_position = torch.einsum("std,rtd->srt", deltas.double(), receiver_grads.double())  # [sender, receiver, pos]
-        groups = {m: spans.masks[m][pair] for m in spans.modalities} if by == "span" else {None: spans.valid[pair]}
-        clean_v = float(metric(hooked.readout_logits(clean_run.logits, c))[0])
-        gap = clean_v - output.item()
-        clean_values.append(clean_v)
-        corrupt_values.append(output.item())
-        for label, mask in groups.items():
-            scores = per_position[:, :, mask.to(per_position.device)].sum(-1).cpu()
-            for s, sender in enumerate(senders):
-                for r, receiver in enumerate(nodes[1:]):
-                    if r + 1 <= s:  # the receiver comes before the sender (or is the sender)
-                        continue
-                    score = float(scores[s, r])
-                    rows.append(
-                        {
-                            "pair": pair,
-                            "sender": sender,
-                            "receiver": receiver,
-                            **({"span": label} if by == "span" else {}),
-                            "score": score,
-                            "normalized": score / gap if gap != 0 else float("nan"),
-                        }
-                    )
-    return EdgeScores(pd.DataFrame(rows), clean_values, corrupt_values, nodes)
+    receiver_grads = torch.stack([grads[i] - grads[i + 1] for i in range(len(grads) - 1)] + [grads[-1]])[:, 0]
+    deltas = torch.stack([(clean_run.cache[n] - run.cache[n].detach())[0] for n in senders])
+    per_position = torch.einsum("std,rtd->srt", deltas.double(), receiver_grads.double())
+    clean_v = float(metric(hooked.readout_logits(clean_run.logits, clean))[0])
+    return per_position, clean_v, output.item()
+
+
+def _edge_rows(pair: int, nodes: list[str], scores: Tensor, gap: float, labels: dict) -> list[dict]:
+    """Rows of the :class:`EdgeScores` table from one pair's ``scores`` Float[sender, receiver] (senders
+    ``nodes[:-1]``, receivers ``nodes[1:]``; edges into a receiver before the sender are left out)."""
+    rows = []
+    for s, sender in enumerate(nodes[:-1]):
+        for r, receiver in enumerate(nodes[1:]):
+            if r + 1 <= s:  # the receiver comes before the sender (or is the sender)
+                continue
+            score = float(scores[s, r])
+            rows.append(
+                {
+                    "pair": pair,
+                    "sender": sender,
+                    "receiver": receiver,
+                    **labels,
+                    "score": score,
+                    "normalized": score / gap if gap != 0 else float("nan"),
+                }
+            )
+    return rows
 
 
 def correlation(estimate: SweepResult, exact: SweepResult, value: str = "value") -> dict[str, float]:

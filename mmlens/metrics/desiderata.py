@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from mmlens.core.wrapper import HookedModel
 from mmlens.methods.explainers import (
     Explanation,
+    Setup,
     check_method,
     explain,
     explain_row,
@@ -39,6 +40,9 @@ from mmlens.methods.explainers import (
     with_embeds,
 )
 from mmlens.methods.patching import Metric
+
+if TYPE_CHECKING:
+    from mmlens.metrics.perturb import Perturbed
 
 Dataset = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 """Inputs of several examples: one batch (a row per example), or a list of inputs (each one or more
@@ -434,63 +438,94 @@ def stability(
     unknown = [m for m in (modalities or []) if m not in present]
     if unknown:
         raise ValueError(f"modalities {unknown} are not in these inputs; they have {present}")
-    options = {name: dict((options or {}).get(name, {})) for name in explainers}
-    modes = {name: options[name].pop("mode", "joint") for name in explainers}
-    for name in explainers:
-        check_method(name)
+    chosen = _Explainers.of(explainers, options)
     rows, skipped = [], {}
     for i, x in enumerate(tqdm(items, desc="stability", disable=not progress)):
         setup = prepare(hooked, x, None, "joint")
-        prediction = int(setup.logits[0].argmax())
-        base = {
-            name: explain_row(hooked, _mode_setup(hooked, x, setup, modes[name]), x, name, modes[name], options[name])
-            for name in explainers
-        }
+        base = chosen.explain(hooked, x, setup)
         for m in targets:
             try:
                 perturbed = perturb(hooked, x, m, (kinds or {}).get(m), n=n, scale=scale, seed=seed + i)
             except ValueError as err:
                 skipped[m] = str(err)
                 continue
-            at = setup.spans.masks[m].to(setup.embeds.device)[..., None]
             for draw, p in enumerate(perturbed):
-                if not hooked.spans(p.inputs).same_layout(setup.spans):
-                    raise ValueError(
-                        f"a {p.kind!r} perturbation changed the layout (modality spans); stability "
-                        "compares explanations position by position"
-                    )
-                moved_setup = prepare(hooked, p.inputs, setup.metric, "joint")
-                distance = float(torch.where(at, setup.embeds.float() - moved_setup.embeds.float(), 0.0).norm())
-                if distance == 0:
-                    continue
-                kept = int(moved_setup.logits[0].argmax()) == prediction
-                for name in explainers:
-                    moved = explain_row(
-                        hooked,
-                        _mode_setup(hooked, p.inputs, moved_setup, modes[name]),
-                        p.inputs,
-                        name,
-                        modes[name],
-                        options[name],
-                    )
-                    for target in setup.spans.modalities:
-                        change = float((base[name].masked(target) - moved.masked(target)).norm(dim=1)[0])
-                        rows.append(
-                            {
-                                "input": i,
-                                "explainer": name,
-                                "perturbed": m,
-                                "kind": p.kind,
-                                "draw": draw,
-                                "explained": target,
-                                "input_distance": distance,
-                                "explanation_distance": change,
-                                "ratio": change / distance,
-                                "kept": kept,
-                            }
-                        )
+                rows += _stability_samples(hooked, setup, base, chosen, p, i, draw)
     samples = pd.DataFrame(rows)
     return StabilityResult(samples, stability_summary(samples), skipped)
+
+
+@dataclass
+class _Explainers:
+    """Explainers by name, each with its mode (the ``"mode"`` of its options, default ``"joint"``) and
+    its other keyword options."""
+
+    names: Sequence[str]
+    modes: dict[str, str]
+    options: dict[str, dict]
+
+    @classmethod
+    def of(cls, names: Sequence[str], options: Mapping[str, dict] | None) -> _Explainers:
+        """The explainers ``names`` with their per-explainer ``options`` (names checked)."""
+        own = {name: dict((options or {}).get(name, {})) for name in names}
+        modes = {name: own[name].pop("mode", "joint") for name in names}
+        for name in names:
+            check_method(name)
+        return cls(names, modes, own)
+
+    def explain(self, hooked: HookedModel, x: dict, setup: Setup) -> dict[str, Explanation]:
+        """Each explainer's explanation of input row ``x`` (``setup``: its joint :func:`prepare`)."""
+        return {
+            name: explain_row(
+                hooked, _mode_setup(hooked, x, setup, self.modes[name]), x, name, self.modes[name], self.options[name]
+            )
+            for name in self.names
+        }
+
+
+def _stability_samples(
+    hooked: HookedModel,
+    setup: Setup,
+    base: dict[str, Explanation],
+    chosen: _Explainers,
+    p: Perturbed,
+    input_index: int,
+    draw: int,
+) -> list[dict]:
+    """The :class:`StabilityResult` samples of draw ``draw`` of one perturbation of input row ``input_index``
+    (``setup``: the row's joint setup, ``base``: its explanations); none when ``p`` leaves the perturbed
+    modality's embeddings unchanged."""
+    if not hooked.spans(p.inputs).same_layout(setup.spans):
+        raise ValueError(
+            f"a {p.kind!r} perturbation changed the layout (modality spans); stability "
+            "compares explanations position by position"
+        )
+    moved_setup = prepare(hooked, p.inputs, setup.metric, "joint")
+    where = setup.spans.masks[p.modality].to(setup.embeds.device)[..., None]
+    distance = float(torch.where(where, setup.embeds.float() - moved_setup.embeds.float(), 0.0).norm())
+    if distance == 0:
+        return []
+    kept = int(moved_setup.logits[0].argmax()) == int(setup.logits[0].argmax())
+    moved = chosen.explain(hooked, p.inputs, moved_setup)
+    rows = []
+    for name in chosen.names:
+        for target in setup.spans.modalities:
+            change = float((base[name].masked(target) - moved[name].masked(target)).norm(dim=1)[0])
+            rows.append(
+                {
+                    "input": input_index,
+                    "explainer": name,
+                    "perturbed": p.modality,
+                    "kind": p.kind,
+                    "draw": draw,
+                    "explained": target,
+                    "input_distance": distance,
+                    "explanation_distance": change,
+                    "ratio": change / distance,
+                    "kept": kept,
+                }
+            )
+    return rows
 
 
 def stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
