@@ -257,56 +257,63 @@ def difference(
     return float("inf") if diffs.isna().any() else float(diffs.max())
 
 
-def run_section(
-    title: str,
-    hooked: HookedModel,
-    items: list[dict],
-    modalities: list[str],
-    settings: Settings,
-    repeats: int,
-    notes: Sequence[str] = (),
-) -> dict:
-    """Time and compare both metrics on ``items``; print ``title``, ``notes`` and the table; returns ratios,
-    times and differences."""
-    print(f"\n{title}")
-    for note in notes:
-        print(f"  {note}")
+def _mmlens_faithfulness(hooked: HookedModel, items: list[dict], settings: Settings) -> pd.DataFrame:
+    """``faithfulness(...).curves`` of occlusion explanations, as the benchmark calls it."""
+    return faithfulness(
+        hooked,
+        items,
+        "occlusion",
+        fractions=settings.fractions,
+        random_draws=settings.random_draws,
+        seed=settings.seed,
+        progress=False,
+    ).curves
 
-    def mmlens_faithfulness(s: Settings, xs: list[dict]) -> pd.DataFrame:
-        return faithfulness(
-            hooked, xs, "occlusion", fractions=s.fractions, random_draws=s.random_draws, seed=s.seed, progress=False
-        ).curves
 
-    def mmlens_stability(s: Settings, xs: list[dict]) -> pd.DataFrame:
-        return stability(hooked, xs, ["occlusion"], modalities=modalities, n=s.n, seed=s.seed, progress=False).samples
+def _mmlens_stability(
+    hooked: HookedModel, items: list[dict], modalities: list[str], settings: Settings
+) -> pd.DataFrame:
+    """``stability(...).samples`` with the occlusion explainer, as the benchmark calls it."""
+    return stability(
+        hooked, items, ["occlusion"], modalities=modalities, n=settings.n, seed=settings.seed, progress=False
+    ).samples
 
-    impls = [
-        Timed("faithfulness", "mmlens faithfulness (batched)", lambda: mmlens_faithfulness(settings, items)),
+
+def _implementations(hooked: HookedModel, items: list[dict], modalities: list[str], settings: Settings) -> list[Timed]:
+    """The four timed runs, in this order: faithfulness mmlens, reference; stability mmlens, reference."""
+    return [
+        Timed("faithfulness", "mmlens faithfulness (batched)", lambda: _mmlens_faithfulness(hooked, items, settings)),
         Timed(
             "faithfulness",
             "reference (one forward per variant)",
             lambda: reference_faithfulness(hooked, items, settings),
         ),
-        Timed("stability", "mmlens stability (batched occlusion)", lambda: mmlens_stability(settings, items)),
+        Timed(
+            "stability",
+            "mmlens stability (batched occlusion)",
+            lambda: _mmlens_stability(hooked, items, modalities, settings),
+        ),
         Timed(
             "stability",
             "reference (one forward per position)",
             lambda: reference_stability(hooked, items, modalities, settings),
         ),
     ]
-    warm_ups = [
-        lambda: mmlens_faithfulness(WARM, items[:1]),
-        lambda: reference_faithfulness(hooked, items[:1], WARM),
-        lambda: mmlens_stability(WARM, items[:1]),
-        lambda: reference_stability(hooked, items[:1], modalities, WARM),
-    ]
-    with torch.no_grad():
-        for warm_up in warm_ups:
-            warm_up()
-    measure(impls, repeats)
 
+
+def _warm_up(hooked: HookedModel, items: list[dict], modalities: list[str]) -> None:
+    """One small untimed run of each implementation on the first input."""
+    with torch.no_grad():
+        _mmlens_faithfulness(hooked, items[:1], WARM)
+        reference_faithfulness(hooked, items[:1], WARM)
+        _mmlens_stability(hooked, items[:1], modalities, WARM)
+        reference_stability(hooked, items[:1], modalities, WARM)
+
+
+def _differences(impls: list[Timed]) -> dict[str, float]:
+    """Largest |difference| mmlens vs reference of each metric (see :func:`difference`)."""
     faith_mine, faith_ref, stab_mine, stab_ref = (impl.result for impl in impls)
-    diffs = {
+    return {
         "faithfulness": difference(
             faith_mine,
             faith_ref,
@@ -321,36 +328,11 @@ def run_section(
             flags=["kept"],
         ),
     }
-    spans = hooked.spans(items[0])
-    layout = ", ".join(f"{len(spans.masks[m][0].nonzero())} {m}" for m in spans.modalities)
-    print(f"  {len(items)} inputs (first: {spans.seq_len} positions: {layout}); occlusion explainer (window 1)")
-    print(
-        f"  faithfulness: fractions {list(settings.fractions)}, {settings.random_draws} random draws, scopes "
-        f"{sorted(set(faith_mine.scope))} -> {len(faith_mine)} curve rows"
-    )
-    print(
-        f"  stability: {', '.join(modalities)} perturbations, n={settings.n} per kind -> {len(stab_mine)} samples "
-        f"({int(stab_mine.kept.sum())} kept)"
-    )
-    width = max(len(impl.name) for impl in impls)
-    print(f"  {'metric':<13} {'implementation':<{width}} {'time (s)':>9} {'x mmlens':>9} {'load 1m':>8}")
-    for mine, ref in (impls[:2], impls[2:]):
-        for impl in (mine, ref):
-            spread = f"  [{min(impl.times):.3f}-{max(impl.times):.3f}]" if len(impl.times) > 1 else ""
-            print(
-                f"  {impl.metric:<13} {impl.name:<{width}} {impl.time:9.3f} {impl.time / mine.time:9.2f} "
-                f"{max(impl.load):8.2f}{spread}"
-            )
+
+
+def _summary(impls: list[Timed], diffs: dict[str, float]) -> dict:
+    """Speedups (reference time / mmlens time) per metric and both together, differences, agreement and times."""
     mine_total, ref_total = impls[0].time + impls[2].time, impls[1].time + impls[3].time
-    print(f"  {'both':<13} {'mmlens':<{width}} {mine_total:9.3f} {1:9.2f}")
-    print(f"  {'both':<13} {'reference':<{width}} {ref_total:9.3f} {ref_total / mine_total:9.2f}")
-    print(
-        f"  (median of {repeats} interleaved run(s), end to end, explaining included; load 1m = the largest "
-        f"1-minute load average after a run, above ~{torch.get_num_threads()} means another process competed)"
-    )
-    for metric, diff in diffs.items():
-        status = "OK" if diff <= TOLERANCE else "MISMATCH"
-        print(f"  agreement {metric}: max |difference| {diff:.2e} (tolerance {TOLERANCE:.0e}): {status}")
     out = {
         f"{metric}_speedup": ref.time / mine.time
         for metric, mine, ref in (("faithfulness", impls[0], impls[1]), ("stability", impls[2], impls[3]))
@@ -364,6 +346,71 @@ def run_section(
         mmlens_s=mine_total,
         reference_s=ref_total,
     )
+    return out
+
+
+def _print_workload(
+    hooked: HookedModel, items: list[dict], modalities: list[str], settings: Settings, impls: list[Timed]
+) -> None:
+    """The inputs and what each metric computed on them (from the mmlens results)."""
+    faith_mine, stab_mine = impls[0].result, impls[2].result
+    spans = hooked.spans(items[0])
+    layout = ", ".join(f"{len(spans.masks[m][0].nonzero())} {m}" for m in spans.modalities)
+    print(f"  {len(items)} inputs (first: {spans.seq_len} positions: {layout}); occlusion explainer (window 1)")
+    print(
+        f"  faithfulness: fractions {list(settings.fractions)}, {settings.random_draws} random draws, scopes "
+        f"{sorted(set(faith_mine.scope))} -> {len(faith_mine)} curve rows"
+    )
+    print(
+        f"  stability: {', '.join(modalities)} perturbations, n={settings.n} per kind -> {len(stab_mine)} samples "
+        f"({int(stab_mine.kept.sum())} kept)"
+    )
+
+
+def _print_times(impls: list[Timed], repeats: int, summary: dict) -> None:
+    """The timing table: each implementation, then both metrics together per side."""
+    mine_total, ref_total = summary["mmlens_s"], summary["reference_s"]
+    width = max(len(impl.name) for impl in impls)
+    print(f"  {'metric':<13} {'implementation':<{width}} {'time (s)':>9} {'x mmlens':>9} {'load 1m':>8}")
+    for mine, ref in (impls[:2], impls[2:]):
+        for impl in (mine, ref):
+            spread = f"  [{min(impl.times):.3f}-{max(impl.times):.3f}]" if len(impl.times) > 1 else ""
+            print(
+                f"  {impl.metric:<13} {impl.name:<{width}} {impl.time:9.3f} {impl.time / mine.time:9.2f} "
+                f"{max(impl.load):8.2f}{spread}"
+            )
+    print(f"  {'both':<13} {'mmlens':<{width}} {mine_total:9.3f} {1:9.2f}")
+    print(f"  {'both':<13} {'reference':<{width}} {ref_total:9.3f} {ref_total / mine_total:9.2f}")
+    print(
+        f"  (median of {repeats} interleaved run(s), end to end, explaining included; load 1m = the largest "
+        f"1-minute load average after a run, above ~{torch.get_num_threads()} means another process competed)"
+    )
+
+
+def run_section(
+    title: str,
+    hooked: HookedModel,
+    items: list[dict],
+    modalities: list[str],
+    settings: Settings,
+    repeats: int,
+    notes: Sequence[str] = (),
+) -> dict:
+    """Time and compare both metrics on ``items``; print ``title``, ``notes`` and the table; returns ratios,
+    times and differences."""
+    print(f"\n{title}")
+    for note in notes:
+        print(f"  {note}")
+    impls = _implementations(hooked, items, modalities, settings)
+    _warm_up(hooked, items, modalities)
+    measure(impls, repeats)
+    diffs = _differences(impls)
+    out = _summary(impls, diffs)
+    _print_workload(hooked, items, modalities, settings, impls)
+    _print_times(impls, repeats, out)
+    for metric, diff in diffs.items():
+        status = "OK" if diff <= TOLERANCE else "MISMATCH"
+        print(f"  agreement {metric}: max |difference| {diff:.2e} (tolerance {TOLERANCE:.0e}): {status}")
     print(
         f"  speedup: faithfulness {out['faithfulness_speedup']:.2f}x, stability {out['stability_speedup']:.2f}x, "
         f"both {out['speedup']:.2f}x"

@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -52,6 +53,8 @@ import mmlens
 from mmlens.data.loading import LoadedModel, load_model
 from mmlens.data.paths import cache_dir
 from mmlens.methods.patching import logit_diff, sweep
+
+T = TypeVar("T")
 
 TOLERANCE = 1e-4
 STORY = (
@@ -452,6 +455,37 @@ def _quiet_tl_progress() -> Iterator[None]:
         tlp.tqdm = original
 
 
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn()`` and its wall time in seconds."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _mmlens_impls(
+    hm, clean: dict, corrupted: dict, answer: int, wrong: int, layers: list[int], n_layers: int, batch_size: int
+) -> list[Measured]:
+    """The two timed mmlens sweeps: every cell computed, then the defaults (no-op cells skipped) last."""
+    return [
+        Measured(
+            f"mmlens sweep, every cell computed (skip_unchanged=False, batch_size {batch_size})",
+            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, batch_size, False),
+        ),
+        Measured(
+            f"mmlens sweep (defaults: batch_size {batch_size}, no-op cells skipped)",
+            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, batch_size),
+        ),
+    ]
+
+
+def _report_grids(title: str, impls: list[Measured], repeats: int) -> dict:
+    """:func:`report`, then the unpatched logit differences of the last (mmlens) grid."""
+    result = report(title, impls, repeats)
+    g = impls[-1].grid
+    print(f"  unpatched logit diff: clean {g.clean:+.3f}, corrupted {g.corrupted:+.3f}")
+    return result
+
+
 # -- SmolLM2 ----------------------------------------------------------------------------------------
 
 
@@ -486,36 +520,19 @@ def ioi_prompts(tokenizer, n_tokens: int) -> tuple[dict, dict, str]:
     return clean, corrupted, tokenizer.decode(clean["input_ids"][0])
 
 
-def run_smollm2(args: argparse.Namespace) -> dict:
-    from nnsight import NNsight
-
-    from mmlens.core.backends import boot_bridge
-
-    t0 = time.perf_counter()
-    copies = [_load("smollm2-135m-instruct", args.attn) for _ in range(3)]
-    tok = copies[0].tokenizer
-    load_s = time.perf_counter() - t0
-    answer_ids = [tok(s)["input_ids"] for s in (ANSWER, WRONG)]
+def _single_token_ids(tokenizer) -> tuple[int, int]:
+    """Token ids of ``ANSWER`` and ``WRONG``; each must be one token."""
+    answer_ids = [tokenizer(s)["input_ids"] for s in (ANSWER, WRONG)]
     if any(len(ids) != 1 for ids in answer_ids):
         raise AssertionError(f"answers {ANSWER!r}/{WRONG!r} are not single tokens: {answer_ids}")
-    answer, wrong = answer_ids[0][0], answer_ids[1][0]
-    clean, corrupted, text = ioi_prompts(tok, args.prompt_tokens)
-    n_layers = copies[0].model.config.num_hidden_layers
-    layers = _layers(args.layers, n_layers)
-    n_pos = clean["input_ids"].shape[1]
+    return answer_ids[0][0], answer_ids[1][0]
 
-    t0 = time.perf_counter()
-    bridge = boot_bridge(copies[0].model, tok)
-    boot_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    envoy = NNsight(copies[1].model)
-    nnsight_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    hm = mmlens.wrap(copies[2].model, tokenizer=tok)
-    wrap_s = time.perf_counter() - t0
-    for loaded in copies:
-        _warm(loaded.model, corrupted)
 
+def _print_smollm2_header(
+    text: str, layers: list[int], n_layers: int, n_pos: int, setup_s: tuple[float, float, float, float]
+) -> None:
+    """The section header: grid size, prompts, setup times (loads, bridge boot, NNsight wrap, mmlens.wrap)."""
+    load_s, boot_s, nnsight_s, wrap_s = setup_s
     print(
         f"\n== SmolLM2-135M-Instruct: resid_pre denoising grid, {len(layers)} layers x {n_pos} positions "
         f"= {len(layers) * n_pos} cells =="
@@ -532,6 +549,27 @@ def run_smollm2(args: argparse.Namespace) -> dict:
             "generic_activation_patch with an index_df; not a speed comparison"
         )
 
+
+def run_smollm2(args: argparse.Namespace) -> dict:
+    from nnsight import NNsight
+
+    from mmlens.core.backends import boot_bridge
+
+    copies, load_s = _timed(lambda: [_load("smollm2-135m-instruct", args.attn) for _ in range(3)])
+    tok = copies[0].tokenizer
+    answer, wrong = _single_token_ids(tok)
+    clean, corrupted, text = ioi_prompts(tok, args.prompt_tokens)
+    n_layers = copies[0].model.config.num_hidden_layers
+    layers = _layers(args.layers, n_layers)
+    n_pos = clean["input_ids"].shape[1]
+
+    bridge, boot_s = _timed(lambda: boot_bridge(copies[0].model, tok))
+    envoy, nnsight_s = _timed(lambda: NNsight(copies[1].model))
+    hm, wrap_s = _timed(lambda: mmlens.wrap(copies[2].model, tokenizer=tok))
+    for loaded in copies:
+        _warm(loaded.model, corrupted)
+    _print_smollm2_header(text, layers, n_layers, n_pos, (load_s, boot_s, nnsight_s, wrap_s))
+
     impls = [
         Measured(
             f"TransformerLens {_version(None, 'transformer-lens')} bridge (get_act_patch_resid_pre)",
@@ -541,14 +579,7 @@ def run_smollm2(args: argparse.Namespace) -> dict:
             f"nnsight {_version(None, 'nnsight')} (one trace per cell)",
             lambda: nnsight_grid(envoy, lambda m: m.model.layers, clean, corrupted, answer, wrong, layers),
         ),
-        Measured(
-            f"mmlens sweep, every cell computed (skip_unchanged=False, batch_size {args.batch_size})",
-            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size, False),
-        ),
-        Measured(
-            f"mmlens sweep (defaults: batch_size {args.batch_size}, no-op cells skipped)",
-            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size),
-        ),
+        *_mmlens_impls(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size),
     ]
     with _quiet_tl_progress():
         warm_up(
@@ -568,9 +599,7 @@ def run_smollm2(args: argparse.Namespace) -> dict:
             ]
         )
         measure(impls, args.repeats)
-    result = report(f"SmolLM2 results ({len(layers) * n_pos} cells):", impls, args.repeats)
-    g = impls[-1].grid
-    print(f"  unpatched logit diff: clean {g.clean:+.3f}, corrupted {g.corrupted:+.3f}")
+    result = _report_grids(f"SmolLM2 results ({len(layers) * n_pos} cells):", impls, args.repeats)
     if args.profile:
         _profile(lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size))
     return result
@@ -609,26 +638,62 @@ def _stand_in_processor(tokenizer):
     )
 
 
-def run_llava(args: argparse.Namespace) -> dict:
-    from nnsight import NNsight
-
-    from mmlens.core.backends import boot_bridge
-
-    copies = [_load("tiny-random-llava", args.attn) for _ in range(3)]
-    example = copies[2].example_inputs()
+def _llava_task(loaded: LoadedModel, image_corruption: str) -> tuple[dict, dict, int, int]:
+    """Clean inputs (the example's first row), corrupted inputs (pixels replaced by zeros or seeded
+    noise), the answer (clean top-1 at the final position) and the wrong token (corrupted top-1, or the
+    clean top-2 when they coincide)."""
+    example = loaded.example_inputs()
     clean = {k: v[:1] for k, v in example.items()}
-    if args.image_corruption == "zeros":
+    if image_corruption == "zeros":
         pixels = torch.zeros_like(clean["pixel_values"])
     else:
         pixels = torch.randn(clean["pixel_values"].shape, generator=torch.Generator().manual_seed(1))
     corrupted = {**clean, "pixel_values": pixels}
     with torch.no_grad():
-        clean_last = copies[2].model(**clean).logits[0, -1]
-        corrupt_last = copies[2].model(**corrupted).logits[0, -1]
+        clean_last = loaded.model(**clean).logits[0, -1]
+        corrupt_last = loaded.model(**corrupted).logits[0, -1]
     answer = int(clean_last.argmax())
     wrong = int(corrupt_last.argmax())
     if wrong == answer:
         wrong = int(clean_last.topk(2).indices[1])
+    return clean, corrupted, answer, wrong
+
+
+def _llava_tl(
+    model: torch.nn.Module, clean: dict, corrupted: dict, answer: int, wrong: int, layers: list[int]
+) -> tuple[Measured | None, str]:
+    """The TransformerLens implementation (a bridge booted with a stand-in processor), or None when it
+    cannot boot; and the note saying which."""
+    from mmlens.core.backends import boot_bridge
+
+    try:
+        from transformers import AutoTokenizer
+
+        folder = cache_dir() / "models" / "smollm2-135m-instruct"
+        tok = AutoTokenizer.from_pretrained(folder) if folder.is_dir() else None
+        if tok is None:
+            raise RuntimeError("no tokenizer to build a stand-in processor from (SmolLM2's converted copy is missing)")
+        bridge = boot_bridge(model, processor=_stand_in_processor(tok))
+        impl = Measured(
+            f"TransformerLens {_version(None, 'transformer-lens')} bridge (run_with_hooks loop)",
+            lambda: tl_grid(bridge, clean, corrupted, answer, wrong, layers, extra={}),
+        )
+        return impl, (
+            "  TransformerLens: bridge booted with a stand-in LlavaProcessor (SmolLM2 tokenizer + <image>); "
+            "get_act_patch_resid_pre cannot pass pixel_values, so a run_with_hooks loop is used"
+        )
+    except Exception as err:  # noqa: BLE001 - any boot failure means: compare without TL
+        return None, (
+            f"  TransformerLens could not boot a bridge for LLaVA ({type(err).__name__}: {err}); "
+            "comparing with nnsight only"
+        )
+
+
+def run_llava(args: argparse.Namespace) -> dict:
+    from nnsight import NNsight
+
+    copies = [_load("tiny-random-llava", args.attn) for _ in range(3)]
+    clean, corrupted, answer, wrong = _llava_task(copies[2], args.image_corruption)
     n_layers = copies[2].model.config.get_text_config().num_hidden_layers
     layers = list(range(n_layers))
     n_pos = clean["input_ids"].shape[1]
@@ -642,62 +707,27 @@ def run_llava(args: argparse.Namespace) -> dict:
         f"  corrupted: pixel_values replaced by {'a zero image' if args.image_corruption == 'zeros' else 'noise'}; "
         f"metric logit[{answer}] - logit[{wrong}] (clean vs corrupted top tokens) at the final position"
     )
-
-    impls: list[Measured] = []
-    tl_note = ""
-    try:
-        from transformers import AutoTokenizer
-
-        folder = cache_dir() / "models" / "smollm2-135m-instruct"
-        tok = AutoTokenizer.from_pretrained(folder) if folder.is_dir() else None
-        if tok is None:
-            raise RuntimeError("no tokenizer to build a stand-in processor from (SmolLM2's converted copy is missing)")
-        bridge = boot_bridge(copies[0].model, processor=_stand_in_processor(tok))
-        impls.append(
-            Measured(
-                f"TransformerLens {_version(None, 'transformer-lens')} bridge (run_with_hooks loop)",
-                lambda: tl_grid(bridge, clean, corrupted, answer, wrong, layers, extra={}),
-            )
-        )
-        tl_note = (
-            "  TransformerLens: bridge booted with a stand-in LlavaProcessor (SmolLM2 tokenizer + <image>); "
-            "get_act_patch_resid_pre cannot pass pixel_values, so a run_with_hooks loop is used"
-        )
-    except Exception as err:  # noqa: BLE001 - any boot failure means: compare without TL
-        bridge = None
-        tl_note = f"  TransformerLens could not boot a bridge for LLaVA ({type(err).__name__}: {err}); comparing with nnsight only"
+    tl, tl_note = _llava_tl(copies[0].model, clean, corrupted, answer, wrong, layers)
     print(tl_note)
     envoy = NNsight(copies[1].model)
     hm = mmlens.wrap(copies[2].model)
     for loaded in copies:
         _warm(loaded.model, corrupted)
-    impls.append(
+    impls = [
+        *([tl] if tl is not None else []),
         Measured(
             f"nnsight {_version(None, 'nnsight')} (one trace per cell)",
             lambda: nnsight_grid(
                 envoy, lambda m: m.model.language_model.layers, clean, corrupted, answer, wrong, layers
             ),
-        )
-    )
-    impls.append(
-        Measured(
-            f"mmlens sweep, every cell computed (skip_unchanged=False, batch_size {args.batch_size})",
-            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size, False),
-        )
-    )
-    impls.append(
-        Measured(
-            f"mmlens sweep (defaults: batch_size {args.batch_size}, no-op cells skipped)",
-            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size),
-        )
-    )
+        ),
+        *_mmlens_impls(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size),
+    ]
     with _quiet_tl_progress():
         warm_up([impl.run for impl in impls])
         measure(impls, args.llava_repeats)
-    result = report(f"LLaVA results ({n_layers * n_pos} cells):", impls, args.llava_repeats)
-    result["tl_booted"] = bridge is not None
-    g = impls[-1].grid
-    print(f"  unpatched logit diff: clean {g.clean:+.3f}, corrupted {g.corrupted:+.3f}")
+    result = _report_grids(f"LLaVA results ({n_layers * n_pos} cells):", impls, args.llava_repeats)
+    result["tl_booted"] = tl is not None
     return result
 
 

@@ -31,6 +31,7 @@ from matplotlib import font_manager
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
+from matplotlib.image import AxesImage
 from matplotlib.patches import Patch, Rectangle
 
 from mmlens.store import atomic_path
@@ -163,27 +164,11 @@ def _text_color(rgba) -> str:
     return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
 
 
-def plot_lens_grid(
-    result,
-    row: int = 0,
-    positions: Sequence[int] | None = None,
-    value: str = "prob",
-    max_chars: int = 8,
-    ax: Axes | None = None,
-    title: str | None = None,
-    cmap=None,
-) -> Figure:
-    """Logit-lens grid of one batch row: the top-1 token of every layer at every position.
-
-    Rows are layers (``result.layers``; the earliest at the bottom, the final layer on top), columns
-    are positions (``positions``: ints, negative from the end; default every decoded non-pad
-    position of ``row``). Each cell shows the top-1 token (escaped: "␣" for edge spaces, "\\n"
-    for newlines, "∅" for an empty text; at most ``max_chars`` characters; blank where the id is
-    -1, not decoded) on a colour of ``value``: ``"prob"`` (top-1 probability, 0..1) or
-    ``"entropy"`` (of the lens distribution, nats, 0..max shown). X tick labels are the input
-    tokens, escaped the same way; a strip under the grid and the tick label colours mark each
-    column's modality, with vertical lines at modality boundaries.
-    """
+def _grid_cells(
+    result, row: int, positions: Sequence[int] | None, value: str, max_chars: int
+) -> tuple[int, list[int], np.ndarray, np.ndarray, dict[int, str]]:
+    """The batch row (non-negative), the shown positions, top-1 ids and values ``[layer, col]``, and
+    the text of each id (escaped; "" for -1, not decoded)."""
     if value not in _VALUES:
         raise ValueError(f"value must be one of {', '.join(map(repr, _VALUES))}; got {value!r}")
     if max_chars < 1:
@@ -192,25 +177,20 @@ def plot_lens_grid(
     row = row % result.top_ids.shape[1]
     ids = _numpy(result.top_ids[:, row, cols, 0], torch.long)
     data = _numpy(result.top_probs[:, row, cols, 0] if value == "prob" else result.entropy[:, row, cols])
-    n_layers, n_cols = data.shape
-    if len(result.layers) != n_layers:
-        raise ValueError(f"result.layers has {len(result.layers)} labels but the tensors have {n_layers} layers")
+    if len(result.layers) != data.shape[0]:
+        raise ValueError(f"result.layers has {len(result.layers)} labels but the tensors have {data.shape[0]} layers")
     unique = sorted({int(i) for i in ids.ravel() if i >= 0})
     decoded = result.decode(unique) if unique else []
     if len(decoded) != len(unique):
         raise ValueError(f"result.decode returned {len(decoded)} strings for {len(unique)} ids")
     cell_text = {i: _escape(s, max_chars) for i, s in zip(unique, decoded)}
     cell_text.update({int(i): "" for i in ids.ravel() if i < 0})
-    modalities = [result.modalities[row][p] for p in cols]
-    colors = modality_colors(list(dict.fromkeys(modalities)))
+    return row, cols, ids, data, cell_text
 
-    if ax is None:
-        widest = max(map(len, cell_text.values()))
-        fig = _new_figure((2.6 + n_cols * max(0.45, 0.075 * widest + 0.15), 2.4 + 0.3 * n_layers))
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
-    label, default_cmap = _VALUES[value]
+
+def _draw_cells(ax: Axes, data: np.ndarray, ids: np.ndarray, cell_text: dict[int, str], value: str, cmap) -> AxesImage:
+    """Colour ``data`` ``[layer, col]`` by ``value`` and write each cell's top-1 token; returns the image."""
+    _, default_cmap = _VALUES[value]
     finite = data[np.isfinite(data)]
     vmax = 1.0 if value == "prob" else (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
     image = ax.imshow(
@@ -228,7 +208,12 @@ def plot_lens_grid(
             color=color,
             parse_math=False,
         )
+    return image
 
+
+def _draw_modality_strip(ax: Axes, modalities: list[str], colors: dict[str, str], n_layers: int) -> None:
+    """A strip under the grid coloured by each column's modality, lines at modality boundaries, and the limits."""
+    n_cols = len(modalities)
     strip_low, strip_high = -0.5 - 0.45, -0.5 - 0.1
     for col, modality in enumerate(modalities):
         ax.add_patch(
@@ -253,15 +238,21 @@ def plot_lens_grid(
     ax.set_xlim(-0.5, n_cols - 0.5)
     ax.set_ylim(strip_low, n_layers - 0.5)
 
-    ax.set_xticks(range(n_cols), [_escape(result.tokens[row][p], _TICK_CHARS) for p in cols], rotation=90)
+
+def _label_grid(ax: Axes, tokens: list[str], modalities: list[str], colors: dict[str, str], layers: list[str]) -> None:
+    """Token tick labels in modality colours, layer tick labels and axis labels."""
+    ax.set_xticks(range(len(tokens)), [_escape(t, _TICK_CHARS) for t in tokens], rotation=90)
     for tick_label, modality in zip(ax.get_xticklabels(), modalities):
         tick_label.set_parse_math(False)
         tick_label.set_color(colors[modality])
     ax.tick_params(axis="x", length=0)
-    ax.set_yticks(range(n_layers), result.layers)
+    ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("input token")
     ax.set_ylabel("layer")
-    fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
+
+
+def _modality_legend(ax: Axes, colors: dict[str, str]) -> None:
+    """One legend entry per modality, in a row above the axes."""
     ax.legend(
         handles=[Patch(facecolor=c, label=m) for m, c in colors.items()],
         loc="lower left",
@@ -273,6 +264,44 @@ def plot_lens_grid(
         handlelength=1.0,
         columnspacing=1.0,
     )
+
+
+def plot_lens_grid(
+    result,
+    row: int = 0,
+    positions: Sequence[int] | None = None,
+    value: str = "prob",
+    max_chars: int = 8,
+    ax: Axes | None = None,
+    title: str | None = None,
+    cmap=None,
+) -> Figure:
+    """Logit-lens grid of one batch row: the top-1 token of every layer at every position.
+
+    Rows are layers (``result.layers``; the earliest at the bottom, the final layer on top), columns
+    are positions (``positions``: ints, negative from the end; default every decoded non-pad
+    position of ``row``). Each cell shows the top-1 token (escaped: "␣" for edge spaces, "\\n"
+    for newlines, "∅" for an empty text; at most ``max_chars`` characters; blank where the id is
+    -1, not decoded) on a colour of ``value``: ``"prob"`` (top-1 probability, 0..1) or
+    ``"entropy"`` (of the lens distribution, nats, 0..max shown). X tick labels are the input
+    tokens, escaped the same way; a strip under the grid and the tick label colours mark each
+    column's modality, with vertical lines at modality boundaries.
+    """
+    row, cols, ids, data, cell_text = _grid_cells(result, row, positions, value, max_chars)
+    n_layers, n_cols = data.shape
+    modalities = [result.modalities[row][p] for p in cols]
+    colors = modality_colors(list(dict.fromkeys(modalities)))
+    if ax is None:
+        widest = max(map(len, cell_text.values()))
+        fig = _new_figure((2.6 + n_cols * max(0.45, 0.075 * widest + 0.15), 2.4 + 0.3 * n_layers))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    image = _draw_cells(ax, data, ids, cell_text, value, cmap)
+    _draw_modality_strip(ax, modalities, colors, n_layers)
+    _label_grid(ax, [result.tokens[row][p] for p in cols], modalities, colors, result.layers)
+    fig.colorbar(image, ax=ax, label=_VALUES[value][0], fraction=0.05, pad=0.02)
+    _modality_legend(ax, colors)
     lens = getattr(result, "lens", "")
     ax.set_title(
         title if title is not None else f"{lens.capitalize() + ' lens' if lens else 'Lens'} · row {row}",
