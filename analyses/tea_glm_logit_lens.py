@@ -177,6 +177,82 @@ class Reproduction:
         return mask
 
 
+def _cache_keys(config: ReproductionConfig, graph: TextAttributedGraph, gnn_config: GraphPretrainConfig) -> dict:
+    """The hashes the GNN, projector and evaluation are cached under, each including the one before."""
+    keys = {"gnn": _hash(config.llm, _fingerprint(graph), config.max_text_tokens, gnn_config.to_dict())}
+    keys["projector"] = _hash(
+        keys["gnn"],
+        config.split,
+        config.seed,
+        config.num_graph_tokens,
+        asdict(config.template),
+        config.projector.to_dict(),
+    )
+    keys["evaluation"] = _hash(keys["projector"], config.eval_nodes)
+    return keys
+
+
+def _pretrained_gnn(
+    gnn: GraphSAGEEncoder,
+    features: torch.Tensor,
+    graph: TextAttributedGraph,
+    embedding: torch.Tensor,
+    gnn_config: GraphPretrainConfig,
+    key: str,
+    progress: bool,
+) -> torch.Tensor:
+    """Pretrain ``gnn`` in place (or load it); Float[n_nodes, d_lm]: its node representations."""
+    train_or_load(
+        "tea_glm_gnn",
+        key,
+        gnn,
+        lambda: pretrain_graph_encoder(
+            gnn,
+            features,
+            graph.edge_index,
+            llm_principal_components(embedding, gnn_config.n_components),
+            gnn_config,
+            checkpoint=cache_dir() / "tea_glm" / f"gnn-{key}.ckpt",
+            progress=progress,
+        ),
+    )
+    gnn.eval()
+    with torch.no_grad():
+        return gnn(features, graph.edge_index)
+
+
+def _trained_projector(
+    model: TeaGLM,
+    prompts: NodePrompts,
+    node_repr: torch.Tensor,
+    graph: TextAttributedGraph,
+    train: torch.Tensor,
+    config: ReproductionConfig,
+    key: str,
+    progress: bool,
+) -> None:
+    """Train ``model.projector`` in place on the ``train`` nodes (or load it)."""
+    train_or_load(
+        "tea_glm_projector",
+        key,
+        model.projector,
+        lambda: {
+            "loss": train_projector(
+                model,
+                prompts,
+                node_repr,
+                graph.titles,
+                graph.labels,
+                train,
+                replace(config.projector, seed=config.seed),
+                checkpoint=cache_dir() / "tea_glm" / f"projector-{key}.ckpt",
+                progress=progress,
+            )
+        },
+    )
+    model.eval()
+
+
 def build(
     config: ReproductionConfig = ReproductionConfig(), progress: bool = True, stages: _Stages | None = None
 ) -> Reproduction:
@@ -184,7 +260,6 @@ def build(
     of its configuration under ``$MMLENS_CACHE/tea_glm`` (a rerun loads them)."""
     stages = stages or _Stages(progress)
     torch.manual_seed(config.seed)
-    folder = cache_dir() / "tea_glm"
     with stages("load data"):
         graph = load_text_attributed_graph(
             config.dataset, config.data_dir, seed=config.seed, num_nodes=config.synthetic_nodes
@@ -199,16 +274,7 @@ def build(
     gnn_config = replace(config.gnn, hidden_dim=d_lm, seed=config.seed)
     with stages("text features"):
         features = text_features(graph.texts, tokenizer, embedding, config.max_text_tokens)
-    keys = {"gnn": _hash(config.llm, _fingerprint(graph), config.max_text_tokens, gnn_config.to_dict())}
-    keys["projector"] = _hash(
-        keys["gnn"],
-        config.split,
-        config.seed,
-        config.num_graph_tokens,
-        asdict(config.template),
-        config.projector.to_dict(),
-    )
-    keys["evaluation"] = _hash(keys["projector"], config.eval_nodes)
+    keys = _cache_keys(config, graph, gnn_config)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -217,46 +283,11 @@ def build(
     prompts = NodePrompts(tokenizer, graph.class_words, model.graph_token_id, config.num_graph_tokens, config.template)
 
     with stages("GNN (cached)" if is_cached("tea_glm_gnn", keys["gnn"]) else "GNN pretraining"):
-        train_or_load(
-            "tea_glm_gnn",
-            keys["gnn"],
-            gnn,
-            lambda: pretrain_graph_encoder(
-                gnn,
-                features,
-                graph.edge_index,
-                llm_principal_components(embedding, gnn_config.n_components),
-                gnn_config,
-                checkpoint=folder / f"gnn-{keys['gnn']}.ckpt",
-                progress=progress,
-            ),
-        )
-        gnn.eval()
-        with torch.no_grad():
-            node_repr = gnn(features, graph.edge_index)
-
+        node_repr = _pretrained_gnn(gnn, features, graph, embedding, gnn_config, keys["gnn"], progress)
     with stages("projector (cached)" if is_cached("tea_glm_projector", keys["projector"]) else "projector training"):
-        train_or_load(
-            "tea_glm_projector",
-            keys["projector"],
-            model.projector,
-            lambda: {
-                "loss": train_projector(
-                    model,
-                    prompts,
-                    node_repr,
-                    graph.titles,
-                    graph.labels,
-                    split["train"],
-                    replace(config.projector, seed=config.seed),
-                    checkpoint=folder / f"projector-{keys['projector']}.ckpt",
-                    progress=progress,
-                )
-            },
-        )
-        model.eval()
+        _trained_projector(model, prompts, node_repr, graph, split["train"], config, keys["projector"], progress)
 
-    evaluation_file = folder / f"evaluation-{keys['evaluation']}.json"
+    evaluation_file = cache_dir() / "tea_glm" / f"evaluation-{keys['evaluation']}.json"
     with stages("evaluation" if not evaluation_file.exists() else "evaluation (cached)"):
         if evaluation_file.exists():
             evaluation = json.loads(evaluation_file.read_text())
@@ -349,6 +380,70 @@ def claim(evo: Evolution) -> dict:
     }
 
 
+def _write_split(rep: Reproduction, out: Path) -> None:
+    """``split.json``: the seeded train/val/test node ids."""
+    _write_json(
+        out / "split.json",
+        {
+            "dataset": rep.graph.name,
+            "seed": rep.config.seed,
+            "fractions": list(rep.config.split),
+            **({"note": SYNTHETIC_NOTE} if rep.graph.synthetic else {}),
+            **{k: v.tolist() for k, v in rep.split.items()},
+        },
+    )
+
+
+def _write_figures(rep: Reproduction, out: Path, row: int, positions: torch.Tensor) -> None:
+    """``logit_lens`` (the grid of lens node ``row``, Bool[b, seq] ``positions``) and ``evolution`` figures."""
+    title_suffix = f" [{SYNTHETIC_NOTE.split(':')[0]}]" if rep.graph.synthetic else ""
+    node = rep.lens_nodes[row]
+    grid_cols = _grid_columns(positions[row].nonzero().flatten().tolist())
+    fig = plot_lens_grid(
+        rep.lens,
+        row=row,
+        positions=grid_cols,
+        title=f"Logit lens, TEA-GLM on {rep.config.llm}: node {node} "
+        f"({rep.graph.class_words[int(rep.graph.labels[node])]}){title_suffix}",
+    )
+    save_figure(fig, out / "logit_lens")
+    fig = plot_evolution(
+        rep.evolution,
+        title=f"Graph vs text tokens across layers ({len(rep.lens_nodes)} test nodes, 95% bootstrap CI){title_suffix}",
+    )
+    save_figure(fig, out / "evolution")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def _write_tables(rep: Reproduction, out: Path, soft: pd.DataFrame, layers: pd.DataFrame) -> None:
+    """The CSVs; adds ``node`` and ``dataset`` columns to ``soft`` and ``layers`` in place."""
+    nodes = rep.lens_nodes
+    table = rep.lens.table(k=3)
+    table.insert(0, "node", [nodes[i] for i in table["input"]])
+    soft.insert(0, "node", [nodes[i] for i in soft["input"]])
+    layers.insert(0, "node", [nodes[i] for i in layers["item"]])
+    ev = rep.evaluation
+    predictions = pd.DataFrame(
+        {
+            "node": ev["test_nodes"],
+            "label": ev["labels"],
+            "prediction": ev["predictions"],
+            "text_only_prediction": ev["text_only_predictions"],
+        }
+    )
+    for name, frame in (
+        ("lens_table", table),
+        ("evolution_summary", rep.evolution.summary.copy()),
+        ("soft_tokens", soft),
+        ("gnn_layers", layers),
+        ("predictions", predictions),
+    ):
+        frame.insert(0, "dataset", rep.graph.name)
+        frame.to_csv(out / f"{name}.csv", index=False)
+
+
 def run(
     config: ReproductionConfig = ReproductionConfig(),
     out: str | Path = "results/tea_glm_logit_lens",
@@ -359,17 +454,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
     rep = build(config, progress, stages)
-    synthetic = rep.graph.synthetic
-    _write_json(
-        out / "split.json",
-        {
-            "dataset": rep.graph.name,
-            "seed": config.seed,
-            "fractions": list(config.split),
-            **({"note": SYNTHETIC_NOTE} if synthetic else {}),
-            **{k: v.tolist() for k, v in rep.split.items()},
-        },
-    )
+    _write_split(rep, out)
 
     nodes = _lens_nodes(rep)
     rep.lens_nodes = nodes
@@ -390,47 +475,8 @@ def run(
 
     with stages("write outputs"):
         row = _representative(rep, nodes)
-        title_suffix = f" [{SYNTHETIC_NOTE.split(':')[0]}]" if synthetic else ""
-        node = nodes[row]
-        grid_cols = _grid_columns(positions[row].nonzero().flatten().tolist())
-        fig = plot_lens_grid(
-            rep.lens,
-            row=row,
-            positions=grid_cols,
-            title=f"Logit lens, TEA-GLM on {config.llm}: node {node} "
-            f"({rep.graph.class_words[int(rep.graph.labels[node])]}){title_suffix}",
-        )
-        save_figure(fig, out / "logit_lens")
-        fig = plot_evolution(
-            rep.evolution,
-            title=f"Graph vs text tokens across layers ({len(nodes)} test nodes, 95% bootstrap CI){title_suffix}",
-        )
-        save_figure(fig, out / "evolution")
-        import matplotlib.pyplot as plt
-
-        plt.close("all")
-        table = rep.lens.table(k=3)
-        table.insert(0, "node", [nodes[i] for i in table["input"]])
-        soft.insert(0, "node", [nodes[i] for i in soft["input"]])
-        layers.insert(0, "node", [nodes[i] for i in layers["item"]])
-        ev = rep.evaluation
-        predictions = pd.DataFrame(
-            {
-                "node": ev["test_nodes"],
-                "label": ev["labels"],
-                "prediction": ev["predictions"],
-                "text_only_prediction": ev["text_only_predictions"],
-            }
-        )
-        for name, frame in (
-            ("lens_table", table),
-            ("evolution_summary", rep.evolution.summary.copy()),
-            ("soft_tokens", soft),
-            ("gnn_layers", layers),
-            ("predictions", predictions),
-        ):
-            frame.insert(0, "dataset", rep.graph.name)
-            frame.to_csv(out / f"{name}.csv", index=False)
+        _write_figures(rep, out, row, positions)
+        _write_tables(rep, out, soft, layers)
         record = _record(rep, row, soft, layers, tuned_summary)
     record["timings_s"] = stages.seconds
     _write_json(out / "logit_lens.json", record)
