@@ -12,8 +12,8 @@ configuration.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,41 @@ def _dropped(
     return out
 
 
+@dataclass(frozen=True)
+class FitSettings:
+    """What identifies a classifier's training run besides its task and model config: data sizes,
+    seed (data, initialisation and batch order) and the AdamW settings of :func:`train_classifier`."""
+
+    n_train: int
+    n_test: int
+    seed: int
+    max_steps: int
+    target_loss: float
+    batch_size: int
+    lr: float
+    weight_decay: float
+
+
+def build_and_train(
+    kind: str,
+    make_net: Callable[[Any], nn.Module],
+    net_config: Any,
+    tasks: tuple[SyntheticTask, SyntheticTask],
+    identity: Mapping[str, Any],
+    adapter: Adapter,
+    *,
+    threshold: float = LEARNED_THRESHOLD,
+    cache: bool = True,
+) -> TrainedModel:
+    """``make_net(net_config)`` initialised under ``identity["seed"]``, then :func:`train_classifier` on
+    ``tasks`` (train, test) with ``identity`` plus the model config (a dataclass) as the cache identity."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(identity["seed"])
+        net = make_net(net_config)
+    config = {**identity, "model": asdict(net_config)}
+    return train_classifier(kind, net, *tasks, config, adapter, threshold=threshold, cache=cache)
+
+
 def train_classifier(
     kind: str,
     net: nn.Module,
@@ -161,4 +196,4 @@ def train_classifier(
     )
 
 
-__all__ = ["LEARNED_THRESHOLD", "TrainedModel", "accuracy", "train_classifier"]
+__all__ = ["LEARNED_THRESHOLD", "FitSettings", "TrainedModel", "accuracy", "build_and_train", "train_classifier"]

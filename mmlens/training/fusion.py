@@ -19,12 +19,10 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-import torch
-
 from mmlens.data.tasks import IMAGE_SIZE, PATCH_SIZE, make_task
 from mmlens.hooks.fusion_transformer import FUSION_TRANSFORMER
 from mmlens.models import FusionConfig, FusionTransformer
-from mmlens.training.classifier import LEARNED_THRESHOLD, TrainedModel, train_classifier
+from mmlens.training.classifier import LEARNED_THRESHOLD, FitSettings, TrainedModel, build_and_train
 
 CODE_VERSION = 1
 """Part of the cache key: raise it when the tasks or the training change what a configuration yields."""
@@ -89,25 +87,22 @@ def train_fusion(
             **(model or {}),
         }
     )
-    config = {
+    settings = FitSettings(n_train, n_test, seed, max_steps, target_loss, batch_size, lr, weight_decay)
+    identity = {
         "task": task_name,
-        "n_train": n_train,
-        "n_test": n_test,
-        "seed": seed,
-        "max_steps": max_steps,
-        "target_loss": target_loss,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
+        **asdict(settings),
         "modality_dropout": modality_dropout,
-        "model": asdict(fusion_config),
         "code_version": CODE_VERSION,
     }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = FusionTransformer(fusion_config)
-    return train_classifier(
-        "fusion", net, train_task, test_task, config, FUSION_TRANSFORMER, threshold=threshold, cache=cache
+    return build_and_train(
+        "fusion",
+        FusionTransformer,
+        fusion_config,
+        (train_task, test_task),
+        identity,
+        FUSION_TRANSFORMER,
+        threshold=threshold,
+        cache=cache,
     )
 
 

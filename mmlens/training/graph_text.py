@@ -20,12 +20,10 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-import torch
-
 from mmlens.data.graph_tasks import FEATURE_DIM, make_graph_task
 from mmlens.hooks.graph_text import GRAPH_TEXT
 from mmlens.models.graph_text import GraphTextConfig, GraphTextFusion
-from mmlens.training.classifier import LEARNED_THRESHOLD, TrainedModel, train_classifier
+from mmlens.training.classifier import LEARNED_THRESHOLD, FitSettings, TrainedModel, build_and_train
 
 CODE_VERSION = 1
 """Part of the cache key: raise it when the tasks or the training change what a configuration yields."""
@@ -82,24 +80,17 @@ def train_graph_text(
             **(model or {}),
         }
     )
-    config = {
-        "task": task_name,
-        "n_train": n_train,
-        "n_test": n_test,
-        "seed": seed,
-        "max_steps": max_steps,
-        "target_loss": target_loss,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "model": asdict(net_config),
-        "code_version": CODE_VERSION,
-    }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = GraphTextFusion(net_config)
-    return train_classifier(
-        "graph_text", net, train_task, test_task, config, GRAPH_TEXT, threshold=threshold, cache=cache
+    settings = FitSettings(n_train, n_test, seed, max_steps, target_loss, batch_size, lr, weight_decay)
+    identity = {"task": task_name, **asdict(settings), "code_version": CODE_VERSION}
+    return build_and_train(
+        "graph_text",
+        GraphTextFusion,
+        net_config,
+        (train_task, test_task),
+        identity,
+        GRAPH_TEXT,
+        threshold=threshold,
+        cache=cache,
     )
 
 
