@@ -25,7 +25,7 @@ from mmlens.core.adapter import (
     register_adapter,
 )
 from mmlens.core.cache import ActivationCache, Named
-from mmlens.core.edits import Edit, HookContext, ablate, add, apply, replace
+from mmlens.core.edits import Edit, HookContext, Where, ablate, add, apply, replace
 from mmlens.core.spans import ModalitySpans, spans_from_blocks, spans_from_token_ids
 from mmlens.core.wrapper import HookedModel, Recording, RunResult
 from mmlens.methods.circuits import Circuit, Node
@@ -99,6 +99,7 @@ __all__ = [
     "Stack",
     "SweepResult",
     "TunedLens",
+    "Where",
     "ablate",
     "add",
     "apply",
