@@ -36,6 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,7 @@ from mmlens.methods.explainers import EXPLAINERS, explain
 from mmlens.metrics.desiderata import GrangerResult, examples, faithfulness, granger, interaction, stability
 from mmlens.runs.record import Record
 from mmlens.store import atomic_path, atomic_write, config_hash, versions
+from mmlens.training.classifier import TrainedModel
 from mmlens.training.fusion import LEARNED_THRESHOLD, train_fusion
 
 TASK_NAMES = (*TASK_KINDS, *GRAPH_TASKS)
@@ -94,25 +96,30 @@ class Case:
     modalities: tuple[str, str] = MODALITIES
 
 
+def _model_info(task: str, model: str, trained: TrainedModel, seed: int, **extra: Any) -> dict:
+    """The benchmark's record of one trained model (accuracy, cache, truth), in one row."""
+    return {
+        "task": task,
+        "model": model,
+        "accuracy": trained.accuracy,
+        "learned": trained.learned,
+        "threshold": LEARNED_THRESHOLD,
+        "neutral_accuracy": trained.neutral_accuracy,
+        "train_seconds": trained.train_seconds,
+        "from_cache": trained.from_cache,
+        "seed": seed,
+        **extra,
+        "depends_on": sorted(trained.task.depends_on),
+        "rule": trained.task.rule,
+    }
+
+
 def fusion_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
     """Train (or load) a FusionTransformer per task: a :class:`Case`, or a dict saying why it is skipped."""
     out: list[Case | dict] = []
     for task in tasks:
         trained = train_fusion(task, n_train=settings.n_train, seed=settings.seed)
-        info = {
-            "task": task,
-            "model": "fusion-transformer",
-            "accuracy": trained.accuracy,
-            "learned": trained.learned,
-            "threshold": LEARNED_THRESHOLD,
-            "neutral_accuracy": trained.neutral_accuracy,
-            "train_seconds": trained.train_seconds,
-            "from_cache": trained.from_cache,
-            "seed": settings.seed,
-            "n_train": settings.n_train,
-            "depends_on": sorted(trained.task.depends_on),
-            "rule": trained.task.rule,
-        }
+        info = _model_info(task, "fusion-transformer", trained, settings.seed, n_train=settings.n_train)
         if not trained.learned:
             out.append({**info, "skipped": f"test accuracy {trained.accuracy:.3f} < {LEARNED_THRESHOLD}"})
             continue
@@ -177,19 +184,7 @@ def graph_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
     out: list[Case | dict] = []
     for task in tasks:
         trained = train_graph_text(task, seed=settings.seed)
-        info = {
-            "task": task,
-            "model": "graph-text-fusion",
-            "accuracy": trained.accuracy,
-            "learned": trained.learned,
-            "threshold": LEARNED_THRESHOLD,
-            "neutral_accuracy": trained.neutral_accuracy,
-            "train_seconds": trained.train_seconds,
-            "from_cache": trained.from_cache,
-            "seed": settings.seed,
-            "depends_on": sorted(trained.task.depends_on),
-            "rule": trained.task.rule,
-        }
+        info = _model_info(task, "graph-text-fusion", trained, settings.seed)
         if not trained.learned:
             out.append({**info, "skipped": f"test accuracy {trained.accuracy:.3f} < {LEARNED_THRESHOLD}"})
             continue

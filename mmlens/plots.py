@@ -438,14 +438,7 @@ def plot_patching(
         for c in range(1, len(cols)):
             if modalities[c] != modalities[c - 1]:
                 ax.axvline(c - 0.5, color="black", linewidth=1.5, gid="modality-boundary")
-        ax.legend(
-            handles=[Patch(facecolor=c, label=m) for m, c in colors.items()],
-            loc="lower left",
-            bbox_to_anchor=(0.0, 1.0),
-            ncol=len(colors),
-            frameon=False,
-            fontsize="small",
-        )
+        _modality_legend(ax, colors)
     else:
         ax.set_xticks(range(len(cols)), [str(c) for c in cols], rotation=90 if len(cols) > 12 else 0)
     ax.set_xlabel(cols_axis)
