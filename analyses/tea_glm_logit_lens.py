@@ -622,7 +622,11 @@ def main(argv: list[str] | None = None) -> int:
         "--llm", default=None, help="registry name or hub id of the causal LM (default smollm2-135m-instruct)"
     )
     parser.add_argument("--dataset", choices=("cora", "synthetic"), default="cora")
-    parser.add_argument("--data-dir", default=None, help="folder holding cora_tag/cora.json (default: $MMLENS_DATA, else the copy bundled with mmlens)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding cora_tag/cora.json (default: $MMLENS_DATA, else the copy bundled with mmlens)",
+    )
     parser.add_argument("--out", default="results/tea_glm_logit_lens", help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gnn-epochs", type=int, default=None)
