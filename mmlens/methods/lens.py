@@ -547,7 +547,7 @@ class TunedLens(nn.Module):
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         lens = cls(meta["d_model"], meta["n_layers"])
-        lens.load_state_dict(torch.load(path, map_location="cpu"))
+        lens.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return lens
 
     @classmethod
