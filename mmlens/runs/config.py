@@ -15,6 +15,7 @@ names (images, circuits).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -38,7 +39,7 @@ from typing_extensions import Self
 
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.images import image_path, make_image
-from mmlens.data.loading import LoadedModel, encode, load_model
+from mmlens.data.loading import LoadedModel, encode, load_model, model_identity
 from mmlens.store import config_hash, file_digest
 
 
@@ -74,7 +75,7 @@ def _token(value: Any) -> str | int:
 
 def _folder(value: Any) -> str:
     if isinstance(value, str) and value.strip():
-        return value
+        return os.path.expanduser(value)
     raise PydanticCustomError("folder", "expected a folder path")
 
 
@@ -187,10 +188,18 @@ class RunConfig(Section):
         return self.model_dump(mode="json")
 
     def identity(self) -> dict[str, Any]:
-        """What identifies the result: the config without ``output``, and each input file's sha256."""
+        """What identifies the result: the config without ``output``, the model's weights
+        (:func:`mmlens.data.loading.model_identity`: a local checkpoint's fingerprint, a hub revision)
+        and each input file's sha256."""
         data = self.to_dict()
         data.pop("output", None)
-        return {**data, "input_files": {name: file_digest(path) for name, path in self.input_files().items()}}
+        model = getattr(self, "model", None)
+        weights = {"model_identity": model_identity(model.name)} if isinstance(model, ModelConfig) else {}
+        return {
+            **data,
+            **weights,
+            "input_files": {name: file_digest(path) for name, path in self.input_files().items()},
+        }
 
     def hash(self) -> str:
         """:func:`mmlens.store.config_hash` of :meth:`identity`."""

@@ -81,7 +81,7 @@ from mmlens.runs.config import (
     encode_text,
 )
 from mmlens.runs.record import Record, ResumeError
-from mmlens.store import atomic_path, atomic_write, versions
+from mmlens.store import atomic_path, atomic_write, output_lock, versions
 
 CHUNKS_FILE = "chunks.jsonl"
 META_FILE = "meta.json"
@@ -595,8 +595,15 @@ def run_patch(
         config = PatchConfig.from_file(config, out=out)
     elif out is not None:
         config = config.with_output(out)
+    with output_lock(config.output.dir) as out_dir:
+        return _run_locked(config, out_dir, overwrite, progress, prepared)
+
+
+def _run_locked(
+    config: PatchConfig, out_dir: Path, overwrite: bool, progress: bool, prepared: Prepared | None
+) -> PatchRun:
+    """:func:`run_patch` while this process holds the output folder's lock."""
     total_start = time.perf_counter()
-    out_dir = Path(config.output.dir)
     record = _continuing(out_dir, config, overwrite)  # before the (slow) model load
     prepared = prepared or prepare(config)
     seconds = dict(prepared.seconds)
