@@ -3,7 +3,7 @@
 mmlens models                 list the model registry
 mmlens hooks MODEL [--json | --markdown]
                               list a model's hook points by stage and modality
-mmlens patch CONFIG [--out DIR] [--overwrite] [--check]
+mmlens patch CONFIG [--out DIR] [--overwrite] [--check] [--executor ray [--ray-address ADDR] [--workers N]]
                               run (or resume) the patching sweep a TOML/YAML config describes
 mmlens evaluate CONFIG [--out DIR] [--overwrite]
                               score explainers on the three desiderata (Granger, faithfulness, stability)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -101,14 +102,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    from mmlens.runs.patch import PatchConfig, describe, prepare, run_patch
+    from mmlens.runs.patch import PatchConfig, describe, prepare, ray_executor, run_patch
 
+    if args.executor != "ray" and (args.ray_address or args.workers):
+        raise ValueError("--ray-address and --workers need --executor ray")
     config = PatchConfig.from_file(args.config, out=args.out)
     if args.check:
         print(describe(prepare(config)))
         return 0
+    executor = ray_executor(config, args.ray_address, args.workers) if args.executor == "ray" else None
     try:
-        run = run_patch(config, overwrite=args.overwrite, progress=not args.no_progress)
+        run = run_patch(config, overwrite=args.overwrite, progress=not args.no_progress, executor=executor)
     except KeyboardInterrupt:
         print(
             f"\nmmlens: interrupted; finished chunks are saved in {config.output.dir}. Run the same command again to "
@@ -162,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     patch.add_argument("--check", action="store_true", help="validate the config against the model and print the plan")
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    patch.add_argument(
+        "--executor", choices=("serial", "ray"), default="serial", help="where chunks run (ray: pip install ray)"
+    )
+    patch.add_argument("--ray-address", help="an existing Ray cluster (auto, ray://head:10001); default: a local one")
+    patch.add_argument("--workers", type=int, help="Ray workers (one model each; default: one per CPU)")
     patch.set_defaults(func=cmd_patch)
     evaluate = sub.add_parser("evaluate", help="score explainers on Granger influence, faithfulness and stability")
     evaluate.add_argument(
@@ -178,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (LookupError, FileNotFoundError, ValueError, TypeError) as err:
+    except BrokenPipeError:  # the reader went away (`mmlens hooks ... | head -1`): stop quietly, as on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (LookupError, ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"mmlens: error: {err}", file=sys.stderr)
         return 2
 

@@ -50,6 +50,9 @@ class ConfigError(ValueError):
         self.field, self.problem, self.source = field, problem, source
         super().__init__(f"{source}: {field}: {problem}" if source else f"{field}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        return type(self), (self.field, self.problem, self.source)
+
     def with_source(self, source: str | Path | None) -> ConfigError:
         """The same error, naming the config file ``source``."""
         return ConfigError(self.field, self.problem, source) if source is not None else self
