@@ -146,23 +146,36 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a registry model, else ``name`` as a hub id or local folder, on ``device`` in ``dtype``.
 
     ``seed`` fixes the weights of the tiny random models and their example inputs.
     ``trust_remote_code``: run Python code shipped with a hub checkpoint (never by default; passed to
     transformers explicitly, so nothing prompts).
+    ``device_map``: for models too big for one device, place blocks with accelerate instead of moving
+    the model to ``device``: ``"auto"`` (fill the GPUs, then CPU, then ``offload_folder`` on disk) or
+    ``{module path: "cuda:0" | "cpu" | "disk"}``; hub models are loaded straight into that placement.
+    Example inputs then go to the device of the first placed module.
     Raises ValueError listing the registry names when ``name`` is neither.
     """
+    placement = _placement(device, device_map, offload_folder)
     if name in _REGISTRY:
         loaded = _REGISTRY[name].build(name, dtype, seed)
+        if device_map is not None:
+            loaded.model = _dispatch(loaded.model.to(dtype), device_map, offload_folder)
     else:
         try:
-            loaded = _load_pretrained(name, name, dtype, trust_remote_code)
+            loaded = _load_pretrained(name, name, dtype, trust_remote_code, placement)
         except (OSError, ValueError) as err:
             raise ValueError(_not_found_message(name, err)) from err
-    device = torch.device(device)
-    loaded.model.to(device=device, dtype=dtype).eval()
+    if device_map is None:
+        device = torch.device(device)
+        loaded.model.to(device=device, dtype=dtype)
+    else:
+        device = _input_device(loaded.model)
+    loaded.model.eval()
     make_inputs = loaded.example_inputs
     loaded.example_inputs = lambda: {
         key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
@@ -174,20 +187,68 @@ def load_model(
 # --- hub ids and local folders ------------------------------------------------------------------
 
 
-def _load_pretrained(source: str | Path, name: str, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedModel:
+def _placement(
+    device: str | torch.device, device_map: str | dict[str, Any] | None, offload_folder: str | Path | None
+) -> dict[str, Any]:
+    """``from_pretrained``'s placement arguments; ValueError for a device this machine cannot use."""
+    try:
+        wanted = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(
+            f"device={device!r} is not a torch device ({err}); use 'cpu', 'cuda', 'cuda:1', 'mps'"
+        ) from None
+    if wanted.type == "meta":
+        raise ValueError("device='meta' holds no weights, so nothing can run; use 'cpu' or a GPU")
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} but this torch ({torch.__version__}) sees no CUDA GPU; use device='cpu', or install "
+            "a CUDA build of torch on a machine with a GPU"
+        )
+    if device_map is None:
+        return {}
+    return {"device_map": device_map, **({"offload_folder": str(offload_folder)} if offload_folder else {})}
+
+
+def _dispatch(
+    model: torch.nn.Module, device_map: str | dict[str, Any], offload_folder: str | Path | None
+) -> torch.nn.Module:
+    """``model`` placed by accelerate (``"auto"``: inferred from free memory, never splitting a block)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map == "auto":
+        device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None))
+    if "disk" in device_map.values() and offload_folder is None:
+        raise ValueError("device_map puts modules on 'disk': pass offload_folder=... (a folder for their weights)")
+    return dispatch_model(model, device_map=device_map, offload_dir=str(offload_folder) if offload_folder else None)
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    """Where a dispatched model wants its inputs: the device of its first placed module."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    first = next((d for d in placed.values() if d not in ("disk", "cpu")), "cpu")
+    return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+
+
+def _load_pretrained(
+    source: str | Path,
+    name: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    placement: dict[str, Any] | None = None,
+) -> LoadedModel:
     """Load a hub id or folder: as image-text-to-text if its config is a VLM's, else as a causal LM.
 
     The config is read first (one hub round trip), so the class is chosen without trying both.
     ``trust_remote_code`` is passed to every transformers loader explicitly (False: never prompt, never run).
     Raises transformers' OSError / ValueError when ``source`` cannot be found or is neither.
     """
-    trust = {"trust_remote_code": trust_remote_code}
+    trust, placement = {"trust_remote_code": trust_remote_code}, placement or {}
     config = AutoConfig.from_pretrained(source, **trust)
     if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=dtype, **trust)
+        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=dtype, **trust, **placement)
         processor = _optional(AutoProcessor.from_pretrained, source, trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **trust)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **trust, **placement)
         processor = None
     tokenizer = getattr(processor, "tokenizer", None) or _optional(
         AutoTokenizer.from_pretrained, source, trust_remote_code
