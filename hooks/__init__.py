@@ -13,7 +13,10 @@ from mmlens.hooks.graph_text import GRAPH_TEXT
 from mmlens.hooks.idefics3 import IDEFICS3
 from mmlens.hooks.language_models import GPT2, LLAMA_FAMILY
 from mmlens.hooks.llava import LLAVA
+from mmlens.hooks.qwen2_audio import QWEN2_AUDIO
+from mmlens.hooks.qwen_omni import QWEN_OMNI
 from mmlens.hooks.tea_glm import TEA_GLM
+from mmlens.hooks.voxtral import VOXTRAL
 
 __all__ = [
     "ADAPTERS",
@@ -24,12 +27,26 @@ __all__ = [
     "IDEFICS3",
     "LLAMA_FAMILY",
     "LLAVA",
+    "QWEN2_AUDIO",
+    "QWEN_OMNI",
     "TEA_GLM",
+    "VOXTRAL",
     "find_adapter",
     "register_adapter",
 ]
 
-BUILT_IN: tuple[Adapter, ...] = (LLAMA_FAMILY, GPT2, LLAVA, IDEFICS3, TEA_GLM, FUSION_TRANSFORMER, GRAPH_TEXT)
+BUILT_IN: tuple[Adapter, ...] = (
+    LLAMA_FAMILY,
+    GPT2,
+    LLAVA,
+    IDEFICS3,
+    QWEN2_AUDIO,
+    VOXTRAL,
+    QWEN_OMNI,
+    TEA_GLM,
+    FUSION_TRANSFORMER,
+    GRAPH_TEXT,
+)
 """The shipped tables, in lookup order (the first whose ``architectures`` matches wins)."""
 
 for _adapter in reversed(BUILT_IN):

@@ -15,6 +15,7 @@ from mmlens.core.adapter import (
     CLIP_BLOCK,
     GPT2_BLOCK,
     LLAMA_BLOCK,
+    WHISPER_BLOCK,
     Adapter,
     BlockLayout,
     HookPoint,
@@ -73,6 +74,7 @@ def wrap(model, **kwargs) -> HookedModel:
 
 __all__ = [
     "CLIP_BLOCK",
+    "WHISPER_BLOCK",
     "GPT2_BLOCK",
     "LLAMA_BLOCK",
     "ActivationCache",

@@ -24,6 +24,9 @@ EXPECTED = {
     "tea-glm-tiny": {"encoder": {"graph"}, "fusion": {"graph", "fused"}, "lm": {"fused"}},
     "tea-glm": {"encoder": {"graph"}, "fusion": {"graph", "fused"}, "lm": {"fused"}},
     "tiny-fusion": {"encoder": {"image", "text"}, "fusion": {"fused"}, "lm": {"fused"}},
+    "tiny-random-qwen2-audio": {"encoder": {"audio"}, "fusion": {"audio", "fused"}, "lm": {"fused"}},
+    "tiny-random-voxtral": {"encoder": {"audio"}, "fusion": {"audio", "fused"}, "lm": {"fused"}},
+    "tiny-random-qwen2.5-omni": {"encoder": {"image", "audio"}, "fusion": {"image", "audio", "fused"}, "lm": {"fused"}},
 }
 
 

@@ -69,6 +69,12 @@ class BlockLayout:
 LLAMA_BLOCK = BlockLayout()
 GPT2_BLOCK = BlockLayout(attn="attn", attn_out_proj="attn.c_proj", mlp="mlp", norm_mid="ln_2")
 CLIP_BLOCK = BlockLayout(attn="self_attn", attn_out_proj="self_attn.out_proj", mlp="mlp", norm_mid="layer_norm2")
+WHISPER_BLOCK = BlockLayout(
+    attn="self_attn", attn_out_proj="self_attn.out_proj", mlp="fc2", norm_mid="final_layer_norm"
+)
+"""Whisper-style encoder layers (Qwen2-Audio, Voxtral, Qwen2.5-Omni's audio tower): pre-norm
+``self_attn_layer_norm`` / ``final_layer_norm``, and an MLP ``fc1 -> act -> fc2`` that is no module of
+its own, so ``mlp_out`` is the output of ``fc2``."""
 
 
 @dataclass(frozen=True)
