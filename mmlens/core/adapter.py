@@ -132,6 +132,16 @@ class HookPoint:
 
 
 SpanFinder = Callable[[nn.Module, Mapping[str, torch.Tensor]], ModalitySpans]
+IndexBound = Callable[[nn.Module, Mapping[str, Any]], "int | None"]
+"""``(model, inputs) -> n``: an index input must lie in ``[0, n)`` (None: no bound known)."""
+
+
+def vocabulary_size(model: nn.Module, inputs: Mapping[str, Any]) -> int | None:
+    """Rows of ``model``'s input embedding table (transformers' ``get_input_embeddings``), if it has one."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
 NeutralInput = Callable[[nn.Module, dict, ModalitySpans], dict]
 Perturbation = Callable[..., Callable[[int], tuple[dict, str]]]
 """``(hooked, inputs, spans, scale, generator) -> draw`` with ``draw(i) -> (perturbed inputs, description)``;
@@ -171,6 +181,10 @@ class Adapter:
             (which input key it changes, with which primitive and layout; built with
             :func:`mmlens.metrics.perturb.image_perturbations` and its siblings); every modality
             here must be in ``modality_inputs``.
+        index_inputs: input keys that hold indices into a table -> ``(model, inputs) -> size`` of
+            that table (token ids < the vocabulary; node ids < the node count); checked before a run.
+        input_ranges: input keys -> the ``(low, high)`` interval their (floating) values lie in when
+            the processor made them (normalised pixels): raw 0-255 pixels are refused.
     """
 
     name: str
@@ -188,6 +202,8 @@ class Adapter:
     sequence_kwargs: Mapping[str, int] = field(default_factory=lambda: dict(SEQUENCE_KWARGS))
     causal: bool = True
     perturbations: Mapping[str, Mapping[str, Perturbation]] = field(default_factory=dict)
+    index_inputs: Mapping[str, IndexBound] = field(default_factory=lambda: {"input_ids": vocabulary_size})
+    input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     def select_rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
         """The inputs of some rows of a batch: batched tensors indexed on their first axis (an int

@@ -22,6 +22,7 @@ from mmlens.core.adapter import Adapter, HookPoint, find_adapter
 from mmlens.core.backends import run_with_nnsight, unwrap_bridge
 from mmlens.core.cache import ActivationCache
 from mmlens.core.edits import Edit
+from mmlens.core.inputs import check_forward_kwargs, check_model_inputs
 from mmlens.core.names import from_transformer_lens_name, nearest_names, unknown_hook_error
 from mmlens.core.plan import CacheFilter, Plan, RunResult
 from mmlens.core.spans import ModalitySpans
@@ -43,6 +44,7 @@ class HookedModel:
         model: a torch module with an adapter (see :func:`mmlens.core.adapter.find_adapter`).
         adapter: the adapter table; found from the model's class when omitted.
         tokenizer / processor: optional, used by :meth:`to_inputs`.
+        allow_nonfinite: accept NaN/Inf in floating inputs (by default they raise, naming the input).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class HookedModel:
         tokenizer: Any = None,
         processor: Any = None,
         name: str | None = None,
+        allow_nonfinite: bool = False,
     ):
         model, tokenizer, processor = unwrap_bridge(model, tokenizer, processor)
         if not isinstance(model, nn.Module):
@@ -62,6 +65,7 @@ class HookedModel:
         self.tokenizer = tokenizer
         self.processor = processor
         self.name = name or type(model).__name__
+        self.allow_nonfinite = allow_nonfinite
         self.hook_points: dict[str, HookPoint] = self.adapter.hook_points(model)
 
     def __repr__(self) -> str:
@@ -140,18 +144,9 @@ class HookedModel:
 
     # -- inputs ----------------------------------------------------------------------------------
     def check_inputs(self, inputs: Any) -> dict:
-        """``inputs`` as a dict on the model's device; raises when it is not a mapping or lacks a key
-        the adapter requires."""
-        if isinstance(inputs, (str, list)) or not isinstance(inputs, Mapping):
-            raise TypeError(
-                f"inputs must be a dict of tensors (what a tokenizer/processor returns), got {type(inputs).__name__}; "
-                "for text, use hm.to_inputs('your prompt')"
-            )
-        missing = [k for k in self.adapter.required_inputs if k not in inputs]
-        if missing:
-            raise KeyError(
-                f"inputs lack {missing} required by adapter {self.adapter.name!r}; got keys {sorted(inputs)}"
-            )
+        """``inputs`` as a dict on the model's device; raises for any bad input, naming the key, the
+        value and the fix (:func:`mmlens.core.inputs.check_model_inputs`)."""
+        check_model_inputs(self.model, self.adapter, inputs, allow_nonfinite=self.allow_nonfinite)
         device = self.device
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
@@ -267,6 +262,7 @@ class HookedModel:
                 points and edits inside an ``nnsight`` trace; see the README on when to use which).
         """
         inputs = self.check_inputs(inputs)
+        check_forward_kwargs(self.model, self.adapter, forward_kwargs)
         if backend == "nnsight":
             return run_with_nnsight(
                 self, inputs, cache=cache, edits=edits, grad=grad or keep_grad, keep_grad=keep_grad, **forward_kwargs
