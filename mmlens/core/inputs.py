@@ -111,7 +111,8 @@ def _check_indices(key: str, ids: Tensor, size: int | None, owner: str) -> None:
     if low < 0 or high >= size:
         raise ValueError(
             f"input {key!r} has values in [{low}, {high}] but must index a table of {size} entries of {owner} "
-            f"(0..{size - 1}); negative indices are not allowed (they would silently pick rows from the end)"
+            f"(0..{size - 1}); negative indices are not allowed (they would silently pick rows from the end). Token ids "
+            "come from this model's own tokenizer; node ids index the given node features"
         )
 
 

@@ -12,6 +12,7 @@ mmlens evaluate CONFIG [--out DIR] [--overwrite]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader went away (`mmlens hooks ... | head -1`): stop quietly, as on SIGPIPE
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError):  # no real stdout (a notebook, a test's capture)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (LookupError, ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"mmlens: error: {err}", file=sys.stderr)

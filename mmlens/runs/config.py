@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -86,8 +87,10 @@ Index = Annotated[StrictInt, Field(ge=0)]
 """An integer >= 0 (a row, a layer, a seed)."""
 Count = Annotated[StrictInt, Field(ge=1)]
 """An integer >= 1."""
-Number = Annotated[float, Strict()]
-"""A float or an integer (read as a float); not a bool nor a string."""
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+"""A finite float or an integer (read as a float); not a bool, a string, NaN or infinity."""
+Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+"""A seed: an integer in [0, 2**32 - 1] (what every random generator mmlens seeds accepts)."""
 Token = Annotated[str | int, PlainValidator(_token)]
 """A string that the model's tokenizer must make into one token, or a token id."""
 Folder = Annotated[str, PlainValidator(_folder)]
@@ -131,7 +134,7 @@ class RunConfig(Section):
     """A whole config file. Subclasses have an ``output`` section with a ``dir``, override
     :meth:`check` for rules across fields and :meth:`input_files` for the files they read."""
 
-    seed: Index = 0
+    seed: Seed = 0
     """The run's seed: weights of tiny random models, noise and random baselines."""
     _source: Path | None = PrivateAttr(default=None)
 
@@ -139,7 +142,9 @@ class RunConfig(Section):
     def from_file(cls, path: str | Path, *, out: str | Path | None = None) -> Self:
         """Read and check a ``.toml``, ``.yaml``/``.yml`` or ``.json`` config; ``out`` overrides
         ``output.dir``. Raises :class:`ConfigError` naming the file and the field."""
-        path = Path(path)
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise FileNotFoundError(f"{path} is a folder; pass a config file (.toml, .yaml or .json) inside it")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
         return cls.from_dict(read_table(path), source=path, out=out)
@@ -224,15 +229,70 @@ def read_table(path: Path) -> Any:
     if suffix in (".yaml", ".yml"):
         import yaml
 
-        parse, errors = yaml.safe_load, yaml.YAMLError
+        parse, errors = _yaml_without_duplicates, yaml.YAMLError
     elif suffix == ".toml":
         parse, errors = tomllib.loads, tomllib.TOMLDecodeError
     else:
-        parse, errors = json.loads, json.JSONDecodeError
+        parse, errors = _json_without_duplicates, json.JSONDecodeError
     try:
-        return parse(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            "(file)", f"not UTF-8 text ({err.reason} at byte {err.start}; UTF-16?); save the file as UTF-8", path
+        ) from None
+    try:
+        return parse(text)
     except errors as err:  # the parsers' own syntax errors carry line and column
-        raise ConfigError("(file)", f"not valid {suffix.lstrip('.').upper()}: {err}", path) from None
+        raise ConfigError(
+            "(file)", f"not valid {suffix.lstrip('.').upper()}: {err}{_repeated_key(err, text)}", path
+        ) from None
+    except DuplicateKeyError as err:
+        raise ConfigError(
+            err.field, f"given twice (only one value can hold); delete one of them: {err}", path
+        ) from None
+
+
+def _repeated_key(error: Exception, text: str) -> str:
+    """For TOML's "Cannot overwrite a value (at line N ...)": which key is given twice."""
+    found = re.search(r"overwrite a value \(at line (\d+)", str(error))
+    if not found:
+        return ""
+    line = text.splitlines()[int(found.group(1)) - 1]
+    return f"; key {line.split('=')[0].strip()!r} is given twice: delete one of them"
+
+
+class DuplicateKeyError(ValueError):
+    """A key appears twice in one table of a YAML or JSON config (TOML's parser refuses it itself)."""
+
+    def __init__(self, field: str, detail: str):
+        self.field = field
+        super().__init__(detail)
+
+
+def _json_without_duplicates(text: str) -> Any:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise DuplicateKeyError(key, f"key {key!r}")
+            seen[key] = value
+        return seen
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def _yaml_without_duplicates(text: str) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if repeated:
+                raise DuplicateKeyError(repeated[0], f"key {repeated[0]!r} {node.start_mark}")
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)
 
 
 _PROBLEMS = {
@@ -244,6 +304,7 @@ _PROBLEMS = {
     "greater_than_equal": "expected a value >= {ge}",
     "greater_than": "expected a value > {gt}",
     "less_than_equal": "expected a value <= {le}",
+    "finite_number": "expected a finite number (not NaN or infinity)",
     "too_short": "expected at least {min_length} item(s)",
     "model_type": "expected a table (key = value pairs)",
     "dict_type": "expected a table (key = value pairs)",
