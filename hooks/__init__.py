@@ -9,27 +9,43 @@ from __future__ import annotations
 
 from mmlens.core.adapter import ADAPTERS, Adapter, find_adapter, register_adapter
 from mmlens.hooks.fusion_transformer import FUSION_TRANSFORMER
+from mmlens.hooks.gemma3 import GEMMA3
 from mmlens.hooks.graph_text import GRAPH_TEXT
 from mmlens.hooks.idefics3 import IDEFICS3
 from mmlens.hooks.language_models import GPT2, LLAMA_FAMILY
 from mmlens.hooks.llava import LLAVA
+from mmlens.hooks.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 from mmlens.hooks.tea_glm import TEA_GLM
 
 __all__ = [
     "ADAPTERS",
     "BUILT_IN",
     "FUSION_TRANSFORMER",
+    "GEMMA3",
     "GPT2",
     "GRAPH_TEXT",
     "IDEFICS3",
     "LLAMA_FAMILY",
     "LLAVA",
+    "QWEN2_5_VL",
+    "QWEN2_VL",
     "TEA_GLM",
     "find_adapter",
     "register_adapter",
 ]
 
-BUILT_IN: tuple[Adapter, ...] = (LLAMA_FAMILY, GPT2, LLAVA, IDEFICS3, TEA_GLM, FUSION_TRANSFORMER, GRAPH_TEXT)
+BUILT_IN: tuple[Adapter, ...] = (
+    LLAMA_FAMILY,
+    GPT2,
+    LLAVA,
+    IDEFICS3,
+    QWEN2_VL,
+    QWEN2_5_VL,
+    GEMMA3,
+    TEA_GLM,
+    FUSION_TRANSFORMER,
+    GRAPH_TEXT,
+)
 """The shipped tables, in lookup order (the first whose ``architectures`` matches wins)."""
 
 for _adapter in reversed(BUILT_IN):
