@@ -181,4 +181,8 @@ def _tiny_gemma3(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         eoi_token_index=GEMMA_EOI_ID,
         image_token_index=GEMMA_IMAGE_ID,
     )
-    return _tiny(Gemma3ForConditionalGeneration, config, name, seed, lambda: gemma3_inputs(seed))
+    loaded = _tiny(Gemma3ForConditionalGeneration, config, name, seed, lambda: gemma3_inputs(seed))
+    projection = loaded.model.model.multi_modal_projector.mm_input_projection_weight
+    with torch.no_grad():  # transformers initialises it to zeros: images would not reach the LM at all
+        projection.copy_(0.1 * torch.randn(projection.shape, generator=torch.Generator().manual_seed(seed)))
+    return loaded
