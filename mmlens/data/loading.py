@@ -528,6 +528,3 @@ def _tiny_fusion(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "input_ids": ids, "attention_mask": mask}
 
     return LoadedModel(model, None, None, name, inputs)
-
-
-from mmlens.data import tiny_qwen_gemma as _tiny_qwen_gemma  # noqa: E402,F401  (registers its models)

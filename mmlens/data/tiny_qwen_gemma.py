@@ -1,6 +1,6 @@
 """Tiny random Qwen2-VL, Qwen2.5-VL and Gemma3 models (real transformers classes, seeded weights).
 
-Each ``example_inputs()`` is a batch of 2 laid out as the model's processor lays it out, with as
+Registered by importing this module (``mmlens.data`` does it). Each ``example_inputs()`` is a batch of 2 laid out as the model's processor lays it out, with as
 many image placeholders as the pixel inputs make image tokens:
 
 - Qwen2-VL / Qwen2.5-VL: ``<|vision_start|>`` + ``(t*h*w) / merge**2`` ``<|image_pad|>`` +
@@ -11,6 +11,9 @@ many image placeholders as the pixel inputs make image tokens:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import (
@@ -24,7 +27,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from mmlens.data.loading import LoadedModel, _tiny, register
+from mmlens.data.loading import LoadedModel, register
 
 Inputs = dict[str, torch.Tensor]
 
@@ -55,6 +58,15 @@ _QWEN_VISION = {
     "spatial_merge_size": QWEN_MERGE,
     "temporal_patch_size": QWEN_TEMPORAL,
 }
+
+
+def _build(model_class: type, config: Any, name: str, seed: int, inputs: Callable[[], Inputs]) -> LoadedModel:
+    """``model_class(config)`` with weights drawn under ``seed`` (the global RNG is left untouched)."""
+    config.architectures = [model_class.__name__]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return LoadedModel(model, None, None, name, inputs)
 
 
 def qwen_image_tokens(grid_thw: torch.Tensor, merge: int = QWEN_MERGE) -> list[int]:
@@ -108,7 +120,7 @@ def _qwen_config(config_class: type, **vision: object) -> object:
 def _tiny_qwen2_vl(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     config = _qwen_config(Qwen2VLConfig, embed_dim=32)
     grids = [[QWEN_GRID], [QWEN_GRID]]
-    return _tiny(Qwen2VLForConditionalGeneration, config, name, seed, lambda: qwen_inputs(seed, grids))
+    return _build(Qwen2VLForConditionalGeneration, config, name, seed, lambda: qwen_inputs(seed, grids))
 
 
 @register(
@@ -125,7 +137,7 @@ def _tiny_qwen2_5_vl(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         fullatt_block_indexes=[1],
     )
     grids = [[QWEN_GRID], [QWEN_GRID]]
-    return _tiny(Qwen2_5_VLForConditionalGeneration, config, name, seed, lambda: qwen_inputs(seed, grids))
+    return _build(Qwen2_5_VLForConditionalGeneration, config, name, seed, lambda: qwen_inputs(seed, grids))
 
 
 GEMMA_BOI_ID, GEMMA_EOI_ID, GEMMA_IMAGE_ID = VOCAB - 3, VOCAB - 2, VOCAB - 1
@@ -181,7 +193,7 @@ def _tiny_gemma3(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         eoi_token_index=GEMMA_EOI_ID,
         image_token_index=GEMMA_IMAGE_ID,
     )
-    loaded = _tiny(Gemma3ForConditionalGeneration, config, name, seed, lambda: gemma3_inputs(seed))
+    loaded = _build(Gemma3ForConditionalGeneration, config, name, seed, lambda: gemma3_inputs(seed))
     projection = loaded.model.model.multi_modal_projector.mm_input_projection_weight
     with torch.no_grad():  # transformers initialises it to zeros: images would not reach the LM at all
         projection.copy_(0.1 * torch.randn(projection.shape, generator=torch.Generator().manual_seed(seed)))
