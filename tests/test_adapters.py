@@ -108,7 +108,15 @@ def _mmlens_cli() -> list[str]:
     return [str(script)]
 
 
-@pytest.mark.parametrize("name,encoder_modality", [("tiny-random-llava", "image"), ("tea-glm", "graph")])
+@pytest.mark.parametrize(
+    "name,encoder_modality",
+    [
+        ("tiny-random-llava", "image"),
+        ("tea-glm", "graph"),
+        ("tiny-random-qwen2-vl", "image"),
+        ("tiny-random-gemma3", "image"),
+    ],
+)
 def test_cli_hooks_json_lists_every_stage(name, encoder_modality):
     out = subprocess.run(
         [*_mmlens_cli(), "hooks", name, "--json"], capture_output=True, text=True, check=True, timeout=600
