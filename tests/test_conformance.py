@@ -35,6 +35,9 @@ MODELS = [
     "tiny-random-idefics3",
     "tea-glm-tiny",
     "tiny-fusion",
+    "tiny-random-qwen2-vl",
+    "tiny-random-qwen2.5-vl",
+    "tiny-random-gemma3",
 ]
 """Registry names the suite runs on (``mmlens.load_model(name)``, inputs from ``example_inputs()``)."""
 

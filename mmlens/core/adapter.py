@@ -156,7 +156,9 @@ class HookPoint:
 
     ``fused_positions`` is True when axis 1 indexes the fused sequence, so modality spans apply.
     ``heads`` is the head count for per-head points (the value is viewed as [.., head, d_head]).
-    ``block``/``mlp`` are set for ``resid_mid``, whose write must also reach the block output.
+    ``block``/``mlp`` are set for ``resid_mid``, whose write must also reach the block output;
+    ``attn`` for ``attn_out``: the attention module itself (whose output may be normed before it is
+    added, so it can differ from ``site.module``).
     """
 
     name: str
@@ -170,6 +172,7 @@ class HookPoint:
     heads: int | None = None
     block: str | None = None
     mlp: str | None = None
+    attn: str | None = None
 
 
 SpanFinder = Callable[[nn.Module, Mapping[str, torch.Tensor]], ModalitySpans]
@@ -342,6 +345,7 @@ class Adapter:
                     site=replace(hp.site, module=_join(child_path, hp.site.module)),
                     block=hp.block and _join(child_path, hp.block),
                     mlp=hp.mlp and _join(child_path, hp.mlp),
+                    attn=hp.attn and _join(child_path, hp.attn),
                 )
         for stack in self.stacks:
             blocks = get_module(model, stack.blocks, self.name)
@@ -425,7 +429,13 @@ def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
     lay = stack.layout
     out = [
         HookPoint(name=f"{name}.resid_pre", site=Site(block, "input", 0, "hidden_states"), kind="resid_pre", **common),
-        HookPoint(name=f"{name}.attn_out", site=Site(f"{block}.{lay.attn_branch}"), kind="attn_out", **common),
+        HookPoint(
+            name=f"{name}.attn_out",
+            site=Site(f"{block}.{lay.attn_branch}"),
+            kind="attn_out",
+            attn=f"{block}.{lay.attn}",
+            **common,
+        ),
         HookPoint(
             name=f"{name}.resid_mid",
             site=Site(f"{block}.{lay.norm_mid}", "input", 0, "hidden_states"),

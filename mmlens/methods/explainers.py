@@ -350,7 +350,7 @@ def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
     models = [m for m in hooked.model.modules() if isinstance(m, PreTrainedModel)]
     previous = [m.config._attn_implementation for m in models]
     modules = [
-        get_module(hooked.model, hp.site.module)
+        get_module(hooked.model, hp.attn or hp.site.module)
         for hp in sorted(
             (hp for hp in hooked.hook_points.values() if hp.prefix == "lm" and hp.kind == "attn_out"),
             key=lambda hp: hp.layer,
