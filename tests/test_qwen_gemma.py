@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import mmlens
-from mmlens.core.adapter import MROPE_SEQUENCE_KWARGS, Adapter, BlockLayout, Site, language_model
+from mmlens.core.adapter import MROPE_SEQUENCE_KWARGS, Adapter, BlockLayout, language_model
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.data.tiny_qwen_gemma import gemma3_inputs, qwen_inputs
 from mmlens.methods.explainers import explain
@@ -236,4 +236,3 @@ def test_replay_cuts_mrope_arguments_on_the_adapters_axes():
     slow = sweep(hm, clean, corrupted, metric, replay=False, **kw)
     assert fast.method == "replay + kv"
     assert (fast.table.value - slow.table.value).abs().max() < 1e-4
-    assert Site  # the toy's hook points are the generic ones
