@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from mmlens.core.adapter import ADAPTERS, Adapter, find_adapter, register_adapter
 from mmlens.hooks.fusion_transformer import FUSION_TRANSFORMER
+from mmlens.hooks.gemma3 import GEMMA3
 from mmlens.hooks.graph_text import GRAPH_TEXT
 from mmlens.hooks.idefics3 import IDEFICS3
 from mmlens.hooks.language_models import GPT2, LLAMA_FAMILY
 from mmlens.hooks.llava import LLAVA
+<<<<<<< HEAD
 from mmlens.hooks.qwen2_audio import QWEN2_AUDIO
 from mmlens.hooks.qwen_omni import QWEN_OMNI
+=======
+from mmlens.hooks.qwen2_vl import QWEN2_5_VL, QWEN2_VL
+>>>>>>> wt-qwengemma
 from mmlens.hooks.tea_glm import TEA_GLM
 from mmlens.hooks.voxtral import VOXTRAL
 
@@ -22,13 +27,19 @@ __all__ = [
     "ADAPTERS",
     "BUILT_IN",
     "FUSION_TRANSFORMER",
+    "GEMMA3",
     "GPT2",
     "GRAPH_TEXT",
     "IDEFICS3",
     "LLAMA_FAMILY",
     "LLAVA",
+<<<<<<< HEAD
     "QWEN2_AUDIO",
     "QWEN_OMNI",
+=======
+    "QWEN2_5_VL",
+    "QWEN2_VL",
+>>>>>>> wt-qwengemma
     "TEA_GLM",
     "VOXTRAL",
     "find_adapter",
@@ -40,9 +51,15 @@ BUILT_IN: tuple[Adapter, ...] = (
     GPT2,
     LLAVA,
     IDEFICS3,
+<<<<<<< HEAD
     QWEN2_AUDIO,
     VOXTRAL,
     QWEN_OMNI,
+=======
+    QWEN2_VL,
+    QWEN2_5_VL,
+    GEMMA3,
+>>>>>>> wt-qwengemma
     TEA_GLM,
     FUSION_TRANSFORMER,
     GRAPH_TEXT,

@@ -81,7 +81,10 @@ class Explanation:
         value: Float[b], the metric on the input.
         info: the method's options, and for integrated gradients ``completeness_error`` per row:
             |sum of scores - (f(input) - f(baseline))|, the Riemann sum's error (large when the
-            path crosses a sharp feature, e.g. a zero pad embedding through RMSNorm: add steps).
+            path crosses a sharp feature, e.g. a zero pad embedding through RMSNorm: add steps);
+            for occlusion ``forwards`` per row: how the masked variants ran (``"replay + kv"``,
+            ``"replay"``, ``"replay (no kv reuse: ...)"`` when the LM is not causal on the row, or
+            ``"full forwards"``).
     """
 
     scores: Tensor
@@ -347,7 +350,7 @@ def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
     models = [m for m in hooked.model.modules() if isinstance(m, PreTrainedModel)]
     previous = [m.config._attn_implementation for m in models]
     modules = [
-        get_module(hooked.model, hp.site.module)
+        get_module(hooked.model, hp.attn or hp.site.module)
         for hp in sorted(
             (hp for hp in hooked.hook_points.values() if hp.prefix == "lm" and hp.kind == "attn_out"),
             key=lambda hp: hp.layer,
@@ -477,8 +480,9 @@ def explain(
         for one in (hooked.rows(inputs, row) for row in range(hooked.spans(inputs).batch_size))
     ]
     info = dict(options)
-    if method == "integrated_gradients":
-        info["completeness_error"] = [e.info["completeness_error"][0] for e in rows]
+    for key in ("completeness_error", "forwards"):
+        if key in rows[0].info:
+            info[key] = [e.info[key][0] for e in rows]
     return Explanation(
         torch.cat([e.scores for e in rows]),
         hooked.spans(inputs),
@@ -503,6 +507,8 @@ def explain_row(
     raw = EXPLAINERS[method](hooked, one, prepared.metric, prepared, **options).detach().float()
     scores = torch.where(prepared.explained.to(raw.device), raw, torch.full_like(raw, float("nan"))).cpu()
     info = dict(options)
+    if method == "occlusion":  # how the masked variants ran: replay (+ kv), or full forwards
+        info["forwards"] = [prepared.replay.method if prepared.replay else "full forwards"]
     if method == "integrated_gradients":
         with torch.no_grad():
             gap = prepared.value - with_embeds(hooked, one, prepared.point, prepared.baseline, prepared.metric)
