@@ -14,12 +14,9 @@ from mmlens.hooks.graph_text import GRAPH_TEXT
 from mmlens.hooks.idefics3 import IDEFICS3
 from mmlens.hooks.language_models import GPT2, LLAMA_FAMILY
 from mmlens.hooks.llava import LLAVA
-<<<<<<< HEAD
 from mmlens.hooks.qwen2_audio import QWEN2_AUDIO
-from mmlens.hooks.qwen_omni import QWEN_OMNI
-=======
 from mmlens.hooks.qwen2_vl import QWEN2_5_VL, QWEN2_VL
->>>>>>> wt-qwengemma
+from mmlens.hooks.qwen_omni import QWEN_OMNI
 from mmlens.hooks.tea_glm import TEA_GLM
 from mmlens.hooks.voxtral import VOXTRAL
 
@@ -33,13 +30,10 @@ __all__ = [
     "IDEFICS3",
     "LLAMA_FAMILY",
     "LLAVA",
-<<<<<<< HEAD
     "QWEN2_AUDIO",
     "QWEN_OMNI",
-=======
     "QWEN2_5_VL",
     "QWEN2_VL",
->>>>>>> wt-qwengemma
     "TEA_GLM",
     "VOXTRAL",
     "find_adapter",
@@ -51,15 +45,12 @@ BUILT_IN: tuple[Adapter, ...] = (
     GPT2,
     LLAVA,
     IDEFICS3,
-<<<<<<< HEAD
     QWEN2_AUDIO,
     VOXTRAL,
     QWEN_OMNI,
-=======
     QWEN2_VL,
     QWEN2_5_VL,
     GEMMA3,
->>>>>>> wt-qwengemma
     TEA_GLM,
     FUSION_TRANSFORMER,
     GRAPH_TEXT,
