@@ -854,8 +854,8 @@ def path_patch(
 
     1. Run clean and corrupted, caching everything.
     2. Run clean with the senders set to their corrupted values and every other attention/MLP output
-       (``attn_out``/``mlp_out`` points matching ``frozen``) held at its clean value; record the
-       receivers' values.
+       (``attn_out``/``mlp_out`` points matching ``frozen``) held at its clean value, except the
+       receivers themselves (at their positions/heads); record the receivers' values.
     3. Run clean with only the receivers set to the values recorded in step 2.
 
     Returns the metric of step 3 (for the first pair). With no senders it equals the clean metric.
@@ -873,7 +873,11 @@ def path_patch(
     ]
     clean_run = hooked.run(clean, cache=freeze + sender_hooks + receiver_hooks)
     corrupt_run = hooked.run(corrupt_inputs, cache=sender_hooks, edits=corruption.edits)
-    edits = [replace(n, clean_run.cache[n]) for n in freeze]
+    held = [
+        _freeze_except(hooked, n, clean_run.cache[n], [r for r in receivers if hooked.resolve(r.hook).name == n], clean)
+        for n in freeze
+    ]
+    edits = [e for e in held if e is not None]
     edits += [
         replace(s_hook, _select(corrupt_run.cache[s_hook], clean_run.cache[s_hook], s, hooked, clean))
         for s, s_hook in zip(senders, sender_hooks)
@@ -885,6 +889,23 @@ def path_patch(
     ]
     patched = hooked.run(clean, edits=final_edits)
     return float(metric(hooked.readout_logits(patched.logits, clean))[0])
+
+
+def _freeze_except(
+    hooked: HookedModel, name: str, clean: Tensor, receivers: list[Component], inputs: dict
+) -> Edit | None:
+    """Hold ``name`` at its ``clean`` value, except where one of ``receivers`` (components at this
+    point) selects: there it keeps what the run computes, so step 2 records the receivers' values
+    (None: a receiver takes the whole point, nothing is held)."""
+    if not receivers:
+        return replace(name, clean)
+    spans = hooked.spans(inputs)
+    hp = hooked.resolve(name)
+    masks = [selection_mask(r, clean, hp, lambda at: spans.mask(at).to(clean.device)) for r in receivers]
+    if any(m is None for m in masks):
+        return None
+    free = torch.stack(masks).any(0)
+    return apply(name, lambda act, ctx: where_selected(free, act, clean.to(act.dtype)))
 
 
 def _select(new: Tensor, old: Tensor, component: Component, hooked: HookedModel, inputs: dict) -> Tensor:
