@@ -63,3 +63,134 @@ def test_path_patch_matches_a_two_run_reference_for_every_receiver_kind(story_pa
     assert value == pytest.approx(expected, abs=1e-5)
     clean_value = float(metric(hm.readout_logits(hm.run(clean).logits, clean))[0])
     assert abs(value - clean_value) > 1e-4  # the sender reaches every receiver
+
+
+# -- finding 1: one readout, from the spans of the fused sequence ------------------------------------
+
+
+class ImageTextAudioLM(torch.nn.Module):
+    """A hand-written two-encoder LM: image soft tokens prepended, audio frames appended after the
+    text, bidirectional blocks, per-position logits ``[b, P + T + A, vocab]``; the attention mask
+    covers the text only (the FusionTransformer convention)."""
+
+    def __init__(self, d: int = 32, vocab: int = 50, n_patch: int = 4, n_frame: int = 3):
+        super().__init__()
+        from mmlens.models.fusion import Block
+
+        torch.manual_seed(0)
+        self.n_patch, self.n_frame = n_patch, n_frame
+        self.image_proj = torch.nn.Linear(6, d)
+        self.audio_proj = torch.nn.Linear(5, d)
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.fuse = torch.nn.Identity()
+        self.blocks = torch.nn.ModuleList(Block(d, 4, 2 * d) for _ in range(2))
+        self.final_norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, pixel_values, input_ids, audio_values, attention_mask=None):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        x = torch.cat([self.image_proj(pixel_values), self.embed(input_ids), self.audio_proj(audio_values)], 1)
+        x = self.fuse(x)
+        keys = torch.cat([mask.new_ones(x.shape[0], self.n_patch), mask, mask.new_ones(x.shape[0], self.n_frame)], 1)
+        for block in self.blocks:
+            x = block(x, keys.bool())
+        return self.head(self.final_norm(x))
+
+
+def _ita_spans(model, inputs):
+    ids = inputs["input_ids"]
+    return mmlens.core.spans.spans_from_blocks(
+        ids.shape[0],
+        {"image": model.n_patch, "text": ids.shape[1], "audio": model.n_frame},
+        {"text": inputs.get("attention_mask")},
+        device=ids.device,
+    )
+
+
+def _zeroed(key):
+    return lambda model, inputs, spans: {**inputs, key: torch.zeros_like(inputs[key])}
+
+
+@pytest.fixture(scope="module")
+def image_text_audio():
+    from mmlens.hooks.fusion_transformer import FUSION_BLOCK
+
+    adapter = mmlens.Adapter(
+        name="image-text-audio-test",
+        architectures=("ImageTextAudioLM",),
+        stacks=(mmlens.Stack("lm", "lm", None, "blocks", FUSION_BLOCK, n_heads="blocks.0.attn.n_heads"),),
+        points=(
+            mmlens.Point("fusion.embeds", "fusion", None, mmlens.Site("fuse"), fused_positions=True),
+            mmlens.Point("lm.final_norm", "lm", None, mmlens.Site("final_norm"), fused_positions=True),
+            mmlens.Point("lm.logits", "lm", None, mmlens.Site("head"), fused_positions=True),
+        ),
+        spans=_ita_spans,
+        neutral={"image": _zeroed("pixel_values"), "audio": _zeroed("audio_values"), "text": _zeroed("input_ids")},
+        modality_inputs={"image": ("pixel_values",), "audio": ("audio_values",), "text": ("input_ids",)},
+        causal=False,
+    )
+    model = ImageTextAudioLM().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # row 1: two padding tokens, then the audio frames
+    inputs = {
+        "pixel_values": torch.randn(2, 4, 6, generator=g),
+        "input_ids": ids,
+        "audio_values": torch.randn(2, 3, 5, generator=g),
+        "attention_mask": mask,
+    }
+    return mmlens.HookedModel(model, adapter), inputs
+
+
+def _by_hand(hm, inputs) -> torch.Tensor:
+    """Float[b, vocab]: the plain model's logits at each row's last real position per the spans."""
+    with torch.no_grad():
+        logits = hm.model(**inputs)
+    return logits[hm.spans(inputs).mask("last")]
+
+
+def test_readout_comes_from_the_spans_of_the_fused_sequence(image_text_audio):
+    hm, inputs = image_text_audio
+    expected = _by_hand(hm, inputs)
+    assert hm.spans(inputs).mask("last")[1, -1]  # row 1 (padded text) reads the last audio frame
+    assert torch.equal(hm.readout_logits(hm.run(inputs).logits, inputs), expected)
+    assert torch.equal(hm.readout_logits(hm.run(inputs).logits, spans=hm.spans(inputs)), expected)
+    with pytest.raises(ValueError, match="line up"):
+        hm.readout_logits(torch.zeros(2, 5, 50), inputs)
+
+
+def test_every_method_reads_its_metric_at_the_span_last_position(image_text_audio):
+    from mmlens.methods.patching import attribution_patch, corrupt, sweep
+    from mmlens.metrics.desiderata import granger
+
+    hm, inputs = image_text_audio
+    expected = _by_hand(hm, inputs)
+    neutral = hm.neutral(inputs, "audio")
+    expected_neutral = _by_hand(hm, neutral)
+    metric = logit_diff(3, 7)
+    by_hand, by_hand_neutral = metric(expected).tolist(), metric(expected_neutral).tolist()
+    corruption = corrupt(hm, inputs, "audio")
+    for replay in (True, False):
+        result = sweep(hm, inputs, corruption, metric, hook="resid_pre", axes=("layer",), replay=replay, progress=False)
+        assert result.clean == pytest.approx(by_hand, abs=1e-5)
+        assert result.corrupted == pytest.approx(by_hand_neutral, abs=1e-5)
+        layer0 = result.table[result.table.layer == 0].value.tolist()
+        assert layer0 == pytest.approx(by_hand, abs=1e-5)  # the whole clean stream patched in
+    attribution = attribution_patch(hm, inputs, corruption, metric, hook="resid_pre", axes=("layer",))
+    assert attribution.clean == pytest.approx(by_hand, abs=1e-5)
+    assert attribution.corrupted == pytest.approx(by_hand_neutral, abs=1e-5)
+    row = hm.rows(inputs, 1)
+    assert path_patch(hm, row, hm.rows(neutral, 1), metric, [], [Component("lm.final_norm")]) == pytest.approx(
+        by_hand[1], abs=1e-5
+    )
+    explanation = mmlens.explain(hm, inputs, "occlusion")
+    assert explanation.value.tolist() == pytest.approx(expected.softmax(-1).max(-1).values.tolist(), abs=1e-6)
+    influence = granger(hm, [row], ["occlusion"], progress=False).influence
+    target = int(expected[1].argmax())
+    drop = {
+        m: float(expected[1].softmax(-1)[target] - _by_hand(hm, hm.neutral(row, m))[0].softmax(-1)[target])
+        for m in ("image", "text", "audio")
+    }
+    got = dict(zip(influence.modality, influence.delta_prob))
+    assert got == pytest.approx(drop, abs=1e-6)

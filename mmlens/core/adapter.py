@@ -203,19 +203,35 @@ class Adapter:
     def _batched(self, key: str, value: Any) -> bool:
         return isinstance(value, Tensor) and value.dim() > 0 and key not in self.shared_inputs
 
-    def readout_logits(self, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
-        """The logits the output is read from: ``Float[b, seq, vocab] -> Float[b, vocab]`` at each row's
-        last real position (classifier logits ``Float[b, classes]`` pass through).
+    def readout_mask(self, spans: ModalitySpans) -> Tensor:
+        """Bool[b, seq]: the positions of the fused sequence the output is read from: each row's last
+        real position (``readout="last"``) or every real position (``readout="mean"``)."""
+        if self.readout == "mean":
+            return spans.valid.clone()
+        if self.readout == "last":
+            return spans.mask("last")
+        raise ValueError(f"adapter {self.name!r}: readout must be 'last' or 'mean', got {self.readout!r}")
 
-        An ``attention_mask`` shorter than the sequence covers its last positions (the model
-        prepended soft tokens to the text it masks)."""
+    def readout_logits(self, logits: Tensor, spans: ModalitySpans) -> Tensor:
+        """The logits the output is read from: ``Float[b, seq, vocab] -> Float[b, vocab]`` at each row's
+        last real position of the fused sequence (from ``spans``, whatever the attention mask covers);
+        classifier logits ``Float[b, classes]`` (the model pooled itself) pass through."""
         if logits.dim() == 2:
             return logits
-        mask = inputs.get("attention_mask")
-        if mask is None:
-            return logits[:, -1]
-        last = mask.long().cumsum(1).argmax(1) + (logits.shape[1] - mask.shape[1])
-        return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+        if logits.dim() != 3 or logits.shape[:2] != spans.valid.shape:
+            raise ValueError(
+                f"adapter {self.name!r}: logits of shape {tuple(logits.shape)} do not line up with the spans' "
+                f"[batch, seq] = {tuple(spans.valid.shape)}; the adapter's spans must cover the fused sequence"
+            )
+        if self.readout != "last":
+            raise ValueError(
+                f"adapter {self.name!r} reads out with readout={self.readout!r} but the model returns per-position "
+                "logits; set readout='last' (a causal LM) or return pooled logits [batch, classes]"
+            )
+        last = self.readout_mask(spans).to(logits.device)
+        if not bool((last.sum(1) == 1).all()):
+            raise ValueError(f"adapter {self.name!r}: a row has no real position to read the output from")
+        return logits[last]
 
     def _check_modalities(self) -> None:
         """Every modality with perturbations (and, once ``modality_inputs`` is given, with a neutral

@@ -191,10 +191,22 @@ class HookedModel:
         """Inputs of batch 1 repeated to batch ``n``; see :meth:`Adapter.repeat_rows`."""
         return self.adapter.repeat_rows(inputs, n)
 
-    def readout_logits(self, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+    def readout_logits(
+        self, logits: Tensor, inputs: Mapping[str, Any] | None = None, *, spans: ModalitySpans | None = None
+    ) -> Tensor:
         """``Float[b, seq, vocab] -> Float[b, vocab]``: the logits at the position the output is read
-        from; see :meth:`Adapter.readout_logits`."""
-        return self.adapter.readout_logits(logits, inputs)
+        from, found from the spans of the fused sequence (``spans``, else those of ``inputs``); the one
+        readout every method uses. See :meth:`Adapter.readout_logits`."""
+        if spans is None:
+            if inputs is None:
+                raise ValueError("readout_logits needs the run's inputs or spans to find the readout position")
+            spans = self.spans(inputs)
+        return self.adapter.readout_logits(logits, spans)
+
+    def readout_mask(self, spans: ModalitySpans) -> Tensor:
+        """Bool[b, seq]: the positions the output is read from (the last real one, or every real one
+        for pooling heads); see :meth:`Adapter.readout_mask`."""
+        return self.adapter.readout_mask(spans)
 
     def spans(self, inputs: Mapping[str, Any]) -> ModalitySpans:
         """Modality spans of ``inputs`` as the adapter finds them."""
