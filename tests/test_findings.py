@@ -194,3 +194,48 @@ def test_every_method_reads_its_metric_at_the_span_last_position(image_text_audi
     }
     got = dict(zip(influence.modality, influence.delta_prob))
     assert got == pytest.approx(drop, abs=1e-6)
+
+
+# -- finding 8: the graph + text classifier pools, so its readers are every real position ------------
+
+
+@pytest.fixture(scope="module")
+def graph_text():
+    from mmlens.models.graph_text import GraphTextConfig, GraphTextFusion
+
+    torch.manual_seed(0)
+    model = GraphTextFusion(GraphTextConfig(d_model=16, n_heads=2, d_mlp=32, gnn_dim=8, node_dim=4)).eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 64, (2, 5), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    inputs = {
+        "node_features": torch.randn(6, 4, generator=g),
+        "edge_index": torch.randint(0, 6, (2, 10), generator=g),
+        "node_index": torch.tensor([1, 4]),
+        "input_ids": ids,
+        "attention_mask": mask,
+    }
+    return mmlens.wrap(model), inputs
+
+
+def test_attention_explainers_score_the_pooled_positions(graph_text):
+    hm, inputs = graph_text
+    weights = []
+    for block in hm.model.blocks:
+        block.attn.return_weights = True
+    handles = [b.attn.register_forward_hook(lambda m, a, out: weights.append(out[1])) for b in hm.model.blocks]
+    try:
+        with torch.no_grad():
+            hm.model(**inputs)
+    finally:
+        for h, block in zip(handles, hm.model.blocks):
+            h.remove()
+            block.attn.return_weights = False
+    mean = torch.stack([w.mean(1) for w in weights]).mean(0)  # Float[b, seq, seq]
+    valid = hm.spans(inputs).valid
+    expected = torch.stack([mean[r][valid[r]].mean(0) for r in range(2)])
+    expected[~valid] = float("nan")
+    scores = mmlens.explain(hm, inputs, "attention").scores
+    torch.testing.assert_close(scores, expected, equal_nan=True)
+    assert hm.adapter.readout == "mean"
