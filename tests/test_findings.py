@@ -239,3 +239,36 @@ def test_attention_explainers_score_the_pooled_positions(graph_text):
     scores = mmlens.explain(hm, inputs, "attention").scores
     torch.testing.assert_close(scores, expected, equal_nan=True)
     assert hm.adapter.readout == "mean"
+
+
+# -- finding 2: token labels aligned to the fused sequence by spans ----------------------------------
+
+
+def test_lens_table_labels_soft_tokens_prepended_to_the_text(loaded):
+    from mmlens.methods.lens import logit_lens
+
+    lm = loaded("tiny-fusion")
+    hm, inputs = mmlens.wrap(lm.model), lm.example_inputs()
+    n_patch = lm.model.config.n_patches
+    result = logit_lens(hm, inputs, k=1)
+    for row in range(2):
+        assert result.tokens[row][:n_patch] == [f"<image {k}>" for k in range(n_patch)]
+        assert result.tokens[row][n_patch:] == [str(i) for i in inputs["input_ids"][row].tolist()]
+    table = result.table()
+    assert len(table) == len(result.layers) * int(hm.spans(inputs).valid.sum())
+    image = table[table.modality == "image"]
+    assert (image.token == [f"<image {p}>" for p in image.position]).all()
+
+
+def test_sweep_labels_follow_the_spans_around_the_text(image_text_audio):
+    from mmlens.methods.patching import corrupt, sweep
+
+    hm, inputs = image_text_audio
+    labels = hm.position_labels(inputs)
+    ids = inputs["input_ids"][1].tolist()
+    assert labels[1] == [f"<image {k}>" for k in range(4)] + [str(i) for i in ids] + [f"<audio {k}>" for k in range(3)]
+    row = hm.rows(inputs, 1)
+    result = sweep(hm, row, corrupt(hm, row, "audio"), logit_diff(3, 7), axes=("layer", "position"), progress=False)
+    first = result.table[result.table.layer == 0]
+    assert first.token.tolist() == [labels[1][p] for p in first.position]
+    assert first.modality.tolist() == [hm.spans(row).modality_of_positions()[0][p] for p in first.position]
