@@ -195,6 +195,71 @@ API_INPUTS = [
     ),
 ]
 
+
+def nested_run(tmp: Path) -> Any:
+    hooked, inputs = text()
+    with hooked.hooked(inputs, edits=[mmlens.ablate("lm.blocks.0.resid_post", at="last")]):
+        return hooked.run({k: v[:, :4] for k, v in inputs.items()})
+
+
+def recursive_edit(tmp: Path) -> Any:
+    hooked, inputs = text()
+    return hooked.run(inputs, edits=[mmlens.apply("lm.blocks.0.resid_post", lambda a, ctx: hooked.run(inputs) and a)])
+
+
+def sweep_with(**kwargs: Any) -> Callable[[Path], Any]:
+    def action(tmp: Path) -> Any:
+        hooked, inputs = text()
+        corrupted = {**inputs, "input_ids": inputs["input_ids"].flip(1)}
+        return mmlens.sweep(hooked, inputs, corrupted, "kl", **{"hook": "lm.blocks.0.resid_post", **kwargs})
+
+    return action
+
+
+EDITS_AND_METHODS = [
+    (
+        "replace-with-a-string",
+        lambda tmp: mmlens.replace("lm.blocks.0.resid_post", "zero"),
+        TypeError,
+        ["'zero'", "tensor or a number", "mmlens.ablate"],
+    ),
+    ("replace-with-none", lambda tmp: mmlens.replace("lm.blocks.0.resid_post", None), TypeError, ["NoneType"]),
+    (
+        "replace-with-nan",
+        lambda tmp: mmlens.replace("lm.blocks.0.resid_post", torch.full((4,), NAN)),
+        ValueError,
+        ["NaN or Inf", "finite"],
+    ),
+    ("add-infinity", lambda tmp: mmlens.add("lm.blocks.0.resid_post", INF), ValueError, ["mmlens.add", "NaN or Inf"]),
+    (
+        "apply-one-argument",
+        lambda tmp: mmlens.apply("lm.blocks.0.resid_post", lambda act: act),
+        TypeError,
+        ["two arguments (activation, ctx)", "lambda act, ctx"],
+    ),
+    ("apply-not-callable", lambda tmp: mmlens.apply("lm.blocks.0.resid_post", 3), TypeError, ["fn(activation, ctx)"]),
+    ("edit-hook-not-a-name", lambda tmp: mmlens.ablate(3), TypeError, ["hook point name"]),
+    (
+        "apply-returns-wrong-shape",
+        lambda tmp: text()[0].run(text()[1], edits=[mmlens.apply("lm.blocks.0.resid_post", lambda a, c: a[:, :1])]),
+        ValueError,
+        ["returned", "must return a tensor of shape"],
+    ),
+    ("run-inside-hooked", nested_run, RuntimeError, ["inside a hm.hooked", "outside the block"]),
+    ("edit-function-runs-the-model", recursive_edit, RuntimeError, ["edit function that calls hm.run"]),
+    ("sweep-batch-size-0", sweep_with(batch_size=0), ValueError, ["batch_size", ">= 1", "got 0"]),
+    ("sweep-batch-size-negative", sweep_with(batch_size=-2), ValueError, ["batch_size", "got -2"]),
+    ("sweep-batch-size-float", sweep_with(batch_size=2.5), TypeError, ["batch_size", "integer"]),
+    ("sweep-unknown-direction", sweep_with(direction="sideways"), ValueError, ["'sideways'", "denoise"]),
+    ("lens-k-0", lambda tmp: mmlens.logit_lens(text()[0], text()[1], k=0), ValueError, ["k must be", "got 0"]),
+    (
+        "lens-k-past-vocab",
+        lambda tmp: mmlens.logit_lens(text()[0], text()[1], k=10**6),
+        ValueError,
+        ["k must be between 1 and 2048", "1000000"],
+    ),
+]
+
 LOADING = [
     (
         "unknown-model",
@@ -406,7 +471,7 @@ CLI = [
     ),
 ]
 
-CASES = API_INPUTS + LOADING + CONFIGS + RUNS
+CASES = API_INPUTS + EDITS_AND_METHODS + LOADING + CONFIGS + RUNS
 
 
 def _check_message(message: str, patterns: list[str]) -> None:

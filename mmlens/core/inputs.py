@@ -129,3 +129,17 @@ def _check_range(key: str, value: Tensor, bounds: tuple[float, float]) -> None:
             f"[{bounds[0]}, {bounds[1]}] where the processor's normalised values lie (raw 0-255 pixels?); pass the "
             "processor's output"
         )
+
+
+def check_count(name: str, value: Any, low: int = 1, high: int | None = None, hint: str = "") -> int:
+    """An integer argument in ``[low, high]``; raises naming the argument, the value and the range.
+
+    >>> check_count("batch_size", 8)
+    8
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}" + (f"; {hint}" if hint else ""))
+    return value

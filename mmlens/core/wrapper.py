@@ -66,6 +66,7 @@ class HookedModel:
         self.processor = processor
         self.name = name or type(model).__name__
         self.allow_nonfinite = allow_nonfinite
+        self._hooking = False
         self.hook_points: dict[str, HookPoint] = self.adapter.hook_points(model)
 
     def __repr__(self) -> str:
@@ -252,15 +253,23 @@ class HookedModel:
 
         ``inputs`` (optional) gives the modality spans that position selectors refer to.
         """
+        if self._hooking:
+            raise RuntimeError(
+                f"a run of {self.name} started while another one's hooks are installed (hm.run inside a "
+                "hm.hooked(...) block, or an edit function that calls hm.run): the outer edits and recording "
+                "would apply to this forward too. Run it outside the block, or compute what the edit needs beforehand"
+            )
         cache_names, edits_by_point, must_fire = self._request(cache, edits)
         spans = self.adapter.spans(self.model, self.check_inputs(inputs)) if inputs is not None else None
         recording = Recording(spans=spans)
         store: dict[str, Tensor] = {}
         plan = Plan(self, spans, set(cache_names), edits_by_point, store, recording.fired, keep_grad)
         handles = plan.install()
+        self._hooking = True
         try:
             yield recording
         finally:
+            self._hooking = False
             for h in handles:
                 h.remove()
         never = sorted(must_fire - recording.fired)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from mmlens.core.adapter import get_module
 from mmlens.core.cache import Named
+from mmlens.core.inputs import check_count
 from mmlens.core.spans import ModalitySpans, Selector
 from mmlens.core.unembed import Unembed
 from mmlens.core.wrapper import HookedModel
@@ -216,6 +217,7 @@ def logit_lens(
     """
     names = residual_points(hooked, prefix)
     reader = Unembed(hooked)
+    check_count("k", k, 1, reader.vocab_size, "k top tokens are kept per cell, at most the vocabulary")
     run = hooked.run(inputs, cache=names)
     spans = run.spans
     hidden = torch.stack([run.cache[n] for n in names])  # Float[layer, b, pos, d]
