@@ -66,7 +66,7 @@ def test_keep_and_remove_behave_as_defined(text_only):
         one = {k: v[i : i + 1] for k, v in inputs.items()}
         metric = predicted_prob(hm, one)
         neutral = hm.neutral(one, "text")
-        expected = float(metric(hm.readout_logits(hm.run(neutral).logits, {}))[0])
+        expected = float(metric(hm.readout_logits(hm.run(neutral).logits, neutral))[0])
         row = curves[
             (curves.input == i) & (curves.scope == "text") & (curves.k == 1.0) & (curves.source == "explanation")
         ]
@@ -208,7 +208,7 @@ def test_interaction_terms_equal_runs_on_neutral_and_swapped_inputs(loaded):
         metric = predicted_prob(hm, x)
 
         def f(batch, metric=metric):
-            return float(metric(hm.readout_logits(hm.run(batch).logits, {}))[0])
+            return float(metric(hm.readout_logits(hm.run(batch).logits, batch))[0])
 
         both = hm.neutral(hm.neutral(x, "image"), "text")
         expected = {"v_ab": f(x), "v_a": f(hm.neutral(x, "text")), "v_b": f(hm.neutral(x, "image")), "v_none": f(both)}
