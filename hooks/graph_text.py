@@ -57,4 +57,5 @@ GRAPH_TEXT = Adapter(
         "graph": graph_perturbations(features="node_features", edges="edge_index"),
         "text": token_perturbations("input_ids"),
     },
+    readout="mean",  # the head reads the mean of every real position (graph tokens and text)
 )

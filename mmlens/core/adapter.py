@@ -161,6 +161,10 @@ class Adapter:
             which dimension (replay cuts them to the replayed positions).
         causal: whether every position of the fused sequence attends only to earlier positions in
             every LM block; replay with reuse of earlier positions' keys/values is exact only then.
+        token_ids: the input key of the token ids, ``[batch, seq]`` aligned with the fused sequence
+            (placeholders at soft positions) or ``[batch, n]`` covering only its text and padding
+            positions, in order (soft tokens concatenated around the text); ``None``: no token
+            labels. :meth:`position_token_ids` aligns them.
         perturbations: modality -> kind -> preparer of a small meaning-preserving perturbation
             (which input key it changes, with which primitive and layout; built with
             :func:`mmlens.metrics.perturb.image_perturbations` and its siblings); every modality
@@ -182,6 +186,7 @@ class Adapter:
     sequence_kwargs: Mapping[str, int] = field(default_factory=lambda: dict(SEQUENCE_KWARGS))
     causal: bool = True
     perturbations: Mapping[str, Mapping[str, Perturbation]] = field(default_factory=dict)
+    token_ids: str | None = "input_ids"
 
     def select_rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
         """The inputs of some rows of a batch: batched tensors indexed on their first axis (an int
@@ -203,19 +208,59 @@ class Adapter:
     def _batched(self, key: str, value: Any) -> bool:
         return isinstance(value, Tensor) and value.dim() > 0 and key not in self.shared_inputs
 
-    def readout_logits(self, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
-        """The logits the output is read from: ``Float[b, seq, vocab] -> Float[b, vocab]`` at each row's
-        last real position (classifier logits ``Float[b, classes]`` pass through).
+    def position_token_ids(self, inputs: Mapping[str, Any], spans: ModalitySpans) -> Tensor:
+        """Long[b, seq]: the token id at each text or padding position of the fused sequence, ``-1``
+        at soft (non-text) positions and everywhere when the inputs carry no token ids."""
+        out = torch.full(spans.valid.shape, -1, dtype=torch.long)
+        ids = inputs.get(self.token_ids) if self.token_ids else None
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            return out
+        soft = torch.zeros_like(spans.valid)
+        for name, mask in spans.masks.items():
+            if name != "text":
+                soft |= mask
+        textual = ~soft.cpu()
+        if ids.shape[1] == spans.seq_len:
+            return torch.where(textual, ids.cpu(), out)
+        counts = textual.sum(1)
+        if ids.shape[0] != spans.batch_size or (counts != ids.shape[1]).any():
+            raise ValueError(
+                f"adapter {self.name!r}: input {self.token_ids!r} has shape {tuple(ids.shape)} but the fused "
+                f"sequence has {counts.tolist()} text/padding positions per row (of {spans.seq_len}); "
+                "the adapter's spans must mark every soft position, or set Adapter.token_ids"
+            )
+        out[textual] = ids.cpu().flatten()
+        return out
 
-        An ``attention_mask`` shorter than the sequence covers its last positions (the model
-        prepended soft tokens to the text it masks)."""
+    def readout_mask(self, spans: ModalitySpans) -> Tensor:
+        """Bool[b, seq]: the positions of the fused sequence the output is read from: each row's last
+        real position (``readout="last"``) or every real position (``readout="mean"``)."""
+        if self.readout == "mean":
+            return spans.valid.clone()
+        if self.readout == "last":
+            return spans.mask("last")
+        raise ValueError(f"adapter {self.name!r}: readout must be 'last' or 'mean', got {self.readout!r}")
+
+    def readout_logits(self, logits: Tensor, spans: ModalitySpans) -> Tensor:
+        """The logits the output is read from: ``Float[b, seq, vocab] -> Float[b, vocab]`` at each row's
+        last real position of the fused sequence (from ``spans``, whatever the attention mask covers);
+        classifier logits ``Float[b, classes]`` (the model pooled itself) pass through."""
         if logits.dim() == 2:
             return logits
-        mask = inputs.get("attention_mask")
-        if mask is None:
-            return logits[:, -1]
-        last = mask.long().cumsum(1).argmax(1) + (logits.shape[1] - mask.shape[1])
-        return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+        if logits.dim() != 3 or logits.shape[:2] != spans.valid.shape:
+            raise ValueError(
+                f"adapter {self.name!r}: logits of shape {tuple(logits.shape)} do not line up with the spans' "
+                f"[batch, seq] = {tuple(spans.valid.shape)}; the adapter's spans must cover the fused sequence"
+            )
+        if self.readout != "last":
+            raise ValueError(
+                f"adapter {self.name!r} reads out with readout={self.readout!r} but the model returns per-position "
+                "logits; set readout='last' (a causal LM) or return pooled logits [batch, classes]"
+            )
+        last = self.readout_mask(spans).to(logits.device)
+        if not bool((last.sum(1) == 1).all()):
+            raise ValueError(f"adapter {self.name!r}: a row has no real position to read the output from")
+        return logits[last]
 
     def _check_modalities(self) -> None:
         """Every modality with perturbations (and, once ``modality_inputs`` is given, with a neutral
