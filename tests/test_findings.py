@@ -272,3 +272,29 @@ def test_sweep_labels_follow_the_spans_around_the_text(image_text_audio):
     first = result.table[result.table.layer == 0]
     assert first.token.tolist() == [labels[1][p] for p in first.position]
     assert first.modality.tolist() == [hm.spans(row).modality_of_positions()[0][p] for p in first.position]
+
+
+# -- finding 7: position selectors on [items, d] encoder points select rows ---------------------------
+
+
+def test_position_selectors_on_gnn_points_select_nodes_not_channels(loaded):
+    lm = loaded("tea-glm-tiny")
+    hm, inputs = mmlens.wrap(lm.model, tokenizer=lm.tokenizer), lm.example_inputs()
+    point = "graph.blocks.0.out"
+    assert hm.hook_points[point].axes == ("item",)
+    clean = hm.run(inputs, cache="graph.blocks.*.out").cache
+    edited = hm.run(inputs, edits=[mmlens.ablate(point, at=[3])], cache=point).cache[point]
+    nodes = clean[point].shape[0]
+    others = torch.arange(nodes) != 3
+    assert torch.equal(edited[3], torch.zeros_like(edited[3]))
+    assert torch.equal(edited[others], clean[point][others])
+    added = hm.run(inputs, edits=[mmlens.add(point, 1.0, at=torch.arange(nodes) < 2)], cache=point).cache[point]
+    assert torch.equal(added[:2], clean[point][:2] + 1) and torch.equal(added[2:], clean[point][2:])
+    stacked = clean.stack("graph.out")
+    assert stacked.dims == ("layer", "item", "d") and stacked.values.shape[1] == nodes
+    with pytest.raises(ValueError, match="span 'graph' does not apply"):
+        hm.run(inputs, edits=[mmlens.ablate(point, at="graph")])
+    with pytest.raises(ValueError, match="no position axis"):
+        hm.run(inputs, edits=[mmlens.ablate("fusion.projector_out", at=[0])])
+    with pytest.raises(ValueError, match="no batch axis"):
+        mmlens.sweep(hm, inputs, hm.neutral(inputs, "graph"), logit_diff(3, 7), hook="graph.out", axes=("layer",))

@@ -38,6 +38,12 @@ from mmlens.core.spans import ModalitySpans
 Stage = Literal["encoder", "fusion", "lm"]
 SEQUENCE_KWARGS: Mapping[str, int] = {"position_ids": 1, "cache_position": 0, "position_embeddings": 1}
 STAGES: tuple[str, ...] = ("encoder", "fusion", "lm")
+BATCH_POS: tuple[str, ...] = ("batch", "pos")
+"""Axes of a value laid out ``[batch, pos, ...]`` (blocks, embeddings: the default)."""
+ITEMS: tuple[str, ...] = ("item",)
+"""Axes of a value laid out ``[items, ...]`` with no batch axis (a GNN's ``[nodes, d]``, packed patches)."""
+BATCH: tuple[str, ...] = ("batch",)
+"""Axes of a value laid out ``[batch, features]`` with no position axis (pooled logits, a flat projector output)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class Stack:
         blocks: dotted path of the ``nn.ModuleList`` of blocks.
         layout: module names inside a block; ``None`` for plain layers (only ``.out`` points).
         n_heads: dotted attribute path (from the root model) of the head count, for ``z``.
+        axes: the leading axes of its values that position selectors index: :data:`BATCH_POS`
+            (``[batch, pos, d]``) or :data:`ITEMS` (``[items, d]``, e.g. a GNN's nodes).
     """
 
     prefix: str
@@ -90,17 +98,20 @@ class Stack:
     blocks: str
     layout: BlockLayout | None = LLAMA_BLOCK
     n_heads: str | None = None
+    axes: tuple[str, ...] = BATCH_POS
 
 
 @dataclass(frozen=True)
 class Point:
-    """A single named hook point outside the block stacks."""
+    """A single named hook point outside the block stacks (``axes`` as in :class:`Stack`, or
+    :data:`BATCH` for ``[batch, features]`` values)."""
 
     name: str
     stage: Stage
     modality: str | None
     site: Site
     fused_positions: bool = False
+    axes: tuple[str, ...] = BATCH_POS
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,8 @@ class HookPoint:
     ``fused_positions`` is True when axis 1 indexes the fused sequence, so modality spans apply.
     ``heads`` is the head count for per-head points (the value is viewed as [.., head, d_head]).
     ``block``/``mlp`` are set for ``resid_mid``, whose write must also reach the block output.
+    ``axes`` names the value's leading axes that selectors index (:data:`BATCH_POS`, :data:`ITEMS`
+    or :data:`BATCH`); a per-head value has its head axis right after them.
     """
 
     name: str
@@ -123,6 +136,12 @@ class HookPoint:
     heads: int | None = None
     block: str | None = None
     mlp: str | None = None
+    axes: tuple[str, ...] = BATCH_POS
+
+    @property
+    def position_axis(self) -> int | None:
+        """The axis that positions index (``pos`` or ``item``), or None when the value has none."""
+        return next((i for i, a in enumerate(self.axes) if a in ("pos", "item")), None)
 
 
 SpanFinder = Callable[[nn.Module, Mapping[str, torch.Tensor]], ModalitySpans]
@@ -311,6 +330,7 @@ class Adapter:
                 kind=p.name.rsplit(".", 1)[-1],
                 prefix=p.name.split(".", 1)[0],
                 fused_positions=p.fused_positions,
+                axes=p.axes,
             )
         return _in_flow_order(points)
 
@@ -365,6 +385,7 @@ def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
         "layer": i,
         "prefix": stack.prefix,
         "fused_positions": stack.modality is None,
+        "axes": stack.axes,
     }
     name = f"{stack.prefix}.blocks.{i}"
     if stack.layout is None:

@@ -379,6 +379,12 @@ def sweep(
     corrupt_inputs = hooked.check_inputs(corruption.inputs)
     clean_spans = hooked.spans(clean)
     swept = _select_layers(points(hooked, hook), layers, hook)
+    shared = [hp.name for hp in swept if "batch" not in hp.axes]
+    if shared:
+        raise ValueError(
+            f"sweep patches one batch row per variant, but {shared[:3]} have no batch axis (laid out "
+            f"{list(hooked.hook_points[shared[0]].axes)}: shared by every row); patch them with hooked.run(edits=...)"
+        )
     if "span" not in axes and any(hp.fused_positions for hp in swept):
         check_same_layout(clean_spans, hooked.spans(corrupt_inputs))
     source, target = _source_and_target(clean, corrupt_inputs, corruption.edits, direction)
