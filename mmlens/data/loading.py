@@ -528,3 +528,6 @@ def _tiny_fusion(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "input_ids": ids, "attention_mask": mask}
 
     return LoadedModel(model, None, None, name, inputs)
+
+
+import mmlens.data.tiny_vision  # noqa: E402, F401  (registers the tiny VLMs of more families)
