@@ -61,7 +61,9 @@ INTERNVL = Adapter(
     name="internvl",
     architectures=("InternVLForConditionalGeneration",),
     stacks=(
-        Stack(prefix="vision", stage="encoder", modality="image", blocks="model.vision_tower.encoder.layer", layout=None),
+        Stack(
+            prefix="vision", stage="encoder", modality="image", blocks="model.vision_tower.encoder.layer", layout=None
+        ),
         _lm_stack,
     ),
     points=(
