@@ -4,7 +4,8 @@ Each builder makes its model from a tiny config (2 LM layers, d=64, a 2-layer vi
 weights drawn under ``seed``, and example inputs of batch 2 laid out as the model's processor lays
 them out: the placeholder counts come from the processor's or the model's own helper functions
 (anyres tiling for LLaVA-NeXT / OneVision, the split-image prompt string for SmolVLM), never from a
-hand count. Registered by importing this module (``mmlens.data.loading`` does it).
+hand count. ``mmlens.data.loading`` registers every entry of :data:`TINY_VLMS` (this module does not
+import it, so that the two form no import cycle).
 
 Vocabulary 256: ids 0-2 are pad/bos/eos, the top ids are placeholders and layout tokens, text ids lie
 between.
@@ -42,7 +43,22 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
-from mmlens.data.loading import Inputs, LoadedModel, register
+Inputs = dict[str, torch.Tensor]
+Spec = Callable[[int], tuple[type[PreTrainedModel], Any, Callable[[], Inputs]]]
+"""``spec(seed) -> (model class, config, example_inputs)``; the registry builds ``model class(config)`` under ``seed``."""
+TINY_VLMS: dict[str, tuple[str, Spec]] = {}
+"""Registry name -> (one-line description, spec)."""
+
+
+def register(name: str, description: str) -> Callable[[Spec], Spec]:
+    """Decorator adding ``spec`` to :data:`TINY_VLMS` as ``name``."""
+
+    def add(spec: Spec) -> Spec:
+        TINY_VLMS[name] = (description, spec)
+        return spec
+
+    return add
+
 
 VOCAB = 256
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -75,15 +91,6 @@ ANYRES_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 ANYRES_IMAGE_SIZE = (16, 60)
 """(height, width) of the original image in the anyres examples: tiled 1 x 2 (+ the base tile), and
 so wide that unpadding drops rows of the tiled grid."""
-
-
-def _build(model_class: type[PreTrainedModel], config: Any, name: str, seed: int, inputs: Callable[[], Inputs]):
-    """``model_class(config)`` with weights drawn under ``seed`` (the global RNG is left untouched)."""
-    config.architectures = [model_class.__name__]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config)
-    return LoadedModel(model, None, None, name, inputs)
 
 
 def _text(seed: int, n: int) -> torch.Tensor:
@@ -144,7 +151,7 @@ def _anyres_inputs(seed: int, n_tokens: int, n_tiles: int, side: int) -> Inputs:
     "LlavaNextForConditionalGeneration, random weights: CLIP 2x32 (32px tiles, patch 8, anyres 16x60 image -> "
     "3 tiles, 41 image tokens with newlines) + Llama 2x64",
 )
-def tiny_llava_next(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+def tiny_llava_next(seed: int) -> tuple[type[PreTrainedModel], Any, Callable[[], Inputs]]:
     from transformers.models.llava_next import modeling_llava_next
 
     vision = CLIPVisionConfig(**TINY_VISION, patch_size=8, image_size=32, projection_dim=32)
@@ -171,7 +178,7 @@ def tiny_llava_next(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         from position 4; pixel_values [2, tiles, 3, 32, 32]; image_sizes [2, 2] (height, width)."""
         return _anyres_inputs(seed, n_tokens, n_tiles, vision.image_size)
 
-    return _build(LlavaNextForConditionalGeneration, config, name, seed, inputs)
+    return LlavaNextForConditionalGeneration, config, inputs
 
 
 @register(
@@ -179,7 +186,7 @@ def tiny_llava_next(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     "LlavaOnevisionForConditionalGeneration, random weights: SigLIP 2x32 (32px tiles, patch 8, anyres 16x60 "
     "image -> 3 tiles) + Qwen2 2x64",
 )
-def tiny_llava_onevision(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+def tiny_llava_onevision(seed: int) -> tuple[type[PreTrainedModel], Any, Callable[[], Inputs]]:
     from transformers.models.llava_onevision import modeling_llava_onevision
 
     vision = SiglipVisionConfig(**TINY_VISION, patch_size=8, image_size=32)
@@ -205,7 +212,7 @@ def tiny_llava_onevision(name: str, dtype: torch.dtype, seed: int) -> LoadedMode
         batch_num_images [2] (one image per prompt)."""
         return {**_anyres_inputs(seed, n_tokens, n_tiles, vision.image_size), "batch_num_images": torch.ones(2).long()}
 
-    return _build(LlavaOnevisionForConditionalGeneration, config, name, seed, inputs)
+    return LlavaOnevisionForConditionalGeneration, config, inputs
 
 
 @register(
@@ -213,7 +220,7 @@ def tiny_llava_onevision(name: str, dtype: torch.dtype, seed: int) -> LoadedMode
     "SmolVLMForConditionalGeneration, random weights: SigLIP 2x32 (32px, patch 8, pixel shuffle 2 -> 4 tokens "
     "per sub-image; an image split 1x2 + global) + Llama 2x64",
 )
-def tiny_smolvlm(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+def tiny_smolvlm(seed: int) -> tuple[type[PreTrainedModel], Any, Callable[[], Inputs]]:
     vision = SmolVLMVisionConfig(**TINY_VISION, patch_size=8, image_size=32)
     config = SmolVLMConfig(
         vision_config=vision, text_config=LlamaConfig(**TINY_TEXT), image_token_id=IMAGE_ID, scale_factor=2
@@ -241,7 +248,7 @@ def tiny_smolvlm(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
             "pixel_attention_mask": torch.ones(2, 3, vision.image_size, vision.image_size, dtype=torch.long),
         }
 
-    return _build(SmolVLMForConditionalGeneration, config, name, seed, inputs)
+    return SmolVLMForConditionalGeneration, config, inputs
 
 
 @register(
@@ -249,7 +256,7 @@ def tiny_smolvlm(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     "PaliGemmaForConditionalGeneration, random weights: SigLIP 2x32 (32px, patch 8 -> 16 image tokens) + "
     "Gemma 2x64; the image + prompt prefix attends bidirectionally",
 )
-def tiny_paligemma(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+def tiny_paligemma(seed: int) -> tuple[type[PreTrainedModel], Any, Callable[[], Inputs]]:
     vision = SiglipVisionConfig(**TINY_VISION, patch_size=8, image_size=32, vision_use_head=False)
     text = GemmaConfig(**TINY_TEXT, head_dim=16)
     config = PaliGemmaConfig(
@@ -283,7 +290,7 @@ def tiny_paligemma(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
             "pixel_values": _pixels(seed, 3, vision.image_size, vision.image_size),
         }
 
-    return _build(PaliGemmaForConditionalGeneration, config, name, seed, inputs)
+    return PaliGemmaForConditionalGeneration, config, inputs
 
 
 @register(
@@ -291,7 +298,7 @@ def tiny_paligemma(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     "InternVLForConditionalGeneration, random weights: InternViT 2x32 (64px, patch 8, pixel shuffle 0.5 -> 16 "
     "image tokens, one tile per image) + Qwen2 2x64",
 )
-def tiny_internvl(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+def tiny_internvl(seed: int) -> tuple[type[PreTrainedModel], Any, Callable[[], Inputs]]:
     vision = InternVLVisionConfig(**TINY_VISION, patch_size=(8, 8), image_size=(64, 64))
     n_tokens = int((64 // 8) ** 2 * 0.5**2)
     config = InternVLConfig(
@@ -305,4 +312,4 @@ def tiny_internvl(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         ids = _prompt(seed, [LAYOUT_IDS["<img>"]] + [IMAGE_ID] * n_tokens + [LAYOUT_IDS["</img>"]])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": _pixels(seed, 3, 64, 64)}
 
-    return _build(InternVLForConditionalGeneration, config, name, seed, inputs)
+    return InternVLForConditionalGeneration, config, inputs
