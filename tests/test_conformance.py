@@ -35,6 +35,11 @@ MODELS = [
     "tiny-random-idefics3",
     "tea-glm-tiny",
     "tiny-fusion",
+    "tiny-random-llava-next",
+    "tiny-random-llava-onevision",
+    "tiny-random-smolvlm",
+    "tiny-random-paligemma",
+    "tiny-random-internvl",
 ]
 """Registry names the suite runs on (``mmlens.load_model(name)``, inputs from ``example_inputs()``)."""
 
