@@ -215,7 +215,7 @@ class Adapter:
 
     def repeat_rows(self, inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
         """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; copies, not expanded
-        views: some models ``view`` their inputs, e.g. SmolVLM's ``pixel_values``)."""
+        views: some models ``view`` their inputs, e.g. SmolVLM its images)."""
         out = {}
         for k, v in inputs.items():
             if self._batched(k, v):
