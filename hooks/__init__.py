@@ -12,8 +12,11 @@ from mmlens.hooks.fusion_transformer import FUSION_TRANSFORMER
 from mmlens.hooks.gemma3 import GEMMA3
 from mmlens.hooks.graph_text import GRAPH_TEXT
 from mmlens.hooks.idefics3 import IDEFICS3
+from mmlens.hooks.internvl import INTERNVL
 from mmlens.hooks.language_models import GPT2, LLAMA_FAMILY
 from mmlens.hooks.llava import LLAVA
+from mmlens.hooks.llava_next import LLAVA_NEXT, LLAVA_ONEVISION
+from mmlens.hooks.paligemma import PALIGEMMA
 from mmlens.hooks.qwen2_audio import QWEN2_AUDIO
 from mmlens.hooks.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 from mmlens.hooks.qwen_omni import QWEN_OMNI
@@ -28,12 +31,16 @@ __all__ = [
     "GPT2",
     "GRAPH_TEXT",
     "IDEFICS3",
+    "INTERNVL",
     "LLAMA_FAMILY",
     "LLAVA",
     "QWEN2_AUDIO",
     "QWEN_OMNI",
     "QWEN2_5_VL",
     "QWEN2_VL",
+    "LLAVA_NEXT",
+    "LLAVA_ONEVISION",
+    "PALIGEMMA",
     "TEA_GLM",
     "VOXTRAL",
     "find_adapter",
@@ -51,6 +58,11 @@ BUILT_IN: tuple[Adapter, ...] = (
     QWEN2_VL,
     QWEN2_5_VL,
     GEMMA3,
+    LLAVA_NEXT,
+    LLAVA_ONEVISION,
+    IDEFICS3,
+    PALIGEMMA,
+    INTERNVL,
     TEA_GLM,
     FUSION_TRANSFORMER,
     GRAPH_TEXT,

@@ -302,14 +302,13 @@ class Adapter:
         return out
 
     def repeat_rows(self, inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
-        """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; a batch-1 tensor is
-        expanded without a copy; a packed input, all of it row 0's, is tiled ``n`` times)."""
+        """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; a packed input, all of it
+        row 0's, is tiled ``n`` times; copies, not expanded views: some models ``view`` their inputs,
+        e.g. SmolVLM its images)."""
         out = {}
         for k, v in inputs.items():
-            if k in self.packed_inputs and isinstance(v, Tensor):
+            if (k in self.packed_inputs and isinstance(v, Tensor)) or self._batched(k, v):
                 out[k] = v.repeat(n, *([1] * (v.dim() - 1)))
-            elif self._batched(k, v):
-                out[k] = v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v.repeat(n, *([1] * (v.dim() - 1)))
             else:
                 out[k] = v
         return out

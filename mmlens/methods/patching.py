@@ -842,7 +842,8 @@ def path_patch(
     1. Run clean and corrupted, caching everything.
     2. Run clean with the senders set to their corrupted values and every other attention/MLP output
        (``attn_out``/``mlp_out`` points matching ``frozen``) held at its clean value, except the
-       receivers themselves (at their positions/heads); record the receivers' values.
+       receivers themselves (at their positions/heads) and the ``attn_out`` carrying a head (``z``)
+       sender, whose other heads the sender's write holds at clean; record the receivers' values.
     3. Run clean with only the receivers set to the values recorded in step 2.
 
     Returns the metric of step 3 (for the first pair). With no senders it equals the clean metric.
@@ -853,10 +854,15 @@ def path_patch(
     check_same_layout(hooked.spans(clean), hooked.spans(corrupt_inputs))
     sender_hooks = [hooked.resolve(s.hook).name for s in senders]
     receiver_hooks = [hooked.resolve(r.hook).name for r in receivers]
+    # a head sender reaches the residual stream through its block's attn_out: that one is not held
+    carriers = {(hp.prefix, hp.layer) for hp in map(hooked.resolve, sender_hooks) if hp.kind == "z"}
     freeze = [
         n
         for n, hp in hooked.hook_points.items()
-        if hp.kind in ("attn_out", "mlp_out") and fnmatch.fnmatchcase(n, frozen) and n not in sender_hooks
+        if hp.kind in ("attn_out", "mlp_out")
+        and fnmatch.fnmatchcase(n, frozen)
+        and n not in sender_hooks
+        and not (hp.kind == "attn_out" and (hp.prefix, hp.layer) in carriers)
     ]
     clean_run = hooked.run(clean, cache=freeze + sender_hooks + receiver_hooks)
     corrupt_run = hooked.run(corrupt_inputs, cache=sender_hooks, edits=corruption.edits)
