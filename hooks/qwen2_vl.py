@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from mmlens.core.adapter import MROPE_SEQUENCE_KWARGS, Adapter, BlockLayout, Point, Site, Stack, language_model
+from mmlens.core.adapter import ITEMS, MROPE_SEQUENCE_KWARGS, Adapter, BlockLayout, Point, Site, Stack, language_model
 from mmlens.core.spans import ModalitySpans, spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text
 from mmlens.metrics.perturb import CannotPerturb, token_perturbations
@@ -163,12 +163,13 @@ def _qwen_adapter(name: str, architecture: str) -> Adapter:
                 blocks="model.visual.blocks",
                 layout=QWEN_VISION_BLOCK,
                 n_heads="config.vision_config.num_heads",
+                axes=ITEMS,
             ),
             _lm_stack,
         ),
         points=(
-            Point("vision.embed", "encoder", "image", Site("model.visual.patch_embed")),
-            Point("fusion.projector_out", "fusion", "image", Site("model.visual.merger")),
+            Point("vision.embed", "encoder", "image", Site("model.visual.patch_embed"), axes=ITEMS),
+            Point("fusion.projector_out", "fusion", "image", Site("model.visual.merger"), axes=ITEMS),
             Point(
                 "fusion.embeds",
                 "fusion",

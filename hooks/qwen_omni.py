@@ -18,7 +18,17 @@ from __future__ import annotations
 
 import torch
 
-from mmlens.core.adapter import SEQUENCE_KWARGS, WHISPER_BLOCK, Adapter, BlockLayout, Point, Site, Stack, language_model
+from mmlens.core.adapter import (
+    ITEMS,
+    SEQUENCE_KWARGS,
+    WHISPER_BLOCK,
+    Adapter,
+    BlockLayout,
+    Point,
+    Site,
+    Stack,
+    language_model,
+)
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text
 from mmlens.hooks.qwen2_audio import neutral_audio
@@ -44,6 +54,23 @@ def omni_spans(model, inputs):
     )
 
 
+def one_image_per_row(patches: bool):
+    """A row splitter (``Adapter.packed_inputs``) for prompts with one image each: per row, its
+    patches (``patches=True``: ``t*h*w``) or its one grid row. Other layouts raise (the thinker's
+    inputs carry no per-token modality ids to match images to rows by)."""
+
+    def sizes(inputs):
+        grid, rows = inputs["image_grid_thw"], inputs["input_ids"].shape[0]
+        if grid.shape[0] != rows:
+            raise ValueError(
+                f"image_grid_thw has {grid.shape[0]} images for {rows} prompts: mmlens splits Qwen2.5-Omni's packed "
+                "images by row only with one image per prompt; run the rows one at a time"
+            )
+        return grid.prod(-1).tolist() if patches else [1] * rows
+
+    return sizes
+
+
 def neutral_image(model, inputs, spans):
     """Every patch all zeros: the mean image after the processor's normalisation (same grid, so the
     same image tokens)."""
@@ -61,6 +88,7 @@ QWEN_OMNI = Adapter(
             blocks="model.visual.blocks",
             layout=QWEN_VISION_BLOCK,
             n_heads="config.vision_config.num_heads",
+            axes=ITEMS,
         ),
         Stack(
             prefix="audio",
@@ -69,13 +97,14 @@ QWEN_OMNI = Adapter(
             blocks="model.audio_tower.layers",
             layout=WHISPER_BLOCK,
             n_heads="config.audio_config.encoder_attention_heads",
+            axes=ITEMS,
         ),
         _lm_stack,
     ),
     points=(
-        Point("vision.embed", "encoder", "image", Site("model.visual.patch_embed")),
-        Point("fusion.projector_out", "fusion", "image", Site("model.visual.merger")),
-        Point("fusion.audio_projector_out", "fusion", "audio", Site("model.audio_tower.proj")),
+        Point("vision.embed", "encoder", "image", Site("model.visual.patch_embed"), axes=ITEMS),
+        Point("fusion.projector_out", "fusion", "image", Site("model.visual.merger"), axes=ITEMS),
+        Point("fusion.audio_projector_out", "fusion", "audio", Site("model.audio_tower.proj"), axes=ITEMS),
         Point(
             "fusion.embeds",
             "fusion",
@@ -92,6 +121,7 @@ QWEN_OMNI = Adapter(
         "audio": ("input_features", "feature_attention_mask"),
         "text": ("input_ids", "attention_mask"),
     },
+    packed_inputs={"pixel_values": one_image_per_row(patches=True), "image_grid_thw": one_image_per_row(patches=False)},
     perturbations={
         "audio": audio_perturbations("input_features", valid="feature_attention_mask"),
         "text": token_perturbations("input_ids"),

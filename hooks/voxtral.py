@@ -8,7 +8,7 @@ no frame mask: padding to the chunk is zeros, whose log-mel is part of the input
 
 from __future__ import annotations
 
-from mmlens.core.adapter import WHISPER_BLOCK, Adapter, Point, Site, Stack, language_model
+from mmlens.core.adapter import ITEMS, WHISPER_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.hooks.language_models import neutral_text
 from mmlens.hooks.qwen2_audio import audio_token_spans, neutral_audio
 from mmlens.metrics.perturb import audio_perturbations, token_perturbations
@@ -41,7 +41,7 @@ VOXTRAL = Adapter(
         _lm_stack,
     ),
     points=(
-        Point("fusion.audio_projector_out", "fusion", "audio", Site("model.multi_modal_projector")),
+        Point("fusion.audio_projector_out", "fusion", "audio", Site("model.multi_modal_projector"), axes=ITEMS),
         Point(
             "fusion.embeds",
             "fusion",

@@ -43,6 +43,9 @@ MODELS = [
     "tiny-random-smolvlm",
     "tiny-random-paligemma",
     "tiny-random-internvl",
+    "tiny-random-qwen2-audio",
+    "tiny-random-voxtral",
+    "tiny-random-qwen2.5-omni",
 ]
 """Registry names the suite runs on (``mmlens.load_model(name)``, inputs from ``example_inputs()``)."""
 
