@@ -514,7 +514,8 @@ spans); returns Float[1, seq] signed scores (positive: the position supports the
 ``(scores, info)`` with a dict of diagnostics for :attr:`Explanation.info`. Scores outside
 ``setup.explained`` are ignored (set to NaN). An explainer that reads the input only through
 ``setup`` (``setup.embeds``/``baseline``, :func:`with_embeds`, :func:`masked_values`) can explain
-embedding-level variants (``embeds_only=True`` in :func:`register_explainer`)."""
+embedding-level variants (``embeds_only=True`` in :func:`register_explainer`, or the attribute
+``fn.embeds_only = True`` on a callable passed directly)."""
 
 EXPLAINERS: dict[str, Explainer] = {
     "gradient_x_input": _gradient_x_input,
@@ -549,6 +550,12 @@ def register_explainer(name: str, fn: Explainer, *, embeds_only: bool = False, o
     EMBEDS_ONLY.discard(name)
     if embeds_only:
         EMBEDS_ONLY.add(name)
+
+
+def reads_setup_only(method: str | Explainer) -> bool:
+    """Whether ``method`` can explain embedding-level variants: a name in :data:`EMBEDS_ONLY`, or a
+    callable with the attribute ``embeds_only = True``."""
+    return method in EMBEDS_ONLY if isinstance(method, str) else bool(getattr(method, "embeds_only", False))
 
 
 def explainer_name(method: str | Explainer) -> str:
@@ -650,10 +657,11 @@ def explain_row(
     hooked: HookedModel, prepared: Setup, one: dict, method: str | Explainer, mode: str, options: Mapping[str, Any]
 ) -> Explanation:
     """:func:`explain` of one input row from its :func:`prepare` (which fixes the metric and mode)."""
-    if prepared.edited and (not isinstance(method, str) or method not in EMBEDS_ONLY):
+    if prepared.edited and not reads_setup_only(method):
         raise ValueError(
             f"explainer {explainer_name(method)!r} cannot explain an embedding-level variant (it may re-run the "
-            f"inputs); explainers that can: {sorted(EMBEDS_ONLY)} (register yours with embeds_only=True)"
+            f"inputs); explainers that can: {sorted(EMBEDS_ONLY)} (register yours with embeds_only=True, or set "
+            "fn.embeds_only = True)"
         )
     out = resolve_explainer(method)(hooked, one, prepared.metric, prepared, **options)
     raw, extra = out if isinstance(out, tuple) else (out, {})
@@ -679,6 +687,7 @@ __all__ = [
     "masked_values",
     "predicted_prob",
     "prepare",
+    "reads_setup_only",
     "register_explainer",
     "resolve_explainer",
     "variant_setup",

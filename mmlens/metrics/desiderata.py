@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from mmlens.core.wrapper import HookedModel
 from mmlens.methods.explainers import (
     CONTROLS,
-    EMBEDS_ONLY,
     Explainer,
     Explanation,
     Setup,
@@ -40,6 +39,7 @@ from mmlens.methods.explainers import (
     masked_values,
     predicted_prob,
     prepare,
+    reads_setup_only,
     variant_setup,
     with_embeds,
 )
@@ -635,7 +635,7 @@ def stability(
                     hooked, x, setup, base, chosen, (i, m, epsilon), random_draws, search_steps, generator
                 )
     for name in chosen.names:
-        if epsilons and not (isinstance(chosen.methods[name], str) and chosen.methods[name] in EMBEDS_ONLY):
+        if epsilons and not reads_setup_only(chosen.methods[name]):
             skipped[name] = "no embedding-level draws: the explainer re-runs the inputs (not in EMBEDS_ONLY)"
     samples = pd.DataFrame([{k: v for k, v in r.items() if k != "_embeds"} for r in rows])
     return StabilityResult(samples, stability_summary(samples), skipped)
@@ -710,7 +710,7 @@ def _ball_samples(
     """The random and adversarial draws in the embedding ball of relative radius ``epsilon`` around
     input ``i``'s embeddings at m's positions (``key`` = (i, m, epsilon))."""
     i, m, epsilon = key
-    names = [k for k, v in chosen.methods.items() if isinstance(v, str) and v in EMBEDS_ONLY]
+    names = [k for k, v in chosen.methods.items() if reads_setup_only(v)]
     able = _Explainers({k: chosen.methods[k] for k in names}, {k: chosen.modes[k] for k in names}, chosen.options)
     if not able.methods:
         return []
@@ -808,11 +808,13 @@ def stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
     """The ``summary`` table of a :class:`StabilityResult` from its ``samples`` table."""
     if samples.empty:
         return pd.DataFrame()
-    kept = samples[samples.kept].assign(epsilon=samples.epsilon.fillna(-1.0))
+    samples = samples.assign(epsilon=samples.epsilon.fillna(-1.0))
     keys = ["explainer", "perturbed", "explained", "source", "epsilon"]
-    sup = kept.groupby([*keys, "input"], sort=False)[["ris", "res", "ratio"]].max().reset_index()
+    dropped = (~samples.kept).groupby([samples[k] for k in keys], sort=False).sum()
+    sup = samples[samples.kept].groupby([*keys, "input"], sort=False)[["ris", "res", "ratio"]].max().reset_index()
     out = []
-    for (name, m, target, source, epsilon), group in sup.groupby(keys, sort=False):
+    for key, group in sup.groupby(keys, sort=False):
+        name, m, target, source, epsilon = key
         out.append(
             {
                 "explainer": name,
@@ -822,7 +824,7 @@ def stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
                 "epsilon": float("nan") if epsilon < 0 else epsilon,
                 "equation": "intra (6)" if m == target else "cross (7)",
                 "n_inputs": len(group),
-                "n_dropped": int((~samples[(samples.explainer == name) & (samples.perturbed == m)].kept).sum()),
+                "n_dropped": int(dropped[key]),
                 "ris_max": float(group.ris.max()),
                 "ris_median": float(group.ris.median()),
                 "res_max": float(group.res.max()),
