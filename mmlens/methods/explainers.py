@@ -356,7 +356,7 @@ def _integrated_gradients(
         steps *= 2
     converged = error <= allowed
     info = {
-        "steps": steps,
+        "steps_used": steps,
         "completeness_error": error,
         "gap": gap,
         "allowed_error": allowed,
@@ -600,7 +600,7 @@ def explain(
     Returns:
         An :class:`Explanation` with NaN outside the explained positions; ``info`` holds the options and,
         per row, whatever the explainer reported (integrated gradients: ``completeness_error``,
-        ``steps``, ``converged``, ``guard``).
+        ``steps_used``, ``converged``, ``guard``).
     """
     check_method(method)
     inputs = hooked.check_inputs(inputs)
