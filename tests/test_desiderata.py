@@ -79,7 +79,14 @@ def test_keep_and_remove_behave_as_defined(text_only):
         ]
         assert abs(float(row.f_remove.iloc[0]) - expected) < 1e-6
     assert set(result.areas.source) == {"explanation", "random"}
-    assert set(result.areas.scope) == {"image", "text", "joint"}
+    assert set(result.areas.scope) == {"image", "text", "joint", "global"}
+    intervals = result.intervals.set_index(["scope", "measure"])
+    assert set(intervals.index) == {
+        (s, m) for s in ("image", "text", "joint", "global") for m in ("aoc_sufficiency_gap", "auc_necessity_drop")
+    }
+    assert (intervals.diff_low <= intervals["diff"]).all() and (intervals["diff"] <= intervals.diff_high).all()
+    image_row = intervals.loc[("image", "auc_necessity_drop")]
+    assert image_row["diff"] == 0 and not image_row.better  # the unused image: no explanation beats random
 
 
 def test_keep_masks_select_the_top_positions(text_only):
@@ -363,3 +370,37 @@ def test_relative_stability_is_scale_invariant():
     assert set(curve.epsilon) == {0.01, 0.05}
     assert (summary.res_max >= summary.res_median).all()
     assert summary[summary.source == "input"].ris_max.notna().all()  # raw-input denominators for input draws
+
+
+def test_global_top_k_crosses_modalities_and_metrics_do_not_saturate(text_only):
+    hm, inputs = text_only
+    one = {k: v[:1] for k, v in inputs.items()}
+    setup = prepare(hm, one, None, "joint")
+    scores = torch.full(setup.explained.shape, float("nan"))
+    text, image = setup.spans.masks["text"][0], setup.spans.masks["image"][0]
+    scores[0, text] = 1.0 + torch.arange(int(text.sum()), dtype=torch.float)  # every text position above the image
+    scores[0, image] = 0.0
+    explanation = Explanation(scores, setup.spans, "hand", "joint", setup.value)
+    n_text, n_all = int(text.sum()), int((text | image).sum())
+    k = n_text / n_all  # the global top-k is exactly the text
+    result = faithfulness(
+        hm,
+        one,
+        explanations=[explanation],
+        fractions=(0.0, k, 1.0),
+        random_draws=1,
+        metric="logit_diff",
+        progress=False,
+    )
+    row = result.curves[
+        (result.curves.scope == "global") & (result.curves.source == "explanation") & (result.curves.k == k)
+    ]
+    keep_text = torch.where(image[None, :, None], setup.baseline, setup.embeds)  # image at its reference, text kept
+    with torch.no_grad():
+        logits = hm.readout_logits(with_embeds(hm, one, setup.point, keep_text, lambda out: out), one)
+    target = int(setup.logits[0].argmax())
+    others = torch.cat([logits[0, :target], logits[0, target + 1 :]])
+    assert abs(float(row.f_keep.iloc[0]) - float(logits[0, target] - others.max())) < 1e-5
+    assert result.metric == "logit_diff" and float(row.f.iloc[0]) > 0  # the prediction's margin
+    with pytest.raises(ValueError, match="metric must be one of"):
+        faithfulness(hm, one, explanations=[explanation], metric="accuracy", progress=False)

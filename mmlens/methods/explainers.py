@@ -53,10 +53,33 @@ def predicted_prob(hooked: HookedModel, inputs: Mapping[str, Any]) -> Metric:
 
 def _prob_of_prediction(logits: Tensor) -> Metric:
     """:func:`predicted_prob` from one row's final logits Float[1, vocab]."""
+    return prediction_metric(logits, "prob")
+
+
+PREDICTION_METRICS = ("prob", "logprob", "logit_diff")
+"""What :func:`prediction_metric` can measure of the input's predicted token."""
+
+
+def prediction_metric(logits: Tensor, kind: str = "prob") -> Metric:
+    """A metric of the predicted token of one row's final logits Float[1, vocab]: ``"prob"`` (its
+    probability; saturates near 0 and 1), ``"logprob"`` (its log-probability, nats) or
+    ``"logit_diff"`` (its logit minus the largest other logit; does not saturate)."""
     if logits.shape[0] != 1:
         raise ValueError(f"predicted_prob takes one input row, got {logits.shape[0]}")
+    if kind not in PREDICTION_METRICS:
+        raise ValueError(f"metric must be one of {PREDICTION_METRICS}, got {kind!r}")
     target = int(logits[0].argmax())
-    return lambda out: out.float().softmax(-1)[:, target]
+    if kind == "prob":
+        return lambda out: out.float().softmax(-1)[:, target]
+    if kind == "logprob":
+        return lambda out: out.float().log_softmax(-1)[:, target]
+
+    def logit_diff(out: Tensor) -> Tensor:
+        out = out.float()
+        others = torch.cat([out[:, :target], out[:, target + 1 :]], 1)
+        return out[:, target] - others.max(1).values
+
+    return logit_diff
 
 
 def embedding_point(hooked: HookedModel) -> str:
@@ -685,7 +708,9 @@ __all__ = [
     "explain_row",
     "explainer_name",
     "masked_values",
+    "PREDICTION_METRICS",
     "predicted_prob",
+    "prediction_metric",
     "prepare",
     "reads_setup_only",
     "register_explainer",

@@ -18,7 +18,7 @@ text, image and graph positions are treated alike, and variants are evaluated in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from mmlens.methods.explainers import (
     explainer_name,
     masked_values,
     predicted_prob,
+    prediction_metric,
     prepare,
     reads_setup_only,
     variant_setup,
@@ -449,38 +450,50 @@ class FaithfulnessResult:
     """What :func:`faithfulness` returns.
 
     Attributes:
-        curves: one row per (input, scope, k, source): ``scope`` a modality or ``"joint"`` (every
-            modality's top-k at once), ``source`` ``"explanation"`` or ``"random"`` (mean over
-            draws), ``f`` the metric on the input, ``f_keep``, ``f_remove``, ``sufficiency_gap``
-            (|f_keep - f|), ``necessity_drop`` (f - f_remove).
+        curves: one row per (input, scope, k, source): ``scope`` a modality, ``"joint"`` (every
+            modality's top-k fraction at once) or ``"global"`` (the top-k fraction of all explained
+            positions, whatever their modality), ``source`` ``"explanation"`` or ``"random"`` (mean
+            over draws), ``f`` the metric on the input, ``f_keep``, ``f_remove``,
+            ``sufficiency_gap`` (|f_keep - f|), ``necessity_drop`` (f - f_remove).
         areas: per (scope, source): areas under the mean curves over k in [0, 1] (trapezoid):
             ``aoc_sufficiency_gap`` (lower is better) and ``auc_necessity_drop`` (higher is better).
+        intervals: per (scope, measure) with measure ``aoc_sufficiency_gap`` or
+            ``auc_necessity_drop``: the mean per-input area of the ``explanation`` and of
+            ``random``, their paired difference ``diff`` (explanation - random) with a
+            cluster-bootstrap interval over inputs (``diff_low``, ``diff_high``), and ``better``:
+            whether the interval excludes 0 on the good side (necessity above, sufficiency gap below).
+        method: the explainer; ``metric``: what f measures (:data:`PREDICTION_METRICS`).
     """
 
     curves: pd.DataFrame
     areas: pd.DataFrame
     method: str
+    intervals: pd.DataFrame = field(default_factory=pd.DataFrame)
+    metric: str = "prob"
 
 
 def faithfulness(
     hooked: HookedModel,
     inputs: Dataset,
-    explainer: str = "integrated_gradients",
+    explainer: str | Explainer = "integrated_gradients",
     *,
     fractions: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
     random_draws: int = 5,
     seed: int = 0,
     batch_size: int = 32,
+    metric: str = "prob",
     options: Mapping[str, Any] | None = None,
     explanations: Sequence[Explanation] | None = None,
+    n_resamples: int = 999,
     progress: bool = True,
 ) -> FaithfulnessResult:
-    """Sufficiency and necessity of an explainer's top-k positions per modality and jointly.
+    """Sufficiency and necessity of an explainer's top-k positions per modality, jointly (each
+    modality's top-k) and globally (the top-k of all positions across modalities).
 
-    keep_k: every explained position outside the top-k fraction of its modality takes its neutral
-    reference embedding; remove_k: the top-k positions do. The metric is the probability of each
-    input's predicted token. ``explanations`` (one per row, from :func:`mmlens.explain`) skips
-    explaining.
+    keep_k: every explained position of the scope outside its top-k takes its neutral reference
+    embedding (at the LM's input embeddings); remove_k: the top-k positions do. ``metric``
+    (:data:`mmlens.methods.explainers.PREDICTION_METRICS`) measures each input's predicted token.
+    ``explanations`` (one per row, from :func:`mmlens.explain`) skips explaining.
     """
     items = examples(hooked, inputs)
     fractions = sorted({float(k) for k in fractions})
@@ -492,54 +505,145 @@ def faithfulness(
     options = dict(options or {})
     mode = options.pop("mode", "joint")
     check_method(explainer)
+    name = explainer_name(explainer)
     rows = []
-    for i, x in enumerate(tqdm(items, desc=f"faithfulness ({explainer})", disable=not progress)):
+    for i, x in enumerate(tqdm(items, desc=f"faithfulness ({name})", disable=not progress)):
         setup = prepare(hooked, x, None, "joint")
+        own_metric = prediction_metric(setup.logits, metric)
+        setup = replace(setup, metric=own_metric, value=own_metric(setup.logits).detach())
         if explanations is not None:
             e = explanations[i]
         else:
             own = setup if mode == "joint" else prepare(hooked, x, setup.metric, mode)
             e = explain_row(hooked, own, x, explainer, mode, options)
-        modalities = setup.spans.modalities
-        masks, labels = [], []
-        for scope in modalities + (["joint"] if len(modalities) > 1 else []):
-            members = modalities if scope == "joint" else [scope]
-            scope_mask = torch.zeros_like(setup.explained[0].cpu())
-            for n in members:
-                scope_mask |= setup.spans.masks[n][0].cpu()
-            for k in fractions:
+        masks, labels = _faithfulness_masks(setup, e, fractions, random_draws, generator)
+        values = masked_values(hooked, x, setup, masks, batch_size).tolist()
+        rows += _faithfulness_rows(i, float(setup.value[0]), labels, values)
+    curves = pd.DataFrame(rows)
+    return FaithfulnessResult(
+        curves, areas(curves), name, faithfulness_intervals(curves, n_resamples=n_resamples, seed=seed), metric
+    )
+
+
+def _faithfulness_masks(
+    setup: Setup, e: Explanation, fractions: list[float], random_draws: int, generator: torch.Generator
+) -> tuple[list[Tensor], list[tuple]]:
+    """The keep and remove masks Bool[seq] of one input, with their (scope, k, source, draw, which) labels."""
+    modalities = setup.spans.modalities
+    scopes = modalities + (["joint", "global"] if len(modalities) > 1 else [])
+    masks, labels = [], []
+    for scope in scopes:
+        members = modalities if scope in ("joint", "global") else [scope]
+        scope_mask = torch.zeros_like(setup.explained[0].cpu())
+        for n in members:
+            scope_mask |= setup.spans.masks[n][0].cpu()
+        for k in fractions:
+            if scope == "global":
+                top = _global_top(e.scores[0].cpu(), scope_mask & setup.explained[0].cpu(), k)
+                draws = [
+                    _random_global(scope_mask & setup.explained[0].cpu(), k, generator) for _ in range(random_draws)
+                ]
+            else:
                 top = torch.zeros_like(scope_mask)
                 for n in members:
                     top |= e.top_mask(n, k)[0]
                 draws = [_random_top(setup.spans, members, k, generator) for _ in range(random_draws)]
-                for source, chosen in (("explanation", [top]), ("random", draws)):
-                    for d, mask in enumerate(chosen):
-                        masks += [scope_mask & ~mask, mask]
-                        labels += [(scope, k, source, d, "keep"), (scope, k, source, d, "remove")]
-        values = masked_values(hooked, x, setup, masks, batch_size).tolist()
-        f = float(setup.value[0])
-        table = pd.DataFrame(
-            [(*label, v) for label, v in zip(labels, values)],
-            columns=["scope", "k", "source", "draw", "which", "value"],
+            for source, chosen in (("explanation", [top]), ("random", draws)):
+                for d, mask in enumerate(chosen):
+                    masks += [scope_mask & ~mask, mask]
+                    labels += [(scope, k, source, d, "keep"), (scope, k, source, d, "remove")]
+    return masks, labels
+
+
+def _global_top(scores: Tensor, where: Tensor, k: float) -> Tensor:
+    """Bool[seq]: the ``ceil(k * n)`` highest scores among the ``n`` positions of ``where`` (ties by position)."""
+    positions = where.nonzero()[:, 0]
+    count = int(np.ceil(k * len(positions) - 1e-9))
+    order = torch.argsort(scores[positions].nan_to_num(float("-inf")), descending=True, stable=True)
+    out = torch.zeros_like(where)
+    out[positions[order[:count]]] = True
+    return out
+
+
+def _random_global(where: Tensor, k: float, generator: torch.Generator) -> Tensor:
+    """Bool[seq]: ``ceil(k * n)`` random positions of ``where``."""
+    positions = where.nonzero()[:, 0]
+    count = int(np.ceil(k * len(positions) - 1e-9))
+    out = torch.zeros_like(where)
+    out[positions[torch.randperm(len(positions), generator=generator)[:count]]] = True
+    return out
+
+
+def _faithfulness_rows(i: int, f: float, labels: list[tuple], values: list[float]) -> list[dict]:
+    """The ``curves`` rows of input ``i`` from its masked values (random draws averaged)."""
+    table = pd.DataFrame(
+        [(*label, v) for label, v in zip(labels, values)], columns=["scope", "k", "source", "draw", "which", "value"]
+    )
+    wide = table.pivot_table(index=["scope", "k", "source", "draw"], columns="which", values="value").reset_index()
+    wide = wide.groupby(["scope", "k", "source"], sort=False)[["keep", "remove"]].mean().reset_index()
+    return [
+        {
+            "input": i,
+            "scope": r.scope,
+            "k": r.k,
+            "source": r.source,
+            "f": f,
+            "f_keep": r.keep,
+            "f_remove": r.remove,
+            "sufficiency_gap": abs(r.keep - f),
+            "necessity_drop": f - r.remove,
+        }
+        for r in wide.itertuples(index=False)
+    ]
+
+
+def faithfulness_intervals(
+    curves: pd.DataFrame, *, confidence: float = 0.95, n_resamples: int = 999, seed: int = 0
+) -> pd.DataFrame:
+    """The ``intervals`` table of a :class:`FaithfulnessResult` from its ``curves``: per-input areas,
+    explanation vs random, paired over inputs."""
+    if curves.empty or curves.k.nunique() < 2:
+        return pd.DataFrame()
+    per = []
+    for (i, scope, source), group in curves.groupby(["input", "scope", "source"], sort=False):
+        group = group.sort_values("k")
+        k = group.k.to_numpy()
+        per.append(
+            {
+                "input": i,
+                "scope": scope,
+                "source": source,
+                "aoc_sufficiency_gap": float(np.trapezoid(group.sufficiency_gap.to_numpy(), k)),
+                "auc_necessity_drop": float(np.trapezoid(group.necessity_drop.to_numpy(), k)),
+            }
         )
-        wide = table.pivot_table(index=["scope", "k", "source", "draw"], columns="which", values="value").reset_index()
-        wide = wide.groupby(["scope", "k", "source"], sort=False)[["keep", "remove"]].mean().reset_index()
-        for r in wide.itertuples(index=False):
-            rows.append(
+    per = pd.DataFrame(per)
+    out = []
+    for scope, group in per.groupby("scope", sort=False):
+        wide = group.pivot_table(index="input", columns="source", values=["aoc_sufficiency_gap", "auc_necessity_drop"])
+        for measure, sign in (("aoc_sufficiency_gap", -1), ("auc_necessity_drop", 1)):
+            a, b = wide[measure]["explanation"].to_numpy(), wide[measure]["random"].to_numpy()
+            diff, low, high = cluster_bootstrap(
+                np.arange(len(a)),
+                lambda w: weighted_mean(a - b, w),
+                confidence=confidence,
+                n_resamples=n_resamples,
+                seed=seed,
+            )
+            out.append(
                 {
-                    "input": i,
-                    "scope": r.scope,
-                    "k": r.k,
-                    "source": r.source,
-                    "f": f,
-                    "f_keep": r.keep,
-                    "f_remove": r.remove,
-                    "sufficiency_gap": abs(r.keep - f),
-                    "necessity_drop": f - r.remove,
+                    "scope": scope,
+                    "measure": measure,
+                    "n_inputs": len(a),
+                    "explanation": float(a.mean()),
+                    "random": float(b.mean()),
+                    "diff": diff,
+                    "diff_low": low,
+                    "diff_high": high,
+                    "better": bool(low > 0) if sign > 0 else bool(high < 0),
                 }
             )
-    curves = pd.DataFrame(rows)
-    return FaithfulnessResult(curves, areas(curves), explainer)
+    return pd.DataFrame(out)
 
 
 @dataclass
@@ -1065,6 +1169,7 @@ __all__ = [
     "Dataset",
     "FaithfulnessResult",
     "GrangerResult",
+    "REFERENCES",
     "InteractionResult",
     "StabilityResult",
     "areas",
@@ -1072,7 +1177,9 @@ __all__ = [
     "examples",
     "explanation_distance",
     "faithfulness",
+    "faithfulness_intervals",
     "granger",
+    "granger_calibration",
     "granger_summary",
     "interaction",
     "js_divergence",
