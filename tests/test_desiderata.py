@@ -223,7 +223,9 @@ def test_an_unused_modality_has_no_interaction_and_no_emap_gap(text_only):
     # the image tokens do not depend on the image: equal up to batched-vs-single float rounding
     assert (rows.shapley_interaction.abs() < 1e-6).all()
     assert ((rows.v_ab - rows.v_b).abs() < 1e-6).all() and ((rows.v_a - rows.v_none).abs() < 1e-6).all()
-    assert result.emap == {"accuracy": 1.0, "emap_accuracy": 1.0, "gap": 0.0, "n": 2, "labels": "model predictions"}
+    expected = {"accuracy": 1.0, "emap_accuracy": 1.0, "gap": 0.0, "n": 2, "labels": "model predictions"}
+    assert {k: result.emap[k] for k in expected} == expected
+    assert (rows.shapley_interaction_logodds.abs() < 1e-4).all()
 
 
 def test_interaction_terms_equal_runs_on_neutral_and_swapped_inputs(loaded):
@@ -404,3 +406,33 @@ def test_global_top_k_crosses_modalities_and_metrics_do_not_saturate(text_only):
     assert result.metric == "logit_diff" and float(row.f.iloc[0]) > 0  # the prediction's margin
     with pytest.raises(ValueError, match="metric must be one of"):
         faithfulness(hm, one, explanations=[explanation], metric="accuracy", progress=False)
+
+
+def test_interaction_in_log_odds_and_emap_with_intervals():
+    from mmlens.metrics.desiderata import interaction
+
+    hm, inputs = _additive_fusion()
+    result = interaction(hm, inputs, n_resamples=199, progress=False)
+    # additive in logits: EMAP's additive projection is the model itself, so the gap is 0 in every resample
+    assert result.emap["gap"] == 0 and result.emap["gap_low"] == 0 and result.emap["gap_high"] == 0
+    x = {k: v[:1] for k, v in inputs.items()}
+    logits = {
+        name: hm.readout_logits(hm.run(batch).logits, batch)
+        for name, batch in (
+            ("ab", x),
+            ("a", hm.neutral(x, "text")),
+            ("b", hm.neutral(x, "image")),
+            ("none", hm.neutral(hm.neutral(x, "image"), "text")),
+        )
+    }
+    target = int(logits["ab"][0].argmax())
+
+    def odds(z):
+        z = z[0].double()
+        return float(z[target] - torch.cat([z[:target], z[target + 1 :]]).logsumexp(0))
+
+    expected = odds(logits["ab"]) - odds(logits["a"]) - odds(logits["b"]) + odds(logits["none"])
+    assert abs(result.per_input.shapley_interaction_logodds[0] - expected) < 1e-4
+    for r in result.intervals.itertuples():
+        assert r.low <= r.mean <= r.high and r.n_inputs == 16
+    assert set(result.intervals.space) == {"prob", "logodds"}

@@ -56,14 +56,15 @@ def _prob_of_prediction(logits: Tensor) -> Metric:
     return prediction_metric(logits, "prob")
 
 
-PREDICTION_METRICS = ("prob", "logprob", "logit_diff")
+PREDICTION_METRICS = ("prob", "logprob", "logodds", "logit_diff")
 """What :func:`prediction_metric` can measure of the input's predicted token."""
 
 
 def prediction_metric(logits: Tensor, kind: str = "prob") -> Metric:
     """A metric of the predicted token of one row's final logits Float[1, vocab]: ``"prob"`` (its
-    probability; saturates near 0 and 1), ``"logprob"`` (its log-probability, nats) or
-    ``"logit_diff"`` (its logit minus the largest other logit; does not saturate)."""
+    probability; saturates near 0 and 1), ``"logprob"`` (its log-probability, nats), ``"logodds"``
+    (log p - log(1 - p), from the logits without rounding) or ``"logit_diff"`` (its logit minus the
+    largest other logit); the last two do not saturate."""
     if logits.shape[0] != 1:
         raise ValueError(f"predicted_prob takes one input row, got {logits.shape[0]}")
     if kind not in PREDICTION_METRICS:
@@ -73,13 +74,15 @@ def prediction_metric(logits: Tensor, kind: str = "prob") -> Metric:
         return lambda out: out.float().softmax(-1)[:, target]
     if kind == "logprob":
         return lambda out: out.float().log_softmax(-1)[:, target]
+    if kind == "logodds":
+        return lambda out: out.float()[:, target] - _others(out.float(), target).logsumexp(1)
 
-    def logit_diff(out: Tensor) -> Tensor:
-        out = out.float()
-        others = torch.cat([out[:, :target], out[:, target + 1 :]], 1)
-        return out[:, target] - others.max(1).values
+    return lambda out: out.float()[:, target] - _others(out.float(), target).max(1).values
 
-    return logit_diff
+
+def _others(logits: Tensor, target: int) -> Tensor:
+    """Float[n, vocab - 1]: the logits without column ``target``."""
+    return torch.cat([logits[:, :target], logits[:, target + 1 :]], 1)
 
 
 def embedding_point(hooked: HookedModel) -> str:

@@ -1018,17 +1018,23 @@ class InteractionResult:
             ``v_b`` (a neutral), ``v_none`` (both neutral) and ``shapley_interaction`` =
             v_ab - v_a - v_b + v_none (f: the probability of the input's predicted token). Positive:
             synergy (each modality needs the other); negative: redundancy (either suffices); ~0:
-            additive.
+            additive. ``shapley_interaction_logodds``: the same in log-odds of that token (log p -
+            log(1 - p)), which does not saturate (with two classes it is the logit difference, so a
+            model additive in logits has none).
+        intervals: per ``space`` (``prob``, ``logodds``): the mean interaction with a bootstrap
+            interval over inputs (``low``, ``high``).
         emap: Hessel & Lee's (2020) empirical multimodally-additive projection over the dataset:
             ``accuracy`` of the model's own logits and ``emap_accuracy`` of their additive
             projection against ``labels`` (the model's predictions when none are given), and
-            ``gap`` = accuracy - emap_accuracy (~0 when the model is additive in a and b); None
-            when the inputs' a positions differ.
+            ``gap`` = accuracy - emap_accuracy (~0 when the model is additive in a and b) with a
+            bootstrap interval over inputs (``gap_low``, ``gap_high``: inputs resampled, the
+            projection's means taken over the resample); None when the inputs' a positions differ.
     """
 
     modalities: tuple[str, str]
     per_input: pd.DataFrame
     emap: dict | None
+    intervals: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def mean_interaction(self) -> float:
@@ -1044,6 +1050,8 @@ def interaction(
     labels: Sequence[int] | Tensor | None = None,
     emap: bool = True,
     batch_size: int = 64,
+    n_resamples: int = 999,
+    seed: int = 0,
     progress: bool = True,
 ) -> InteractionResult:
     """How much two modalities interact in the model's output, per input and over a dataset.
@@ -1074,6 +1082,10 @@ def interaction(
         mask_a, mask_b = (setup.spans.masks[m][0].cpu() & setup.explained[0].cpu() for m in pair)
         v_a, v_b, v_none = masked_values(hooked, x, setup, [mask_b, mask_a, mask_a | mask_b], batch_size).tolist()
         v_ab = float(setup.value[0])
+        odds = replace(setup, metric=prediction_metric(setup.logits, "logodds"))
+        odds.value = odds.metric(setup.logits)
+        l_a, l_b, l_none = masked_values(hooked, x, odds, [mask_b, mask_a, mask_a | mask_b], batch_size).tolist()
+        l_ab = float(odds.value[0])
         rows.append(
             {
                 "input": i,
@@ -1082,15 +1094,36 @@ def interaction(
                 "v_b": v_b,
                 "v_none": v_none,
                 "shapley_interaction": v_ab - v_a - v_b + v_none,
+                "shapley_interaction_logodds": l_ab - l_a - l_b + l_none,
             }
         )
-    return InteractionResult(
-        pair, pd.DataFrame(rows), _emap(hooked, items, setups, a, labels, batch_size, progress) if emap else None
-    )
+    per_input = pd.DataFrame(rows)
+    emap_result = _emap(hooked, items, setups, a, labels, batch_size, progress, n_resamples, seed) if emap else None
+    return InteractionResult(pair, per_input, emap_result, _interaction_intervals(per_input, n_resamples, seed))
+
+
+def _interaction_intervals(per_input: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
+    """Mean Shapley interaction in probability and log-odds space with bootstrap intervals over inputs."""
+    out = []
+    for space, column in (("prob", "shapley_interaction"), ("logodds", "shapley_interaction_logodds")):
+        values = per_input[column].to_numpy()
+        mean, low, high = cluster_bootstrap(
+            np.arange(len(values)), lambda w, v=values: weighted_mean(v, w), n_resamples=n_resamples, seed=seed
+        )
+        out.append({"space": space, "mean": mean, "low": low, "high": high, "n_inputs": len(values)})
+    return pd.DataFrame(out)
 
 
 def _emap(
-    hooked: HookedModel, items: list[dict], setups: list, a: str, labels, batch_size: int, progress: bool
+    hooked: HookedModel,
+    items: list[dict],
+    setups: list,
+    a: str,
+    labels,
+    batch_size: int,
+    progress: bool,
+    n_resamples: int = 999,
+    seed: int = 0,
 ) -> dict | None:
     masks = [s.spans.masks[a][0].cpu() for s in setups]
     if len(items) < 2 or any(not torch.equal(m, masks[0]) for m in masks):
@@ -1106,15 +1139,31 @@ def _emap(
                 row.append(with_embeds(hooked, x, setup.point, mixed, lambda out: out).float().cpu())
             logits.append(torch.cat(row))
     f = torch.stack(logits)  # Float[n, n, vocab]
-    projection = f.mean(1) + f.mean(0) - f.mean((0, 1))
     own = torch.diagonal(f).T.argmax(-1)
     truth = own if labels is None else torch.as_tensor(labels).long().cpu()
-    accuracy = float((own == truth).float().mean())
-    emap_accuracy = float((projection.argmax(-1) == truth).float().mean())
+    correct = (own == truth).double().numpy()
+
+    def gap(w: np.ndarray) -> float:
+        """accuracy - EMAP accuracy with input j drawn w_j times (the projection's means weighted alike)."""
+        weights = torch.as_tensor(w, dtype=f.dtype)
+        p = weights / weights.sum()
+        projection = (
+            (f * p[None, :, None]).sum(1)
+            + (f * p[:, None, None]).sum(0)
+            - (f * (p[:, None] * p[None, :])[..., None]).sum((0, 1))
+        )
+        emap_correct = (projection.argmax(-1) == truth).double().numpy()
+        return weighted_mean(correct - emap_correct, w)
+
+    ones = np.ones(len(items), dtype=int)
+    value, low, high = cluster_bootstrap(np.arange(len(items)), gap, n_resamples=n_resamples, seed=seed)
+    accuracy = weighted_mean(correct, ones)
     return {
         "accuracy": accuracy,
-        "emap_accuracy": emap_accuracy,
-        "gap": accuracy - emap_accuracy,
+        "emap_accuracy": accuracy - value,
+        "gap": value,
+        "gap_low": low,
+        "gap_high": high,
         "n": len(items),
         "labels": "given" if labels is not None else "model predictions",
     }
