@@ -955,24 +955,30 @@ def circuit_faithfulness(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Sufficiency and necessity of a circuit (:class:`mmlens.methods.circuits.Circuit`) with keep/remove
-    interventions inside the model (:func:`mmlens.methods.circuits.intervene`), against random circuits with
-    as many components drawn from the same universe.
+    interventions inside the model (:func:`mmlens.methods.circuits.intervene`), against random circuits
+    matched in (component, position, head) cells (:func:`mmlens.methods.circuits.matched_random_circuit`,
+    drawn per input). A circuit with edges is also evaluated as edges, through path patching
+    (:func:`mmlens.methods.circuits.edge_patch`: only its sender -> receiver paths carry the ablated
+    run), against as many random edges of the same kinds; this needs ablation ``"neutral"`` (the
+    ablated run is the neutral input) or ``"resample"`` (``reference`` inputs).
 
     Returns one row per (input, source): ``source`` ``"circuit"`` or ``"random"`` (mean over draws),
-    ``f`` (the predicted token's probability), ``f_keep``, ``f_remove``, ``sufficiency_gap``
-    (|f_keep - f|), ``necessity_drop`` (f - f_remove). A circuit that is the whole universe has
-    sufficiency gap 0; removing it gives the fully ablated run.
+    and for edge circuits ``"circuit_edges"`` and ``"random_edges"`` (``f_keep`` NaN: only removal is
+    path-patched); ``cells`` (the cell count, equal for a circuit and its random matches), ``f`` (the
+    predicted token's probability), ``f_keep``, ``f_remove``, ``sufficiency_gap`` (|f_keep - f|),
+    ``necessity_drop`` (f - f_remove). A circuit that is the whole universe has sufficiency gap 0;
+    removing it gives the fully ablated run.
     """
-    from mmlens.methods.circuits import Circuit, components, intervene
+    from mmlens.methods.circuits import cell_count, intervene, matched_random_circuit
 
     generator = torch.Generator().manual_seed(seed)
     nodes = circuit.effective_nodes
     kinds = tuple(kinds or dict.fromkeys(hooked.resolve(n.hook).kind for n in nodes)) or ("attn_out", "mlp_out")
-    universe = components(hooked, kinds)
-    randoms = [
-        Circuit(tuple(universe[j] for j in torch.randperm(len(universe), generator=generator)[: len(nodes)]))
-        for _ in range(random_draws)
-    ]
+    if circuit.edges and ablation not in ("neutral", "resample"):
+        raise ValueError(
+            f"edges are evaluated by path patching from an ablated run: use ablation 'neutral' or 'resample', "
+            f"got {ablation!r}"
+        )
     rows = []
     for i, x in enumerate(tqdm(examples(hooked, inputs), desc="circuit faithfulness", disable=not progress)):
         metric = predicted_prob(hooked, x)
@@ -980,6 +986,7 @@ def circuit_faithfulness(
         def f(run, metric: Metric = metric, x: dict = x) -> float:
             return float(metric(hooked.readout_logits(run.logits, x))[0])
 
+        randoms = [matched_random_circuit(hooked, circuit, x, generator) for _ in range(random_draws)]
         with torch.no_grad():
             base = f(hooked.run(x))
             for source, group in (("circuit", [circuit]), ("random", randoms)):
@@ -994,18 +1001,68 @@ def circuit_faithfulness(
                 if not group:
                     continue
                 f_keep, f_remove = float(np.mean(keep)), float(np.mean(remove))
-                rows.append(
-                    {
-                        "input": i,
-                        "source": source,
-                        "f": base,
-                        "f_keep": f_keep,
-                        "f_remove": f_remove,
-                        "sufficiency_gap": abs(f_keep - base),
-                        "necessity_drop": base - f_remove,
-                    }
+                cells = [cell_count(hooked, c, x) for c in group]
+                rows.append(_circuit_row(i, source, int(np.mean(cells)), base, f_keep, f_remove))
+            if circuit.edges:
+                rows += _edge_rows(
+                    hooked, x, i, circuit, ablation, reference, modality, random_draws, generator, metric
                 )
     return pd.DataFrame(rows)
+
+
+def _circuit_row(i: int, source: str, cells: int, f: float, f_keep: float, f_remove: float) -> dict:
+    """One row of :func:`circuit_faithfulness`."""
+    return {
+        "input": i,
+        "source": source,
+        "cells": cells,
+        "f": f,
+        "f_keep": f_keep,
+        "f_remove": f_remove,
+        "sufficiency_gap": abs(f_keep - f),
+        "necessity_drop": f - f_remove,
+    }
+
+
+def _edge_rows(
+    hooked: HookedModel,
+    x: dict,
+    i: int,
+    circuit: Any,
+    ablation: str,
+    reference: Any,
+    modality: str | None,
+    random_draws: int,
+    generator: torch.Generator,
+    metric: Metric,
+) -> list[dict]:
+    """The ``circuit_edges`` and ``random_edges`` rows of input ``i``: removal by path patching."""
+    from mmlens.methods.circuits import edge_patch, random_edges
+
+    if ablation == "resample":
+        if reference is None:
+            raise ValueError("ablation 'resample' needs reference inputs of the same layout")
+        corrupted = reference
+    else:
+        corrupted = x
+        for m in [modality] if modality else [m for m in hooked.spans(x).modalities if m in hooked.adapter.neutral]:
+            corrupted = hooked.neutral(corrupted, m)
+    with torch.no_grad():
+        f = edge_patch(hooked, x, corrupted, metric, ())
+        rows = [
+            _circuit_row(
+                i,
+                "circuit_edges",
+                len(circuit.edges),
+                f,
+                float("nan"),
+                edge_patch(hooked, x, corrupted, metric, circuit.edges),
+            )
+        ]
+        draws = [random_edges(hooked, circuit.edges, generator) for _ in range(random_draws)]
+        removed = [edge_patch(hooked, x, corrupted, metric, d) for d in draws]
+    rows.append(_circuit_row(i, "random_edges", len(circuit.edges), f, float("nan"), float(np.mean(removed))))
+    return rows
 
 
 @dataclass
