@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmlens.metrics.stats import Interval, auroc, bootstrap_ci, holm, permutation_test, spearman, tost, verdict
+from mmlens.metrics.stats import (
+    Interval,
+    auc,
+    auroc,
+    auroc_difference,
+    bootstrap_ci,
+    holm,
+    permutation_test,
+    spearman,
+    tost,
+    verdict,
+)
 
 
 def test_bootstrap_interval_covers_a_known_mean_at_roughly_the_nominal_rate():
@@ -126,3 +137,19 @@ def test_verdict_three_ways():
     assert verdict(iv(0.1, 0.2), 0.0, direction=-1) == "refuted"
     with pytest.raises(ValueError, match="wrong side"):
         verdict(iv(0, 1), 0.5, claim=0.4)
+
+
+def test_auc_and_paired_auroc_difference():
+    assert np.isnan(auc([1.0, 2.0], []))  # no negatives: no AUROC
+    rng = np.random.default_rng(8)
+    pos = np.stack([rng.normal(3, 1, 15), rng.normal(0, 1, 15)])
+    neg = np.stack([rng.normal(0, 1, 40), rng.normal(0, 1, 40)])
+    diff = auroc_difference(pos, neg, n_resamples=500)
+    assert diff.estimate == pytest.approx(auc(pos[0], neg[0]) - auc(pos[1], neg[1]))
+    assert 0 < diff.low < diff.estimate < diff.high
+    same = auroc_difference(np.stack([pos[0], pos[0]]), np.stack([neg[0], neg[0]]), n_resamples=200)
+    assert (same.low, same.high) == (0.0, 0.0)  # paired: both features resampled together
+    few = auroc_difference(pos[:, :1], neg, n_resamples=200)
+    assert verdict(few, 0.0) == "inconclusive"  # one positive: no interval, no verdict
+    with pytest.raises(ValueError, match=r"Float\[2, n\]"):
+        auroc_difference(pos[0], neg)

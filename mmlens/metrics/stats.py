@@ -32,7 +32,8 @@ Statistic = Callable[..., np.ndarray | float]
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with a two-sided interval at ``confidence`` (e.g. 0.95)."""
+    """A point estimate with a two-sided interval at ``confidence`` (e.g. 0.95); ``low``/``high``
+    are NaN where there are too few values for one (no verdict can rest on it)."""
 
     estimate: float
     low: float
@@ -226,6 +227,46 @@ def _auc(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
     return u / (pos.shape[axis] * neg.shape[axis])
 
 
+def auc(positive: ArrayLike, negative: ArrayLike) -> float:
+    """AUROC of scores separating ``positive`` [n1] from ``negative`` [n0] (ties count one half),
+    without an interval; NaN when either is empty."""
+    pos, neg = np.asarray(positive, dtype=float).ravel(), np.asarray(negative, dtype=float).ravel()
+    return float(_auc(pos, neg)) if pos.size and neg.size else float("nan")
+
+
+def auroc_difference(
+    positive: ArrayLike, negative: ArrayLike, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> Interval:
+    """AUROC(feature 0) - AUROC(feature 1) of two features measured on the same items:
+    ``positive`` Float[2, n1], ``negative`` Float[2, n0]; a stratified bootstrap interval
+    (percentile) that resamples items of each class, both features together (paired)."""
+    pos, neg = np.asarray(positive, dtype=float), np.asarray(negative, dtype=float)
+    if pos.ndim != 2 or neg.ndim != 2 or pos.shape[0] != 2 or neg.shape[0] != 2:
+        raise ValueError(f"positive and negative must be Float[2, n], got {pos.shape} and {neg.shape}")
+
+    def difference(p: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
+        return _auc(p[0], n[0], axis) - _auc(p[1], n[1], axis)
+
+    estimate = float(difference(pos, neg))
+    label = f"AUROC difference, stratified paired bootstrap percentile, {n_resamples} resamples"
+    if pos.shape[1] < 2 or neg.shape[1] < 2:
+        return Interval(estimate, float("nan"), float("nan"), confidence, label + " (too few items: no interval)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sps.DegenerateDataWarning)
+        res = sps.bootstrap(
+            (pos, neg),
+            difference,
+            confidence_level=confidence,
+            n_resamples=n_resamples,
+            method="percentile",
+            axis=-1,
+            rng=seed,
+        )
+    return Interval(
+        estimate, float(res.confidence_interval.low), float(res.confidence_interval.high), confidence, label
+    )
+
+
 def auroc(
     positive: ArrayLike,
     negative: ArrayLike,
@@ -240,8 +281,10 @@ def auroc(
     pos, neg = _sample(positive, "positive", 1), _sample(negative, "negative", 1)
     estimate = float(_auc(pos, neg))
     label = f"AUROC (Mann-Whitney U), stratified bootstrap {method}, {n_resamples} resamples"
-    if pos.size < 2 or neg.size < 2 or (_constant(pos) and _constant(neg)):
-        return Interval(estimate, estimate, estimate, confidence, label + " (too few values for an interval)")
+    if pos.size < 2 or neg.size < 2:
+        return Interval(estimate, float("nan"), float("nan"), confidence, label + " (too few values: no interval)")
+    if _constant(pos) and _constant(neg):
+        return Interval(estimate, estimate, estimate, confidence, label + " (constant scores)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sps.DegenerateDataWarning)
         res = sps.bootstrap(
@@ -260,7 +303,7 @@ def verdict(interval: Interval, null: float, *, claim: float | None = None, dire
     """Decide a claim "statistic > null" (``direction=+1``) or "< null" (``-1``) from its interval:
     "supported" when the interval lies wholly beyond ``null`` on the claim's side; "refuted" when it
     lies wholly on the other side of ``claim`` (the smallest effect that would count; default
-    ``null``), i.e. excludes the claim; "inconclusive" otherwise."""
+    ``null``), i.e. excludes the claim; "inconclusive" otherwise (also for a NaN interval)."""
     if direction not in (1, -1):
         raise ValueError(f"direction must be +1 or -1, got {direction}")
     claim = null if claim is None else claim
