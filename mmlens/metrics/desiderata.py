@@ -46,6 +46,7 @@ from mmlens.methods.explainers import (
 )
 from mmlens.methods.patching import Metric
 from mmlens.metrics.intervals import cluster_bootstrap, weighted_mean, weighted_spearman
+from mmlens.metrics.stats import Interval, bootstrap_ci
 
 Dataset = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 """Inputs of several examples: one batch (a row per example), or a list of inputs (each one or more
@@ -597,6 +598,13 @@ def _faithfulness_rows(i: int, f: float, labels: list[tuple], values: list[float
     ]
 
 
+def _paired_interval(a: np.ndarray, b: np.ndarray, confidence: float, n_resamples: int, seed: int) -> Interval:
+    """The bootstrap interval of mean(a - b) over inputs (NaN bounds for fewer than 2 inputs)."""
+    if len(a) < 2:
+        return Interval(float(np.mean(a - b)), float("nan"), float("nan"), confidence, "too few inputs")
+    return bootstrap_ci(a, paired_with=b, confidence=confidence, n_resamples=n_resamples, seed=seed)
+
+
 def faithfulness_intervals(
     curves: pd.DataFrame, *, confidence: float = 0.95, n_resamples: int = 999, seed: int = 0
 ) -> pd.DataFrame:
@@ -623,13 +631,8 @@ def faithfulness_intervals(
         wide = group.pivot_table(index="input", columns="source", values=["aoc_sufficiency_gap", "auc_necessity_drop"])
         for measure, sign in (("aoc_sufficiency_gap", -1), ("auc_necessity_drop", 1)):
             a, b = wide[measure]["explanation"].to_numpy(), wide[measure]["random"].to_numpy()
-            diff, low, high = cluster_bootstrap(
-                np.arange(len(a)),
-                lambda w: weighted_mean(a - b, w),
-                confidence=confidence,
-                n_resamples=n_resamples,
-                seed=seed,
-            )
+            interval = _paired_interval(a, b, confidence, n_resamples, seed)
+            diff, low, high = interval.estimate, interval.low, interval.high
             out.append(
                 {
                     "scope": scope,
@@ -1164,10 +1167,20 @@ def _interaction_intervals(per_input: pd.DataFrame, n_resamples: int, seed: int)
     out = []
     for space, column in (("prob", "shapley_interaction"), ("logodds", "shapley_interaction_logodds")):
         values = per_input[column].to_numpy()
-        mean, low, high = cluster_bootstrap(
-            np.arange(len(values)), lambda w, v=values: weighted_mean(v, w), n_resamples=n_resamples, seed=seed
+        if len(values) < 2:
+            out.append({"space": space, "mean": float(values.mean()), "low": np.nan, "high": np.nan, "n_inputs": 1})
+            continue
+        interval = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
+        out.append(
+            {
+                "space": space,
+                "mean": interval.estimate,
+                "low": interval.low,
+                "high": interval.high,
+                "n_inputs": len(values),
+                "interval": interval.method,
+            }
         )
-        out.append({"space": space, "mean": mean, "low": low, "high": high, "n_inputs": len(values)})
     return pd.DataFrame(out)
 
 
