@@ -87,6 +87,7 @@ __all__ = [
     "input_distance",
     "perturb",
     "punctuation_edit",
+    "relative_input_change",
     "shift",
     "synonym_groups",
     "synonym_swap",
@@ -785,3 +786,28 @@ def input_distance(hooked: HookedModel, a: Mapping[str, Any], b: Mapping[str, An
     ea, eb = (hooked.run(x, cache=point).cache[point].float() for x in (a, b))
     diff = torch.where(mask.to(ea.device)[..., None], ea - eb, 0.0)
     return diff.flatten(1).norm(dim=1)
+
+
+def relative_input_change(hooked: HookedModel, a: Mapping[str, Any], b: Mapping[str, Any], modality: str) -> float:
+    """How much ``modality``'s raw inputs changed from ``a`` to ``b`` (batch 1), relative to ``a``: the
+    root sum of squares over the adapter's ``modality_inputs`` keys of ||a_k - b_k|| / ||a_k|| for
+    float tensors, and of the fraction of entries that differ for integer ones (token ids, edge
+    lists; a change of size counts as the fraction of entries added or removed)."""
+    keys = hooked.adapter.modality_inputs.get(modality, ())
+    if not keys:
+        raise ValueError(
+            f"adapter {hooked.adapter.name!r} declares no modality_inputs for {modality!r}; add them to the adapter table"
+        )
+    total = 0.0
+    for key in keys:
+        x, y = a.get(key), b.get(key)
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            continue
+        if x.shape != y.shape:
+            change = abs(x.numel() - y.numel()) / max(x.numel(), 1)
+        elif x.is_floating_point():
+            change = float((x.float() - y.float()).norm() / x.float().norm().clamp_min(1e-30))
+        else:
+            change = float((x != y).float().mean()) if x.numel() else 0.0
+        total += change**2
+    return total**0.5
