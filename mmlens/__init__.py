@@ -31,7 +31,7 @@ from mmlens.core.spans import ModalitySpans, spans_from_blocks, spans_from_token
 from mmlens.core.wrapper import HookedModel, Recording, RunResult
 from mmlens.methods.circuits import Circuit, Node
 from mmlens.methods.evolution import Evolution, evolution
-from mmlens.methods.explainers import Explanation, explain
+from mmlens.methods.explainers import Explanation, explain, register_explainer
 from mmlens.methods.lens import (
     LensResult,
     TunedLens,
@@ -119,6 +119,7 @@ __all__ = [
     "nearest_tokens",
     "path_patch",
     "register_adapter",
+    "register_explainer",
     "replace",
     "spans_from_blocks",
     "spans_from_token_ids",
