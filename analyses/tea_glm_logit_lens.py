@@ -599,10 +599,7 @@ def _write_matched_figures(rep: Reproduction, out: Path, row: int, positions: to
         save_figure(fig, out / "evolution_controls")
     table = pd.DataFrame(matched["patching"]).assign(pair=0)
     result = SweepResult(table, [float("nan")], [float("nan")], "denoise", "resid_pre", ("layer", "span"))
-    save_figure(
-        plot_patching(result, title="Patching clean graph/text residuals into a run with another node's graph tokens"),
-        out / "patching",
-    )
+    save_figure(plot_patching(result, title="Patching (log-prob of the answer)"), out / "patching")
     plt.close("all")
 
 

@@ -110,3 +110,14 @@ def test_per_layer_tests_find_the_layers_that_differ_after_holm():
     assert (table.p_holm >= table.p_value).all()
     with pytest.raises(KeyError, match="image"):
         per_layer_tests(pd.DataFrame(rows), "graph", "image")
+
+
+def test_holm_matches_the_shared_statistics_module():
+    from mmlens.metrics import stats
+    from mmlens.metrics.lens_verdicts import holm
+
+    p = [0.01, 0.04, 0.03, 0.2, 0.001, 0.04]
+    reject, adjusted = holm(p)
+    expected_reject, expected = stats.holm(p)
+    np.testing.assert_allclose(adjusted, expected)
+    assert reject.tolist() == expected_reject.tolist()

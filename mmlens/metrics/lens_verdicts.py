@@ -103,6 +103,18 @@ def verdicts(
     return pd.DataFrame(rows)
 
 
+def holm(p_values: list[float], alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Holm's step-down correction of [k] p-values: (reject Bool[k], adjusted p-values Float[k]).
+    The same numbers as :func:`mmlens.metrics.stats.holm`, without statsmodels' per-call
+    ``gc.collect()`` (about 1.5 s each in a process holding a model; this runs hundreds of times)."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, p[order] * (len(p) - np.arange(len(p))))
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted <= alpha, adjusted
+
+
 def per_layer_tests(
     per_layer: pd.DataFrame, a: str, b: str, *, alpha: float = 0.05, n_resamples: int = 1999, seed: int = 0
 ) -> pd.DataFrame:
@@ -131,7 +143,7 @@ def per_layer_tests(
             found.append({"metric": metric, "layer": int(layer), "mean_a": x.mean(), "mean_b": y.mean(), "p_value": p})
         if not found:
             continue
-        reject, adjusted = stats.holm([r["p_value"] for r in found], alpha)
+        reject, adjusted = holm([r["p_value"] for r in found], alpha)
         for r, sig, p_holm in zip(found, reject, adjusted):
             diff = float(r["mean_a"] - r["mean_b"])
             less = diff < 0 if direction == "lower" else diff > 0
