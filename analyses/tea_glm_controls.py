@@ -18,7 +18,7 @@ Shapes: ``b`` lens nodes, ``K`` graph slots, ``d`` the LM's width.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import torch
@@ -34,8 +34,8 @@ from mmlens.store import config_hash
 from mmlens.training.loop import train_or_load
 from mmlens.training.tea_glm import classify_nodes, train_projector
 
-if TYPE_CHECKING:
-    from mmlens.analyses.tea_glm_logit_lens import Reproduction
+Reproduction = Any
+"""A :class:`mmlens.analyses.tea_glm_logit_lens.Reproduction` (not imported: that module imports this one)."""
 
 LENS_VARIANTS: dict[str, Any] = {"normed": True, "raw": False, "naive": "naive"}
 """``final_norm`` of each lens variant: nostalgebraist's (final norm at every layer), the paper's
