@@ -142,7 +142,10 @@ def load_text_attributed_graph(
 
 def _find_cora(data_dir: str | os.PathLike | None) -> Path:
     """The folder holding ``cora.json``; raises FileNotFoundError listing every path it tried."""
-    base = resolve_data_dir(data_dir)
+    try:
+        base = resolve_data_dir(data_dir)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; or run with --dataset synthetic, which needs no data") from None
     looked: list[Path] = []
     for folder in (base / "cora_tag", base):
         looked.append(folder / "cora.json")
