@@ -165,6 +165,9 @@ class Adapter:
             (which input key it changes, with which primitive and layout; built with
             :func:`mmlens.metrics.perturb.image_perturbations` and its siblings); every modality
             here must be in ``modality_inputs``.
+        probe: ``model -> inputs``: a tiny valid input (every modality present) for the wrap-time
+            self-check (:mod:`mmlens.core.selfcheck`); default: the model's ``dummy_inputs`` (a
+            Hugging Face model's small text batch), else no check.
     """
 
     name: str
@@ -182,6 +185,17 @@ class Adapter:
     sequence_kwargs: Mapping[str, int] = field(default_factory=lambda: dict(SEQUENCE_KWARGS))
     causal: bool = True
     perturbations: Mapping[str, Mapping[str, Perturbation]] = field(default_factory=dict)
+    probe: Callable[[nn.Module], dict] | None = None
+
+    def probe_inputs(self, model: nn.Module) -> dict | None:
+        """The self-check's input for ``model``: ``probe(model)``, else the first row of the model's
+        ``dummy_inputs`` (a Hugging Face model's text batch, ``[1, 5]``), else None (nothing to check on)."""
+        if self.probe is not None:
+            return self.probe(model)
+        dummy = getattr(model, "dummy_inputs", None)
+        if not isinstance(dummy, Mapping) or not dummy:
+            return None
+        return {k: v[:1] if isinstance(v, Tensor) and v.dim() > 1 else v for k, v in dummy.items()}
 
     def select_rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
         """The inputs of some rows of a batch: batched tensors indexed on their first axis (an int
@@ -282,17 +296,43 @@ def register_adapter(adapter: Adapter) -> Adapter:
     return adapter
 
 
+AutoBuilder = Callable[[nn.Module], "Adapter"]
+"""``model -> Adapter`` derived from the model itself; raises :class:`AutoAdapterError` naming a fact
+it cannot find."""
+
+AUTO_BUILDERS: list[AutoBuilder] = []
+"""Builders :func:`find_adapter` tries when no table matches (``mmlens.hooks`` registers
+:func:`mmlens.hooks.auto.auto_adapter`)."""
+
+
+class AutoAdapterError(LookupError):
+    """An automatic adapter cannot be derived: ``fact`` is what could not be found."""
+
+    def __init__(self, message: str, fact: str):
+        super().__init__(message)
+        self.fact = fact
+
+
 def find_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model``'s class; raises with how to write one when there is none."""
+    """The adapter for ``model``'s class: a registered table (an explicit table always wins), else one
+    derived by an automatic builder (named ``auto:<Class>``); raises with how to write one when
+    neither works."""
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
+    reasons = []
+    for build in AUTO_BUILDERS:
+        try:
+            return build(model)
+        except AutoAdapterError as err:
+            reasons.append(str(err))
     known = sorted({a for ad in ADAPTERS for a in ad.architectures})
+    why = "".join(f"\nNo automatic adapter either: {r}" for r in reasons)
     raise LookupError(
         f"no mmlens adapter for {type(model).__name__}. Supported classes: {known}. To add one, write a table "
         "mmlens.Adapter(name=..., architectures=('YourClass',), stacks=(...), points=(...), spans=...) and call "
         "mmlens.register_adapter(...) (docs/adding-an-architecture.md); list module paths with "
-        "[n for n, _ in model.named_modules()]"
+        f"[n for n, _ in model.named_modules()]{why}"
     )
 
 

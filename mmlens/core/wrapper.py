@@ -24,6 +24,7 @@ from mmlens.core.cache import ActivationCache
 from mmlens.core.edits import Edit
 from mmlens.core.names import from_transformer_lens_name, nearest_names, unknown_hook_error
 from mmlens.core.plan import CacheFilter, Plan, RunResult
+from mmlens.core.selfcheck import CheckReport, check_adapter
 from mmlens.core.spans import ModalitySpans
 
 
@@ -43,6 +44,9 @@ class HookedModel:
         model: a torch module with an adapter (see :func:`mmlens.core.adapter.find_adapter`).
         adapter: the adapter table; found from the model's class when omitted.
         tokenizer / processor: optional, used by :meth:`to_inputs`.
+        check: the wrap-time self-check (:func:`mmlens.core.selfcheck.check_adapter`, once per model
+            class and adapter): ``True`` checks on the adapter's probe input, a dict of inputs checks on
+            those, ``False`` skips it. Its report is ``self.check_report`` (None when skipped).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class HookedModel:
         tokenizer: Any = None,
         processor: Any = None,
         name: str | None = None,
+        check: bool | Mapping[str, Any] = True,
     ):
         model, tokenizer, processor = unwrap_bridge(model, tokenizer, processor)
         if not isinstance(model, nn.Module):
@@ -63,6 +68,9 @@ class HookedModel:
         self.processor = processor
         self.name = name or type(model).__name__
         self.hook_points: dict[str, HookPoint] = self.adapter.hook_points(model)
+        self.check_report: CheckReport | None = None
+        if check is not False:
+            self.check_report = check_adapter(self, None if check is True else check)
 
     def __repr__(self) -> str:
         stages = defaultdict(int)
