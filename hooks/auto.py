@@ -73,7 +73,9 @@ MODALITIES: dict[str, ModalityKeys] = {
     ),
 }
 
-_AUTO: dict[type, Adapter] = {}
+_AUTO: dict[tuple[type, tuple[str, ...]], Adapter] = {}
+"""Derived adapters by (model class, names of its top-level modules): one adapter object per
+structure, so the self-check runs once for it."""
 
 
 def is_auto(adapter: Adapter) -> bool:
@@ -82,7 +84,8 @@ def is_auto(adapter: Adapter) -> bool:
 
 
 def auto_adapter(model: nn.Module, **facts: Any) -> Adapter:
-    """An adapter derived from ``model``'s config and module tree (cached per class when no fact is given).
+    """An adapter derived from ``model``'s config and module tree (cached per class and top-level
+    structure when no fact is given).
 
     Args:
         facts: what cannot be found, or should not be guessed: ``image_token_id`` / ``audio_token_id``
@@ -92,8 +95,9 @@ def auto_adapter(model: nn.Module, **facts: Any) -> Adapter:
     Raises:
         AutoAdapterError: naming the fact that cannot be found and the keyword that supplies it.
     """
-    if not facts and type(model) in _AUTO:
-        return _AUTO[type(model)]
+    key = (type(model), tuple(name for name, _ in model.named_children()))
+    if not facts and key in _AUTO:
+        return _AUTO[key]
     unknown = set(facts) - _FACTS
     if unknown:
         raise TypeError(f"auto_adapter got unknown facts {sorted(unknown)}; it takes {sorted(_FACTS)}")
@@ -117,7 +121,7 @@ def auto_adapter(model: nn.Module, **facts: Any) -> Adapter:
         points += [*embed, Point(name, "fusion", modality, Site(projector))]
     adapter = _table(model, found, [*stacks, lm_stack], [*points, *lm_points], facts.get("causal", True))
     if not facts:
-        _AUTO[type(model)] = adapter
+        _AUTO[key] = adapter
     return adapter
 
 
