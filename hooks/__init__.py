@@ -12,8 +12,11 @@ from mmlens.hooks.auto import auto_adapter
 from mmlens.hooks.fusion_transformer import FUSION_TRANSFORMER
 from mmlens.hooks.graph_text import GRAPH_TEXT
 from mmlens.hooks.idefics3 import IDEFICS3
+from mmlens.hooks.internvl import INTERNVL
 from mmlens.hooks.language_models import GPT2, LLAMA_FAMILY
 from mmlens.hooks.llava import LLAVA
+from mmlens.hooks.llava_next import LLAVA_NEXT, LLAVA_ONEVISION
+from mmlens.hooks.paligemma import PALIGEMMA
 from mmlens.hooks.tea_glm import TEA_GLM
 
 __all__ = [
@@ -23,14 +26,30 @@ __all__ = [
     "GPT2",
     "GRAPH_TEXT",
     "IDEFICS3",
+    "INTERNVL",
     "LLAMA_FAMILY",
     "LLAVA",
+    "LLAVA_NEXT",
+    "LLAVA_ONEVISION",
+    "PALIGEMMA",
     "TEA_GLM",
     "find_adapter",
     "register_adapter",
 ]
 
-BUILT_IN: tuple[Adapter, ...] = (LLAMA_FAMILY, GPT2, LLAVA, IDEFICS3, TEA_GLM, FUSION_TRANSFORMER, GRAPH_TEXT)
+BUILT_IN: tuple[Adapter, ...] = (
+    LLAMA_FAMILY,
+    GPT2,
+    LLAVA,
+    LLAVA_NEXT,
+    LLAVA_ONEVISION,
+    IDEFICS3,
+    PALIGEMMA,
+    INTERNVL,
+    TEA_GLM,
+    FUSION_TRANSFORMER,
+    GRAPH_TEXT,
+)
 """The shipped tables, in lookup order (the first whose ``architectures`` matches wins)."""
 
 for _adapter in reversed(BUILT_IN):

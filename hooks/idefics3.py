@@ -1,5 +1,8 @@
-"""HF Idefics3 / SmolVLM (``Idefics3ForConditionalGeneration``): SigLIP vision encoder ->
-pixel-shuffle connector -> Llama text model."""
+"""HF Idefics3 (``Idefics3ForConditionalGeneration``) and SmolVLM / SmolVLM2 (``SmolVLMForConditionalGeneration``,
+its own class with the same module tree): SigLIP vision encoder -> pixel-shuffle connector -> Llama text model.
+
+The vision encoder sees every (sub-)image of every prompt as one item (``[images, patches, d_v]``);
+all-zero images are dropped by the model as padding."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def project_vision_layer(model, inputs, hidden):
 
 IDEFICS3 = Adapter(
     name="idefics3",
-    architectures=("Idefics3ForConditionalGeneration",),
+    architectures=("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"),
     stacks=(
         Stack(
             prefix="vision",

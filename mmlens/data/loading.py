@@ -54,6 +54,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from mmlens.data.paths import cache_dir, models_dir
+from mmlens.data.tiny_vision import TINY_VLMS
 
 EXAMPLE_PROMPT = "The capital of France is"
 
@@ -528,3 +529,17 @@ def _tiny_fusion(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "input_ids": ids, "attention_mask": mask}
 
     return LoadedModel(model, None, None, name, inputs)
+
+
+def _register_tiny(name: str, description: str, spec: Callable[[int], tuple]) -> None:
+    """Register ``spec(seed) -> (model class, config, example_inputs)`` as a tiny random model ``name``."""
+
+    def build(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+        model_class, config, inputs = spec(seed)
+        return _tiny(model_class, config, name, seed, inputs)
+
+    register(name, description)(build)
+
+
+for _name, (_description, _spec) in TINY_VLMS.items():
+    _register_tiny(_name, _description, _spec)
