@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmlens.core.adapter import Adapter, AutoAdapterError, Point, Site, Stack
-from mmlens.core.auto_adapter import encoder_rows, find_child, lm_rows, module_path, require
+from mmlens.core.adapter import BATCH_POS, ITEMS, Adapter, AutoAdapterError, Point, Site, Stack
+from mmlens.core.auto_adapter import PACKED, encoder_rows, find_child, lm_rows, module_path, require
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
@@ -113,12 +113,19 @@ def auto_adapter(model: nn.Module, **facts: Any) -> Adapter:
     stacks, points = [], []
     for modality, (tower, projector, _) in found.items():
         keys = MODALITIES[modality]
+        packed = packs_images(model, tower)
         stack, embed = encoder_rows(
-            model, tower, keys.prefix, modality, _heads(keys), facts.get(f"{keys.prefix}_layout")
+            model,
+            tower,
+            keys.prefix,
+            modality,
+            _heads(keys),
+            facts.get(f"{keys.prefix}_layout"),
+            axes=PACKED if packed else BATCH_POS,
         )
         stacks.append(stack)
         name = "fusion.projector_out" if not points else f"fusion.{modality}_projector_out"
-        points += [*embed, Point(name, "fusion", modality, Site(projector))]
+        points += [*embed, Point(name, "fusion", modality, Site(projector), axes=ITEMS if packed else BATCH_POS)]
     adapter = _table(model, found, [*stacks, lm_stack], [*points, *lm_points], facts.get("causal", True))
     if not facts:
         _AUTO[key] = adapter
@@ -138,6 +145,12 @@ _FACTS = {
     "audio_layout",
     "causal",
 }
+
+
+def packs_images(model: nn.Module, tower: str) -> bool:
+    """Whether the encoder at ``tower`` takes ``image_sizes`` (images of any size, their patches packed
+    into one sequence ``[1, patches, d]``, as Pixtral does) rather than a batch of fixed-size images."""
+    return "image_sizes" in inspect.signature(model.get_submodule(tower).forward).parameters
 
 
 def _heads(keys: ModalityKeys) -> tuple[str, ...]:
@@ -237,7 +250,7 @@ def _probe_pixels(model: nn.Module, tower: str) -> dict:
     ``image_sizes`` (any size: Pixtral), of a small size, with their ``image_sizes``."""
     vision = model.config.vision_config
     param = next(model.parameters())
-    sized = "image_sizes" in inspect.signature(model.get_submodule(tower).forward).parameters
+    sized = packs_images(model, tower)
     if sized:
         side = vision.patch_size * getattr(model.config, "spatial_merge_size", 1) * 2
         height = width = side
@@ -300,3 +313,15 @@ def image_probe(model: nn.Module, token: int, tower: str, projector: str) -> dic
     rows = [[*text[r : r + 3], *[token] * n, *text[r + 3 : r + 5]] for r in range(PROBE_IMAGES)]
     ids = torch.tensor(rows, device=pixels["pixel_values"].device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
+
+
+def auto_probe(model: nn.Module) -> dict | None:
+    """The probe input the automatic adapter of ``model``'s structure builds (images with as many
+    placeholders as the projector yields, for LLaVA-style models), for a hand table's ``probe``:
+    ``Adapter(..., probe=auto_probe)``. None when the model has no image modality."""
+    return auto_adapter(model).probe_inputs(model) if _has_image(model) else None
+
+
+def _has_image(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and getattr(config, MODALITIES["image"].config_attr, None) is not None

@@ -35,6 +35,9 @@ MODELS = [
     "tiny-random-idefics3",
     "tea-glm-tiny",
     "tiny-fusion",
+    "tiny-random-mistral3",  # automatic adapter
+    "tiny-random-aya-vision",  # automatic adapter
+    "tiny-random-vipllava",  # automatic adapter
 ]
 """Registry names the suite runs on (``mmlens.load_model(name)``, inputs from ``example_inputs()``)."""
 

@@ -158,3 +158,16 @@ def test_the_default_probe_of_a_text_lm_is_its_dummy_inputs():
     assert tiny_lm_adapter("tiny-lm").probe_inputs(TinyLM()) is None  # not a Hugging Face model: no probe
     report = mmlens.wrap(TinyLM(), adapter=tiny_lm_adapter("tiny-lm")).check_report
     assert report.skipped and "probe" in report.skipped
+
+
+def test_a_hand_vlm_table_with_an_image_probe_checks_its_vision_stack():
+    from mmlens.data.loading import load_model
+    from mmlens.hooks import LLAVA
+    from mmlens.hooks.auto import auto_probe
+
+    model = load_model("tiny-random-llava").model
+    text_only = mmlens.wrap(model).check_report
+    assert "vision.blocks.*.resid_mid" in text_only.unreached  # dummy_inputs: text only
+    report = mmlens.wrap(model, adapter=dataclasses.replace(LLAVA, probe=auto_probe)).check_report
+    assert not report.unreached and "vision.blocks.0.resid_mid" in report.points
+    assert len(report.causal_positions) == 2  # the last position and the last image position

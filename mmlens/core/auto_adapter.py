@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from mmlens.core.adapter import (
+    BATCH_POS,
     CLIP_BLOCK,
     GPT2_BLOCK,
     LLAMA_BLOCK,
@@ -33,6 +34,10 @@ KNOWN_LAYOUTS: dict[str, BlockLayout] = {
     "gpt2": GPT2_BLOCK,
 }
 """Block layouts recognised from a block's module names, tried in this order."""
+
+PACKED: tuple[str, ...] = ("pack", "item")
+"""Axes of an encoder value ``[1, items, d]`` that packs the patches of every image of the batch into
+one sequence (Pixtral): no batch axis, positions on axis 1."""
 
 POST_NORM_MARKERS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 """Module names of blocks that normalise each branch's output before adding it (Gemma 2/3): such a
@@ -119,10 +124,16 @@ def layout_error(model: nn.Module, blocks: str, option: str) -> AutoAdapterError
 
 
 def encoder_rows(
-    model: nn.Module, tower: str, prefix: str, modality: str, n_heads: Sequence[str], layout: BlockLayout | None = None
+    model: nn.Module,
+    tower: str,
+    prefix: str,
+    modality: str,
+    n_heads: Sequence[str],
+    layout: BlockLayout | None = None,
+    axes: tuple[str, ...] = BATCH_POS,
 ) -> tuple[Stack, tuple[Point, ...]]:
     """The block stack (layout detected, else plain ``.out`` layers) and ``{prefix}.embed`` point of an
-    encoder whose module lives at ``tower``."""
+    encoder whose module lives at ``tower``; ``axes`` are the leading axes of their values."""
     blocks = require(
         block_list(model, tower),
         f"the blocks of the {modality} encoder {tower!r}",
@@ -130,9 +141,11 @@ def encoder_rows(
     )
     layout = layout or detect_layout(model.get_submodule(blocks)[0])
     heads = attribute_path(model, n_heads) if layout is not None else None
-    stack = Stack(prefix=prefix, stage="encoder", modality=modality, blocks=blocks, layout=layout, n_heads=heads)
-    embed = find_child(model, ("embeddings", "patch_conv", "patch_embed", "conv1", "embed"), under=tower)
-    points = (Point(f"{prefix}.embed", "encoder", modality, Site(embed)),) if embed else ()
+    stack = Stack(
+        prefix=prefix, stage="encoder", modality=modality, blocks=blocks, layout=layout, n_heads=heads, axes=axes
+    )
+    embed = find_child(model, ("embeddings", "ln_pre", "patch_embed", "embed"), under=tower)
+    points = (Point(f"{prefix}.embed", "encoder", modality, Site(embed), axes=axes),) if embed else ()
     return stack, points
 
 
