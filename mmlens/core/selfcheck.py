@@ -36,7 +36,16 @@ from mmlens.core.plan import RunResult
 
 RESIDUAL_TOLERANCE = 1e-4
 """Largest |difference| allowed in the residual and causality checks, relative to the largest
-|activation| involved (float rounding of the same sums taken in another order)."""
+|activation| involved (float rounding of the same sums taken in another order), in float32; lower
+precisions get 8 of their machine epsilons (:func:`tolerance`)."""
+
+
+def tolerance(value: Tensor) -> float:
+    """The relative tolerance for ``value``'s dtype: :data:`RESIDUAL_TOLERANCE`, or 8 machine epsilons
+    of a coarser float type (bfloat16: 0.06)."""
+    eps = torch.finfo(value.dtype).eps if value.is_floating_point() else 0.0
+    return max(RESIDUAL_TOLERANCE, 8 * eps)
+
 
 SKIP_HINT = "(to wrap anyway, at your own risk: HookedModel(model, check=False) / mmlens.wrap(model, check=False))"
 
@@ -274,7 +283,7 @@ def _check_residual(hm: Runnable, inputs: dict, clean: RunResult) -> None:
 
 def _residual_identity(hm: Runnable, name: str, observed: Tensor, expected: Tensor) -> None:
     diff = _max_diff(observed, expected)
-    if diff > RESIDUAL_TOLERANCE * max(1.0, observed.abs().max().item()):
+    if diff > tolerance(observed) * max(1.0, observed.abs().max().item()):
         hp = hm.hook_points[name]
         raise _fail(
             hm,
@@ -329,8 +338,9 @@ def _mismatch(hm: Runnable, inputs: dict, clean: RunResult, pairs: list[tuple[st
     via_branch = hm.run(inputs, edits=[add(b, d) for b, _, d in pairs]).logits
     via_resid = hm.run(inputs, edits=[add(r, d) for _, r, d in pairs]).logits
     diff = _max_diff(via_branch, via_resid)
-    tolerance = RESIDUAL_TOLERANCE * max(1.0, clean.logits.abs().max().item())
-    return diff if diff > tolerance + 1e-3 * _max_diff(via_resid, clean.logits) else None
+    rel = tolerance(clean.logits)
+    allowed = rel * max(1.0, clean.logits.abs().max().item()) + max(1e-3, rel) * _max_diff(via_resid, clean.logits)
+    return diff if diff > allowed else None
 
 
 def _embedding_point(hm: Runnable, clean: RunResult) -> str | None:
@@ -368,7 +378,7 @@ def _check_causal(hm: Runnable, inputs: dict, clean: RunResult) -> tuple[int, ..
         delta[:, p] = (act.float().std().clamp_min(1e-3) * noise).to(act.dtype).to(act.device)
         logits = hm.run(inputs, edits=[add(name, delta)]).logits
         diff = _max_diff(logits[:, :p], clean.logits[:, :p])
-        if diff > RESIDUAL_TOLERANCE * max(1.0, clean.logits.abs().max().item()):
+        if diff > tolerance(clean.logits) * max(1.0, clean.logits.abs().max().item()):
             raise _fail(
                 hm,
                 "causal",
