@@ -171,3 +171,11 @@ def test_a_hand_vlm_table_with_an_image_probe_checks_its_vision_stack():
     report = mmlens.wrap(model, adapter=dataclasses.replace(LLAVA, probe=auto_probe)).check_report
     assert not report.unreached and "vision.blocks.0.resid_mid" in report.points
     assert len(report.causal_positions) == 2  # the last position and the last image position
+
+
+def test_bfloat16_models_pass_with_a_dtype_scaled_tolerance():
+    from mmlens.data.loading import load_model
+
+    loaded = load_model("tiny-random-mistral3", dtype=torch.bfloat16)
+    report = mmlens.wrap(loaded.model, check=loaded.example_inputs()).check_report
+    assert report.skipped is None and "lm.blocks.0.resid_mid" in report.points
