@@ -7,7 +7,8 @@ Importing this package registers the built-in tables with :func:`mmlens.core.ada
 
 from __future__ import annotations
 
-from mmlens.core.adapter import ADAPTERS, Adapter, find_adapter, register_adapter
+from mmlens.core.adapter import ADAPTERS, AUTO_BUILDERS, Adapter, find_adapter, register_adapter
+from mmlens.hooks.auto import auto_adapter
 from mmlens.hooks.fusion_transformer import FUSION_TRANSFORMER
 from mmlens.hooks.gemma3 import GEMMA3
 from mmlens.hooks.graph_text import GRAPH_TEXT
@@ -71,3 +72,5 @@ BUILT_IN: tuple[Adapter, ...] = (
 
 for _adapter in reversed(BUILT_IN):
     register_adapter(_adapter)
+if auto_adapter not in AUTO_BUILDERS:
+    AUTO_BUILDERS.append(auto_adapter)

@@ -46,6 +46,9 @@ MODELS = [
     "tiny-random-qwen2-audio",
     "tiny-random-voxtral",
     "tiny-random-qwen2.5-omni",
+    "tiny-random-mistral3",  # automatic adapter
+    "tiny-random-aya-vision",  # automatic adapter
+    "tiny-random-vipllava",  # automatic adapter
 ]
 """Registry names the suite runs on (``mmlens.load_model(name)``, inputs from ``example_inputs()``)."""
 

@@ -265,6 +265,9 @@ class Adapter:
             that table (token ids < the vocabulary; node ids < the node count); checked before a run.
         input_ranges: input keys -> the ``(low, high)`` interval their (floating) values lie in when
             the processor made them (normalised pixels): raw 0-255 pixels are refused.
+        probe: ``model -> inputs``: a tiny valid input (every modality present) for the wrap-time
+            self-check (:mod:`mmlens.core.selfcheck`); default: the model's ``dummy_inputs`` (a
+            Hugging Face model's small text batch), else no check.
     """
 
     name: str
@@ -286,6 +289,17 @@ class Adapter:
     index_inputs: Mapping[str, IndexBound] = field(default_factory=lambda: {"input_ids": vocabulary_size})
     input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     token_ids: str | None = "input_ids"
+    probe: Callable[[nn.Module], dict] | None = None
+
+    def probe_inputs(self, model: nn.Module) -> dict | None:
+        """The self-check's input for ``model``: ``probe(model)``, else the first row of the model's
+        ``dummy_inputs`` (a Hugging Face model's text batch, ``[1, 5]``), else None (nothing to check on)."""
+        if self.probe is not None:
+            return self.probe(model)
+        dummy = getattr(model, "dummy_inputs", None)
+        if not isinstance(dummy, Mapping) or not dummy:
+            return None
+        return {k: v[:1] if isinstance(v, Tensor) and v.dim() > 1 else v for k, v in dummy.items()}
 
     def select_rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
         """The inputs of some rows of a batch: batched tensors indexed on their first axis (an int
@@ -470,17 +484,43 @@ def register_adapter(adapter: Adapter) -> Adapter:
     return adapter
 
 
+AutoBuilder = Callable[[nn.Module], "Adapter"]
+"""``model -> Adapter`` derived from the model itself; raises :class:`AutoAdapterError` naming a fact
+it cannot find."""
+
+AUTO_BUILDERS: list[AutoBuilder] = []
+"""Builders :func:`find_adapter` tries when no table matches (``mmlens.hooks`` registers
+:func:`mmlens.hooks.auto.auto_adapter`)."""
+
+
+class AutoAdapterError(LookupError):
+    """An automatic adapter cannot be derived: ``fact`` is what could not be found."""
+
+    def __init__(self, message: str, fact: str):
+        super().__init__(message)
+        self.fact = fact
+
+
 def find_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model``'s class; raises with how to write one when there is none."""
+    """The adapter for ``model``'s class: a registered table (an explicit table always wins), else one
+    derived by an automatic builder (named ``auto:<Class>``); raises with how to write one when
+    neither works."""
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
+    reasons = []
+    for build in AUTO_BUILDERS:
+        try:
+            return build(model)
+        except AutoAdapterError as err:
+            reasons.append(str(err))
     known = sorted({a for ad in ADAPTERS for a in ad.architectures})
+    why = "".join(f"\nNo automatic adapter either: {r}" for r in reasons)
     raise LookupError(
         f"no mmlens adapter for {type(model).__name__}. Supported classes: {known}. To add one, write a table "
         "mmlens.Adapter(name=..., architectures=('YourClass',), stacks=(...), points=(...), spans=...) and call "
         "mmlens.register_adapter(...) (docs/adding-an-architecture.md); list module paths with "
-        "[n for n, _ in model.named_modules()]"
+        f"[n for n, _ in model.named_modules()]{why}"
     )
 
 

@@ -365,9 +365,14 @@ class FrozenEncoders:
 
     @staticmethod
     def supports(hooked: HookedModel, points: Sequence[HookPoint]) -> bool:
-        """Whether ``hooked`` has encoders and none of ``points`` (the edited points) lies inside one."""
-        return any(hp.stage == "encoder" for hp in hooked.hook_points.values()) and all(
-            hp.stage != "encoder" for hp in points
+        """Whether ``hooked`` has encoders, none packing every row's items into one sequence (axes
+        ``("pack", "item")``: a recorded row cannot be tiled), and none of ``points`` (the edited
+        points) lies inside one."""
+        encoders = [hp for hp in hooked.hook_points.values() if hp.stage == "encoder"]
+        return (
+            bool(encoders)
+            and all("pack" not in hp.axes for hp in encoders)
+            and all(hp.stage != "encoder" for hp in points)
         )
 
     @contextlib.contextmanager

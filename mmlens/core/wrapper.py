@@ -25,6 +25,7 @@ from mmlens.core.edits import Edit
 from mmlens.core.inputs import check_forward_kwargs, check_model_inputs
 from mmlens.core.names import from_transformer_lens_name, nearest_names, unknown_hook_error
 from mmlens.core.plan import CacheFilter, Plan, RunResult
+from mmlens.core.selfcheck import CheckReport, check_adapter
 from mmlens.core.spans import ModalitySpans
 
 
@@ -45,6 +46,9 @@ class HookedModel:
         adapter: the adapter table; found from the model's class when omitted.
         tokenizer / processor: optional, used by :meth:`to_inputs`.
         allow_nonfinite: accept NaN/Inf in floating inputs (by default they raise, naming the input).
+        check: the wrap-time self-check (:func:`mmlens.core.selfcheck.check_adapter`, once per model
+            class and adapter): ``True`` checks on the adapter's probe input, a dict of inputs checks on
+            those, ``False`` skips it. Its report is ``self.check_report`` (None when skipped).
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class HookedModel:
         processor: Any = None,
         name: str | None = None,
         allow_nonfinite: bool = False,
+        check: bool | Mapping[str, Any] = True,
     ):
         model, tokenizer, processor = unwrap_bridge(model, tokenizer, processor)
         if not isinstance(model, nn.Module):
@@ -68,6 +73,9 @@ class HookedModel:
         self.allow_nonfinite = allow_nonfinite
         self._hooking = False
         self.hook_points: dict[str, HookPoint] = self.adapter.hook_points(model)
+        self.check_report: CheckReport | None = None
+        if check is not False:
+            self.check_report = check_adapter(self, None if check is True else check)
 
     def __repr__(self) -> str:
         stages = defaultdict(int)

@@ -3,6 +3,7 @@
 mmlens models                 list the model registry
 mmlens hooks MODEL [--json | --markdown]
                               list a model's hook points by stage and modality
+mmlens hooks --supported      the supported model classes (hand table or automatic adapter), as Markdown
 mmlens patch CONFIG [--out DIR] [--overwrite] [--check] [--executor ray [--ray-address ADDR] [--workers N]]
                               run (or resume) the patching sweep a TOML/YAML config describes
 mmlens evaluate CONFIG [--out DIR] [--overwrite]
@@ -79,9 +80,22 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     from mmlens.core.wrapper import HookedModel
     from mmlens.data.loading import load_model
 
+    if args.supported:
+        from mmlens.hooks.supported import supported_markdown
+
+        print(supported_markdown(), end="")
+        return 0
+    if args.model is None:
+        raise ValueError("mmlens hooks needs a MODEL (see `mmlens models`), or --supported")
     loaded = load_model(args.model)
-    hm = HookedModel(loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor, name=loaded.name)
     example = None if args.no_shapes or args.markdown else loaded.example_inputs()
+    hm = HookedModel(
+        loaded.model,
+        tokenizer=loaded.tokenizer,
+        processor=loaded.processor,
+        name=loaded.name,
+        check=True if example is None else example,
+    )
     rows = hook_table(hm, example)
     if args.markdown:
         print(markdown_table(rows))
@@ -150,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     hooks = sub.add_parser("hooks", help="list a model's hook points grouped by stage and modality")
-    hooks.add_argument("model", help="registry name (see `mmlens models`) or a Hugging Face id / folder")
+    hooks.add_argument("model", nargs="?", help="registry name (see `mmlens models`) or a Hugging Face id / folder")
+    hooks.add_argument(
+        "--supported", action="store_true", help="print the supported model classes (hand table or automatic)"
+    )
     hooks.add_argument("--json", action="store_true", help="print a JSON list of hook points")
     hooks.add_argument("--markdown", action="store_true", help="print a Markdown table, block indices collapsed")
     hooks.add_argument("--no-shapes", action="store_true", help="skip the dry run that measures shapes")
