@@ -1,25 +1,30 @@
-"""Desiderata speed: mmlens's batched faithfulness and stability vs the same numbers one sample at a time.
+"""Desiderata speed: mmlens's batched faithfulness, stability and Granger vs the same numbers one sample at a time.
 
     python -m mmlens.analyses.bench_metrics [--quick] [--repeats 3] [--sections llava,smollm2] [--threads N]
 
 Quantus-style libraries loop: every perturbed sample is one model call. The reference here is
 written that way, independently of :mod:`mmlens.metrics.desiderata`, and computes the same numbers:
 
-- faithfulness (occlusion explanations): for every input, scope (each modality, and ``joint`` when
-  there are several), fraction k and keep/remove variant of the explanation's top-k and of the
+- faithfulness (occlusion explanations): for every input, scope (each modality, and ``joint`` and
+  ``global`` (top-k across modalities) when there are several), fraction k and keep/remove variant of the explanation's top-k and of the
   random masks (drawn from ``torch.Generator().manual_seed(seed)`` in the order
   :func:`mmlens.metrics.desiderata.faithfulness` draws them), one batch-1 forward with the LM-input
   embeddings replaced (``hooked.run(x, edits=[mmlens.replace(point, variant)])``);
 - stability (occlusion explainer): the perturbations of :func:`mmlens.metrics.perturb.perturb`, and for the
   input and each perturbed input an occlusion explanation computed one occluded position per
-  forward, then the Lipschitz ratios.
+  forward, then the Lipschitz ratios and the relative stability (explanation change over the
+  relative raw-input and LM-input-embedding changes);
+- Granger (occlusion explainer, neutral reference): for every input and modality m, occlusion of x and
+  of x with m neutral, one forward per position, then Delta_m (JS divergence, probability drop) and the
+  self and cross explanation changes (mass distance). The mmlens side also computes the calibration
+  table (cluster bootstrap, 199 resamples), which the reference does not.
 
 Both sides explain with occlusion (window 1) and share only the model, the perturbations and
 ``hooked.readout_logits``; the reference builds its own embeddings, neutral baseline, explanations and masks.
 Timing is end to end per implementation and metric (explaining included), repeats interleaved
 round by round (the order rotates), median reported, after one small untimed warm-up run of each.
-Agreement is the largest |difference| over every number of ``faithfulness(...).curves`` and
-``stability(...).samples`` (and the ``kept`` flags must be equal).
+Agreement is the largest |difference| over every number of ``faithfulness(...).curves``,
+``stability(...).samples`` (the ``kept`` flags must be equal) and ``granger(...).explanations``.
 
 Sections: the tiny random LLaVA on its two example rows (text + image; image perturbations, as it
 has no tokenizer) and SmolLM2-135M-Instruct on short sentences with words of the shipped synonym

@@ -10,6 +10,7 @@ so every resample is one vectorised evaluation.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -42,16 +43,18 @@ def cluster_bootstrap(
         np.add.at(counts, (np.arange(len(index))[:, None], index), 1)
         return statistic(counts)
 
-    result = stats.bootstrap(
-        (np.arange(n),),
-        resampled,
-        vectorized=True,
-        n_resamples=n_resamples,
-        confidence_level=confidence,
-        method="percentile",
-        batch=256,
-        rng=np.random.default_rng(seed),
-    )
+    with warnings.catch_warnings():  # a degenerate resample distribution (few inputs) gives a point interval
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        result = stats.bootstrap(
+            (np.arange(n),),
+            resampled,
+            vectorized=True,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method="percentile",
+            batch=256,
+            rng=np.random.default_rng(seed),
+        )
     return estimate, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
