@@ -453,3 +453,17 @@ def test_cluster_bootstrap_statistics_equal_scipy_on_the_repeated_sample():
     assert weighted_spearman(x, np.ones(12), counts[:1])[0] == 0  # a constant explanation change tracks nothing
     estimate, low, high = cluster_bootstrap(range(12), lambda c: weighted_spearman(x, y, c), n_resamples=199)
     assert low <= estimate <= high
+
+
+def test_controls_come_out_worst_under_faithfulness(trained):
+    hm, inputs = trained("image_only")
+    inputs = {k: v[:12] for k, v in inputs.items()}
+    necessity = {}
+    for name in ("occlusion", "inverted"):
+        result = faithfulness(
+            hm, inputs, name, fractions=(0.0, 0.25, 0.5), random_draws=2, n_resamples=499, progress=False
+        )
+        necessity[name] = result.intervals.set_index(["scope", "measure"]).loc[("global", "auc_necessity_drop")]
+    assert necessity["occlusion"].better  # removing occlusion's top positions hurts more than random ones
+    assert necessity["inverted"].diff_high < 0  # removing the least helpful first hurts less than random
+    assert necessity["occlusion"]["diff"] > 0 > necessity["inverted"]["diff"]
