@@ -436,3 +436,34 @@ def test_interaction_in_log_odds_and_emap_with_intervals():
     for r in result.intervals.itertuples():
         assert r.low <= r.mean <= r.high and r.n_inputs == 16
     assert set(result.intervals.space) == {"prob", "logodds"}
+
+
+def test_cluster_bootstrap_statistics_equal_scipy_on_the_repeated_sample():
+    from scipy import stats
+
+    from mmlens.metrics.intervals import cluster_bootstrap, weighted_fit, weighted_spearman
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 5, 12).astype(float), rng.normal(size=12)  # ties in x
+    counts = rng.integers(0, 3, (4, 12))
+    for w in counts:
+        xr, yr = np.repeat(x, w), np.repeat(y, w)
+        assert abs(weighted_spearman(x, y, w[None])[0] - stats.spearmanr(xr, yr).statistic) < 1e-12
+        assert abs(weighted_fit(x, y, w[None])[0][0] - np.polyfit(xr, yr, 1)[0]) < 1e-9
+    assert weighted_spearman(x, np.ones(12), counts[:1])[0] == 0  # a constant explanation change tracks nothing
+    estimate, low, high = cluster_bootstrap(range(12), lambda c: weighted_spearman(x, y, c), n_resamples=199)
+    assert low <= estimate <= high
+
+
+def test_controls_come_out_worst_under_faithfulness(trained):
+    hm, inputs = trained("image_only")
+    inputs = {k: v[:12] for k, v in inputs.items()}
+    necessity = {}
+    for name in ("occlusion", "inverted"):
+        result = faithfulness(
+            hm, inputs, name, fractions=(0.0, 0.25, 0.5), random_draws=2, n_resamples=499, progress=False
+        )
+        necessity[name] = result.intervals.set_index(["scope", "measure"]).loc[("global", "auc_necessity_drop")]
+    assert necessity["occlusion"].better  # removing occlusion's top positions hurts more than random ones
+    assert necessity["inverted"].diff_high < 0  # removing the least helpful first hurts less than random
+    assert necessity["occlusion"]["diff"] > 0 > necessity["inverted"]["diff"]

@@ -364,17 +364,18 @@ def _integrated_gradients(
     tolerance: float | None = 0.01,
     max_steps: int = 1024,
     on_failure: str = "raise",
+    atol: float = 1e-5,
 ) -> tuple[Tensor, dict]:
     """Integrated gradients with a convergence guard: from ``steps``, the step count doubles until the
     completeness error |sum of scores - (f(x) - f(baseline))| is at most ``tolerance`` * |f(x) -
-    f(baseline)| (plus 1e-6 for float rounding), up to ``max_steps``; past that ``on_failure="raise"``
+    f(baseline)| + ``atol`` (float32 rounding of the sums), up to ``max_steps``; past that ``on_failure="raise"``
     refuses with the numbers, ``"record"`` returns the last scores with ``converged=False``.
     ``tolerance=None``: the guard is off (``steps`` exactly; the error is still recorded)."""
     if on_failure not in ("raise", "record"):
         raise ValueError(f"on_failure must be 'raise' or 'record', got {on_failure!r}")
     with torch.no_grad():
         gap = float((setup.value - with_embeds(hooked, inputs, setup.point, setup.baseline, metric))[0])
-    allowed = float("inf") if tolerance is None else tolerance * abs(gap) + 1e-6
+    allowed = float("inf") if tolerance is None else tolerance * abs(gap) + atol
     tried = []
     while True:
         scores = _ig_scores(hooked, inputs, metric, setup, steps, batch_size)

@@ -45,7 +45,7 @@ from mmlens.methods.explainers import (
     with_embeds,
 )
 from mmlens.methods.patching import Metric
-from mmlens.metrics.intervals import cluster_bootstrap, weighted_mean, weighted_spearman
+from mmlens.metrics.intervals import cluster_bootstrap, weighted_fit, weighted_mean, weighted_spearman
 from mmlens.metrics.stats import Interval, bootstrap_ci
 
 Dataset = Mapping[str, Any] | Sequence[Mapping[str, Any]]
@@ -410,8 +410,8 @@ def granger_calibration(
         x, y = group.delta_js.to_numpy(), group.delta.to_numpy()
         y0 = null.delta.to_numpy() if len(null) == len(group) and name != "random" else None
 
-        def rank(w: np.ndarray, y: np.ndarray = y) -> float:
-            return weighted_spearman(x, y, w[cluster])
+        def rank(w: np.ndarray, y: np.ndarray = y) -> np.ndarray:
+            return weighted_spearman(x, y, w[:, cluster])
 
         def boot(statistic) -> tuple[float, float, float]:
             return cluster_bootstrap(inputs, statistic, n_resamples=n_resamples, confidence=confidence, seed=seed)
@@ -419,31 +419,19 @@ def granger_calibration(
         row = {"explainer": name, "reference": r, "term": term, "n_items": len(group), "n_inputs": len(inputs)}
         for label, statistic in (
             ("rank", rank),
-            ("slope", lambda w: _fit(x, y, w[cluster])[0]),
-            ("r2", lambda w: _fit(x, y, w[cluster])[1]),
-            ("mean_delta", lambda w: weighted_mean(y, w[cluster])),
+            ("slope", lambda w: weighted_fit(x, y, w[:, cluster])[0]),
+            ("r2", lambda w: weighted_fit(x, y, w[:, cluster])[1]),
+            ("mean_delta", lambda w: weighted_mean(y, w[:, cluster])),
         ):
             row[label], row[f"{label}_low"], row[f"{label}_high"] = boot(statistic)
         if y0 is not None:
-            row["rank_random"] = rank(np.ones(len(inputs), dtype=int), y0)
+            row["rank_random"] = float(rank(np.ones((1, len(inputs)), dtype=int), y0)[0])
             diff = boot(lambda w: rank(w) - rank(w, y0))
             row["rank_minus_random"], row["rank_minus_random_low"], row["rank_minus_random_high"] = diff
         row["calibrated"] = bool(row["rank_low"] > 0)
         row["beats_random"] = bool(row.get("rank_minus_random_low", float("nan")) > 0)
         out.append(row)
     return pd.DataFrame(out)
-
-
-def _fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
-    """(slope, R^2) of the weighted least-squares line y ~ a + b x (NaN when x is constant)."""
-    if w.sum() < 3:
-        return float("nan"), float("nan")
-    mx, my = np.average(x, weights=w), np.average(y, weights=w)
-    sxx, syy = np.average((x - mx) ** 2, weights=w), np.average((y - my) ** 2, weights=w)
-    if sxx == 0:
-        return float("nan"), float("nan")
-    sxy = np.average((x - mx) * (y - my), weights=w)
-    return float(sxy / sxx), float(sxy**2 / (sxx * syy)) if syy > 0 else float("nan")
 
 
 @dataclass
@@ -1213,21 +1201,23 @@ def _emap(
     truth = own if labels is None else torch.as_tensor(labels).long().cpu()
     correct = (own == truth).double().numpy()
 
-    def gap(w: np.ndarray) -> float:
-        """accuracy - EMAP accuracy with input j drawn w_j times (the projection's means weighted alike)."""
-        weights = torch.as_tensor(w, dtype=f.dtype)
-        p = weights / weights.sum()
-        projection = (
-            (f * p[None, :, None]).sum(1)
-            + (f * p[:, None, None]).sum(0)
-            - (f * (p[:, None] * p[None, :])[..., None]).sum((0, 1))
-        )
-        emap_correct = (projection.argmax(-1) == truth).double().numpy()
-        return weighted_mean(correct - emap_correct, w)
+    def gap(counts: np.ndarray) -> np.ndarray:
+        """Float[R]: accuracy - EMAP accuracy with input j drawn counts[r, j] times (the projection's
+        means weighted alike)."""
+        out = []
+        for w in counts:
+            p = torch.as_tensor(w / w.sum(), dtype=f.dtype)
+            projection = (
+                (f * p[None, :, None]).sum(1)
+                + (f * p[:, None, None]).sum(0)
+                - (f * (p[:, None] * p[None, :])[..., None]).sum((0, 1))
+            )
+            emap_correct = (projection.argmax(-1) == truth).double().numpy()
+            out.append(weighted_mean(correct - emap_correct, w)[0])
+        return np.array(out)
 
-    ones = np.ones(len(items), dtype=int)
     value, low, high = cluster_bootstrap(np.arange(len(items)), gap, n_resamples=n_resamples, seed=seed)
-    accuracy = weighted_mean(correct, ones)
+    accuracy = float(correct.mean())
     return {
         "accuracy": accuracy,
         "emap_accuracy": accuracy - value,
