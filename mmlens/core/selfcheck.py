@@ -147,7 +147,7 @@ def _check(hm: Runnable, probe: Mapping[str, Any] | None) -> CheckReport:
         chosen = _representatives(hm, clean)
         _check_clean(hm, inputs, clean, chosen)
         _check_residual(hm, inputs, clean)
-        positions = _check_causal(hm, inputs, clean) if hm.adapter.causal else ()
+        positions = _check_causal(hm, inputs, clean) if hm.adapter.is_causal(inputs) else ()
     unreached = tuple(sorted({_kind_key(hm.hook_points[n]) for n in hm.hook_points if n not in clean.cache}))
     return CheckReport(
         **names,
