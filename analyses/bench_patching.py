@@ -18,9 +18,14 @@ bridge boot and wrapping are setup, reported apart); repeats are interleaved rou
 median is reported. Peak memory is the largest RSS increase above the RSS at the start of the
 implementation's run, sampled every 5 ms by a background thread (after ``gc`` and ``malloc_trim``).
 
-Two sections: SmolLM2-135M-Instruct on an IOI-style prompt (" Mary" vs " John"), then the tiny
+Three sections: SmolLM2-135M-Instruct on an IOI-style prompt (" Mary" vs " John"), then the tiny
 random LLaVA with the image replaced by a zero image (TransformerLens is booted with a stand-in
-processor; if it cannot boot, mmlens is compared with nnsight only). The output ends with
+processor; if it cannot boot, mmlens is compared with nnsight only), then a VLM whose image tokens
+attend to each other both ways (the first registered of ``BIDIRECTIONAL``, else the tiny LLaVA
+wrapped with ``causal=False`` as a stand-in, and the output says so): keys and values cannot be
+reused there, so the sweep falls back to plain replay; it is timed against one full forward per
+cell, so the fallback's cost is visible. The output ends with
+``bidir_speedup=<x> bidir_method=<sweep method> bidir_max_abs_diff=<y>``,
 ``llava_speedup=<x> llava_max_abs_diff=<y>`` and, as the last line,
 ``speedup=<mmlens vs the faster competitor> max_abs_diff=<largest cell difference>`` for SmolLM2.
 """
@@ -32,6 +37,7 @@ import contextlib
 import copy
 import cProfile
 import ctypes
+import dataclasses
 import gc
 import io
 import os
@@ -50,7 +56,7 @@ import torch
 from typing_extensions import Self
 
 import mmlens
-from mmlens.data.loading import LoadedModel, load_model
+from mmlens.data.loading import LoadedModel, load_model, registry_names
 from mmlens.data.paths import cache_dir
 from mmlens.methods.patching import logit_diff, sweep
 
@@ -416,9 +422,11 @@ def mmlens_grid(
     n_layers: int,
     batch_size: int,
     skip_unchanged: bool = True,
+    replay: bool = True,
 ) -> Grid:
     """``mmlens.methods.patching.sweep`` over every layer (one call), or one call per layer of a subset;
-    ``skip_unchanged=False`` computes the no-op cells too (positions before the first difference)."""
+    ``skip_unchanged=False`` computes the no-op cells too (positions before the first difference);
+    ``replay=False`` runs one full forward per cell."""
     metric = logit_diff(answer, wrong)
     hooks = ["resid_pre"] if layers == list(range(n_layers)) else [f"lm.blocks.{layer}.resid_pre" for layer in layers]
     grids, result = [], None
@@ -433,6 +441,7 @@ def mmlens_grid(
             direction="denoise",
             batch_size=batch_size,
             skip_unchanged=skip_unchanged,
+            replay=replay,
             progress=False,
         )
         grids.append(result.grid())
@@ -731,6 +740,73 @@ def run_llava(args: argparse.Namespace) -> dict:
     return result
 
 
+# -- a VLM with bidirectional image attention (the replay fallback) --------------------------------
+
+BIDIRECTIONAL = ("tiny-random-paligemma", "tiny-random-gemma3")
+"""Registry VLMs whose image tokens attend to each other both ways, in order of preference."""
+
+
+def _bidirectional_model(attn: str) -> tuple[mmlens.HookedModel, LoadedModel, str]:
+    """The first registered model of :data:`BIDIRECTIONAL` wrapped, else a stand-in: the tiny LLaVA
+    wrapped with its adapter's ``causal=False`` (the same fallback path, on a model that is in fact
+    causal); and a line saying which."""
+    present = [name for name in BIDIRECTIONAL if name in registry_names()]
+    loaded = _load(present[0] if present else "tiny-random-llava", attn)
+    hm = mmlens.wrap(loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor)
+    if present:
+        return hm, loaded, f"  model: {present[0]} (adapter causal={hm.adapter.causal})"
+    stand_in = mmlens.HookedModel(loaded.model, adapter=dataclasses.replace(hm.adapter, causal=False))
+    return (
+        stand_in,
+        loaded,
+        (
+            f"  model: stand-in, tiny-random-llava wrapped with causal=False (none of {list(BIDIRECTIONAL)} is "
+            "registered): keys and values cannot be reused, so replay re-runs every position"
+        ),
+    )
+
+
+def _bidirectional_task(hm: mmlens.HookedModel, loaded: LoadedModel) -> tuple[dict, dict, int, int]:
+    """Clean inputs (the example's first row), corrupted (the adapter's neutral image), the answer
+    (clean top-1 at the readout position) and the wrong token (corrupted top-1, else clean top-2)."""
+    clean = hm.rows(loaded.example_inputs(), 0)
+    corrupted = hm.neutral(clean, "image")
+    with torch.no_grad():
+        clean_last = hm.readout_logits(hm.run(clean).logits, clean)[0]
+        corrupt_last = hm.readout_logits(hm.run(corrupted).logits, corrupted)[0]
+    answer, wrong = int(clean_last.argmax()), int(corrupt_last.argmax())
+    if wrong == answer:
+        wrong = int(clean_last.topk(2).indices[1])
+    return clean, corrupted, answer, wrong
+
+
+def run_bidirectional(args: argparse.Namespace) -> dict:
+    """The LM resid_pre grid of a VLM with bidirectional image attention: mmlens's replay (without
+    key/value reuse) against one full forward per cell."""
+    hm, loaded, note = _bidirectional_model(args.attn)
+    clean, corrupted, answer, wrong = _bidirectional_task(hm, loaded)
+    n_layers = len(hm.names("lm.blocks.*.resid_pre"))
+    layers = list(range(n_layers))
+    n_pos = hm.spans(clean).seq_len
+    metric = logit_diff(answer, wrong)
+    method = sweep(hm, clean, corrupted, metric, hook="lm.blocks.0.resid_pre", progress=False).method
+    print(f"\n== VLM with bidirectional image attention: LM resid_pre grid, {n_layers} x {n_pos} cells ==")
+    print(f"{note}\n  mmlens sweep method: {method!r}; corrupted: the adapter's neutral image")
+    _warm(loaded.model, corrupted)
+    impls = [
+        Measured(
+            "full forwards (sweep replay=False, one forward per cell)",
+            lambda: mmlens_grid(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size, False, False),
+        ),
+        *_mmlens_impls(hm, clean, corrupted, answer, wrong, layers, n_layers, args.batch_size),
+    ]
+    warm_up([impl.run for impl in impls])
+    measure(impls, args.llava_repeats)
+    result = _report_grids(f"Bidirectional VLM results ({n_layers * n_pos} cells):", impls, args.llava_repeats)
+    result["method"] = method
+    return result
+
+
 # -- main -------------------------------------------------------------------------------------------
 
 
@@ -748,7 +824,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="attention of the nnsight and mmlens copies (the bridge always uses eager)",
     )
     parser.add_argument("--image-corruption", choices=["zeros", "noise"], default="zeros")
-    parser.add_argument("--sections", default="smollm2,llava", help="comma-separated: smollm2, llava")
+    parser.add_argument("--sections", default="smollm2,llava,bidir", help="comma-separated: smollm2, llava, bidir")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="cProfile one extra mmlens sweep (SmolLM2)")
     parser.add_argument(
@@ -762,8 +838,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    if not sections <= {"smollm2", "llava"}:
-        raise SystemExit(f"unknown --sections {sorted(sections - {'smollm2', 'llava'})}")
+    if not sections <= {"smollm2", "llava", "bidir"}:
+        raise SystemExit(f"unknown --sections {sorted(sections - {'smollm2', 'llava', 'bidir'})}")
 
     start = time.perf_counter()
     _environment(args)
@@ -773,7 +849,12 @@ def main(argv: list[str] | None = None) -> dict:
         _release_memory()  # the section's three models are gone once it returns
     if "llava" in sections:
         results["llava"] = run_llava(args)
+    if "bidir" in sections:
+        results["bidir"] = run_bidirectional(args)
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+    if "bidir" in results:
+        r = results["bidir"]
+        print(f"bidir_speedup={r['speedup']:.2f} bidir_method={r['method']} bidir_max_abs_diff={r['max_abs_diff']:.2e}")
     if "llava" in results:
         r = results["llava"]
         print(

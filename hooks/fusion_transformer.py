@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mmlens.core.adapter import Adapter, BlockLayout, Point, Site, Stack
+from mmlens.core.adapter import BATCH, Adapter, BlockLayout, Point, Site, Stack
 from mmlens.core.spans import spans_from_blocks
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
@@ -54,7 +54,7 @@ FUSION_TRANSFORMER = Adapter(
         Point("text.embed", "encoder", "text", Site("text_encoder.embed")),
         Point("fusion.embeds", "fusion", None, Site("fuse"), fused_positions=True),
         Point("lm.final_norm", "lm", None, Site("final_norm"), fused_positions=True),
-        Point("lm.logits", "lm", None, Site("head")),
+        Point("lm.logits", "lm", None, Site("head"), axes=BATCH),  # pooled [b, classes]
     ),
     spans=block_spans,
     neutral={"image": neutral_image, "text": neutral_text},

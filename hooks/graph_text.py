@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from mmlens.core.adapter import Adapter, Point, Site, Stack
+from mmlens.core.adapter import BATCH, ITEMS, Adapter, Point, Site, Stack
 from mmlens.core.spans import spans_from_blocks
 from mmlens.hooks.fusion_transformer import FUSION_BLOCK
 from mmlens.metrics.perturb import graph_perturbations, token_perturbations
@@ -38,15 +38,15 @@ GRAPH_TEXT = Adapter(
     name="graph-text-fusion",
     architectures=("GraphTextFusion",),
     stacks=(
-        Stack(prefix="graph", stage="encoder", modality="graph", blocks="gnn.convs", layout=None),
+        Stack(prefix="graph", stage="encoder", modality="graph", blocks="gnn.convs", layout=None, axes=ITEMS),
         Stack(prefix="lm", stage="lm", modality=None, blocks="blocks", layout=FUSION_BLOCK, n_heads="config.n_heads"),
     ),
     points=(
         Point("text.embed", "encoder", "text", Site("embed")),
-        Point("fusion.projector_out", "fusion", "graph", Site("projector")),
+        Point("fusion.projector_out", "fusion", "graph", Site("projector"), axes=BATCH),  # [b, K * d]
         Point("fusion.embeds", "fusion", None, Site("fuse"), fused_positions=True),
         Point("lm.final_norm", "lm", None, Site("final_norm"), fused_positions=True),
-        Point("lm.logits", "lm", None, Site("head")),
+        Point("lm.logits", "lm", None, Site("head"), axes=BATCH),  # pooled [b, classes]
     ),
     spans=block_spans,
     neutral={"graph": neutral_graph, "text": neutral_text},
@@ -57,4 +57,5 @@ GRAPH_TEXT = Adapter(
         "graph": graph_perturbations(features="node_features", edges="edge_index"),
         "text": token_perturbations("input_ids"),
     },
+    readout="mean",  # the head reads the mean of every real position (graph tokens and text)
 )

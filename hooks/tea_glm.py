@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mmlens.core.adapter import Adapter, Point, Site, Stack
+from mmlens.core.adapter import BATCH, ITEMS, Adapter, Point, Site, Stack
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 from mmlens.metrics.perturb import graph_perturbations, token_perturbations
@@ -47,9 +47,9 @@ def project_graph_layer(model, inputs, hidden):
 TEA_GLM = Adapter(
     name="tea-glm",
     architectures=("TeaGLM",),
-    stacks=(Stack(prefix="graph", stage="encoder", modality="graph", blocks="gnn.convs", layout=None),),
+    stacks=(Stack(prefix="graph", stage="encoder", modality="graph", blocks="gnn.convs", layout=None, axes=ITEMS),),
     points=(
-        Point("fusion.projector_out", "fusion", "graph", Site("projector")),
+        Point("fusion.projector_out", "fusion", "graph", Site("projector"), axes=BATCH),  # [b, K * d]
         Point("fusion.embeds", "fusion", None, Site("lm", "input", 0, "inputs_embeds"), fused_positions=True),
     ),
     nested=("lm",),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mmlens
+from mmlens.core.spans import spans_from_blocks
 
 # registry name -> expected {stage: {modalities}} ("fused" = the joint multimodal sequence)
 EXPECTED = {
@@ -184,8 +185,9 @@ def test_readout_logits_at_the_last_real_position():
     adapter = mmlens.hooks.LLAMA_FAMILY
     logits = torch.arange(2 * 5 * 3.0).view(2, 5, 3)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    assert torch.equal(adapter.readout_logits(logits, {"attention_mask": mask}), logits[[0, 1], [4, 2]])
-    assert torch.equal(adapter.readout_logits(logits, {}), logits[:, -1])
-    # a mask of the text only, after two prepended soft tokens, covers the last three positions
-    assert torch.equal(adapter.readout_logits(logits, {"attention_mask": mask[:, 2:]}), logits[[0, 1], [4, 2]])
-    assert torch.equal(adapter.readout_logits(logits[:, 0], {"attention_mask": mask}), logits[:, 0])
+    spans = mmlens.ModalitySpans({"text": mask.bool()}, mask.bool())
+    assert torch.equal(adapter.readout_logits(logits, spans), logits[[0, 1], [4, 2]])
+    # two soft tokens prepended to a text mask: the spans of the fused sequence say where the last one is
+    fused = spans_from_blocks(2, {"image": 2, "text": 3}, {"text": mask[:, 2:]})
+    assert torch.equal(adapter.readout_logits(logits, fused), logits[[0, 1], [4, 2]])
+    assert torch.equal(adapter.readout_logits(logits[:, 0], spans), logits[:, 0])

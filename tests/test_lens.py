@@ -72,7 +72,9 @@ def test_graph_positions_are_labelled_and_can_be_decoded_alone(loaded):
     for row in range(graph.shape[0]):
         labels = full.modalities[row]
         assert [p for p, m in enumerate(labels) if m == "graph"] == graph[row].nonzero().flatten().tolist()
-        assert all(full.tokens[row][p] == "<graph>" for p in graph[row].nonzero().flatten().tolist())
+        assert [full.tokens[row][p] for p in graph[row].nonzero().flatten().tolist()] == [
+            f"<graph {k}>" for k in range(int(graph[row].sum()))
+        ]
     only = logit_lens(hm, inputs, k=2, positions="graph")
     assert torch.equal(only.decoded, graph)
     assert torch.equal(only.top_ids[:, graph], full.top_ids[:, graph])

@@ -38,6 +38,12 @@ from mmlens.core.spans import ModalitySpans
 Stage = Literal["encoder", "fusion", "lm"]
 SEQUENCE_KWARGS: Mapping[str, int] = {"position_ids": 1, "cache_position": 0, "position_embeddings": 1}
 STAGES: tuple[str, ...] = ("encoder", "fusion", "lm")
+BATCH_POS: tuple[str, ...] = ("batch", "pos")
+"""Axes of a value laid out ``[batch, pos, ...]`` (blocks, embeddings: the default)."""
+ITEMS: tuple[str, ...] = ("item",)
+"""Axes of a value laid out ``[items, ...]`` with no batch axis (a GNN's ``[nodes, d]``, packed patches)."""
+BATCH: tuple[str, ...] = ("batch",)
+"""Axes of a value laid out ``[batch, features]`` with no position axis (pooled logits, a flat projector output)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class Stack:
         blocks: dotted path of the ``nn.ModuleList`` of blocks.
         layout: module names inside a block; ``None`` for plain layers (only ``.out`` points).
         n_heads: dotted attribute path (from the root model) of the head count, for ``z``.
+        axes: the leading axes of its values that position selectors index: :data:`BATCH_POS`
+            (``[batch, pos, d]``) or :data:`ITEMS` (``[items, d]``, e.g. a GNN's nodes).
     """
 
     prefix: str
@@ -90,17 +98,20 @@ class Stack:
     blocks: str
     layout: BlockLayout | None = LLAMA_BLOCK
     n_heads: str | None = None
+    axes: tuple[str, ...] = BATCH_POS
 
 
 @dataclass(frozen=True)
 class Point:
-    """A single named hook point outside the block stacks."""
+    """A single named hook point outside the block stacks (``axes`` as in :class:`Stack`, or
+    :data:`BATCH` for ``[batch, features]`` values)."""
 
     name: str
     stage: Stage
     modality: str | None
     site: Site
     fused_positions: bool = False
+    axes: tuple[str, ...] = BATCH_POS
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,8 @@ class HookPoint:
     ``fused_positions`` is True when axis 1 indexes the fused sequence, so modality spans apply.
     ``heads`` is the head count for per-head points (the value is viewed as [.., head, d_head]).
     ``block``/``mlp`` are set for ``resid_mid``, whose write must also reach the block output.
+    ``axes`` names the value's leading axes that selectors index (:data:`BATCH_POS`, :data:`ITEMS`
+    or :data:`BATCH`); a per-head value has its head axis right after them.
     """
 
     name: str
@@ -123,6 +136,12 @@ class HookPoint:
     heads: int | None = None
     block: str | None = None
     mlp: str | None = None
+    axes: tuple[str, ...] = BATCH_POS
+
+    @property
+    def position_axis(self) -> int | None:
+        """The axis that positions index (``pos`` or ``item``), or None when the value has none."""
+        return next((i for i, a in enumerate(self.axes) if a in ("pos", "item")), None)
 
 
 SpanFinder = Callable[[nn.Module, Mapping[str, torch.Tensor]], ModalitySpans]
@@ -161,6 +180,10 @@ class Adapter:
             which dimension (replay cuts them to the replayed positions).
         causal: whether every position of the fused sequence attends only to earlier positions in
             every LM block; replay with reuse of earlier positions' keys/values is exact only then.
+        token_ids: the input key of the token ids, ``[batch, seq]`` aligned with the fused sequence
+            (placeholders at soft positions) or ``[batch, n]`` covering only its text and padding
+            positions, in order (soft tokens concatenated around the text); ``None``: no token
+            labels. :meth:`position_token_ids` aligns them.
         perturbations: modality -> kind -> preparer of a small meaning-preserving perturbation
             (which input key it changes, with which primitive and layout; built with
             :func:`mmlens.metrics.perturb.image_perturbations` and its siblings); every modality
@@ -182,6 +205,7 @@ class Adapter:
     sequence_kwargs: Mapping[str, int] = field(default_factory=lambda: dict(SEQUENCE_KWARGS))
     causal: bool = True
     perturbations: Mapping[str, Mapping[str, Perturbation]] = field(default_factory=dict)
+    token_ids: str | None = "input_ids"
 
     def select_rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
         """The inputs of some rows of a batch: batched tensors indexed on their first axis (an int
@@ -203,19 +227,59 @@ class Adapter:
     def _batched(self, key: str, value: Any) -> bool:
         return isinstance(value, Tensor) and value.dim() > 0 and key not in self.shared_inputs
 
-    def readout_logits(self, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
-        """The logits the output is read from: ``Float[b, seq, vocab] -> Float[b, vocab]`` at each row's
-        last real position (classifier logits ``Float[b, classes]`` pass through).
+    def position_token_ids(self, inputs: Mapping[str, Any], spans: ModalitySpans) -> Tensor:
+        """Long[b, seq]: the token id at each text or padding position of the fused sequence, ``-1``
+        at soft (non-text) positions and everywhere when the inputs carry no token ids."""
+        out = torch.full(spans.valid.shape, -1, dtype=torch.long)
+        ids = inputs.get(self.token_ids) if self.token_ids else None
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            return out
+        soft = torch.zeros_like(spans.valid)
+        for name, mask in spans.masks.items():
+            if name != "text":
+                soft |= mask
+        textual = ~soft.cpu()
+        if ids.shape[1] == spans.seq_len:
+            return torch.where(textual, ids.cpu(), out)
+        counts = textual.sum(1)
+        if ids.shape[0] != spans.batch_size or (counts != ids.shape[1]).any():
+            raise ValueError(
+                f"adapter {self.name!r}: input {self.token_ids!r} has shape {tuple(ids.shape)} but the fused "
+                f"sequence has {counts.tolist()} text/padding positions per row (of {spans.seq_len}); "
+                "the adapter's spans must mark every soft position, or set Adapter.token_ids"
+            )
+        out[textual] = ids.cpu().flatten()
+        return out
 
-        An ``attention_mask`` shorter than the sequence covers its last positions (the model
-        prepended soft tokens to the text it masks)."""
+    def readout_mask(self, spans: ModalitySpans) -> Tensor:
+        """Bool[b, seq]: the positions of the fused sequence the output is read from: each row's last
+        real position (``readout="last"``) or every real position (``readout="mean"``)."""
+        if self.readout == "mean":
+            return spans.valid.clone()
+        if self.readout == "last":
+            return spans.mask("last")
+        raise ValueError(f"adapter {self.name!r}: readout must be 'last' or 'mean', got {self.readout!r}")
+
+    def readout_logits(self, logits: Tensor, spans: ModalitySpans) -> Tensor:
+        """The logits the output is read from: ``Float[b, seq, vocab] -> Float[b, vocab]`` at each row's
+        last real position of the fused sequence (from ``spans``, whatever the attention mask covers);
+        classifier logits ``Float[b, classes]`` (the model pooled itself) pass through."""
         if logits.dim() == 2:
             return logits
-        mask = inputs.get("attention_mask")
-        if mask is None:
-            return logits[:, -1]
-        last = mask.long().cumsum(1).argmax(1) + (logits.shape[1] - mask.shape[1])
-        return logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]
+        if logits.dim() != 3 or logits.shape[:2] != spans.valid.shape:
+            raise ValueError(
+                f"adapter {self.name!r}: logits of shape {tuple(logits.shape)} do not line up with the spans' "
+                f"[batch, seq] = {tuple(spans.valid.shape)}; the adapter's spans must cover the fused sequence"
+            )
+        if self.readout != "last":
+            raise ValueError(
+                f"adapter {self.name!r} reads out with readout={self.readout!r} but the model returns per-position "
+                "logits; set readout='last' (a causal LM) or return pooled logits [batch, classes]"
+            )
+        last = self.readout_mask(spans).to(logits.device)
+        if not bool((last.sum(1) == 1).all()):
+            raise ValueError(f"adapter {self.name!r}: a row has no real position to read the output from")
+        return logits[last]
 
     def _check_modalities(self) -> None:
         """Every modality with perturbations (and, once ``modality_inputs`` is given, with a neutral
@@ -266,6 +330,7 @@ class Adapter:
                 kind=p.name.rsplit(".", 1)[-1],
                 prefix=p.name.split(".", 1)[0],
                 fused_positions=p.fused_positions,
+                axes=p.axes,
             )
         return _in_flow_order(points)
 
@@ -320,6 +385,7 @@ def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
         "layer": i,
         "prefix": stack.prefix,
         "fused_positions": stack.modality is None,
+        "axes": stack.axes,
     }
     name = f"{stack.prefix}.blocks.{i}"
     if stack.layout is None:

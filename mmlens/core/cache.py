@@ -130,7 +130,8 @@ class ActivationCache(Mapping):
         return act.gather(1, index.to(act.device))
 
     def stack(self, name: str, at: Selector = None) -> Named:
-        """Stack a block point over layers: ``Named`` with dims ``(layer, batch, pos, ...)``.
+        """Stack a block point over layers: ``Named`` with dims ``(layer, *axes, ...)``: ``(layer, batch,
+        pos, d)``, or ``(layer, item, d)`` for points laid out ``[items, d]`` (``HookPoint.axes``).
 
         ``name`` is a short block-point name (``"resid_post"``, ``"vision.resid_post"``) or a glob
         over full names (``"lm.blocks.*.attn_out"``).
@@ -148,6 +149,7 @@ class ActivationCache(Mapping):
         names.sort(key=lambda n: self._points[n].layer if self._points[n].layer is not None else -1)
         values = torch.stack([self.get(n, at=at) for n in names])
         hp = self._points[names[0]]
-        rest = ("head", "d_head") if hp.heads else ("d",) * (values.dim() - 3)
-        dims = ("layer", "batch", "pos", *rest)[: values.dim()]
+        lead = ("layer", *hp.axes)  # e.g. (layer, batch, pos) or, for [nodes, d] points, (layer, item)
+        rest = ("head", "d_head") if hp.heads else ("d",) * (values.dim() - len(lead))
+        dims = (*lead, *rest)[: values.dim()]
         return Named(values, dims, {"layer": [self._points[n].layer for n in names], "hook": names})

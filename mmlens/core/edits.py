@@ -8,7 +8,8 @@ Three kinds, all applied by the one hook layer in :mod:`mmlens.core.wrapper`:
 
 ``at`` takes any position selector of :class:`mmlens.ModalitySpans` (``"image"``, ``"last_text"``,
 ints, slices, masks) on points that index the fused sequence, and ints/lists/slices on encoder
-points. ``heads`` selects heads of per-head points (``z``). A value may have the activation's full
+points, along the point's position axis (``HookPoint.axes``: ``pos`` of ``[batch, pos, d]``, or
+``item`` of ``[items, d]``, e.g. a GNN's nodes); a point without one refuses ``at``. ``heads`` selects heads of per-head points (``z``). A value may have the activation's full
 shape (then the selected entries are copied from it bit for bit, the clean-patching case), or any
 shape that broadcasts to the selected entries ``[n_selected, ...]`` / ``[batch, n_per_row, ...]``.
 """
@@ -125,35 +126,55 @@ def _fit(value: Tensor, selected_shape: torch.Size, mask: Tensor) -> Tensor:
 
 
 def selection_mask(where: Where, act: Tensor, hook: Any, position_mask: Callable[[Selector], Tensor]) -> Tensor | None:
-    """The one (positions x heads) mask builder: Bool over the leading axes of ``act`` ([batch, pos],
-    or [batch, pos, head] when ``where.heads`` is given) that ``where`` selects, or None for all.
+    """The one (positions x heads) mask builder: Bool over the leading axes of ``act`` that
+    ``where`` selects (the point's ``axes``: [batch, pos] or [items]; with ``where.heads``, the
+    head axis after them), or None for all.
 
     Args:
-        hook: the HookPoint of ``act`` (its ``heads`` says whether it has a head axis).
-        position_mask: selector -> Bool[batch, pos] (span selectors need the run's spans).
+        hook: the HookPoint of ``act`` (its ``axes`` name the leading axes; ``heads`` says whether
+            it has a head axis).
+        position_mask: selector -> Bool over those leading axes (span selectors need the run's spans).
     """
     if where.heads is not None and hook.heads is None:
         raise ValueError(f"heads= was given for {where.hook!r}, which is not a per-head point; use its '.z' point")
     if where.at is None and where.heads is None:
         return None
-    if act.dim() < 2:
-        raise ValueError(f"{where.hook!r} has no position axis (shape {tuple(act.shape)}); drop at=")
-    pos = (
-        position_mask(where.at)
-        if where.at is not None
-        else torch.ones(act.shape[:2], dtype=torch.bool, device=act.device)
-    )
-    if pos.shape != act.shape[:2]:
-        raise ValueError(f"position mask {tuple(pos.shape)} does not match {where.hook!r} of shape {tuple(act.shape)}")
+    axes = tuple(getattr(hook, "axes", ("batch", "pos")))
+    lead = act.shape[: len(axes)]
+    if where.at is not None:
+        check_positions(where.hook, axes, act)
+    pos = position_mask(where.at) if where.at is not None else torch.ones(lead, dtype=torch.bool, device=act.device)
+    if pos.shape != lead:
+        raise ValueError(
+            f"position mask {tuple(pos.shape)} does not match {where.hook!r} of shape {tuple(act.shape)} "
+            f"(leading axes {axes})"
+        )
     if where.heads is None:
         return pos
     heads = [where.heads] if isinstance(where.heads, int) else list(where.heads)
-    head_mask = torch.zeros(act.shape[2], dtype=torch.bool, device=act.device)
+    head_mask = torch.zeros(act.shape[len(axes)], dtype=torch.bool, device=act.device)
     try:
         head_mask[heads] = True
     except IndexError as err:
-        raise IndexError(f"heads {heads} out of range for {act.shape[2]} heads at {where.hook!r}") from err
-    return pos[:, :, None] & head_mask
+        raise IndexError(f"heads {heads} out of range for {act.shape[len(axes)]} heads at {where.hook!r}") from err
+    return pos[..., None] & head_mask
+
+
+def check_positions(hook: str, axes: tuple[str, ...], act: Tensor) -> None:
+    """Raise when position selectors make no sense for a value with leading ``axes``: it has no
+    position axis, or it lacks a feature axis after them (a 2-D value declared [batch, pos])."""
+    layout = f"[{', '.join(axes)}, ...]"
+    if "pos" not in axes and "item" not in axes:
+        raise ValueError(
+            f"{hook!r} is laid out {layout} with no position axis (shape {tuple(act.shape)}), so at= selects "
+            "nothing meaningful; drop at= (or edit it with mmlens.apply)"
+        )
+    if act.dim() <= len(axes):
+        raise ValueError(
+            f"{hook!r} has shape {tuple(act.shape)}, which leaves no feature axis after its declared axes {layout}; "
+            "at= would select feature channels. Declare the point's axes in its adapter (Stack/Point axes=ITEMS "
+            "for [items, d], BATCH for [batch, features])"
+        )
 
 
 def where_selected(mask: Tensor | None, new: Tensor, old: Tensor) -> Tensor:

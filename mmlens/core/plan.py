@@ -131,10 +131,11 @@ class Plan:
                 f"{hp.name!r} is inside the {hp.modality or hp.stage} encoder, whose positions are its own "
                 f"tokens, so span {selector!r} does not apply; select positions by index"
             )
+        lead = act.shape[: len(hp.axes)]  # position axis last: [batch, pos] or [items]
         if isinstance(selector, Tensor) and selector.dtype == torch.bool:
-            return selector.to(act.device).expand(act.shape[:2])
-        mask = torch.zeros(act.shape[:2], dtype=torch.bool, device=act.device)
-        mask[:, as_positions(selector, act.shape[1]).to(act.device)] = True
+            return selector.to(act.device).expand(lead)
+        mask = torch.zeros(lead, dtype=torch.bool, device=act.device)
+        mask[..., as_positions(selector, lead[-1]).to(act.device)] = True
         return mask
 
     def _output_hook(self, actions: list):

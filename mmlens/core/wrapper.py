@@ -191,10 +191,43 @@ class HookedModel:
         """Inputs of batch 1 repeated to batch ``n``; see :meth:`Adapter.repeat_rows`."""
         return self.adapter.repeat_rows(inputs, n)
 
-    def readout_logits(self, logits: Tensor, inputs: Mapping[str, Any]) -> Tensor:
+    def readout_logits(
+        self, logits: Tensor, inputs: Mapping[str, Any] | None = None, *, spans: ModalitySpans | None = None
+    ) -> Tensor:
         """``Float[b, seq, vocab] -> Float[b, vocab]``: the logits at the position the output is read
-        from; see :meth:`Adapter.readout_logits`."""
-        return self.adapter.readout_logits(logits, inputs)
+        from, found from the spans of the fused sequence (``spans``, else those of ``inputs``); the one
+        readout every method uses. See :meth:`Adapter.readout_logits`."""
+        if spans is None:
+            if inputs is None:
+                raise ValueError("readout_logits needs the run's inputs or spans to find the readout position")
+            spans = self.spans(inputs)
+        return self.adapter.readout_logits(logits, spans)
+
+    def position_labels(self, inputs: Mapping[str, Any], spans: ModalitySpans | None = None) -> list[list[str]]:
+        """Per row, one label per position of the fused sequence: the decoded token at text and
+        padding positions, ``"<image 3>"`` (the modality and its position's index within that
+        modality's span of the row) at soft positions, ``"<pad>"`` at padding without a token id."""
+        spans = self.spans(inputs) if spans is None else spans
+        ids = self.adapter.position_token_ids(inputs, spans)
+        labels = []
+        for row, modalities in zip(ids.tolist(), spans.modality_of_positions()):
+            known = [i for i in row if i >= 0]
+            decoded = iter(self.token_strings(known) if known else [])
+            seen: dict[str, int] = defaultdict(int)
+            out = []
+            for i, m in zip(row, modalities):
+                if i >= 0:
+                    out.append(next(decoded))
+                    continue
+                out.append("<pad>" if m == "pad" else f"<{m} {seen[m]}>")
+                seen[m] += 1
+            labels.append(out)
+        return labels
+
+    def readout_mask(self, spans: ModalitySpans) -> Tensor:
+        """Bool[b, seq]: the positions the output is read from (the last real one, or every real one
+        for pooling heads); see :meth:`Adapter.readout_mask`."""
+        return self.adapter.readout_mask(spans)
 
     def spans(self, inputs: Mapping[str, Any]) -> ModalitySpans:
         """Modality spans of ``inputs`` as the adapter finds them."""

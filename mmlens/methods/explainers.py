@@ -390,7 +390,7 @@ def _from_readout(hooked: HookedModel, inputs: dict, matrix: Tensor) -> Tensor:
     position: row ``last`` (causal LMs), or the mean of the real positions' rows (pooling heads,
     ``Adapter.readout == "mean"``)."""
     spans = hooked.spans(inputs)
-    readers = (spans.valid if hooked.adapter.readout == "mean" else spans.mask("last")).to(matrix.device).float()
+    readers = hooked.readout_mask(spans).to(matrix.device).float()
     return (matrix * readers[:, :, None]).sum(1) / readers.sum(1, keepdim=True)
 
 

@@ -58,7 +58,8 @@ class LensResult:
             layer's (NaN for the first layer).
         target_ids: Long[b, n_targets] or None; target_probs / target_ranks: Float / Long
             [layer, b, pos, n_targets] (rank 0 = the top token).
-        tokens: input token text per [row][pos] (soft tokens shown as ``<graph>``, ``<image>``, ...).
+        tokens: input token text per [row][pos] of the fused sequence (soft tokens shown as
+            ``<graph 0>``, ``<image 3>``, ...; :meth:`HookedModel.position_labels`).
         modalities: modality name per [row][pos] (``"pad"`` for padding).
         spans: the inputs' modality spans.
         decode: token ids -> one text per id.
@@ -149,15 +150,6 @@ def _label_of(hooked: HookedModel, name: str) -> str:
     return "embed" if hp.kind == "resid_pre" else str(hp.layer)
 
 
-def _input_tokens(hooked: HookedModel, inputs: Mapping[str, Any], modalities: list[list[str]]) -> list[list[str]]:
-    decode = hooked.token_strings
-    ids = inputs.get("input_ids")
-    if ids is None:
-        return [[f"<{m}>" for m in row] for row in modalities]
-    text = [decode(row.tolist()) for row in ids]
-    return [[t if m in ("text", "pad") else f"<{m}>" for t, m in zip(tr, mr)] for tr, mr in zip(text, modalities)]
-
-
 def _targets(hooked: HookedModel, targets: Any, batch: int, device: torch.device) -> Tensor | None:
     if targets is None:
         return None
@@ -244,7 +236,7 @@ def logit_lens(
         target_ids=None if target_ids is None else target_ids.cpu(),
         target_probs=full.get("tprob"),
         target_ranks=full.get("trank"),
-        tokens=_input_tokens(hooked, inputs, modalities),
+        tokens=hooked.position_labels(inputs, spans),
         modalities=modalities,
         spans=spans,
         decode=hooked.token_strings,

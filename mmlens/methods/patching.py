@@ -379,12 +379,17 @@ def sweep(
     corrupt_inputs = hooked.check_inputs(corruption.inputs)
     clean_spans = hooked.spans(clean)
     swept = _select_layers(points(hooked, hook), layers, hook)
+    shared = [hp.name for hp in swept if "batch" not in hp.axes]
+    if shared:
+        raise ValueError(
+            f"sweep patches one batch row per variant, but {shared[:3]} have no batch axis (laid out "
+            f"{list(hooked.hook_points[shared[0]].axes)}: shared by every row); patch them with hooked.run(edits=...)"
+        )
     if "span" not in axes and any(hp.fused_positions for hp in swept):
         check_same_layout(clean_spans, hooked.spans(corrupt_inputs))
     source, target = _source_and_target(clean, corrupt_inputs, corruption.edits, direction)
     reuse = _reuse(hooked, swept, target[1]) if replay else None
     target_spans = hooked.spans(target[0])
-    decode = hooked.token_strings
     rows, clean_values, corrupt_values, skipped, method = [], [], [], 0, "full forwards"
     for pair in range(clean_spans.batch_size):
         runs = _pair_runs(hooked, pair, clean, source, target, direction, metric, swept, reuse)
@@ -393,7 +398,7 @@ def sweep(
         clean_v, corrupt_v = pair_values if direction == "denoise" else pair_values[::-1]
         clean_values.append(clean_v)
         corrupt_values.append(corrupt_v)
-        cells = _pair_cells(hooked, swept, axes, target_spans, pair, decode, runs)
+        cells = _pair_cells(hooked, swept, axes, target_spans, pair, runs)
         bar = {"desc": f"patching pair {pair}", "disable": not progress}
         values, n_skipped = _cell_values(hooked, runs, cells, target[1], batch_size, skip_unchanged, tqdm_options=bar)
         skipped += n_skipped
@@ -478,18 +483,12 @@ def _pair_runs(
 
 
 def _pair_cells(
-    hooked: HookedModel,
-    swept: list[HookPoint],
-    axes: tuple[str, ...],
-    spans: ModalitySpans,
-    pair: int,
-    decode: Callable[[list[int]], list[str]],
-    runs: _PairRuns,
+    hooked: HookedModel, swept: list[HookPoint], axes: tuple[str, ...], spans: ModalitySpans, pair: int, runs: _PairRuns
 ) -> list[Cell]:
     """The cells of one pair (spans it lacks left out)."""
     cache = runs.source_run.cache
     lengths = {hp.name: cache[hp.name].shape[1] for hp in swept if not hp.fused_positions and cache[hp.name].dim() >= 3}
-    cells = _cells(hooked, swept, axes, spans, pair, _row_tokens(decode, runs.target, spans, pair), lengths)
+    cells = _cells(hooked, swept, axes, spans, pair, hooked.position_labels(runs.target)[0], lengths)
     return [c for c in cells if c.where.at is None or c.where.at.any()] if "span" in axes else cells
 
 
@@ -540,19 +539,6 @@ def _sweep_rows(pair: int, cells: list[Cell], values: list[float], runs: _PairRu
         }
         for cell, v in zip(cells, values)
     ]
-
-
-def _row_tokens(decode, inputs: Mapping[str, Any], spans: ModalitySpans, pair: int) -> list[str]:
-    ids = inputs.get("input_ids")
-    modality = spans.modality_of_positions()[pair]
-    if ids is None:
-        return [f"<{m}>" for m in modality]
-    text = decode(ids[0].tolist())
-    if len(text) == len(modality):
-        return [t if m in ("text", "pad") else f"<{m}>" for t, m in zip(text, modality)]
-    tokens = iter(text)  # fused positions not in input_ids (e.g. image patches prepended): ids fill text/pad in order
-    text_like = sum(m in ("text", "pad") for m in modality)
-    return [next(tokens) if m in ("text", "pad") and text_like == len(text) else f"<{m}>" for m in modality]
 
 
 def _patched_full(
@@ -625,7 +611,6 @@ def attribution_patch(
     check_same_layout(hooked.spans(clean), spans)
     swept = points(hooked, hook)
     names = [hp.name for hp in swept]
-    decode = hooked.token_strings
     rows, clean_values, corrupt_values = [], [], []
     for pair in range(spans.batch_size):
         c, x = hooked.rows(clean, pair), hooked.rows(corrupt_inputs, pair)
@@ -637,7 +622,7 @@ def attribution_patch(
         clean_v = float(metric(hooked.readout_logits(clean_run.logits, c))[0])
         clean_values.append(clean_v)
         corrupt_values.append(value)
-        tokens = _row_tokens(decode, x, spans, pair)
+        tokens = hooked.position_labels(x)[0]
         lengths = {
             n: run.cache[n].shape[1]
             for n in names
@@ -854,8 +839,9 @@ def path_patch(
 
     1. Run clean and corrupted, caching everything.
     2. Run clean with the senders set to their corrupted values and every other attention/MLP output
-       (``attn_out``/``mlp_out`` points matching ``frozen``) held at its clean value; record the
-       receivers' values.
+       (``attn_out``/``mlp_out`` points matching ``frozen``) held at its clean value, except the
+       receivers themselves (at their positions/heads) and the ``attn_out`` carrying a head (``z``)
+       sender, whose other heads the sender's write holds at clean; record the receivers' values.
     3. Run clean with only the receivers set to the values recorded in step 2.
 
     Returns the metric of step 3 (for the first pair). With no senders it equals the clean metric.
@@ -866,14 +852,23 @@ def path_patch(
     check_same_layout(hooked.spans(clean), hooked.spans(corrupt_inputs))
     sender_hooks = [hooked.resolve(s.hook).name for s in senders]
     receiver_hooks = [hooked.resolve(r.hook).name for r in receivers]
+    # a head sender reaches the residual stream through its block's attn_out: that one is not held
+    carriers = {(hp.prefix, hp.layer) for hp in map(hooked.resolve, sender_hooks) if hp.kind == "z"}
     freeze = [
         n
         for n, hp in hooked.hook_points.items()
-        if hp.kind in ("attn_out", "mlp_out") and fnmatch.fnmatchcase(n, frozen) and n not in sender_hooks
+        if hp.kind in ("attn_out", "mlp_out")
+        and fnmatch.fnmatchcase(n, frozen)
+        and n not in sender_hooks
+        and not (hp.kind == "attn_out" and (hp.prefix, hp.layer) in carriers)
     ]
     clean_run = hooked.run(clean, cache=freeze + sender_hooks + receiver_hooks)
     corrupt_run = hooked.run(corrupt_inputs, cache=sender_hooks, edits=corruption.edits)
-    edits = [replace(n, clean_run.cache[n]) for n in freeze]
+    held = [
+        _freeze_except(hooked, n, clean_run.cache[n], [r for r in receivers if hooked.resolve(r.hook).name == n], clean)
+        for n in freeze
+    ]
+    edits = [e for e in held if e is not None]
     edits += [
         replace(s_hook, _select(corrupt_run.cache[s_hook], clean_run.cache[s_hook], s, hooked, clean))
         for s, s_hook in zip(senders, sender_hooks)
@@ -885,6 +880,23 @@ def path_patch(
     ]
     patched = hooked.run(clean, edits=final_edits)
     return float(metric(hooked.readout_logits(patched.logits, clean))[0])
+
+
+def _freeze_except(
+    hooked: HookedModel, name: str, clean: Tensor, receivers: list[Component], inputs: dict
+) -> Edit | None:
+    """Hold ``name`` at its ``clean`` value, except where one of ``receivers`` (components at this
+    point) selects: there it keeps what the run computes, so step 2 records the receivers' values
+    (None: a receiver takes the whole point, nothing is held)."""
+    if not receivers:
+        return replace(name, clean)
+    spans = hooked.spans(inputs)
+    hp = hooked.resolve(name)
+    masks = [selection_mask(r, clean, hp, lambda at: spans.mask(at).to(clean.device)) for r in receivers]
+    if any(m is None for m in masks):
+        return None
+    free = torch.stack(masks).any(0)
+    return apply(name, lambda act, ctx: where_selected(free, act, clean.to(act.dtype)))
 
 
 def _select(new: Tensor, old: Tensor, component: Component, hooked: HookedModel, inputs: dict) -> Tensor:
