@@ -33,6 +33,11 @@ MODELS = [
     "tinystories-656k",
     "tiny-random-llava",
     "tiny-random-idefics3",
+    "tiny-random-llava-next",
+    "tiny-random-llava-onevision",
+    "tiny-random-smolvlm",
+    "tiny-random-paligemma",
+    "tiny-random-internvl",
     "tea-glm-tiny",
     "tiny-fusion",
 ]
