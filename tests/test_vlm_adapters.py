@@ -162,3 +162,13 @@ def test_vision_points_are_laid_out_by_image_item(name, loaded):
     rows = [hm.rows(inputs, 0), hm.rows(inputs, 1)]
     with pytest.raises(ValueError, match="no batch axis.*hooked.run"):
         sweep(hm, *rows, logit_diff(3, 4), hook="vision.resid_post", axes=("layer",), progress=False)
+
+
+def test_repeated_rows_feed_a_model_that_views_its_pixels(loaded):
+    """SmolVLM reshapes pixel_values [batch, images, C, H, W] with .view, which a batch-1 tensor
+    expanded to n rows (stride 0) does not allow: hm.repeat must hand it real copies."""
+    hm, inputs = _wrapped(loaded, "tiny-random-smolvlm")
+    row = hm.rows(inputs, 0)
+    run = hm.run(hm.repeat(row, 3))
+    assert torch.equal(run.logits[2], run.logits[0])
+    torch.testing.assert_close(run.logits[:1], hm.run(row).logits, rtol=0, atol=1e-5)

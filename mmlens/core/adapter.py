@@ -214,12 +214,12 @@ class Adapter:
         return {k: v[index] if self._batched(k, v) else v for k, v in inputs.items()}
 
     def repeat_rows(self, inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
-        """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; a batch-1 tensor is
-        expanded without a copy)."""
+        """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; copies, not expanded views:
+        models reshape their inputs with ``.view``, e.g. SmolVLM's ``[batch, images, C, H, W]`` pixels)."""
         out = {}
         for k, v in inputs.items():
             if self._batched(k, v):
-                out[k] = v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v.repeat(n, *([1] * (v.dim() - 1)))
+                out[k] = v.repeat(n, *([1] * (v.dim() - 1)))
             else:
                 out[k] = v
         return out
