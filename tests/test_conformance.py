@@ -33,13 +33,13 @@ MODELS = [
     "tinystories-656k",
     "tiny-random-llava",
     "tiny-random-idefics3",
+    "tea-glm-tiny",
+    "tiny-fusion",
     "tiny-random-llava-next",
     "tiny-random-llava-onevision",
     "tiny-random-smolvlm",
     "tiny-random-paligemma",
     "tiny-random-internvl",
-    "tea-glm-tiny",
-    "tiny-fusion",
 ]
 """Registry names the suite runs on (``mmlens.load_model(name)``, inputs from ``example_inputs()``)."""
 

@@ -214,8 +214,8 @@ class Adapter:
         return {k: v[index] if self._batched(k, v) else v for k, v in inputs.items()}
 
     def repeat_rows(self, inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
-        """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; copies, not expanded views:
-        models reshape their inputs with ``.view``, e.g. SmolVLM's ``[batch, images, C, H, W]`` pixels)."""
+        """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; copies, not expanded
+        views: some models ``view`` their inputs, e.g. SmolVLM its images)."""
         out = {}
         for k, v in inputs.items():
             if self._batched(k, v):
