@@ -172,3 +172,17 @@ def test_repeated_rows_feed_a_model_that_views_its_pixels(loaded):
     run = hm.run(hm.repeat(row, 3))
     assert torch.equal(run.logits[2], run.logits[0])
     torch.testing.assert_close(run.logits[:1], hm.run(row).logits, rtol=0, atol=1e-5)
+
+
+def test_paligemma_sweeps_never_reuse_earlier_keys_and_values(loaded):
+    """With the table's causal=False, a position sweep replays whole rows (no key/value reuse) and
+    equals full forwards."""
+    from mmlens.methods.patching import logit_diff, sweep
+
+    hm, inputs = _wrapped(loaded, "tiny-random-paligemma")
+    clean, corrupted = hm.rows(inputs, 0), hm.rows(inputs, 1)
+    options = {"hook": "resid_pre", "axes": ("position",), "layers": [1], "progress": False}
+    fast = sweep(hm, clean, corrupted, logit_diff(3, 4), **options)
+    slow = sweep(hm, clean, corrupted, logit_diff(3, 4), replay=False, **options)
+    assert fast.method == "replay" and slow.method == "full forwards"
+    assert (fast.table.value - slow.table.value).abs().max() < 1e-4
