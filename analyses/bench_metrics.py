@@ -1,25 +1,30 @@
-"""Desiderata speed: mmlens's batched faithfulness and stability vs the same numbers one sample at a time.
+"""Desiderata speed: mmlens's batched faithfulness, stability and Granger vs the same numbers one sample at a time.
 
     python -m mmlens.analyses.bench_metrics [--quick] [--repeats 3] [--sections llava,smollm2] [--threads N]
 
 Quantus-style libraries loop: every perturbed sample is one model call. The reference here is
 written that way, independently of :mod:`mmlens.metrics.desiderata`, and computes the same numbers:
 
-- faithfulness (occlusion explanations): for every input, scope (each modality, and ``joint`` when
-  there are several), fraction k and keep/remove variant of the explanation's top-k and of the
+- faithfulness (occlusion explanations): for every input, scope (each modality, and ``joint`` and
+  ``global`` (top-k across modalities) when there are several), fraction k and keep/remove variant of the explanation's top-k and of the
   random masks (drawn from ``torch.Generator().manual_seed(seed)`` in the order
   :func:`mmlens.metrics.desiderata.faithfulness` draws them), one batch-1 forward with the LM-input
   embeddings replaced (``hooked.run(x, edits=[mmlens.replace(point, variant)])``);
 - stability (occlusion explainer): the perturbations of :func:`mmlens.metrics.perturb.perturb`, and for the
   input and each perturbed input an occlusion explanation computed one occluded position per
-  forward, then the Lipschitz ratios.
+  forward, then the Lipschitz ratios and the relative stability (explanation change over the
+  relative raw-input and LM-input-embedding changes);
+- Granger (occlusion explainer, neutral reference): for every input and modality m, occlusion of x and
+  of x with m neutral, one forward per position, then Delta_m (JS divergence, probability drop) and the
+  self and cross explanation changes (mass distance). The mmlens side also computes the calibration
+  table (cluster bootstrap, 199 resamples), which the reference does not.
 
 Both sides explain with occlusion (window 1) and share only the model, the perturbations and
 ``hooked.readout_logits``; the reference builds its own embeddings, neutral baseline, explanations and masks.
 Timing is end to end per implementation and metric (explaining included), repeats interleaved
 round by round (the order rotates), median reported, after one small untimed warm-up run of each.
-Agreement is the largest |difference| over every number of ``faithfulness(...).curves`` and
-``stability(...).samples`` (and the ``kept`` flags must be equal).
+Agreement is the largest |difference| over every number of ``faithfulness(...).curves``,
+``stability(...).samples`` (the ``kept`` flags must be equal) and ``granger(...).explanations``.
 
 Sections: the tiny random LLaVA on its two example rows (text + image; image perturbations, as it
 has no tokenizer) and SmolLM2-135M-Instruct on short sentences with words of the shipped synonym
@@ -47,7 +52,7 @@ from mmlens.analyses.bench_patching import offline_if_cached
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.loading import load_model
 from mmlens.methods.explainers import embedding_point
-from mmlens.metrics.desiderata import examples, faithfulness, stability
+from mmlens.metrics.desiderata import examples, faithfulness, granger, stability
 from mmlens.metrics.perturb import perturb
 
 TOLERANCE = 1e-5
@@ -136,16 +141,16 @@ def reference_faithfulness(hooked: HookedModel, items: list[dict], settings: Set
         f = float(base.logits.float().softmax(-1)[target])
         scores = reference_occlusion(hooked, x, point, base, target)
         modalities = list(base.positions)
-        for scope in modalities + (["joint"] if len(modalities) > 1 else []):
-            members = modalities if scope == "joint" else [scope]
+        for scope in modalities + (["joint", "global"] if len(modalities) > 1 else []):
+            members = modalities if scope in ("joint", "global") else [scope]
             in_scope = [p for m in members for p in base.positions[m]]
             for k in fractions:
-                top = [p for m in members for p in _top(scores, base.positions[m], k)]
+                groups = [base.explained] if scope == "global" else [base.positions[m] for m in members]
+                top = [p for ps in groups for p in _top(scores, ps, k)]
                 draws = []
                 for _ in range(settings.random_draws):
                     draw = []
-                    for m in members:
-                        ps = base.positions[m]
+                    for ps in groups:
                         order = torch.randperm(len(ps), generator=generator)[: math.ceil(k * len(ps) - 1e-9)]
                         draw += [ps[j] for j in order.tolist()]
                     draws.append(draw)
@@ -191,11 +196,13 @@ def reference_stability(
                     continue
                 kept = int(moved.logits.argmax()) == target
                 moved_scores = reference_occlusion(hooked, p.inputs, point, moved, target)
+                embedding_change = distance / float(base.embeds[0, at].float().norm())
+                input_change = _raw_change(hooked, x, p.inputs, m)
                 for n, ps in base.positions.items():
                     ps = [q for q in ps if q in scores]
-                    change = float(
-                        (torch.tensor([scores[q] for q in ps]) - torch.tensor([moved_scores[q] for q in ps])).norm()
-                    )
+                    before = torch.tensor([scores[q] for q in ps])
+                    change = float((before - torch.tensor([moved_scores[q] for q in ps])).norm())
+                    relative = change / max(float(before.norm()), 1e-30)
                     rows.append(
                         {
                             "input": i,
@@ -207,9 +214,68 @@ def reference_stability(
                             "input_distance": distance,
                             "explanation_distance": change,
                             "ratio": change / distance,
+                            "explanation_change": relative,
+                            "embedding_change": embedding_change,
+                            "ris": relative / max(input_change, 1e-6),
+                            "res": relative / max(embedding_change, 1e-6),
                             "kept": kept,
                         }
                     )
+    return pd.DataFrame(rows)
+
+
+def _raw_change(hooked: HookedModel, a: dict, b: dict, modality: str) -> float:
+    """The relative change of ``modality``'s raw inputs (the adapter's ``modality_inputs``): root sum of
+    squares of ||a - b|| / ||a|| (float inputs) and the fraction of changed entries (integer inputs)."""
+    total = 0.0
+    for key in hooked.adapter.modality_inputs[modality]:
+        x, y = a[key], b[key]
+        if x.shape != y.shape:
+            part = abs(x.numel() - y.numel()) / x.numel()
+        elif x.is_floating_point():
+            part = float((x - y).float().norm() / x.float().norm())
+        else:
+            part = float((x != y).float().mean())
+        total += part * part
+    return math.sqrt(total)
+
+
+def _js(p_logits: Tensor, q_logits: Tensor) -> float:
+    """Jensen-Shannon divergence (nats) of two logit vectors' softmaxes."""
+    p, q = p_logits.double().softmax(-1), q_logits.double().softmax(-1)
+    m = (p + q) / 2
+    kl = [float((a[a > 0] * (a[a > 0].log() - m[a > 0].log())).sum()) for a in (p, q)]
+    return (kl[0] + kl[1]) / 2
+
+
+def reference_granger(hooked: HookedModel, items: list[dict]) -> pd.DataFrame:
+    """:func:`mmlens.metrics.desiderata.granger` explanation rows (occlusion, neutral reference, mass
+    distance): per input and modality m, occlusion of x and of x with m neutral, one forward per position."""
+    point = embedding_point(hooked)
+    rows = []
+    for i, x in enumerate(items):
+        base = _base(hooked, x, point)
+        target = int(base.logits.argmax())
+        scores = reference_occlusion(hooked, x, point, base, target)
+        for m in base.positions:
+            x_m = hooked.neutral(x, m)
+            moved = _base(hooked, x_m, point)
+            moved_scores = reference_occlusion(hooked, x_m, point, moved, target)
+            scale = sum(abs(v) for v in scores.values()) / len(scores)
+            scale += sum(abs(v) for v in moved_scores.values()) / len(moved_scores)
+            p, q = base.logits.float().softmax(-1)[target], moved.logits.float().softmax(-1)[target]
+            for n, ps in base.positions.items():
+                change = sum(abs(scores.get(r, 0.0) - moved_scores.get(r, 0.0)) for r in ps) / len(ps)
+                rows.append(
+                    {
+                        "input": i,
+                        "ablated": m,
+                        "explained": n,
+                        "delta": change / max(scale, 1e-30),
+                        "delta_js": _js(base.logits, moved.logits),
+                        "delta_prob": float(p - q),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -279,8 +345,16 @@ def _mmlens_stability(
     ).samples
 
 
+def _mmlens_granger(hooked: HookedModel, items: list[dict]) -> pd.DataFrame:
+    """``granger(...).explanations`` with the occlusion explainer (calibration with 199 resamples included)."""
+    return granger(hooked, items, ["occlusion"], n_resamples=199, progress=False).explanations
+
+
+METRICS = ("faithfulness", "stability", "granger")
+
+
 def _implementations(hooked: HookedModel, items: list[dict], modalities: list[str], settings: Settings) -> list[Timed]:
-    """The four timed runs, in this order: faithfulness mmlens, reference; stability mmlens, reference."""
+    """The timed runs, mmlens then reference for each of :data:`METRICS`."""
     return [
         Timed("faithfulness", "mmlens faithfulness (batched)", lambda: _mmlens_faithfulness(hooked, items, settings)),
         Timed(
@@ -298,6 +372,8 @@ def _implementations(hooked: HookedModel, items: list[dict], modalities: list[st
             "reference (one forward per position)",
             lambda: reference_stability(hooked, items, modalities, settings),
         ),
+        Timed("granger", "mmlens granger (batched occlusion)", lambda: _mmlens_granger(hooked, items)),
+        Timed("granger", "reference (one forward per position)", lambda: reference_granger(hooked, items)),
     ]
 
 
@@ -308,11 +384,13 @@ def _warm_up(hooked: HookedModel, items: list[dict], modalities: list[str]) -> N
         reference_faithfulness(hooked, items[:1], WARM)
         _mmlens_stability(hooked, items[:1], modalities, WARM)
         reference_stability(hooked, items[:1], modalities, WARM)
+        _mmlens_granger(hooked, items[:1])
+        reference_granger(hooked, items[:1])
 
 
 def _differences(impls: list[Timed]) -> dict[str, float]:
     """Largest |difference| mmlens vs reference of each metric (see :func:`difference`)."""
-    faith_mine, faith_ref, stab_mine, stab_ref = (impl.result for impl in impls)
+    faith_mine, faith_ref, stab_mine, stab_ref, granger_mine, granger_ref = (impl.result for impl in impls)
     return {
         "faithfulness": difference(
             faith_mine,
@@ -321,28 +399,33 @@ def _differences(impls: list[Timed]) -> dict[str, float]:
             ["f", "f_keep", "f_remove", "sufficiency_gap", "necessity_drop"],
         ),
         "stability": difference(
-            stab_mine,
+            stab_mine[stab_ref.columns],
             stab_ref,
             ["input", "perturbed", "kind", "draw", "explained"],
-            ["input_distance", "explanation_distance", "ratio"],
+            ["input_distance", "explanation_distance", "ratio", "explanation_change", "embedding_change", "ris", "res"],
             flags=["kept"],
+        ),
+        "granger": difference(
+            granger_mine[granger_ref.columns],
+            granger_ref,
+            ["input", "ablated", "explained"],
+            ["delta", "delta_js", "delta_prob"],
         ),
     }
 
 
 def _summary(impls: list[Timed], diffs: dict[str, float]) -> dict:
-    """Speedups (reference time / mmlens time) per metric and both together, differences, agreement and times."""
-    mine_total, ref_total = impls[0].time + impls[2].time, impls[1].time + impls[3].time
-    out = {
-        f"{metric}_speedup": ref.time / mine.time
-        for metric, mine, ref in (("faithfulness", impls[0], impls[1]), ("stability", impls[2], impls[3]))
-    }
+    """Speedups (reference time / mmlens time) per metric and all together, differences, agreement and times."""
+    pairs = {metric: (impls[2 * j], impls[2 * j + 1]) for j, metric in enumerate(METRICS)}
+    mine_total = sum(mine.time for mine, _ in pairs.values())
+    ref_total = sum(ref.time for _, ref in pairs.values())
+    out = {f"{metric}_speedup": ref.time / mine.time for metric, (mine, ref) in pairs.items()}
     out.update(
         {f"{metric}_max_abs_diff": diff for metric, diff in diffs.items()},
         speedup=ref_total / mine_total,
         max_abs_diff=max(diffs.values()),
         agree=max(diffs.values()) <= TOLERANCE,
-        times={f"{impl.metric}_{side}": impl.time for impl, side in zip(impls, ("mmlens", "reference") * 2)},
+        times={f"{impl.metric}_{side}": impl.time for impl, side in zip(impls, ("mmlens", "reference") * len(METRICS))},
         mmlens_s=mine_total,
         reference_s=ref_total,
     )
@@ -353,7 +436,7 @@ def _print_workload(
     hooked: HookedModel, items: list[dict], modalities: list[str], settings: Settings, impls: list[Timed]
 ) -> None:
     """The inputs and what each metric computed on them (from the mmlens results)."""
-    faith_mine, stab_mine = impls[0].result, impls[2].result
+    faith_mine, stab_mine, granger_mine = impls[0].result, impls[2].result, impls[4].result
     spans = hooked.spans(items[0])
     layout = ", ".join(f"{len(spans.masks[m][0].nonzero())} {m}" for m in spans.modalities)
     print(f"  {len(items)} inputs (first: {spans.seq_len} positions: {layout}); occlusion explainer (window 1)")
@@ -365,6 +448,7 @@ def _print_workload(
         f"  stability: {', '.join(modalities)} perturbations, n={settings.n} per kind -> {len(stab_mine)} samples "
         f"({int(stab_mine.kept.sum())} kept)"
     )
+    print(f"  granger: every modality neutral in turn, self and cross terms -> {len(granger_mine)} explanation rows")
 
 
 def _print_times(impls: list[Timed], repeats: int, summary: dict) -> None:
@@ -372,15 +456,15 @@ def _print_times(impls: list[Timed], repeats: int, summary: dict) -> None:
     mine_total, ref_total = summary["mmlens_s"], summary["reference_s"]
     width = max(len(impl.name) for impl in impls)
     print(f"  {'metric':<13} {'implementation':<{width}} {'time (s)':>9} {'x mmlens':>9} {'load 1m':>8}")
-    for mine, ref in (impls[:2], impls[2:]):
+    for mine, ref in zip(impls[::2], impls[1::2]):
         for impl in (mine, ref):
             spread = f"  [{min(impl.times):.3f}-{max(impl.times):.3f}]" if len(impl.times) > 1 else ""
             print(
                 f"  {impl.metric:<13} {impl.name:<{width}} {impl.time:9.3f} {impl.time / mine.time:9.2f} "
                 f"{max(impl.load):8.2f}{spread}"
             )
-    print(f"  {'both':<13} {'mmlens':<{width}} {mine_total:9.3f} {1:9.2f}")
-    print(f"  {'both':<13} {'reference':<{width}} {ref_total:9.3f} {ref_total / mine_total:9.2f}")
+    print(f"  {'all':<13} {'mmlens':<{width}} {mine_total:9.3f} {1:9.2f}")
+    print(f"  {'all':<13} {'reference':<{width}} {ref_total:9.3f} {ref_total / mine_total:9.2f}")
     print(
         f"  (median of {repeats} interleaved run(s), end to end, explaining included; load 1m = the largest "
         f"1-minute load average after a run, above ~{torch.get_num_threads()} means another process competed)"
@@ -413,7 +497,7 @@ def run_section(
         print(f"  agreement {metric}: max |difference| {diff:.2e} (tolerance {TOLERANCE:.0e}): {status}")
     print(
         f"  speedup: faithfulness {out['faithfulness_speedup']:.2f}x, stability {out['stability_speedup']:.2f}x, "
-        f"both {out['speedup']:.2f}x"
+        f"granger {out['granger_speedup']:.2f}x, all {out['speedup']:.2f}x"
     )
     return out
 
@@ -492,7 +576,8 @@ def main(argv: list[str] | None = None) -> dict:
         r = results[s]
         print(
             f"{s}_faithfulness_speedup={r['faithfulness_speedup']:.2f} {s}_stability_speedup="
-            f"{r['stability_speedup']:.2f} {s}_speedup={r['speedup']:.2f} {s}_max_abs_diff={r['max_abs_diff']:.2e}"
+            f"{r['stability_speedup']:.2f} {s}_granger_speedup={r['granger_speedup']:.2f} "
+            f"{s}_speedup={r['speedup']:.2f} {s}_max_abs_diff={r['max_abs_diff']:.2e}"
         )
     speedup = sum(results[s]["reference_s"] for s in sections) / sum(results[s]["mmlens_s"] for s in sections)
     diff = max(results[s]["max_abs_diff"] for s in sections)

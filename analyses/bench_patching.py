@@ -679,7 +679,7 @@ def _llava_tl(
         from transformers import AutoTokenizer
 
         folder = cache_dir() / "models" / "smollm2-135m-instruct"
-        tok = AutoTokenizer.from_pretrained(folder) if folder.is_dir() else None
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False) if folder.is_dir() else None
         if tok is None:
             raise RuntimeError("no tokenizer to build a stand-in processor from (SmolLM2's converted copy is missing)")
         bridge = boot_bridge(model, processor=_stand_in_processor(tok))

@@ -1,611 +1,528 @@
-"""Explainers scored against ground truth: synthetic multimodal tasks whose modality dependence is known.
+"""The synthetic benchmark: explainers scored against position-level ground truth, as a preregistered
+experiment whose claims can fail.
 
-    python -m mmlens.analyses.synthetic_benchmark [--out DIR] [--quick] [--seed 0] [--tasks a,b] [--overwrite]
+    python -m mmlens.analyses.synthetic_benchmark [--out DIR] [--quick] [--tasks a,b] [--substitute-random]
 
-For every task of :mod:`mmlens.data.tasks` (image only, text only, a text shortcut with a relevant-looking
-image, redundant, synergistic XOR) a :class:`mmlens.models.FusionTransformer` is trained in-process
-(cached by configuration hash); for the graph + text tasks (the label from a node's neighbourhood;
-an XOR of neighbourhood and text) a GNN + text fusion model; and a LLaVA around the real
-TinyStories-656K answers colour / shape questions about rendered scenes. A model below its accuracy
-threshold is reported and skipped. On
-held-out examples, every explainer of :data:`mmlens.methods.explainers.EXPLAINERS`, in joint and unimodal
-mode, and the metrics of :mod:`mmlens.metrics.desiderata` are scored against the truth:
+For each task of :mod:`mmlens.data.tasks` and each model seed of the preregistration
+(``analyses/configs/benchmark_prereg.toml``), a :class:`mmlens.models.FusionTransformer` is trained
+(or loaded from the artefact store: every run reuses the same models). On held-out inputs:
 
-- Granger influence: Delta_m (JS divergence, nats, when m takes its neutral reference) must be large
-  for the modalities the label depends on and near zero for the others;
-- modality-importance ranking: does each explainer put more mass on the modality the label depends
-  on (single-modality tasks), or credit both (redundant, synergistic);
-- interaction: the Shapley interaction of the two modalities (~0 additive, > 0 synergy, < 0
-  redundancy) and the EMAP gap (Hessel & Lee 2020) must separate the XOR task from the additive ones;
-- faithfulness (necessity area above random) and stability (Lipschitz ratios), to tell a good
-  explainer from a bad one.
+- every explainer of the preregistration (8 distinct ones and the controls random, constant,
+  inverted) explains each input jointly; its signed scores are compared with the position-level truth
+  (the key patches and words, :meth:`mmlens.data.tasks.SyntheticTask.key_positions`) by a
+  per-input AUROC; two explainers with identical scores on every input are an error;
+- unimodal explanations (each modality explained with the other at its input) give the modality
+  balance, and the Shapley interaction of the two modalities is measured per input;
+- the faithfulness margin of :func:`mmlens.metrics.desiderata.faithfulness` scores each explainer
+  without the truth.
 
-Writes ``benchmark.json`` (models with accuracies and seeds, a task x method x mode x score table,
-the interaction table, the paper's claims with the numbers behind them, runtime), CSVs, figures,
-``table.md`` (the summary as markdown), and prints the table. Each (task, model) part is added as it
-finishes to ``parts/<hash>.jsonl``, the :class:`mmlens.runs.record.Record` of these settings and
-explainers (hash: :func:`mmlens.store.config_hash`); a rerun with them resumes. The last line is
-``benchmark_seconds=<s>``.
+Claims, each decided by the test the preregistration names (:mod:`mmlens.metrics.stats`):
+(a) unimodal explanations miss synergy (AUROC over models, synergistic vs additive and redundant);
+(b) attention misattributes (paired position-AUROC differences to occlusion and patching);
+(c) the desiderata rank explainers as the truth does (Friedman gate, permutation test of Spearman).
+
+``benchmark.json`` gets the preregistration's SHA-256 before any result; then seeds, inputs per task,
+every verdict with its statistic and interval or p-value, and every table cell with a bootstrap
+interval, controls included. Each (task, seed) part is kept in ``parts/<hash>.jsonl``
+(:class:`mmlens.runs.record.Record`): a rerun resumes. The last line is ``benchmark_seconds=<s>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import multiprocessing
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import tomllib
 import torch
+from scipy.stats import friedmanchisquare
+from torch import Tensor
+from tqdm.auto import tqdm
 
 import mmlens
-from mmlens.data.graph_tasks import GRAPH_TASKS
-from mmlens.data.tasks import TASK_KINDS
-from mmlens.methods.explainers import EXPLAINERS, explain
-from mmlens.metrics.desiderata import GrangerResult, examples, faithfulness, granger, interaction, stability
+from mmlens.data.tasks import TASK_KINDS, SyntheticTask, truth_mask
+from mmlens.methods.explainers import Explanation, Setup, explain, register_explainer, with_embeds
+from mmlens.metrics.desiderata import faithfulness, interaction
+from mmlens.metrics.stats import auc, auroc, auroc_difference, bootstrap_ci, holm, permutation_test, spearman, verdict
 from mmlens.runs.record import Record
-from mmlens.store import atomic_path, atomic_write, config_hash, versions
-from mmlens.training.classifier import TrainedModel
-from mmlens.training.fusion import LEARNED_THRESHOLD, train_fusion
+from mmlens.store import atomic_write, config_hash, versions
+from mmlens.training.fusion import train_fusion
 
-TASK_NAMES = (*TASK_KINDS, *GRAPH_TASKS)
+PREREG = Path(__file__).resolve().parent / "configs" / "benchmark_prereg.toml"
+"""The preregistration: every threshold, test and verdict rule."""
 
-MODALITIES = ("image", "text")
-"""The two modalities of the image + text tasks (a case may name others, e.g. graph and text)."""
-LARGE = 0.05
-"""Delta_m (nats) above which ablating m counts as changing the output."""
-SMALL = 0.01
-"""Delta_m (nats) below which ablating m counts as leaving the output unchanged."""
-RELEVANT = {"image_only": "image", "text_only": "text", "shortcut": "text", "graph_only": "graph"}
-"""The single modality each single-modality task's label depends on."""
+
+def gradient_norm(hooked: mmlens.HookedModel, inputs: dict, metric: Any, setup: Setup) -> Tensor:
+    """Saliency: the L2 norm over the embedding of the metric's gradient at each position, Float[1, seq]
+    (unsigned: it says how sensitive, not which way)."""
+    embeds = setup.embeds.detach().clone().requires_grad_(True)
+    value = with_embeds(hooked, inputs, setup.point, embeds, metric, grad=True).sum()
+    (grad,) = torch.autograd.grad(value, embeds)
+    return grad.norm(dim=-1)
+
+
+register_explainer("gradient_norm", gradient_norm, embeds_only=True, overwrite=True)
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What one benchmark run computes."""
+class Spec:
+    """One explainer of the benchmark: its reported name, the registered method and its options."""
 
-    n_eval: int = 32
-    ig_steps: int = 32
-    fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-    random_draws: int = 4
-    stability_n: int = 2
-    n_train: int = 10_000
-    seed: int = 0
+    name: str
+    method: str
+    options: dict
 
 
-FULL = Settings()
-QUICK = Settings(n_eval=12, ig_steps=16, fractions=(0.0, 0.25, 0.5, 1.0), random_draws=2, stability_n=1, n_train=4000)
+def load_prereg(path: Path = PREREG) -> tuple[dict, str]:
+    """The preregistration and the SHA-256 (hex) of its bytes."""
+    data = Path(path).read_bytes()
+    return tomllib.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
 
 
-@dataclass
-class Case:
-    """One trained model on one task, with the held-out inputs to explain."""
-
-    task: str
-    model_name: str
-    kind: str
-    depends_on: frozenset[str]
-    hooked: mmlens.HookedModel
-    inputs: dict
-    labels: torch.Tensor
-    info: dict
-    modalities: tuple[str, str] = MODALITIES
+def specs(prereg: dict, substitute_random: bool = False) -> list[Spec]:
+    """The explainers and controls; ``substitute_random``: each replaced by the random control with
+    its own seed (the null check of claim (c))."""
+    rows = prereg["explainers"]["methods"] + prereg["explainers"]["controls"]
+    if substitute_random:
+        return [Spec(name, "random", {"seed": i + 1}) for i, (name, _, _) in enumerate(rows)]
+    return [Spec(name, method, dict(options)) for name, method, options in rows]
 
 
-def _model_info(task: str, model: str, trained: TrainedModel, seed: int, **extra: Any) -> dict:
-    """The benchmark's record of one trained model (accuracy, cache, truth), in one row."""
-    return {
-        "task": task,
-        "model": model,
-        "accuracy": trained.accuracy,
-        "learned": trained.learned,
-        "threshold": LEARNED_THRESHOLD,
-        "neutral_accuracy": trained.neutral_accuracy,
-        "train_seconds": trained.train_seconds,
-        "from_cache": trained.from_cache,
-        "seed": seed,
-        **extra,
-        "depends_on": sorted(trained.task.depends_on),
-        "rule": trained.task.rule,
-    }
-
-
-def fusion_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
-    """Train (or load) a FusionTransformer per task: a :class:`Case`, or a dict saying why it is skipped."""
-    out: list[Case | dict] = []
-    for task in tasks:
-        trained = train_fusion(task, n_train=settings.n_train, seed=settings.seed)
-        info = _model_info(task, "fusion-transformer", trained, settings.seed, n_train=settings.n_train)
-        if not trained.learned:
-            out.append({**info, "skipped": f"test accuracy {trained.accuracy:.3f} < {LEARNED_THRESHOLD}"})
-            continue
-        rows = range(min(settings.n_eval, len(trained.task)))
-        out.append(
-            Case(
-                task,
-                "fusion-transformer",
-                trained.task.kind,
-                trained.task.depends_on,
-                mmlens.wrap(trained.model),
-                trained.batch(rows),
-                trained.task.labels[list(rows)],
-                info,
-            )
-        )
-    return out
-
-
-def vlm_case(settings: Settings) -> Case | dict:
-    """The LLaVA-style VLM over TinyStories-656K (:mod:`mmlens.training.vlm`) on its question answering:
-    the answer word depends on the image (the shape's colour or shape) and on the question (which of
-    the two), an interaction of both."""
-    from mmlens.training.vlm import train_vlm
-
-    vlm = train_vlm(seed=settings.seed)
-    info = {
-        "task": "vqa",
-        "model": "synthetic-vlm (LLaVA + TinyStories-656K)",
-        "accuracy": min(vlm.accuracy.values()),
-        "accuracy_per_question": vlm.accuracy,
-        "learned": vlm.learned,
-        "threshold": 0.9,
-        "train_seconds": vlm.train_seconds,
-        "seed": settings.seed,
-        "depends_on": ["image", "text"],
-        "rule": "answer = the colour or the shape of the scene's shape, as the question asks",
-    }
-    if not vlm.learned:
-        return {**info, "skipped": f"held-out accuracy {vlm.accuracy} below 0.9"}
-    scenes = vlm.test_scenes()[list(range(min(settings.n_eval, len(vlm.test_scenes()))))]
-    kinds = ["color", "shape"] * ((len(scenes) + 1) // 2)
-    kinds = kinds[: len(scenes)]
-    hooked = mmlens.wrap(vlm.model, tokenizer=vlm.tokenizer)
-    return Case(
-        "vqa",
-        "synthetic-vlm",
-        "interaction",
-        frozenset({"image", "text"}),
-        hooked,
-        dict(vlm.processor.questions(scenes, kinds)),
-        vlm.processor.answer_ids(scenes, kinds),
-        info,
-    )
-
-
-def graph_cases(tasks: Sequence[str], settings: Settings) -> list[Case | dict]:
-    """Train (or load) a GraphTextFusion per graph + text task (a GNN's target-node embedding as graph
-    tokens before the text, :mod:`mmlens.data.graph_tasks`)."""
-    from mmlens.training.graph_text import train_graph_text
-
-    out: list[Case | dict] = []
-    for task in tasks:
-        trained = train_graph_text(task, seed=settings.seed)
-        info = _model_info(task, "graph-text-fusion", trained, settings.seed)
-        if not trained.learned:
-            out.append({**info, "skipped": f"test accuracy {trained.accuracy:.3f} < {LEARNED_THRESHOLD}"})
-            continue
-        rows = list(range(min(settings.n_eval, len(trained.task))))
-        out.append(
-            Case(
-                task,
-                "graph-text-fusion",
-                trained.task.kind,
-                trained.task.depends_on,
-                mmlens.wrap(trained.model),
-                trained.batch(rows),
-                trained.task.labels[rows],
-                info,
-                ("graph", "text"),
-            )
-        )
-    return out
-
-
-def _truth_match(case: Case, shares: dict[str, np.ndarray]) -> float:
-    """Fraction of inputs whose explanation ranks the modalities as the truth does: the one the label
-    depends on first (single-modality tasks); each with at least a quarter of the mass (both needed)."""
-    if len(case.depends_on) == 1:
-        (true,) = case.depends_on
-        (other,) = set(case.modalities) - {true}
-        return float(np.mean(shares[true] > shares[other]))
-    return float(np.mean(np.minimum(*(shares[m] for m in case.modalities)) >= 0.25))
-
-
-class _Rows:
-    """The ``scores`` rows of one case: (task, model, method, mode, score, value)."""
-
-    def __init__(self, case: Case):
-        self.base = {"task": case.task, "model": case.model_name}
-        self.rows: list[dict] = []
-
-    def add(self, method: str, mode: str, score: str, value: float) -> None:
-        self.rows.append({**self.base, "method": method, "mode": mode, "score": score, "value": float(value)})
-
-
-def _add_granger(rows: _Rows, case: Case, g: GrangerResult) -> None:
-    """Delta per modality, whether the ablations find the truth, and each explainer's agreement with them."""
-    modalities = case.modalities
-    delta = g.influence.groupby("modality").delta_js.mean()
-    for m in modalities:
-        rows.add("granger", "-", f"delta_js_{m}", delta[m])
-        rows.add("granger", "-", f"delta_prob_{m}", g.influence[g.influence.modality == m].delta_prob.mean())
-    found = {m for m in modalities if delta[m] >= LARGE}
-    quiet = {m for m in modalities if delta[m] < SMALL}
-    expected_found = set(case.depends_on) if case.kind != "redundant" else set()
-    rows.add("granger", "-", "identifies_truth", float(found == expected_found and quiet == set(modalities) - found))
-    for r in g.summary.itertuples(index=False):
-        rows.add(r.explainer, "joint", f"granger_spearman_{r.ablated}", r.spearman_importance)
-        rows.add(r.explainer, "joint", f"granger_kappa_{r.ablated}_to_{r.explained}", r.kappa)
-
-
-def _add_shares(rows: _Rows, case: Case, method: str, items: list[dict], options: dict) -> None:
-    """Per mode (joint, unimodal): each modality's share of the importance mass, the truth match, and
-    the unimodal overcount (unimodal minus joint signed score sum, mean over the ``len(items)`` inputs)."""
-    hm, modalities = case.hooked, case.modalities
-    totals = {}  # mode -> Float[n]: the signed score sum over every explained position
-    for mode in ("joint", "unimodal"):
-        per_mode = list(modalities) if mode == "unimodal" else ["joint"]
-        explained = {m: [explain(hm, one, method, mode=m, **options) for one in items] for m in per_mode}
-        masses = {m: np.zeros(len(items)) for m in modalities}
-        for m, es in explained.items():
-            for i, e in enumerate(es):
-                for n in modalities if m == "joint" else [m]:
-                    masses[n][i] = float(e.masked(n).abs().sum())
-        total = np.maximum(sum(masses.values()), 1e-30)
-        shares = {m: v / total for m, v in masses.items()}
-        for m in modalities:
-            rows.add(method, mode, f"share_{m}", shares[m].mean())
-        rows.add(method, mode, "truth_match", _truth_match(case, shares))
-        totals[mode] = np.array(
-            [sum(float(e.scores[0].nansum()) for e in (es[i] for es in explained.values())) for i in range(len(items))]
-        )
-    rows.add(method, "unimodal", "overcount", (totals["unimodal"] - totals["joint"]).mean())
-
-
-def _add_faithfulness_and_stability(
-    rows: _Rows, case: Case, method: str, settings: Settings, options: dict | None, progress: bool
-) -> None:
-    """The faithfulness margin (necessity area, explanation minus random) and the median Lipschitz ratios."""
-    hm, x = case.hooked, case.inputs
-    f = faithfulness(
-        hm,
-        x,
-        method,
-        fractions=settings.fractions,
-        random_draws=settings.random_draws,
-        seed=settings.seed,
-        options=options,
-        progress=progress,
-    )
-    areas = f.areas.set_index(["scope", "source"]).auc_necessity_drop
-    rows.add(method, "joint", "faithfulness_margin", areas["joint", "explanation"] - areas["joint", "random"])
-    s = stability(
-        hm,
-        x,
-        [method],
-        modalities=case.modalities[:1],
-        n=settings.stability_n,
-        seed=settings.seed,
-        options={method: options or {}},
-        progress=progress,
-    )
-    for r in s.summary.itertuples(index=False):
-        rows.add(method, "joint", f"stability_median_{'intra' if r.perturbed == r.explained else 'cross'}", r.median)
-
-
-def evaluate_case(case: Case, settings: Settings, methods: Sequence[str], progress: bool) -> dict:
-    """Every score of one case: ``scores`` rows (task, model, method, mode, score, value), ``influence``,
-    ``interaction``."""
-    hm, x = case.hooked, case.inputs
-    options = {"integrated_gradients": {"steps": settings.ig_steps}}
-    rows = _Rows(case)
-    g = granger(hm, x, list(methods), mode="joint", options=options, progress=progress)
-    _add_granger(rows, case, g)
-    items = examples(hm, x)
-    for method in methods:
-        _add_shares(rows, case, method, items, options.get(method, {}))
-        _add_faithfulness_and_stability(rows, case, method, settings, options.get(method), progress)
-    inter = interaction(hm, x, case.modalities, labels=case.labels, progress=progress)
-    rows.add("interaction", "-", "shapley_interaction", inter.mean_interaction)
-    rows.add("interaction", "-", "emap_gap", inter.emap["gap"] if inter.emap else float("nan"))
-    rows.add("interaction", "-", "emap_accuracy", inter.emap["emap_accuracy"] if inter.emap else float("nan"))
-    return {
-        "scores": rows.rows,
-        "influence": g.influence.assign(**rows.base).to_dict("records"),
-        "interaction": inter.per_input.assign(**rows.base).to_dict("records"),
-    }
-
-
-def _value(scores: pd.DataFrame, task: str, method: str, mode: str, score: str) -> float:
-    hit = scores[(scores.task == task) & (scores.method == method) & (scores["mode"] == mode) & (scores.score == score)]
-    return float(hit.value.mean()) if len(hit) else float("nan")
-
-
-def _interaction_claim(scores: pd.DataFrame, tasks: Sequence[str], have: set[str]) -> dict | None:
-    """Claim (a), when the synergistic task and an additive one were scored."""
-    additive = [t for t in ("image_only", "text_only", "shortcut") if t in have]
-    if "synergistic" not in have or not additive:
-        return None
-    inter = {t: _value(scores, t, "interaction", "-", "shapley_interaction") for t in tasks if t in have}
-    overcount = {t: _value(scores, t, "integrated_gradients", "unimodal", "overcount") for t in tasks if t in have}
-    separates = inter["synergistic"] > 0.1 and all(inter["synergistic"] > 4 * abs(inter[t]) for t in additive)
-    misses = abs(overcount["synergistic"]) > 0.1 and all(
-        abs(overcount["synergistic"]) > 4 * abs(overcount[t]) for t in additive
-    )
-    return {
-        "claim": "(a) unimodal explanations miss the cross-modal interaction (synergistic task)",
-        "supported": bool(separates and misses),
-        "evidence": {"shapley_interaction": inter, "unimodal_ig_overcount": overcount},
-        "reading": "integrated gradients in unimodal mode (each modality explained with the other held "
-        "at its input) sum to f(x) - f(x without m) per modality; joint mode sums to f(x) - "
-        "f(nothing). Their difference is the interaction, counted twice for synergy and not at "
-        "all for redundancy. It is ~0 on additive tasks and large on XOR, so per-modality "
-        "scores absorb the interaction into both modalities and cannot show it.",
-    }
-
-
-def _attention_claim(scores: pd.DataFrame, have: set[str]) -> dict | None:
-    """Claim (b), when the shortcut task was scored."""
-    if "shortcut" not in have:
-        return None
-    attention = _value(scores, "shortcut", "attention", "joint", "share_image")
-    occlusion = _value(scores, "shortcut", "occlusion", "joint", "share_image")
-    delta = _value(scores, "shortcut", "granger", "-", "delta_js_image")
-    return {
-        "claim": "(b) attention weights misattribute influence (shortcut task)",
-        "supported": bool(attention >= 0.2 and delta < SMALL and attention > 3 * max(occlusion, 1e-6)),
-        "evidence": {"attention_share_image": attention, "occlusion_share_image": occlusion, "delta_js_image": delta},
-        "reading": "attention's share of mass on the image tokens vs the image's causal effect "
-        "(Delta_image) and occlusion's share",
-    }
-
-
-def _per_explainer(scores: pd.DataFrame, methods: list[str], single: list[str], have: set[str]) -> pd.DataFrame:
-    """Explainer x (truth, granger_alignment, faithfulness_margin, stability_median), each a mean over tasks."""
-    delta = scores[scores.score.str.startswith("delta_js_")]
-    quiet = [(r.task, r.score[len("delta_js_") :]) for r in delta.itertuples() if r.value < SMALL]
-    return pd.DataFrame(
-        {
-            m: {
-                "truth": np.nanmean([_value(scores, t, m, "joint", f"share_{RELEVANT[t]}") for t in single]),
-                "granger_alignment": np.nanmean([1 - _value(scores, t, m, "joint", f"share_{n}") for t, n in quiet]),
-                "faithfulness_margin": np.nanmean([_value(scores, t, m, "joint", "faithfulness_margin") for t in have]),
-                "stability_median": np.nanmean([_value(scores, t, m, "joint", "stability_median_intra") for t in have]),
-            }
-            for m in methods
-        }
-    ).T
-
-
-def _metrics_claim(scores: pd.DataFrame, have: set[str]) -> dict | None:
-    """Claim (c), when a single-modality task and at least 3 explainers were scored."""
-    single = [t for t in RELEVANT if t in have]
-    methods = [m for m in dict.fromkeys(scores.method) if m not in ("granger", "interaction")]
-    if not single or len(methods) < 3:
-        return None
-    per = _per_explainer(scores, methods, single, have)
-    agree = {
-        metric: float(per.truth.rank().corr(sign * per[metric].rank()))
-        for metric, sign in (("granger_alignment", 1), ("faithfulness_margin", 1), ("stability_median", -1))
-    }
-    return {
-        "claim": "(c) the Granger, faithfulness and stability metrics tell a good explainer from a bad one",
-        "supported": bool(agree["granger_alignment"] >= 0.5 and agree["faithfulness_margin"] >= 0.5),
-        "evidence": {"per_explainer": per.round(4).to_dict("index"), "spearman_with_truth": agree},
-        "reading": "explainers ranked by the ground truth (mean importance share on the modality the "
-        "label depends on, single-modality tasks) "
-        "and by each metric computed without it: Granger alignment (1 - the importance share "
-        "on modalities whose ablation leaves the output unchanged), the faithfulness margin, "
-        "and stability (lower median Lipschitz ratio = better); supported when the Granger "
-        "and faithfulness rankings agree with the truth (Spearman >= 0.5). Stability is "
-        "reported, not required: a constant explainer is perfectly stable",
-    }
-
-
-def claims(scores: pd.DataFrame, tasks: Sequence[str]) -> list[dict]:
-    """The paper's claims (a)-(c), each with the numbers behind it and whether they support it."""
-    have = set(scores.task)
-    found = (_interaction_claim(scores, tasks, have), _attention_claim(scores, have), _metrics_claim(scores, have))
-    return [c for c in found if c is not None]
-
-
-def _figures(scores: pd.DataFrame, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    tasks = list(dict.fromkeys(scores.task))
-    match = scores[(scores.score == "truth_match")]
-    table = match.pivot_table(index="task", columns=["method", "mode"], values="value").reindex(tasks)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * table.shape[1], 0.6 + 0.5 * len(tasks)))
-    im = ax.imshow(table.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(
-        range(table.shape[1]), [f"{m}\n{mode}" for m, mode in table.columns], rotation=60, ha="right", fontsize=7
-    )
-    ax.set_yticks(range(len(tasks)), tasks)
-    for (i, j), v in np.ndenumerate(table.to_numpy()):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
-    fig.colorbar(im, ax=ax, label="truth match (fraction of inputs)")
-    ax.set_title("Does the explanation rank the modalities as the ground truth does?")
-    fig.tight_layout()
-    with atomic_path(out / "truth_match.png") as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    written.append("truth_match.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    delta = scores[scores.score.str.startswith("delta_js_")].assign(modality=lambda d: d.score.str[9:])
-    pivot = delta.pivot_table(index="task", columns="modality", values="value").reindex(tasks)
-    pivot.plot.bar(ax=axes[0], rot=20)
-    axes[0].axhline(LARGE, ls="--", c="k", lw=0.8)
-    axes[0].set_ylabel("Delta_m: JS divergence (nats)")
-    axes[0].set_title("Granger influence: ablate one modality")
-    inter = scores[scores.score.isin(["shapley_interaction", "emap_gap"])]
-    inter.pivot_table(index="task", columns="score", values="value").reindex(tasks).plot.bar(ax=axes[1], rot=20)
-    axes[1].axhline(0, c="k", lw=0.8)
-    axes[1].set_title("Modality interaction (> 0 synergy, < 0 redundancy)")
-    fig.tight_layout()
-    with atomic_path(out / "influence_and_interaction.png") as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    written.append("influence_and_interaction.png")
-    return written
-
-
-def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Task x (method, mode) truth match, plus Delta per modality and the interaction per task."""
-    match = scores[scores.score == "truth_match"].pivot_table(index="task", columns=["method", "mode"], values="value")
-    match.columns = [f"{m} ({mode[0]})" for m, mode in match.columns]
-    extra = scores[
-        scores.method.isin(["granger", "interaction"])
-        & (
-            scores.score.str.startswith("delta_js_")
-            | scores.score.isin(["identifies_truth", "shapley_interaction", "emap_gap"])
-        )
+def duplicates(scores: dict[str, list[Tensor]]) -> list[tuple[str, str]]:
+    """Pairs of explainers whose scores (one Float[seq] per input) are identical on every input."""
+    names = list(scores)
+    return [
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if all(torch.equal(x.nan_to_num(-1e30), y.nan_to_num(-1e30)) for x, y in zip(scores[a], scores[b]))
     ]
-    extra = extra.pivot_table(index="task", columns="score", values="value")
-    order = list(dict.fromkeys(scores.task))
-    return extra.join(match).reindex(order)
 
 
-def markdown(table: pd.DataFrame, digits: int = 2) -> str:
-    """``table`` (index = first column) as a GitHub markdown table."""
-    head = [table.index.name or ""] + [str(c) for c in table.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for index, row in table.iterrows():
-        cells = [f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row.tolist()]
-        lines.append("| " + " | ".join([str(index)] + cells) + " |")
-    return "\n".join(lines) + "\n"
+def position_auroc(scores: Tensor, truth: Tensor) -> float:
+    """AUROC of the signed scores Float[seq] separating the key positions (``truth`` Bool[seq]) from
+    the other scored positions (NaN = not scored); NaN when either group is empty."""
+    scored = ~scores.isnan()
+    return auc(scores[scored & truth].numpy(), scores[scored & ~truth].numpy())
+
+
+def _share(e: Explanation, modality: str) -> float:
+    """``modality``'s share of the |score| mass of a one-row explanation."""
+    return float(e.importance()[modality][0]) if modality in e.modalities else float("nan")
+
+
+def _explain_input(hm: mmlens.HookedModel, x: dict, truth: Tensor, chosen: list[Spec]) -> tuple[list[dict], dict]:
+    """Joint explanations of one input: per explainer a row (position AUROC, image share, uniform
+    image share) and the explanations by name."""
+    spans = hm.spans(x)
+    explained = spans.valid[0].clone()
+    first = spans.modalities[0]
+    uniform = float(spans.masks[first][0].sum()) / max(float(explained.sum()), 1.0)
+    rows, found = [], {}
+    for spec in chosen:
+        e = explain(hm, x, spec.method, **spec.options)
+        found[spec.name] = e
+        rows.append(
+            {
+                "explainer": spec.name,
+                "position_auroc": position_auroc(e.scores[0], truth),
+                f"share_{first}": _share(e, first),
+                f"uniform_share_{first}": uniform,
+                "converged": bool(all(e.info.get("converged", [True]))),
+            }
+        )
+    return rows, found
+
+
+def _balance(hm: mmlens.HookedModel, x: dict, method: str, options: dict) -> float:
+    """Modality balance from unimodal explanations: min over modalities of the |mass| share, each
+    modality explained with the others at their input values (0: one modality only, 0.5: even)."""
+    masses = [float(explain(hm, x, method, mode=m, **options).masked(m).abs().sum()) for m in hm.spans(x).modalities]
+    return min(masses) / max(sum(masses), 1e-30)
+
+
+def evaluate_model(
+    hm: mmlens.HookedModel, task: SyntheticTask, rows: Sequence[int], chosen: list[Spec], prereg: dict
+) -> dict:
+    """Every per-input number of one trained model on the held-out ``rows`` of ``task``: ``inputs``
+    (explainer rows), ``unimodal`` (balance per explainer), ``interaction``, ``faithfulness`` (margin
+    per explainer) and ``duplicates``."""
+    by_name = {s.name: s for s in chosen}
+    items = [task.batch([r]) for r in rows]
+    inputs, unimodal, explanations = [], [], {s.name: [] for s in chosen}
+    for i, (r, x) in enumerate(zip(rows, items)):
+        spans = hm.spans(x)
+        truth = truth_mask(task.key_positions(r), {m: spans.masks[m][0] for m in spans.modalities})
+        found_rows, found = _explain_input(hm, x, truth, chosen)
+        inputs += [{"input": i, **row} for row in found_rows]
+        for name, e in found.items():
+            explanations[name].append(e)
+        for name in prereg["claim_a"]["unimodal_explainers"]:
+            spec = by_name[name]
+            unimodal.append({"input": i, "explainer": name, "balance": _balance(hm, x, spec.method, spec.options)})
+    per_input = interaction(hm, items, emap=False, n_resamples=199, progress=False).per_input
+    settings = prereg["claim_c"]
+    margins = {}
+    for spec in chosen:
+        f = faithfulness(
+            hm,
+            items,
+            spec.method,
+            fractions=settings["fractions"],
+            random_draws=settings["random_draws"],
+            options=spec.options,
+            explanations=explanations[spec.name],
+            n_resamples=199,  # its per-input intervals are not used: the benchmark's are over models
+            progress=False,
+        )
+        areas = f.areas.set_index(["scope", "source"]).auc_necessity_drop
+        margins[spec.name] = float(areas["joint", "explanation"] - areas["joint", "random"])
+    scores = {name: [e.scores[0] for e in es] for name, es in explanations.items()}
+    return {
+        "inputs": inputs,
+        "unimodal": unimodal,
+        "interaction": per_input.shapley_interaction.tolist(),
+        "interaction_logodds": per_input.shapley_interaction_logodds.tolist(),
+        "faithfulness": margins,
+        "duplicates": duplicates(scores),
+    }
+
+
+# --- statistics over the parts -----------------------------------------------------------------------
+
+
+def _interval(values: Sequence[float], prereg: dict, **kwargs: Any) -> dict:
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if v.size < 2:
+        mean = float(v.mean()) if v.size else float("nan")
+        return {"estimate": mean, "low": mean, "high": mean, "n": int(v.size), "method": "too few values"}
+    ci = bootstrap_ci(v, n_resamples=prereg["n_resamples"], confidence=1 - prereg["alpha"], **kwargs)
+    return {**ci.as_dict(), "n": int(v.size)}
+
+
+def cell_table(inputs: pd.DataFrame, prereg: dict) -> list[dict]:
+    """Per (task, explainer), and per explainer over all tasks ("all"): the mean position AUROC
+    against the truth with a bootstrap interval over inputs."""
+    out = []
+    for (task, name), group in inputs.groupby(["task", "explainer"], sort=False):
+        out.append({"task": task, "explainer": name, **_interval(group.position_auroc, prereg)})
+    for name, group in inputs.groupby("explainer", sort=False):
+        out.append({"task": "all", "explainer": name, **_interval(group.position_auroc, prereg)})
+    return out
+
+
+def _combine(verdicts: list[str]) -> str:
+    """A conjunction of preregistered comparisons: supported if all are, refuted if any is."""
+    if verdicts and all(v == "supported" for v in verdicts):
+        return "supported"
+    return "refuted" if "refuted" in verdicts else "inconclusive"
+
+
+def claim_a(models: pd.DataFrame, prereg: dict) -> dict:
+    """(a) per model (task, seed): the interaction separates synergistic models from additive and
+    redundant ones (AUROC), unimodal balance does not: AUROC(interaction) - AUROC(balance) > 0."""
+    c = prereg["claim_a"]
+    pos, neg = models[models.task.isin(c["positive"])], models[models.task.isin(c["negative"])]
+    if pos.empty or neg.empty:
+        return {"claim": "(a)", "verdict": "inconclusive", "reason": "a positive or negative task was not scored"}
+    kw = {"n_resamples": prereg["n_resamples"], "confidence": 1 - prereg["alpha"]}
+    result = {
+        "interaction": auroc(pos.interaction, neg.interaction, **kw).as_dict(),
+        "interaction_logodds (secondary)": auroc(pos.interaction_logodds, neg.interaction_logodds, **kw).as_dict(),
+        "comparisons": {},
+    }
+    for name in c["unimodal_explainers"]:
+        col = f"balance_{name}"
+        diff = auroc_difference(np.stack([pos.interaction, pos[col]]), np.stack([neg.interaction, neg[col]]), **kw)
+        result["comparisons"][name] = {
+            "auroc_balance": auroc(pos[col], neg[col], **kw).as_dict(),
+            "difference": diff.as_dict(),
+            "verdict": verdict(diff, c["null"], claim=c["claim"]),
+        }
+    verdicts = [v["verdict"] for v in result["comparisons"].values()]
+    return {
+        "claim": "(a) unimodal explanations miss synergy: the interaction separates synergistic models, "
+        "unimodal balance does not",
+        "test": "AUROC over models, stratified paired bootstrap of the AUROC difference (scipy.stats.bootstrap)",
+        "unit": f"trained models: {len(pos)} positive, {len(neg)} negative",
+        "verdict": _combine(verdicts),
+        **result,
+    }
+
+
+def _paired(inputs: pd.DataFrame, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Position AUROCs of explainers ``a`` and ``b`` on the inputs where both are defined."""
+    wide = inputs.pivot_table(index=["task", "seed", "input"], columns="explainer", values="position_auroc")
+    both = wide[[a, b]].dropna()
+    return both[a].to_numpy(), both[b].to_numpy()
+
+
+def claim_b(inputs: pd.DataFrame, prereg: dict) -> dict:
+    """(b) attention misattributes: AUROC(reference) - AUROC(attention) > 0 paired over inputs, for
+    each reference; secondary: attention's excess image share over uniform on the shortcut task."""
+    c = prereg["claim_b"]
+    comparisons = {}
+    for ref in c["references"]:
+        x, y = _paired(inputs, ref, c["attention"])
+        ci = bootstrap_ci(x, paired_with=y, n_resamples=prereg["n_resamples"], confidence=1 - prereg["alpha"])
+        comparisons[ref] = {
+            "difference": ci.as_dict(),
+            "n": len(x),
+            "verdict": verdict(ci, c["null"], claim=c["claim"]),
+        }
+    short = inputs[inputs.task == c["excess_task"]]
+    excess = {}
+    for name in (c["attention"], *c["references"]):
+        rows = short[short.explainer == name]
+        excess[name] = _interval((rows.share_image - rows.uniform_share_image).tolist(), prereg)
+    return {
+        "claim": "(b) attention misattributes: it finds the key positions less well than occlusion and patching",
+        "test": "paired bootstrap (BCa) of the mean position-AUROC difference over inputs (scipy.stats.bootstrap)",
+        "verdict": _combine([v["verdict"] for v in comparisons.values()]),
+        "comparisons": comparisons,
+        f"excess_image_share_over_uniform_{c['excess_task']}": excess,
+    }
+
+
+def _chance_tests(inputs: pd.DataFrame, prereg: dict) -> dict:
+    """Per explainer: sign-flip permutation test of position AUROC - 0.5 > 0, Holm-corrected."""
+    names, ps, stats = [], [], []
+    for name, group in inputs.groupby("explainer", sort=False):
+        v = group.position_auroc.dropna().to_numpy()
+        t = permutation_test(
+            v, np.full_like(v, 0.5), kind="samples", alternative="greater", n_resamples=prereg["n_permutations"]
+        )
+        names.append(name)
+        ps.append(t.p_value)
+        stats.append(t.statistic)
+    reject, adjusted = holm(ps, prereg["alpha"])
+    return {
+        n: {"auroc_minus_half": s, "p_value": p, "p_holm": float(a), "beats_chance": bool(r)}
+        for n, s, p, a, r in zip(names, stats, ps, adjusted, reject)
+    }
+
+
+def claim_c(inputs: pd.DataFrame, margins: pd.DataFrame, prereg: dict) -> dict:
+    """(c) the faithfulness margin ranks the explainers as the position-level truth does."""
+    alpha, n_perm = prereg["alpha"], prereg["n_permutations"]
+    wide = inputs.pivot_table(index=["task", "seed", "input"], columns="explainer", values="position_auroc")
+    wide = wide.dropna()
+    names = list(wide.columns)
+    gate = friedmanchisquare(*(wide[n].to_numpy() for n in names))
+    truth = wide.mean()
+    metric = margins.groupby("explainer").margin.mean().reindex(names)
+    greater = permutation_test(metric, truth, spearman, kind="pairings", alternative="greater", n_resamples=n_perm)
+    less = permutation_test(metric, truth, spearman, kind="pairings", alternative="less", n_resamples=n_perm)
+    passed = bool(gate.pvalue < alpha)
+    decided = "supported" if greater.p_value < alpha else "refuted" if less.p_value < alpha else "inconclusive"
+    return {
+        "claim": "(c) the desiderata (faithfulness margin) rank explainers as the position-level truth does",
+        "test": "gate: Friedman test over inputs (scipy.stats.friedmanchisquare); then a permutation test of "
+        "Spearman(metric, truth) over explainers (scipy.stats.permutation_test, pairings)",
+        "verdict": decided if passed else "inconclusive",
+        "gate": {"friedman_statistic": float(gate.statistic), "p_value": float(gate.pvalue), "passed": passed},
+        "spearman": greater.statistic,
+        "p_value": greater.p_value,
+        "p_value_negative": less.p_value,
+        "n_explainers": len(names),
+        "per_explainer": {n: {"truth_auroc": float(truth[n]), "faithfulness_margin": float(metric[n])} for n in names},
+        "chance_tests": _chance_tests(inputs, prereg),
+    }
+
+
+def margin_table(margins: pd.DataFrame, prereg: dict) -> list[dict]:
+    """Per explainer: the faithfulness margin, mean over models with a bootstrap interval."""
+    return [{"explainer": n, **_interval(g.margin, prereg)} for n, g in margins.groupby("explainer", sort=False)]
+
+
+# --- the run -----------------------------------------------------------------------------------------
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/synthetic_benchmark", help="output folder")
-    parser.add_argument("--quick", action="store_true", help="CI size: 12 held-out inputs, fewer steps and draws")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated, of {', '.join(TASK_NAMES)}")
-    parser.add_argument("--methods", default=",".join(EXPLAINERS), help="comma-separated explainers")
-    parser.add_argument("--no-vlm", action="store_true", help="skip the LLaVA-style VLM (vqa) case")
+    parser.add_argument("--quick", action="store_true", help="the preregistration's quick seeds and inputs")
+    parser.add_argument("--tasks", default=None, help=f"comma-separated, of {', '.join(TASK_KINDS)}")
+    parser.add_argument("--prereg", default=str(PREREG), help="the preregistration file")
+    parser.add_argument("--substitute-random", action="store_true", help="every explainer replaced by random")
     parser.add_argument("--overwrite", action="store_true", help="recompute parts already saved")
+    parser.add_argument("--workers", type=int, default=1, help="processes for the (task, seed) parts")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name, given, valid in (("task", args.tasks, TASK_NAMES), ("explainer", args.methods, tuple(EXPLAINERS))):
-        unknown = [t for t in given if t not in valid]
-        if unknown or not given:
-            raise SystemExit(f"unknown {name}s {unknown}; choose from {', '.join(valid)}")
+    if args.tasks is not None:
+        args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in args.tasks if t not in TASK_KINDS]
+        if unknown or not args.tasks:
+            raise SystemExit(f"--tasks: unknown tasks {unknown}; choose from {', '.join(TASK_KINDS)}")
     return args
 
 
-def score_cases(
-    cases: Sequence[Case | dict], settings: Settings, methods: Sequence[str], record: Record, progress: bool
-) -> tuple[list[dict], list[dict]]:
-    """Every case's model info and scores (:func:`evaluate_case`), each added to ``record`` as it
-    finishes and reused from it when finished before."""
-    models, parts = [], []
-    for case in cases:
-        if isinstance(case, dict):
-            print(f"{case['task']}: model not used ({case['skipped']})")
-            models.append(case)
-            continue
-        models.append(case.info)
-        key = f"{case.task}-{case.model_name}"
-        if record.get(key) is not None:
-            parts.append(record.get(key))
-            print(f"{case.task}: resumed from {record.path}")
-            continue
-        start = time.perf_counter()
-        result = evaluate_case(case, settings, methods, progress=progress)
-        parts.append(record.add({"key": key, **result, "seconds": time.perf_counter() - start}))
-        print(f"{case.task}: accuracy {case.info['accuracy']:.3f}, scored in {parts[-1]['seconds']:.1f} s")
-    return models, parts
+def _part(task: str, seed: int, n_inputs: int, chosen: list[Spec], prereg: dict) -> dict:
+    """Train or load the model of (task, seed) and evaluate it, or say why it is skipped. Timings in
+    wall-clock and CPU seconds (CPU time does not depend on what else runs on the machine)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    trained = train_fusion(task, seed=seed, threshold=prereg["learned_accuracy"])
+    info = {"task": task, "seed": seed, "accuracy": trained.accuracy, "from_cache": trained.from_cache}
+    if not trained.learned:
+        return {**info, "skipped": f"held-out accuracy {trained.accuracy:.3f} < {prereg['learned_accuracy']}"}
+    trained_at, trained_cpu = time.perf_counter(), time.process_time()
+    result = evaluate_model(mmlens.wrap(trained.model), trained.task, range(n_inputs), chosen, prereg)
+    return {
+        **info,
+        **result,
+        "train_seconds": trained_at - start,
+        "train_cpu_seconds": trained_cpu - cpu,
+        "score_seconds": time.perf_counter() - trained_at,
+        "score_cpu_seconds": time.process_time() - trained_cpu,
+    }
 
 
-DEFINITIONS = {
-    "delta_js_m": "mean JS divergence (nats) of the final distribution when m takes its neutral reference",
-    "identifies_truth": "1 if exactly the modalities the label depends on have Delta >= large and the others Delta < "
-    "small (redundant task: the truth for single ablations is none)",
-    "truth_match": "fraction of inputs whose explanation ranks the modalities as the truth does",
-    "shapley_interaction": "mean v(ab) - v(a) - v(b) + v(none), v = prob of the prediction",
-    "emap_gap": "accuracy - accuracy of the additive projection (EMAP)",
-    "faithfulness_margin": "necessity-drop area of the explanation minus that of random top-k (joint)",
-}
-"""What the scores in ``benchmark.json`` mean."""
+def run_parts(
+    units: list[tuple[str, int]],
+    n_inputs: int,
+    chosen: list[Spec],
+    prereg: dict,
+    record: Record,
+    progress: bool,
+    workers: int = 1,
+) -> list[dict]:
+    """Every (task, seed) part, from ``record`` when finished before, else computed (in ``workers``
+    processes) and added as it finishes. Raises when two explainers duplicate each other."""
+    keys = [f"{task}-seed{seed}" for task, seed in units]
+    todo = [(key, unit) for key, unit in zip(keys, units) if record.get(key) is None]
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="benchmark", disable=not progress)
+    if workers > 1 and len(todo) > 1:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+            futures = {pool.submit(_part, t, s, n_inputs, chosen, prereg): key for key, (t, s) in todo}
+            for future in as_completed(futures):
+                record.add({"key": futures[future], **future.result()})
+                bar.update()
+    else:
+        for key, (task, seed) in todo:
+            record.add({"key": key, **_part(task, seed, n_inputs, chosen, prereg)})
+            bar.update()
+    bar.close()
+    parts = [record.get(key) for key in keys]
+    for key, part in zip(keys, parts):
+        if part.get("duplicates"):
+            raise RuntimeError(f"{key}: explainers with identical scores on every input: {part['duplicates']}")
+    return parts
 
 
-def _write(out: Path, report: dict, parts: list[dict], table: pd.DataFrame) -> None:
-    """benchmark.json, the CSVs and table.md."""
-    atomic_write(out / "benchmark.json", json.dumps(report, indent=1, default=float))
-    for name, rows in (
-        ("scores", report["scores"]),
-        ("influence", [r for p in parts for r in p["influence"]]),
-        ("interaction", [r for p in parts for r in p["interaction"]]),
-        ("models", report["models"]),
-    ):
-        atomic_write(out / f"{name}.csv", pd.DataFrame(rows).to_csv(index=False))
-    if not table.empty:
-        atomic_write(out / "table.md", markdown(table))
-
-
-def _print(report: dict, table: pd.DataFrame, out: Path) -> None:
-    with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print("\nmodels:")
-        print(
-            pd.DataFrame(report["models"])[["task", "model", "accuracy", "learned", "train_seconds"]].to_string(
-                index=False
-            )
+def _frames(parts: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(inputs: one row per input x explainer, models: one row per model, margins: model x explainer)."""
+    scored = [p for p in parts if "skipped" not in p]
+    inputs = pd.DataFrame([{"task": p["task"], "seed": p["seed"], **r} for p in scored for r in p["inputs"]])
+    models = []
+    for p in scored:
+        unimodal = pd.DataFrame(p["unimodal"]).groupby("explainer").balance.mean()
+        models.append(
+            {
+                "task": p["task"],
+                "seed": p["seed"],
+                "interaction": float(np.mean(p["interaction"])),
+                "interaction_logodds": float(np.mean(p["interaction_logodds"])),
+                **{f"balance_{k}": float(v) for k, v in unimodal.items()},
+            }
         )
-        print("\nscores (truth match per explainer: j = joint, u = unimodal):")
-        print(table.round(3).to_string())
-    print("\nclaims:")
-    for c in report["claims"]:
-        print(f"  {'SUPPORTED' if c['supported'] else 'NOT SUPPORTED'}: {c['claim']}")
-        print(f"    {json.dumps(c['evidence'], default=lambda v: round(float(v), 4))}")
-    print(f"\nwrote {out / 'benchmark.json'}")
-    print(f"benchmark_seconds={report['seconds']:.1f}")
+    margins = pd.DataFrame(
+        [
+            {"task": p["task"], "seed": p["seed"], "explainer": k, "margin": v}
+            for p in scored
+            for k, v in p["faithfulness"].items()
+        ]
+    )
+    return inputs, pd.DataFrame(models), margins
+
+
+def _timing(parts: list[dict], prereg: dict, n_tasks: int) -> dict:
+    """CPU seconds per input (scoring) and per model (training), and the full run's estimate on one
+    core from them (wall-clock time on a busy machine is longer)."""
+    scored = [p for p in parts if "skipped" not in p]
+    n_inputs = max(sum(len(p["interaction"]) for p in scored), 1)
+    per_input = sum(p["score_cpu_seconds"] for p in scored) / n_inputs
+    trained = [p["train_cpu_seconds"] for p in scored if not p["from_cache"]]
+    per_model = float(np.mean(trained)) if trained else float("nan")
+    design = prereg["design"]
+    n_models = n_tasks * len(design["seeds_full"])
+    return {
+        "score_cpu_seconds_per_input": per_input,
+        "train_cpu_seconds_per_model": per_model,
+        "wall_seconds_scoring": sum(p["score_seconds"] for p in scored),
+        "full_run_estimate_cpu_seconds": {
+            "scoring": per_input * n_models * design["inputs_per_seed_full"],
+            "training_if_not_cached": per_model * n_models,
+        },
+    }
+
+
+def analyse(parts: list[dict], prereg: dict) -> dict:
+    """The tables (every cell with an interval) and the three verdicts."""
+    inputs, models, margins = _frames(parts)
+    return {
+        "cells_position_auroc": cell_table(inputs, prereg),
+        "cells_faithfulness_margin": margin_table(margins, prereg),
+        "models_features": models.to_dict("records"),
+        "claims": [claim_a(models, prereg), claim_b(inputs, prereg), claim_c(inputs, margins, prereg)],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = _arguments(argv)
-    settings = Settings(**{**asdict(QUICK if args.quick else FULL), "seed": args.seed})
+    prereg, sha = load_prereg(Path(args.prereg))
+    design = prereg["design"]
+    seeds = design["seeds_quick" if args.quick else "seeds_full"]
+    n_inputs = design["inputs_per_seed_quick" if args.quick else "inputs_per_seed_full"]
+    tasks = args.tasks or design["tasks"]
+    chosen = specs(prereg, args.substitute_random)
     out = Path(args.out)
     start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    identity = {"settings": asdict(settings), "methods": args.methods}
+    head = {"prereg_sha256": sha, "prereg": str(args.prereg), "quick": args.quick, "seeds": seeds}
+    head |= {"tasks": tasks, "inputs_per_task": n_inputs * len(seeds), "substitute_random": args.substitute_random}
+    atomic_write(out / "benchmark.json", json.dumps({**head, "status": "running"}, indent=1))
+    identity = {**head, "explainers": [[s.name, s.method, s.options] for s in chosen]}
     path = out / "parts" / f"{config_hash(identity)}.jsonl"
     record = Record.continuing(path, identity, overwrite=args.overwrite) or Record.create(
         path, "synthetic-benchmark", identity
     )
-    cases = (
-        fusion_cases([t for t in args.tasks if t in TASK_KINDS], settings)
-        + graph_cases([t for t in args.tasks if t in GRAPH_TASKS], settings)
-        + ([] if args.no_vlm else [vlm_case(settings)])
-    )
-    models, parts = score_cases(cases, settings, args.methods, record, progress=not args.no_progress)
-    scores = pd.DataFrame([row for p in parts for row in p["scores"]])
-    table = summary_table(scores) if not scores.empty else pd.DataFrame()
+    units = [(t, s) for t in tasks for s in seeds]
+    parts = run_parts(units, n_inputs, chosen, prereg, record, not args.no_progress, args.workers)
     report = {
-        "settings": asdict(settings),
-        "quick": args.quick,
+        **head,
+        "status": "done",
         "versions": versions(),
-        "models": models,
-        "thresholds": {"large_delta_js": LARGE, "small_delta_js": SMALL, "learned_accuracy": LEARNED_THRESHOLD},
-        "scores": scores.to_dict("records"),
-        "claims": claims(scores, args.tasks) if not scores.empty else [],
-        "figures": _figures(scores, out) if not scores.empty else [],
+        "explainers": identity["explainers"],
+        "controls": [name for name, _, _ in prereg["explainers"]["controls"]],
+        "models": [{k: p[k] for k in ("task", "seed", "accuracy", "from_cache", "skipped") if k in p} for p in parts],
+        **analyse(parts, prereg),
+        "timing": _timing(parts, prereg, len(tasks)),
         "seconds": time.perf_counter() - start,
-        "definitions": DEFINITIONS,
     }
-    _write(out, report, parts, table)
-    _print(report, table, out)
+    atomic_write(out / "benchmark.json", json.dumps(report, indent=1, default=float))
+    _print(report, out)
     return report
+
+
+def _print(report: dict, out: Path) -> None:
+    cells = pd.DataFrame(report["cells_position_auroc"])
+    table = cells[cells.task == "all"][["explainer", "estimate", "low", "high", "n"]]
+    print("\nposition AUROC against the truth, all tasks (95% bootstrap interval):")
+    print(table.round(3).to_string(index=False))
+    print("\nverdicts:")
+    for c in report["claims"]:
+        print(f"  {c['verdict'].upper()}: {c['claim']}")
+    print(f"\nwrote {out / 'benchmark.json'}")
+    print(f"benchmark_seconds={report['seconds']:.1f}")
 
 
 if __name__ == "__main__":

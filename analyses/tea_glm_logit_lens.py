@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import pandas as pd
 import torch
 
+from mmlens.analyses.tea_glm_controls import matched_analysis
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.graphs import (
     TextAttributedGraph,
@@ -43,7 +44,7 @@ from mmlens.data.graphs import (
 )
 from mmlens.data.loading import load_model
 from mmlens.data.paths import cache_dir
-from mmlens.methods.evolution import METRICS, Evolution, evolution
+from mmlens.methods.evolution import METRICS, Evolution, bootstrap_ci, evolution
 from mmlens.methods.lens import (
     LensResult,
     TunedLens,
@@ -52,8 +53,10 @@ from mmlens.methods.lens import (
     decode_soft_tokens,
     logit_lens,
 )
+from mmlens.methods.patching import SweepResult
+from mmlens.metrics.lens_verdicts import MARGINS
 from mmlens.models import GraphSAGEEncoder, TeaGLM
-from mmlens.plots import plot_evolution, plot_lens_grid, save_figure
+from mmlens.plots import plot_evolution, plot_lens_grid, plot_patching, save_figure
 from mmlens.store import atomic_write, config_hash, versions
 from mmlens.training.graph_pretraining import GraphPretrainConfig, llm_principal_components, pretrain_graph_encoder
 from mmlens.training.loop import is_cached, train_or_load
@@ -61,6 +64,14 @@ from mmlens.training.tea_glm import NodePrompts, ProjectorTrainConfig, PromptTem
 
 SYNTHETIC_NOTE = (
     "SYNTHETIC DATA: a generated text-attributed graph, not Cora; numbers say nothing about the paper's claim"
+)
+CLAIM_RULE_MATCHED = (
+    "per lens variant: a metric reads 'less' only when the paired per-node bootstrap interval (95%) of "
+    "graph - X lies on the 'evolves less' side for X = text tokens and for every matched control in the "
+    "graph slots (text_title, text_neutral, mean_embedding, random_norm, constant_input, no_neighbours), "
+    "and TOST does not show equivalence within the declared margin; the first comparison that fails "
+    "decides. The claim holds under a variant when at least 3 of the 4 metrics read 'less' and none "
+    "'more'; overall when it holds under every variant without the embedding row"
 )
 CLAIM_RULE = (
     "graph tokens evolve measurably less than text tokens when, for at least 3 of the 4 metrics "
@@ -85,8 +96,12 @@ class ReproductionConfig:
     projector: ProjectorTrainConfig = field(default_factory=ProjectorTrainConfig)
     template: PromptTemplate = field(default_factory=PromptTemplate)
     eval_nodes: int | None = None
-    lens_nodes: int = 32
+    lens_nodes: int = 100
     tuned_lens_steps: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    control_projector_steps: int = 50
+    patching_nodes: int = 8
+    lens_variants: tuple[str, ...] = ("normed", "raw", "naive")
     data_dir: str | None = None
 
     def to_dict(self) -> dict:
@@ -103,6 +118,9 @@ def quick_config(**overrides: Any) -> ReproductionConfig:
         eval_nodes=24,
         lens_nodes=6,
         tuned_lens_steps=3,
+        seeds=(0,),
+        control_projector_steps=2,
+        patching_nodes=2,
     )
     return replace(base, **overrides)
 
@@ -155,9 +173,12 @@ class Reproduction:
     evaluation: dict
     keys: dict[str, str]
     stages: _Stages
+    model_seed: int = 0
+    projector_loss: list[float] = field(default_factory=list)
     lens: LensResult | None = None
     evolution: Evolution | None = None
     lens_nodes: list[int] = field(default_factory=list)
+    control_models: dict[str, TeaGLM] = field(default_factory=dict)
 
     def inputs(self, nodes: list[int] | torch.Tensor, with_graph: bool = True) -> dict[str, torch.Tensor]:
         """Model inputs of the classification prompts of ``nodes`` (right-padded), ready for
@@ -177,13 +198,16 @@ class Reproduction:
         return mask
 
 
-def _cache_keys(config: ReproductionConfig, graph: TextAttributedGraph, gnn_config: GraphPretrainConfig) -> dict:
+def _cache_keys(
+    config: ReproductionConfig, graph: TextAttributedGraph, gnn_config: GraphPretrainConfig, model_seed: int
+) -> dict:
     """The hashes the GNN, projector and evaluation are cached under, each including the one before."""
     keys = {"gnn": _hash(config.llm, _fingerprint(graph), config.max_text_tokens, gnn_config.to_dict())}
     keys["projector"] = _hash(
         keys["gnn"],
         config.split,
         config.seed,
+        model_seed,
         config.num_graph_tokens,
         asdict(config.template),
         config.projector.to_dict(),
@@ -228,11 +252,12 @@ def _trained_projector(
     graph: TextAttributedGraph,
     train: torch.Tensor,
     config: ReproductionConfig,
+    seed: int,
     key: str,
     progress: bool,
-) -> None:
-    """Train ``model.projector`` in place on the ``train`` nodes (or load it)."""
-    train_or_load(
+) -> list[float]:
+    """Train ``model.projector`` in place on the ``train`` nodes (or load it); its loss curve."""
+    cached = train_or_load(
         "tea_glm_projector",
         key,
         model.projector,
@@ -244,51 +269,61 @@ def _trained_projector(
                 graph.titles,
                 graph.labels,
                 train,
-                replace(config.projector, seed=config.seed),
+                replace(config.projector, seed=seed),
                 checkpoint=cache_dir() / "tea_glm" / f"projector-{key}.ckpt",
                 progress=progress,
             )
         },
     )
     model.eval()
+    return list(cached.meta.get("loss", []))
 
 
 def build(
-    config: ReproductionConfig = ReproductionConfig(), progress: bool = True, stages: _Stages | None = None
+    config: ReproductionConfig = ReproductionConfig(),
+    progress: bool = True,
+    stages: _Stages | None = None,
+    model_seed: int | None = None,
 ) -> Reproduction:
     """Load data and LLM, pretrain the GNN, train the projector and evaluate, each cached by a hash
-    of its configuration under ``$MMLENS_CACHE/tea_glm`` (a rerun loads them)."""
+    of its configuration under ``$MMLENS_CACHE/tea_glm`` (a rerun loads them). ``model_seed``
+    (default ``config.seed``) seeds the GNN and projector; the split and lens nodes follow ``config.seed``."""
     stages = stages or _Stages(progress)
+    model_seed = config.seed if model_seed is None else model_seed
+    tag = "" if model_seed == config.seed else f" (seed {model_seed})"
     torch.manual_seed(config.seed)
-    with stages("load data"):
+    with stages("load data" + tag):
         graph = load_text_attributed_graph(
             config.dataset, config.data_dir, seed=config.seed, num_nodes=config.synthetic_nodes
         )
         split = stratified_split(graph.labels, config.seed, config.split)
-    with stages("load LLM"):
+    with stages("load LLM" + tag):
         loaded = load_model(config.llm)
         lm = loaded.model.eval()
         tokenizer = loaded.tokenizer
     embedding = lm.get_input_embeddings().weight.detach()
     d_lm = embedding.shape[1]
-    gnn_config = replace(config.gnn, hidden_dim=d_lm, seed=config.seed)
-    with stages("text features"):
+    gnn_config = replace(config.gnn, hidden_dim=d_lm, seed=model_seed)
+    with stages("text features" + tag):
         features = text_features(graph.texts, tokenizer, embedding, config.max_text_tokens)
-    keys = _cache_keys(config, graph, gnn_config)
+    keys = _cache_keys(config, graph, gnn_config, model_seed)
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(model_seed)
         gnn = GraphSAGEEncoder(d_lm, d_lm, d_lm, num_layers=gnn_config.num_layers)
         model = TeaGLM(lm, gnn, default_graph_token_id(tokenizer), config.num_graph_tokens).eval()
     prompts = NodePrompts(tokenizer, graph.class_words, model.graph_token_id, config.num_graph_tokens, config.template)
 
-    with stages("GNN (cached)" if is_cached("tea_glm_gnn", keys["gnn"]) else "GNN pretraining"):
+    with stages(("GNN (cached)" if is_cached("tea_glm_gnn", keys["gnn"]) else "GNN pretraining") + tag):
         node_repr = _pretrained_gnn(gnn, features, graph, embedding, gnn_config, keys["gnn"], progress)
-    with stages("projector (cached)" if is_cached("tea_glm_projector", keys["projector"]) else "projector training"):
-        _trained_projector(model, prompts, node_repr, graph, split["train"], config, keys["projector"], progress)
+    cached = is_cached("tea_glm_projector", keys["projector"])
+    with stages(("projector (cached)" if cached else "projector training") + tag):
+        curve = _trained_projector(
+            model, prompts, node_repr, graph, split["train"], config, model_seed, keys["projector"], progress
+        )
 
     evaluation_file = cache_dir() / "tea_glm" / f"evaluation-{keys['evaluation']}.json"
-    with stages("evaluation" if not evaluation_file.exists() else "evaluation (cached)"):
+    with stages(("evaluation" if not evaluation_file.exists() else "evaluation (cached)") + tag):
         if evaluation_file.exists():
             evaluation = json.loads(evaluation_file.read_text())
         else:
@@ -308,6 +343,8 @@ def build(
         evaluation=evaluation,
         keys=keys,
         stages=stages,
+        model_seed=model_seed,
+        projector_loss=curve,
     )
 
 
@@ -453,7 +490,9 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress)
-    rep = build(config, progress, stages)
+    seeds = list(dict.fromkeys([config.seed, *config.seeds]))
+    reps = [build(config, progress, stages, model_seed=s) for s in seeds]
+    rep = reps[0]
     _write_split(rep, out)
 
     nodes = _lens_nodes(rep)
@@ -473,17 +512,121 @@ def run(
             tuned_result = logit_lens(rep.hooked, inputs, k=5, targets=answer_targets, positions=positions, tuned=tuned)
             tuned_summary = _tuned_summary(rep.lens, tuned_result)
 
+    matched = _matched(reps, nodes, inputs, positions, progress)
     with stages("write outputs"):
         row = _representative(rep, nodes)
         _write_figures(rep, out, row, positions)
+        _write_matched_figures(rep, out, row, positions, matched)
         _write_tables(rep, out, soft, layers)
         record = _record(rep, row, soft, layers, tuned_summary)
+        record.update(_matched_record(reps, matched))
     record["timings_s"] = stages.seconds
     _write_json(out / "logit_lens.json", record)
     if progress:
         _print_summary(rep, record, out)
         print(stages.table())
     return rep
+
+
+def _matched(reps: list[Reproduction], nodes: list[int], inputs: dict, positions: torch.Tensor, progress: bool) -> dict:
+    """:func:`matched_analysis`, cached as JSON by the hash of every model's key and the settings."""
+    config = reps[0].config
+    key = _hash(
+        [r.keys["projector"] for r in reps],
+        nodes,
+        config.control_projector_steps,
+        config.patching_nodes,
+        config.lens_variants,
+        MARGINS,
+    )
+    path = cache_dir() / "tea_glm" / f"matched-{key}.json"
+    with reps[0].stages("controls, lens variants, patching" + (" (cached)" if path.exists() else "")):
+        if path.exists():
+            return json.loads(path.read_text())
+        result = matched_analysis(reps, nodes, inputs, positions, progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(result, default=_json_default))
+    return result
+
+
+def _matched_record(reps: list[Reproduction], matched: dict) -> dict:
+    """The JSON fields of the matched-control analysis, and the overall claim."""
+    variants = matched["lens_variants"]
+    deciding = [v for name, v in variants.items() if name.endswith("no_embedding_row")]
+    overall = bool(deciding) and all(v["claim_reproduced"] for v in deciding)
+    statement = "; ".join(
+        f"{name}: {'reproduced' if v['claim_reproduced'] else 'not reproduced'} "
+        f"({v['metrics_less']}/4 metrics less, {v['metrics_more']} more; decided by {v['deciding_comparison']})"
+        for name, v in variants.items()
+    )
+    primary = variants.get("normed/no_embedding_row", next(iter(variants.values())))
+    return {
+        "lens_variants": variants,
+        "controls": matched["controls"],
+        "per_layer_tests": primary["per_layer_tests"],
+        "patching": matched["patching"],
+        "seeds": {
+            str(r.model_seed): {
+                "accuracy": r.evaluation["accuracy"],
+                "text_only_accuracy": r.evaluation["text_only_accuracy"],
+                "projector_loss": r.projector_loss,
+            }
+            for r in reps
+        },
+        "claim_reproduced_overall": overall,
+        "claim_statement": (
+            "graph tokens evolve less than matched controls in the same slots (and than text tokens) "
+            f"under every lens variant without the embedding row: {'yes' if overall else 'no'}. " + statement
+        ),
+        "claim_rule_matched": CLAIM_RULE_MATCHED,
+    }
+
+
+def _write_matched_figures(rep: Reproduction, out: Path, row: int, positions: torch.Tensor, matched: dict) -> None:
+    """``logit_lens_compact`` (graph slots and a few text tokens), ``evolution_controls`` (pooled
+    curves of every condition, normed lens without the embedding row) and ``patching``."""
+    import matplotlib.pyplot as plt
+
+    cols = positions[row].nonzero().flatten().tolist()
+    graph = [p for p in cols if rep.lens.modalities[row][p] == "graph"]
+    text = [p for p in cols if rep.lens.modalities[row][p] == "text"]
+    picked = graph + text[:3] + text[-3:] if len(text) > 6 else graph + text
+    fig = plot_lens_grid(rep.lens, row=row, positions=picked, title=f"Logit lens (compact), node {rep.lens_nodes[row]}")
+    save_figure(fig, out / "logit_lens_compact")
+    if matched.get("curves"):
+        per_layer = pd.DataFrame(matched["curves"])
+        fig = plot_evolution(_Curves(_curves(per_layer, rep.lens.layers)), title="Graph tokens vs matched controls")
+        save_figure(fig, out / "evolution_controls")
+    table = pd.DataFrame(matched["patching"]).assign(pair=0)
+    result = SweepResult(table, [float("nan")], [float("nan")], "denoise", "resid_pre", ("layer", "span"))
+    save_figure(plot_patching(result, title="Patching (log-prob of the answer)"), out / "patching")
+    plt.close("all")
+
+
+@dataclass
+class _Curves:
+    """What :func:`plot_evolution` reads: a ``curves`` table."""
+
+    curves: pd.DataFrame
+
+
+def _curves(per_layer: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """Per condition, metric and layer: the mean over nodes and its 95% bootstrap interval."""
+    rows = []
+    for (m, metric, layer), group in per_layer.groupby(["modality", "metric", "layer"], sort=False):
+        mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), 200)
+        rows.append(
+            {
+                "modality": m,
+                "metric": metric,
+                "layer": int(layer),
+                "layer_label": labels[int(layer)],
+                "mean": mean,
+                "low": low,
+                "high": high,
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _tuned_lens(rep: Reproduction, lens_nodes: list[int]) -> TunedLens:
@@ -622,7 +765,11 @@ def main(argv: list[str] | None = None) -> int:
         "--llm", default=None, help="registry name or hub id of the causal LM (default smollm2-135m-instruct)"
     )
     parser.add_argument("--dataset", choices=("cora", "synthetic"), default="cora")
-    parser.add_argument("--data-dir", default=None, help="folder holding cora_tag/cora.json (default: $MMLENS_DATA)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding cora_tag/cora.json (default: $MMLENS_DATA, else the copy bundled with mmlens)",
+    )
     parser.add_argument("--out", default="results/tea_glm_logit_lens", help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gnn-epochs", type=int, default=None)

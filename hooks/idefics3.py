@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.hooks.language_models import neutral_text
-from mmlens.hooks.llava import IMAGE_ITEMS, image_token_spans
+from mmlens.hooks.llava import IMAGE_ITEMS, PIXEL_RANGE, image_token_spans
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(
@@ -60,4 +60,5 @@ IDEFICS3 = Adapter(
     modality_inputs={"image": ("pixel_values", "pixel_attention_mask"), "text": ("input_ids", "attention_mask")},
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
+    input_ranges={"pixel_values": PIXEL_RANGE},
 )

@@ -36,6 +36,11 @@ def check_image_rows(inputs: Mapping[str, Tensor]) -> None:
         )
 
 
+PIXEL_RANGE = (-20.0, 20.0)
+"""Where processor-normalised pixels lie (CLIP: about [-1.8, 2.2]; SigLIP [-1, 1]), with room for
+perturbations; raw 0-255 pixels fall outside."""
+
+
 def image_token_spans(model, inputs):
     """Image positions are where ``input_ids == config.image_token_id`` (LLaVA's placeholder mask);
     raises unless ``pixel_values`` has one entry per prompt (:func:`check_image_rows`)."""
@@ -89,4 +94,5 @@ LLAVA = Adapter(
     modality_inputs={"image": ("pixel_values",), "text": ("input_ids", "attention_mask")},
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
+    input_ranges={"pixel_values": PIXEL_RANGE},
 )

@@ -15,7 +15,7 @@ import torch
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text
-from mmlens.hooks.llava import IMAGE_ITEMS, check_image_rows, image_token_spans, project_vision_layer
+from mmlens.hooks.llava import IMAGE_ITEMS, PIXEL_RANGE, check_image_rows, image_token_spans, project_vision_layer
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(
@@ -71,6 +71,7 @@ LLAVA_NEXT = Adapter(
     modality_inputs={"image": ("pixel_values", "image_sizes"), "text": ("input_ids", "attention_mask")},
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
+    input_ranges={"pixel_values": PIXEL_RANGE},
 )
 
 LLAVA_ONEVISION = Adapter(
@@ -86,4 +87,5 @@ LLAVA_ONEVISION = Adapter(
     },
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
+    input_ranges={"pixel_values": PIXEL_RANGE},
 )

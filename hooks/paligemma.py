@@ -20,7 +20,7 @@ import torch
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text
-from mmlens.hooks.llava import check_image_rows
+from mmlens.hooks.llava import PIXEL_RANGE, check_image_rows
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(
@@ -87,5 +87,6 @@ PALIGEMMA = Adapter(
     modality_inputs={"image": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids")},
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
+    input_ranges={"pixel_values": PIXEL_RANGE},
     causal=False,
 )

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from mmlens.core.adapter import BATCH, ITEMS, Adapter, Point, Site, Stack
+from mmlens.core.adapter import BATCH, ITEMS, Adapter, Point, Site, Stack, vocabulary_size
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 from mmlens.metrics.perturb import graph_perturbations, token_perturbations
+
+
+def node_count(inputs):
+    """The number of nodes (rows of ``node_features``) that node ids and edges index, if given."""
+    features = inputs.get("node_features")
+    return features.shape[0] if features is not None else None
 
 
 def graph_token_spans(model, inputs):
@@ -65,4 +71,9 @@ TEA_GLM = Adapter(
         "text": token_perturbations("input_ids"),
     },
     project_encoder=project_graph_layer,
+    index_inputs={
+        "input_ids": lambda model, inputs: vocabulary_size(model.lm, inputs),
+        "node_ids": lambda model, inputs: node_count(inputs),
+        "edge_index": lambda model, inputs: node_count(inputs),
+    },
 )

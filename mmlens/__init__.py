@@ -15,6 +15,7 @@ from mmlens.core.adapter import (
     CLIP_BLOCK,
     GPT2_BLOCK,
     LLAMA_BLOCK,
+    WHISPER_BLOCK,
     Adapter,
     BlockLayout,
     HookPoint,
@@ -30,7 +31,7 @@ from mmlens.core.spans import ModalitySpans, spans_from_blocks, spans_from_token
 from mmlens.core.wrapper import HookedModel, Recording, RunResult
 from mmlens.methods.circuits import Circuit, Node
 from mmlens.methods.evolution import Evolution, evolution
-from mmlens.methods.explainers import Explanation, explain
+from mmlens.methods.explainers import Explanation, explain, register_explainer
 from mmlens.methods.lens import (
     LensResult,
     TunedLens,
@@ -73,6 +74,7 @@ def wrap(model, **kwargs) -> HookedModel:
 
 __all__ = [
     "CLIP_BLOCK",
+    "WHISPER_BLOCK",
     "GPT2_BLOCK",
     "LLAMA_BLOCK",
     "ActivationCache",
@@ -117,6 +119,7 @@ __all__ = [
     "nearest_tokens",
     "path_patch",
     "register_adapter",
+    "register_explainer",
     "replace",
     "spans_from_blocks",
     "spans_from_token_ids",

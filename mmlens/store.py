@@ -155,3 +155,68 @@ class ArtefactStore:
         if not self.complete(folder):
             self.finish(folder, build(folder))
         return folder
+
+
+class FolderBusyError(RuntimeError):
+    """Another run holds the output folder's lock."""
+
+
+LOCK_FILE = ".mmlens.lock"
+
+
+@contextmanager
+def output_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold ``folder``'s lock (``folder/.mmlens.lock``, an OS advisory lock released when the process
+    ends, also on SIGKILL) while the block runs; a second run into the same folder raises
+    :class:`FolderBusyError` naming the holder instead of computing everything twice."""
+    import fcntl
+
+    target = Path(folder).expanduser()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        handle = open(target / LOCK_FILE, "a+", encoding="utf-8")
+    except OSError as err:
+        raise OSError(
+            f"cannot use {target} as the output folder ({err.strerror}); choose a writable folder (--out)"
+        ) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise FolderBusyError(
+                f"another mmlens run ({holder}) is writing to {target}; wait for it to finish, or choose another "
+                "output folder (--out)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()}")
+        handle.flush()
+        yield target
+    finally:
+        handle.close()
+
+
+def weights_fingerprint(folder: str | Path, full_hash_limit: int = 1 << 28) -> dict[str, str]:
+    """``{file: fingerprint}`` of a local checkpoint's weight and config files, for run identities.
+
+    Files up to ``full_hash_limit`` bytes (256 MiB) are hashed whole (sha256); larger ones by size,
+    modification time and the sha256 of their first and last MiB, so a 15 GB checkpoint costs
+    milliseconds while any re-save changes its fingerprint."""
+    root = Path(folder)
+    patterns = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.json")
+    files = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
+    out = {}
+    for path in files:
+        size = path.stat().st_size
+        if size <= full_hash_limit:
+            out[path.name] = file_digest(path)
+            continue
+        digest = hashlib.sha256(f"{size}:{path.stat().st_mtime_ns}".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f.read(1 << 20))
+        out[path.name] = "sampled:" + digest.hexdigest()
+    return out

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models from the registry and the shared data/models folders."""
+"""Shared fixtures: tiny models from the registry and the data/models folders (the bundled copies
+unless MMLENS_DATA / MMLENS_MODELS override them)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_SHARED = Path(__file__).resolve().parents[2] / "shared"
-os.environ.setdefault("MMLENS_DATA", str(_SHARED / "data"))
-os.environ.setdefault("MMLENS_MODELS", str(_SHARED / "models"))
 
 import mmlens  # noqa: E402
 from mmlens.data.loading import load_model  # noqa: E402
+from mmlens.data.paths import data_dir as resolve_data_dir  # noqa: E402
+from mmlens.data.paths import models_dir as resolve_models_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    path = Path(os.environ["MMLENS_MODELS"])
-    assert path.is_dir(), f"shared models folder missing at {path}: set MMLENS_MODELS"
-    return path
+    return resolve_models_dir()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return resolve_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,9 @@ EXPECTED = {
     "smollm2-135m-instruct": {"lm": {"fused"}},
     "tiny-random-llava": {"encoder": {"image"}, "fusion": {"image", "fused"}, "lm": {"fused"}},
     "tiny-random-idefics3": {"encoder": {"image"}, "fusion": {"image", "fused"}, "lm": {"fused"}},
+    "tiny-random-qwen2-vl": {"encoder": {"image"}, "fusion": {"image", "fused"}, "lm": {"fused"}},
+    "tiny-random-qwen2.5-vl": {"encoder": {"image"}, "fusion": {"image", "fused"}, "lm": {"fused"}},
+    "tiny-random-gemma3": {"encoder": {"image"}, "fusion": {"image", "fused"}, "lm": {"fused"}},
     "tiny-random-llava-next": {"encoder": {"image"}, "fusion": {"image", "fused"}, "lm": {"fused"}},
     "tiny-random-llava-onevision": {"encoder": {"image"}, "fusion": {"image", "fused"}, "lm": {"fused"}},
     "tiny-random-smolvlm": {"encoder": {"image"}, "fusion": {"image", "fused"}, "lm": {"fused"}},
@@ -30,6 +33,9 @@ EXPECTED = {
     "tea-glm-tiny": {"encoder": {"graph"}, "fusion": {"graph", "fused"}, "lm": {"fused"}},
     "tea-glm": {"encoder": {"graph"}, "fusion": {"graph", "fused"}, "lm": {"fused"}},
     "tiny-fusion": {"encoder": {"image", "text"}, "fusion": {"fused"}, "lm": {"fused"}},
+    "tiny-random-qwen2-audio": {"encoder": {"audio"}, "fusion": {"audio", "fused"}, "lm": {"fused"}},
+    "tiny-random-voxtral": {"encoder": {"audio"}, "fusion": {"audio", "fused"}, "lm": {"fused"}},
+    "tiny-random-qwen2.5-omni": {"encoder": {"image", "audio"}, "fusion": {"image", "audio", "fused"}, "lm": {"fused"}},
 }
 
 
@@ -116,7 +122,15 @@ def _mmlens_cli() -> list[str]:
     return [str(script)]
 
 
-@pytest.mark.parametrize("name,encoder_modality", [("tiny-random-llava", "image"), ("tea-glm", "graph")])
+@pytest.mark.parametrize(
+    "name,encoder_modality",
+    [
+        ("tiny-random-llava", "image"),
+        ("tea-glm", "graph"),
+        ("tiny-random-qwen2-vl", "image"),
+        ("tiny-random-gemma3", "image"),
+    ],
+)
 def test_cli_hooks_json_lists_every_stage(name, encoder_modality):
     out = subprocess.run(
         [*_mmlens_cli(), "hooks", name, "--json"], capture_output=True, text=True, check=True, timeout=600

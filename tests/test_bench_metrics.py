@@ -19,11 +19,12 @@ def test_quick_benchmark_estimates_agree(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"speedup=\d+\.\d{2} max_abs_diff=\d\.\d{2}e[+-]\d{2}", lines[-1]), lines[-1]
     assert lines[-2].startswith("llava_faithfulness_speedup=") and " llava_stability_speedup=" in lines[-2]
+    assert " llava_granger_speedup=" in lines[-2]
 
     assert result["agree"] and result["max_abs_diff"] <= bench_metrics.TOLERANCE
     assert set(result) >= {"llava", "speedup", "max_abs_diff", "agree"} and "smollm2" not in result
     llava = result["llava"]
-    for metric in ("faithfulness", "stability"):
+    for metric in ("faithfulness", "stability", "granger"):
         assert llava[f"{metric}_max_abs_diff"] <= bench_metrics.TOLERANCE
         assert llava[f"{metric}_speedup"] > 0 and math.isfinite(llava[f"{metric}_speedup"])
         assert llava["times"][f"{metric}_mmlens"] > 0 and llava["times"][f"{metric}_reference"] > 0

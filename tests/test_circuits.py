@@ -191,3 +191,54 @@ def test_errors_name_what_is_valid(tinystories):
         circuit_edits(hm, batch, Circuit(), "keep", "mean")
     with pytest.raises(ValueError, match="kinds there"):
         components(hm, kinds=("nope",))
+
+
+def test_random_baselines_are_matched_in_cells(story):
+    from mmlens.methods.circuits import cell_count, matched_random_circuit
+    from mmlens.metrics.desiderata import circuit_faithfulness
+
+    hm, clean, _ = story
+    circuit = Circuit(
+        (
+            Node("lm.blocks.0.z", at=(1, 3), heads=(0,)),
+            Node("lm.blocks.1.mlp_out", at=(2,)),
+            Node("lm.blocks.1.attn_out"),
+        )
+    )
+    seq = int(hm.spans(clean).valid[0].sum())
+    assert cell_count(hm, circuit, clean) == 2 * 1 + 1 + seq
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        random = matched_random_circuit(hm, circuit, clean, generator)
+        assert cell_count(hm, random, clean) == cell_count(hm, circuit, clean)
+        assert [hm.resolve(n.hook).kind for n in random.nodes] == ["z", "mlp_out", "attn_out"]
+    table = circuit_faithfulness(hm, clean, circuit, "neutral", random_draws=3, progress=False)
+    cells = table.set_index("source").cells
+    assert cells["circuit"] == cells["random"] == cell_count(hm, circuit, clean)
+
+
+def test_edge_circuits_are_evaluated_by_path_patching(story):
+    from mmlens.methods.circuits import edge_patch
+    from mmlens.methods.explainers import predicted_prob
+    from mmlens.metrics.desiderata import circuit_faithfulness
+
+    hm, clean, _ = story
+    neutral = hm.neutral(clean, "text")
+    metric = predicted_prob(hm, clean)
+    f_clean = float(metric(hm.readout_logits(hm.run(clean).logits, clean))[0])
+    f_neutral = float(metric(hm.readout_logits(hm.run(neutral).logits, neutral))[0])
+    assert edge_patch(hm, clean, neutral, metric, ()) == f_clean
+    senders = ["lm.blocks.0.resid_pre"] + [n for n, hp in hm.hook_points.items() if hp.kind in ("attn_out", "mlp_out")]
+    every_path = tuple((s, "lm.final_norm") for s in senders)  # every path into the read-out: the neutral run
+    assert abs(edge_patch(hm, clean, neutral, metric, every_path) - f_neutral) < 1e-6
+    edges = (("lm.blocks.0.attn_out", "lm.blocks.1.attn_out"),)
+    circuit = Circuit(edges=edges)
+    table = circuit_faithfulness(hm, clean, circuit, "neutral", random_draws=2, progress=False).set_index("source")
+    assert set(table.index) == {"circuit", "random", "circuit_edges", "random_edges"}
+    via_paths = edge_patch(hm, clean, neutral, metric, edges)
+    assert abs(table.f_remove["circuit_edges"] - via_paths) < 1e-6
+    # as edges, only the path from layer 0's attention into layer 1's attention carries the ablation;
+    # as nodes, both components are ablated outright
+    assert table.f_remove["circuit_edges"] != table.f_remove["circuit"]
+    with pytest.raises(ValueError, match="use ablation 'neutral' or 'resample'"):
+        circuit_faithfulness(hm, clean, circuit, "zero", progress=False)

@@ -35,11 +35,20 @@ MODELS = [
     "tiny-random-idefics3",
     "tea-glm-tiny",
     "tiny-fusion",
+    "tiny-random-qwen2-vl",
+    "tiny-random-qwen2.5-vl",
+    "tiny-random-gemma3",
     "tiny-random-llava-next",
     "tiny-random-llava-onevision",
     "tiny-random-smolvlm",
     "tiny-random-paligemma",
     "tiny-random-internvl",
+    "tiny-random-qwen2-audio",
+    "tiny-random-voxtral",
+    "tiny-random-qwen2.5-omni",
+    "tiny-random-mistral3",  # automatic adapter
+    "tiny-random-aya-vision",  # automatic adapter
+    "tiny-random-vipllava",  # automatic adapter
 ]
 """Registry names the suite runs on (``mmlens.load_model(name)``, inputs from ``example_inputs()``)."""
 

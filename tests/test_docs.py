@@ -23,6 +23,8 @@ README = ROOT / "README.md"
 HOOKS_PAGE = ROOT / "docs" / "hooks.md"
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
+SUPPORTED_PAGE = ROOT / "docs" / "supported.md"
+SUPPORTED_BLOCK = re.compile(r"(<!-- supported:begin -->\n)(.*?)(<!-- supported:end -->)", flags=re.S)
 HOOK_TABLE = re.compile(r"(<!-- mmlens hooks (\S+) --markdown -->\n)(.*?)(<!-- end hooks -->)", flags=re.S)
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 MAX_README_LINES = 200
@@ -69,12 +71,29 @@ def cli_hook_table(name: str) -> str:
 
 
 def regenerate(page: Path = HOOKS_PAGE) -> list[str]:
-    """Rewrite every table between the markers of ``page`` from the CLI; returns the names rewritten."""
+    """Rewrite every table between the markers of ``page`` from the CLI, and the supported-architecture
+    block of docs/supported.md and the README; returns what was rewritten."""
     text = page.read_text(encoding="utf-8")
     names = list(hook_tables(text))
     text = HOOK_TABLE.sub(lambda m: m.group(1) + cli_hook_table(m.group(2)) + m.group(4), text)
     page.write_text(text, encoding="utf-8")
+    table = supported_table()
+    for doc in (SUPPORTED_PAGE, README):
+        text = doc.read_text(encoding="utf-8")
+        if SUPPORTED_BLOCK.search(text):
+            doc.write_text(SUPPORTED_BLOCK.sub(lambda m: m.group(1) + table + m.group(3), text), encoding="utf-8")
+            names.append(_rel(doc))
     return names
+
+
+def supported_table() -> str:
+    """What ``mmlens hooks --supported`` prints."""
+    from mmlens.runs.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["hooks", "--supported"]) == 0
+    return out.getvalue()
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=_rel)
@@ -97,6 +116,19 @@ def test_hook_table_matches_cli(name: str):
     assert hook_tables(HOOKS_PAGE.read_text(encoding="utf-8"))[name] == cli_hook_table(name), (
         f"docs/hooks.md's table for {name} drifted from the adapter: regenerate with `python -m tests.test_docs`"
     )
+
+
+def test_supported_architectures_are_generated_from_the_registry():
+    """The README's and docs/supported.md's supported-architecture lists are what the adapter tables and the
+    registry say (hand table or automatic, per class); regenerate with `python -m tests.test_docs`."""
+    table = supported_table()
+    assert "| automatic |" in table and "| hand-written |" in table
+    for doc in (SUPPORTED_PAGE, README):
+        found = SUPPORTED_BLOCK.search(doc.read_text(encoding="utf-8"))
+        assert found, f"{_rel(doc)} lacks the <!-- supported:begin --> ... <!-- supported:end --> block"
+        assert found.group(2) == table, (
+            f"{_rel(doc)}'s supported list drifted: regenerate with `python -m tests.test_docs`"
+        )
 
 
 def test_hooks_page_has_tables():

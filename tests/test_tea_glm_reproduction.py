@@ -122,6 +122,13 @@ REQUIRED = {
     "claim_reproduced": bool,
     "claim_evidence": dict,
     "timings_s": dict,
+    "lens_variants": dict,
+    "controls": dict,
+    "seeds": dict,
+    "per_layer_tests": dict,
+    "patching": list,
+    "claim_reproduced_overall": bool,
+    "claim_statement": str,
 }
 
 
@@ -150,6 +157,9 @@ def test_quick_run_writes_the_documented_outputs(quick_run):
         "soft_tokens.csv",
         "gnn_layers.csv",
         "predictions.csv",
+        "logit_lens_compact.png",
+        "evolution_controls.png",
+        "patching.png",
     ):
         assert (out / name).stat().st_size > 0, name
     record = json.loads((out / "logit_lens.json").read_text())
@@ -166,14 +176,50 @@ def test_quick_run_writes_the_documented_outputs(quick_run):
     votes = sum(row["a_evolves_less"] for row in record["claim_evidence"]["comparison"])
     assert record["claim_reproduced"] == (votes >= 3)
     assert record["tuned_lens"]["graph"]["mean_kl_tuned_lens"] >= 0
+    _check_matched_fields(record)
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"] + split["val"] + split["test"]) == list(range(2708))
     assert set(record["lens_nodes"]) <= set(split["test"])
 
 
+def _check_matched_fields(record: dict) -> None:
+    """The matched-control fields: every variant with verdicts against every control, accuracies
+    of the projector controls, patching cells, and an overall claim consistent with the variants."""
+    variants = record["lens_variants"]
+    assert set(variants) == {f"{v}/{r}" for v in ("normed", "raw", "naive") for r in ("all_layers", "no_embedding_row")}
+    controls = set(record["controls"])
+    assert controls == {
+        "text_title",
+        "text_neutral",
+        "random_norm",
+        "mean_embedding",
+        "constant_input",
+        "no_neighbours",
+    }
+    for name, variant in variants.items():
+        assert set(variant["comparisons"]) == {"text"} | controls, name
+        assert set(variant["metrics"]) == {"graph", "text"} | controls
+        for row in variant["verdict"]:
+            assert row["verdict"] in ("less", "more", "equivalent", "inconclusive")
+            assert row["deciding"] in {"text"} | controls
+            if row["verdict"] == "less":
+                assert all(row[c] == "less" for c in {"text"} | controls)
+        n_less = sum(r["verdict"] == "less" for r in variant["verdict"])
+        assert variant["claim_reproduced"] == (n_less >= 3 and variant["metrics_more"] == 0)
+        assert variant["deciding_comparison"] in record["claim_statement"]
+    assert record["claim_reproduced_overall"] == all(
+        v["claim_reproduced"] for n, v in variants.items() if n.endswith("no_embedding_row")
+    )
+    for kind in ("constant_input", "no_neighbours"):
+        assert 0 <= record["controls"][kind]["accuracy"]["accuracy"] <= 1
+    assert {c["span"] for c in record["patching"]} >= {"graph", "text"}
+    assert set(record["seeds"]) == {"0"} and record["seeds"]["0"]["accuracy"] == record["accuracy"]
+
+
 def test_rerun_loads_from_cache_with_the_same_numbers(quick_run):
     _, first, second = quick_run
-    assert {"GNN (cached)", "projector (cached)", "evaluation (cached)"} <= set(second.stages.seconds)
+    cached = {"GNN (cached)", "projector (cached)", "evaluation (cached)", "controls, lens variants, patching (cached)"}
+    assert cached <= set(second.stages.seconds)
     assert "GNN pretraining" in first.stages.seconds
     assert second.evaluation == first.evaluation
     assert torch.equal(second.lens.top_ids, first.lens.top_ids)
@@ -181,7 +227,9 @@ def test_rerun_loads_from_cache_with_the_same_numbers(quick_run):
 
 def test_synthetic_dataset_says_so_everywhere(tmp_path, monkeypatch):
     monkeypatch.setenv("MMLENS_CACHE", str(tmp_path / "cache"))
-    config = repro.quick_config(dataset="synthetic", synthetic_nodes=120, tuned_lens_steps=0)
+    config = repro.quick_config(
+        dataset="synthetic", synthetic_nodes=120, tuned_lens_steps=0, lens_variants=("normed",), patching_nodes=1
+    )
     repro.run(config, tmp_path / "out", progress=False)
     record = json.loads((tmp_path / "out" / "logit_lens.json").read_text())
     assert record["dataset"] == "synthetic" and "SYNTHETIC" in record["note"]

@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from mmlens.core.spans import ModalitySpans
 
 Stage = Literal["encoder", "fusion", "lm"]
-SEQUENCE_KWARGS: Mapping[str, int] = {"position_ids": 1, "cache_position": 0, "position_embeddings": 1}
 STAGES: tuple[str, ...] = ("encoder", "fusion", "lm")
 BATCH_POS: tuple[str, ...] = ("batch", "pos")
 """Axes of a value laid out ``[batch, pos, ...]`` (blocks, embeddings: the default)."""
@@ -44,6 +43,34 @@ ITEMS: tuple[str, ...] = ("item",)
 """Axes of a value laid out ``[items, ...]`` with no batch axis (a GNN's ``[nodes, d]``, packed patches)."""
 BATCH: tuple[str, ...] = ("batch",)
 """Axes of a value laid out ``[batch, features]`` with no position axis (pooled logits, a flat projector output)."""
+
+
+@dataclass(frozen=True)
+class SeqArg:
+    """Where a keyword argument of an LM block call carries the sequence: its ``seq`` axis and its
+    ``batch`` axis (``None``: it has none). Negative axes count from the end, so one entry fits both
+    ``position_ids`` ``[batch, seq]`` and M-RoPE's ``[3, batch, seq]`` (``SeqArg(seq=-1, batch=-2)``).
+    A tuple of tensors (``position_embeddings = (cos, sin)``) is cut element by element."""
+
+    seq: int
+    batch: int | None = 0
+
+
+SEQUENCE_KWARGS: Mapping[str, SeqArg] = {
+    "position_ids": SeqArg(seq=1),
+    "cache_position": SeqArg(seq=0, batch=None),
+    "position_embeddings": SeqArg(seq=1),
+}
+MROPE_SEQUENCE_KWARGS: Mapping[str, SeqArg] = {
+    "position_ids": SeqArg(seq=-1, batch=-2),
+    "cache_position": SeqArg(seq=0, batch=None),
+    "position_embeddings": SeqArg(seq=-2, batch=-3),
+}
+"""Sequence arguments of blocks with multimodal RoPE (Qwen2-VL): positions ``[3, batch, seq]`` or
+``[batch, seq]``, cos/sin ``[3, batch, seq, d_head]`` or ``[batch, seq, d_head]``."""
+
+RowSizes = Callable[[Mapping[str, Any]], list[int]]
+"""``inputs -> sizes``: how many entries along the leading axis of a packed input belong to each row."""
 
 
 @dataclass(frozen=True)
@@ -61,20 +88,46 @@ class Site:
 class BlockLayout:
     """Module names inside one residual block, relative to the block.
 
-    The block must compute ``mid = x + attn(...)`` and ``out = mid + mlp(norm_mid(mid))``; the
-    input of ``norm_mid`` is then the mid residual stream, and the input of ``attn_out_proj`` the
-    per-head outputs concatenated along the last axis.
+    The block must compute ``mid = x + A`` and ``out = mid + M`` with ``A = post_attn_norm(attn(...))``
+    and ``M = post_mlp_norm(mlp(norm_mid(mid)))``, where a post-norm left ``None`` is the identity
+    (Llama: ``A = attn(...)``; Gemma 2/3 norm each branch before adding it). ``attn_out`` is then
+    ``A`` (the output of ``post_attn_norm``, else of ``attn``), ``mlp_out`` is ``M``, the input of
+    ``norm_mid`` is the mid residual stream, and the input of ``attn_out_proj`` the per-head outputs
+    concatenated along the last axis.
     """
 
     attn: str = "self_attn"
     attn_out_proj: str = "self_attn.o_proj"
     mlp: str = "mlp"
     norm_mid: str = "post_attention_layernorm"
+    post_attn_norm: str | None = None
+    post_mlp_norm: str | None = None
+
+    @property
+    def attn_branch(self) -> str:
+        """The module whose output is added to the residual after attention."""
+        return self.post_attn_norm or self.attn
+
+    @property
+    def mlp_branch(self) -> str:
+        """The module whose output is added to the residual after the MLP."""
+        return self.post_mlp_norm or self.mlp
 
 
 LLAMA_BLOCK = BlockLayout()
+GEMMA_BLOCK = BlockLayout(
+    norm_mid="pre_feedforward_layernorm",
+    post_attn_norm="post_attention_layernorm",
+    post_mlp_norm="post_feedforward_layernorm",
+)
 GPT2_BLOCK = BlockLayout(attn="attn", attn_out_proj="attn.c_proj", mlp="mlp", norm_mid="ln_2")
 CLIP_BLOCK = BlockLayout(attn="self_attn", attn_out_proj="self_attn.out_proj", mlp="mlp", norm_mid="layer_norm2")
+WHISPER_BLOCK = BlockLayout(
+    attn="self_attn", attn_out_proj="self_attn.out_proj", mlp="fc2", norm_mid="final_layer_norm"
+)
+"""Whisper-style encoder layers (Qwen2-Audio, Voxtral, Qwen2.5-Omni's audio tower): pre-norm
+``self_attn_layer_norm`` / ``final_layer_norm``, and an MLP ``fc1 -> act -> fc2`` that is no module of
+its own, so ``mlp_out`` is the output of ``fc2``."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +173,9 @@ class HookPoint:
 
     ``fused_positions`` is True when axis 1 indexes the fused sequence, so modality spans apply.
     ``heads`` is the head count for per-head points (the value is viewed as [.., head, d_head]).
-    ``block``/``mlp`` are set for ``resid_mid``, whose write must also reach the block output.
+    ``block``/``mlp`` are set for ``resid_mid``, whose write must also reach the block output;
+    ``attn`` for ``attn_out``: the attention module itself (whose output may be normed before it is
+    added, so it can differ from ``site.module``).
     ``axes`` names the value's leading axes that selectors index (:data:`BATCH_POS`, :data:`ITEMS`
     or :data:`BATCH`); a per-head value has its head axis right after them.
     """
@@ -136,6 +191,7 @@ class HookPoint:
     heads: int | None = None
     block: str | None = None
     mlp: str | None = None
+    attn: str | None = None
     axes: tuple[str, ...] = BATCH_POS
 
     @property
@@ -145,6 +201,16 @@ class HookPoint:
 
 
 SpanFinder = Callable[[nn.Module, Mapping[str, torch.Tensor]], ModalitySpans]
+IndexBound = Callable[[nn.Module, Mapping[str, Any]], "int | None"]
+"""``(model, inputs) -> n``: an index input must lie in ``[0, n)`` (None: no bound known)."""
+
+
+def vocabulary_size(model: nn.Module, inputs: Mapping[str, Any]) -> int | None:
+    """Rows of ``model``'s input embedding table (transformers' ``get_input_embeddings``), if it has one."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
 NeutralInput = Callable[[nn.Module, dict, ModalitySpans], dict]
 Perturbation = Callable[..., Callable[[int], tuple[dict, str]]]
 """``(hooked, inputs, spans, scale, generator) -> draw`` with ``draw(i) -> (perturbed inputs, description)``;
@@ -176,10 +242,17 @@ class Adapter:
             selection and repetition pass them through unchanged.
         modality_inputs: modality -> the input keys that carry it (what a perturbation or a neutral
             reference of that modality changes).
-        sequence_kwargs: keyword arguments of an LM block call that carry the sequence axis, and on
-            which dimension (replay cuts them to the replayed positions).
+        packed_inputs: input key -> ``inputs -> sizes``: keys whose leading axis packs the items of
+            every row one after another (Qwen2-VL's patches ``[n_patches, C*T*P*P]`` with
+            ``image_grid_thw [n_images, 3]``), with how many entries belong to each row; row
+            selection and repetition cut and tile them by these sizes.
+        sequence_kwargs: keyword arguments of an LM block call that carry the sequence axis: name ->
+            :class:`SeqArg` (its sequence and batch axes; a plain int ``n`` is ``SeqArg(n)``, or
+            ``SeqArg(0, None)`` for ``0``). Replay cuts them to the replayed positions.
         causal: whether every position of the fused sequence attends only to earlier positions in
-            every LM block; replay with reuse of earlier positions' keys/values is exact only then.
+            every LM block; replay with reuse of earlier positions' keys/values (and any other fast
+            path that assumes it) is exact only then. A callable ``inputs -> bool`` when it depends
+            on the inputs (Gemma3: image tokens attend to each other both ways); see :meth:`is_causal`.
         token_ids: the input key of the token ids, ``[batch, seq]`` aligned with the fused sequence
             (placeholders at soft positions) or ``[batch, n]`` covering only its text and padding
             positions, in order (soft tokens concatenated around the text); ``None``: no token
@@ -188,6 +261,13 @@ class Adapter:
             (which input key it changes, with which primitive and layout; built with
             :func:`mmlens.metrics.perturb.image_perturbations` and its siblings); every modality
             here must be in ``modality_inputs``.
+        index_inputs: input keys that hold indices into a table -> ``(model, inputs) -> size`` of
+            that table (token ids < the vocabulary; node ids < the node count); checked before a run.
+        input_ranges: input keys -> the ``(low, high)`` interval their (floating) values lie in when
+            the processor made them (normalised pixels): raw 0-255 pixels are refused.
+        probe: ``model -> inputs``: a tiny valid input (every modality present) for the wrap-time
+            self-check (:mod:`mmlens.core.selfcheck`); default: the model's ``dummy_inputs`` (a
+            Hugging Face model's small text batch), else no check.
     """
 
     name: str
@@ -202,30 +282,86 @@ class Adapter:
     readout: str = "last"
     shared_inputs: tuple[str, ...] = ()
     modality_inputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    sequence_kwargs: Mapping[str, int] = field(default_factory=lambda: dict(SEQUENCE_KWARGS))
-    causal: bool = True
+    packed_inputs: Mapping[str, RowSizes] = field(default_factory=dict)
+    sequence_kwargs: Mapping[str, SeqArg | int] = field(default_factory=lambda: dict(SEQUENCE_KWARGS))
+    causal: bool | Callable[[Mapping[str, Any]], bool] = True
     perturbations: Mapping[str, Mapping[str, Perturbation]] = field(default_factory=dict)
+    index_inputs: Mapping[str, IndexBound] = field(default_factory=lambda: {"input_ids": vocabulary_size})
+    input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     token_ids: str | None = "input_ids"
+    probe: Callable[[nn.Module], dict] | None = None
+
+    def probe_inputs(self, model: nn.Module) -> dict | None:
+        """The self-check's input for ``model``: ``probe(model)``, else the first row of the model's
+        ``dummy_inputs`` (a Hugging Face model's text batch, ``[1, 5]``), else None (nothing to check on)."""
+        if self.probe is not None:
+            return self.probe(model)
+        dummy = getattr(model, "dummy_inputs", None)
+        if not isinstance(dummy, Mapping) or not dummy:
+            return None
+        return {k: v[:1] if isinstance(v, Tensor) and v.dim() > 1 else v for k, v in dummy.items()}
 
     def select_rows(self, inputs: Mapping[str, Any], rows: int | slice | Tensor | list[int]) -> dict[str, Any]:
         """The inputs of some rows of a batch: batched tensors indexed on their first axis (an int
-        keeps the axis: row ``i`` is a batch of one), shared inputs and non-tensors unchanged."""
+        keeps the axis: row ``i`` is a batch of one), packed inputs cut to those rows' entries,
+        shared inputs and non-tensors unchanged."""
         index = slice(rows, rows + 1) if isinstance(rows, int) else rows
-        return {k: v[index] if self._batched(k, v) else v for k, v in inputs.items()}
+        out = {k: v[index] if self._batched(k, v) else v for k, v in inputs.items()}
+        for key, sizes in self._row_sizes(inputs).items():
+            value = inputs[key]
+            starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+            picked = torch.arange(len(sizes))[index].reshape(-1).tolist()
+            pieces = [value[starts[r] : starts[r + 1]] for r in picked]
+            out[key] = torch.cat(pieces) if pieces else value[:0]
+        return out
 
     def repeat_rows(self, inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
-        """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; copies, not expanded
-        views: some models ``view`` their inputs, e.g. SmolVLM its images)."""
+        """Inputs of batch 1 repeated to batch ``n`` (shared inputs unchanged; a packed input, all of it
+        row 0's, is tiled ``n`` times; copies, not expanded views: some models ``view`` their inputs,
+        e.g. SmolVLM its images)."""
         out = {}
         for k, v in inputs.items():
-            if self._batched(k, v):
+            if (k in self.packed_inputs and isinstance(v, Tensor)) or self._batched(k, v):
                 out[k] = v.repeat(n, *([1] * (v.dim() - 1)))
             else:
                 out[k] = v
         return out
 
     def _batched(self, key: str, value: Any) -> bool:
-        return isinstance(value, Tensor) and value.dim() > 0 and key not in self.shared_inputs
+        return (
+            isinstance(value, Tensor)
+            and value.dim() > 0
+            and key not in self.shared_inputs
+            and key not in self.packed_inputs
+        )
+
+    def _row_sizes(self, inputs: Mapping[str, Any]) -> dict[str, list[int]]:
+        """Each present packed input's per-row sizes, checked to cover its leading axis."""
+        out = {}
+        for key, sizes_of in self.packed_inputs.items():
+            value = inputs.get(key)
+            if not isinstance(value, Tensor):
+                continue
+            sizes = [int(s) for s in sizes_of(inputs)]
+            if sum(sizes) != value.shape[0]:
+                raise ValueError(
+                    f"adapter {self.name!r}: packed input {key!r} has {value.shape[0]} entries but its rows "
+                    f"account for {sizes} (sum {sum(sizes)}); make the placeholders in the inputs match the "
+                    "packed items (as the model's processor lays them out)"
+                )
+            out[key] = sizes
+        return out
+
+    def is_causal(self, inputs: Mapping[str, Any]) -> bool:
+        """Whether the LM attends causally on these inputs (``causal``, called on them if callable)."""
+        return bool(self.causal(inputs)) if callable(self.causal) else bool(self.causal)
+
+    def sequence_arg(self, name: str) -> SeqArg | None:
+        """The :class:`SeqArg` of block keyword argument ``name`` (None: it carries no sequence)."""
+        axis = self.sequence_kwargs.get(name)
+        if axis is None or isinstance(axis, SeqArg):
+            return axis
+        return SeqArg(seq=axis, batch=0 if axis != 0 else None)
 
     def position_token_ids(self, inputs: Mapping[str, Any], spans: ModalitySpans) -> Tensor:
         """Long[b, seq]: the token id at each text or padding position of the fused sequence, ``-1``
@@ -308,6 +444,7 @@ class Adapter:
                     site=replace(hp.site, module=_join(child_path, hp.site.module)),
                     block=hp.block and _join(child_path, hp.block),
                     mlp=hp.mlp and _join(child_path, hp.mlp),
+                    attn=hp.attn and _join(child_path, hp.attn),
                 )
         for stack in self.stacks:
             blocks = get_module(model, stack.blocks, self.name)
@@ -347,17 +484,43 @@ def register_adapter(adapter: Adapter) -> Adapter:
     return adapter
 
 
+AutoBuilder = Callable[[nn.Module], "Adapter"]
+"""``model -> Adapter`` derived from the model itself; raises :class:`AutoAdapterError` naming a fact
+it cannot find."""
+
+AUTO_BUILDERS: list[AutoBuilder] = []
+"""Builders :func:`find_adapter` tries when no table matches (``mmlens.hooks`` registers
+:func:`mmlens.hooks.auto.auto_adapter`)."""
+
+
+class AutoAdapterError(LookupError):
+    """An automatic adapter cannot be derived: ``fact`` is what could not be found."""
+
+    def __init__(self, message: str, fact: str):
+        super().__init__(message)
+        self.fact = fact
+
+
 def find_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model``'s class; raises with how to write one when there is none."""
+    """The adapter for ``model``'s class: a registered table (an explicit table always wins), else one
+    derived by an automatic builder (named ``auto:<Class>``); raises with how to write one when
+    neither works."""
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
+    reasons = []
+    for build in AUTO_BUILDERS:
+        try:
+            return build(model)
+        except AutoAdapterError as err:
+            reasons.append(str(err))
     known = sorted({a for ad in ADAPTERS for a in ad.architectures})
+    why = "".join(f"\nNo automatic adapter either: {r}" for r in reasons)
     raise LookupError(
         f"no mmlens adapter for {type(model).__name__}. Supported classes: {known}. To add one, write a table "
         "mmlens.Adapter(name=..., architectures=('YourClass',), stacks=(...), points=(...), spans=...) and call "
         "mmlens.register_adapter(...) (docs/adding-an-architecture.md); list module paths with "
-        "[n for n, _ in model.named_modules()]"
+        f"[n for n, _ in model.named_modules()]{why}"
     )
 
 
@@ -393,16 +556,22 @@ def _block_points(stack: Stack, i: int, heads: int | None) -> list[HookPoint]:
     lay = stack.layout
     out = [
         HookPoint(name=f"{name}.resid_pre", site=Site(block, "input", 0, "hidden_states"), kind="resid_pre", **common),
-        HookPoint(name=f"{name}.attn_out", site=Site(f"{block}.{lay.attn}"), kind="attn_out", **common),
+        HookPoint(
+            name=f"{name}.attn_out",
+            site=Site(f"{block}.{lay.attn_branch}"),
+            kind="attn_out",
+            attn=f"{block}.{lay.attn}",
+            **common,
+        ),
         HookPoint(
             name=f"{name}.resid_mid",
             site=Site(f"{block}.{lay.norm_mid}", "input", 0, "hidden_states"),
             kind="resid_mid",
             block=block,
-            mlp=f"{block}.{lay.mlp}",
+            mlp=f"{block}.{lay.mlp_branch}",
             **common,
         ),
-        HookPoint(name=f"{name}.mlp_out", site=Site(f"{block}.{lay.mlp}"), kind="mlp_out", **common),
+        HookPoint(name=f"{name}.mlp_out", site=Site(f"{block}.{lay.mlp_branch}"), kind="mlp_out", **common),
         HookPoint(name=f"{name}.resid_post", site=Site(block), kind="resid_post", **common),
     ]
     if heads is not None:

@@ -122,7 +122,10 @@ def boot_bridge(hf_model: nn.Module, tokenizer: Any = None, *, processor: Any = 
         if processor is not None:
             processor.save_pretrained(folder)
         return TransformerBridge.boot_transformers(
-            folder, hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(folder), **boot_kwargs
+            folder,
+            hf_model=hf_model,
+            tokenizer=AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
+            **boot_kwargs,
         )
 
 

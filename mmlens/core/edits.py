@@ -16,6 +16,9 @@ shape that broadcasts to the selected entries ``[n_selected, ...]`` / ``[batch, 
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,10 +57,48 @@ class Edit:
     at: Selector = None
     heads: int | list[int] | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.hook, str):
+            raise TypeError(f"an edit's hook must be a hook point name (str), got {type(self.hook).__name__}")
+        if self.op == "apply":
+            _check_edit_function(self.hook, self.value)
+        else:
+            _check_edit_value(self.hook, self.op, self.value)
+
     @property
     def where(self) -> Where:
         """The place this edit writes."""
         return Where(self.hook, self.at, self.heads)
+
+
+def _check_edit_value(hook: str, op: str, value: Any) -> None:
+    """A replace/add value is a tensor or a real number, with finite entries."""
+    if isinstance(value, bool) or not isinstance(value, (Tensor, numbers.Real)):
+        raise TypeError(
+            f"mmlens.{op}({hook!r}, ...) takes a tensor or a number as its value, got {type(value).__name__} "
+            f"{value!r:.40}; to zero the point use mmlens.ablate({hook!r}), for other edits mmlens.apply"
+        )
+    if isinstance(value, Tensor):
+        finite = bool(torch.isfinite(value).all()) if value.is_floating_point() else True
+    else:
+        finite = math.isfinite(float(value))
+    if not finite:
+        raise ValueError(f"mmlens.{op}({hook!r}, ...) got a value with NaN or Inf entries; edits must be finite")
+
+
+def _check_edit_function(hook: str, fn: Any) -> None:
+    """An apply function takes ``(activation, ctx)``."""
+    if not callable(fn):
+        raise TypeError(f"mmlens.apply({hook!r}, fn) needs a function fn(activation, ctx), got {type(fn).__name__}")
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        raise TypeError(
+            f"mmlens.apply({hook!r}, fn): fn must accept two arguments (activation, ctx) - the tensor at the point "
+            "and a HookContext with .hook and .spans - and return the new tensor; write e.g. lambda act, ctx: act * 2"
+        ) from None
+    except ValueError:
+        return  # a builtin without a signature: trust it
 
 
 def replace(hook: str, value: Tensor | float, at: Selector = None, heads: int | list[int] | None = None) -> Edit:

@@ -5,7 +5,8 @@ One engine for every job that reuses part of a forward pass:
 - :class:`BlockReplay` re-runs the LM's blocks ``l..L-1`` from a recorded run's residual stream at
   block ``l``, with the call arguments each block received in that run: a patch at block ``l``
   cannot change earlier blocks, nor any encoder or projector before the LM. When the adapter says
-  the LM's attention is causal (``Adapter.causal``) and the blocks take a key/value cache, it
+  the LM's attention is causal on the recorded inputs (``Adapter.is_causal``) and the blocks take a
+  key/value cache, it
   re-runs only positions ``p0..`` (a patch at ``p0`` cannot change earlier positions) and attends
   to the recorded keys and values of the earlier ones. Only the readout position is normalised and
   unembedded (:class:`mmlens.core.unembed.Unembed`). Patching sweeps, the explainers' masked
@@ -29,13 +30,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmlens.core.adapter import HookPoint, get_module
+from mmlens.core.adapter import HookPoint, SeqArg, get_module
 from mmlens.core.edits import Edit
 from mmlens.core.unembed import Unembed
 from mmlens.core.wrapper import HookedModel, RunResult
 
 KINDS: frozenset[str] = frozenset({"resid_pre", "attn_out", "z", "resid_mid", "mlp_out", "resid_post"})
 """Kinds of block points a :class:`BlockReplay` can patch."""
+
+NOT_CAUSAL: str = "no kv reuse: the adapter says the LM is not causal on these inputs"
+"""Why a replay re-ran every position, as its ``method`` says."""
 
 KV_KWARGS: tuple[str, ...] = ("cache", "past_key_values")
 """Names of a key/value-cache argument: ``past_key_values``, renamed ``cache`` in transformers 5.24."""
@@ -117,12 +121,15 @@ class BlockReplay:
         self.modules = [get_module(hooked.model, hp.site.module) for hp in blocks]
         self.hidden = [hp.site.kwarg or "hidden_states" for hp in blocks]
         self.reader = Unembed(hooked)
-        self.sequence_kwargs = dict(hooked.adapter.sequence_kwargs)
+        self.sequence_kwargs: dict[str, SeqArg] = {
+            name: arg for name in hooked.adapter.sequence_kwargs if (arg := hooked.adapter.sequence_arg(name))
+        }
         self.calls: list[dict[str, Any]] = []
         self.recorder = _KVRecorder()
         self.kv_kwarg: str | None = None
         self.usable = True
         self.reuse_kv = False
+        self.not_causal = False
         self.last = -1
         self.final: Tensor | None = None
 
@@ -149,8 +156,11 @@ class BlockReplay:
 
     @property
     def method(self) -> str:
-        """``"replay + kv"`` or ``"replay"``: how the replayed runs are computed."""
-        return "replay + kv" if self.reuse_kv else "replay"
+        """How the replayed runs are computed: ``"replay + kv"``, ``"replay"``, or, when the adapter
+        says the LM is not causal on the recorded inputs, ``"replay (no kv reuse: ...)"``."""
+        if self.reuse_kv:
+            return "replay + kv"
+        return f"replay ({NOT_CAUSAL})" if self.not_causal else "replay"
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
@@ -186,9 +196,12 @@ class BlockReplay:
     def ready(self, run: RunResult, inputs: Mapping[str, Any]) -> bool:
         """Whether the recorded run (one row, cached at :attr:`final_point`) can be replayed: every
         block was recorded, and normalising and unembedding the final block's output at the readout
-        position gives the run's readout logits (not so for heads that pool positions)."""
+        position gives the run's readout logits (not so for heads that pool positions). Keys and
+        values are reused only if the adapter says the LM is causal on ``inputs``."""
         if not (self.usable and run.spans is not None and run.spans.batch_size == 1 and self.final_point in run.cache):
             return False
+        if self.reuse_kv and not self.hooked.adapter.is_causal(inputs):
+            self.reuse_kv, self.not_causal = False, True
         self.final = run.cache[self.final_point]
         self.last = int(run.spans.mask("last")[0].nonzero().max())
         with torch.no_grad():
@@ -202,7 +215,8 @@ class BlockReplay:
         """Keys/values can be reused when the adapter says the LM is causal (and no attention module
         says otherwise), every block recorded them once, and every sequence-long call argument is one
         the adapter says how to cut (``Adapter.sequence_kwargs``)."""
-        if not self.hooked.adapter.causal or len(self.recorder.entries) != self.n_blocks:
+        self.not_causal = self.hooked.adapter.causal is False
+        if self.not_causal or len(self.recorder.entries) != self.n_blocks:
             return False
         if any(getattr(m, "is_causal", None) is False for block in self.modules for m in block.modules()):
             return False
@@ -247,13 +261,13 @@ class BlockReplay:
         out = {k: v for k, v in call.items() if k != self.hidden[layer]}
         if self.reuse_kv:
             hidden = call[self.hidden[layer]]
-            for name, axis in self.sequence_kwargs.items():
+            for name, arg in self.sequence_kwargs.items():
                 if call.get(name) is not None:
-                    out[name] = _cut(call[name], axis, start)
+                    out[name] = _cut(call[name], arg.seq, start)
             out["attention_mask"] = _cut_mask(call.get("attention_mask"), hidden, start)
             out[self.kv_kwarg] = _PrefixKV(self.recorder.entries, layer, start, n)
-        unbatched = {name for name, axis in self.sequence_kwargs.items() if axis == 0}
-        return _expand(out, n, unbatched)
+        batch_axes = {name: arg.batch for name, arg in self.sequence_kwargs.items()}
+        return _expand(out, n, batch_axes)
 
 
 def _named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
@@ -288,9 +302,10 @@ def _cut_mask(mask: Tensor | None, hidden: Tensor, start: int) -> Tensor | None:
 
 
 def _cut(value: Any, axis: int, start: int) -> Any:
-    """``value`` (a tensor or a tuple of them) from index ``start`` on along ``axis``."""
-    if isinstance(value, tuple):
-        return tuple(_cut(v, axis, start) for v in value)
+    """``value`` (a tensor or a tuple/list of them) from index ``start`` on along ``axis`` (negative:
+    from the end)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cut(v, axis, start) for v in value)
     return value.narrow(axis, start, value.shape[axis] - start)
 
 
@@ -300,17 +315,30 @@ def _has_seq_axis(value: Any, seq: int) -> bool:
     return isinstance(value, Tensor) and seq > 1 and seq in value.shape[1:]
 
 
-def _expand(kwargs: dict, n: int, unbatched: set[str]) -> dict:
-    """Batch-1 call arguments expanded to batch ``n`` (those in ``unbatched`` have no batch axis)."""
+def _expand(kwargs: dict, n: int, batch_axes: Mapping[str, int | None]) -> dict:
+    """Batch-1 call arguments (tensors, or tuples of them) expanded to batch ``n`` on their batch axis
+    (``batch_axes[name]``, default 0; ``None``: no batch axis)."""
     out = {}
     for k, v in kwargs.items():
-        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == 1 and k not in unbatched:
-            out[k] = v.expand(n, *v.shape[1:])
+        axis = batch_axes.get(k, 0)
+        if axis is None:
+            out[k] = v
+        elif isinstance(v, Tensor):
+            out[k] = _expand_axis(v, axis, n)
         elif isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
-            out[k] = tuple(t.expand(n, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == 1 else t for t in v)
+            out[k] = tuple(_expand_axis(t, axis, n) for t in v)
         else:
             out[k] = v
     return out
+
+
+def _expand_axis(value: Tensor, axis: int, n: int) -> Tensor:
+    """``value`` expanded (a view) from size 1 to ``n`` along ``axis``; unchanged when that is not 1."""
+    if value.dim() == 0 or not -value.dim() <= axis < value.dim() or value.shape[axis] != 1:
+        return value
+    shape = list(value.shape)
+    shape[axis] = n
+    return value.expand(*shape)
 
 
 def _first(output: Any) -> Tensor:
@@ -337,9 +365,14 @@ class FrozenEncoders:
 
     @staticmethod
     def supports(hooked: HookedModel, points: Sequence[HookPoint]) -> bool:
-        """Whether ``hooked`` has encoders and none of ``points`` (the edited points) lies inside one."""
-        return any(hp.stage == "encoder" for hp in hooked.hook_points.values()) and all(
-            hp.stage != "encoder" for hp in points
+        """Whether ``hooked`` has encoders, none packing every row's items into one sequence (axes
+        ``("pack", "item")``: a recorded row cannot be tiled), and none of ``points`` (the edited
+        points) lies inside one."""
+        encoders = [hp for hp in hooked.hook_points.values() if hp.stage == "encoder"]
+        return (
+            bool(encoders)
+            and all("pack" not in hp.axes for hp in encoders)
+            and all(hp.stage != "encoder" for hp in points)
         )
 
     @contextlib.contextmanager

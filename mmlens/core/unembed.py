@@ -38,6 +38,11 @@ class Unembed:
         """Whether ``hooked``'s adapter names the final norm and the unembedding."""
         return all(n in hooked.hook_points for n in POINTS)
 
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the output head (``out_features`` of a linear head), when it says."""
+        return getattr(self.unembed, "out_features", None)
+
     def __call__(self, h: Tensor) -> Tensor:
         return self.unembed(self.norm(h))
 

@@ -22,8 +22,10 @@ from mmlens.core.adapter import Adapter, HookPoint, find_adapter
 from mmlens.core.backends import run_with_nnsight, unwrap_bridge
 from mmlens.core.cache import ActivationCache
 from mmlens.core.edits import Edit
+from mmlens.core.inputs import check_forward_kwargs, check_model_inputs
 from mmlens.core.names import from_transformer_lens_name, nearest_names, unknown_hook_error
 from mmlens.core.plan import CacheFilter, Plan, RunResult
+from mmlens.core.selfcheck import CheckReport, check_adapter
 from mmlens.core.spans import ModalitySpans
 
 
@@ -43,6 +45,10 @@ class HookedModel:
         model: a torch module with an adapter (see :func:`mmlens.core.adapter.find_adapter`).
         adapter: the adapter table; found from the model's class when omitted.
         tokenizer / processor: optional, used by :meth:`to_inputs`.
+        allow_nonfinite: accept NaN/Inf in floating inputs (by default they raise, naming the input).
+        check: the wrap-time self-check (:func:`mmlens.core.selfcheck.check_adapter`, once per model
+            class and adapter): ``True`` checks on the adapter's probe input, a dict of inputs checks on
+            those, ``False`` skips it. Its report is ``self.check_report`` (None when skipped).
     """
 
     def __init__(
@@ -53,6 +59,8 @@ class HookedModel:
         tokenizer: Any = None,
         processor: Any = None,
         name: str | None = None,
+        allow_nonfinite: bool = False,
+        check: bool | Mapping[str, Any] = True,
     ):
         model, tokenizer, processor = unwrap_bridge(model, tokenizer, processor)
         if not isinstance(model, nn.Module):
@@ -62,7 +70,12 @@ class HookedModel:
         self.tokenizer = tokenizer
         self.processor = processor
         self.name = name or type(model).__name__
+        self.allow_nonfinite = allow_nonfinite
+        self._hooking = False
         self.hook_points: dict[str, HookPoint] = self.adapter.hook_points(model)
+        self.check_report: CheckReport | None = None
+        if check is not False:
+            self.check_report = check_adapter(self, None if check is True else check)
 
     def __repr__(self) -> str:
         stages = defaultdict(int)
@@ -140,18 +153,9 @@ class HookedModel:
 
     # -- inputs ----------------------------------------------------------------------------------
     def check_inputs(self, inputs: Any) -> dict:
-        """``inputs`` as a dict on the model's device; raises when it is not a mapping or lacks a key
-        the adapter requires."""
-        if isinstance(inputs, (str, list)) or not isinstance(inputs, Mapping):
-            raise TypeError(
-                f"inputs must be a dict of tensors (what a tokenizer/processor returns), got {type(inputs).__name__}; "
-                "for text, use hm.to_inputs('your prompt')"
-            )
-        missing = [k for k in self.adapter.required_inputs if k not in inputs]
-        if missing:
-            raise KeyError(
-                f"inputs lack {missing} required by adapter {self.adapter.name!r}; got keys {sorted(inputs)}"
-            )
+        """``inputs`` as a dict on the model's device; raises for any bad input, naming the key, the
+        value and the fix (:func:`mmlens.core.inputs.check_model_inputs`)."""
+        check_model_inputs(self.model, self.adapter, inputs, allow_nonfinite=self.allow_nonfinite)
         device = self.device
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
@@ -257,15 +261,23 @@ class HookedModel:
 
         ``inputs`` (optional) gives the modality spans that position selectors refer to.
         """
+        if self._hooking:
+            raise RuntimeError(
+                f"a run of {self.name} started while another one's hooks are installed (hm.run inside a "
+                "hm.hooked(...) block, or an edit function that calls hm.run): the outer edits and recording "
+                "would apply to this forward too. Run it outside the block, or compute what the edit needs beforehand"
+            )
         cache_names, edits_by_point, must_fire = self._request(cache, edits)
         spans = self.adapter.spans(self.model, self.check_inputs(inputs)) if inputs is not None else None
         recording = Recording(spans=spans)
         store: dict[str, Tensor] = {}
         plan = Plan(self, spans, set(cache_names), edits_by_point, store, recording.fired, keep_grad)
         handles = plan.install()
+        self._hooking = True
         try:
             yield recording
         finally:
+            self._hooking = False
             for h in handles:
                 h.remove()
         never = sorted(must_fire - recording.fired)
@@ -300,6 +312,7 @@ class HookedModel:
                 points and edits inside an ``nnsight`` trace; see the README on when to use which).
         """
         inputs = self.check_inputs(inputs)
+        check_forward_kwargs(self.model, self.adapter, forward_kwargs)
         if backend == "nnsight":
             return run_with_nnsight(
                 self, inputs, cache=cache, edits=edits, grad=grad or keep_grad, keep_grad=keep_grad, **forward_kwargs

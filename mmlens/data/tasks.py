@@ -180,6 +180,25 @@ class SyntheticTask:
         ids = self.input_ids[row][self.attention_mask[row].bool()]
         return " ".join(self.vocab[i] for i in ids.tolist())
 
+    def key_positions(self, row: int) -> dict[str, Tensor | None]:
+        """The position-level truth of example ``row``: per modality, Bool[n_m] over that modality's
+        elements in the order a model places them (text: the words, padding dropped), True where
+        the label depends on the element; ``None``: every element (graph tokens, which encode the
+        target's whole neighbourhood); an empty Bool[0]: none. A modality outside ``depends_on`` has
+        no key element (a shortcut's salient but irrelevant shape is not key)."""
+        out: dict[str, Tensor | None] = {}
+        for modality in self.MODALITIES:
+            key = self.text_key[row][self.attention_mask[row].bool()] if modality == "text" else None
+            key = self.element_key(modality, row) if modality != "text" else key
+            if modality not in self.depends_on:
+                key = torch.zeros(0, dtype=torch.bool) if key is None else torch.zeros_like(key)
+            out[modality] = key
+        return out
+
+    def element_key(self, modality: str, row: int) -> Tensor | None:
+        """Bool[n_m]: the key elements of a non-text ``modality`` in ``row`` (None: all of them)."""
+        return None
+
     def attrs(self, modality: str) -> dict[str, Tensor]:
         """The generating attributes of ``modality`` (one of :attr:`MODALITIES`), each Long[n]."""
         if modality not in self.MODALITIES:
@@ -206,6 +225,10 @@ class TaskData(SyntheticTask):
     pixel_values: Tensor
     image_attrs: dict[str, Tensor]
     image_key: Tensor
+
+    def element_key(self, modality: str, row: int) -> Tensor | None:
+        """Bool[P]: the patches the shape touches (row-major, as the patch tokens are ordered)."""
+        return self.image_key[row] if modality == "image" else None
 
 
 Task = TypeVar("Task", bound=SyntheticTask)
@@ -429,6 +452,32 @@ def make_task(name: str, n: int, seed: int = 0) -> TaskData:
     return generate(TASKS, name, n, seed, "synthetic task")
 
 
+def truth_mask(keys: Mapping[str, Tensor | None], masks: Mapping[str, Tensor]) -> Tensor:
+    """Bool[seq]: the position-level truth of one example on the fused sequence. ``keys`` (from
+    :meth:`SyntheticTask.key_positions`) per modality, Bool[n_m] or None (all); ``masks`` the
+    modality spans of that example's row, Bool[seq] per modality (``spans.masks[m][row]``), whose
+    True positions hold the modality's elements in order."""
+    out: Tensor | None = None
+    for modality, key in keys.items():
+        if modality not in masks:
+            raise ValueError(f"truth names modality {modality!r}, the spans have {sorted(masks)}; check the model")
+        mask = masks[modality].bool().cpu()
+        out = torch.zeros_like(mask) if out is None else out
+        positions = mask.nonzero()[:, 0]
+        if key is None or key.numel() == 0:
+            out[positions] = key is None
+            continue
+        if len(key) != len(positions):
+            raise ValueError(
+                f"{modality} truth has {len(key)} elements, the spans {len(positions)} positions; the model "
+                "must place one token per element (patch, word) in order"
+            )
+        out[positions] = key.bool().cpu()
+    if out is None:
+        raise ValueError("keys is empty; give at least one modality's truth")
+    return out
+
+
 def bayes_accuracy(task: SyntheticTask, modality: str) -> float:
     """Accuracy of the best predictor of the label from one modality's generating attributes
     (``task.attrs(modality)``; majority label per combination of values, in-sample): what that
@@ -465,4 +514,5 @@ __all__ = [
     "synergistic",
     "text_only",
     "texts",
+    "truth_mask",
 ]

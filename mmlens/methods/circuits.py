@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -542,4 +542,120 @@ def intervene(
     return hooked.run(inputs, cache=cache, edits=edits)
 
 
-__all__ = ["ABLATIONS", "MODES", "PSEUDO_NODES", "Circuit", "Node", "circuit_edits", "components", "intervene"]
+def cell_count(hooked: HookedModel, circuit: Circuit, inputs: Mapping[str, Any]) -> int:
+    """The number of (component, position, head) cells of ``circuit``'s nodes on input row ``inputs``:
+    per node, its positions (``at``; all valid positions when None) times its heads (``heads``; all
+    of a per-head point when None, else 1)."""
+    spans = hooked.spans(inputs)
+    total = 0
+    for node in circuit.effective_nodes:
+        hp = _point(hooked, node.hook)
+        if node.at is None:
+            positions = int(spans.valid[0].sum()) if hp.fused_positions else 1
+        elif isinstance(node.at, str):
+            positions = int(spans.mask(node.at)[0].sum())
+        else:
+            positions = len(node.at)
+        heads = len(node.heads) if node.heads is not None else (hp.heads or 1)
+        total += positions * heads
+    return total
+
+
+def matched_random_circuit(
+    hooked: HookedModel, circuit: Circuit, inputs: Mapping[str, Any], generator: torch.Generator
+) -> Circuit:
+    """A random circuit matched to ``circuit`` node by node in (component, position, head) cells: each
+    node is replaced by a random hook point of the same kind and stage, ``at`` by as many random valid
+    positions (a span name is kept), ``heads`` by as many random heads; so the cell count is the
+    same (:func:`cell_count`). Nodes are drawn without repeats where the universe allows."""
+    valid = hooked.spans(inputs).valid[0].nonzero()[:, 0]
+    drawn: list[Node] = []
+    for node in circuit.effective_nodes:
+        hp = _point(hooked, node.hook)
+        pool = [
+            p for p in hooked.hook_points.values() if p.kind == hp.kind and p.stage == hp.stage and p.heads == hp.heads
+        ]
+        for _ in range(20):
+            other = pool[int(torch.randint(len(pool), (1,), generator=generator))]
+            at = node.at
+            if isinstance(node.at, tuple):
+                at = tuple(
+                    sorted(int(valid[j]) for j in torch.randperm(len(valid), generator=generator)[: len(node.at)])
+                )
+            heads = node.heads
+            if node.heads is not None:
+                heads = tuple(sorted(int(h) for h in torch.randperm(hp.heads, generator=generator)[: len(node.heads)]))
+            candidate = Node(other.name, at, heads)
+            if candidate not in drawn:
+                break
+        drawn.append(candidate)
+    return Circuit(tuple(drawn), name=f"random match of {circuit.name or 'a circuit'}")
+
+
+def edge_patch(
+    hooked: HookedModel,
+    clean: Mapping[str, Any],
+    corrupted: Mapping[str, Any] | Corruption,
+    metric: Callable[[Tensor], Tensor],
+    edges: Sequence[tuple[str, str]],
+) -> float:
+    """Path patching of a set of edges (sender hook, receiver hook): the metric on ``clean`` (batch 1)
+    when only the given sender -> receiver paths carry ``corrupted`` activations.
+
+    Per receiver r: a clean run with r's senders at their corrupted values and every other
+    ``attn_out``/``mlp_out`` except r held at its clean value records r's value; the final clean
+    run sets every receiver to its recorded value. Sender ``lm.blocks.0.resid_pre`` is the input
+    embeddings; receiver ``lm.final_norm`` is the read-out. No edges: the clean metric."""
+    corruption = corrupted if isinstance(corrupted, Corruption) else Corruption(dict(corrupted), [], "given")
+    senders = {r: [s for s, rr in edges if rr == r] for r in dict.fromkeys(rr for _, rr in edges)}
+    hooks = list(dict.fromkeys(h for edge in edges for h in edge))
+    for h in hooks:
+        _point(hooked, h)
+    frozen = [n for n, hp in hooked.hook_points.items() if hp.kind in ("attn_out", "mlp_out")]
+    clean_run = hooked.run(clean, cache=list(dict.fromkeys(frozen + hooks)))
+    corrupt_run = hooked.run(corruption.inputs, cache=hooks, edits=corruption.edits)
+    final = []
+    for receiver, sources in senders.items():
+        edits = [replace(n, clean_run.cache[n]) for n in frozen if n not in sources and n != receiver]
+        edits += [replace(s, corrupt_run.cache[s]) for s in sources]
+        step = hooked.run(clean, cache=[receiver], edits=edits)
+        final.append(replace(receiver, step.cache[receiver]))
+    patched = hooked.run(clean, edits=final)
+    return float(metric(hooked.readout_logits(patched.logits, clean))[0])
+
+
+def random_edges(
+    hooked: HookedModel, edges: Sequence[tuple[str, str]], generator: torch.Generator
+) -> tuple[tuple[str, str], ...]:
+    """As many random (sender, receiver) edges as ``edges``, each from a hook point of the same kind as
+    its counterpart's sender to one of the same kind as its receiver, the sender earlier in the flow."""
+    order = {name: i for i, name in enumerate(hooked.hook_points)}
+    out: list[tuple[str, str]] = []
+    for sender, receiver in edges:
+        kinds = (_point(hooked, sender).kind, _point(hooked, receiver).kind)
+        pool = [
+            (s, r)
+            for s in hooked.hook_points
+            if hooked.hook_points[s].kind == kinds[0]
+            for r in hooked.hook_points
+            if hooked.hook_points[r].kind == kinds[1] and order[s] < order[r] and (s, r) not in out
+        ]
+        if pool:
+            out.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+    return tuple(out)
+
+
+__all__ = [
+    "ABLATIONS",
+    "MODES",
+    "PSEUDO_NODES",
+    "Circuit",
+    "Node",
+    "cell_count",
+    "circuit_edits",
+    "components",
+    "edge_patch",
+    "intervene",
+    "matched_random_circuit",
+    "random_edges",
+]

@@ -13,11 +13,15 @@ over inputs with percentile-bootstrap confidence intervals (inputs are the resam
   layer's, averaged over positions. Lower = the final answer appears earlier.
 
 By default each row's first real position is left out: it is an attention sink (BOS or the first
-template token) whose residual behaves unlike any other.
+template token) whose residual behaves unlike any other. ``layers=`` restricts every metric to a
+contiguous run of layer rows, e.g. ``result.layers[1:]`` to leave out the embedding row (whose
+decoding is the input token itself and dominates KL and cosine): transitions, KL and first
+appearance then count only those rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -108,6 +112,7 @@ def evolution(
     modalities: list[str] | None = None,
     *,
     exclude_first: bool = True,
+    layers: Sequence[int | str] | None = None,
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
@@ -118,10 +123,14 @@ def evolution(
         result: a logit- or tuned-lens result over a batch of inputs.
         modalities: spans to measure (default: all in the inputs).
         exclude_first: leave out each row's first real position (the attention sink).
+        layers: the layer rows to measure, as labels (``"embed"``, ``"0"``, ...) or row indices,
+            a contiguous run of at least two (default all); ``result.layers[1:]`` drops the
+            embedding row. KL stays relative to the result's final layer.
         n_boot, ci, seed: percentile-bootstrap settings.
     """
     modalities = modalities or result.spans.modalities
-    per_input, per_layer = _per_input_and_layer(result, modalities, exclude_first)
+    rows = layer_rows(result.layers, layers)
+    per_input, per_layer = _per_input_and_layer(result, modalities, exclude_first, rows)
     return Evolution(
         layers=list(result.layers),
         per_input=per_input,
@@ -134,27 +143,50 @@ def evolution(
     )
 
 
-def _layer_values(result: LensResult) -> tuple[dict[str, tuple[Tensor, int]], Tensor]:
-    """The per-layer metrics, each as (values Float[layer', b, pos], the layer row of its first entry), and
-    Float[b, pos]: the earliest layer row whose top-1 equals the final layer's."""
-    top1 = result.top_ids[..., 0]
+def layer_rows(labels: Sequence[str], layers: Sequence[int | str] | None) -> list[int]:
+    """Row indices of ``layers`` (labels or indices into ``labels``), checked to be a contiguous
+    increasing run of at least two rows; all rows when ``layers`` is None."""
+    if layers is None:
+        return list(range(len(labels)))
+    rows = []
+    for layer in layers:
+        if isinstance(layer, str):
+            if layer not in labels:
+                raise ValueError(f"layers: {layer!r} is not a layer label; the labels are {list(labels)}")
+            rows.append(list(labels).index(layer))
+        else:
+            rows.append(int(layer) % len(labels))
+    if len(rows) < 2 or rows != list(range(rows[0], rows[0] + len(rows))):
+        raise ValueError(
+            f"layers must be a contiguous increasing run of at least two layer rows, got {list(layers)}; "
+            "pass e.g. result.layers[1:] to drop the embedding row"
+        )
+    return rows
+
+
+def _layer_values(result: LensResult, rows: list[int]) -> tuple[dict[str, tuple[Tensor, list[int]]], Tensor]:
+    """The per-layer metrics over layer ``rows``, each as (values Float[layer', b, pos], the layer row
+    of each entry), and Float[b, pos]: the earliest of ``rows`` whose top-1 equals the final layer's."""
+    final = len(result.layers) - 1
+    top1 = result.top_ids[rows, ..., 0]
     changed = (top1[1:] != top1[:-1]).float()
-    is_final = top1 == top1[-1:]
-    layer_index = torch.arange(top1.shape[0])[:, None, None].expand_as(top1)
-    first_final = torch.where(is_final, layer_index, top1.shape[0]).amin(0).float()
+    is_final = top1 == result.top_ids[final, ..., 0][None]
+    layer_index = torch.tensor(rows)[:, None, None].expand_as(top1)
+    first_final = torch.where(is_final, layer_index, final + 1).amin(0).float()
+    non_final = [r for r in rows if r != final]
     per_layer_values = {
-        "top1_change": (changed, 1),
-        "kl_to_final": (result.kl_to_final[:-1], 0),
-        "cosine_to_previous": (result.cosine_to_previous[1:], 1),
+        "top1_change": (changed, rows[1:]),
+        "kl_to_final": (result.kl_to_final[non_final], non_final),
+        "cosine_to_previous": (result.cosine_to_previous[rows[1:]], rows[1:]),
     }
     return per_layer_values, first_final
 
 
 def _per_input_and_layer(
-    result: LensResult, modalities: list[str], exclude_first: bool
+    result: LensResult, modalities: list[str], exclude_first: bool, rows: list[int]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``per_input`` and ``per_layer`` tables of an :class:`Evolution`."""
-    per_layer_values, first_final = _layer_values(result)
+    """The ``per_input`` and ``per_layer`` tables of an :class:`Evolution` over layer ``rows``."""
+    per_layer_values, first_final = _layer_values(result, rows)
     per_input, per_layer = [], []
     for m in modalities:
         if m not in result.spans.masks:
@@ -164,12 +196,12 @@ def _per_input_and_layer(
             where = mask[row]
             if not where.any():
                 continue
-            for metric, (values, offset) in per_layer_values.items():
+            for metric, (values, index) in per_layer_values.items():
                 by_layer = values[:, row, where].mean(-1)
                 per_input.append({"input": row, "modality": m, "metric": metric, "value": float(by_layer.mean())})
                 per_layer.extend(
-                    {"input": row, "modality": m, "metric": metric, "layer": i + offset, "value": float(v)}
-                    for i, v in enumerate(by_layer.tolist())
+                    {"input": row, "modality": m, "metric": metric, "layer": i, "value": float(v)}
+                    for i, v in zip(index, by_layer.tolist())
                 )
             per_input.append(
                 {

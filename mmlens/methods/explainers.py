@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,10 +53,36 @@ def predicted_prob(hooked: HookedModel, inputs: Mapping[str, Any]) -> Metric:
 
 def _prob_of_prediction(logits: Tensor) -> Metric:
     """:func:`predicted_prob` from one row's final logits Float[1, vocab]."""
+    return prediction_metric(logits, "prob")
+
+
+PREDICTION_METRICS = ("prob", "logprob", "logodds", "logit_diff")
+"""What :func:`prediction_metric` can measure of the input's predicted token."""
+
+
+def prediction_metric(logits: Tensor, kind: str = "prob") -> Metric:
+    """A metric of the predicted token of one row's final logits Float[1, vocab]: ``"prob"`` (its
+    probability; saturates near 0 and 1), ``"logprob"`` (its log-probability, nats), ``"logodds"``
+    (log p - log(1 - p), from the logits without rounding) or ``"logit_diff"`` (its logit minus the
+    largest other logit); the last two do not saturate."""
     if logits.shape[0] != 1:
         raise ValueError(f"predicted_prob takes one input row, got {logits.shape[0]}")
+    if kind not in PREDICTION_METRICS:
+        raise ValueError(f"metric must be one of {PREDICTION_METRICS}, got {kind!r}")
     target = int(logits[0].argmax())
-    return lambda out: out.float().softmax(-1)[:, target]
+    if kind == "prob":
+        return lambda out: out.float().softmax(-1)[:, target]
+    if kind == "logprob":
+        return lambda out: out.float().log_softmax(-1)[:, target]
+    if kind == "logodds":
+        return lambda out: out.float()[:, target] - _others(out.float(), target).logsumexp(1)
+
+    return lambda out: out.float()[:, target] - _others(out.float(), target).max(1).values
+
+
+def _others(logits: Tensor, target: int) -> Tensor:
+    """Float[n, vocab - 1]: the logits without column ``target``."""
+    return torch.cat([logits[:, :target], logits[:, target + 1 :]], 1)
 
 
 def embedding_point(hooked: HookedModel) -> str:
@@ -81,7 +108,10 @@ class Explanation:
         value: Float[b], the metric on the input.
         info: the method's options, and for integrated gradients ``completeness_error`` per row:
             |sum of scores - (f(input) - f(baseline))|, the Riemann sum's error (large when the
-            path crosses a sharp feature, e.g. a zero pad embedding through RMSNorm: add steps).
+            path crosses a sharp feature, e.g. a zero pad embedding through RMSNorm: add steps);
+            for occlusion ``forwards`` per row: how the masked variants ran (``"replay + kv"``,
+            ``"replay"``, ``"replay (no kv reuse: ...)"`` when the LM is not causal on the row, or
+            ``"full forwards"``).
     """
 
     scores: Tensor
@@ -152,6 +182,7 @@ class Setup:
     metric: Metric  # what is explained
     value: Tensor  # Float[b]: the metric on the input
     replay: BlockReplay | None = None  # the input run's block calls, when variants can replay from them
+    edited: bool = False  # the embeddings are an embedding-level variant, not the inputs' own
 
 
 _NEUTRAL_CACHE: OrderedDict[tuple, tuple[weakref.ref, dict, Tensor]] = OrderedDict()
@@ -310,7 +341,8 @@ def _gradient_x_input(hooked, inputs, metric, setup: Setup) -> Tensor:
     return ((setup.embeds - setup.baseline) * grad).sum(-1)
 
 
-def _integrated_gradients(hooked, inputs, metric, setup: Setup, steps: int = 32, batch_size: int = 16) -> Tensor:
+def _ig_scores(hooked, inputs, metric, setup: Setup, steps: int, batch_size: int) -> Tensor:
+    """Float[1, seq]: integrated gradients with ``steps`` midpoint Riemann steps from the baseline."""
     alphas = (torch.arange(steps, dtype=setup.embeds.dtype, device=setup.embeds.device) + 0.5) / steps
     delta = setup.embeds - setup.baseline
     total = torch.zeros_like(setup.embeds[0])
@@ -320,6 +352,58 @@ def _integrated_gradients(hooked, inputs, metric, setup: Setup, steps: int = 32,
         (grad,) = torch.autograd.grad(with_embeds(hooked, inputs, setup.point, path, metric, grad=True).sum(), path)
         total += grad.sum(0)
     return (delta[0] * total / steps).sum(-1)[None]
+
+
+def _integrated_gradients(
+    hooked,
+    inputs,
+    metric,
+    setup: Setup,
+    steps: int = 32,
+    batch_size: int = 16,
+    tolerance: float | None = 0.01,
+    max_steps: int = 1024,
+    on_failure: str = "raise",
+    atol: float = 1e-5,
+) -> tuple[Tensor, dict]:
+    """Integrated gradients with a convergence guard: from ``steps``, the step count doubles until the
+    completeness error |sum of scores - (f(x) - f(baseline))| is at most ``tolerance`` * |f(x) -
+    f(baseline)| + ``atol`` (float32 rounding of the sums), up to ``max_steps``; past that ``on_failure="raise"``
+    refuses with the numbers, ``"record"`` returns the last scores with ``converged=False``.
+    ``tolerance=None``: the guard is off (``steps`` exactly; the error is still recorded)."""
+    if on_failure not in ("raise", "record"):
+        raise ValueError(f"on_failure must be 'raise' or 'record', got {on_failure!r}")
+    with torch.no_grad():
+        gap = float((setup.value - with_embeds(hooked, inputs, setup.point, setup.baseline, metric))[0])
+    allowed = float("inf") if tolerance is None else tolerance * abs(gap) + atol
+    tried = []
+    while True:
+        scores = _ig_scores(hooked, inputs, metric, setup, steps, batch_size)
+        error = abs(float(scores[setup.explained].sum()) - gap)
+        tried.append((steps, error))
+        if error <= allowed or 2 * steps > max_steps:
+            break
+        steps *= 2
+    converged = error <= allowed
+    info = {
+        "steps_used": steps,
+        "completeness_error": error,
+        "gap": gap,
+        "allowed_error": allowed,
+        "converged": converged,
+        "guard": "off" if tolerance is None else ("refined" if len(tried) > 1 else "passed"),
+        "tried": tried,
+    }
+    if not converged:
+        info["guard"] = "failed"
+        if on_failure == "raise":
+            raise ValueError(
+                f"integrated_gradients did not converge: completeness error {error:.3g} > {allowed:.3g} "
+                f"({tolerance} * |f(x) - f(baseline)| = {abs(gap):.3g}) at every step count tried "
+                f"{[t for t, _ in tried]}; raise max_steps (now {max_steps}), or pass on_failure='record' "
+                "to keep the unconverged scores"
+            )
+    return scores, info
 
 
 def _occlusion(hooked, inputs, metric, setup: Setup, window: int = 1, batch_size: int = 32) -> Tensor:
@@ -347,7 +431,7 @@ def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
     models = [m for m in hooked.model.modules() if isinstance(m, PreTrainedModel)]
     previous = [m.config._attn_implementation for m in models]
     modules = [
-        get_module(hooked.model, hp.site.module)
+        get_module(hooked.model, hp.attn or hp.site.module)
         for hp in sorted(
             (hp for hp in hooked.hook_points.values() if hp.prefix == "lm" and hp.kind == "attn_out"),
             key=lambda hp: hp.layer,
@@ -434,41 +518,119 @@ def _patching(hooked, inputs, metric, setup: Setup, layer: int = 0) -> Tensor:
     return scores
 
 
-EXPLAINERS: dict[str, Callable[..., Tensor]] = {
+def _random(hooked, inputs, metric, setup: Setup, seed: int = 0) -> Tensor:
+    """Control: standard normal noise, seeded by ``seed`` and the input's embeddings (the same input
+    gets the same scores; any change of the input draws new ones). Ignores the model."""
+    data = setup.embeds.detach().float().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes()
+    generator = torch.Generator().manual_seed(zlib.crc32(data, seed))
+    return torch.randn(setup.explained.shape, generator=generator).to(setup.embeds.device)
+
+
+def _constant(hooked, inputs, metric, setup: Setup) -> Tensor:
+    """Control: every explained position scores 1 (uniform)."""
+    return torch.ones(setup.explained.shape, device=setup.embeds.device)
+
+
+def _inverted(hooked, inputs, metric, setup: Setup, **options: Any) -> Tensor:
+    """Control: negated occlusion (the options are occlusion's): the most helpful positions rank last."""
+    return -_occlusion(hooked, inputs, metric, setup, **options)
+
+
+Explainer = Callable[..., "Tensor | tuple[Tensor, dict]"]
+"""The explainer contract: ``fn(hooked, inputs, metric, setup, **options)`` with ``inputs`` one row
+(batch 1), ``metric`` the :data:`mmlens.methods.patching.Metric` to explain (final-position logits ->
+Float[n]) and ``setup`` its :class:`Setup` (LM-input embeddings, baseline, explained positions,
+spans); returns Float[1, seq] signed scores (positive: the position supports the metric), or
+``(scores, info)`` with a dict of diagnostics for :attr:`Explanation.info`. Scores outside
+``setup.explained`` are ignored (set to NaN). An explainer that reads the input only through
+``setup`` (``setup.embeds``/``baseline``, :func:`with_embeds`, :func:`masked_values`) can explain
+embedding-level variants (``embeds_only=True`` in :func:`register_explainer`, or the attribute
+``fn.embeds_only = True`` on a callable passed directly)."""
+
+EXPLAINERS: dict[str, Explainer] = {
     "gradient_x_input": _gradient_x_input,
     "integrated_gradients": _integrated_gradients,
     "occlusion": _occlusion,
     "attention": _attention,
     "attention_rollout": _attention_rollout,
     "patching": _patching,
+    "random": _random,
+    "constant": _constant,
+    "inverted": _inverted,
 }
-"""Name -> implementation; every one returns Float[b, seq] scores."""
+"""Name -> implementation (the :data:`Explainer` contract); :func:`register_explainer` adds to it."""
+
+CONTROLS: tuple[str, ...] = ("random", "constant", "inverted")
+"""The control explainers: seeded noise, uniform scores, negated occlusion; a useful explainer beats them."""
+
+EMBEDS_ONLY: set[str] = {"gradient_x_input", "integrated_gradients", "occlusion", "random", "constant", "inverted"}
+"""The explainers that read the input only through their :class:`Setup`, so they can explain
+embedding-level variants (:func:`variant_setup`); the attention explainers and ``patching`` re-run
+the inputs themselves."""
+
+
+def register_explainer(name: str, fn: Explainer, *, embeds_only: bool = False, overwrite: bool = False) -> None:
+    """Add ``fn`` (the :data:`Explainer` contract) to :data:`EXPLAINERS` as ``name``, usable by
+    :func:`explain` and every desideratum. ``embeds_only``: it reads the input only through its setup."""
+    if not callable(fn):
+        raise TypeError(f"explainer {name!r} must be callable, got {type(fn).__name__}")
+    if name in EXPLAINERS and not overwrite:
+        raise ValueError(f"explainer {name!r} exists; pass overwrite=True to replace it")
+    EXPLAINERS[name] = fn
+    EMBEDS_ONLY.discard(name)
+    if embeds_only:
+        EMBEDS_ONLY.add(name)
+
+
+def reads_setup_only(method: str | Explainer) -> bool:
+    """Whether ``method`` can explain embedding-level variants: a name in :data:`EMBEDS_ONLY`, or a
+    callable with the attribute ``embeds_only = True``."""
+    return method in EMBEDS_ONLY if isinstance(method, str) else bool(getattr(method, "embeds_only", False))
+
+
+def explainer_name(method: str | Explainer) -> str:
+    """The name a method is reported under: itself, or a callable's ``__name__``."""
+    return method if isinstance(method, str) else getattr(method, "__name__", type(method).__name__)
+
+
+def resolve_explainer(method: str | Explainer) -> Explainer:
+    """The implementation of a registered name, or the callable itself."""
+    if callable(method):
+        return method
+    check_method(method)
+    return EXPLAINERS[method]
 
 
 def explain(
     hooked: HookedModel,
     inputs: Mapping[str, Any],
-    method: str = "integrated_gradients",
+    method: str | Explainer = "integrated_gradients",
     *,
     mode: str = "joint",
     metric: Metric | None = None,
     **options: Any,
 ) -> Explanation:
-    """Explain ``inputs`` with one of :data:`EXPLAINERS`.
+    """Explain ``inputs`` with a registered explainer (:data:`EXPLAINERS`) or a callable (the
+    :data:`Explainer` contract).
 
     Args:
         method: ``"gradient_x_input"`` ((input - baseline) . gradient), ``"integrated_gradients"``
-            (``steps=32`` midpoint Riemann steps from the baseline, batched), ``"occlusion"`` (the
-            metric's drop when ``window`` positions take their baseline value, batched),
-            ``"attention"`` (attention from the read-out positions, mean over heads and layers),
-            ``"attention_rollout"`` (``residual=0.5``), ``"patching"`` (exact noising at
-            ``lm.blocks.{layer}.resid_pre`` through the patching engine).
+            (``steps=32`` midpoint Riemann steps from the baseline, batched, doubled until the
+            completeness error is within ``tolerance=0.01`` of |f(x) - f(baseline)|, up to
+            ``max_steps=1024``, else ``on_failure="raise"``), ``"occlusion"`` (the metric's drop when
+            ``window`` positions take their baseline value, batched), ``"attention"`` (attention from
+            the read-out positions, mean over heads and layers), ``"attention_rollout"``
+            (``residual=0.5``), ``"patching"`` (exact noising at ``lm.blocks.{layer}.resid_pre``
+            through the patching engine); the controls ``"random"`` (``seed``), ``"constant"``,
+            ``"inverted"`` (negated occlusion); or a callable.
         mode: ``"joint"`` or one modality (unimodal: the others held at their input values).
         metric: what is explained, on final-position logits (default: per row, :func:`predicted_prob`).
         options: the method's options named above.
 
     Returns:
-        An :class:`Explanation` with NaN outside the explained positions.
+        An :class:`Explanation` with NaN outside the explained positions; ``info`` holds the options and,
+        per row, whatever the explainer reported (integrated gradients: ``completeness_error``,
+        ``steps_used``, ``converged``, ``guard``).
     """
     check_method(method)
     inputs = hooked.check_inputs(inputs)
@@ -477,49 +639,91 @@ def explain(
         for one in (hooked.rows(inputs, row) for row in range(hooked.spans(inputs).batch_size))
     ]
     info = dict(options)
-    if method == "integrated_gradients":
-        info["completeness_error"] = [e.info["completeness_error"][0] for e in rows]
+    for key in dict.fromkeys(k for e in rows for k in e.info if k not in options):
+        info[key] = [e.info.get(key, [None])[0] for e in rows]
     return Explanation(
         torch.cat([e.scores for e in rows]),
         hooked.spans(inputs),
-        method,
+        explainer_name(method),
         mode,
         torch.cat([e.value for e in rows]),
         info,
     )
 
 
-def check_method(method: str) -> None:
-    """Raise, naming the nearest explainers, when ``method`` is not one of :data:`EXPLAINERS`."""
+def check_method(method: str | Explainer) -> None:
+    """Raise, naming the nearest explainers, when ``method`` is neither callable nor in :data:`EXPLAINERS`."""
+    if callable(method):
+        return
     if method not in EXPLAINERS:
         near = nearest_names(method, EXPLAINERS, n=3, cutoff=0.3, fallback=False)
-        raise ValueError(f"unknown explainer {method!r}; did you mean {near}? Explainers: {sorted(EXPLAINERS)}")
+        raise ValueError(
+            f"unknown explainer {method!r}; did you mean {near}? Explainers: {sorted(EXPLAINERS)}, "
+            "or register one with mmlens.register_explainer(name, fn)"
+        )
+
+
+def variant_setup(hooked: HookedModel, inputs: dict, setup: Setup, embeds: Tensor) -> Setup:
+    """The :class:`Setup` of input row ``inputs`` with its LM-input embeddings replaced by ``embeds``
+    Float[1, seq, d] (same baseline, positions and metric; no replay): what an embedding-level
+    variant (a dataset-mean or resampled reference, an adversarial perturbation) is explained from."""
+    with torch.no_grad():
+        logits = with_embeds(hooked, inputs, setup.point, embeds, lambda out: out).detach()
+    return Setup(
+        setup.point,
+        embeds,
+        setup.baseline,
+        setup.explained,
+        setup.spans,
+        logits,
+        setup.metric,
+        setup.metric(logits).detach(),
+        None,
+        edited=True,
+    )
 
 
 def explain_row(
-    hooked: HookedModel, prepared: Setup, one: dict, method: str, mode: str, options: Mapping[str, Any]
+    hooked: HookedModel, prepared: Setup, one: dict, method: str | Explainer, mode: str, options: Mapping[str, Any]
 ) -> Explanation:
     """:func:`explain` of one input row from its :func:`prepare` (which fixes the metric and mode)."""
-    raw = EXPLAINERS[method](hooked, one, prepared.metric, prepared, **options).detach().float()
+    if prepared.edited and not reads_setup_only(method):
+        raise ValueError(
+            f"explainer {explainer_name(method)!r} cannot explain an embedding-level variant (it may re-run the "
+            f"inputs); explainers that can: {sorted(EMBEDS_ONLY)} (register yours with embeds_only=True, or set "
+            "fn.embeds_only = True)"
+        )
+    out = resolve_explainer(method)(hooked, one, prepared.metric, prepared, **options)
+    raw, extra = out if isinstance(out, tuple) else (out, {})
+    raw = raw.detach().float()
     scores = torch.where(prepared.explained.to(raw.device), raw, torch.full_like(raw, float("nan"))).cpu()
     info = dict(options)
-    if method == "integrated_gradients":
-        with torch.no_grad():
-            gap = prepared.value - with_embeds(hooked, one, prepared.point, prepared.baseline, prepared.metric)
-        info["completeness_error"] = [float((scores.nansum() - gap[0]).abs())]
-    return Explanation(scores, prepared.spans, method, mode, prepared.value.float().cpu(), info)
+    info.update({k: [v] for k, v in extra.items()})
+    if explainer_name(method) == "occlusion":  # how the masked variants ran: replay (+ kv), or full forwards
+        info["forwards"] = [prepared.replay.method if prepared.replay else "full forwards"]
+    return Explanation(scores, prepared.spans, explainer_name(method), mode, prepared.value.float().cpu(), info)
 
 
 __all__ = [
+    "CONTROLS",
+    "EMBEDS_ONLY",
     "EXPLAINERS",
+    "Explainer",
     "Explanation",
     "Setup",
     "check_method",
     "embedding_point",
     "explain",
     "explain_row",
+    "explainer_name",
     "masked_values",
+    "PREDICTION_METRICS",
     "predicted_prob",
+    "prediction_metric",
     "prepare",
+    "reads_setup_only",
+    "register_explainer",
+    "resolve_explainer",
+    "variant_setup",
     "with_embeds",
 ]

@@ -6,7 +6,11 @@ Three decodings, each with its assumption stated:
   were the last layer's, ``unembed(final_norm(h))``. Assumes intermediate layers share the final
   layer's basis; it is exact at the final layer (equal to the model's own logits). With a
   :class:`TunedLens`, ``h`` first passes through a learned per-layer affine translator
-  (Belrose et al. 2023), which drops that assumption.
+  (Belrose et al. 2023), which drops that assumption. ``final_norm`` picks the lens variant:
+  ``True`` (the default, above), ``False`` (``unembed(h)`` at every layer, the literal reading of
+  "softmax(lm_head . h)"; its final row is not the model's logits) or ``"naive"`` (raw ``h`` at
+  intermediate layers and the normed last state, which is what decoding a Hugging Face model's
+  ``output_hidden_states`` with ``lm_head`` gives, since its last hidden state is already normed).
 - :func:`nearest_tokens` / :func:`decode_soft_tokens`: a soft token (a graph or image token that
   the fusion layer writes into the LM's input) is read as the vocabulary rows of the LM's input
   embedding matrix closest to it by cosine. Assumes direction carries meaning in the input space;
@@ -26,7 +30,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -35,6 +39,8 @@ from torch import Tensor, nn
 
 from mmlens.core.adapter import get_module
 from mmlens.core.cache import Named
+from mmlens.core.edits import Edit
+from mmlens.core.inputs import check_count
 from mmlens.core.spans import ModalitySpans, Selector
 from mmlens.core.unembed import Unembed
 from mmlens.core.wrapper import HookedModel
@@ -47,7 +53,8 @@ class LensResult:
     """What :func:`logit_lens` returns: per layer, input row and position, the decoded distribution.
 
     Attributes:
-        lens: ``"logit"`` or ``"tuned"``.
+        lens: ``"logit"`` or ``"tuned"`` (final norm at every layer), ``"logit-raw"``
+            (``final_norm=False``) or ``"logit-naive"`` (``final_norm="naive"``).
         layers: row labels of the layer axis: ``"embed"`` then ``"0"`` .. ``"L-1"`` (after block i).
         hooks: the hook point decoded for each layer row.
         top_ids: Long[layer, b, pos, k], top-k token ids (descending probability).
@@ -194,6 +201,8 @@ def logit_lens(
     prefix: str = "lm",
     positions: Selector = None,
     max_chunk_mb: float = 256.0,
+    final_norm: FinalNorm = True,
+    edits: Edit | Sequence[Edit] = (),
 ) -> LensResult:
     """Decode every residual-stream layer and position of one batch in a single recorded forward.
 
@@ -210,13 +219,24 @@ def logit_lens(
             the unembedding's cost on long shared prompt prefixes.
         max_chunk_mb: memory budget for one chunk of decoded logits; layers are decoded in batched
             chunks of ``layer x batch`` rows that fit it.
+        final_norm: ``True`` (apply the final norm at every layer), ``False`` (never: the literal
+            ``softmax(lm_head . h)``) or ``"naive"`` (raw intermediate layers, normed final layer);
+            see the module docstring. ``False``/``"naive"`` cannot be combined with ``tuned``.
+        edits: edits made during the recorded forward (e.g. other vectors in a span's slots).
 
     Returns:
-        A :class:`LensResult`; its final layer decodes to the model's own logits.
+        A :class:`LensResult`; with ``final_norm`` ``True`` or ``"naive"`` its final layer decodes
+        to the model's own logits (the edited model's, with ``edits``).
     """
+    if final_norm not in (True, False, "naive"):
+        raise ValueError(f"final_norm must be True, False or 'naive', got {final_norm!r}")
+    if tuned is not None and final_norm is not True:
+        raise ValueError(f"a tuned lens decodes through the final norm; got final_norm={final_norm!r} (use True)")
     names = residual_points(hooked, prefix)
-    reader = Unembed(hooked)
-    run = hooked.run(inputs, cache=names)
+    unembed = Unembed(hooked)
+    check_count("k", k, 1, unembed.vocab_size, "k top tokens are kept per cell, at most the vocabulary")
+    reader = _Reader(unembed, final_norm)
+    run = hooked.run(inputs, cache=names, edits=[edits] if isinstance(edits, Edit) else list(edits))
     spans = run.spans
     hidden = torch.stack([run.cache[n] for n in names])  # Float[layer, b, pos, d]
     target_ids = _targets(hooked, targets, hidden.shape[1], hidden.device)
@@ -225,7 +245,7 @@ def logit_lens(
     full = {key: _scatter(values, decoded.cpu(), hidden.shape[1:3]) for key, values in stats.items()}
     modalities = spans.modality_of_positions()
     return LensResult(
-        lens="tuned" if tuned is not None else "logit",
+        lens="tuned" if tuned is not None else _LENS_NAMES[final_norm],
         layers=[_label_of(hooked, n) for n in names],
         hooks=names,
         top_ids=full["ids"],
@@ -244,8 +264,27 @@ def logit_lens(
     )
 
 
+FinalNorm = bool | Literal["naive"]
+"""The logit-lens variant: final norm at every layer (True), at none (False), or at the last only ("naive")."""
+
+_LENS_NAMES: dict[Any, str] = {True: "logit", False: "logit-raw", "naive": "logit-naive"}
+
+
+class _Reader:
+    """Residual vectors -> logits under one :data:`FinalNorm` variant (``last``: the final layer)."""
+
+    def __init__(self, unembed: Unembed, final_norm: FinalNorm):
+        self.unembed = unembed
+        self.final_norm = final_norm
+
+    def __call__(self, h: Tensor, last: bool = False) -> Tensor:
+        if self.final_norm is True or (last and self.final_norm == "naive"):
+            return self.unembed(h)
+        return self.unembed.unembed(h)
+
+
 def _decode_cells(
-    reader: Unembed,
+    reader: _Reader,
     hidden: Tensor,
     where: Tensor,
     k: int,
@@ -258,7 +297,7 @@ def _decode_cells(
     n_layer = hidden.shape[0]
     picked = hidden[:, where]
     n_cells = picked.shape[1]
-    final_logits = reader(hidden[-1]).float()[where]
+    final_logits = reader(hidden[-1], last=True).float()[where]
     final_logp = final_logits.log_softmax(-1)
     cell_batch = where.nonzero()[:, 0]
     per_chunk = max(1, int(max_chunk_mb * 2**20 // (final_logits.shape[-1] * 4 * 3)))
@@ -539,7 +578,7 @@ class TunedLens(nn.Module):
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         lens = cls(meta["d_model"], meta["n_layers"])
-        lens.load_state_dict(torch.load(path, map_location="cpu"))
+        lens.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return lens
 
     @classmethod

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mmlens.core.adapter import HookPoint
 from mmlens.core.edits import Edit, HookContext, Where, add, apply, replace, selection_mask, where_selected
+from mmlens.core.inputs import check_count
 from mmlens.core.replay import BlockReplay, FrozenEncoders
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import HookedModel, RunResult
@@ -372,6 +373,7 @@ def sweep(
     axes = tuple(axes)
     if axes not in AXES:
         raise ValueError(f"axes {axes} not supported; use one of {sorted(AXES)}")
+    check_count("batch_size", batch_size, hint="it is the number of patched variants per forward pass")
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     corruption = _as_corruption(corrupted)

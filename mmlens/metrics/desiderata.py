@@ -18,8 +18,8 @@ text, image and graph positions are treated alike, and variants are evaluated in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,20 +29,24 @@ from tqdm.auto import tqdm
 
 from mmlens.core.wrapper import HookedModel
 from mmlens.methods.explainers import (
+    CONTROLS,
+    Explainer,
     Explanation,
     Setup,
     check_method,
-    explain,
     explain_row,
+    explainer_name,
     masked_values,
     predicted_prob,
+    prediction_metric,
     prepare,
+    reads_setup_only,
+    variant_setup,
     with_embeds,
 )
 from mmlens.methods.patching import Metric
-
-if TYPE_CHECKING:
-    from mmlens.metrics.perturb import Perturbed
+from mmlens.metrics.intervals import cluster_bootstrap, weighted_fit, weighted_mean, weighted_spearman
+from mmlens.metrics.stats import Interval, bootstrap_ci
 
 Dataset = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 """Inputs of several examples: one batch (a row per example), or a list of inputs (each one or more
@@ -81,18 +85,36 @@ def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     return (kl(p, m) + kl(q, m)) / 2
 
 
-def explanation_distance(a: Explanation, b: Explanation, modality: str, kind: str = "tv") -> Tensor:
+def explanation_distance(a: Explanation, b: Explanation, modality: str, kind: str = "mass") -> Tensor:
     """Float[b]: how much the explanation of ``modality`` changed from ``a`` to ``b`` (same layout).
 
+    ``"mass"`` (default, magnitude-aware): the mean |s_a - s_b| over the modality's positions in units
+    of mean |s_a| + mean |s_b| over all scored positions (0 when unchanged; 1 when a modality holding
+    all the mass of ``a`` loses it). It counts a change of attribution mass as well as of shape, is
+    invariant to rescaling both explanations by c != 0, does not grow with a modality's position
+    count, and a modality holding a sliver of the mass can only move a little.
     ``"tv"``: total variation between the two |score| distributions over the modality's positions
-    (in [0, 1]; scale-free). ``"relative_l2"``: ||s_a - s_b|| / ||s_a|| on those positions.
+    (in [0, 1]; scale-free: a modality's sliver of mass becomes a full distribution).
+    ``"relative_l2"``: ||s_a - s_b|| / ||s_a|| on those positions.
     """
+    if kind == "mass":
+        mask = a.spans.masks[modality].to(a.scores.device)
+        change = (a.masked(modality) - b.masked(modality)).abs().sum(1) / mask.sum(1).clamp_min(1)
+        scale = sum(e.scores.nan_to_num().abs().sum(1) / (~e.scores.isnan()).sum(1).clamp_min(1) for e in (a, b))
+        return change / scale.clamp_min(1e-30)
     if kind == "tv":
         return (a.distribution(modality) - b.distribution(modality)).abs().sum(1) / 2
     if kind == "relative_l2":
         diff = (a.masked(modality) - b.masked(modality)).norm(dim=1)
         return diff / a.masked(modality).norm(dim=1).clamp_min(1e-30)
-    raise ValueError(f"unknown explanation distance {kind!r}; use 'tv' or 'relative_l2'")
+    raise ValueError(f"unknown explanation distance {kind!r}; use 'mass', 'tv' or 'relative_l2'")
+
+
+REFERENCES = ("neutral", "mean", "resample")
+"""What an ablated modality m is replaced by in :func:`granger`: ``"neutral"`` (the adapter's neutral
+input), ``"mean"`` (the mean of m's LM-input embeddings, position by position, over the inputs of the
+dataset with the same m positions), ``"resample"``
+(m's LM-input embeddings from the next input of the dataset with the same m positions)."""
 
 
 @dataclass
@@ -100,19 +122,28 @@ class GrangerResult:
     """What :func:`granger` returns.
 
     Attributes:
-        influence: one row per (input, ablated modality m): ``delta_js`` (Delta_m, JS divergence of
-            the final-position distributions, nats), ``delta_prob`` (drop of the predicted token's
-            probability).
-        explanations: one row per (input, explainer, m, explained modality n != m): ``delta``
-            (delta_{m->n}, :func:`explanation_distance`), ``importance_m`` (the explainer's share of
-            score mass on m for the unablated input), and Delta_m.
-        summary: one row per (explainer, m, n): ``kappa`` (the largest kappa with delta >= kappa *
-            Delta - lambda for ``fraction`` of inputs at lambda <= ``tolerance``), ``lambda`` (the
-            smallest lambda at that kappa), ``spearman_importance`` (rank correlation over inputs
-            of Delta_m and importance_m), ``spearman_delta`` (of Delta_m and delta).
+        influence: one row per (input, reference, ablated modality m): ``delta_js`` (Delta_m, JS
+            divergence of the final-position distributions, nats), ``delta_prob`` (drop of the
+            predicted token's probability).
+        explanations: one row per (input, explainer, reference, m, explained modality n): ``term``
+            (``"self"`` for n == m: delta_m = d(E_m(x), E_m(x without m)); ``"cross"``: delta_{m->n}),
+            ``delta`` (:func:`explanation_distance`), ``importance_m`` (the explainer's share of score
+            mass on m for the unablated input), and Delta_m.
+        summary: one row per (explainer, reference, m, n): the paper's one-sided relation delta >=
+            kappa * Delta - lambda at all inputs (``kappa_all``, ``lambda_all``) and at the stated
+            quantile ``fraction`` (``kappa``, ``lambda``) with lambda <= ``tolerance``;
+            ``spearman_importance`` and ``spearman_delta`` (rank correlations over inputs of Delta_m
+            with importance_m and with delta).
+        calibration: one row per (explainer, reference, term): the two-sided calibration of delta
+            against Delta_m over all (input, m[, n]) items, each with a cluster-bootstrap interval
+            over inputs: ``rank`` (Spearman), ``slope`` and ``r2`` (least squares delta ~ Delta),
+            ``mean_delta``; ``rank_random`` and ``rank_minus_random`` (paired interval): the null from
+            the ``random`` control explainer, when it was run; ``calibrated`` (rank interval above 0),
+            ``beats_random`` (the paired interval above 0).
         violations: the inputs that break the relation most: ``hidden_dependency`` (Delta_m large,
             explanation unmoved) and ``over_credit`` (Delta_m near zero, importance on m high).
         distance, fraction, tolerance: the settings used.
+        skipped: the (input, reference, modality) ablations that could not be built, with the reason.
     """
 
     influence: pd.DataFrame
@@ -122,13 +153,15 @@ class GrangerResult:
     distance: str
     fraction: float
     tolerance: float
+    calibration: pd.DataFrame = field(default_factory=pd.DataFrame)
+    skipped: list[str] = field(default_factory=list)
 
 
 def kappa_lambda(
     delta_out: np.ndarray, delta_expl: np.ndarray, fraction: float = 0.9, tolerance: float = 0.05
 ) -> tuple[float, float]:
     """The largest kappa such that ``delta_expl >= kappa * delta_out - lambda`` holds for
-    ``fraction`` of the inputs with some lambda <= ``tolerance``, and the smallest such lambda.
+    ``fraction`` of the inputs (1.0: all) with some lambda <= ``tolerance``, and the smallest such lambda.
 
     lambda(kappa) = max(0, quantile_fraction(kappa * delta_out - delta_expl)) is nondecreasing in
     kappa (Delta >= 0), so kappa is found by bisection.
@@ -162,100 +195,161 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
 def granger(
     hooked: HookedModel,
     inputs: Dataset,
-    explainers: Sequence[str] = ("integrated_gradients",),
+    explainers: Sequence[str | Explainer] = ("integrated_gradients",),
     *,
     mode: str = "joint",
-    distance: str = "tv",
+    distance: str = "mass",
+    references: Sequence[str] = ("neutral",),
     fraction: float = 0.9,
     tolerance: float = 0.05,
+    controls: bool = False,
     options: Mapping[str, dict] | None = None,
+    n_resamples: int = 999,
+    seed: int = 0,
     progress: bool = True,
 ) -> GrangerResult:
-    """Granger-style modality influence over the rows of ``inputs`` (a dataset).
+    """Granger-style modality influence over the rows of ``inputs`` (a dataset), as the paper defines it.
 
-    For each row x and modality m: x_m = x with m replaced by its neutral reference. Each explainer
-    explains the same quantity on x and on x_m: the probability of x's predicted token.
+    For each row x, reference r and modality m: x_m = x with m replaced by r (:data:`REFERENCES`).
+    Delta_m is the output change; every explainer explains the same quantity (the probability of
+    x's predicted token) on x and on x_m, giving the self term delta_m and the cross terms
+    delta_{m->n}.
 
     Args:
-        explainers: names from :data:`mmlens.methods.explainers.EXPLAINERS`.
+        explainers: registered names or callables (:data:`mmlens.methods.explainers.Explainer`).
         mode: explainer mode (``"joint"``; or ``"unimodal"``: each modality n explained alone).
         distance: explanation distance (:func:`explanation_distance`).
+        references: which of :data:`REFERENCES`; ``"mean"``/``"resample"`` act on the LM-input
+            embeddings and need explainers of :data:`mmlens.methods.explainers.EMBEDS_ONLY`.
+        controls: add the control explainers (``random``, ``constant``, ``inverted``).
         options: per-explainer keyword options, e.g. ``{"integrated_gradients": {"steps": 16}}``.
+        n_resamples, seed: the bootstrap of the calibration intervals.
     """
     items = examples(hooked, inputs)
     present = _modalities(hooked, items)
     modalities = [m for m in present if m in hooked.adapter.neutral]
-    if len(modalities) < 1:
+    if not modalities:
         raise ValueError(
             f"no modality of these inputs ({present}) has a neutral reference in adapter {hooked.adapter.name!r}"
         )
-    options = dict(options or {})
+    bad = [r for r in references if r not in REFERENCES]
+    if bad:
+        raise ValueError(f"references {bad} are unknown; use some of {list(REFERENCES)}")
+    chosen = _Explainers.of(list(explainers) + (list(CONTROLS) if controls else []), options, mode)
+    ablations = _Ablations(hooked, items, modalities, references)
     influence, rows = [], []
     for i, x in enumerate(tqdm(items, desc="granger", disable=not progress)):
-        metric = predicted_prob(hooked, x)
-        with torch.no_grad():
-            logits = hooked.readout_logits(hooked.run(x).logits, x)
-        ablated = {m: hooked.neutral(x, m) for m in modalities}
-        for m, x_m in ablated.items():
-            with torch.no_grad():
-                logits_m = hooked.readout_logits(hooked.run(x_m).logits, x_m)
+        setup = prepare(hooked, x, None, "joint")
+        base = chosen.explain_modes(hooked, x, setup)
+        for r, m, moved_x, moved_setup in ablations.of(i, x, setup):
             influence.append(
                 {
                     "input": i,
+                    "reference": r,
                     "modality": m,
-                    "delta_js": float(js_divergence(logits, logits_m)[0]),
-                    "delta_prob": float(metric(logits)[0] - metric(logits_m)[0]),
+                    "delta_js": float(js_divergence(setup.logits, moved_setup.logits)[0]),
+                    "delta_prob": float(setup.value[0] - moved_setup.value[0]),
                 }
             )
-        for name in explainers:
-            kwargs = options.get(name, {})
-            base = _explain_mode(hooked, x, name, mode, metric, kwargs)
-            for m, x_m in ablated.items():
-                moved = _explain_mode(hooked, x_m, name, mode, metric, kwargs)
-                for n in modalities:
-                    if n == m:
-                        continue
-                    rows.append(
-                        {
-                            "input": i,
-                            "explainer": name,
-                            "ablated": m,
-                            "explained": n,
-                            "delta": float(explanation_distance(base[n], moved[n], n, distance)[0]),
-                            "importance_m": float(base[m].importance()[m][0]) if mode == "joint" else float("nan"),
-                        }
-                    )
+            moved = chosen.explain_modes(hooked, moved_x, moved_setup)
+            rows += _granger_rows(i, r, m, modalities, base, moved, distance, mode)
     influence_df = pd.DataFrame(influence)
     expl = pd.DataFrame(rows)
     if not expl.empty:
-        expl = expl.merge(influence_df.rename(columns={"modality": "ablated"}), on=["input", "ablated"])
-    return GrangerResult(influence_df, expl, *granger_summary(expl, fraction, tolerance), distance, fraction, tolerance)
+        expl = expl.merge(influence_df.rename(columns={"modality": "ablated"}), on=["input", "reference", "ablated"])
+    summary, violations = granger_summary(expl, fraction, tolerance)
+    calibration = granger_calibration(expl, n_resamples=n_resamples, seed=seed)
+    return GrangerResult(
+        influence_df, expl, summary, violations, distance, fraction, tolerance, calibration, ablations.skipped
+    )
 
 
-def _explain_mode(hooked: HookedModel, x: dict, name: str, mode: str, metric, kwargs: dict) -> dict[str, Explanation]:
-    """Modality -> the explanation that covers it (one joint explanation, or one per modality)."""
-    modalities = hooked.spans(x).modalities
-    if mode == "joint":
-        e = explain(hooked, x, name, mode="joint", metric=metric, **kwargs)
-        return {m: e for m in modalities}
-    if mode == "unimodal":
-        return {m: explain(hooked, x, name, mode=m, metric=metric, **kwargs) for m in modalities}
-    raise ValueError(f"mode must be 'joint' or 'unimodal', got {mode!r}")
+def _granger_rows(
+    i: int, r: str, m: str, modalities: list[str], base: dict, moved: dict, distance: str, mode: str
+) -> list[dict]:
+    """The ``explanations`` rows of input ``i`` with m replaced by reference ``r``."""
+    rows = []
+    for name in base:
+        for n in modalities:
+            rows.append(
+                {
+                    "input": i,
+                    "explainer": name,
+                    "reference": r,
+                    "ablated": m,
+                    "explained": n,
+                    "term": "self" if n == m else "cross",
+                    "delta": float(explanation_distance(base[name][n], moved[name][n], n, distance)[0]),
+                    "importance_m": float(base[name][m].importance()[m][0]) if mode == "joint" else float("nan"),
+                }
+            )
+    return rows
+
+
+class _Ablations:
+    """The ablated variants of every input: (reference, modality, inputs, setup)."""
+
+    def __init__(self, hooked: HookedModel, items: list[dict], modalities: list[str], references: Sequence[str]):
+        self.hooked, self.items, self.modalities, self.references = hooked, items, modalities, references
+        self.skipped: list[str] = []
+        if any(r != "neutral" for r in references):
+            self.setups = [prepare(hooked, x, None, "joint") for x in items]
+            self.masks = {m: [s.spans.masks[m][0].cpu() for s in self.setups] for m in modalities}
+
+    def _donor(self, i: int, m: str, r: str) -> Tensor:
+        """Float[1, seq, d]: the embeddings that replace m's positions of input ``i``."""
+        masks = self.masks[m]
+        same = [j for j in range(len(masks)) if torch.equal(masks[j], masks[i])]
+        if r == "mean":
+            if len(same) < 2:
+                raise ValueError(f"reference 'mean': no other input has the same {m!r} positions as input {i}")
+            return torch.cat([self.setups[j].embeds for j in same]).mean(0, keepdim=True)
+        others = [j for j in same if j != i]
+        if not others:
+            raise ValueError(f"reference 'resample': no other input has the same {m!r} positions as input {i}")
+        return self.setups[min(others, key=lambda j: (j - i) % len(masks))].embeds
+
+    def of(self, i: int, x: dict, setup: Setup):
+        """Yield (reference, m, inputs, setup) for every reference and modality of input ``i``."""
+        for r in self.references:
+            for m in self.modalities:
+                if m not in setup.spans.masks:
+                    continue
+                if r == "neutral":
+                    x_m = self.hooked.neutral(x, m)
+                    yield r, m, x_m, prepare(self.hooked, x_m, setup.metric, "joint")
+                    continue
+                try:
+                    donor = self._donor(i, m, r).to(setup.embeds.device)
+                except ValueError as err:
+                    self.skipped.append(str(err))
+                    continue
+                where = setup.spans.masks[m].to(setup.embeds.device)[..., None]
+                embeds = torch.where(where, donor, setup.embeds)
+                yield r, m, x, variant_setup(self.hooked, x, setup, embeds)
 
 
 def granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``summary`` and ``violations`` tables of a :class:`GrangerResult` from its ``explanations`` table."""
     if expl.empty:
         return pd.DataFrame(), pd.DataFrame()
+    if "reference" not in expl:
+        expl = expl.assign(reference="neutral")
     summary, violations = [], []
-    for (name, m, n), group in expl.groupby(["explainer", "ablated", "explained"], sort=False):
+    keys = ["explainer", "reference", "ablated", "explained"]
+    for (name, r, m, n), group in expl.groupby(keys, sort=False):
+        kappa_all, lam_all = kappa_lambda(group.delta_js.to_numpy(), group.delta.to_numpy(), 1.0, tolerance)
         kappa, lam = kappa_lambda(group.delta_js.to_numpy(), group.delta.to_numpy(), fraction, tolerance)
         summary.append(
             {
                 "explainer": name,
+                "reference": r,
                 "ablated": m,
                 "explained": n,
+                "term": "self" if m == n else "cross",
                 "n_inputs": len(group),
+                "kappa_all": kappa_all,
+                "lambda_all": lam_all,
                 "kappa": kappa,
                 "lambda": lam,
                 "spearman_importance": _spearman(group.delta_js, group.importance_m),
@@ -264,27 +358,80 @@ def granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tu
                 "mean_delta": group.delta.mean(),
             }
         )
-        scale_out = max(group.delta_js.max(), 1e-30)
-        scale_expl = max(group.delta.max(), 1e-30)
-        hidden = group.delta_js / scale_out - group.delta / scale_expl
-        over = group.importance_m - group.delta_js / scale_out
-        for kind, score in (("hidden_dependency", hidden), ("over_credit", over)):
-            worst = score.idxmax()
-            if np.isfinite(score[worst]) and score[worst] > 0:
-                violations.append(
-                    {
-                        "explainer": name,
-                        "ablated": m,
-                        "explained": n,
-                        "kind": kind,
-                        "input": int(group.input[worst]),
-                        "score": float(score[worst]),
-                        "delta_js": float(group.delta_js[worst]),
-                        "delta": float(group.delta[worst]),
-                        "importance_m": float(group.importance_m[worst]),
-                    }
-                )
+        violations += _violations(group, (name, r, m, n))
     return pd.DataFrame(summary), pd.DataFrame(violations)
+
+
+def _violations(group: pd.DataFrame, key: tuple) -> list[dict]:
+    """The worst ``hidden_dependency`` and ``over_credit`` input of one (explainer, reference, m, n) group."""
+    scale_out = max(group.delta_js.max(), 1e-30)
+    scale_expl = max(group.delta.max(), 1e-30)
+    hidden = group.delta_js / scale_out - group.delta / scale_expl
+    over = group.importance_m - group.delta_js / scale_out
+    out = []
+    for kind, score in (("hidden_dependency", hidden), ("over_credit", over)):
+        worst = score.idxmax()
+        if np.isfinite(score[worst]) and score[worst] > 0:
+            out.append(
+                {
+                    **dict(zip(("explainer", "reference", "ablated", "explained"), key)),
+                    "kind": kind,
+                    "input": int(group.input[worst]),
+                    "score": float(score[worst]),
+                    "delta_js": float(group.delta_js[worst]),
+                    "delta": float(group.delta[worst]),
+                    "importance_m": float(group.importance_m[worst]),
+                }
+            )
+    return out
+
+
+def granger_calibration(
+    expl: pd.DataFrame, *, confidence: float = 0.95, n_resamples: int = 999, seed: int = 0
+) -> pd.DataFrame:
+    """The ``calibration`` table of a :class:`GrangerResult` from its ``explanations`` table: per
+    (explainer, reference, term), the two-sided calibration of delta against Delta_m (JS) over items,
+    with cluster-bootstrap intervals over inputs, and the null of the ``random`` control when present."""
+    if expl.empty:
+        return pd.DataFrame()
+    if "term" not in expl:
+        expl = expl.assign(term=np.where(expl.ablated == expl.explained, "self", "cross"))
+    if "reference" not in expl:
+        expl = expl.assign(reference="neutral")
+    expl = pd.concat([expl, expl.assign(term="all")], ignore_index=True)
+    inputs = np.sort(expl.input.unique())
+    position = {v: k for k, v in enumerate(inputs)}
+    out = []
+    for (name, r, term), group in expl.groupby(["explainer", "reference", "term"], sort=False):
+        group = group.sort_values(["input", "ablated", "explained"])
+        null = expl[(expl.explainer == "random") & (expl.reference == r) & (expl.term == term)]
+        null = null.sort_values(["input", "ablated", "explained"])
+        cluster = group.input.map(position).to_numpy()
+        x, y = group.delta_js.to_numpy(), group.delta.to_numpy()
+        y0 = null.delta.to_numpy() if len(null) == len(group) and name != "random" else None
+
+        def rank(w: np.ndarray, y: np.ndarray = y) -> np.ndarray:
+            return weighted_spearman(x, y, w[:, cluster])
+
+        def boot(statistic) -> tuple[float, float, float]:
+            return cluster_bootstrap(inputs, statistic, n_resamples=n_resamples, confidence=confidence, seed=seed)
+
+        row = {"explainer": name, "reference": r, "term": term, "n_items": len(group), "n_inputs": len(inputs)}
+        for label, statistic in (
+            ("rank", rank),
+            ("slope", lambda w: weighted_fit(x, y, w[:, cluster])[0]),
+            ("r2", lambda w: weighted_fit(x, y, w[:, cluster])[1]),
+            ("mean_delta", lambda w: weighted_mean(y, w[:, cluster])),
+        ):
+            row[label], row[f"{label}_low"], row[f"{label}_high"] = boot(statistic)
+        if y0 is not None:
+            row["rank_random"] = float(rank(np.ones((1, len(inputs)), dtype=int), y0)[0])
+            diff = boot(lambda w: rank(w) - rank(w, y0))
+            row["rank_minus_random"], row["rank_minus_random_low"], row["rank_minus_random_high"] = diff
+        row["calibrated"] = bool(row["rank_low"] > 0)
+        row["beats_random"] = bool(row.get("rank_minus_random_low", float("nan")) > 0)
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 @dataclass
@@ -292,38 +439,50 @@ class FaithfulnessResult:
     """What :func:`faithfulness` returns.
 
     Attributes:
-        curves: one row per (input, scope, k, source): ``scope`` a modality or ``"joint"`` (every
-            modality's top-k at once), ``source`` ``"explanation"`` or ``"random"`` (mean over
-            draws), ``f`` the metric on the input, ``f_keep``, ``f_remove``, ``sufficiency_gap``
-            (|f_keep - f|), ``necessity_drop`` (f - f_remove).
+        curves: one row per (input, scope, k, source): ``scope`` a modality, ``"joint"`` (every
+            modality's top-k fraction at once) or ``"global"`` (the top-k fraction of all explained
+            positions, whatever their modality), ``source`` ``"explanation"`` or ``"random"`` (mean
+            over draws), ``f`` the metric on the input, ``f_keep``, ``f_remove``,
+            ``sufficiency_gap`` (|f_keep - f|), ``necessity_drop`` (f - f_remove).
         areas: per (scope, source): areas under the mean curves over k in [0, 1] (trapezoid):
             ``aoc_sufficiency_gap`` (lower is better) and ``auc_necessity_drop`` (higher is better).
+        intervals: per (scope, measure) with measure ``aoc_sufficiency_gap`` or
+            ``auc_necessity_drop``: the mean per-input area of the ``explanation`` and of
+            ``random``, their paired difference ``diff`` (explanation - random) with a
+            cluster-bootstrap interval over inputs (``diff_low``, ``diff_high``), and ``better``:
+            whether the interval excludes 0 on the good side (necessity above, sufficiency gap below).
+        method: the explainer; ``metric``: what f measures (:data:`PREDICTION_METRICS`).
     """
 
     curves: pd.DataFrame
     areas: pd.DataFrame
     method: str
+    intervals: pd.DataFrame = field(default_factory=pd.DataFrame)
+    metric: str = "prob"
 
 
 def faithfulness(
     hooked: HookedModel,
     inputs: Dataset,
-    explainer: str = "integrated_gradients",
+    explainer: str | Explainer = "integrated_gradients",
     *,
     fractions: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
     random_draws: int = 5,
     seed: int = 0,
     batch_size: int = 32,
+    metric: str = "prob",
     options: Mapping[str, Any] | None = None,
     explanations: Sequence[Explanation] | None = None,
+    n_resamples: int = 999,
     progress: bool = True,
 ) -> FaithfulnessResult:
-    """Sufficiency and necessity of an explainer's top-k positions per modality and jointly.
+    """Sufficiency and necessity of an explainer's top-k positions per modality, jointly (each
+    modality's top-k) and globally (the top-k of all positions across modalities).
 
-    keep_k: every explained position outside the top-k fraction of its modality takes its neutral
-    reference embedding; remove_k: the top-k positions do. The metric is the probability of each
-    input's predicted token. ``explanations`` (one per row, from :func:`mmlens.explain`) skips
-    explaining.
+    keep_k: every explained position of the scope outside its top-k takes its neutral reference
+    embedding (at the LM's input embeddings); remove_k: the top-k positions do. ``metric``
+    (:data:`mmlens.methods.explainers.PREDICTION_METRICS`) measures each input's predicted token.
+    ``explanations`` (one per row, from :func:`mmlens.explain`) skips explaining.
     """
     items = examples(hooked, inputs)
     fractions = sorted({float(k) for k in fractions})
@@ -335,54 +494,147 @@ def faithfulness(
     options = dict(options or {})
     mode = options.pop("mode", "joint")
     check_method(explainer)
+    name = explainer_name(explainer)
     rows = []
-    for i, x in enumerate(tqdm(items, desc=f"faithfulness ({explainer})", disable=not progress)):
+    for i, x in enumerate(tqdm(items, desc=f"faithfulness ({name})", disable=not progress)):
         setup = prepare(hooked, x, None, "joint")
+        own_metric = prediction_metric(setup.logits, metric)
+        setup = replace(setup, metric=own_metric, value=own_metric(setup.logits).detach())
         if explanations is not None:
             e = explanations[i]
         else:
             own = setup if mode == "joint" else prepare(hooked, x, setup.metric, mode)
             e = explain_row(hooked, own, x, explainer, mode, options)
-        modalities = setup.spans.modalities
-        masks, labels = [], []
-        for scope in modalities + (["joint"] if len(modalities) > 1 else []):
-            members = modalities if scope == "joint" else [scope]
-            scope_mask = torch.zeros_like(setup.explained[0].cpu())
-            for n in members:
-                scope_mask |= setup.spans.masks[n][0].cpu()
-            for k in fractions:
+        masks, labels = _faithfulness_masks(setup, e, fractions, random_draws, generator)
+        values = masked_values(hooked, x, setup, masks, batch_size).tolist()
+        rows += _faithfulness_rows(i, float(setup.value[0]), labels, values)
+    curves = pd.DataFrame(rows)
+    return FaithfulnessResult(
+        curves, areas(curves), name, faithfulness_intervals(curves, n_resamples=n_resamples, seed=seed), metric
+    )
+
+
+def _faithfulness_masks(
+    setup: Setup, e: Explanation, fractions: list[float], random_draws: int, generator: torch.Generator
+) -> tuple[list[Tensor], list[tuple]]:
+    """The keep and remove masks Bool[seq] of one input, with their (scope, k, source, draw, which) labels."""
+    modalities = setup.spans.modalities
+    scopes = modalities + (["joint", "global"] if len(modalities) > 1 else [])
+    masks, labels = [], []
+    for scope in scopes:
+        members = modalities if scope in ("joint", "global") else [scope]
+        scope_mask = torch.zeros_like(setup.explained[0].cpu())
+        for n in members:
+            scope_mask |= setup.spans.masks[n][0].cpu()
+        for k in fractions:
+            if scope == "global":
+                top = _global_top(e.scores[0].cpu(), scope_mask & setup.explained[0].cpu(), k)
+                draws = [
+                    _random_global(scope_mask & setup.explained[0].cpu(), k, generator) for _ in range(random_draws)
+                ]
+            else:
                 top = torch.zeros_like(scope_mask)
                 for n in members:
                     top |= e.top_mask(n, k)[0]
                 draws = [_random_top(setup.spans, members, k, generator) for _ in range(random_draws)]
-                for source, chosen in (("explanation", [top]), ("random", draws)):
-                    for d, mask in enumerate(chosen):
-                        masks += [scope_mask & ~mask, mask]
-                        labels += [(scope, k, source, d, "keep"), (scope, k, source, d, "remove")]
-        values = masked_values(hooked, x, setup, masks, batch_size).tolist()
-        f = float(setup.value[0])
-        table = pd.DataFrame(
-            [(*label, v) for label, v in zip(labels, values)],
-            columns=["scope", "k", "source", "draw", "which", "value"],
+            for source, chosen in (("explanation", [top]), ("random", draws)):
+                for d, mask in enumerate(chosen):
+                    masks += [scope_mask & ~mask, mask]
+                    labels += [(scope, k, source, d, "keep"), (scope, k, source, d, "remove")]
+    return masks, labels
+
+
+def _global_top(scores: Tensor, where: Tensor, k: float) -> Tensor:
+    """Bool[seq]: the ``ceil(k * n)`` highest scores among the ``n`` positions of ``where`` (ties by position)."""
+    positions = where.nonzero()[:, 0]
+    count = int(np.ceil(k * len(positions) - 1e-9))
+    order = torch.argsort(scores[positions].nan_to_num(float("-inf")), descending=True, stable=True)
+    out = torch.zeros_like(where)
+    out[positions[order[:count]]] = True
+    return out
+
+
+def _random_global(where: Tensor, k: float, generator: torch.Generator) -> Tensor:
+    """Bool[seq]: ``ceil(k * n)`` random positions of ``where``."""
+    positions = where.nonzero()[:, 0]
+    count = int(np.ceil(k * len(positions) - 1e-9))
+    out = torch.zeros_like(where)
+    out[positions[torch.randperm(len(positions), generator=generator)[:count]]] = True
+    return out
+
+
+def _faithfulness_rows(i: int, f: float, labels: list[tuple], values: list[float]) -> list[dict]:
+    """The ``curves`` rows of input ``i`` from its masked values (random draws averaged)."""
+    table = pd.DataFrame(
+        [(*label, v) for label, v in zip(labels, values)], columns=["scope", "k", "source", "draw", "which", "value"]
+    )
+    wide = table.pivot_table(index=["scope", "k", "source", "draw"], columns="which", values="value").reset_index()
+    wide = wide.groupby(["scope", "k", "source"], sort=False)[["keep", "remove"]].mean().reset_index()
+    return [
+        {
+            "input": i,
+            "scope": r.scope,
+            "k": r.k,
+            "source": r.source,
+            "f": f,
+            "f_keep": r.keep,
+            "f_remove": r.remove,
+            "sufficiency_gap": abs(r.keep - f),
+            "necessity_drop": f - r.remove,
+        }
+        for r in wide.itertuples(index=False)
+    ]
+
+
+def _paired_interval(a: np.ndarray, b: np.ndarray, confidence: float, n_resamples: int, seed: int) -> Interval:
+    """The bootstrap interval of mean(a - b) over inputs (NaN bounds for fewer than 2 inputs)."""
+    if len(a) < 2:
+        return Interval(float(np.mean(a - b)), float("nan"), float("nan"), confidence, "too few inputs")
+    return bootstrap_ci(a, paired_with=b, confidence=confidence, n_resamples=n_resamples, seed=seed)
+
+
+def faithfulness_intervals(
+    curves: pd.DataFrame, *, confidence: float = 0.95, n_resamples: int = 999, seed: int = 0
+) -> pd.DataFrame:
+    """The ``intervals`` table of a :class:`FaithfulnessResult` from its ``curves``: per-input areas,
+    explanation vs random, paired over inputs."""
+    if curves.empty or curves.k.nunique() < 2:
+        return pd.DataFrame()
+    per = []
+    for (i, scope, source), group in curves.groupby(["input", "scope", "source"], sort=False):
+        group = group.sort_values("k")
+        k = group.k.to_numpy()
+        per.append(
+            {
+                "input": i,
+                "scope": scope,
+                "source": source,
+                "aoc_sufficiency_gap": float(np.trapezoid(group.sufficiency_gap.to_numpy(), k)),
+                "auc_necessity_drop": float(np.trapezoid(group.necessity_drop.to_numpy(), k)),
+            }
         )
-        wide = table.pivot_table(index=["scope", "k", "source", "draw"], columns="which", values="value").reset_index()
-        wide = wide.groupby(["scope", "k", "source"], sort=False)[["keep", "remove"]].mean().reset_index()
-        for r in wide.itertuples(index=False):
-            rows.append(
+    per = pd.DataFrame(per)
+    out = []
+    for scope, group in per.groupby("scope", sort=False):
+        wide = group.pivot_table(index="input", columns="source", values=["aoc_sufficiency_gap", "auc_necessity_drop"])
+        for measure, sign in (("aoc_sufficiency_gap", -1), ("auc_necessity_drop", 1)):
+            a, b = wide[measure]["explanation"].to_numpy(), wide[measure]["random"].to_numpy()
+            interval = _paired_interval(a, b, confidence, n_resamples, seed)
+            diff, low, high = interval.estimate, interval.low, interval.high
+            out.append(
                 {
-                    "input": i,
-                    "scope": r.scope,
-                    "k": r.k,
-                    "source": r.source,
-                    "f": f,
-                    "f_keep": r.keep,
-                    "f_remove": r.remove,
-                    "sufficiency_gap": abs(r.keep - f),
-                    "necessity_drop": f - r.remove,
+                    "scope": scope,
+                    "measure": measure,
+                    "n_inputs": len(a),
+                    "explanation": float(a.mean()),
+                    "random": float(b.mean()),
+                    "diff": diff,
+                    "diff_low": low,
+                    "diff_high": high,
+                    "better": bool(low > 0) if sign > 0 else bool(high < 0),
                 }
             )
-    curves = pd.DataFrame(rows)
-    return FaithfulnessResult(curves, areas(curves), explainer)
+    return pd.DataFrame(out)
 
 
 @dataclass
@@ -390,14 +642,22 @@ class StabilityResult:
     """What :func:`stability` returns.
 
     Attributes:
-        samples: one row per (input, explainer, perturbed modality m, kind, draw, explained
-            modality n): ``input_distance`` (L2 in the LM's input embeddings at m's positions,
-            :func:`mmlens.metrics.perturb.input_distance`), ``explanation_distance`` (L2 between the raw
-            scores at n's positions), ``ratio`` (their quotient), ``kept`` (whether the prediction
-            was unchanged; only kept samples enter the summary).
-        summary: one row per (explainer, m, n): ``equation`` ("intra (6)" for m == n, "cross (7)"
-            otherwise), ``n_kept``/``n_dropped``, and the ratio's ``max``, ``p95`` and ``median``.
-        skipped: modalities that could not be perturbed, with the reason.
+        samples: one row per (input, explainer, perturbed modality m, source, epsilon, draw, explained
+            modality n). ``source``: ``"input"`` (an adapter perturbation ``kind`` of m's raw inputs),
+            ``"random"`` (a random direction in the LM-input embeddings at m's positions, of relative
+            norm ``epsilon``) or ``"adversarial"`` (the greedy random-restart search inside that ball).
+            ``explanation_change``: ||E_n(x) - E_n(x')|| / ||E_n(x)|| (scale-invariant);
+            ``input_change``: :func:`mmlens.metrics.perturb.relative_input_change` (NaN for
+            embedding-level draws); ``embedding_change``: ||e_m - e'_m|| / ||e_m||; ``ris`` and
+            ``res``: their quotients (relative input / embedding stability, Agarwal et al. 2022, with
+            denominators floored at ``1e-6``); ``kept``: the prediction was unchanged (only kept
+            draws count). Also the raw L2 ``input_distance``, ``explanation_distance``, ``ratio``.
+        summary: one row per (explainer, m, n, source, epsilon): ``equation`` ("intra (6)" for
+            m == n, "cross (7)"), ``n_inputs``, and over inputs of the per-input supremum over the
+            kept draws: ``ris_max``/``ris_median``, ``res_max``/``res_median``, and ``max``, ``p95``,
+            ``median`` of the raw ratio's supremum.
+        skipped: perturbations that could not be made, and explainers without an adversarial search,
+            with the reason.
     """
 
     samples: pd.DataFrame
@@ -408,38 +668,48 @@ class StabilityResult:
 def stability(
     hooked: HookedModel,
     inputs: Dataset,
-    explainers: Sequence[str] = ("integrated_gradients",),
+    explainers: Sequence[str | Explainer] = ("integrated_gradients",),
     *,
     modalities: Sequence[str] | None = None,
     kinds: Mapping[str, Sequence[str]] | None = None,
     n: int = 4,
     scale: Mapping[str, float] | None = None,
+    epsilons: Sequence[float] = (),
+    random_draws: int = 3,
+    search_steps: int = 2,
+    controls: bool = False,
     seed: int = 0,
     options: Mapping[str, dict] | None = None,
     progress: bool = True,
 ) -> StabilityResult:
-    """Unified stability: Lipschitz ratios ||E(x) - E(x')|| / ||x - x'|| under small
-    meaning-preserving perturbations of each modality m (:func:`mmlens.metrics.perturb.perturb`), for the
-    explanation of every modality n (Eq. 6 for n = m, Eq. 7 for n != m).
+    """Relative stability of explanations under small perturbations of each modality m, for the
+    explanation of every modality n (Eq. 6 for n = m, Eq. 7 for n != m), as a per-input supremum.
 
-    A perturbation is kept only if the predicted final-position token is unchanged (argmax of the
-    logits); both explanations explain the probability of the original prediction.
+    Draws: ``n`` per adapter perturbation kind of m's raw inputs
+    (:func:`mmlens.metrics.perturb.perturb`), and for every ``epsilon`` (relative L2 radius in the
+    LM-input embeddings at m's positions) ``random_draws`` random directions plus, for explainers
+    that can explain embedding-level variants, a greedy search of ``search_steps`` rounds (each
+    tries two random moves of half the radius from the worst point so far, projected into the ball,
+    and keeps one if it raises the explanation change). A draw counts only if the predicted token
+    is unchanged; both explanations explain the probability of the original prediction.
 
     Args:
-        modalities: which modalities to perturb (default: every one of the inputs that has kinds).
+        modalities: which modalities to perturb (default: every one of the inputs).
         kinds: modality -> perturbation kinds (default: every kind the model's adapter declares).
-        n: draws per kind.
+        epsilons: the embedding-ball radii; a curve over epsilon in the summary (none: input kinds only).
+        controls: add the control explainers.
     """
-    from mmlens.metrics.perturb import PERTURBATIONS, perturb
+    from mmlens.metrics.perturb import perturb, relative_input_change
 
     items = examples(hooked, inputs)
     present = _modalities(hooked, items)
-    targets = [m for m in (modalities or present) if m in PERTURBATIONS]
     unknown = [m for m in (modalities or []) if m not in present]
     if unknown:
         raise ValueError(f"modalities {unknown} are not in these inputs; they have {present}")
-    chosen = _Explainers.of(explainers, options)
+    targets = list(modalities or present)
+    chosen = _Explainers.of(list(explainers) + (list(CONTROLS) if controls else []), options)
     rows, skipped = [], {}
+    generator = torch.Generator().manual_seed(seed)
     for i, x in enumerate(tqdm(items, desc="stability", disable=not progress)):
         setup = prepare(hooked, x, None, "joint")
         base = chosen.explain(hooked, x, setup)
@@ -448,39 +718,127 @@ def stability(
                 perturbed = perturb(hooked, x, m, (kinds or {}).get(m), n=n, scale=scale, seed=seed + i)
             except ValueError as err:
                 skipped[m] = str(err)
-                continue
+                perturbed = []
             for draw, p in enumerate(perturbed):
-                rows += _stability_samples(hooked, setup, base, chosen, p, i, draw)
-    samples = pd.DataFrame(rows)
+                moved = prepare(hooked, p.inputs, setup.metric, "joint")
+                change = relative_input_change(hooked, x, p.inputs, m)
+                rows += _stability_samples(
+                    hooked, setup, base, chosen, p.inputs, moved, (i, m, "input", p.kind, draw), change
+                )
+            for epsilon in epsilons:
+                rows += _ball_samples(
+                    hooked, x, setup, base, chosen, (i, m, epsilon), random_draws, search_steps, generator
+                )
+    for name in chosen.names:
+        if epsilons and not reads_setup_only(chosen.methods[name]):
+            skipped[name] = "no embedding-level draws: the explainer re-runs the inputs (not in EMBEDS_ONLY)"
+    samples = pd.DataFrame([{k: v for k, v in r.items() if k != "_embeds"} for r in rows])
     return StabilityResult(samples, stability_summary(samples), skipped)
 
 
 @dataclass
 class _Explainers:
-    """Explainers by name, each with its mode (the ``"mode"`` of its options, default ``"joint"``) and
-    its other keyword options."""
+    """Explainers (registered names or callables) under their report names, each with its mode (the
+    ``"mode"`` of its options, else ``default_mode``) and its other keyword options."""
 
-    names: Sequence[str]
+    methods: dict[str, str | Explainer]
     modes: dict[str, str]
     options: dict[str, dict]
 
+    @property
+    def names(self) -> list[str]:
+        return list(self.methods)
+
     @classmethod
-    def of(cls, names: Sequence[str], options: Mapping[str, dict] | None) -> _Explainers:
-        """The explainers ``names`` with their per-explainer ``options`` (names checked)."""
-        own = {name: dict((options or {}).get(name, {})) for name in names}
-        modes = {name: own[name].pop("mode", "joint") for name in names}
-        for name in names:
-            check_method(name)
-        return cls(names, modes, own)
+    def of(
+        cls, methods: Sequence[str | Explainer], options: Mapping[str, dict] | None, default_mode: str = "joint"
+    ) -> _Explainers:
+        """The explainers ``methods`` with their per-explainer ``options`` (names checked, duplicates dropped)."""
+        for method in methods:
+            check_method(method)
+        named = {explainer_name(m): m for m in methods}
+        own = {name: dict((options or {}).get(name, {})) for name in named}
+        modes = {name: own[name].pop("mode", default_mode) for name in named}
+        return cls(named, modes, own)
 
     def explain(self, hooked: HookedModel, x: dict, setup: Setup) -> dict[str, Explanation]:
-        """Each explainer's explanation of input row ``x`` (``setup``: its joint :func:`prepare`)."""
+        """Each explainer's explanation of input row ``x`` (``setup``: its joint :func:`prepare`, or an
+        embedding-level variant of it)."""
         return {
             name: explain_row(
-                hooked, _mode_setup(hooked, x, setup, self.modes[name]), x, name, self.modes[name], self.options[name]
+                hooked, _mode_setup(hooked, x, setup, mode), x, self.methods[name], mode, self.options[name]
             )
-            for name in self.names
+            for name, mode in self.modes.items()
         }
+
+    def explain_modes(self, hooked: HookedModel, x: dict, setup: Setup) -> dict[str, dict[str, Explanation]]:
+        """Explainer -> modality -> the explanation that covers it: one joint explanation, or in mode
+        ``"unimodal"`` one per modality."""
+        out = {}
+        for name, mode in self.modes.items():
+            if mode == "joint":
+                e = explain_row(hooked, setup, x, self.methods[name], mode, self.options[name])
+                out[name] = {m: e for m in setup.spans.modalities}
+            elif mode == "unimodal":
+                out[name] = {
+                    m: explain_row(
+                        hooked, _mode_setup(hooked, x, setup, m), x, self.methods[name], m, self.options[name]
+                    )
+                    for m in setup.spans.modalities
+                }
+            else:
+                raise ValueError(f"mode must be 'joint' or 'unimodal', got {mode!r}")
+        return out
+
+
+def _ball_samples(
+    hooked: HookedModel,
+    x: dict,
+    setup: Setup,
+    base: dict[str, Explanation],
+    chosen: _Explainers,
+    key: tuple[int, str, float],
+    random_draws: int,
+    search_steps: int,
+    generator: torch.Generator,
+) -> list[dict]:
+    """The random and adversarial draws in the embedding ball of relative radius ``epsilon`` around
+    input ``i``'s embeddings at m's positions (``key`` = (i, m, epsilon))."""
+    i, m, epsilon = key
+    names = [k for k, v in chosen.methods.items() if reads_setup_only(v)]
+    able = _Explainers({k: chosen.methods[k] for k in names}, {k: chosen.modes[k] for k in names}, chosen.options)
+    if not able.methods:
+        return []
+    where = setup.spans.masks[m].to(setup.embeds.device)[..., None]
+    radius = epsilon * float(torch.where(where, setup.embeds, 0.0).norm())
+
+    def move(center: Tensor, size: float) -> Tensor:
+        step = torch.randn(setup.embeds.shape, generator=generator).to(setup.embeds) * where
+        moved = center + size * step / step.norm().clamp_min(1e-30)
+        offset = moved - setup.embeds
+        return setup.embeds + offset * min(1.0, radius / max(float(offset.norm()), 1e-30))
+
+    rows = []
+    for draw in range(random_draws):
+        moved = variant_setup(hooked, x, setup, move(setup.embeds, radius))
+        rows += _stability_samples(hooked, setup, base, able, x, moved, (i, m, "random", epsilon, draw))
+    for name in able.names:
+        one = _Explainers({name: able.methods[name]}, {name: able.modes[name]}, able.options)
+        own = [r for r in rows if r["explainer"] == name and r["kept"] and r["explained"] == m]
+        best = max(own, key=lambda r: r["explanation_change"], default=None)
+        center = best["_embeds"] if best else setup.embeds
+        score = best["explanation_change"] if best else -1.0
+        for step in range(search_steps):
+            tries = []
+            for _ in range(2):
+                moved = variant_setup(hooked, x, setup, move(center, radius / 2))
+                tries += _stability_samples(hooked, setup, base, one, x, moved, (i, m, "adversarial", epsilon, step))
+            found = [r for r in tries if r["kept"] and r["explained"] == m]
+            top = max(found, key=lambda r: r["explanation_change"], default=None)
+            if top is not None and top["explanation_change"] > score:
+                center, score = top["_embeds"], top["explanation_change"]
+                rows += [r for r in tries if r["_embeds"] is top["_embeds"]]
+    return rows
 
 
 def _stability_samples(
@@ -488,41 +846,54 @@ def _stability_samples(
     setup: Setup,
     base: dict[str, Explanation],
     chosen: _Explainers,
-    p: Perturbed,
-    input_index: int,
-    draw: int,
+    moved_x: dict,
+    moved_setup: Setup,
+    key: tuple,
+    input_change: float = float("nan"),
 ) -> list[dict]:
-    """The :class:`StabilityResult` samples of draw ``draw`` of one perturbation of input row ``input_index``
-    (``setup``: the row's joint setup, ``base``: its explanations); none when ``p`` leaves the perturbed
-    modality's embeddings unchanged."""
-    if not hooked.spans(p.inputs).same_layout(setup.spans):
+    """The :class:`StabilityResult` samples of one draw (``key`` = (input, m, source, kind or epsilon,
+    draw); ``moved_x``/``moved_setup``: the draw's input row and setup; ``input_change``: its relative
+    raw-input change, NaN for embedding-level draws); none when m's embeddings are unchanged. Each row
+    carries the draw's embeddings under ``_embeds`` for the adversarial search."""
+    i, m, source, which, draw = key
+    if not moved_setup.spans.same_layout(setup.spans):
         raise ValueError(
-            f"a {p.kind!r} perturbation changed the layout (modality spans); stability "
-            "compares explanations position by position"
+            f"a {which!r} perturbation changed the layout (modality spans); stability compares explanations "
+            "position by position"
         )
-    moved_setup = prepare(hooked, p.inputs, setup.metric, "joint")
-    where = setup.spans.masks[p.modality].to(setup.embeds.device)[..., None]
+    where = setup.spans.masks[m].to(setup.embeds.device)[..., None]
     distance = float(torch.where(where, setup.embeds.float() - moved_setup.embeds.float(), 0.0).norm())
     if distance == 0:
         return []
+    embedding_change = distance / max(float(torch.where(where, setup.embeds.float(), 0.0).norm()), 1e-30)
     kept = int(moved_setup.logits[0].argmax()) == int(setup.logits[0].argmax())
-    moved = chosen.explain(hooked, p.inputs, moved_setup)
+    moved = chosen.explain(hooked, moved_x, moved_setup)
     rows = []
     for name in chosen.names:
         for target in setup.spans.modalities:
-            change = float((base[name].masked(target) - moved[name].masked(target)).norm(dim=1)[0])
+            a, b = base[name].masked(target), moved[name].masked(target)
+            change = float((a - b).norm(dim=1)[0])
+            relative = change / max(float(a.norm(dim=1)[0]), 1e-30)
             rows.append(
                 {
-                    "input": input_index,
+                    "input": i,
                     "explainer": name,
-                    "perturbed": p.modality,
-                    "kind": p.kind,
+                    "perturbed": m,
+                    "source": source,
+                    "kind": which if source == "input" else source,
+                    "epsilon": float(which) if source != "input" else float("nan"),
                     "draw": draw,
                     "explained": target,
                     "input_distance": distance,
                     "explanation_distance": change,
                     "ratio": change / distance,
+                    "explanation_change": relative,
+                    "input_change": input_change,
+                    "embedding_change": embedding_change,
+                    "ris": relative / max(input_change, 1e-6),
+                    "res": relative / max(embedding_change, 1e-6),
                     "kept": kept,
+                    "_embeds": moved_setup.embeds,
                 }
             )
     return rows
@@ -532,20 +903,30 @@ def stability_summary(samples: pd.DataFrame) -> pd.DataFrame:
     """The ``summary`` table of a :class:`StabilityResult` from its ``samples`` table."""
     if samples.empty:
         return pd.DataFrame()
+    samples = samples.assign(epsilon=samples.epsilon.fillna(-1.0))
+    keys = ["explainer", "perturbed", "explained", "source", "epsilon"]
+    dropped = (~samples.kept).groupby([samples[k] for k in keys], sort=False).sum()
+    sup = samples[samples.kept].groupby([*keys, "input"], sort=False)[["ris", "res", "ratio"]].max().reset_index()
     out = []
-    for (name, m, target), group in samples.groupby(["explainer", "perturbed", "explained"], sort=False):
-        kept = group[group.kept].ratio
+    for key, group in sup.groupby(keys, sort=False):
+        name, m, target, source, epsilon = key
         out.append(
             {
                 "explainer": name,
                 "perturbed": m,
                 "explained": target,
+                "source": source,
+                "epsilon": float("nan") if epsilon < 0 else epsilon,
                 "equation": "intra (6)" if m == target else "cross (7)",
-                "n_kept": len(kept),
-                "n_dropped": int((~group.kept).sum()),
-                "max": float(kept.max()) if len(kept) else float("nan"),
-                "p95": float(kept.quantile(0.95)) if len(kept) else float("nan"),
-                "median": float(kept.median()) if len(kept) else float("nan"),
+                "n_inputs": len(group),
+                "n_dropped": int(dropped[key]),
+                "ris_max": float(group.ris.max()),
+                "ris_median": float(group.ris.median()),
+                "res_max": float(group.res.max()),
+                "res_median": float(group.res.median()),
+                "max": float(group.ratio.max()),
+                "p95": float(group.ratio.quantile(0.95)),
+                "median": float(group.ratio.median()),
             }
         )
     return pd.DataFrame(out)
@@ -565,24 +946,30 @@ def circuit_faithfulness(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Sufficiency and necessity of a circuit (:class:`mmlens.methods.circuits.Circuit`) with keep/remove
-    interventions inside the model (:func:`mmlens.methods.circuits.intervene`), against random circuits with
-    as many components drawn from the same universe.
+    interventions inside the model (:func:`mmlens.methods.circuits.intervene`), against random circuits
+    matched in (component, position, head) cells (:func:`mmlens.methods.circuits.matched_random_circuit`,
+    drawn per input). A circuit with edges is also evaluated as edges, through path patching
+    (:func:`mmlens.methods.circuits.edge_patch`: only its sender -> receiver paths carry the ablated
+    run), against as many random edges of the same kinds; this needs ablation ``"neutral"`` (the
+    ablated run is the neutral input) or ``"resample"`` (``reference`` inputs).
 
     Returns one row per (input, source): ``source`` ``"circuit"`` or ``"random"`` (mean over draws),
-    ``f`` (the predicted token's probability), ``f_keep``, ``f_remove``, ``sufficiency_gap``
-    (|f_keep - f|), ``necessity_drop`` (f - f_remove). A circuit that is the whole universe has
-    sufficiency gap 0; removing it gives the fully ablated run.
+    and for edge circuits ``"circuit_edges"`` and ``"random_edges"`` (``f_keep`` NaN: only removal is
+    path-patched); ``cells`` (the cell count, equal for a circuit and its random matches), ``f`` (the
+    predicted token's probability), ``f_keep``, ``f_remove``, ``sufficiency_gap`` (|f_keep - f|),
+    ``necessity_drop`` (f - f_remove). A circuit that is the whole universe has sufficiency gap 0;
+    removing it gives the fully ablated run.
     """
-    from mmlens.methods.circuits import Circuit, components, intervene
+    from mmlens.methods.circuits import cell_count, intervene, matched_random_circuit
 
     generator = torch.Generator().manual_seed(seed)
     nodes = circuit.effective_nodes
     kinds = tuple(kinds or dict.fromkeys(hooked.resolve(n.hook).kind for n in nodes)) or ("attn_out", "mlp_out")
-    universe = components(hooked, kinds)
-    randoms = [
-        Circuit(tuple(universe[j] for j in torch.randperm(len(universe), generator=generator)[: len(nodes)]))
-        for _ in range(random_draws)
-    ]
+    if circuit.edges and ablation not in ("neutral", "resample"):
+        raise ValueError(
+            f"edges are evaluated by path patching from an ablated run: use ablation 'neutral' or 'resample', "
+            f"got {ablation!r}"
+        )
     rows = []
     for i, x in enumerate(tqdm(examples(hooked, inputs), desc="circuit faithfulness", disable=not progress)):
         metric = predicted_prob(hooked, x)
@@ -590,6 +977,7 @@ def circuit_faithfulness(
         def f(run, metric: Metric = metric, x: dict = x) -> float:
             return float(metric(hooked.readout_logits(run.logits, x))[0])
 
+        randoms = [matched_random_circuit(hooked, circuit, x, generator) for _ in range(random_draws)]
         with torch.no_grad():
             base = f(hooked.run(x))
             for source, group in (("circuit", [circuit]), ("random", randoms)):
@@ -604,18 +992,68 @@ def circuit_faithfulness(
                 if not group:
                     continue
                 f_keep, f_remove = float(np.mean(keep)), float(np.mean(remove))
-                rows.append(
-                    {
-                        "input": i,
-                        "source": source,
-                        "f": base,
-                        "f_keep": f_keep,
-                        "f_remove": f_remove,
-                        "sufficiency_gap": abs(f_keep - base),
-                        "necessity_drop": base - f_remove,
-                    }
+                cells = [cell_count(hooked, c, x) for c in group]
+                rows.append(_circuit_row(i, source, int(np.mean(cells)), base, f_keep, f_remove))
+            if circuit.edges:
+                rows += _edge_rows(
+                    hooked, x, i, circuit, ablation, reference, modality, random_draws, generator, metric
                 )
     return pd.DataFrame(rows)
+
+
+def _circuit_row(i: int, source: str, cells: int, f: float, f_keep: float, f_remove: float) -> dict:
+    """One row of :func:`circuit_faithfulness`."""
+    return {
+        "input": i,
+        "source": source,
+        "cells": cells,
+        "f": f,
+        "f_keep": f_keep,
+        "f_remove": f_remove,
+        "sufficiency_gap": abs(f_keep - f),
+        "necessity_drop": f - f_remove,
+    }
+
+
+def _edge_rows(
+    hooked: HookedModel,
+    x: dict,
+    i: int,
+    circuit: Any,
+    ablation: str,
+    reference: Any,
+    modality: str | None,
+    random_draws: int,
+    generator: torch.Generator,
+    metric: Metric,
+) -> list[dict]:
+    """The ``circuit_edges`` and ``random_edges`` rows of input ``i``: removal by path patching."""
+    from mmlens.methods.circuits import edge_patch, random_edges
+
+    if ablation == "resample":
+        if reference is None:
+            raise ValueError("ablation 'resample' needs reference inputs of the same layout")
+        corrupted = reference
+    else:
+        corrupted = x
+        for m in [modality] if modality else [m for m in hooked.spans(x).modalities if m in hooked.adapter.neutral]:
+            corrupted = hooked.neutral(corrupted, m)
+    with torch.no_grad():
+        f = edge_patch(hooked, x, corrupted, metric, ())
+        rows = [
+            _circuit_row(
+                i,
+                "circuit_edges",
+                len(circuit.edges),
+                f,
+                float("nan"),
+                edge_patch(hooked, x, corrupted, metric, circuit.edges),
+            )
+        ]
+        draws = [random_edges(hooked, circuit.edges, generator) for _ in range(random_draws)]
+        removed = [edge_patch(hooked, x, corrupted, metric, d) for d in draws]
+    rows.append(_circuit_row(i, "random_edges", len(circuit.edges), f, float("nan"), float(np.mean(removed))))
+    return rows
 
 
 @dataclass
@@ -628,17 +1066,23 @@ class InteractionResult:
             ``v_b`` (a neutral), ``v_none`` (both neutral) and ``shapley_interaction`` =
             v_ab - v_a - v_b + v_none (f: the probability of the input's predicted token). Positive:
             synergy (each modality needs the other); negative: redundancy (either suffices); ~0:
-            additive.
+            additive. ``shapley_interaction_logodds``: the same in log-odds of that token (log p -
+            log(1 - p)), which does not saturate (with two classes it is the logit difference, so a
+            model additive in logits has none).
+        intervals: per ``space`` (``prob``, ``logodds``): the mean interaction with a bootstrap
+            interval over inputs (``low``, ``high``).
         emap: Hessel & Lee's (2020) empirical multimodally-additive projection over the dataset:
             ``accuracy`` of the model's own logits and ``emap_accuracy`` of their additive
             projection against ``labels`` (the model's predictions when none are given), and
-            ``gap`` = accuracy - emap_accuracy (~0 when the model is additive in a and b); None
-            when the inputs' a positions differ.
+            ``gap`` = accuracy - emap_accuracy (~0 when the model is additive in a and b) with a
+            bootstrap interval over inputs (``gap_low``, ``gap_high``: inputs resampled, the
+            projection's means taken over the resample); None when the inputs' a positions differ.
     """
 
     modalities: tuple[str, str]
     per_input: pd.DataFrame
     emap: dict | None
+    intervals: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def mean_interaction(self) -> float:
@@ -654,6 +1098,8 @@ def interaction(
     labels: Sequence[int] | Tensor | None = None,
     emap: bool = True,
     batch_size: int = 64,
+    n_resamples: int = 999,
+    seed: int = 0,
     progress: bool = True,
 ) -> InteractionResult:
     """How much two modalities interact in the model's output, per input and over a dataset.
@@ -684,6 +1130,10 @@ def interaction(
         mask_a, mask_b = (setup.spans.masks[m][0].cpu() & setup.explained[0].cpu() for m in pair)
         v_a, v_b, v_none = masked_values(hooked, x, setup, [mask_b, mask_a, mask_a | mask_b], batch_size).tolist()
         v_ab = float(setup.value[0])
+        odds = replace(setup, metric=prediction_metric(setup.logits, "logodds"))
+        odds.value = odds.metric(setup.logits)
+        l_a, l_b, l_none = masked_values(hooked, x, odds, [mask_b, mask_a, mask_a | mask_b], batch_size).tolist()
+        l_ab = float(odds.value[0])
         rows.append(
             {
                 "input": i,
@@ -692,15 +1142,46 @@ def interaction(
                 "v_b": v_b,
                 "v_none": v_none,
                 "shapley_interaction": v_ab - v_a - v_b + v_none,
+                "shapley_interaction_logodds": l_ab - l_a - l_b + l_none,
             }
         )
-    return InteractionResult(
-        pair, pd.DataFrame(rows), _emap(hooked, items, setups, a, labels, batch_size, progress) if emap else None
-    )
+    per_input = pd.DataFrame(rows)
+    emap_result = _emap(hooked, items, setups, a, labels, batch_size, progress, n_resamples, seed) if emap else None
+    return InteractionResult(pair, per_input, emap_result, _interaction_intervals(per_input, n_resamples, seed))
+
+
+def _interaction_intervals(per_input: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
+    """Mean Shapley interaction in probability and log-odds space with bootstrap intervals over inputs."""
+    out = []
+    for space, column in (("prob", "shapley_interaction"), ("logodds", "shapley_interaction_logodds")):
+        values = per_input[column].to_numpy()
+        if len(values) < 2:
+            out.append({"space": space, "mean": float(values.mean()), "low": np.nan, "high": np.nan, "n_inputs": 1})
+            continue
+        interval = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
+        out.append(
+            {
+                "space": space,
+                "mean": interval.estimate,
+                "low": interval.low,
+                "high": interval.high,
+                "n_inputs": len(values),
+                "interval": interval.method,
+            }
+        )
+    return pd.DataFrame(out)
 
 
 def _emap(
-    hooked: HookedModel, items: list[dict], setups: list, a: str, labels, batch_size: int, progress: bool
+    hooked: HookedModel,
+    items: list[dict],
+    setups: list,
+    a: str,
+    labels,
+    batch_size: int,
+    progress: bool,
+    n_resamples: int = 999,
+    seed: int = 0,
 ) -> dict | None:
     masks = [s.spans.masks[a][0].cpu() for s in setups]
     if len(items) < 2 or any(not torch.equal(m, masks[0]) for m in masks):
@@ -716,15 +1197,33 @@ def _emap(
                 row.append(with_embeds(hooked, x, setup.point, mixed, lambda out: out).float().cpu())
             logits.append(torch.cat(row))
     f = torch.stack(logits)  # Float[n, n, vocab]
-    projection = f.mean(1) + f.mean(0) - f.mean((0, 1))
     own = torch.diagonal(f).T.argmax(-1)
     truth = own if labels is None else torch.as_tensor(labels).long().cpu()
-    accuracy = float((own == truth).float().mean())
-    emap_accuracy = float((projection.argmax(-1) == truth).float().mean())
+    correct = (own == truth).double().numpy()
+
+    def gap(counts: np.ndarray) -> np.ndarray:
+        """Float[R]: accuracy - EMAP accuracy with input j drawn counts[r, j] times (the projection's
+        means weighted alike)."""
+        out = []
+        for w in counts:
+            p = torch.as_tensor(w / w.sum(), dtype=f.dtype)
+            projection = (
+                (f * p[None, :, None]).sum(1)
+                + (f * p[:, None, None]).sum(0)
+                - (f * (p[:, None] * p[None, :])[..., None]).sum((0, 1))
+            )
+            emap_correct = (projection.argmax(-1) == truth).double().numpy()
+            out.append(weighted_mean(correct - emap_correct, w)[0])
+        return np.array(out)
+
+    value, low, high = cluster_bootstrap(np.arange(len(items)), gap, n_resamples=n_resamples, seed=seed)
+    accuracy = float(correct.mean())
     return {
         "accuracy": accuracy,
-        "emap_accuracy": emap_accuracy,
-        "gap": accuracy - emap_accuracy,
+        "emap_accuracy": accuracy - value,
+        "gap": value,
+        "gap_low": low,
+        "gap_high": high,
         "n": len(items),
         "labels": "given" if labels is not None else "model predictions",
     }
@@ -740,9 +1239,13 @@ def _random_top(spans, members: list[str], k: float, generator: torch.Generator)
     return out
 
 
-def _mode_setup(hooked: HookedModel, x: dict, joint, mode: str):
-    """The setup of an explanation in ``mode``: ``joint`` itself, or a unimodal one with its metric."""
-    return joint if mode == "joint" else prepare(hooked, x, joint.metric, mode)
+def _mode_setup(hooked: HookedModel, x: dict, joint: Setup, mode: str) -> Setup:
+    """The setup of an explanation in ``mode``: ``joint`` itself, or a unimodal one with its metric (of
+    the same embeddings when ``joint`` is an embedding-level variant)."""
+    if mode == "joint":
+        return joint
+    own = prepare(hooked, x, joint.metric, mode)
+    return variant_setup(hooked, x, own, joint.embeds) if joint.edited else own
 
 
 def areas(curves: pd.DataFrame) -> pd.DataFrame:
@@ -775,6 +1278,7 @@ __all__ = [
     "Dataset",
     "FaithfulnessResult",
     "GrangerResult",
+    "REFERENCES",
     "InteractionResult",
     "StabilityResult",
     "areas",
@@ -782,7 +1286,9 @@ __all__ = [
     "examples",
     "explanation_distance",
     "faithfulness",
+    "faithfulness_intervals",
     "granger",
+    "granger_calibration",
     "granger_summary",
     "interaction",
     "js_divergence",

@@ -8,7 +8,7 @@ modality's inputs change; every other input is the same tensor object.
 Which input of a modality a kind changes, and that input's layout, are the adapter's facts: each
 adapter table declares ``perturbations`` (modality -> kind -> :data:`Prepare`), built from the
 tensor primitives here by :func:`token_perturbations`, :func:`image_perturbations` and
-:func:`graph_perturbations`; :func:`perturb` dispatches through ``hooked.adapter``.
+:func:`graph_perturbations` and :func:`audio_perturbations`; :func:`perturb` dispatches through ``hooked.adapter``.
 
 Kinds (the built-in ones per modality in ``PERTURBATIONS``; the strength ``scale`` of each, with
 its default in ``DEFAULT_SCALE``):
@@ -27,6 +27,13 @@ its default in ``DEFAULT_SCALE``):
   pixels in x and y, edges replicated), ``brightness`` (a constant offset per image, uniform in
   ``[-scale, scale]`` times the image's pixel std), ``gaussian_noise`` (sigma = ``scale`` times
   the image's pixel std). Images of zero std (e.g. all-zero padding images) stay unchanged.
+- audio (Whisper log-mel features ``[items, mel, frames]``, as Qwen2-Audio, Voxtral and Qwen2.5-Omni
+  take them; the waveform is not an input, so each kind is the waveform edit carried into the
+  extractor's log-mel): ``gain`` (uniform in ``[-scale, scale]`` dB per audio: ``dB / 40`` added
+  above the silence floor), ``audio_noise`` (Gaussian on the log-mel of the real frames, sigma =
+  ``scale`` times their std, clamped at the extractor's floor), ``time_shift`` (by up to ``scale``
+  frames of 10 ms inside the real frames, vacated frames filled with the extractor's value for zero
+  samples). The audio keeps its length, so its token count and the spans stay.
 - graph: ``drop_edges`` (a fraction ``scale`` of the node pairs of the ``[2, E]`` edge list, at
   least one; both directions of a pair go together), ``feature_noise`` (sigma = ``scale`` times
   the std of all entries of the ``[n_nodes, d]`` node features), ``embedding_noise`` on node
@@ -60,10 +67,16 @@ __all__ = [
     "DEFAULT_SCALE",
     "PERTURBATIONS",
     "PUNCTUATION",
+    "WHISPER_FLOOR",
+    "WHISPER_RANGE",
     "CannotPerturb",
     "Draw",
     "Perturbed",
     "Prepare",
+    "audio_gain",
+    "audio_noise",
+    "audio_perturbations",
+    "audio_time_shift",
     "brightness",
     "drop_edges",
     "embedding_noise",
@@ -74,6 +87,7 @@ __all__ = [
     "input_distance",
     "perturb",
     "punctuation_edit",
+    "relative_input_change",
     "shift",
     "synonym_groups",
     "synonym_swap",
@@ -84,6 +98,7 @@ PERTURBATIONS: dict[str, list[str]] = {
     "text": ["synonym_swap", "punctuation_edit"],
     "image": ["shift", "brightness", "gaussian_noise"],
     "graph": ["drop_edges", "feature_noise", "embedding_noise"],
+    "audio": ["gain", "audio_noise", "time_shift"],
 }
 """Modality -> the built-in perturbation kinds (what the shipped adapters declare); ``perturb(kind=None)``
 tries every kind the model's adapter declares for the modality."""
@@ -97,10 +112,13 @@ DEFAULT_SCALE: dict[str, float] = {
     "drop_edges": 0.05,
     "feature_noise": 0.05,
     "embedding_noise": 0.05,
+    "gain": 3.0,
+    "audio_noise": 0.05,
+    "time_shift": 5,
 }
 """Kind -> default ``scale``: a count (words, tokens, pixels), a fraction of edges, or a sigma in stds."""
 
-_COUNTS = ("synonym_swap", "punctuation_edit", "shift")
+_COUNTS = ("synonym_swap", "punctuation_edit", "shift", "time_shift")
 
 PUNCTUATION: dict[str, list[str]] = {".": ["!"], "!": ["."], ",": [";"], ";": [","]}
 """Punctuation token -> its near-equivalent replacements."""
@@ -300,6 +318,82 @@ def gaussian_noise(images: Tensor, sigma: float, generator: torch.Generator | No
     return _noise(images, sigma * _image_std(images), generator)
 
 
+# -- audio (Whisper log-mel features) ----------------------------------------------------------------
+
+WHISPER_FLOOR = -1.5
+"""The scaled log-mel of silence in Whisper's feature extractor: ``(log10(1e-10) + 4) / 4``."""
+WHISPER_RANGE = 2.0
+"""The extractor's dynamic range after scaling: values are clamped below at ``max - 8`` (log10 units),
+``max - 2`` once scaled by 1/4."""
+
+
+def _audio_frames(features: Tensor, valid: Tensor | None) -> Tensor:
+    """Bool[..., frames]: the frames of real audio (all of them when ``valid`` is None)."""
+    if valid is None:
+        return torch.ones(features.shape[:-2] + features.shape[-1:], dtype=torch.bool, device=features.device)
+    return valid.to(features.device).bool()
+
+
+def _zero_samples(features: Tensor) -> Tensor:
+    """Each item's log-mel of zero samples ``[..., 1, 1]``: its max minus the dynamic range, at least the
+    floor (what the extractor writes on frames of padding)."""
+    top = features.float().flatten(-2).max(-1).values[..., None, None]
+    return (top - WHISPER_RANGE).clamp(min=WHISPER_FLOOR)
+
+
+def audio_gain(features: Tensor, gain_db: Tensor | float) -> Tensor:
+    """Whisper log-mel ``[..., mel, frames]`` of the waveform scaled by ``gain_db`` decibels (one value,
+    or one per item ``[...]``).
+
+    Gain ``g`` multiplies the mel power by ``g^2``, i.e. adds ``log10(g^2) = gain_db / 10`` to the
+    log10 mel and ``gain_db / 40`` after the extractor's scaling; the extractor's ``max - 8``
+    clamp moves with the max, so frames of padding move too. Values at the silence floor
+    (:data:`WHISPER_FLOOR`) stay there (scaled silence is silence) and no value falls below it.
+    """
+    step = torch.as_tensor(gain_db, dtype=torch.float32, device=features.device)[..., None, None] / 40
+    moved = (features.float() + step).clamp(min=WHISPER_FLOOR)
+    return torch.where(features > WHISPER_FLOOR, moved, features.float()).to(features.dtype)
+
+
+def audio_time_shift(features: Tensor, frames: int, valid: Tensor | None = None) -> Tensor:
+    """Whisper log-mel ``[..., mel, frames]`` of the waveform delayed by ``frames`` frames (10 ms each;
+    advanced when negative) inside each item's real frames ``valid`` Bool[..., frames] (all when None).
+
+    Frames moved past the end of the real audio are dropped, vacated frames get the extractor's
+    value for zero samples (the item's max minus 2, at least the floor), padding frames are left as
+    they are; so the audio keeps its length and its token count.
+    """
+    real = _audio_frames(features, valid)
+    if not 0 <= abs(frames) < int(real.sum(-1).min()):
+        raise ValueError(
+            f"time shift {frames} is not shorter than the shortest audio ({int(real.sum(-1).min())} frames)"
+        )
+    n = features.shape[-1]
+    t = torch.arange(n, device=features.device)
+    length = real.long().sum(-1, keepdim=True)  # [..., 1]; real frames come first
+    source = t - frames  # frame t of the delayed audio is frame t - frames of the original
+    inside = (source >= 0) & (source < length) & real
+    index = source.clamp(0, n - 1).expand(real.shape)[..., None, :].expand(features.shape)
+    moved = torch.where(inside[..., None, :], features.gather(-1, index), _zero_samples(features).to(features.dtype))
+    return torch.where(real[..., None, :], moved, features)
+
+
+def audio_noise(
+    features: Tensor, sigma: float, valid: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """Whisper log-mel ``[..., mel, frames]`` plus Gaussian noise on the real frames, of std ``sigma`` times
+    the std of each item's real-frame values, clamped below at the item's extractor floor (its max
+    minus 2), so the result stays in the range the extractor produces. Noise on the log-mel, not on the
+    waveform (whose effect on a log-mel depends on the signal power in each bin)."""
+    real = _audio_frames(features, valid)[..., None, :].expand(features.shape)
+    values = features.float()
+    count = real.flatten(-2).sum(-1).clamp(min=2)
+    mean = (values * real).flatten(-2).sum(-1) / count
+    var = ((values - mean[..., None, None]) ** 2 * real).flatten(-2).sum(-1) / (count - 1)
+    noisy = _noise(values, sigma * var.sqrt()[..., None, None], generator).clamp(min=_zero_samples(features))
+    return torch.where(real, noisy, values).to(features.dtype)
+
+
 # -- graph -------------------------------------------------------------------------------------------
 
 
@@ -436,6 +530,59 @@ def _drops(
     return draw
 
 
+def _gains(
+    hooked: HookedModel, inputs: dict, spans: ModalitySpans, scale: float, generator: torch.Generator, *, key: str
+) -> Draw:
+    features = inputs[key]
+
+    def draw(i: int) -> tuple[dict, str]:
+        db = (torch.rand(features.shape[:-2], generator=generator) * 2 - 1) * scale
+        values = [round(v, 2) for v in db.flatten().tolist()]
+        return {**inputs, key: audio_gain(features, db)}, f"gain {values} dB per audio"
+
+    return draw
+
+
+def _time_shifts(
+    hooked: HookedModel,
+    inputs: dict,
+    spans: ModalitySpans,
+    scale: int,
+    generator: torch.Generator,
+    *,
+    key: str,
+    valid: str | None,
+) -> Draw:
+    offsets = [k for k in range(-scale, scale + 1) if k != 0]
+    order = torch.randperm(len(offsets), generator=generator).tolist()
+    mask = inputs.get(valid) if valid else None
+
+    def draw(i: int) -> tuple[dict, str]:
+        k = offsets[order[i % len(order)]]
+        return {**inputs, key: audio_time_shift(inputs[key], k, mask)}, f"time shift by {k} frames ({10 * k} ms)"
+
+    return draw
+
+
+def _audio_noises(
+    hooked: HookedModel,
+    inputs: dict,
+    spans: ModalitySpans,
+    scale: float,
+    generator: torch.Generator,
+    *,
+    key: str,
+    valid: str | None,
+) -> Draw:
+    mask = inputs.get(valid) if valid else None
+
+    def draw(i: int) -> tuple[dict, str]:
+        noisy = audio_noise(inputs[key], scale, mask, generator)
+        return {**inputs, key: noisy}, f"Gaussian noise on the log-mel, sigma = {scale} x its std"
+
+    return draw
+
+
 def token_perturbations(key: str, modality: str = "text") -> dict[str, Prepare]:
     """The text kinds (``synonym_swap``, ``punctuation_edit``) on the token ids ``Long[b, seq]`` at input
     ``key``, changing only the positions of span ``modality``."""
@@ -452,6 +599,18 @@ def image_perturbations(key: str) -> dict[str, Prepare]:
         "shift": partial(_shifts, key=key),
         "brightness": partial(_brightness, key=key),
         "gaussian_noise": _noise_kind(key, gaussian_noise, "each image's pixel std"),
+    }
+
+
+def audio_perturbations(key: str, valid: str | None = None) -> dict[str, Prepare]:
+    """The audio kinds (``gain``, ``audio_noise``, ``time_shift``) on Whisper log-mel features
+    ``[items, mel, frames]`` at input ``key``; ``valid`` names the frame mask ``[items, frames]`` of
+    real audio when the model takes one (else every frame is audio). See :func:`audio_gain`,
+    :func:`audio_noise`, :func:`audio_time_shift` for how each acts on the features."""
+    return {
+        "gain": partial(_gains, key=key),
+        "audio_noise": partial(_audio_noises, key=key, valid=valid),
+        "time_shift": partial(_time_shifts, key=key, valid=valid),
     }
 
 
@@ -504,7 +663,7 @@ def _scale(kind: str, scale: float | Mapping[str, float] | None) -> float:
     if value is None:
         raise ValueError(f"{kind} has no default scale (it is not a built-in kind); pass scale={{{kind!r}: ...}}")
     if kind in _COUNTS and not (isinstance(value, int) and value >= 1):
-        unit = "pixels" if kind == "shift" else "tokens per row"
+        unit = {"shift": "pixels", "time_shift": "frames"}.get(kind, "tokens per row")
         raise ValueError(f"{kind}'s scale is a count of {unit}, an int >= 1; got {value!r}")
     if kind == "drop_edges" and not 0 < value <= 1:
         raise ValueError(f"drop_edges' scale is the fraction of edges to drop, in (0, 1]; got {value!r}")
@@ -627,3 +786,28 @@ def input_distance(hooked: HookedModel, a: Mapping[str, Any], b: Mapping[str, An
     ea, eb = (hooked.run(x, cache=point).cache[point].float() for x in (a, b))
     diff = torch.where(mask.to(ea.device)[..., None], ea - eb, 0.0)
     return diff.flatten(1).norm(dim=1)
+
+
+def relative_input_change(hooked: HookedModel, a: Mapping[str, Any], b: Mapping[str, Any], modality: str) -> float:
+    """How much ``modality``'s raw inputs changed from ``a`` to ``b`` (batch 1), relative to ``a``: the
+    root sum of squares over the adapter's ``modality_inputs`` keys of ||a_k - b_k|| / ||a_k|| for
+    float tensors, and of the fraction of entries that differ for integer ones (token ids, edge
+    lists; a change of size counts as the fraction of entries added or removed)."""
+    keys = hooked.adapter.modality_inputs.get(modality, ())
+    if not keys:
+        raise ValueError(
+            f"adapter {hooked.adapter.name!r} declares no modality_inputs for {modality!r}; add them to the adapter table"
+        )
+    total = 0.0
+    for key in keys:
+        x, y = a.get(key), b.get(key)
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            continue
+        if x.shape != y.shape:
+            change = abs(x.numel() - y.numel()) / max(x.numel(), 1)
+        elif x.is_floating_point():
+            change = float((x.float() - y.float()).norm() / x.float().norm().clamp_min(1e-30))
+        else:
+            change = float((x != y).float().mean()) if x.numel() else 0.0
+        total += change**2
+    return total**0.5

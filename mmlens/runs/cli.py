@@ -3,7 +3,8 @@
 mmlens models                 list the model registry
 mmlens hooks MODEL [--json | --markdown]
                               list a model's hook points by stage and modality
-mmlens patch CONFIG [--out DIR] [--overwrite] [--check]
+mmlens hooks --supported      the supported model classes (hand table or automatic adapter), as Markdown
+mmlens patch CONFIG [--out DIR] [--overwrite] [--check] [--executor ray [--ray-address ADDR] [--workers N]]
                               run (or resume) the patching sweep a TOML/YAML config describes
 mmlens evaluate CONFIG [--out DIR] [--overwrite]
                               score explainers on the three desiderata (Granger, faithfulness, stability)
@@ -12,7 +13,9 @@ mmlens evaluate CONFIG [--out DIR] [--overwrite]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import sys
 
@@ -77,9 +80,22 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     from mmlens.core.wrapper import HookedModel
     from mmlens.data.loading import load_model
 
+    if args.supported:
+        from mmlens.hooks.supported import supported_markdown
+
+        print(supported_markdown(), end="")
+        return 0
+    if args.model is None:
+        raise ValueError("mmlens hooks needs a MODEL (see `mmlens models`), or --supported")
     loaded = load_model(args.model)
-    hm = HookedModel(loaded.model, tokenizer=loaded.tokenizer, processor=loaded.processor, name=loaded.name)
     example = None if args.no_shapes or args.markdown else loaded.example_inputs()
+    hm = HookedModel(
+        loaded.model,
+        tokenizer=loaded.tokenizer,
+        processor=loaded.processor,
+        name=loaded.name,
+        check=True if example is None else example,
+    )
     rows = hook_table(hm, example)
     if args.markdown:
         print(markdown_table(rows))
@@ -101,14 +117,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    from mmlens.runs.patch import PatchConfig, describe, prepare, run_patch
+    from mmlens.runs.patch import PatchConfig, describe, prepare, ray_executor, run_patch
 
+    if args.executor != "ray" and (args.ray_address or args.workers):
+        raise ValueError("--ray-address and --workers need --executor ray")
     config = PatchConfig.from_file(args.config, out=args.out)
     if args.check:
         print(describe(prepare(config)))
         return 0
+    executor = ray_executor(config, args.ray_address, args.workers) if args.executor == "ray" else None
     try:
-        run = run_patch(config, overwrite=args.overwrite, progress=not args.no_progress)
+        run = run_patch(config, overwrite=args.overwrite, progress=not args.no_progress, executor=executor)
     except KeyboardInterrupt:
         print(
             f"\nmmlens: interrupted; finished chunks are saved in {config.output.dir}. Run the same command again to "
@@ -145,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     hooks = sub.add_parser("hooks", help="list a model's hook points grouped by stage and modality")
-    hooks.add_argument("model", help="registry name (see `mmlens models`) or a Hugging Face id / folder")
+    hooks.add_argument("model", nargs="?", help="registry name (see `mmlens models`) or a Hugging Face id / folder")
+    hooks.add_argument(
+        "--supported", action="store_true", help="print the supported model classes (hand table or automatic)"
+    )
     hooks.add_argument("--json", action="store_true", help="print a JSON list of hook points")
     hooks.add_argument("--markdown", action="store_true", help="print a Markdown table, block indices collapsed")
     hooks.add_argument("--no-shapes", action="store_true", help="skip the dry run that measures shapes")
@@ -162,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     patch.add_argument("--check", action="store_true", help="validate the config against the model and print the plan")
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    patch.add_argument(
+        "--executor", choices=("serial", "ray"), default="serial", help="where chunks run (ray: pip install ray)"
+    )
+    patch.add_argument("--ray-address", help="an existing Ray cluster (auto, ray://head:10001); default: a local one")
+    patch.add_argument("--workers", type=int, help="Ray workers (one model each; default: one per CPU)")
     patch.set_defaults(func=cmd_patch)
     evaluate = sub.add_parser("evaluate", help="score explainers on Granger influence, faithfulness and stability")
     evaluate.add_argument(
@@ -178,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (LookupError, FileNotFoundError, ValueError, TypeError) as err:
+    except BrokenPipeError:  # the reader went away (`mmlens hooks ... | head -1`): stop quietly, as on SIGPIPE
+        with contextlib.suppress(OSError, ValueError):  # no real stdout (a notebook, a test's capture)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (LookupError, ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"mmlens: error: {err}", file=sys.stderr)
         return 2
 

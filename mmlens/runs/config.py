@@ -15,6 +15,8 @@ names (images, circuits).
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -38,7 +40,7 @@ from typing_extensions import Self
 
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.images import image_path, make_image
-from mmlens.data.loading import LoadedModel, encode, load_model
+from mmlens.data.loading import LoadedModel, encode, load_model, model_identity
 from mmlens.store import config_hash, file_digest
 
 
@@ -48,6 +50,9 @@ class ConfigError(ValueError):
     def __init__(self, field: str, problem: str, source: str | Path | None = None):
         self.field, self.problem, self.source = field, problem, source
         super().__init__(f"{source}: {field}: {problem}" if source else f"{field}: {problem}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.field, self.problem, self.source)
 
     def with_source(self, source: str | Path | None) -> ConfigError:
         """The same error, naming the config file ``source``."""
@@ -74,7 +79,7 @@ def _token(value: Any) -> str | int:
 
 def _folder(value: Any) -> str:
     if isinstance(value, str) and value.strip():
-        return value
+        return os.path.expanduser(value)
     raise PydanticCustomError("folder", "expected a folder path")
 
 
@@ -82,8 +87,10 @@ Index = Annotated[StrictInt, Field(ge=0)]
 """An integer >= 0 (a row, a layer, a seed)."""
 Count = Annotated[StrictInt, Field(ge=1)]
 """An integer >= 1."""
-Number = Annotated[float, Strict()]
-"""A float or an integer (read as a float); not a bool nor a string."""
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+"""A finite float or an integer (read as a float); not a bool, a string, NaN or infinity."""
+Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+"""A seed: an integer in [0, 2**32 - 1] (what every random generator mmlens seeds accepts)."""
 Token = Annotated[str | int, PlainValidator(_token)]
 """A string that the model's tokenizer must make into one token, or a token id."""
 Folder = Annotated[str, PlainValidator(_folder)]
@@ -127,7 +134,7 @@ class RunConfig(Section):
     """A whole config file. Subclasses have an ``output`` section with a ``dir``, override
     :meth:`check` for rules across fields and :meth:`input_files` for the files they read."""
 
-    seed: Index = 0
+    seed: Seed = 0
     """The run's seed: weights of tiny random models, noise and random baselines."""
     _source: Path | None = PrivateAttr(default=None)
 
@@ -135,7 +142,9 @@ class RunConfig(Section):
     def from_file(cls, path: str | Path, *, out: str | Path | None = None) -> Self:
         """Read and check a ``.toml``, ``.yaml``/``.yml`` or ``.json`` config; ``out`` overrides
         ``output.dir``. Raises :class:`ConfigError` naming the file and the field."""
-        path = Path(path)
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise FileNotFoundError(f"{path} is a folder; pass a config file (.toml, .yaml or .json) inside it")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
         return cls.from_dict(read_table(path), source=path, out=out)
@@ -187,10 +196,18 @@ class RunConfig(Section):
         return self.model_dump(mode="json")
 
     def identity(self) -> dict[str, Any]:
-        """What identifies the result: the config without ``output``, and each input file's sha256."""
+        """What identifies the result: the config without ``output``, the model's weights
+        (:func:`mmlens.data.loading.model_identity`: a local checkpoint's fingerprint, a hub revision)
+        and each input file's sha256."""
         data = self.to_dict()
         data.pop("output", None)
-        return {**data, "input_files": {name: file_digest(path) for name, path in self.input_files().items()}}
+        model = getattr(self, "model", None)
+        weights = {"model_identity": model_identity(model.name)} if isinstance(model, ModelConfig) else {}
+        return {
+            **data,
+            **weights,
+            "input_files": {name: file_digest(path) for name, path in self.input_files().items()},
+        }
 
     def hash(self) -> str:
         """:func:`mmlens.store.config_hash` of :meth:`identity`."""
@@ -212,15 +229,70 @@ def read_table(path: Path) -> Any:
     if suffix in (".yaml", ".yml"):
         import yaml
 
-        parse, errors = yaml.safe_load, yaml.YAMLError
+        parse, errors = _yaml_without_duplicates, yaml.YAMLError
     elif suffix == ".toml":
         parse, errors = tomllib.loads, tomllib.TOMLDecodeError
     else:
-        parse, errors = json.loads, json.JSONDecodeError
+        parse, errors = _json_without_duplicates, json.JSONDecodeError
     try:
-        return parse(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            "(file)", f"not UTF-8 text ({err.reason} at byte {err.start}; UTF-16?); save the file as UTF-8", path
+        ) from None
+    try:
+        return parse(text)
     except errors as err:  # the parsers' own syntax errors carry line and column
-        raise ConfigError("(file)", f"not valid {suffix.lstrip('.').upper()}: {err}", path) from None
+        raise ConfigError(
+            "(file)", f"not valid {suffix.lstrip('.').upper()}: {err}{_repeated_key(err, text)}", path
+        ) from None
+    except DuplicateKeyError as err:
+        raise ConfigError(
+            err.field, f"given twice (only one value can hold); delete one of them: {err}", path
+        ) from None
+
+
+def _repeated_key(error: Exception, text: str) -> str:
+    """For TOML's "Cannot overwrite a value (at line N ...)": which key is given twice."""
+    found = re.search(r"overwrite a value \(at line (\d+)", str(error))
+    if not found:
+        return ""
+    line = text.splitlines()[int(found.group(1)) - 1]
+    return f"; key {line.split('=')[0].strip()!r} is given twice: delete one of them"
+
+
+class DuplicateKeyError(ValueError):
+    """A key appears twice in one table of a YAML or JSON config (TOML's parser refuses it itself)."""
+
+    def __init__(self, field: str, detail: str):
+        self.field = field
+        super().__init__(detail)
+
+
+def _json_without_duplicates(text: str) -> Any:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen:
+                raise DuplicateKeyError(key, f"key {key!r}")
+            seen[key] = value
+        return seen
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def _yaml_without_duplicates(text: str) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if repeated:
+                raise DuplicateKeyError(repeated[0], f"key {repeated[0]!r} {node.start_mark}")
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)
 
 
 _PROBLEMS = {
@@ -232,6 +304,7 @@ _PROBLEMS = {
     "greater_than_equal": "expected a value >= {ge}",
     "greater_than": "expected a value > {gt}",
     "less_than_equal": "expected a value <= {le}",
+    "finite_number": "expected a finite number (not NaN or infinity)",
     "too_short": "expected at least {min_length} item(s)",
     "model_type": "expected a table (key = value pairs)",
     "dict_type": "expected a table (key = value pairs)",

@@ -13,7 +13,7 @@ explainers and the metrics::
     methods = ["gradient_x_input", "occlusion", "attention"]
     options = { integrated_gradients = { steps = 16 } }
     [granger]                             # each metric section is optional; present = run it
-    distance = "tv"                       # fraction = 0.9; tolerance = 0.05; mode = "joint"
+    distance = "mass"                     # fraction = 0.9; tolerance = 0.05; mode = "joint"
     [faithfulness]
     fractions = [0.0, 0.1, 0.3, 0.5, 1.0] # random_draws = 5
     [stability]
@@ -56,6 +56,7 @@ from mmlens.metrics.desiderata import (
     circuit_faithfulness,
     faithfulness,
     granger,
+    granger_calibration,
     granger_summary,
     stability,
     stability_summary,
@@ -97,7 +98,7 @@ class ExplainersConfig(Section):
 class GrangerConfig(Section):
     """``[granger]``: the arguments of :func:`mmlens.metrics.desiderata.granger`."""
 
-    distance: Literal["tv", "relative_l2"] = "tv"
+    distance: Literal["mass", "tv", "relative_l2"] = "mass"
     fraction: Annotated[Number, Field(gt=0, le=1)] = 0.9
     tolerance: Number = 0.05
     mode: Literal["joint", "unimodal"] = "joint"
@@ -352,6 +353,7 @@ def _granger_result(g: GrangerConfig | None, parts: list[dict]) -> GrangerResult
         g.distance,
         g.fraction,
         g.tolerance,
+        granger_calibration(explanations),
     )
 
 

@@ -36,6 +36,7 @@ Output folder: ``results.csv`` (or ``.parquet``; the table of :class:`mmlens.met
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -43,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pandas as pd
 from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictStr
@@ -80,8 +81,9 @@ from mmlens.runs.config import (
     Token,
     encode_text,
 )
+from mmlens.runs.executors import Executor, RayExecutor, SerialExecutor
 from mmlens.runs.record import Record, ResumeError
-from mmlens.store import atomic_path, atomic_write, versions
+from mmlens.store import atomic_path, atomic_write, output_lock, versions
 
 CHUNKS_FILE = "chunks.jsonl"
 META_FILE = "meta.json"
@@ -585,9 +587,12 @@ def run_patch(
     overwrite: bool = False,
     progress: bool = True,
     prepared: Prepared | None = None,
+    executor: Executor | None = None,
 ) -> PatchRun:
     """Run (or continue) the sweep a config describes and write the output folder (module docstring).
 
+    ``executor`` says where chunks are computed (:mod:`mmlens.runs.executors`; default: serially in
+    this process; :func:`ray_executor` for Ray); the results are the same either way.
     A KeyboardInterrupt (Ctrl-C) propagates after the chunks finished so far are saved; rerunning
     continues from there. Raises :class:`ConfigError` / :class:`ResumeError` as described above.
     """
@@ -595,8 +600,27 @@ def run_patch(
         config = PatchConfig.from_file(config, out=out)
     elif out is not None:
         config = config.with_output(out)
+    with output_lock(config.output.dir) as out_dir:
+        return _run_locked(config, out_dir, overwrite, progress, prepared, executor or SerialExecutor())
+
+
+def prepare_from_dict(raw: dict[str, Any], source: str | None) -> Prepared:
+    """:func:`prepare` of a config given as data (what a Ray worker receives)."""
+    return prepare(PatchConfig.from_dict(raw, source=source))
+
+
+def ray_executor(config: PatchConfig, address: str | None = None, workers: int | None = None) -> RayExecutor:
+    """A :class:`~mmlens.runs.executors.RayExecutor` whose workers each load ``config``'s model once."""
+    source = str(config.source) if config.source is not None else None
+    raw = config.model_dump(mode="json", exclude_unset=True)
+    return RayExecutor(functools.partial(prepare_from_dict, raw, source), address=address, workers=workers)
+
+
+def _run_locked(
+    config: PatchConfig, out_dir: Path, overwrite: bool, progress: bool, prepared: Prepared | None, executor: Executor
+) -> PatchRun:
+    """:func:`run_patch` while this process holds the output folder's lock."""
     total_start = time.perf_counter()
-    out_dir = Path(config.output.dir)
     record = _continuing(out_dir, config, overwrite)  # before the (slow) model load
     prepared = prepared or prepare(config)
     seconds = dict(prepared.seconds)
@@ -625,14 +649,14 @@ def run_patch(
     )
     start = time.perf_counter()
     try:
-        computed = _sweep_chunks(prepared, record, progress)
+        computed = _sweep_chunks(prepared, record, progress, executor)
     finally:
         seconds["sweep"] = time.perf_counter() - start
     result = _combine(prepared, record)
     files, write_seconds = _write_outputs(prepared, result, out_dir)
     seconds.update(write_seconds)
     seconds["total"] = time.perf_counter() - total_start
-    meta = _meta(prepared, record, result, seconds, computed, files)
+    meta = {**_meta(prepared, record, result, seconds, computed, files), "executor": executor.describe()}
     atomic_write(out_dir / META_FILE, json.dumps(meta, indent=1, allow_nan=True) + "\n")
     return PatchRun(result, out_dir, files + [out_dir / META_FILE], meta, computed, len(prepared.chunks) - computed)
 
@@ -665,53 +689,56 @@ def _owned_files(out_dir: Path) -> list[Path]:
     return found + sorted(out_dir.glob("heatmap_pair*.png")) + sorted(out_dir.glob("heatmap_pair*.svg"))
 
 
-def _sweep_chunks(prepared: Prepared, record: Record, progress: bool) -> int:
-    """Sweep every chunk the record lacks, adding each as it finishes; the number swept."""
+def compute_chunk(prepared: Prepared, chunk: Chunk) -> dict[str, Any]:
+    """Sweep one chunk: the record entry (its key, baselines, method, timing and table rows)."""
     patch = prepared.config.patch
+    pair = prepared.pairs[chunk.pair]
+    start = time.perf_counter()
+    result = sweep(
+        prepared.hooked,
+        pair.clean,
+        pair.corrupted,
+        pair.metric,
+        hook=chunk.hook,
+        axes=patch.axes,
+        direction=patch.direction,
+        batch_size=patch.batch_size,
+        replay=patch.replay,
+        skip_unchanged=patch.skip_unchanged,
+        progress=False,
+    )
+    table = result.table.assign(pair=chunk.pair)
+    if prepared.add_layer_column and "layer" not in table.columns:
+        table.insert(1, "layer", chunk.layer)
+    return {
+        "key": chunk.key,
+        "pair": chunk.pair,
+        "layer": chunk.layer,
+        "hook": chunk.hook,
+        "clean": result.clean[0],
+        "corrupted": result.corrupted[0],
+        "method": result.method,
+        "skipped": result.skipped,
+        "seconds": time.perf_counter() - start,
+        "rows": table.to_dict("records"),
+    }
+
+
+def _sweep_chunks(prepared: Prepared, record: Record, progress: bool, executor: Executor) -> int:
+    """Sweep every chunk the record lacks on ``executor``, adding each as it finishes; the number swept."""
     todo = [c for c in prepared.chunks if record.get(c.key) is None]
     bar = tqdm(
         total=len(prepared.chunks),
         initial=len(prepared.chunks) - len(todo),
-        desc="patching",
+        desc=f"patching ({executor.describe()})",
         unit="chunk",
         disable=not progress,
         file=sys.stderr,
     )
     try:
-        for chunk in todo:
-            bar.set_postfix_str(chunk.key)
-            pair = prepared.pairs[chunk.pair]
-            start = time.perf_counter()
-            result = sweep(
-                prepared.hooked,
-                pair.clean,
-                pair.corrupted,
-                pair.metric,
-                hook=chunk.hook,
-                axes=patch.axes,
-                direction=patch.direction,
-                batch_size=patch.batch_size,
-                replay=patch.replay,
-                skip_unchanged=patch.skip_unchanged,
-                progress=False,
-            )
-            table = result.table.assign(pair=chunk.pair)
-            if prepared.add_layer_column and "layer" not in table.columns:
-                table.insert(1, "layer", chunk.layer)
-            record.add(
-                {
-                    "key": chunk.key,
-                    "pair": chunk.pair,
-                    "layer": chunk.layer,
-                    "hook": chunk.hook,
-                    "clean": result.clean[0],
-                    "corrupted": result.corrupted[0],
-                    "method": result.method,
-                    "skipped": result.skipped,
-                    "seconds": time.perf_counter() - start,
-                    "rows": table.to_dict("records"),
-                }
-            )
+        for entry in executor.map(prepared, todo, compute_chunk):
+            record.add(entry)
+            bar.set_postfix_str(entry["key"])
             bar.update(1)
     finally:
         bar.close()

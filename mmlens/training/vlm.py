@@ -330,7 +330,7 @@ class VLMConfig:
 def build_vlm(config: VLMConfig) -> LlavaForConditionalGeneration:
     """The LLaVA model in float32: vision tower and projector initialised under ``config.seed``,
     the language model and its (tied) unembedding loaded from TinyStories-656K."""
-    text_config = AutoConfig.from_pretrained(tinystories_path())
+    text_config = AutoConfig.from_pretrained(tinystories_path(), trust_remote_code=False)
     text_config.dtype = torch.float32  # the checkpoint says bfloat16, which the model would be built in
     text_config.pad_token_id = PAD_TOKEN_ID
     vision = CLIPVisionConfig(
@@ -353,7 +353,7 @@ def build_vlm(config: VLMConfig) -> LlavaForConditionalGeneration:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = LlavaForConditionalGeneration(llava)
-    lm = AutoModelForCausalLM.from_pretrained(tinystories_path(), dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(tinystories_path(), dtype=torch.float32, trust_remote_code=False)
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     return model.eval()
@@ -515,7 +515,7 @@ def train_vlm(
     config = VLMConfig(n_train=n_train, n_test=n_test, seed=seed, steps=steps, kinds=tuple(kinds), **options)
     if not config.kinds or set(config.kinds) - set(QUESTIONS):
         raise ValueError(f"kinds must be a non-empty subset of {sorted(QUESTIONS)}, got {config.kinds}")
-    tokenizer = AutoTokenizer.from_pretrained(tinystories_path())
+    tokenizer = AutoTokenizer.from_pretrained(tinystories_path(), trust_remote_code=False)
     processor = SceneProcessor(tokenizer, config.image_size, config.n_image_tokens)
     model = build_vlm(config)
 
