@@ -184,5 +184,5 @@ def test_paligemma_sweeps_never_reuse_earlier_keys_and_values(loaded):
     options = {"hook": "resid_pre", "axes": ("position",), "layers": [1], "progress": False}
     fast = sweep(hm, clean, corrupted, logit_diff(3, 4), **options)
     slow = sweep(hm, clean, corrupted, logit_diff(3, 4), replay=False, **options)
-    assert fast.method == "replay" and slow.method == "full forwards"
+    assert fast.method.startswith("replay") and fast.method != "replay + kv" and slow.method == "full forwards"
     assert (fast.table.value - slow.table.value).abs().max() < 1e-4
