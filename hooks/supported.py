@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmlens.core.adapter import ADAPTERS, Adapter, find_adapter
+from mmlens.core.adapter import Adapter, find_adapter
 from mmlens.data.loading import load_model, registry_names
 from mmlens.hooks.auto import is_auto
 
-TINY_PREFIX = "tiny-"
 """Registry names built to find each tiny model's class (they build in well under a second)."""
 
 
@@ -43,13 +42,15 @@ def supported_rows() -> list[Supported]:
     tiny: dict[str, list[str]] = {}
     adapters: dict[str, Adapter] = {}
     for name in registry_names():
-        if name.startswith(TINY_PREFIX):
+        if "tiny" in name:
             model = load_model(name).model
             cls = type(model).__name__
             tiny.setdefault(cls, []).append(name)
             adapters.setdefault(cls, find_adapter(model))
     rows: dict[str, Supported] = {}
-    for adapter in reversed(ADAPTERS):  # registration order: the shipped tables first
+    from mmlens.hooks import BUILT_IN  # the shipped tables only, not ones a session registered
+
+    for adapter in BUILT_IN:
         for cls in adapter.architectures:
             if cls not in rows and adapters.get(cls, adapter) is adapter:
                 rows[cls] = Supported(cls, adapter.name, "hand", tuple(tiny.get(cls, ())), adapter_modalities(adapter))

@@ -86,3 +86,28 @@ def test_an_output_folder_under_a_file_is_refused_before_any_work(tmp_path):
     with pytest.raises(OSError, match="cannot use .*a-file/run as the output folder"):
         run_patch(_config(tmp_path, "tinystories-656k", str(tmp_path / "a-file" / "run")), progress=False)
     assert ConfigError  # the config itself was valid: the folder is what is refused
+
+
+EVALUATE = {
+    "seed": 0,
+    "model": {"name": "tiny-fusion"},
+    "inputs": {"example": [0]},
+    "explainers": {"methods": ["gradient_x_input", "occlusion"]},
+    "granger": {},
+    "output": {"dir": "unused"},
+}
+
+
+def test_evaluate_overwrite_leaves_no_stale_tables_and_a_busy_folder_stops(tmp_path):
+    from mmlens.runs.evaluate import EvaluationConfig, run_evaluation
+
+    out = tmp_path / "run"
+    run_evaluation(EvaluationConfig.from_dict(EVALUATE, out=out), progress=False)
+    stale = out / "leftover_from_an_old_explainer.csv"
+    stale.write_text("x\n1\n")
+    fewer = EvaluationConfig.from_dict({**EVALUATE, "explainers": {"methods": ["occlusion"]}}, out=out)
+    run_evaluation(fewer, overwrite=True, progress=False)
+    assert not stale.exists()
+    assert "gradient_x_input" not in (out / "granger_summary.csv").read_text()
+    with output_lock(out), pytest.raises(FolderBusyError, match="another mmlens run"):
+        run_evaluation(fewer, progress=False)

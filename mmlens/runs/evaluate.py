@@ -64,7 +64,7 @@ from mmlens.metrics.desiderata import (
 from mmlens.plots import plot_faithfulness, plot_granger, plot_stability, save_figure
 from mmlens.runs.config import ConfigError, Count, Folder, ModelConfig, Number, Rows, RunConfig, Section, encode_text
 from mmlens.runs.record import Record
-from mmlens.store import atomic_write, versions, write_json
+from mmlens.store import atomic_write, output_lock, versions, write_json
 
 PARTS_FILE = "parts.jsonl"
 Explainer = Literal[tuple(EXPLAINERS)]
@@ -252,8 +252,17 @@ def run_evaluation(
         config = EvaluationConfig.from_file(config, out=out)
     elif out is not None:
         config = config.with_output(out)
-    out_dir = Path(config.output.dir)
+    with output_lock(config.output.dir) as out_dir:
+        return _evaluate_locked(config, out_dir, overwrite, progress)
+
+
+def _evaluate_locked(config: EvaluationConfig, out_dir: Path, overwrite: bool, progress: bool) -> Evaluation:
+    """:func:`run_evaluation` while this process holds the output folder's lock; ``overwrite``
+    first removes every output a previous run wrote there (no stale tables of dropped explainers)."""
     record = Record.continuing(out_dir / PARTS_FILE, config.identity(), overwrite=overwrite)  # before the model load
+    if overwrite:
+        for stale in [out_dir / PARTS_FILE, out_dir / "summary.txt", out_dir / "metrics.json", *out_dir.glob("*.csv")]:
+            stale.unlink(missing_ok=True)
     start = time.perf_counter()
     try:
         loaded, hooked = config.model.load(config.seed)
