@@ -2,13 +2,14 @@
 its own class with the same module tree): SigLIP vision encoder -> pixel-shuffle connector -> Llama text model.
 
 The vision encoder sees every (sub-)image of every prompt as one item (``[images, patches, d_v]``);
-all-zero images are dropped by the model as padding."""
+all-zero images are dropped by the model as padding, so its points are laid out ``[items, patches, d]``
+(axes ``IMAGE_ITEMS``: the real images of every prompt, several per row once an image is split)."""
 
 from __future__ import annotations
 
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.hooks.language_models import neutral_text
-from mmlens.hooks.llava import PIXEL_RANGE, image_token_spans
+from mmlens.hooks.llava import IMAGE_ITEMS, PIXEL_RANGE, image_token_spans
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(
@@ -42,12 +43,13 @@ IDEFICS3 = Adapter(
             blocks="model.vision_model.encoder.layers",
             layout=CLIP_BLOCK,
             n_heads="config.vision_config.num_attention_heads",
+            axes=IMAGE_ITEMS,
         ),
         _lm_stack,
     ),
     points=(
-        Point("vision.embed", "encoder", "image", Site("model.vision_model.embeddings")),
-        Point("fusion.projector_out", "fusion", "image", Site("model.connector")),
+        Point("vision.embed", "encoder", "image", Site("model.vision_model.embeddings"), axes=IMAGE_ITEMS),
+        Point("fusion.projector_out", "fusion", "image", Site("model.connector"), axes=IMAGE_ITEMS),
         Point(
             "fusion.embeds", "fusion", None, Site("model.text_model", "input", 0, "inputs_embeds"), fused_positions=True
         ),

@@ -17,6 +17,7 @@ import torch
 from mmlens.core.adapter import Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text
+from mmlens.hooks.llava import PIXEL_RANGE
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(
@@ -83,4 +84,5 @@ INTERNVL = Adapter(
     modality_inputs={"image": ("pixel_values",), "text": ("input_ids", "attention_mask")},
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
+    input_ranges={"pixel_values": PIXEL_RANGE},
 )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+from torch import Tensor
 
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
@@ -14,13 +17,34 @@ _lm_stack, _lm_points = language_model(
 )
 
 
+IMAGE_ITEMS: tuple[str, ...] = ("item", "pos")
+"""Axes of a vision tower's values ``[items, patches, d]`` whose items are the tiles or sub-images of
+every prompt, several per batch row: position selectors index the patches, and methods that patch
+one batch row per variant refuse these points instead of patching another row's tile."""
+
+
+def check_image_rows(inputs: Mapping[str, Tensor]) -> None:
+    """Raise unless ``pixel_values``' first axis is the batch axis (one entry per prompt), which
+    splitting a batch into rows assumes; several images of one prompt stacked there would hand one
+    prompt's image to another row."""
+    ids, pixels = inputs["input_ids"], inputs.get("pixel_values")
+    if isinstance(pixels, Tensor) and pixels.shape[0] != ids.shape[0]:
+        raise ValueError(
+            f"pixel_values has {pixels.shape[0]} entries on its first axis for {ids.shape[0]} prompts (input_ids); "
+            "mmlens splits a batch into rows on that axis, so pass one image per prompt (a batch of prompts that "
+            "each hold one image)"
+        )
+
+
 PIXEL_RANGE = (-20.0, 20.0)
 """Where processor-normalised pixels lie (CLIP: about [-1.8, 2.2]; SigLIP [-1, 1]), with room for
 perturbations; raw 0-255 pixels fall outside."""
 
 
 def image_token_spans(model, inputs):
-    """Image positions are where ``input_ids == config.image_token_id`` (LLaVA's placeholder mask)."""
+    """Image positions are where ``input_ids == config.image_token_id`` (LLaVA's placeholder mask);
+    raises unless ``pixel_values`` has one entry per prompt (:func:`check_image_rows`)."""
+    check_image_rows(inputs)
     return spans_from_token_ids(
         inputs["input_ids"], inputs.get("attention_mask"), {"image": model.config.image_token_id}
     )

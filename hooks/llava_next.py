@@ -3,7 +3,7 @@
 projector -> unpadding and newline tokens -> Llama / Qwen2.
 
 The vision tower sees every tile of every image as one item: its points are ``[tiles, patches, d_v]``
-(the tiles of row 0 first), and ``fusion.projector_out`` is ``[tiles, patches, d_lm]``, before the
+(the tiles of row 0 first; axes ``IMAGE_ITEMS``), and ``fusion.projector_out`` is ``[tiles, patches, d_lm]``, before the
 model unpads the tiled grid and appends its learned ``image_newline`` vector (a parameter, not a
 module output: it has no hook point, but it is part of ``fusion.embeds`` at the image positions).
 """
@@ -15,7 +15,7 @@ import torch
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text
-from mmlens.hooks.llava import image_token_spans, project_vision_layer
+from mmlens.hooks.llava import IMAGE_ITEMS, PIXEL_RANGE, check_image_rows, image_token_spans, project_vision_layer
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(
@@ -29,10 +29,11 @@ _VISION = Stack(
     blocks="model.vision_tower.encoder.layers",
     layout=CLIP_BLOCK,
     n_heads="config.vision_config.num_attention_heads",
+    axes=IMAGE_ITEMS,
 )
 _POINTS = (
-    Point("vision.embed", "encoder", "image", Site("model.vision_tower.embeddings")),
-    Point("fusion.projector_out", "fusion", "image", Site("model.multi_modal_projector")),
+    Point("vision.embed", "encoder", "image", Site("model.vision_tower.embeddings"), axes=IMAGE_ITEMS),
+    Point("fusion.projector_out", "fusion", "image", Site("model.multi_modal_projector"), axes=IMAGE_ITEMS),
     Point(
         "fusion.embeds", "fusion", None, Site("model.language_model", "input", 0, "inputs_embeds"), fused_positions=True
     ),
@@ -49,6 +50,7 @@ def neutral_tiles(model, inputs, spans):
 def onevision_spans(model, inputs):
     """Image positions are ``input_ids == config.image_token_id``. Video placeholders are refused: this
     table has no video modality (no neutral video, no perturbations), so they would count as text."""
+    check_image_rows(inputs)
     ids = inputs["input_ids"]
     if bool((ids == model.config.video_token_id).any()):
         raise ValueError(
@@ -69,6 +71,7 @@ LLAVA_NEXT = Adapter(
     modality_inputs={"image": ("pixel_values", "image_sizes"), "text": ("input_ids", "attention_mask")},
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
+    input_ranges={"pixel_values": PIXEL_RANGE},
 )
 
 LLAVA_ONEVISION = Adapter(
@@ -84,4 +87,5 @@ LLAVA_ONEVISION = Adapter(
     },
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
+    input_ranges={"pixel_values": PIXEL_RANGE},
 )

@@ -20,6 +20,7 @@ import torch
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
 from mmlens.hooks.language_models import neutral_text
+from mmlens.hooks.llava import PIXEL_RANGE, check_image_rows
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 _lm_stack, _lm_points = language_model(
@@ -29,7 +30,8 @@ GEMMA_1 = "gemma"
 
 
 def paligemma_spans(model, inputs):
-    """Image positions are ``input_ids == config.image_token_id``; raises for a PaliGemma 2 (Gemma 2 LM)."""
+    """Image positions are ``input_ids == config.image_token_id``; raises for a PaliGemma 2 (Gemma 2 LM)
+    and for several images per prompt (:func:`check_image_rows`)."""
     text_type = model.config.text_config.model_type
     if text_type != GEMMA_1:
         raise ValueError(
@@ -37,6 +39,7 @@ def paligemma_spans(model, inputs):
             "blocks (pre-norms only). A Gemma 2 / 3 LM has post-norms on both branches: register a copy of the "
             "table whose LM stack uses a BlockLayout for them"
         )
+    check_image_rows(inputs)
     return spans_from_token_ids(
         inputs["input_ids"], inputs.get("attention_mask"), {"image": model.config.image_token_id}
     )
@@ -84,5 +87,6 @@ PALIGEMMA = Adapter(
     modality_inputs={"image": ("pixel_values",), "text": ("input_ids", "attention_mask", "token_type_ids")},
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
+    input_ranges={"pixel_values": PIXEL_RANGE},
     causal=False,
 )

@@ -248,7 +248,7 @@ def test_edge_attribution_sums_to_node_attribution_and_splits_by_span(image_pair
     assert fig.axes[0].get_ylabel() == "sender"
 
 
-@pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-idefics3", "tea-glm-tiny"])
+@pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-internvl", "tea-glm-tiny"])
 def test_projector_sweeps_reuse_the_encoder_outputs_exactly(loaded, name):
     lm = loaded(name)
     hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer, processor=lm.processor)

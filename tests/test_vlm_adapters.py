@@ -134,3 +134,55 @@ def test_cli_hooks_json_lists_encoder_fusion_and_lm(name, capsys):
     assert {r["modality"] for r in rows if r["stage"] == "encoder"} == {"image"}
     assert {r["modality"] for r in rows if r["stage"] == "lm"} == {"fused"}
     assert all(r["shape"] for r in rows)
+
+
+def test_llava_refuses_several_images_stacked_for_one_prompt(loaded):
+    """Two images for the first prompt on pixel_values' first axis: splitting rows would hand row 1
+    the first prompt's second image and run without an error. The spans refuse it, naming the fix."""
+    hm, inputs = _wrapped(loaded, "tiny-random-llava")
+    pixels = torch.cat([inputs["pixel_values"][:1], inputs["pixel_values"]])
+    with pytest.raises(ValueError, match="3 entries on its first axis for 2 prompts.*one image per prompt"):
+        hm.spans({**inputs, "pixel_values": pixels})
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava-next", "tiny-random-smolvlm"])
+def test_vision_points_are_laid_out_by_image_item(name, loaded):
+    """A row holds several tiles / sub-images: the vision points' leading axis is those items, a
+    position selector picks patches of every item, and sweep refuses them (it patches one row)."""
+    from mmlens.methods.patching import logit_diff, sweep
+
+    hm, inputs = _wrapped(loaded, name)
+    point = hm.hook_points["vision.blocks.0.resid_post"]
+    assert point.axes == hm.hook_points["fusion.projector_out"].axes == ("item", "pos")
+    clean = hm.run(inputs, cache=point.name)
+    assert clean.cache[point.name].shape[0] == 3 * inputs["input_ids"].shape[0]
+    run = hm.run(inputs, edits=[mmlens.ablate(point.name, at=[2])], cache=point.name)
+    zeroed = (run.cache[point.name] == 0).all(-1)
+    assert zeroed[:, 2].all() and not zeroed[:, :2].any()
+    rows = [hm.rows(inputs, 0), hm.rows(inputs, 1)]
+    with pytest.raises(ValueError, match="no batch axis.*hooked.run"):
+        sweep(hm, *rows, logit_diff(3, 4), hook="vision.resid_post", axes=("layer",), progress=False)
+
+
+def test_repeated_rows_feed_a_model_that_views_its_pixels(loaded):
+    """SmolVLM reshapes pixel_values [batch, images, C, H, W] with .view, which a batch-1 tensor
+    expanded to n rows (stride 0) does not allow: hm.repeat must hand it real copies."""
+    hm, inputs = _wrapped(loaded, "tiny-random-smolvlm")
+    row = hm.rows(inputs, 0)
+    run = hm.run(hm.repeat(row, 3))
+    assert torch.equal(run.logits[2], run.logits[0])
+    torch.testing.assert_close(run.logits[:1], hm.run(row).logits, rtol=0, atol=1e-5)
+
+
+def test_paligemma_sweeps_never_reuse_earlier_keys_and_values(loaded):
+    """With the table's causal=False, a position sweep replays whole rows (no key/value reuse) and
+    equals full forwards."""
+    from mmlens.methods.patching import logit_diff, sweep
+
+    hm, inputs = _wrapped(loaded, "tiny-random-paligemma")
+    clean, corrupted = hm.rows(inputs, 0), hm.rows(inputs, 1)
+    options = {"hook": "resid_pre", "axes": ("position",), "layers": [1], "progress": False}
+    fast = sweep(hm, clean, corrupted, logit_diff(3, 4), **options)
+    slow = sweep(hm, clean, corrupted, logit_diff(3, 4), replay=False, **options)
+    assert fast.method.startswith("replay") and fast.method != "replay + kv" and slow.method == "full forwards"
+    assert (fast.table.value - slow.table.value).abs().max() < 1e-4

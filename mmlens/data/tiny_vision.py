@@ -39,7 +39,9 @@ from transformers import (
     SmolVLMForConditionalGeneration,
     SmolVLMVisionConfig,
 )
+from transformers.models.llava_next import modeling_llava_next
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+from transformers.models.llava_onevision import modeling_llava_onevision
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
@@ -149,11 +151,9 @@ def _anyres_inputs(seed: int, n_tokens: int, n_tiles: int, side: int) -> Inputs:
 @register(
     "tiny-random-llava-next",
     "LlavaNextForConditionalGeneration, random weights: CLIP 2x32 (32px tiles, patch 8, anyres 16x60 image -> "
-    "3 tiles, 41 image tokens with newlines) + Llama 2x64",
+    "3 tiles -> 34 image tokens after unpadding, newlines included) + Llama 2x64",
 )
 def tiny_llava_next(seed: int) -> tuple[type[PreTrainedModel], Any, Callable[[], Inputs]]:
-    from transformers.models.llava_next import modeling_llava_next
-
     vision = CLIPVisionConfig(**TINY_VISION, patch_size=8, image_size=32, projection_dim=32)
     config = LlavaNextConfig(
         vision_config=vision,
@@ -174,7 +174,7 @@ def tiny_llava_next(seed: int) -> tuple[type[PreTrainedModel], Any, Callable[[],
     n_tiles = anyres_tiles(modeling_llava_next, config, ANYRES_IMAGE_SIZE)
 
     def inputs() -> Inputs:
-        """As LlavaNextProcessor lays out one 16x60 image: input_ids [2, 8 + n_tokens] with the image tokens
+        """As LlavaNextProcessor lays out one 16x60 image: input_ids [2, 8 + 34] with the image tokens
         from position 4; pixel_values [2, tiles, 3, 32, 32]; image_sizes [2, 2] (height, width)."""
         return _anyres_inputs(seed, n_tokens, n_tiles, vision.image_size)
 
@@ -184,11 +184,9 @@ def tiny_llava_next(seed: int) -> tuple[type[PreTrainedModel], Any, Callable[[],
 @register(
     "tiny-random-llava-onevision",
     "LlavaOnevisionForConditionalGeneration, random weights: SigLIP 2x32 (32px tiles, patch 8, anyres 16x60 "
-    "image -> 3 tiles) + Qwen2 2x64",
+    "image -> 3 tiles -> 34 image tokens) + Qwen2 2x64",
 )
 def tiny_llava_onevision(seed: int) -> tuple[type[PreTrainedModel], Any, Callable[[], Inputs]]:
-    from transformers.models.llava_onevision import modeling_llava_onevision
-
     vision = SiglipVisionConfig(**TINY_VISION, patch_size=8, image_size=32)
     config = LlavaOnevisionConfig(
         vision_config=vision,
@@ -207,7 +205,7 @@ def tiny_llava_onevision(seed: int) -> tuple[type[PreTrainedModel], Any, Callabl
     n_tiles = anyres_tiles(modeling_llava_onevision, config, ANYRES_IMAGE_SIZE)
 
     def inputs() -> Inputs:
-        """As LlavaOnevisionProcessor lays out one 16x60 image per prompt: input_ids [2, 8 + n_tokens] with
+        """As LlavaOnevisionProcessor lays out one 16x60 image per prompt: input_ids [2, 8 + 34] with
         the image tokens from position 4; pixel_values [2, tiles, 3, 32, 32]; image_sizes [2, 2];
         batch_num_images [2] (one image per prompt)."""
         return {**_anyres_inputs(seed, n_tokens, n_tiles, vision.image_size), "batch_num_images": torch.ones(2).long()}
