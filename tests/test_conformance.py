@@ -373,7 +373,9 @@ def test_path_patch_equals_the_two_run_reference(case):
 
 # -- explainers and desiderata ----------------------------------------------------------------------
 
-FAST_OPTIONS = {"integrated_gradients": {"steps": 4}}
+FAST_OPTIONS = {"integrated_gradients": {"steps": 4, "on_failure": "record"}}
+"""IG records (rather than raises) an unconverged guard here; the guard's outcome is then checked to be
+reported (test_explainers checks that it refines and refuses)."""
 
 
 @pytest.mark.parametrize("method", sorted(EXPLAINERS))
@@ -384,6 +386,9 @@ def test_explain_shares_sum_to_one(case, method):
     assert torch.allclose(total, torch.ones_like(total), atol=1e-5), (method, shares)
     real = case.hm.spans(case.clean).valid
     assert not explanation.scores[real].isnan().any() and explanation.scores[~real].isnan().all()
+    if method == "integrated_gradients":
+        converged, error = explanation.info["converged"][0], explanation.info["completeness_error"][0]
+        assert converged == (error <= explanation.info["allowed_error"][0]), "the guard's outcome is reported"
 
 
 def test_occlusion_equals_a_hand_computation(case):
@@ -414,14 +419,15 @@ def finite(frame) -> bool:
 
 def test_desiderata_run_and_are_finite(case):
     hm, clean = case.hm, case.clean
-    options = {"options": {"integrated_gradients": {"steps": 4}}, "progress": False}
+    options = {"options": {"integrated_gradients": {"steps": 4, "on_failure": "record"}}, "progress": False}
     g = granger(hm, clean, ["occlusion", "integrated_gradients"], **options)
     assert len(g.influence) and finite(g.influence)
     f = faithfulness(hm, clean, "occlusion", fractions=(0.0, 0.5, 1.0), random_draws=1, progress=False)
     assert len(f.curves) and finite(f.curves) and finite(f.areas)
     s = stability(hm, clean, ["occlusion"], n=1, progress=False)
     kept = s.samples[s.samples.kept] if len(s.samples) else s.samples
-    assert finite(kept.drop(columns=["ratio"], errors="ignore")), s.samples
+    assert finite(kept.drop(columns=["ratio", "epsilon"], errors="ignore")), s.samples
+    assert kept.epsilon.notna().eq(kept.source.eq("embedding")).all(), "epsilon: the embedding-ball draws' radius only"
     modalities = hm.spans(case.inputs).modalities
     if len(modalities) == 2:
         result = interaction(hm, case.inputs, progress=False)
