@@ -324,7 +324,9 @@ def test_input_distance_is_measured_per_modality_in_the_lms_input_embeddings(sto
 
 def test_errors(story, vlm, glm_embeds):
     hm, inputs = story
-    with pytest.raises(ValueError, match=r"unknown modality 'audio'.*\['graph', 'image', 'text'\]"):
+    with pytest.raises(ValueError, match=r"unknown modality 'smell'.*\['audio', 'graph', 'image', 'text'\]"):
+        perturb(hm, inputs, "smell")
+    with pytest.raises(ValueError, match=r"modality 'audio' is not in these inputs; their modalities are \['text'\]"):
         perturb(hm, inputs, "audio")
     with pytest.raises(
         ValueError, match=r"'shift' is for image\); text kinds are \['synonym_swap', 'punctuation_edit'\]"
@@ -363,7 +365,7 @@ def test_errors(story, vlm, glm_embeds):
         input_distance(hm, inputs, hm.to_inputs(STORIES[:1] * 2), "text")
     with pytest.raises(KeyError, match="span 'image' is not in these inputs"):
         input_distance(hm, inputs, inputs, "image")
-    assert set(PERTURBATIONS) == {"text", "image", "graph"}
+    assert set(PERTURBATIONS) == {"text", "image", "graph", "audio"}
 
 
 def test_perturbations_come_from_the_adapter(story):
