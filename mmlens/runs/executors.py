@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import torch
+
 Compute = Callable[[Any, Any], dict[str, Any]]
 """``(prepared, chunk) -> record entry``; a module-level function, so workers can import it."""
 
@@ -82,7 +84,8 @@ class RayExecutor:
         try:
             n = min(len(chunks), self.workers or int(ray.cluster_resources().get("CPU", 1)))
             worker = ray.remote(**self.resources)(_ChunkWorker)
-            actors = [worker.remote(self.rebuild, compute) for _ in range(n)]
+            threads = torch.get_num_threads()  # the driver's: the same float reduction order, the same numbers
+            actors = [worker.remote(self.rebuild, compute, threads) for _ in range(n)]
             pool = ray.util.ActorPool(actors)
             yield from pool.map_unordered(lambda actor, chunk: actor.compute.remote(chunk), list(chunks))
         finally:
@@ -93,7 +96,8 @@ class RayExecutor:
 class _ChunkWorker:
     """A Ray actor: rebuilds the run once, then computes chunks."""
 
-    def __init__(self, rebuild: Callable[[], Any], compute: Compute):
+    def __init__(self, rebuild: Callable[[], Any], compute: Compute, threads: int):
+        torch.set_num_threads(threads)  # Ray starts workers with one thread; kernels then sum in another order
         self.prepared, self.compute_chunk = rebuild(), compute
 
     def compute(self, chunk: Any) -> dict[str, Any]:
