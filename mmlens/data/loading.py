@@ -467,7 +467,7 @@ _VOCAB = 256
 _IMAGE_TOKEN_ID = _VOCAB - 1
 _FAKE_AROUND_IMAGE_ID, _GLOBAL_IMAGE_ID = _VOCAB - 2, _VOCAB - 3  # Idefics3's layout tokens
 _TEXT_IDS = (3, _VOCAB - 3)
-_TINY_LLAMA = {
+TINY_TEXT_CONFIG: dict[str, int] = {
     "vocab_size": _VOCAB,
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -479,6 +479,7 @@ _TINY_LLAMA = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+"""The tiny Llama-family text config every tiny random model in the registry uses (vocabulary 256)."""
 _TINY_VISION = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -512,7 +513,7 @@ def _text_batch(seed: int) -> Inputs:
 def _ids_around(seed: int, span: list[int]) -> torch.Tensor:
     """input_ids [2, 8 + len(span)]: bos, 3 random text ids, ``span`` (from position 4), 4 text ids."""
     text = _random_ids(seed, (2, 7), _TEXT_IDS[1], _TEXT_IDS[0])
-    bos = torch.full((2, 1), _TINY_LLAMA["bos_token_id"])
+    bos = torch.full((2, 1), TINY_TEXT_CONFIG["bos_token_id"])
     return torch.cat([bos, text[:, :3], torch.tensor([span]).expand(2, -1), text[:, 3:]], dim=1)
 
 
@@ -526,7 +527,7 @@ def _tiny_gpt2(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
 
 @register("tiny-random-phi3", "Phi3ForCausalLM, random weights: 2 layers, d=64, 4 heads (2 kv), vocab 256")
 def _tiny_phi3(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
-    return _tiny(Phi3ForCausalLM, Phi3Config(**_TINY_LLAMA), name, seed, lambda: _text_batch(seed))
+    return _tiny(Phi3ForCausalLM, Phi3Config(**TINY_TEXT_CONFIG), name, seed, lambda: _text_batch(seed))
 
 
 @register(
@@ -537,7 +538,7 @@ def _tiny_llava(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     vision = CLIPVisionConfig(**_TINY_VISION, image_size=32, projection_dim=32)
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**_TINY_LLAMA),
+        text_config=LlamaConfig(**TINY_TEXT_CONFIG),
         image_token_id=_IMAGE_TOKEN_ID,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -560,7 +561,10 @@ def _tiny_llava(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
 def _tiny_idefics3(name: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     vision = Idefics3VisionConfig(**_TINY_VISION, image_size=64)
     config = Idefics3Config(
-        vision_config=vision, text_config=LlamaConfig(**_TINY_LLAMA), image_token_id=_IMAGE_TOKEN_ID, scale_factor=2
+        vision_config=vision,
+        text_config=LlamaConfig(**TINY_TEXT_CONFIG),
+        image_token_id=_IMAGE_TOKEN_ID,
+        scale_factor=2,
     )
 
     def inputs() -> Inputs:

@@ -24,24 +24,13 @@ from transformers import (
     VipLlavaForConditionalGeneration,
 )
 
-from mmlens.data.loading import LoadedModel, register
+from mmlens.data.loading import TINY_TEXT_CONFIG, LoadedModel, register
 
 VOCAB = 256
 IMAGE_TOKEN_ID = VOCAB - 1
 LAYOUT_IDS = (VOCAB - 2, VOCAB - 3, VOCAB - 4)  # processor layout tokens (break / end / start ...)
 TEXT_IDS = (3, VOCAB - 4)
-TEXT_CONFIG = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+TEXT_CONFIG = TINY_TEXT_CONFIG
 VISION_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
