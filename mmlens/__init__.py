@@ -39,6 +39,7 @@ from mmlens.methods.lens import (
     decode_encoder_layers,
     decode_soft_tokens,
     logit_lens,
+    logit_lens_variants,
     nearest_tokens,
 )
 from mmlens.methods.patching import (
@@ -116,6 +117,7 @@ __all__ = [
     "language_model",
     "load_model",
     "logit_lens",
+    "logit_lens_variants",
     "nearest_tokens",
     "path_patch",
     "register_adapter",

@@ -229,6 +229,25 @@ def test_unnormed_lens_variants_equal_lm_head_by_hand_at_every_layer(tinystories
         logit_lens(hm, inputs, final_norm=final_norm, tuned=TunedLens.for_model(hm))
 
 
+def test_lens_variants_from_one_forward_equal_each_variant_alone(loaded):
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    slots = torch.randn(inputs["input_ids"].shape[0], 5, hm.model.lm.config.hidden_size)
+    edits = [mmlens.replace("fusion.embeds", slots, at="graph")]
+    shared = mmlens.logit_lens_variants(hm, inputs, k=2, targets=[1, 2], positions="graph", edits=edits)
+    assert set(shared) == {True, False, "naive"}
+    for variant, result in shared.items():
+        alone = logit_lens(hm, inputs, k=2, targets=[1, 2], positions="graph", edits=edits, final_norm=variant)
+        assert result.lens == alone.lens
+        for field in ("top_ids", "top_probs", "entropy", "kl_to_final", "target_probs", "target_ranks"):
+            a, b = getattr(result, field), getattr(alone, field)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{variant} {field}")
+    assert not torch.equal(shared[False].kl_to_final, shared["naive"].kl_to_final)  # same reading, other final
+    with pytest.raises(TypeError, match="final_norm"):
+        mmlens.logit_lens_variants(hm, inputs, final_norm=True)
+    with pytest.raises(ValueError, match="variants"):
+        mmlens.logit_lens_variants(hm, inputs, ())
+
+
 def test_evolution_layers_drops_the_embedding_row(loaded):
     hm, inputs = _wrapped(loaded, "tea-glm-tiny")
     result = logit_lens(hm, inputs, k=1)

@@ -228,40 +228,90 @@ def logit_lens(
         A :class:`LensResult`; with ``final_norm`` ``True`` or ``"naive"`` its final layer decodes
         to the model's own logits (the edited model's, with ``edits``).
     """
-    if final_norm not in (True, False, "naive"):
-        raise ValueError(f"final_norm must be True, False or 'naive', got {final_norm!r}")
-    if tuned is not None and final_norm is not True:
-        raise ValueError(f"a tuned lens decodes through the final norm; got final_norm={final_norm!r} (use True)")
-    names = residual_points(hooked, prefix)
+    return logit_lens_variants(
+        hooked,
+        inputs,
+        (final_norm,),
+        k=k,
+        targets=targets,
+        tuned=tuned,
+        prefix=prefix,
+        positions=positions,
+        max_chunk_mb=max_chunk_mb,
+        edits=edits,
+    )[final_norm]
+
+
+def logit_lens_variants(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    variants: Sequence[FinalNorm] = (True, False, "naive"),
+    **options: Any,
+) -> dict[FinalNorm, LensResult]:
+    """:func:`logit_lens` under several ``final_norm`` variants from ONE recorded forward:
+    ``{variant: LensResult}``, each equal to ``logit_lens(..., final_norm=variant)``.
+
+    The forward is shared, and so is the unembedding product wherever two variants read the same
+    vectors (``False`` and ``"naive"`` share every intermediate layer), so three variants cost
+    about two decodings. ``options`` are :func:`logit_lens`'s keyword arguments (``k``,
+    ``targets``, ``tuned``, ``prefix``, ``positions``, ``max_chunk_mb``, ``edits``).
+    """
+    unknown = sorted(set(options) - {"k", "targets", "tuned", "prefix", "positions", "max_chunk_mb", "edits"})
+    if unknown:
+        raise TypeError(f"logit_lens_variants got unknown options {unknown}; it takes logit_lens's keywords")
+    bad = [v for v in variants if v not in (True, False, "naive")]
+    if bad or not variants:
+        raise ValueError(f"final_norm variants must be True, False or 'naive', got {list(variants)!r}")
+    tuned = options.get("tuned")
+    if tuned is not None and any(v is not True for v in variants):
+        raise ValueError(
+            f"a tuned lens decodes through the final norm; got final_norm variants {list(variants)!r} (use True)"
+        )
+    names = residual_points(hooked, options.get("prefix", "lm"))
     unembed = Unembed(hooked)
+    k = options.get("k", 5)
     check_count("k", k, 1, unembed.vocab_size, "k top tokens are kept per cell, at most the vocabulary")
-    reader = _Reader(unembed, final_norm)
+    edits = options.get("edits", ())
     run = hooked.run(inputs, cache=names, edits=[edits] if isinstance(edits, Edit) else list(edits))
     spans = run.spans
     hidden = torch.stack([run.cache[n] for n in names])  # Float[layer, b, pos, d]
-    target_ids = _targets(hooked, targets, hidden.shape[1], hidden.device)
-    decoded = spans.mask(positions) & spans.valid
-    stats = _decode_cells(reader, hidden, decoded.to(hidden.device), k, target_ids, tuned, max_chunk_mb)
-    full = {key: _scatter(values, decoded.cpu(), hidden.shape[1:3]) for key, values in stats.items()}
-    modalities = spans.modality_of_positions()
-    return LensResult(
-        lens="tuned" if tuned is not None else _LENS_NAMES[final_norm],
-        layers=[_label_of(hooked, n) for n in names],
-        hooks=names,
-        top_ids=full["ids"],
-        top_probs=full["probs"],
-        entropy=full["entropy"],
-        kl_to_final=full["kl"],
-        cosine_to_previous=_cosine_to_previous(hidden, decoded.cpu()),
-        target_ids=None if target_ids is None else target_ids.cpu(),
-        target_probs=full.get("tprob"),
-        target_ranks=full.get("trank"),
-        tokens=hooked.position_labels(inputs, spans),
-        modalities=modalities,
-        spans=spans,
-        decode=hooked.token_strings,
-        decoded=decoded.cpu(),
+    target_ids = _targets(hooked, options.get("targets"), hidden.shape[1], hidden.device)
+    decoded = spans.mask(options.get("positions")) & spans.valid
+    stats = _decode_cells(
+        _Reader(unembed),
+        list(variants),
+        hidden,
+        decoded.to(hidden.device),
+        k,
+        target_ids,
+        tuned,
+        options.get("max_chunk_mb", 256.0),
     )
+    shared = {
+        "layers": [_label_of(hooked, n) for n in names],
+        "hooks": names,
+        "cosine_to_previous": _cosine_to_previous(hidden, decoded.cpu()),
+        "target_ids": None if target_ids is None else target_ids.cpu(),
+        "tokens": hooked.position_labels(inputs, spans),
+        "modalities": spans.modality_of_positions(),
+        "spans": spans,
+        "decode": hooked.token_strings,
+        "decoded": decoded.cpu(),
+    }
+    out = {}
+    for variant in variants:
+        full = {key: _scatter(values, decoded.cpu(), hidden.shape[1:3]) for key, values in stats[variant].items()}
+        out[variant] = LensResult(
+            lens="tuned" if tuned is not None else _LENS_NAMES[variant],
+            top_ids=full["ids"],
+            top_probs=full["probs"],
+            entropy=full["entropy"],
+            kl_to_final=full["kl"],
+            target_probs=full.get("tprob"),
+            target_ranks=full.get("trank"),
+            **shared,
+        )
+    return out
 
 
 FinalNorm = bool | Literal["naive"]
@@ -271,61 +321,82 @@ _LENS_NAMES: dict[Any, str] = {True: "logit", False: "logit-raw", "naive": "logi
 
 
 class _Reader:
-    """Residual vectors -> logits under one :data:`FinalNorm` variant (``last``: the final layer)."""
+    """Residual vectors -> logits, read through the final norm (``normed=True``) or not."""
 
-    def __init__(self, unembed: Unembed, final_norm: FinalNorm):
+    def __init__(self, unembed: Unembed):
         self.unembed = unembed
-        self.final_norm = final_norm
 
-    def __call__(self, h: Tensor, last: bool = False) -> Tensor:
-        if self.final_norm is True or (last and self.final_norm == "naive"):
-            return self.unembed(h)
-        return self.unembed.unembed(h)
+    def __call__(self, h: Tensor, normed: bool) -> Tensor:
+        return self.unembed(h) if normed else self.unembed.unembed(h)
+
+    @staticmethod
+    def normed(variant: FinalNorm, last: bool) -> bool:
+        """Whether ``variant`` reads a layer through the final norm (``last``: the final layer)."""
+        return variant is True or (last and variant == "naive")
 
 
 def _decode_cells(
     reader: _Reader,
+    variants: list[FinalNorm],
     hidden: Tensor,
     where: Tensor,
     k: int,
     target_ids: Tensor | None,
     tuned: TunedLens | None,
     max_chunk_mb: float,
-) -> dict[str, Tensor]:
-    """Decode the residual vectors ``hidden`` Float[layer, b, pos, d] at the cells ``where`` Bool[b, pos],
-    in chunks of at most ``max_chunk_mb`` of logits; each statistic as [layer, cells, ...] on the CPU."""
+) -> dict[FinalNorm, dict[str, Tensor]]:
+    """Decode the residual vectors ``hidden`` Float[layer, b, pos, d] at the cells ``where`` Bool[b, pos]
+    under each variant, in chunks of at most ``max_chunk_mb`` of logits; per variant, each statistic
+    as [layer, cells, ...] on the CPU. Each distinct reading (normed or raw) of a chunk is computed once."""
     n_layer = hidden.shape[0]
     picked = hidden[:, where]
     n_cells = picked.shape[1]
-    final_logits = reader(hidden[-1], last=True).float()[where]
-    final_logp = final_logits.log_softmax(-1)
+    final_logits = {
+        normed: reader(hidden[-1], normed).float()[where] for normed in {_Reader.normed(v, True) for v in variants}
+    }
+    final_logp = {normed: logits.log_softmax(-1) for normed, logits in final_logits.items()}
     cell_batch = where.nonzero()[:, 0]
-    per_chunk = max(1, int(max_chunk_mb * 2**20 // (final_logits.shape[-1] * 4 * 3)))
-    out: dict[str, list[Tensor]] = {key: [] for key in ("ids", "probs", "entropy", "kl", "tprob", "trank")}
+    vocab = next(iter(final_logits.values())).shape[-1]
+    n_readings = len({_Reader.normed(v, False) for v in variants})
+    per_chunk = max(1, int(max_chunk_mb * 2**20 // (vocab * 4 * 3 * n_readings)))
+    keys = ("ids", "probs", "entropy", "kl", "tprob", "trank")
+    out: dict[FinalNorm, dict[str, list[Tensor]]] = {v: {key: [] for key in keys} for v in variants}
     for layer in range(n_layer):
+        last = layer == n_layer - 1
         for start in range(0, n_cells, per_chunk):
             cells = slice(start, min(start + per_chunk, n_cells))
-            if layer == n_layer - 1:
-                logits = final_logits[cells]
-            else:
+            readings: dict[bool, tuple[Tensor, Tensor]] = {}
+            for normed in {_Reader.normed(v, last) for v in variants}:
+                if last:
+                    readings[normed] = (final_logits[normed][cells], final_logp[normed][cells])
+                    continue
                 h = picked[layer, cells]
                 if tuned is not None:
                     h = tuned.translate(h, torch.full((h.shape[0],), layer, device=h.device))
-                logits = reader(h).float()
+                logits = reader(h, normed).float()
+                readings[normed] = (logits, logits.log_softmax(-1))
             targets = target_ids[cell_batch[cells]] if target_ids is not None else None
-            for key, value in _cell_statistics(logits, final_logp[cells], k, targets).items():
-                out[key].append(value)
+            for v in variants:
+                logits, logp = readings[_Reader.normed(v, last)]
+                final = final_logp[_Reader.normed(v, True)][cells]
+                for key, value in _cell_statistics(logits, logp, final, k, targets).items():
+                    out[v][key].append(value)
     return {
-        key: torch.cat(values).reshape(n_layer, n_cells, *values[0].shape[1:]).cpu()
-        for key, values in out.items()
-        if values
+        v: {
+            key: torch.cat(values).reshape(n_layer, n_cells, *values[0].shape[1:]).cpu()
+            for key, values in per_variant.items()
+            if values
+        }
+        for v, per_variant in out.items()
     }
 
 
-def _cell_statistics(logits: Tensor, final_logp: Tensor, k: int, targets: Tensor | None) -> dict[str, Tensor]:
+def _cell_statistics(
+    logits: Tensor, logp: Tensor, final_logp: Tensor, k: int, targets: Tensor | None
+) -> dict[str, Tensor]:
     """Top-k ids and probabilities, entropy, KL(final || this) and the targets' probabilities and
-    ranks of decoded logits Float[cells, vocab] (``targets`` Long[cells, n] or None)."""
-    logp = logits.log_softmax(-1)
+    ranks of decoded logits Float[cells, vocab] (``logp`` their log-softmax; ``targets`` Long[cells, n]
+    or None)."""
     probs = logp.exp()
     top_p, top_i = probs.topk(k, dim=-1)
     stats = {
@@ -636,6 +707,7 @@ __all__: Sequence[str] = (
     "decode_encoder_layers",
     "decode_soft_tokens",
     "logit_lens",
+    "logit_lens_variants",
     "modality_mask",
     "nearest_tokens",
     "residual_points",
