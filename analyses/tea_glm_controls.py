@@ -17,16 +17,18 @@ Shapes: ``b`` lens nodes, ``K`` graph slots, ``d`` the LM's width.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mmlens.core.edits import replace as replace_edit
 from mmlens.methods.evolution import evolution
-from mmlens.methods.lens import LensResult, logit_lens
+from mmlens.methods.lens import logit_lens_variants
 from mmlens.methods.patching import logprob, sweep
 from mmlens.metrics.lens_verdicts import MARGINS, against_controls, per_layer_tests, verdicts
 from mmlens.models import TeaGLM
@@ -116,22 +118,31 @@ def lens_tables(
     positions: Tensor,
     slots: Tensor | None,
     name: str,
-    final_norm: Any,
+    variants: Sequence[str],
     with_text: bool,
-) -> tuple[LensResult, dict[str, tuple[pd.DataFrame, pd.DataFrame]]]:
-    """One lens run of a condition (``slots`` Float[b, K, d] in the graph slots, or the model's own
-    graph tokens when None) and its per-input/per-layer tables with and without the embedding row;
-    the graph span is renamed ``name`` (text keeps ``"text"``)."""
+) -> dict[str, dict[str, tuple[pd.DataFrame, pd.DataFrame]]]:
+    """One recorded forward of a condition (``slots`` Float[b, K, d] in the graph slots, or the
+    model's own graph tokens when None), decoded under every lens variant (names of
+    :data:`LENS_VARIANTS`): ``{variant: {rows: (per_input, per_layer)}}`` with ``rows`` ``all_layers``
+    and ``no_embedding_row``; the graph span is renamed ``name`` (text keeps ``"text"``)."""
     edits = [] if slots is None else [replace_edit("fusion.embeds", slots, at="graph")]
     where = positions if with_text else positions & (inputs["input_ids"] == rep.model.graph_token_id)
-    result = logit_lens(rep.hooked, inputs, k=1, positions=where, final_norm=final_norm, edits=edits)
+    results = logit_lens_variants(
+        rep.hooked, inputs, [LENS_VARIANTS[v] for v in variants], k=1, positions=where, edits=edits
+    )
     spans = ["graph", "text"] if with_text else ["graph"]
-    tables = {}
-    for rows, layers in (("all_layers", None), ("no_embedding_row", result.layers[1:])):
-        evo = evolution(result, spans, layers=layers, n_boot=200, seed=rep.config.seed)
-        rename = {"graph": name}
-        tables[rows] = (evo.per_input.replace({"modality": rename}), evo.per_layer.replace({"modality": rename}))
-    return result, tables
+    out: dict[str, dict[str, tuple[pd.DataFrame, pd.DataFrame]]] = {}
+    for variant in variants:
+        result = results[LENS_VARIANTS[variant]]
+        out[variant] = {}
+        for rows, layers in (("all_layers", None), ("no_embedding_row", result.layers[1:])):
+            evo = evolution(result, spans, layers=layers, n_boot=200, seed=rep.config.seed)
+            rename = {"graph": name}
+            out[variant][rows] = (
+                evo.per_input.replace({"modality": rename}),
+                evo.per_layer.replace({"modality": rename}),
+            )
+    return out
 
 
 def pool_seeds(tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -206,26 +217,27 @@ def _conditions(rep: Reproduction, nodes: list[int], progress: bool) -> tuple[di
 
 
 def _variant_tables(
-    reps: list[Reproduction], slots: dict[str, Tensor], inputs: dict, positions: Tensor, final_norm: Any
-) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """Per-input and per-layer tables of every condition under one lens variant, pooled over seeds,
-    for ``all_layers`` and ``no_embedding_row``."""
-    collected: dict[str, tuple[list, list]] = {"all_layers": ([], []), "no_embedding_row": ([], [])}
+    reps: list[Reproduction], slots: dict[str, Tensor], inputs: dict, positions: Tensor, progress: bool
+) -> dict[str, dict[str, tuple[pd.DataFrame, pd.DataFrame]]]:
+    """Per lens variant and layer rows (``all_layers``, ``no_embedding_row``): the per-input and
+    per-layer tables of every condition, the graph tokens pooled over model seeds."""
+    variants = list(reps[0].config.lens_variants)
     runs = [(r, None, "graph", True) for r in reps] + [(reps[0], v, name, False) for name, v in slots.items()]
-    per_seed: dict[str, tuple[list, list]] = {"all_layers": ([], []), "no_embedding_row": ([], [])}
-    for rep, value, name, with_text in runs:
-        _, tables = lens_tables(rep, inputs, positions, value, name, final_norm, with_text)
-        target = per_seed if value is None else collected
-        for rows, (pi, pl) in tables.items():
-            target[rows][0].append(pi)
-            target[rows][1].append(pl)
-    out = {}
-    for rows in collected:
-        graph_pi, graph_pl = pool_seeds(per_seed[rows][0]), pool_seeds(per_seed[rows][1])
-        out[rows] = (
-            pd.concat([graph_pi, *collected[rows][0]], ignore_index=True),
-            pd.concat([graph_pl, *collected[rows][1]], ignore_index=True),
-        )
+    seeds: list[dict] = []
+    controls: list[dict] = []
+    for rep, value, name, with_text in tqdm(runs, desc="lens conditions", disable=not progress):
+        tables = lens_tables(rep, inputs, positions, value, name, variants, with_text)
+        (seeds if value is None else controls).append(tables)
+    out: dict[str, dict[str, tuple[pd.DataFrame, pd.DataFrame]]] = {}
+    for variant in variants:
+        out[variant] = {}
+        for rows in ("all_layers", "no_embedding_row"):
+            graph_pi = pool_seeds([t[variant][rows][0] for t in seeds])
+            graph_pl = pool_seeds([t[variant][rows][1] for t in seeds])
+            out[variant][rows] = (
+                pd.concat([graph_pi, *(t[variant][rows][0] for t in controls)], ignore_index=True),
+                pd.concat([graph_pl, *(t[variant][rows][1] for t in controls)], ignore_index=True),
+            )
     return out
 
 
@@ -246,10 +258,8 @@ def matched_analysis(
     config = rep.config
     slots, accuracy = _conditions(rep, nodes, progress)
     variants, curves = {}, None
-    for variant in config.lens_variants:
-        for rows, (per_input, per_layer) in _variant_tables(
-            reps, slots, inputs, positions, LENS_VARIANTS[variant]
-        ).items():
+    for variant, by_rows in _variant_tables(reps, slots, inputs, positions, progress).items():
+        for rows, (per_input, per_layer) in by_rows.items():
             name = f"{variant}/{rows}"
             decision = variant_verdict(per_input, per_layer, list(slots), config.seed)
             variants[name] = {"final_norm": LENS_VARIANTS[variant], "metrics": summary_means(per_input), **decision}

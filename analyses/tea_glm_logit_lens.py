@@ -57,7 +57,7 @@ from mmlens.methods.patching import SweepResult
 from mmlens.metrics.lens_verdicts import MARGINS
 from mmlens.models import GraphSAGEEncoder, TeaGLM
 from mmlens.plots import plot_evolution, plot_lens_grid, plot_patching, save_figure
-from mmlens.store import atomic_write, config_hash, versions
+from mmlens.store import atomic_path, atomic_write, config_hash, versions
 from mmlens.training.graph_pretraining import GraphPretrainConfig, llm_principal_components, pretrain_graph_encoder
 from mmlens.training.loop import is_cached, train_or_load
 from mmlens.training.tea_glm import NodePrompts, ProjectorTrainConfig, PromptTemplate, classify_nodes, train_projector
@@ -363,7 +363,7 @@ def _evaluate(
         test = test[torch.randperm(len(test), generator=g)[: config.eval_nodes]].sort().values
     labels = graph.labels[test]
     with_graph = classify_nodes(model, prompts, node_repr, graph.titles, test, progress=progress, desc="test (graph)")
-    text_only = classify_nodes(model, prompts, None, graph.titles, test, progress=progress, desc="test (text only)")
+    text_only = _text_only_scores(model, prompts, graph, test, config, progress)
     train_majority = int(graph.labels[split["train"]].bincount().argmax())
     return {
         "test_nodes": test.tolist(),
@@ -375,6 +375,27 @@ def _evaluate(
         "majority_baseline": float((labels == train_majority).float().mean()),
         "majority_baseline_all_nodes": graph.majority_baseline(),
     }
+
+
+def _text_only_scores(
+    model: TeaGLM,
+    prompts: NodePrompts,
+    graph: TextAttributedGraph,
+    test: torch.Tensor,
+    config: ReproductionConfig,
+    progress: bool,
+) -> torch.Tensor:
+    """Class scores Float[len(test), n_classes] of the text-only prompts: they involve neither the
+    GNN nor the projector, so every model seed shares them (cached by LLM, graph, template and nodes)."""
+    key = _hash(config.llm, _fingerprint(graph), asdict(config.template), test.tolist())
+    path = cache_dir() / "tea_glm" / f"text-only-{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    scores = classify_nodes(model, prompts, None, graph.titles, test, progress=progress, desc="test (text only)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(scores, tmp)
+    return scores
 
 
 def _lens_nodes(rep: Reproduction) -> list[int]:

@@ -229,6 +229,31 @@ def test_unnormed_lens_variants_equal_lm_head_by_hand_at_every_layer(tinystories
         logit_lens(hm, inputs, final_norm=final_norm, tuned=TunedLens.for_model(hm))
 
 
+def test_balanced_tuned_lens_sees_every_modality_equally_and_records_each_curve(loaded):
+    from mmlens.training.loop import StratifiedRowOrder
+
+    groups = torch.tensor([0] * 5 + [1] * 95)
+    order = StratifiedRowOrder(groups, 8, torch.Generator().manual_seed(0))
+    drawn = torch.stack([order.next() for _ in range(50)])
+    assert (groups[drawn].sum(1) == 4).all()  # 4 of each group per batch although group 0 is 5% of rows
+    with pytest.raises(ValueError, match="batch_size"):
+        StratifiedRowOrder(torch.tensor([0, 1, 2]), 2, torch.Generator())
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    tuned = TunedLens.for_model(hm)
+    loss = tuned.fit(
+        hm,
+        [inputs],
+        steps=6,
+        tokens_per_step=8,
+        positions=lambda x: x["attention_mask"].bool(),
+        balance=True,
+        progress=False,
+    )
+    assert len(loss) == 6 and set(tuned.history) == {"loss", "kl_graph", "kl_text"}
+    assert all(math.isfinite(v) for v in tuned.history["kl_graph"])
+    assert tuned.history["loss"][-1] < tuned.history["loss"][0]
+
+
 def test_lens_variants_from_one_forward_equal_each_variant_alone(loaded):
     hm, inputs = _wrapped(loaded, "tea-glm-tiny")
     slots = torch.randn(inputs["input_ids"].shape[0], 5, hm.model.lm.config.hidden_size)

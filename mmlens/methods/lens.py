@@ -45,7 +45,7 @@ from mmlens.core.spans import ModalitySpans, Selector
 from mmlens.core.unembed import Unembed
 from mmlens.core.wrapper import HookedModel
 from mmlens.store import atomic_path, write_json
-from mmlens.training.loop import RowOrder, fit
+from mmlens.training.loop import RowOrder, StratifiedRowOrder, fit
 
 
 @dataclass
@@ -572,6 +572,7 @@ class TunedLens(nn.Module):
         self.d_model = d_model
         self.n_layers = n_layers
         self.translators = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(n_layers - 1))
+        self.history: dict[str, list[float]] = {}
         for t in self.translators:
             nn.init.zeros_(t.weight)
             nn.init.zeros_(t.bias)
@@ -596,12 +597,18 @@ class TunedLens(nn.Module):
         lr: float = 1e-3,
         max_tokens: int = 4096,
         seed: int = 0,
+        positions: Selector | Callable[[Mapping[str, Any]], Selector] = None,
+        balance: bool = False,
         progress: bool = True,
     ) -> list[float]:
-        """Train the translators on the real positions of ``batches`` (dicts of model inputs).
+        """Train the translators on the recorded positions of ``batches`` (dicts of model inputs).
 
         Each step samples ``tokens_per_step`` recorded positions and sums the KL over all layers;
-        Adam with learning rate ``lr``. Returns the loss per step (nats, summed over layers).
+        Adam with learning rate ``lr``. ``positions`` picks the positions to train on (a span
+        selector, or a function of a batch returning one; default every real position);
+        ``balance`` draws every modality equally often per step (a lens trained on pooled
+        positions otherwise learns mostly the majority modality). Returns the loss per step (nats,
+        summed over layers); :attr:`history` keeps it with the per-modality terms (``kl_<modality>``).
         """
         names = residual_points(hooked)
         if len(names) != self.n_layers:
@@ -609,32 +616,56 @@ class TunedLens(nn.Module):
                 f"this tuned lens has {self.n_layers} layers but {hooked.name} has {len(names)} residual layers"
             )
         decoder = Unembed(hooked)
-        with torch.no_grad():
-            stacks = []
-            for inputs in batches:
-                run = hooked.run(inputs, cache=names)
-                hidden = torch.stack([run.cache[n] for n in names])
-                stacks.append(hidden[:, run.spans.valid.to(hidden.device)])
-            hidden = torch.cat(stacks, dim=1).float()
+        hidden, groups, modalities = self._record(hooked, batches, names, positions)
         generator = torch.Generator().manual_seed(seed)
         if hidden.shape[1] > max_tokens:
-            hidden = hidden[:, torch.randperm(hidden.shape[1], generator=generator)[:max_tokens]]
+            keep = torch.randperm(hidden.shape[1], generator=generator)[:max_tokens]
+            hidden, groups = hidden[:, keep], groups[keep]
         self.to(hidden.device)
         for p in decoder.norm.parameters():
             p.requires_grad_(False)
         layers = torch.arange(self.n_layers - 1, device=hidden.device)
 
-        def step(rows: Tensor, index: int) -> Tensor:
+        def step(rows: Tensor, index: int) -> dict[str, Tensor]:
             h = hidden[:, rows.to(hidden.device)]
             with torch.no_grad():
                 target = decoder(h[-1]).float().log_softmax(-1)
             logp = decoder(self.translate(h[:-1], layers)).float().log_softmax(-1)
-            return (target.exp() * (target - logp)).sum(-1).mean(-1).sum()
+            kl = (target.exp() * (target - logp)).sum(-1)  # Float[layer, rows]
+            terms = {f"kl_{m}": kl[:, groups[rows] == g].mean(-1).sum().detach() for g, m in enumerate(modalities)}
+            return {"loss": kl.mean(-1).sum(), **terms}
 
-        order = RowOrder(hidden.shape[1], tokens_per_step, generator, replacement=True)
-        return fit(
+        order = (
+            StratifiedRowOrder(groups, tokens_per_step, generator)
+            if balance
+            else RowOrder(hidden.shape[1], tokens_per_step, generator, replacement=True)
+        )
+        self.history = fit(
             step, self.parameters(), steps=steps, lr=lr, order=order, progress=progress, desc="tuned lens"
-        ).history.get("loss", [])
+        ).history
+        return self.history.get("loss", [])
+
+    @staticmethod
+    def _record(
+        hooked: HookedModel,
+        batches: Iterable[Mapping[str, Any]],
+        names: list[str],
+        positions: Selector | Callable[[Mapping[str, Any]], Selector],
+    ) -> tuple[Tensor, Tensor, list[str]]:
+        """Residuals Float[layer, cells, d] at the picked positions of every batch, each cell's
+        modality index Long[cells] and the modality names."""
+        stacks, labels = [], []
+        with torch.no_grad():
+            for inputs in batches:
+                run = hooked.run(inputs, cache=names)
+                picked = run.spans.mask(positions(inputs) if callable(positions) else positions) & run.spans.valid
+                hidden = torch.stack([run.cache[n] for n in names])
+                stacks.append(hidden[:, picked.to(hidden.device)])
+                of = run.spans.modality_of_positions()
+                labels += [of[r][p] for r, p in picked.nonzero().tolist()]
+        modalities = sorted(set(labels))
+        groups = torch.tensor([modalities.index(m) for m in labels], dtype=torch.long)
+        return torch.cat(stacks, dim=1).float(), groups, modalities
 
     def save(self, path: str | Path) -> Path:
         """Write the translators (``.pt``) and their shape (``.json`` beside it)."""

@@ -69,6 +69,26 @@ class RowOrder:
         self.pending = state["pending"]
 
 
+class StratifiedRowOrder(RowOrder):
+    """Seeded batches drawn with replacement, ``batch_size // n_groups`` rows from every group of
+    ``groups`` Long[n] (the remainder from the first groups): each step sees every group equally,
+    however unequal their sizes (e.g. 5 graph positions per prompt against 30 text positions)."""
+
+    def __init__(self, groups: Tensor, batch_size: int, generator: torch.Generator):
+        super().__init__(len(groups), batch_size, generator, replacement=True)
+        self.members = [(groups == g).nonzero().flatten() for g in groups.unique().tolist()]
+        if batch_size < len(self.members):
+            raise ValueError(f"batch_size={batch_size} is smaller than the {len(self.members)} groups; raise it")
+
+    def next(self) -> Tensor:
+        counts = [self.batch_size // len(self.members)] * len(self.members)
+        for i in range(self.batch_size - sum(counts)):
+            counts[i] += 1
+        return torch.cat(
+            [rows[torch.randint(len(rows), (c,), generator=self.generator)] for rows, c in zip(self.members, counts)]
+        )
+
+
 @dataclass
 class Checkpoint:
     """Where and what :func:`fit` checkpoints: the state dicts of ``modules``, the optimiser, the
@@ -267,6 +287,7 @@ __all__ = [
     "Fit",
     "Loss",
     "RowOrder",
+    "StratifiedRowOrder",
     "fit",
     "is_cached",
     "train_or_load",
