@@ -7,6 +7,7 @@ import torch
 
 from mmlens.core.adapter import BATCH, Adapter, BlockLayout, Point, Site, Stack
 from mmlens.core.spans import spans_from_blocks
+from mmlens.core.units import patch_units, token_units
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
 FUSION_BLOCK = BlockLayout(attn="attn", attn_out_proj="attn.out_proj", mlp="mlp", norm_mid="ln2")
@@ -62,4 +63,8 @@ FUSION_TRANSFORMER = Adapter(
     modality_inputs={"image": ("pixel_values",), "text": ("input_ids", "attention_mask")},
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     readout="mean",
+    input_units={
+        "image": patch_units("pixel_values", lambda model: model.config.patch_size, neutral_image),
+        "text": token_units("input_ids", neutral_text),
+    },
 )

@@ -8,6 +8,7 @@ import torch
 
 from mmlens.core.adapter import BATCH, ITEMS, Adapter, Point, Site, Stack
 from mmlens.core.spans import spans_from_blocks
+from mmlens.core.units import graph_units, token_units
 from mmlens.hooks.fusion_transformer import FUSION_BLOCK
 from mmlens.metrics.perturb import graph_perturbations, token_perturbations
 
@@ -58,4 +59,8 @@ GRAPH_TEXT = Adapter(
         "text": token_perturbations("input_ids"),
     },
     readout="mean",  # the head reads the mean of every real position (graph tokens and text)
+    input_units={
+        "graph": graph_units("node_features", "edge_index", torch.zeros_like),  # neutral_graph's zero features
+        "text": token_units("input_ids", neutral_text),
+    },
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mmlens.core.adapter import GPT2_BLOCK, Adapter, language_model
 from mmlens.core.spans import spans_from_token_ids
+from mmlens.core.units import token_units
 from mmlens.metrics.perturb import token_perturbations
 
 _llama_stack, _llama_points = language_model(base="model", logits="lm_head")
@@ -40,6 +41,9 @@ def neutral_text(model, inputs, spans):
     return {**inputs, "input_ids": inputs["input_ids"].masked_fill(text, int(pad))}
 
 
+TEXT_UNITS = {"text": token_units("input_ids", neutral_text)}
+"""Input-level units of a text-only LM: its tokens, a removed one set to the pad (else eos) id."""
+
 LLAMA_FAMILY = Adapter(
     name="hf-causal-lm",
     architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"),
@@ -49,6 +53,7 @@ LLAMA_FAMILY = Adapter(
     neutral={"text": neutral_text},
     modality_inputs={"text": ("input_ids", "attention_mask")},
     perturbations={"text": token_perturbations("input_ids")},
+    input_units=TEXT_UNITS,
 )
 
 GPT2 = Adapter(
@@ -60,4 +65,5 @@ GPT2 = Adapter(
     neutral={"text": neutral_text},
     modality_inputs={"text": ("input_ids", "attention_mask")},
     perturbations={"text": token_perturbations("input_ids")},
+    input_units=TEXT_UNITS,
 )

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from mmlens.core.adapter import CLIP_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
+from mmlens.core.units import patch_units, token_units
 from mmlens.hooks.language_models import neutral_text
 from mmlens.metrics.perturb import image_perturbations, token_perturbations
 
@@ -95,4 +96,8 @@ LLAVA = Adapter(
     perturbations={"image": image_perturbations("pixel_values"), "text": token_perturbations("input_ids")},
     project_encoder=project_vision_layer,
     input_ranges={"pixel_values": PIXEL_RANGE},
+    input_units={
+        "image": patch_units("pixel_values", lambda model: model.config.vision_config.patch_size, neutral_image),
+        "text": token_units("input_ids", neutral_text),
+    },
 )

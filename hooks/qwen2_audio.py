@@ -14,6 +14,7 @@ import torch
 
 from mmlens.core.adapter import WHISPER_BLOCK, Adapter, Point, Site, Stack, language_model
 from mmlens.core.spans import spans_from_token_ids
+from mmlens.core.units import frame_units, token_units
 from mmlens.hooks.language_models import neutral_text
 from mmlens.metrics.perturb import audio_perturbations, token_perturbations
 
@@ -60,6 +61,12 @@ def neutral_audio(model, inputs, spans):
     return {**inputs, "input_features": quiet.expand_as(features).clone()}
 
 
+def audio_tokens(frames: int) -> int:
+    """Audio tokens of ``frames`` real log-mel frames: the encoder's stride-2 convolution, then its
+    average pooling by 2 (``Qwen2AudioEncoder._get_feat_extract_output_lengths``): about one per 4 frames."""
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
 def project_audio_layer(model, inputs, hidden):
     """An audio layer's output ``[audios, frames, d_a]`` -> LM-space tokens ``[audios, tokens, d_lm]``:
     what the encoder does after its last layer (average pooling by 2, ``layer_norm``), then the
@@ -102,4 +109,8 @@ QWEN2_AUDIO = Adapter(
         "text": token_perturbations("input_ids"),
     },
     project_encoder=project_audio_layer,
+    input_units={
+        "audio": frame_units("input_features", "feature_attention_mask", 4, audio_tokens, neutral_audio),
+        "text": token_units("input_ids", neutral_text),
+    },
 )

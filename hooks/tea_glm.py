@@ -7,6 +7,7 @@ import torch
 
 from mmlens.core.adapter import BATCH, ITEMS, Adapter, Point, Site, Stack, vocabulary_size
 from mmlens.core.spans import spans_from_token_ids
+from mmlens.core.units import graph_units, token_units
 from mmlens.hooks.language_models import neutral_text as lm_neutral_text
 from mmlens.metrics.perturb import graph_perturbations, token_perturbations
 
@@ -75,5 +76,10 @@ TEA_GLM = Adapter(
         "input_ids": lambda model, inputs: vocabulary_size(model.lm, inputs),
         "node_ids": lambda model, inputs: node_count(inputs),
         "edge_index": lambda model, inputs: node_count(inputs),
+    },
+    input_units={
+        # a removed node's features are zero (the neutral graph is a zero node representation, past the GNN)
+        "graph": graph_units("node_features", "edge_index", torch.zeros_like),
+        "text": token_units("input_ids", neutral_text),
     },
 )

@@ -28,6 +28,7 @@ from mmlens.core.adapter import (
 from mmlens.core.cache import ActivationCache, Named
 from mmlens.core.edits import Edit, HookContext, Where, ablate, add, apply, replace
 from mmlens.core.spans import ModalitySpans, spans_from_blocks, spans_from_token_ids
+from mmlens.core.units import InputUnits
 from mmlens.core.wrapper import HookedModel, Recording, RunResult
 from mmlens.methods.circuits import Circuit, Node
 from mmlens.methods.evolution import Evolution, evolution
@@ -80,6 +81,7 @@ __all__ = [
     "LLAMA_BLOCK",
     "ActivationCache",
     "Adapter",
+    "InputUnits",
     "BlockLayout",
     "Circuit",
     "Component",

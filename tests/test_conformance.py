@@ -438,6 +438,45 @@ def test_desiderata_run_and_are_finite(case):
             interaction(hm, case.inputs, progress=False)
 
 
+def test_input_level_faithfulness_or_a_clear_refusal(case):
+    """Adapters that declare input units for every modality: keeping every unit is the input, removing
+    every unit is the modality's neutral reference (where the adapter says so; else only the modality's
+    inputs change), and faithfulness(level="input")'s remove-all cell equals one plain forward of that
+    input. Adapters that do not: faithfulness(level="input") refuses, naming the missing modalities."""
+    hm, clean = case.hm, case.clean
+    spans, table = hm.spans(clean), hm.adapter.input_units
+    kw = {"fractions": (0.0, 1.0), "random_draws": 1, "level": "input", "n_resamples": 9, "progress": False}
+    if not all(m in table for m in spans.modalities):
+        with pytest.raises(ValueError, match="declares no input units"):
+            faithfulness(hm, clean, "occlusion", **kw)
+        return
+    logits = readout(hm, hm.run(clean).logits, clean)
+    target = int(logits[0].argmax())
+    removed_all, scores = {}, {}
+    for m in spans.modalities:
+        units = table[m]
+        n = units.count(hm.model, clean, spans)
+        kept = units.apply(hm.model, clean, spans, torch.ones(n, dtype=torch.bool))
+        assert all(torch.equal(kept[k], v) for k, v in clean.items() if isinstance(v, Tensor)), m
+        removed_all[m] = units.apply(hm.model, clean, spans, torch.zeros(n, dtype=torch.bool))
+        changed = {k for k, v in clean.items() if isinstance(v, Tensor) and not torch.equal(removed_all[m][k], v)}
+        assert changed and changed <= set(hm.adapter.modality_inputs[m]), (m, changed)
+        if units.neutral_exact:
+            neutral = hm.neutral(clean, m)
+            assert all(torch.equal(removed_all[m][k], neutral[k]) for k in neutral), m
+        scores[m] = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    needs_scores = any(table[m].positions is None for m in spans.modalities)
+    if needs_scores:
+        with pytest.raises(ValueError, match="pass unit_scores"):
+            faithfulness(hm, clean, "occlusion", **kw)
+    result = faithfulness(hm, clean, "occlusion", unit_scores=[scores] if needs_scores else None, **kw)
+    assert result.level == "input" and finite(result.curves) and finite(result.areas)
+    curves = result.curves.set_index(["scope", "k", "source"])
+    for m in spans.modalities:
+        by_hand = readout(hm, hm.run(removed_all[m]).logits, removed_all[m]).float().softmax(-1)[0, target]
+        assert abs(curves.loc[(m, 1.0, "explanation"), "f_remove"] - float(by_hand)) < 1e-5, m
+
+
 # -- the command line -------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mmlens.core.spans import ModalitySpans
+from mmlens.core.units import InputUnits
 
 Stage = Literal["encoder", "fusion", "lm"]
 STAGES: tuple[str, ...] = ("encoder", "fusion", "lm")
@@ -265,6 +266,11 @@ class Adapter:
             that table (token ids < the vocabulary; node ids < the node count); checked before a run.
         input_ranges: input keys -> the ``(low, high)`` interval their (floating) values lie in when
             the processor made them (normalised pixels): raw 0-255 pixels are refused.
+        input_units: modality -> :class:`mmlens.core.units.InputUnits`: its raw input units (vision
+            patches, tokens, audio frames, graph nodes and edges), how many a row has, the LM position
+            each unit's score is read from, and how to set chosen units to the modality's neutral
+            reference (input-level faithfulness; built with :func:`mmlens.core.units.patch_units` and
+            its siblings); a modality without an entry has no input level.
         probe: ``model -> inputs``: a tiny valid input (every modality present) for the wrap-time
             self-check (:mod:`mmlens.core.selfcheck`); default: the model's ``dummy_inputs`` (a
             Hugging Face model's small text batch), else no check.
@@ -289,6 +295,7 @@ class Adapter:
     index_inputs: Mapping[str, IndexBound] = field(default_factory=lambda: {"input_ids": vocabulary_size})
     input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     token_ids: str | None = "input_ids"
+    input_units: Mapping[str, InputUnits] = field(default_factory=dict)
     probe: Callable[[nn.Module], dict] | None = None
 
     def probe_inputs(self, model: nn.Module) -> dict | None:
@@ -418,9 +425,13 @@ class Adapter:
         return logits[last]
 
     def _check_modalities(self) -> None:
-        """Every modality with perturbations (and, once ``modality_inputs`` is given, with a neutral
+        """Every modality with perturbations or input units (and, once ``modality_inputs`` is given, with a neutral
         reference) names its input keys in ``modality_inputs``."""
-        tables = {"perturbations": self.perturbations, **({"neutral": self.neutral} if self.modality_inputs else {})}
+        tables = {
+            "perturbations": self.perturbations,
+            "input_units": self.input_units,
+            **({"neutral": self.neutral} if self.modality_inputs else {}),
+        }
         for what, table in tables.items():
             unknown = sorted(set(table) - set(self.modality_inputs))
             if unknown:

@@ -9,10 +9,11 @@
 - :func:`faithfulness`: synergistic faithfulness. Keep only (or remove) the top-k fraction of each
   modality's positions by an explanation, the rest (or those) set to the neutral reference;
   sufficiency gap |f(keep) - f(x)| and necessity drop f(x) - f(remove) as curves over k, with areas,
-  against random explanations of the same size.
+  against random explanations of the same size. ``level="input"`` does the same on raw input
+  units (vision patches, tokens, audio frames, graph nodes and edges; ``Adapter.input_units``).
 
-Every intervention acts where the modalities enter the LM (``fusion.embeds`` / ``lm.embed``), so
-text, image and graph positions are treated alike, and variants are evaluated in batches.
+Every other intervention acts where the modalities enter the LM (``fusion.embeds`` / ``lm.embed``),
+so text, image and graph positions are treated alike, and variants are evaluated in batches.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mmlens.core.spans import ModalitySpans
+from mmlens.core.units import InputUnits
 from mmlens.core.wrapper import HookedModel
 from mmlens.methods.explainers import (
     CONTROLS,
@@ -451,7 +454,10 @@ class FaithfulnessResult:
             ``random``, their paired difference ``diff`` (explanation - random) with a
             cluster-bootstrap interval over inputs (``diff_low``, ``diff_high``), and ``better``:
             whether the interval excludes 0 on the good side (necessity above, sufficiency gap below).
-        method: the explainer; ``metric``: what f measures (:data:`PREDICTION_METRICS`).
+        method: the explainer (``"unit_scores"`` when scores per input unit were given); ``metric``:
+            what f measures (:data:`PREDICTION_METRICS`); ``level``: where keep/remove acted,
+            ``"embedding"`` (positions of the LM-input embeddings) or ``"input"`` (raw input units:
+            then ``curves`` and ``intervals`` count units, not positions).
     """
 
     curves: pd.DataFrame
@@ -459,6 +465,11 @@ class FaithfulnessResult:
     method: str
     intervals: pd.DataFrame = field(default_factory=pd.DataFrame)
     metric: str = "prob"
+    level: str = "embedding"
+
+
+LEVELS = ("embedding", "input")
+"""Where :func:`faithfulness` keeps and removes: the LM-input embeddings, or the raw input units."""
 
 
 def faithfulness(
@@ -475,68 +486,171 @@ def faithfulness(
     explanations: Sequence[Explanation] | None = None,
     n_resamples: int = 999,
     progress: bool = True,
+    level: str = "embedding",
+    unit_scores: Sequence[Mapping[str, Tensor]] | None = None,
 ) -> FaithfulnessResult:
-    """Sufficiency and necessity of an explainer's top-k positions per modality, jointly (each
-    modality's top-k) and globally (the top-k of all positions across modalities).
+    """Sufficiency and necessity of an explainer's top-k positions (or input units) per modality,
+    jointly (each modality's top-k) and globally (the top-k of all of them across modalities).
 
-    keep_k: every explained position of the scope outside its top-k takes its neutral reference
-    embedding (at the LM's input embeddings); remove_k: the top-k positions do. ``metric``
+    ``level="embedding"``: keep_k sets every explained position of the scope outside its top-k to its
+    neutral reference embedding (at the LM's input embeddings, after the encoders mixed patches and
+    nodes); remove_k sets the top-k positions. ``level="input"``: the same on each modality's raw input
+    units (``Adapter.input_units``: vision patches' pixels, tokens, audio frames -> the modality's
+    neutral reference; graph nodes' features -> neutral, edges dropped), the model rerun plainly. A
+    unit's score is the score of its one LM position (a vision patch's token, the token itself, an
+    audio token's run of frames); where no such mapping exists (graph nodes and edges; images with a
+    CLS token or tiles) it is refused unless ``unit_scores`` (one per row: modality -> Float[n_units])
+    gives the scores, in which case nothing is explained. ``metric``
     (:data:`mmlens.methods.explainers.PREDICTION_METRICS`) measures each input's predicted token.
     ``explanations`` (one per row, from :func:`mmlens.explain`) skips explaining.
     """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     items = examples(hooked, inputs)
     fractions = sorted({float(k) for k in fractions})
     if not fractions or fractions[0] < 0 or fractions[-1] > 1:
         raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
     generator = torch.Generator().manual_seed(seed)
-    if explanations is not None and len(explanations) != len(items):
-        raise ValueError(f"got {len(explanations)} explanations for {len(items)} inputs")
+    for given, what in ((explanations, "explanations"), (unit_scores, "unit_scores")):
+        if given is not None and len(given) != len(items):
+            raise ValueError(f"got {len(given)} {what} for {len(items)} inputs")
+    if unit_scores is not None and level != "input":
+        raise ValueError(f"unit_scores are scores of input units; pass level='input' with them, not {level!r}")
     options = dict(options or {})
     mode = options.pop("mode", "joint")
     check_method(explainer)
-    name = explainer_name(explainer)
+    name = "unit_scores" if unit_scores is not None else explainer_name(explainer)
     rows = []
-    for i, x in enumerate(tqdm(items, desc=f"faithfulness ({name})", disable=not progress)):
+    for i, x in enumerate(tqdm(items, desc=f"faithfulness ({name}, {level})", disable=not progress)):
         setup = prepare(hooked, x, None, "joint")
         own_metric = prediction_metric(setup.logits, metric)
         setup = replace(setup, metric=own_metric, value=own_metric(setup.logits).detach())
-        if explanations is not None:
+        units = input_units(hooked, x, setup.spans) if level == "input" else None
+        if unit_scores is not None:
+            e = None
+        elif explanations is not None:
             e = explanations[i]
         else:
             own = setup if mode == "joint" else prepare(hooked, x, setup.metric, mode)
             e = explain_row(hooked, own, x, explainer, mode, options)
-        masks, labels = _faithfulness_masks(setup, e, fractions, random_draws, generator)
-        values = masked_values(hooked, x, setup, masks, batch_size).tolist()
+        if units is None:
+            members = {m: setup.spans.masks[m][0].cpu() for m in setup.spans.modalities}
+            scores, explained = e.scores[0].cpu(), setup.explained[0].cpu()
+        else:
+            scores, members = _unit_scores(hooked, x, units, e, None if unit_scores is None else unit_scores[i])
+            explained = torch.ones_like(scores, dtype=torch.bool)
+        masks, labels = _faithfulness_masks(scores, members, explained, fractions, random_draws, generator)
+        if units is None:
+            values = masked_values(hooked, x, setup, masks, batch_size).tolist()
+        else:
+            values = _unit_values(hooked, x, setup, units, members, masks)
         rows += _faithfulness_rows(i, float(setup.value[0]), labels, values)
     curves = pd.DataFrame(rows)
-    return FaithfulnessResult(
-        curves, areas(curves), name, faithfulness_intervals(curves, n_resamples=n_resamples, seed=seed), metric
-    )
+    intervals = faithfulness_intervals(curves, n_resamples=n_resamples, seed=seed)
+    return FaithfulnessResult(curves, areas(curves), name, intervals, metric, level)
+
+
+UnitsOfRow = dict[str, tuple[InputUnits, int]]
+"""Modality -> (its :class:`InputUnits`, the row's unit count)."""
+
+
+def input_units(hooked: HookedModel, x: dict, spans: ModalitySpans) -> UnitsOfRow:
+    """Each modality of one input row with its adapter's input units and their count; raises naming the
+    modalities whose adapter declares none."""
+    table = hooked.adapter.input_units
+    missing = [m for m in spans.modalities if m not in table]
+    if missing:
+        raise ValueError(
+            f"level='input': adapter {hooked.adapter.name!r} declares no input units for {missing} (it has "
+            f"{sorted(table)}); use level='embedding', or add Adapter.input_units for them "
+            "(mmlens.core.units: patch_units, token_units, frame_units, graph_units)"
+        )
+    return {m: (table[m], int(table[m].count(hooked.model, x, spans))) for m in spans.modalities}
+
+
+def _unit_scores(
+    hooked: HookedModel, x: dict, units: UnitsOfRow, e: Explanation | None, given: Mapping[str, Tensor] | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Float[n]: every unit's score (modalities one after another, in span order), and each modality's
+    Bool[n] membership: ``given`` scores, else the score in ``e`` of each unit's LM position."""
+    parts, members, start = [], {}, 0
+    total = sum(n for _, n in units.values())
+    for m, (unit, n) in units.items():
+        if given is not None:
+            if m not in given or torch.as_tensor(given[m]).numel() != n:
+                raise ValueError(f"unit_scores[{m!r}] must hold {n} scores ({unit.unit} units of this input)")
+            parts.append(torch.as_tensor(given[m], dtype=torch.float32).reshape(-1).cpu())
+        elif unit.positions is None:
+            raise ValueError(
+                f"level='input': {m!r} units ({unit.unit}) have no LM position to read an explanation score "
+                f"from; pass unit_scores (one per input: {{{m!r}: Float[{n}]}}, from an input-level explainer)"
+            )
+        else:
+            parts.append(e.scores[0, unit.positions(hooked.model, x, e.spans).cpu()].float().cpu())
+        members[m] = torch.zeros(total, dtype=torch.bool)
+        members[m][start : start + n] = True
+        start += n
+    return torch.cat(parts), members
+
+
+def _unit_values(
+    hooked: HookedModel, x: dict, setup: Setup, units: UnitsOfRow, members: dict[str, Tensor], masks: list[Tensor]
+) -> list[float]:
+    """The metric of one input row with each Bool[n_units] mask's units set to their modality's neutral
+    reference on the raw inputs (one plain forward per distinct mask; an empty mask is the input)."""
+    done: dict[bytes, float] = {}
+    out = []
+    for mask in masks:
+        key = mask.numpy().tobytes()
+        if key not in done:
+            done[key] = float(setup.value[0]) if not mask.any() else _unit_value(hooked, x, setup, units, members, mask)
+        out.append(done[key])
+    return out
+
+
+def _unit_value(
+    hooked: HookedModel, x: dict, setup: Setup, units: UnitsOfRow, members: dict[str, Tensor], mask: Tensor
+) -> float:
+    variant = x
+    for m, (unit, _) in units.items():
+        removed = mask[members[m]]
+        if removed.any():
+            variant = unit.apply(hooked.model, variant, setup.spans, ~removed)
+    if not hooked.spans(variant).same_layout(setup.spans):
+        raise ValueError("an input-level removal changed the modality layout; the adapter's input_units must keep it")
+    with torch.no_grad():
+        logits = hooked.readout_logits(hooked.run(variant).logits, variant)
+    return float(setup.metric(logits)[0])
 
 
 def _faithfulness_masks(
-    setup: Setup, e: Explanation, fractions: list[float], random_draws: int, generator: torch.Generator
+    scores: Tensor,
+    members: Mapping[str, Tensor],
+    explained: Tensor,
+    fractions: list[float],
+    random_draws: int,
+    generator: torch.Generator,
 ) -> tuple[list[Tensor], list[tuple]]:
-    """The keep and remove masks Bool[seq] of one input, with their (scope, k, source, draw, which) labels."""
-    modalities = setup.spans.modalities
+    """The keep and remove masks Bool[n] of one input (over its positions or its input units: ``scores``
+    Float[n], ``members`` modality -> Bool[n], ``explained`` Bool[n]), with their (scope, k, source,
+    draw, which) labels. A mask marks what takes the neutral reference."""
+    modalities = list(members)
     scopes = modalities + (["joint", "global"] if len(modalities) > 1 else [])
     masks, labels = [], []
     for scope in scopes:
-        members = modalities if scope in ("joint", "global") else [scope]
-        scope_mask = torch.zeros_like(setup.explained[0].cpu())
-        for n in members:
-            scope_mask |= setup.spans.masks[n][0].cpu()
+        group = modalities if scope in ("joint", "global") else [scope]
+        scope_mask = torch.zeros_like(explained)
+        for n in group:
+            scope_mask |= members[n]
         for k in fractions:
             if scope == "global":
-                top = _global_top(e.scores[0].cpu(), scope_mask & setup.explained[0].cpu(), k)
-                draws = [
-                    _random_global(scope_mask & setup.explained[0].cpu(), k, generator) for _ in range(random_draws)
-                ]
+                top = _global_top(scores, scope_mask & explained, k)
+                draws = [_random_global(scope_mask & explained, k, generator) for _ in range(random_draws)]
             else:
                 top = torch.zeros_like(scope_mask)
-                for n in members:
-                    top |= e.top_mask(n, k)[0]
-                draws = [_random_top(setup.spans, members, k, generator) for _ in range(random_draws)]
+                for n in group:
+                    top |= _global_top(scores, members[n], k)
+                draws = [_random_top(members, group, k, generator) for _ in range(random_draws)]
             for source, chosen in (("explanation", [top]), ("random", draws)):
                 for d, mask in enumerate(chosen):
                     masks += [scope_mask & ~mask, mask]
@@ -545,7 +659,7 @@ def _faithfulness_masks(
 
 
 def _global_top(scores: Tensor, where: Tensor, k: float) -> Tensor:
-    """Bool[seq]: the ``ceil(k * n)`` highest scores among the ``n`` positions of ``where`` (ties by position)."""
+    """Bool[n]: the ``ceil(k * m)`` highest scores among the ``m`` entries of ``where`` (NaN lowest, ties by index)."""
     positions = where.nonzero()[:, 0]
     count = int(np.ceil(k * len(positions) - 1e-9))
     order = torch.argsort(scores[positions].nan_to_num(float("-inf")), descending=True, stable=True)
@@ -555,7 +669,7 @@ def _global_top(scores: Tensor, where: Tensor, k: float) -> Tensor:
 
 
 def _random_global(where: Tensor, k: float, generator: torch.Generator) -> Tensor:
-    """Bool[seq]: ``ceil(k * n)`` random positions of ``where``."""
+    """Bool[n]: ``ceil(k * m)`` random entries of the ``m`` of ``where``."""
     positions = where.nonzero()[:, 0]
     count = int(np.ceil(k * len(positions) - 1e-9))
     out = torch.zeros_like(where)
@@ -1229,13 +1343,11 @@ def _emap(
     }
 
 
-def _random_top(spans, members: list[str], k: float, generator: torch.Generator) -> Tensor:
-    """Bool[seq]: a random ``ceil(k * n)`` positions of each member modality (row 0)."""
-    out = torch.zeros(spans.valid.shape[1], dtype=torch.bool)
-    for n in members:
-        positions = spans.masks[n][0].cpu().nonzero()[:, 0]
-        count = int(np.ceil(k * len(positions) - 1e-9))
-        out[positions[torch.randperm(len(positions), generator=generator)[:count]]] = True
+def _random_top(members: Mapping[str, Tensor], group: list[str], k: float, generator: torch.Generator) -> Tensor:
+    """Bool[n]: a random ``ceil(k * m)`` entries of each modality of ``group`` (``members``: modality -> Bool[n])."""
+    out = torch.zeros_like(next(iter(members.values())))
+    for n in group:
+        out |= _random_global(members[n], k, generator)
     return out
 
 
@@ -1278,6 +1390,7 @@ __all__ = [
     "Dataset",
     "FaithfulnessResult",
     "GrangerResult",
+    "LEVELS",
     "REFERENCES",
     "InteractionResult",
     "StabilityResult",
@@ -1288,6 +1401,7 @@ __all__ = [
     "faithfulness",
     "faithfulness_intervals",
     "granger",
+    "input_units",
     "granger_calibration",
     "granger_summary",
     "interaction",
