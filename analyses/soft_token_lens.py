@@ -54,8 +54,11 @@ SLOT_CONTROLS = ("text_caption", "text_neutral", "random_norm", "mean_embedding"
 NEUTRAL_PHRASE = " once upon a time there was a little dog who liked to play in the park with his friend"
 CAPTION = " a {color} {shape} on a dark background"
 N_INPUTS = 128
-QUICK = {"n_inputs": 8, "lens_variants": ("normed",)}
-"""What ``quick=True`` overrides: a few inputs and one lens variant (tests; numbers mean nothing)."""
+QUICK = {"n_inputs": 8, "lens_variants": ("normed",), "n_resamples": 199}
+"""What ``quick=True`` overrides: a few inputs, one lens variant, fewer permutations in the per-layer
+tests (tests; numbers mean nothing)."""
+N_RESAMPLES = 999
+"""Permutations of each per-layer test (as in the TEA-GLM job)."""
 ROWS = ("all_layers", "no_embedding_row")
 ROLES = {
     "text": "text tokens (other positions)",
@@ -155,7 +158,12 @@ def condition_tables(
 
 
 def soft_verdict(
-    per_input: pd.DataFrame, per_layer: pd.DataFrame, span: str, controls: Sequence[str], seed: int
+    per_input: pd.DataFrame,
+    per_layer: pd.DataFrame,
+    span: str,
+    controls: Sequence[str],
+    seed: int,
+    n_resamples: int = N_RESAMPLES,
 ) -> dict:
     """Verdicts of ``span`` vs ``text`` and vs each control (:func:`verdicts`, combined by
     :func:`against_controls`), per-layer Holm tests, and whether "evolves less" holds (at least 3
@@ -164,7 +172,7 @@ def soft_verdict(
     matched = {c: verdicts(per_input, span, c, seed=seed) for c in controls}
     combined = against_controls(reference, matched, "text")
     layer_tests = {
-        b: per_layer_tests(per_layer, span, b, n_resamples=999, seed=seed).to_dict(orient="records")
+        b: per_layer_tests(per_layer, span, b, n_resamples=n_resamples, seed=seed).to_dict(orient="records")
         for b in ("text", *matched)
     }
     n_less, n_more = int((combined.verdict == "less").sum()), int((combined.verdict == "more").sum())
@@ -197,6 +205,7 @@ def soft_token_comparison(
     slots: Mapping[str, Tensor],
     lens_variants: Sequence[str] = ("normed", "raw", "naive"),
     seed: int = 0,
+    n_resamples: int = N_RESAMPLES,
 ) -> dict:
     """Every lens variant x layer rows: metric means per condition, the verdict table, the deciding
     comparison, per-layer tests and pooled curves, for the soft span of ``inputs`` against ``text``
@@ -214,7 +223,7 @@ def soft_token_comparison(
                 "final_norm": LENS_VARIANTS[variant],
                 "span": span,
                 "metrics": {m: {k: float(v) for k, v in means[m].items()} for m in dict.fromkeys(per_input.modality)},
-                **soft_verdict(per_input, per_layer, span, list(slots), seed),
+                **soft_verdict(per_input, per_layer, span, list(slots), seed, n_resamples),
                 "curves": pooled_curves(per_layer, labels, seed),
                 "layers": labels,
             }
@@ -238,6 +247,7 @@ def vlm_comparison(
         n_inputs: held-out scenes, asked the colour and the shape question in turn.
         seed: seeds the random control and the bootstraps.
         quick: override with :data:`QUICK` (tests).
+        progress: print each variant's verdicts when computed.
         vlm_options: :func:`mmlens.training.vlm.train_vlm` arguments (default: those of
             ``load_model("synthetic-vlm")``, the cached default model).
 
@@ -246,13 +256,13 @@ def vlm_comparison(
     """
     from mmlens.training.vlm import VLMConfig
 
-    if quick:
-        lens_variants, n_inputs = QUICK["lens_variants"], QUICK["n_inputs"]
     options = dict(vlm_options or {})
     settings = {
         "lens_variants": list(lens_variants),
         "n_inputs": n_inputs,
         "seed": seed,
+        "n_resamples": N_RESAMPLES,
+        **(QUICK if quick else {}),
         "vlm": VLMConfig(**options).identity(),
         "margins": MARGINS,
         "controls": list(SLOT_CONTROLS),
@@ -264,46 +274,46 @@ def vlm_comparison(
     if path.exists():
         return json.loads(path.read_text())
     start = time.perf_counter()
-    record = _run_vlm(lens_variants, n_inputs, seed, options, progress)
-    record.update(n_inputs=n_inputs, settings=settings, seconds=time.perf_counter() - start)
-    atomic_write(path, json.dumps(record, allow_nan=False))
-    return record
+    record = _run_vlm(settings, options, progress)
+    record.update(n_inputs=settings["n_inputs"], settings=settings, seconds=time.perf_counter() - start)
+    text = json.dumps(record, allow_nan=False)
+    atomic_write(path, text)
+    return json.loads(text)  # what a cache hit returns (tuples as lists)
 
 
-def _run_vlm(lens_variants: Sequence[str], n_inputs: int, seed: int, options: dict, progress: bool) -> dict:
-    """Train or load the VLM, build the held-out batch and its slot controls, and compare."""
+def _run_vlm(settings: dict, options: dict, progress: bool) -> dict:
+    """Train or load the VLM (``options``), build the held-out batch, and compare (:func:`_compare_vlm`)."""
     from mmlens.training.vlm import train_vlm
 
     trained = train_vlm(**options)
     scenes = trained.test_scenes()
+    n_inputs = settings["n_inputs"]
     if not 2 <= n_inputs <= len(scenes):
         raise ValueError(f"n_inputs={n_inputs}: choose 2..{len(scenes)} (the held-out scenes of this VLM)")
     scenes = scenes[:n_inputs]
     kinds = [trained.config.kinds[i % len(trained.config.kinds)] for i in range(n_inputs)]
     inputs = trained.processor.questions(scenes, kinds)
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # a tiny model: one thread, ~6x faster than two on busy cores, the same float order on any machine
+    torch.set_num_threads(1)  # tiny model: 1 thread is ~6x faster than 2 on busy cores; one float order anywhere
     try:
-        return _compare_vlm(trained, inputs, scenes, kinds, lens_variants, seed, progress)
+        return _compare_vlm(trained, inputs, scenes, kinds, settings, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _compare_vlm(
-    trained: Any, inputs: dict, scenes: Any, kinds: list[str], lens_variants: Sequence[str], seed: int, progress: bool
-) -> dict:
+def _compare_vlm(trained: Any, inputs: dict, scenes: Any, kinds: list[str], settings: dict, progress: bool) -> dict:
     """The record of :func:`vlm_comparison` (without its settings) for the held-out batch ``inputs``."""
     from mmlens.training.vlm import COLORS, SHAPES, answer_accuracy
 
     hooked = HookedModel(trained.model, tokenizer=trained.tokenizer, processor=trained.processor, name="synthetic-vlm")
-    span = soft_span(hooked, inputs)
+    span, seed = soft_span(hooked, inputs), settings["seed"]
     with torch.no_grad():
         tokens = soft_tokens(hooked, inputs, span)
         captions = [CAPTION.format(color=c, shape=s) for c, s in zip(scenes.colors, scenes.shapes)]
         slots = slot_controls(hooked, tokens, captions, NEUTRAL_PHRASE, seed)
-        variants = soft_token_comparison(hooked, inputs, slots, lens_variants, seed)
+        variants = soft_token_comparison(
+            hooked, inputs, slots, settings["lens_variants"], seed, settings["n_resamples"]
+        )
         on_inputs = {
             k: answer_accuracy(
                 trained.model, trained.processor, scenes[[i for i, q in enumerate(kinds) if q == k]], [k]
