@@ -20,6 +20,7 @@ Conditions, all through one pipeline, only the soft span's input embeddings diff
 differences against their controls side by side.
 
     python -m mmlens.analyses.soft_token_lens [--quick] [--n-inputs N] [--out DIR]
+        [--graph-json results/tea_glm_logit_lens/logit_lens.json]
 
 Shapes: ``b`` inputs, ``K`` soft slots per input, ``d`` the LM's width.
 """
@@ -47,6 +48,7 @@ from mmlens.data.paths import cache_dir
 from mmlens.methods.evolution import METRICS, bootstrap_ci, evolution
 from mmlens.methods.lens import logit_lens
 from mmlens.metrics.lens_verdicts import MARGINS, against_controls, per_layer_tests, verdicts
+from mmlens.plots import save_figure
 from mmlens.store import atomic_write, config_hash
 
 SLOT_CONTROLS = ("text_caption", "text_neutral", "random_norm", "mean_embedding")
@@ -249,7 +251,9 @@ def vlm_comparison(
         quick: override with :data:`QUICK` (tests).
         progress: print each variant's verdicts when computed.
         vlm_options: :func:`mmlens.training.vlm.train_vlm` arguments (default: those of
-            ``load_model("synthetic-vlm")``, the cached default model).
+            ``load_model("synthetic-vlm")``, the cached default model). The model is the one
+            ``load_model("synthetic-vlm")`` builds, taken from ``train_vlm`` itself because that
+            also gives its held-out scenes and accuracy.
 
     Returns ``{"lens_variants": {"<variant>/<rows>": {...}}, "accuracy", "n_inputs", "settings",
     "span", "controls", "seconds"}``.
@@ -386,8 +390,9 @@ def plot_soft_token_comparison(
         side = "lower" if direction == "lower" else "higher"
         ax.set_title(f"{metric}\n(soft {side} = evolves less)", fontsize=9)
         ax.set_yticks(range(len(roles)), roles, fontsize=8)
-        ax.invert_yaxis()
-    np.atleast_1d(axes)[0].legend(fontsize=8, loc="best")
+    first = np.atleast_1d(axes)[0]
+    first.invert_yaxis()  # the y axis is shared: invert it once
+    first.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.12), ncol=2, frameon=False)
     fig.suptitle(f"Soft tokens minus comparison ({variant}); grey: equivalence margin", fontsize=10)
     fig.tight_layout()
     return fig
@@ -400,11 +405,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-inputs", type=int, default=N_INPUTS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/soft_token_lens")
+    parser.add_argument("--graph-json", help="the TEA-GLM job's logit_lens.json: also draw soft_tokens.png/.svg")
     args = parser.parse_args(argv)
     record = vlm_comparison(n_inputs=args.n_inputs, seed=args.seed, quick=args.quick)
     out = Path(args.out)
     atomic_write(out / "vlm_comparison.json", json.dumps(record, indent=1))
     print(f"wrote {out / 'vlm_comparison.json'} ({record['seconds']:.1f} s when computed)")
+    if args.graph_json:
+        graph = json.loads(Path(args.graph_json).read_text())["lens_variants"]
+        primary = "normed/no_embedding_row"
+        fig = plot_soft_token_comparison(graph, record, primary if primary in graph else next(iter(graph)))
+        print("wrote", *save_figure(fig, out / "soft_tokens"))
     return 0
 
 

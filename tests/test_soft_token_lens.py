@@ -4,6 +4,7 @@ numbers, is under test here; the full comparison is run by the main job."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import matplotlib
@@ -30,6 +31,15 @@ from mmlens.training.vlm import make_scenes, train_vlm
 matplotlib.use("Agg")
 
 TINY_VLM = {"n_train": 64, "n_test": 16, "vision_steps": 3, "steps": 2, "batch_size": 4, "vision_batch_size": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model: one torch thread avoids the OpenMP stalls of two threads on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +177,20 @@ def test_the_figure_reads_a_graph_record_next_to_the_image_record(record):
     axes = fig.axes
     assert len(axes) == len(METRICS)
     labels = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert labels[0] == "text tokens (other positions)" and axes[0].yaxis_inverted()  # text on top
     assert "own words in the slots" in labels and "node-agnostic projector" in labels
     assert len(labels) == len(set(labels)) == 1 + len(SLOT_CONTROLS) + 1  # text_title and text_caption share a row
     sources = {t.get_text() for t in axes[0].get_legend().get_texts()}
     assert sources == {"graph tokens", "image tokens"}
     with pytest.raises(KeyError, match="no lens variant 'raw/no_embedding_row'"):
         plot_soft_token_comparison(graph, record, variant="raw/no_embedding_row")
+
+
+def test_the_command_writes_the_record_and_the_figure(record, tmp_path, monkeypatch):
+    monkeypatch.setattr(soft_token_lens, "vlm_comparison", functools.partial(vlm_comparison, vlm_options=TINY_VLM))
+    rows = [{"metric": m, "diff": 0.1, "low": 0.0, "high": 0.2, "verdict": "more"} for m in METRICS]
+    graph_json = tmp_path / "logit_lens.json"
+    graph_json.write_text(json.dumps({"lens_variants": {"normed/no_embedding_row": {"comparisons": {"text": rows}}}}))
+    assert soft_token_lens.main(["--quick", "--out", str(tmp_path / "out"), "--graph-json", str(graph_json)]) == 0
+    assert json.loads((tmp_path / "out" / "vlm_comparison.json").read_text()) == record
+    assert (tmp_path / "out" / "soft_tokens.png").stat().st_size > 0
