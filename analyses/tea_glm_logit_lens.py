@@ -54,7 +54,7 @@ from mmlens.methods.lens import (
     logit_lens,
 )
 from mmlens.methods.patching import SweepResult
-from mmlens.metrics.lens_verdicts import MARGINS
+from mmlens.metrics.lens_verdicts import MARGINS, layer_bands
 from mmlens.models import GraphSAGEEncoder, TeaGLM
 from mmlens.plots import plot_evolution, plot_lens_grid, plot_patching, save_figure
 from mmlens.store import atomic_path, atomic_write, config_hash, versions
@@ -73,6 +73,8 @@ CLAIM_RULE_MATCHED = (
     "decides. The claim holds under a variant when at least 3 of the 4 metrics read 'less' and none "
     "'more'; overall when it holds under every variant without the embedding row"
 )
+PRIMARY_VARIANT = "normed/no_embedding_row"
+"""The lens variant the figures show: nostalgebraist's normed lens, without the embedding row."""
 CLAIM_RULE = (
     "graph tokens evolve measurably less than text tokens when, for at least 3 of the 4 metrics "
     "(top-1 change rate lower, mean KL to the final layer lower, consecutive-layer cosine higher, "
@@ -97,7 +99,9 @@ class ReproductionConfig:
     template: PromptTemplate = field(default_factory=PromptTemplate)
     eval_nodes: int | None = None
     lens_nodes: int = 100
-    tuned_lens_steps: int = 0
+    text_positions: int = 10
+    tuned_lens_steps: int = 60
+    tuned_lens_tokens: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)
     control_projector_steps: int = 50
     patching_nodes: int = 8
@@ -118,6 +122,8 @@ def quick_config(**overrides: Any) -> ReproductionConfig:
         eval_nodes=24,
         lens_nodes=6,
         tuned_lens_steps=3,
+        tuned_lens_tokens=8,
+        text_positions=4,
         seeds=(0,),
         control_projector_steps=2,
         patching_nodes=2,
@@ -519,28 +525,30 @@ def run(
     nodes = _lens_nodes(rep)
     rep.lens_nodes = nodes
     inputs = rep.inputs(nodes)
-    positions = rep.node_positions(inputs)
+    row = _representative(rep, nodes)
+    positions = sampled_positions(rep, inputs, config.text_positions, config.seed)
+    shown = positions.clone()
+    shown[row] = rep.node_positions(inputs)[row]  # the grid figure shows every position of one node
     answer_targets = rep.prompts.answer_ids[rep.graph.labels[nodes]][:, None]
     with stages("logit lens"):
-        rep.lens = logit_lens(rep.hooked, inputs, k=5, targets=answer_targets, positions=positions)
+        rep.lens = logit_lens(rep.hooked, inputs, k=5, targets=answer_targets, positions=shown)
         rep.evolution = evolution(rep.lens, ["graph", "text"], seed=config.seed)
         soft = decode_soft_tokens(rep.hooked, inputs, "graph", k=5)
         layers = decode_encoder_layers(rep.hooked, inputs, k=5)
-    tuned_summary = None
+    tuned = None
     if config.tuned_lens_steps > 0:
         with stages("tuned lens"):
-            tuned = _tuned_lens(rep, nodes)
-            tuned_result = logit_lens(rep.hooked, inputs, k=5, targets=answer_targets, positions=positions, tuned=tuned)
-            tuned_summary = _tuned_summary(rep.lens, tuned_result)
+            tuned = _tuned_lens(rep, inputs, positions)
 
     matched = _matched(reps, nodes, inputs, positions, progress)
     with stages("write outputs"):
-        row = _representative(rep, nodes)
-        _write_figures(rep, out, row, positions)
-        _write_matched_figures(rep, out, row, positions, matched)
+        _write_figures(rep, out, row, shown)
+        _write_matched_figures(rep, out, row, shown, matched)
         _write_tables(rep, out, soft, layers)
-        record = _record(rep, row, soft, layers, tuned_summary)
+        record = _record(rep, row, soft, layers, tuned)
         record.update(_matched_record(reps, matched))
+        if tuned is not None:
+            _write_tuned_curve(tuned["curve"], out)
     record["timings_s"] = stages.seconds
     _write_json(out / "logit_lens.json", record)
     if progress:
@@ -580,7 +588,7 @@ def _matched_record(reps: list[Reproduction], matched: dict) -> dict:
         f"({v['metrics_less']}/4 metrics less, {v['metrics_more']} more; decided by {v['deciding_comparison']})"
         for name, v in variants.items()
     )
-    primary = variants.get("normed/no_embedding_row", next(iter(variants.values())))
+    primary = variants.get(PRIMARY_VARIANT, next(iter(variants.values())))
     return {
         "lens_variants": variants,
         "controls": matched["controls"],
@@ -616,8 +624,19 @@ def _write_matched_figures(rep: Reproduction, out: Path, row: int, positions: to
     save_figure(fig, out / "logit_lens_compact")
     if matched.get("curves"):
         per_layer = pd.DataFrame(matched["curves"])
-        fig = plot_evolution(_Curves(_curves(per_layer, rep.lens.layers)), title="Graph tokens vs matched controls")
+        tests = matched["lens_variants"][PRIMARY_VARIANT]["per_layer_tests"]
+        fig = plot_evolution(
+            _Curves(_curves(per_layer, rep.lens.layers)),
+            title=f"Graph tokens vs matched controls ({PRIMARY_VARIANT}; bands: against every comparison)",
+            bands=layer_bands(tests),
+        )
         save_figure(fig, out / "evolution_controls")
+        fig = plot_evolution(
+            _Curves(_curves(per_layer[per_layer.modality.isin(["graph", "text"])], rep.lens.layers)),
+            title=f"Graph vs text tokens ({PRIMARY_VARIANT}, model seeds pooled; bands: graph vs text)",
+            bands=layer_bands({"text": tests["text"]}),
+        )
+        save_figure(fig, out / "evolution_bands")
     table = pd.DataFrame(matched["patching"]).assign(pair=0)
     result = SweepResult(table, [float("nan")], [float("nan")], "denoise", "resid_pre", ("layer", "span"))
     save_figure(plot_patching(result, title="Patching (log-prob of the answer)"), out / "patching")
@@ -650,22 +669,79 @@ def _curves(per_layer: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _tuned_lens(rep: Reproduction, lens_nodes: list[int]) -> TunedLens:
-    """A tuned lens trained on training-node prompts (disjoint from the lens's test nodes), cached."""
+def sampled_positions(rep: Reproduction, inputs: dict, per_node: int, seed: int) -> torch.Tensor:
+    """Bool[b, seq]: the graph slots and a seeded sample of ``per_node`` text positions of each
+    node's own part of the prompt (all of them when ``per_node`` is 0 or the node has fewer): the
+    positions the lens metrics average over. Sampling text positions cuts the unembedding's cost
+    (about 31 text positions per node) and leaves each node's text mean unbiased."""
+    own = rep.node_positions(inputs)
+    graph = own & (inputs["input_ids"] == rep.model.graph_token_id)
+    keep = graph.clone()
+    g = torch.Generator().manual_seed(seed + 4)
+    for row, text in enumerate(own & ~graph):
+        cols = text.nonzero().flatten()
+        if per_node > 0:
+            cols = cols[torch.randperm(len(cols), generator=g)[:per_node]]
+        keep[row, cols] = True
+    return keep
+
+
+def _tuned_lens(rep: Reproduction, inputs: dict, positions: torch.Tensor) -> dict:
+    """A tuned lens trained with graph and text positions drawn equally (on training-node prompts,
+    disjoint from the lens's test nodes; cached with its curve), and its summary on ``inputs``:
+    ``{"summary", "curve", "settings"}``."""
     config = rep.config
-    path = cache_dir() / "tea_glm" / f"tuned-{_hash(rep.keys['projector'], config.tuned_lens_steps)}.pt"
-    if path.exists():
-        return TunedLens.load(path).to(rep.hooked.device)
-    g = torch.Generator().manual_seed(config.seed + 2)
-    train = rep.split["train"][torch.randperm(len(rep.split["train"]), generator=g)[: 4 * config.lens_nodes]]
-    batches = [rep.inputs(chunk) for chunk in train.split(max(1, config.lens_nodes))]
-    tuned = TunedLens.for_model(rep.hooked)
-    tuned.fit(rep.hooked, batches, steps=config.tuned_lens_steps, seed=config.seed, progress=rep.stages.progress)
-    tuned.save(path)
-    return tuned
+    settings = {
+        "steps": config.tuned_lens_steps,
+        "tokens_per_step": config.tuned_lens_tokens,
+        "balance": "graph and text positions drawn equally per step",
+        "train_prompts": 2 * config.lens_nodes,
+    }
+    path = cache_dir() / "tea_glm" / f"tuned-{_hash(rep.keys['projector'], settings)}.pt"
+    curve_path = path.with_suffix(".curve.json")
+    if path.exists() and curve_path.exists():
+        tuned, curve = TunedLens.load(path).to(rep.hooked.device), json.loads(curve_path.read_text())
+    else:
+        g = torch.Generator().manual_seed(config.seed + 2)
+        train = rep.split["train"][torch.randperm(len(rep.split["train"]), generator=g)[: settings["train_prompts"]]]
+        tuned = TunedLens.for_model(rep.hooked)
+        tuned.fit(
+            rep.hooked,
+            [rep.inputs(chunk) for chunk in train.split(max(1, config.lens_nodes))],
+            steps=config.tuned_lens_steps,
+            tokens_per_step=config.tuned_lens_tokens,
+            positions=rep.node_positions,
+            balance=True,
+            seed=config.seed,
+            progress=rep.stages.progress,
+        )
+        curve = tuned.history
+        tuned.save(path)
+        atomic_write(curve_path, json.dumps(curve))
+    result = logit_lens(rep.hooked, inputs, k=1, positions=positions, tuned=tuned)
+    normed = logit_lens(rep.hooked, inputs, k=1, positions=positions)
+    return {"summary": _tuned_summary(normed, result), "curve": curve, "settings": settings}
+
+
+def _write_tuned_curve(curve: dict, out: Path) -> None:
+    """``tuned_lens_curve.csv`` and ``.png/.svg``: the training loss and its graph and text terms per step."""
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(curve).rename_axis("step").reset_index()
+    frame.to_csv(out / "tuned_lens_curve.csv", index=False)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), layout="constrained")
+    for column in [c for c in frame.columns if c.startswith("kl_")]:
+        ax.plot(frame.step, frame[column], label=column.removeprefix("kl_") + " positions")
+    ax.set(
+        xlabel="step", ylabel="KL to the final layer (nats, summed over layers)", title="Tuned lens training (balanced)"
+    )
+    ax.legend(fontsize="small")
+    save_figure(fig, out / "tuned_lens_curve")
+    plt.close(fig)
 
 
 def _tuned_summary(logit: LensResult, tuned: LensResult) -> dict:
+    """Per modality: mean KL to the final layer under the logit and the tuned lens, and the reduction."""
     table = compare_lenses(logit, tuned)
     out = {}
     for m, group in table.groupby("modality"):
@@ -714,9 +790,9 @@ def _record(rep: Reproduction, row: int, soft: pd.DataFrame, layers: pd.DataFram
         "n_nodes": len(rep.lens_nodes),
         "lens_nodes": rep.lens_nodes,
         "seed": config.seed,
-        "decoded_positions": "from the first graph token to the answer cue (the shared instruction before them is "
-        "identical for every node and not decoded); each row's first real position is excluded "
-        "from the evolution metrics",
+        "decoded_positions": "the 5 graph slots and a seeded sample of text_positions text positions of each node's "
+        "own part of the prompt (first graph token to the answer cue; the shared instruction before it is identical "
+        "for every node and not decoded); the representative node's grid decodes all of its own positions",
         "soft_tokens_nearest": soft[soft.input == row]
         .groupby("position")
         .apply(lambda g: list(zip(g.token, g.cosine.round(3))), include_groups=False)
@@ -769,7 +845,7 @@ def _print_summary(rep: Reproduction, record: dict, out: Path) -> None:
         f"({record['claim_evidence']['metrics_in_favour']}/{record['claim_evidence']['of']} metrics)"
     )
     if record["tuned_lens"]:
-        for m, v in record["tuned_lens"].items():
+        for m, v in record["tuned_lens"]["summary"].items():
             print(
                 f"tuned lens, {m}: mean KL to final {v['mean_kl_logit_lens']:.3f} -> {v['mean_kl_tuned_lens']:.3f} nats"
             )
@@ -798,9 +874,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-nodes", type=int, default=None, help="evaluate on a seeded sample of test nodes (default all)"
     )
-    parser.add_argument("--lens-nodes", type=int, default=None, help="test nodes the lens decodes (default 32)")
+    parser.add_argument("--lens-nodes", type=int, default=None, help="test nodes the lens decodes (default 100)")
     parser.add_argument(
-        "--tuned-lens-steps", type=int, default=None, help="train a tuned lens for this many steps (0 = off)"
+        "--tuned-lens-steps", type=int, default=None, help="tuned-lens training steps (default 60; 0 = off)"
     )
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (TinyStories-656K, few steps)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")

@@ -325,13 +325,20 @@ def _layer_ticks(labels: dict[int, str]) -> tuple[list[int], list[str]]:
 
 
 def plot_evolution(
-    evo, metrics: Sequence[str] | None = None, ax: Axes | Sequence[Axes] | None = None, title: str | None = None
+    evo,
+    metrics: Sequence[str] | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
+    title: str | None = None,
+    bands: pd.DataFrame | None = None,
 ) -> Figure:
     """Layer-wise curves of ``evo.curves``: one panel per metric (in a row), one line per modality
     (mean over inputs, shaded 95% CI ``low..high``), x = layer labelled by ``layer_label``.
 
     ``metrics`` picks and orders the panels (default: every metric, in order of appearance);
     ``ax`` is one Axes per metric. Layers where a metric is undefined (NaN mean) are left out.
+    ``bands`` (columns ``metric, layer, band`` with ``band`` "less" or "more", e.g. from per-layer
+    tests after Holm correction) shades those layers behind the curves: green where the first
+    span evolves significantly less, red where it evolves more.
     """
     curves: pd.DataFrame = evo.curves
     missing = {"modality", "metric", "layer", "layer_label", "mean", "low", "high"} - set(curves.columns)
@@ -355,6 +362,8 @@ def plot_evolution(
     ticks, tick_labels = _layer_ticks(labels)
 
     for panel, metric in zip(axes, metrics):
+        if bands is not None:
+            _shade_layers(panel, bands[bands["metric"] == metric])
         for modality, color in colors.items():
             sub = curves[(curves["metric"] == metric) & (curves["modality"] == modality)].sort_values("layer")
             sub = sub[np.isfinite(sub["mean"].to_numpy(dtype=float))]
@@ -375,9 +384,24 @@ def plot_evolution(
         panel.set_ylabel(_METRIC_LABELS.get(metric, metric.replace("_", " ")))
         panel.grid(alpha=0.3)
     axes[0].legend(title="modality (95% CI)", fontsize="small", title_fontsize="small")
+    if bands is not None:
+        fig.text(0.01, 0.01, _BAND_NOTE, fontsize="x-small", color="0.3")
     if title is not None:
         fig.suptitle(title)
     return fig
+
+
+_BAND_COLORS = {"less": "#2ca02c", "more": "#d62728"}
+_BAND_NOTE = "shaded layers: significant after Holm correction (green: evolves less, red: evolves more)"
+
+
+def _shade_layers(panel: Axes, bands: pd.DataFrame) -> None:
+    """Shade each layer of ``bands`` (columns ``layer``, ``band``) in its band's colour."""
+    unknown = set(bands["band"]) - set(_BAND_COLORS)
+    if unknown:
+        raise ValueError(f"bands['band'] must be 'less' or 'more', got {sorted(unknown)}")
+    for layer, band in zip(bands["layer"].astype(int), bands["band"]):
+        panel.axvspan(layer - 0.5, layer + 0.5, color=_BAND_COLORS[band], alpha=0.12, linewidth=0, zorder=0)
 
 
 def plot_patching(

@@ -197,6 +197,23 @@ def test_evolution_one_line_per_modality_and_metric():
     _render(fig)
 
 
+def test_evolution_bands_shade_exactly_the_significant_layers():
+    bands = pd.DataFrame(
+        {"metric": ["kl_to_final", "kl_to_final", "top1_change"], "layer": [1, 3, 2], "band": ["less", "more", "less"]}
+    )
+    fig = plot_evolution(SimpleNamespace(curves=_curves()), bands=bands)
+    shaded = {
+        ax.get_ylabel(): sorted((round(p.get_x() + 0.5), to_hex(p.get_facecolor())) for p in ax.patches)
+        for ax in fig.axes
+    }
+    kl, top1, cosine = (shaded[ax.get_ylabel()] for ax in fig.axes[1:2] + fig.axes[0:1] + fig.axes[2:3])
+    assert kl == [(1, "#2ca02c"), (3, "#d62728")] and top1 == [(2, "#2ca02c")] and cosine == []
+    assert "Holm" in " ".join(t.get_text() for t in fig.texts)
+    with pytest.raises(ValueError, match="band"):
+        plot_evolution(SimpleNamespace(curves=_curves()), bands=bands.assign(band="maybe"))
+    _render(fig)
+
+
 def test_evolution_metric_choice_axes_and_tick_thinning():
     evo = SimpleNamespace(curves=_curves(40))
     fig = plot_evolution(evo, metrics=["kl_to_final"])

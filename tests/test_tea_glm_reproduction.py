@@ -160,6 +160,9 @@ def test_quick_run_writes_the_documented_outputs(quick_run):
         "logit_lens_compact.png",
         "evolution_controls.png",
         "patching.png",
+        "tuned_lens_curve.png",
+        "evolution_bands.png",
+        "tuned_lens_curve.csv",
     ):
         assert (out / name).stat().st_size > 0, name
     record = json.loads((out / "logit_lens.json").read_text())
@@ -175,7 +178,9 @@ def test_quick_run_writes_the_documented_outputs(quick_run):
         assert cell["low"] <= cell["mean"] <= cell["high"]
     votes = sum(row["a_evolves_less"] for row in record["claim_evidence"]["comparison"])
     assert record["claim_reproduced"] == (votes >= 3)
-    assert record["tuned_lens"]["graph"]["mean_kl_tuned_lens"] >= 0
+    assert record["tuned_lens"]["summary"]["graph"]["mean_kl_tuned_lens"] >= 0
+    curve = record["tuned_lens"]["curve"]
+    assert set(curve) == {"loss", "kl_graph", "kl_text"} and len(curve["loss"]) == 3
     _check_matched_fields(record)
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"] + split["val"] + split["test"]) == list(range(2708))

@@ -121,3 +121,25 @@ def test_holm_matches_the_shared_statistics_module():
     expected_reject, expected = stats.holm(p)
     np.testing.assert_allclose(adjusted, expected)
     assert reject.tolist() == expected_reject.tolist()
+
+
+def test_layer_bands_need_the_same_significant_direction_against_every_comparison():
+    from mmlens.metrics.lens_verdicts import layer_bands
+
+    def tests(less: list[int], more: list[int]) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                {
+                    "metric": "kl_to_final",
+                    "layer": layer,
+                    "significant": layer in less + more,
+                    "a_evolves_less": layer in less,
+                }
+                for layer in range(6)
+            ]
+        )
+
+    bands = layer_bands({"text": tests([1, 2], [4, 5]), "text_title": tests([2, 3], [5])})
+    assert list(zip(bands.layer, bands.band)) == [(2, "less"), (5, "more")]
+    assert layer_bands({"text": tests([], [])}).empty
+    assert layer_bands({}).empty

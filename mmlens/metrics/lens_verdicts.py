@@ -16,6 +16,8 @@ concatenated with distinct ``modality`` names (a control run's span renamed).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 
@@ -150,6 +152,24 @@ def per_layer_tests(
             rows.append({**r, "diff": diff, "p_holm": float(p_holm), "significant": bool(sig)})
             rows[-1]["a_evolves_less"] = bool(sig and less)
     return pd.DataFrame(rows)
+
+
+def layer_bands(tests: Mapping[str, pd.DataFrame | list[dict]]) -> pd.DataFrame:
+    """Layers where span ``a`` differs significantly from EVERY comparison in ``tests`` (name ->
+    :func:`per_layer_tests` table or its records) in the same direction: columns ``metric, layer,
+    band`` with ``band`` "less" (evolves less than all of them) or "more" (than all of them)."""
+    tables = [pd.DataFrame(t) for t in tests.values()]
+    if not tables or any(t.empty for t in tables):
+        return pd.DataFrame(columns=["metric", "layer", "band"])
+    side = [
+        t.set_index(["metric", "layer"]).apply(
+            lambda r: "less" if r.a_evolves_less else ("more" if r.significant else ""), axis=1
+        )
+        for t in tables
+    ]
+    joined = pd.concat(side, axis=1, join="inner")
+    agreed = joined[(joined.nunique(axis=1) == 1) & (joined.iloc[:, 0] != "")].iloc[:, 0]
+    return agreed.rename("band").reset_index()
 
 
 def against_controls(reference: pd.DataFrame, controls: dict[str, pd.DataFrame], reference_name: str) -> pd.DataFrame:
