@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from mmlens.core.adapter import get_module
 from mmlens.core.cache import Named
@@ -540,7 +541,7 @@ class TunedLens(nn.Module):
         decoder = Unembed(hooked)
         with torch.no_grad():
             stacks = []
-            for inputs in batches:
+            for inputs in tqdm(batches, desc="tuned lens: recording", unit="batch", disable=not progress):
                 run = hooked.run(inputs, cache=names)
                 hidden = torch.stack([run.cache[n] for n in names])
                 stacks.append(hidden[:, run.spans.valid.to(hidden.device)])
