@@ -109,3 +109,32 @@ def test_example_configs_run_offline(name, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     influence = metrics["tables"]["granger_influence"]
     assert {row["modality"] for row in influence} == ({"text", "image"} if "llava" in name else {"text", "graph"})
+
+
+def test_an_interrupted_evaluate_leaves_no_partial_files_and_resumes(tmp_path, monkeypatch, capsys):
+    import mmlens.runs.evaluate as evaluate_cmd
+
+    raw = {**SMALL, "inputs": {"example": [0]}, "faithfulness": None, "stability": None}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({k: v for k, v in raw.items() if v is not None}))
+    out = tmp_path / "run"
+    real, computed = evaluate_cmd._part, []
+
+    def interrupted(*args):
+        if computed:
+            raise KeyboardInterrupt  # Ctrl-C during the second part
+        computed.append(args[4])
+        return real(*args)
+
+    monkeypatch.setattr(evaluate_cmd, "_part", interrupted)
+    assert main(["evaluate", str(config), "--out", str(out), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".mmlens.lock", "parts.jsonl"]  # no temporary or half files
+    assert [json.loads(line)["key"] for line in (out / "parts.jsonl").read_text().splitlines()[1:]] == [
+        "granger_gradient_x_input"
+    ]
+    computed.clear()
+    monkeypatch.setattr(evaluate_cmd, "_part", lambda *args: computed.append(args[4]) or real(*args))
+    assert main(["evaluate", str(config), "--out", str(out), "--no-progress"]) == 0
+    assert computed == ["occlusion"]  # the finished part is reused
+    assert (out / "granger_summary.csv").is_file()

@@ -180,6 +180,7 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_chunks(finished
     lines = (out / "chunks.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[1])["key"] == "pair0/layer0"  # header + the finished chunk
     assert not (out / "results.csv").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".mmlens.lock", "chunks.jsonl"]  # no temporary files
 
     hooks = []
 

@@ -22,6 +22,7 @@ import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,21 +133,71 @@ def boot_bridge(hf_model: nn.Module, tokenizer: Any = None, *, processor: Any = 
 # -- nnsight backend --------------------------------------------------------------------------------
 _Event = tuple[str, str]  # (module path, "input" | "output")
 
-_ENVOYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HookedModel -> nnsight.NNsight
+_ENVOYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HookedModel -> {kind: nnsight wrapper}
 _ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HookedModel -> {input keys: (order, calls)}
 
 
-def _envoy(hm: Hookable) -> Any:
-    """The ``nnsight.NNsight`` wrapper of ``hm.model``, built once per HookedModel.
+def _envoy(hm: Hookable, remote: bool | str = False) -> Any:
+    """The nnsight wrapper of ``hm.model``, built once per HookedModel and kind.
 
-    nnsight instruments every submodule's ``forward`` in place (inert outside a trace).
+    Local runs use ``nnsight.NNsight`` (any torch module); ``remote`` runs need a wrapper that nnsight
+    can name on a server, ``nnsight.modeling.transformers.TransformersModel`` around the same module
+    (its paths are the module's own). nnsight instruments every submodule's ``forward`` in place
+    (inert outside a trace).
     """
-    envoy = _ENVOYS.get(hm)
-    if envoy is None:
-        from nnsight import NNsight
+    per_model = _ENVOYS.setdefault(hm, {})
+    kind = "remote" if remote else "local"
+    if kind not in per_model:
+        if remote:
+            from nnsight.modeling.transformers import TransformersModel
 
-        envoy = _ENVOYS[hm] = NNsight(hm.model)
-    return envoy
+            per_model[kind] = TransformersModel(hm.model, tokenizer=hm.tokenizer)
+        else:
+            from nnsight import NNsight
+
+            per_model[kind] = NNsight(hm.model)
+    return per_model[kind]
+
+
+def _check_remote(hm: Hookable, remote: bool | str) -> None:
+    """Raise naming what NDIF execution lacks: an API key, or a model id the server can load."""
+    if remote == "local" or not remote:
+        return
+    from nnsight import CONFIG
+
+    if not CONFIG.API.APIKEY:
+        raise RuntimeError(
+            "remote=True sends the trace to NDIF, which needs an API key: set the NDIF_API_KEY environment "
+            "variable or call nnsight.CONFIG.set_default_api_key(KEY); remote='local' runs nnsight's serverless "
+            "simulation of the remote path here instead"
+        )
+    name = str(getattr(getattr(hm.model, "config", None), "name_or_path", "") or "")
+    if not name or Path(name).expanduser().exists():
+        raise RuntimeError(
+            f"remote=True runs a model NDIF hosts, named by its Hugging Face id, but this model was loaded from "
+            f"{name or 'a config (no name)'!r}; load it by hub id (mmlens.load_model('org/name')) to run it remotely"
+        )
+
+
+@contextmanager
+def _remote_errors(remote: bool | str) -> Iterator[None]:
+    """For a ``remote`` run: a failure to serialize the trace or to reach NDIF as a RuntimeError that
+    names the host."""
+    if not remote:
+        yield
+        return
+    from nnsight import CONFIG
+
+    host = "nnsight's local simulation" if remote == "local" else remote if isinstance(remote, str) else CONFIG.API.HOST
+    try:
+        yield
+    except Exception as err:
+        raise RuntimeError(
+            f"remote execution ({host}) failed: {type(err).__name__}: {err}. A pickling error means the trace "
+            "could not be serialized for the server (mmlens's hook plan holds the HookedModel; see docs/scale-out.md: "
+            "use backend='nnsight' locally, or nnsight directly on the module paths mmlens resolves); otherwise check "
+            "the network, NDIF_HOST, NDIF_API_KEY and that NDIF hosts this model"
+        ) from err
 
 
 def _execution_order(
@@ -222,6 +273,7 @@ def run_with_nnsight(
     edits: Edit | list[Edit] = (),
     grad: bool = False,
     keep_grad: bool | None = None,
+    remote: bool | str = False,
     **forward_kwargs: Any,
 ) -> RunResult:
     """:meth:`HookedModel.run` with ``backend="nnsight"``: the same hook points and edits, applied
@@ -234,6 +286,10 @@ def run_with_nnsight(
     extra plain forward (nnsight must visit modules in execution order, which it records).
     Unsupported: a hook point whose module runs more than once per forward (nnsight sees its first
     call only; use ``backend="torch"``).
+
+    ``remote`` goes to nnsight's ``trace(..., remote=...)``: ``True`` runs the trace on NDIF (needs
+    ``NDIF_API_KEY`` and a model loaded by a hub id NDIF hosts; mmlens's code is shipped by value),
+    ``"local"`` runs nnsight's serverless simulation of that path, a URL another NDIF host.
     """
     cache_names, edits_by_point, must_fire = hm._request(cache, edits)
     order, calls = _execution_order(hm, inputs, forward_kwargs)
@@ -268,8 +324,12 @@ def run_with_nnsight(
         )
     import nnsight
 
-    envoy = _envoy(hm)
-    with torch.set_grad_enabled(grad), envoy.trace(**inputs, **forward_kwargs):
+    _check_remote(hm, remote)
+    envoy = _envoy(hm, remote)
+    if remote:
+        nnsight.register("mmlens")  # not installed on the server: ship its code with the trace
+    where = {"remote": remote} if remote else {}
+    with torch.set_grad_enabled(grad), _remote_errors(remote), envoy.trace(**inputs, **forward_kwargs, **where):
         _intervene(envoy, plan, events)
         output = nnsight.save(envoy.output)
     logits = output if isinstance(output, Tensor) else output.logits

@@ -297,6 +297,7 @@ class HookedModel:
         grad: bool = False,
         keep_grad: bool = False,
         backend: str = "torch",
+        remote: bool | str = False,
         **forward_kwargs: Any,
     ) -> RunResult:
         """One forward pass with hook points cached and/or edited.
@@ -310,12 +311,17 @@ class HookedModel:
             keep_grad: record activations attached to the graph (implies ``grad``).
             backend: ``"torch"`` (PyTorch module hooks, the default) or ``"nnsight"`` (the same hook
                 points and edits inside an ``nnsight`` trace; see the README on when to use which).
+            remote: with ``backend="nnsight"``, nnsight's ``remote=``: ``True`` runs the trace on NDIF
+                (docs/scale-out.md), ``"local"`` nnsight's local simulation of that path.
         """
         inputs = self.check_inputs(inputs)
         check_forward_kwargs(self.model, self.adapter, forward_kwargs)
+        if remote is not False and backend != "nnsight":
+            raise ValueError(f"remote={remote!r} needs backend='nnsight' (remote execution runs nnsight traces)")
         if backend == "nnsight":
+            grad = grad or keep_grad
             return run_with_nnsight(
-                self, inputs, cache=cache, edits=edits, grad=grad or keep_grad, keep_grad=keep_grad, **forward_kwargs
+                self, inputs, cache=cache, edits=edits, grad=grad, keep_grad=keep_grad, remote=remote, **forward_kwargs
             )
         if backend != "torch":
             raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'nnsight'")

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from mmlens.core.adapter import get_module
 from mmlens.core.cache import Named
@@ -616,7 +617,7 @@ class TunedLens(nn.Module):
                 f"this tuned lens has {self.n_layers} layers but {hooked.name} has {len(names)} residual layers"
             )
         decoder = Unembed(hooked)
-        hidden, groups, modalities = self._record(hooked, batches, names, positions)
+        hidden, groups, modalities = self._record(hooked, batches, names, positions, progress)
         generator = torch.Generator().manual_seed(seed)
         if hidden.shape[1] > max_tokens:
             keep = torch.randperm(hidden.shape[1], generator=generator)[:max_tokens]
@@ -651,12 +652,13 @@ class TunedLens(nn.Module):
         batches: Iterable[Mapping[str, Any]],
         names: list[str],
         positions: Selector | Callable[[Mapping[str, Any]], Selector],
+        progress: bool,
     ) -> tuple[Tensor, Tensor, list[str]]:
         """Residuals Float[layer, cells, d] at the picked positions of every batch, each cell's
         modality index Long[cells] and the modality names."""
         stacks, labels = [], []
         with torch.no_grad():
-            for inputs in batches:
+            for inputs in tqdm(batches, desc="tuned lens: recording", unit="batch", disable=not progress):
                 run = hooked.run(inputs, cache=names)
                 picked = run.spans.mask(positions(inputs) if callable(positions) else positions) & run.spans.valid
                 hidden = torch.stack([run.cache[n] for n in names])

@@ -6,7 +6,7 @@ mmlens hooks MODEL [--json | --markdown]
 mmlens hooks --supported      the supported model classes (hand table or automatic adapter), as Markdown
 mmlens patch CONFIG [--out DIR] [--overwrite] [--check] [--executor ray [--ray-address ADDR] [--workers N]]
                               run (or resume) the patching sweep a TOML/YAML config describes
-mmlens evaluate CONFIG [--out DIR] [--overwrite]
+mmlens evaluate CONFIG [--out DIR] [--overwrite] [--executor ray [--ray-address ADDR] [--workers N]]
                               score explainers on the three desiderata (Granger, faithfulness, stability)
 """
 
@@ -119,8 +119,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_patch(args: argparse.Namespace) -> int:
     from mmlens.runs.patch import PatchConfig, describe, prepare, ray_executor, run_patch
 
-    if args.executor != "ray" and (args.ray_address or args.workers):
-        raise ValueError("--ray-address and --workers need --executor ray")
+    _check_executor_options(args)
     config = PatchConfig.from_file(args.config, out=args.out)
     if args.check:
         print(describe(prepare(config)))
@@ -142,11 +141,13 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mmlens.runs.evaluate import PARTS_FILE, EvaluationConfig, print_summary, run_evaluation
+    from mmlens.runs.evaluate import PARTS_FILE, EvaluationConfig, print_summary, ray_executor, run_evaluation
 
+    _check_executor_options(args)
     config = EvaluationConfig.from_file(args.config, out=args.out)
+    executor = ray_executor(config, args.ray_address, args.workers) if args.executor == "ray" else None
     try:
-        evaluation = run_evaluation(config, overwrite=args.overwrite, progress=not args.no_progress)
+        evaluation = run_evaluation(config, overwrite=args.overwrite, progress=not args.no_progress, executor=executor)
     except KeyboardInterrupt:
         print(
             f"\nmmlens: interrupted; finished parts are saved in {config.output.dir}/{PARTS_FILE}. Run the same "
@@ -156,6 +157,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 130
     print_summary(evaluation)
     return 0
+
+
+def _check_executor_options(args: argparse.Namespace) -> None:
+    if args.executor != "ray" and (args.ray_address or args.workers is not None):
+        raise ValueError("--ray-address and --workers need --executor ray")
+
+
+def _add_executor_options(parser: argparse.ArgumentParser, unit: str) -> None:
+    parser.add_argument(
+        "--executor", choices=("serial", "ray"), default="serial", help=f"where {unit} run (ray: pip install ray)"
+    )
+    parser.add_argument("--ray-address", help="an existing Ray cluster (auto, ray://head:10001); default: a local one")
+    parser.add_argument("--workers", type=int, help="Ray workers (one model each; default: one per CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,11 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     patch.add_argument("--check", action="store_true", help="validate the config against the model and print the plan")
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
-    patch.add_argument(
-        "--executor", choices=("serial", "ray"), default="serial", help="where chunks run (ray: pip install ray)"
-    )
-    patch.add_argument("--ray-address", help="an existing Ray cluster (auto, ray://head:10001); default: a local one")
-    patch.add_argument("--workers", type=int, help="Ray workers (one model each; default: one per CPU)")
+    _add_executor_options(patch, "chunks")
     patch.set_defaults(func=cmd_patch)
     evaluate = sub.add_parser("evaluate", help="score explainers on Granger influence, faithfulness and stability")
     evaluate.add_argument(
@@ -197,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="output folder (overrides output.dir)")
     evaluate.add_argument("--overwrite", action="store_true", help="discard finished parts of a previous run")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_executor_options(evaluate, "parts (metric x explainer)")
     evaluate.set_defaults(func=cmd_evaluate)
     return parser
 

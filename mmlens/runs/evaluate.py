@@ -34,6 +34,7 @@ unless ``overwrite=True``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +43,7 @@ from typing import Annotated, Any, Literal
 
 import pandas as pd
 from pydantic import Field, StrictStr
+from tqdm.auto import tqdm
 
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.images import GENERATED, image_problem
@@ -63,6 +65,7 @@ from mmlens.metrics.desiderata import (
 )
 from mmlens.plots import plot_faithfulness, plot_granger, plot_stability, save_figure
 from mmlens.runs.config import ConfigError, Count, Folder, ModelConfig, Number, Rows, RunConfig, Section, encode_text
+from mmlens.runs.executors import Executor, RayExecutor, SerialExecutor
 from mmlens.runs.record import Record
 from mmlens.store import atomic_write, output_lock, versions, write_json
 
@@ -245,42 +248,104 @@ def run_evaluation(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> Evaluation:
     """Run (or continue) every configured metric for every explainer and write the output folder
-    (module docstring). A KeyboardInterrupt propagates after the parts finished so far are saved."""
+    (module docstring). ``executor`` says where the parts are computed (:mod:`mmlens.runs.executors`;
+    default: serially in this process; :func:`ray_executor` for Ray); the results are the same either
+    way. A KeyboardInterrupt propagates after the parts finished so far are saved."""
     if not isinstance(config, EvaluationConfig):
         config = EvaluationConfig.from_file(config, out=out)
     elif out is not None:
         config = config.with_output(out)
     with output_lock(config.output.dir) as out_dir:
-        return _evaluate_locked(config, out_dir, overwrite, progress)
+        return _evaluate_locked(config, out_dir, overwrite, progress, executor or SerialExecutor())
 
 
-def _evaluate_locked(config: EvaluationConfig, out_dir: Path, overwrite: bool, progress: bool) -> Evaluation:
-    """:func:`run_evaluation` while this process holds the output folder's lock; ``overwrite``
-    first removes every output a previous run wrote there (no stale tables of dropped explainers)."""
-    record = Record.continuing(out_dir / PARTS_FILE, config.identity(), overwrite=overwrite)  # before the model load
-    if overwrite:
-        for stale in [out_dir / PARTS_FILE, out_dir / "summary.txt", out_dir / "metrics.json", *out_dir.glob("*.csv")]:
-            stale.unlink(missing_ok=True)
+@dataclass
+class Part:
+    """One unit of work: ``metric`` x ``explainer`` (``"circuit"`` has no explainer)."""
+
+    key: str
+    metric: str
+    explainer: str | None
+    progress: bool
+
+
+@dataclass
+class PreparedEvaluation:
+    """A config with its model loaded and its inputs built (what each worker holds)."""
+
+    config: EvaluationConfig
+    loaded: LoadedModel
+    hooked: HookedModel
+    data: list[dict]
+    seconds: dict[str, float]
+
+
+def prepare_evaluation(config: EvaluationConfig) -> PreparedEvaluation:
+    """Load the model and build the inputs; ConfigError (naming the config file) for bad rows or texts."""
     start = time.perf_counter()
     try:
         loaded, hooked = config.model.load(config.seed)
         data = dataset(config, loaded, hooked)
     except ConfigError as err:
         raise err.with_source(config.source) from None
-    seconds = {"load": time.perf_counter() - start}
+    return PreparedEvaluation(config, loaded, hooked, data, {"load": time.perf_counter() - start})
+
+
+def prepare_from_dict(raw: dict[str, Any], source: str | None) -> PreparedEvaluation:
+    """:func:`prepare_evaluation` of a config given as data (what a Ray worker receives)."""
+    return prepare_evaluation(EvaluationConfig.from_dict(raw, source=source))
+
+
+def ray_executor(config: EvaluationConfig, address: str | None = None, workers: int | None = None) -> RayExecutor:
+    """A :class:`~mmlens.runs.executors.RayExecutor` whose workers each load ``config``'s model once."""
+    source = str(config.source) if config.source is not None else None
+    raw = config.model_dump(mode="json", exclude_unset=True)
+    return RayExecutor(partial(prepare_from_dict, raw, source), address=address, workers=workers)
+
+
+def plan_parts(config: EvaluationConfig, progress: bool) -> list[Part]:
+    """The parts of a config, in the order a serial run computes them (explainer by explainer)."""
+    parts = [
+        Part(f"{metric}_{name}", metric, name, progress)
+        for name in config.explainers.methods
+        for metric in METRICS
+        if getattr(config, metric) is not None
+    ]
+    return parts + ([Part("circuit", "circuit", None, progress)] if config.circuit is not None else [])
+
+
+def compute_part(prepared: PreparedEvaluation, part: Part) -> dict[str, Any]:
+    """One part's record entry: its key, tables (and extras) and the seconds it took."""
+    start = time.perf_counter()
+    config, hooked, data = prepared.config, prepared.hooked, prepared.data
+    if part.metric == "circuit":
+        entry = _circuit_part(config, hooked, data, part.progress)
+    else:
+        entry = _part(config, hooked, data, part.metric, part.explainer, part.progress)
+    return {"key": part.key, **entry, "seconds": time.perf_counter() - start}
+
+
+def _evaluate_locked(
+    config: EvaluationConfig, out_dir: Path, overwrite: bool, progress: bool, executor: Executor
+) -> Evaluation:
+    """:func:`run_evaluation` while this process holds the output folder's lock; ``overwrite``
+    first removes every output a previous run wrote there (no stale tables of dropped explainers)."""
+    record = Record.continuing(out_dir / PARTS_FILE, config.identity(), overwrite=overwrite)  # before the model load
+    if overwrite:
+        for stale in [out_dir / PARTS_FILE, out_dir / "summary.txt", out_dir / "metrics.json", *out_dir.glob("*.csv")]:
+            stale.unlink(missing_ok=True)
+    prepared = prepare_evaluation(config)
+    seconds = dict(prepared.seconds)
     record = record or Record.create(out_dir / PARTS_FILE, "mmlens-evaluate", config.identity())
-    parts: dict[str, list[dict]] = {metric: [] for metric in METRICS}
-    for name in config.explainers.methods:
-        for metric in METRICS:
-            if getattr(config, metric) is not None:
-                compute = partial(_part, config, hooked, data, metric, name, progress)
-                parts[metric].append(record.get_or_add(f"{metric}_{name}", compute, seconds))
-    circuit = None
-    if config.circuit is not None:
-        compute = partial(_circuit_part, config, hooked, data, progress)
-        circuit = pd.DataFrame(record.get_or_add("circuit", compute, seconds)["tables"]["table"])
+    # a Ray worker's own bars would interleave with the driver's: there, only the driver's bar over parts
+    plan = plan_parts(config, progress and isinstance(executor, SerialExecutor))
+    _compute_parts(prepared, plan, record, progress, executor, seconds)
+    entries = {part.key: record.get(part.key) for part in plan}
+    parts = {metric: [entries[p.key] for p in plan if p.metric == metric] for metric in METRICS}
+    circuit = pd.DataFrame(entries["circuit"]["tables"]["table"]) if config.circuit is not None else None
     evaluation = Evaluation(
         config,
         _granger_result(config.granger, parts["granger"]),
@@ -292,6 +357,35 @@ def _evaluate_locked(config: EvaluationConfig, out_dir: Path, overwrite: bool, p
     )
     evaluation.files = _write(evaluation, out_dir)
     return evaluation
+
+
+def _compute_parts(
+    prepared: PreparedEvaluation,
+    plan: list[Part],
+    record: Record,
+    progress: bool,
+    executor: Executor,
+    seconds: dict[str, float],
+) -> None:
+    """Compute every part the record lacks on ``executor``, adding each as it finishes (its time to
+    ``seconds``)."""
+    todo = [part for part in plan if record.get(part.key) is None]
+    bar = tqdm(
+        total=len(plan),
+        initial=len(plan) - len(todo),
+        desc=f"evaluating ({executor.describe()})",
+        unit="part",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    try:
+        for entry in executor.map(prepared, todo, compute_part):
+            record.add(entry)
+            seconds[entry["key"]] = entry["seconds"]
+            bar.set_postfix_str(entry["key"])
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def _records(**tables: pd.DataFrame) -> dict[str, list[dict]]:
@@ -462,4 +556,17 @@ def print_summary(evaluation: Evaluation) -> None:
         print(f"  {path}")
 
 
-__all__ = ["PARTS_FILE", "Evaluation", "EvaluationConfig", "dataset", "print_summary", "run_evaluation"]
+__all__ = [
+    "PARTS_FILE",
+    "Evaluation",
+    "EvaluationConfig",
+    "Part",
+    "PreparedEvaluation",
+    "compute_part",
+    "dataset",
+    "plan_parts",
+    "prepare_evaluation",
+    "print_summary",
+    "ray_executor",
+    "run_evaluation",
+]

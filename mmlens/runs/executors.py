@@ -1,6 +1,6 @@
 """Where the chunks of a run are computed: in this process, or on a Ray cluster.
 
-A run (``mmlens patch``) splits its work into chunks with stable keys and adds each finished chunk
+A run (``mmlens patch``, ``mmlens evaluate``) splits its work into chunks with stable keys and adds each finished chunk
 to its resumable :class:`mmlens.runs.record.Record`. An executor only decides where
 ``compute(prepared, chunk)`` runs:
 
