@@ -56,6 +56,8 @@ SLOT_CONTROLS = ("text_caption", "text_neutral", "random_norm", "mean_embedding"
 NEUTRAL_PHRASE = " once upon a time there was a little dog who liked to play in the park with his friend"
 CAPTION = " a {color} {shape} on a dark background"
 N_INPUTS = 128
+TINY_VLM = {"n_train": 64, "n_test": 16, "vision_steps": 3, "steps": 2, "batch_size": 4, "vision_batch_size": 4}
+"""``vlm_options`` of a barely trained VLM (a few steps): the code path for tests, numbers mean nothing."""
 QUICK = {"n_inputs": 8, "lens_variants": ("normed",), "n_resamples": 199}
 """What ``quick=True`` overrides: a few inputs, one lens variant, fewer permutations in the per-layer
 tests (tests; numbers mean nothing)."""

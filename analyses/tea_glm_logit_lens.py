@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import pandas as pd
 import torch
 
+from mmlens.analyses.soft_token_lens import TINY_VLM, plot_soft_token_comparison, vlm_comparison
 from mmlens.analyses.tea_glm_controls import matched_analysis
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.graphs import (
@@ -106,6 +107,9 @@ class ReproductionConfig:
     control_projector_steps: int = 50
     patching_nodes: int = 8
     lens_variants: tuple[str, ...] = ("normed", "raw", "naive")
+    vlm_comparison: bool = True
+    vlm_quick: bool = False
+    vlm_options: dict = field(default_factory=dict)
     data_dir: str | None = None
 
     def to_dict(self) -> dict:
@@ -127,6 +131,8 @@ def quick_config(**overrides: Any) -> ReproductionConfig:
         seeds=(0,),
         control_projector_steps=2,
         patching_nodes=2,
+        vlm_quick=True,
+        vlm_options=dict(TINY_VLM),
     )
     return replace(base, **overrides)
 
@@ -541,6 +547,16 @@ def run(
             tuned = _tuned_lens(rep, inputs, positions)
 
     matched = _matched(reps, nodes, inputs, positions, progress)
+    across = None
+    if config.vlm_comparison:
+        with stages("synthetic-VLM comparison"):
+            across = vlm_comparison(
+                config.lens_variants,
+                seed=config.seed,
+                progress=progress,
+                quick=config.vlm_quick,
+                vlm_options=config.vlm_options or None,
+            )
     with stages("write outputs"):
         _write_figures(rep, out, row, shown)
         _write_matched_figures(rep, out, row, shown, matched)
@@ -549,6 +565,9 @@ def run(
         record.update(_matched_record(reps, matched))
         if tuned is not None:
             _write_tuned_curve(tuned["curve"], out)
+        if across is not None:
+            record["across_modalities"] = across
+            save_figure(plot_soft_token_comparison(record["lens_variants"], across), out / "soft_tokens")
     record["timings_s"] = stages.seconds
     _write_json(out / "logit_lens.json", record)
     if progress:

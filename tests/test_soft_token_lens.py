@@ -17,6 +17,7 @@ import mmlens
 from mmlens.analyses import soft_token_lens
 from mmlens.analyses.soft_token_lens import (
     SLOT_CONTROLS,
+    TINY_VLM,
     plot_soft_token_comparison,
     slot_controls,
     soft_span,
@@ -29,8 +30,6 @@ from mmlens.methods.evolution import METRICS
 from mmlens.training.vlm import make_scenes, train_vlm
 
 matplotlib.use("Agg")
-
-TINY_VLM = {"n_train": 64, "n_test": 16, "vision_steps": 3, "steps": 2, "batch_size": 4, "vision_batch_size": 4}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -162,6 +162,7 @@ def test_quick_run_writes_the_documented_outputs(quick_run):
         "patching.png",
         "tuned_lens_curve.png",
         "evolution_bands.png",
+        "soft_tokens.png",
         "tuned_lens_curve.csv",
     ):
         assert (out / name).stat().st_size > 0, name
