@@ -707,8 +707,8 @@ def sampled_positions(rep: Reproduction, inputs: dict, per_node: int, seed: int)
 
 def _tuned_lens(rep: Reproduction, inputs: dict, positions: torch.Tensor) -> dict:
     """A tuned lens trained with graph and text positions drawn equally (on training-node prompts,
-    disjoint from the lens's test nodes; cached with its curve), and its summary on ``inputs``:
-    ``{"summary", "curve", "settings"}``."""
+    disjoint from the lens's test nodes) and its summary on ``inputs``: ``{"summary", "curve",
+    "settings"}``, cached as JSON (the lens itself beside it as ``.pt``)."""
     config = rep.config
     settings = {
         "steps": config.tuned_lens_steps,
@@ -716,30 +716,30 @@ def _tuned_lens(rep: Reproduction, inputs: dict, positions: torch.Tensor) -> dic
         "balance": "graph and text positions drawn equally per step",
         "train_prompts": 2 * config.lens_nodes,
     }
-    path = cache_dir() / "tea_glm" / f"tuned-{_hash(rep.keys['projector'], settings)}.pt"
-    curve_path = path.with_suffix(".curve.json")
-    if path.exists() and curve_path.exists():
-        tuned, curve = TunedLens.load(path).to(rep.hooked.device), json.loads(curve_path.read_text())
-    else:
-        g = torch.Generator().manual_seed(config.seed + 2)
-        train = rep.split["train"][torch.randperm(len(rep.split["train"]), generator=g)[: settings["train_prompts"]]]
-        tuned = TunedLens.for_model(rep.hooked)
-        tuned.fit(
-            rep.hooked,
-            [rep.inputs(chunk) for chunk in train.split(max(1, config.lens_nodes))],
-            steps=config.tuned_lens_steps,
-            tokens_per_step=config.tuned_lens_tokens,
-            positions=rep.node_positions,
-            balance=True,
-            seed=config.seed,
-            progress=rep.stages.progress,
-        )
-        curve = tuned.history
-        tuned.save(path)
-        atomic_write(curve_path, json.dumps(curve))
+    key = _hash(rep.keys["projector"], settings, rep.lens_nodes, positions.nonzero().tolist())
+    path = cache_dir() / "tea_glm" / f"tuned-{key}.pt"
+    record_path = path.with_suffix(".record.json")
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    g = torch.Generator().manual_seed(config.seed + 2)
+    train = rep.split["train"][torch.randperm(len(rep.split["train"]), generator=g)[: settings["train_prompts"]]]
+    tuned = TunedLens.for_model(rep.hooked)
+    tuned.fit(
+        rep.hooked,
+        [rep.inputs(chunk) for chunk in train.split(max(1, config.lens_nodes))],
+        steps=config.tuned_lens_steps,
+        tokens_per_step=config.tuned_lens_tokens,
+        positions=rep.node_positions,
+        balance=True,
+        seed=config.seed,
+        progress=rep.stages.progress,
+    )
+    tuned.save(path)
     result = logit_lens(rep.hooked, inputs, k=1, positions=positions, tuned=tuned)
     normed = logit_lens(rep.hooked, inputs, k=1, positions=positions)
-    return {"summary": _tuned_summary(normed, result), "curve": curve, "settings": settings}
+    record = {"summary": _tuned_summary(normed, result), "curve": tuned.history, "settings": settings}
+    atomic_write(record_path, json.dumps(record))
+    return record
 
 
 def _write_tuned_curve(curve: dict, out: Path) -> None:
