@@ -570,6 +570,7 @@ def run(
             save_figure(plot_soft_token_comparison(record["lens_variants"], across), out / "soft_tokens")
     record["timings_s"] = stages.seconds
     _write_json(out / "logit_lens.json", record)
+    atomic_write(out / "report.md", report(record))
     if progress:
         _print_summary(rep, record, out)
         print(stages.table())
@@ -829,6 +830,76 @@ def _record(rep: Reproduction, row: int, soft: pd.DataFrame, layers: pd.DataFram
         "versions": versions(),
     }
     return record
+
+
+def report(record: dict) -> str:
+    """A Markdown summary of ``logit_lens.json``'s record (``report.md``): accuracies, the verdict of
+    every metric under every lens variant with its deciding comparison, the image tokens of the
+    synthetic VLM, the tuned lens, the patching peak and the stage timings."""
+    metrics = list(METRICS)
+    lines = [f"# TEA-GLM logit lens: {record['llm']} on {record['dataset']}", ""]
+    if record.get("note"):
+        lines += [f"**{record['note']}**", ""]
+    lines += ["| model | test accuracy |", "|---|---|"]
+    lines += [f"| graph tokens, model seed {s} | {v['accuracy']:.3f} |" for s, v in record["seeds"].items()]
+    for name, control in record["controls"].items():
+        if "accuracy" in control:
+            lines.append(
+                f"| control projector `{name}` (seed {record['seed']}) | {control['accuracy']['accuracy']:.3f} |"
+            )
+    lines += [
+        f"| text-only prompt | {record['text_only_accuracy']:.3f} |",
+        f"| majority class (all nodes; test nodes) | {record['majority_baseline']:.3f}; "
+        f"{record['majority_baseline_test']:.3f} |",
+        "",
+        f"Verdicts ({record['n_nodes']} lens nodes, model seeds pooled; each cell: verdict, deciding comparison):",
+        "",
+        "| lens variant / layers | " + " | ".join(metrics) + " | claim |",
+        "|---" * (len(metrics) + 2) + "|",
+    ]
+    for name, variant in record["lens_variants"].items():
+        cells = {r["metric"]: f"{r['verdict']} ({r['deciding']})" for r in variant["verdict"]}
+        claim = "reproduced" if variant["claim_reproduced"] else "not reproduced"
+        lines.append(f"| {name} | " + " | ".join(cells.get(m, "") for m in metrics) + f" | {claim} |")
+    lines += ["", f"Overall: {record['claim_statement']}", ""]
+    across = record.get("across_modalities")
+    if across:
+        lines += [
+            f"Image tokens of `{across['model']}` ({across['n_inputs']} inputs) against text and the same slot controls:",
+            "",
+        ]
+        lines += ["| lens variant / layers | " + " | ".join(metrics) + " | claim |", "|---" * (len(metrics) + 2) + "|"]
+        for name, variant in across["lens_variants"].items():
+            cells = {r["metric"]: f"{r['verdict']} ({r['deciding']})" for r in variant["verdict"]}
+            claim = "holds" if variant["claim_reproduced"] else "does not hold"
+            lines.append(f"| {name} | " + " | ".join(cells.get(m, "") for m in metrics) + f" | {claim} |")
+        lines.append("")
+    lines += _report_tail(record)
+    return "\n".join(lines) + "\n"
+
+
+def _report_tail(record: dict) -> list[str]:
+    """The tuned lens, patching and timing lines of :func:`report`."""
+    lines = []
+    if record.get("tuned_lens"):
+        for m, v in record["tuned_lens"]["summary"].items():
+            lines.append(
+                f"- tuned lens (balanced), {m} positions: mean KL to the final layer "
+                f"{v['mean_kl_logit_lens']:.3f} -> {v['mean_kl_tuned_lens']:.3f} nats"
+            )
+    patching = pd.DataFrame(record["patching"])
+    if not patching.empty:
+        graph = patching[patching.span == "graph"]
+        if not graph.empty:
+            best = graph.loc[graph.normalized.idxmax()]
+            lines.append(
+                f"- patching the graph span's residual (resid_pre) restores at most {best.normalized:.2f} of the "
+                f"clean-corrupted log-prob gap, at layer {int(best.layer)}"
+            )
+    total = sum(record["timings_s"].values())
+    lines += ["", f"Stage timings (total {total / 60:.1f} min):", ""]
+    lines += [f"- {name}: {seconds:.1f} s" for name, seconds in record["timings_s"].items()]
+    return lines
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -183,6 +183,9 @@ def test_quick_run_writes_the_documented_outputs(quick_run):
     curve = record["tuned_lens"]["curve"]
     assert set(curve) == {"loss", "kl_graph", "kl_text"} and len(curve["loss"]) == 3
     _check_matched_fields(record)
+    text = (out / "report.md").read_text()
+    assert all(f"| {name} |" in text for name in record["lens_variants"]) and "Stage timings" in text
+    assert f"{record['accuracy']:.3f}" in text and "image tokens" in text.lower()
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"] + split["val"] + split["test"]) == list(range(2708))
     assert set(record["lens_nodes"]) <= set(split["test"])
