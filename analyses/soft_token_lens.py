@@ -45,9 +45,9 @@ from mmlens.core.adapter import get_module
 from mmlens.core.edits import replace as replace_edit
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.paths import cache_dir
-from mmlens.methods.evolution import METRICS, bootstrap_ci, evolution
+from mmlens.methods.evolution import METRICS, evolution, layer_curves
 from mmlens.methods.lens import logit_lens
-from mmlens.metrics.lens_verdicts import MARGINS, against_controls, per_layer_tests, verdicts
+from mmlens.metrics.lens_verdicts import MARGINS, span_verdict
 from mmlens.plots import save_figure
 from mmlens.store import atomic_write, config_hash
 
@@ -161,48 +161,6 @@ def condition_tables(
     return tables, list(result.layers)
 
 
-def soft_verdict(
-    per_input: pd.DataFrame,
-    per_layer: pd.DataFrame,
-    span: str,
-    controls: Sequence[str],
-    seed: int,
-    n_resamples: int = N_RESAMPLES,
-) -> dict:
-    """Verdicts of ``span`` vs ``text`` and vs each control (:func:`verdicts`, combined by
-    :func:`against_controls`), per-layer Holm tests, and whether "evolves less" holds (at least 3
-    of 4 metrics "less", none "more"): the TEA-GLM job's ``variant_verdict`` for any span name."""
-    reference = verdicts(per_input, span, "text", seed=seed)
-    matched = {c: verdicts(per_input, span, c, seed=seed) for c in controls}
-    combined = against_controls(reference, matched, "text")
-    layer_tests = {
-        b: per_layer_tests(per_layer, span, b, n_resamples=n_resamples, seed=seed).to_dict(orient="records")
-        for b in ("text", *matched)
-    }
-    n_less, n_more = int((combined.verdict == "less").sum()), int((combined.verdict == "more").sum())
-    return {
-        "comparisons": {"text": reference.to_dict(orient="records")}
-        | {c: t.to_dict(orient="records") for c, t in matched.items()},
-        "verdict": combined.to_dict(orient="records"),
-        "per_layer_tests": layer_tests,
-        "metrics_less": n_less,
-        "metrics_more": n_more,
-        "claim_reproduced": n_less >= 3 and n_more == 0,
-        "deciding_comparison": f"{span} vs {combined.deciding.value_counts().idxmax()}",
-        "margins": MARGINS,
-    }
-
-
-def pooled_curves(per_layer: pd.DataFrame, labels: Sequence[str], seed: int) -> list[dict]:
-    """Per condition, metric and layer: the mean over inputs and its 95% percentile-bootstrap interval."""
-    rows = []
-    for (m, metric, layer), group in per_layer.groupby(["modality", "metric", "layer"], sort=False):
-        mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), 200, seed=seed)
-        rows.append({"modality": m, "metric": metric, "layer": int(layer), "layer_label": labels[int(layer)]})
-        rows[-1].update(mean=mean, low=low, high=high)
-    return rows
-
-
 def soft_token_comparison(
     hooked: HookedModel,
     inputs: Mapping[str, Any],
@@ -227,8 +185,8 @@ def soft_token_comparison(
                 "final_norm": LENS_VARIANTS[variant],
                 "span": span,
                 "metrics": {m: {k: float(v) for k, v in means[m].items()} for m in dict.fromkeys(per_input.modality)},
-                **soft_verdict(per_input, per_layer, span, list(slots), seed, n_resamples),
-                "curves": pooled_curves(per_layer, labels, seed),
+                **span_verdict(per_input, per_layer, span, list(slots), seed=seed, n_resamples=n_resamples),
+                "curves": layer_curves(per_layer, labels, seed=seed).to_dict(orient="records"),
                 "layers": labels,
             }
     return out

@@ -30,7 +30,7 @@ from mmlens.core.edits import replace as replace_edit
 from mmlens.methods.evolution import evolution
 from mmlens.methods.lens import logit_lens_variants
 from mmlens.methods.patching import logprob, sweep
-from mmlens.metrics.lens_verdicts import MARGINS, against_controls, per_layer_tests, verdicts
+from mmlens.metrics.lens_verdicts import span_verdict
 from mmlens.models import TeaGLM
 from mmlens.store import config_hash
 from mmlens.training.loop import train_or_load
@@ -153,31 +153,9 @@ def pool_seeds(tables: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def variant_verdict(per_input: pd.DataFrame, per_layer: pd.DataFrame, controls: list[str], seed: int) -> dict:
-    """Verdicts of graph vs text and vs each matched control, combined (:func:`against_controls`),
-    with per-layer Holm tests, and whether the claim holds (at least 3 of 4 metrics "less")."""
-    reference = verdicts(per_input, "graph", "text", seed=seed)
-    matched = {c: verdicts(per_input, "graph", c, seed=seed) for c in DECIDING_ORDER if c in controls}
-    combined = against_controls(reference, matched, "text")
-    layer_tests = {
-        b: per_layer_tests(per_layer, "graph", b, n_resamples=999, seed=seed).to_dict(orient="records")
-        for b in ("text", *matched)
-    }
-    n_less = int((combined.verdict == "less").sum())
-    n_more = int((combined.verdict == "more").sum())
-    deciding = combined.deciding.value_counts().idxmax()
-    return {
-        "comparisons": {
-            "text": reference.to_dict(orient="records"),
-            **{c: t.to_dict(orient="records") for c, t in matched.items()},
-        },
-        "verdict": combined.to_dict(orient="records"),
-        "per_layer_tests": layer_tests,
-        "metrics_less": n_less,
-        "metrics_more": n_more,
-        "claim_reproduced": n_less >= 3 and n_more == 0,
-        "deciding_comparison": f"graph vs {deciding}",
-        "margins": MARGINS,
-    }
+    """Verdicts of graph vs text and vs each matched control in :data:`DECIDING_ORDER`
+    (:func:`span_verdict`)."""
+    return span_verdict(per_input, per_layer, "graph", [c for c in DECIDING_ORDER if c in controls], seed=seed)
 
 
 def patching_check(rep: Reproduction, nodes: list[int], progress: bool) -> pd.DataFrame:

@@ -45,7 +45,7 @@ from mmlens.data.graphs import (
 )
 from mmlens.data.loading import load_model
 from mmlens.data.paths import cache_dir
-from mmlens.methods.evolution import METRICS, Evolution, bootstrap_ci, evolution
+from mmlens.methods.evolution import METRICS, Evolution, evolution, layer_curves
 from mmlens.methods.lens import (
     LensResult,
     TunedLens,
@@ -646,13 +646,13 @@ def _write_matched_figures(rep: Reproduction, out: Path, row: int, positions: to
         per_layer = pd.DataFrame(matched["curves"])
         tests = matched["lens_variants"][PRIMARY_VARIANT]["per_layer_tests"]
         fig = plot_evolution(
-            _Curves(_curves(per_layer, rep.lens.layers)),
+            _Curves(layer_curves(per_layer, rep.lens.layers)),
             title=f"Graph tokens vs matched controls ({PRIMARY_VARIANT}; bands: against every comparison)",
             bands=layer_bands(tests),
         )
         save_figure(fig, out / "evolution_controls")
         fig = plot_evolution(
-            _Curves(_curves(per_layer[per_layer.modality.isin(["graph", "text"])], rep.lens.layers)),
+            _Curves(layer_curves(per_layer[per_layer.modality.isin(["graph", "text"])], rep.lens.layers)),
             title=f"Graph vs text tokens ({PRIMARY_VARIANT}, model seeds pooled; bands: graph vs text)",
             bands=layer_bands({"text": tests["text"]}),
         )
@@ -668,25 +668,6 @@ class _Curves:
     """What :func:`plot_evolution` reads: a ``curves`` table."""
 
     curves: pd.DataFrame
-
-
-def _curves(per_layer: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    """Per condition, metric and layer: the mean over nodes and its 95% bootstrap interval."""
-    rows = []
-    for (m, metric, layer), group in per_layer.groupby(["modality", "metric", "layer"], sort=False):
-        mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), 200)
-        rows.append(
-            {
-                "modality": m,
-                "metric": metric,
-                "layer": int(layer),
-                "layer_label": labels[int(layer)],
-                "mean": mean,
-                "low": low,
-                "high": high,
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def sampled_positions(rep: Reproduction, inputs: dict, per_node: int, seed: int) -> torch.Tensor:

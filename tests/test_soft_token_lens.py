@@ -23,10 +23,10 @@ from mmlens.analyses.soft_token_lens import (
     soft_span,
     soft_token_comparison,
     soft_tokens,
-    soft_verdict,
     vlm_comparison,
 )
 from mmlens.methods.evolution import METRICS
+from mmlens.metrics.lens_verdicts import span_verdict
 from mmlens.training.vlm import make_scenes, train_vlm
 
 matplotlib.use("Agg")
@@ -139,9 +139,9 @@ def test_a_known_difference_reads_less_and_a_failing_control_decides():
     soft = {m: x + less[m] for m, x in base.items()}
     per_input = _table({"img": soft, "text": base, "ctrl_far": base, "ctrl_same": soft})
     per_layer = per_input.assign(layer=1)
-    verdict = soft_verdict(per_input, per_layer, "img", ["ctrl_far"], seed=0)
+    verdict = span_verdict(per_input, per_layer, "img", ["ctrl_far"], seed=0)
     assert [r["verdict"] for r in verdict["verdict"]] == ["less"] * 4 and verdict["claim_reproduced"]
-    verdict = soft_verdict(per_input, per_layer, "img", ["ctrl_far", "ctrl_same"], seed=0)
+    verdict = span_verdict(per_input, per_layer, "img", ["ctrl_far", "ctrl_same"], seed=0)
     assert [r["verdict"] for r in verdict["verdict"]] == ["equivalent"] * 4
     assert verdict["deciding_comparison"] == "img vs ctrl_same" and not verdict["claim_reproduced"]
 

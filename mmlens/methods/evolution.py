@@ -135,7 +135,7 @@ def evolution(
         layers=list(result.layers),
         per_input=per_input,
         per_layer=per_layer,
-        curves=_curves(per_layer, result.layers, n_boot, ci, seed),
+        curves=layer_curves(per_layer, result.layers, n_boot, ci, seed),
         summary=_summary(per_input, n_boot, ci, seed),
         n_boot=n_boot,
         ci=ci,
@@ -220,8 +220,12 @@ def _per_input_and_layer(
     return per_input_df, per_layer_df
 
 
-def _curves(per_layer: pd.DataFrame, layers: list[str], n_boot: int, ci: float, seed: int) -> pd.DataFrame:
-    """The ``curves`` table of an :class:`Evolution`: per-layer means over inputs with their intervals."""
+def layer_curves(
+    per_layer: pd.DataFrame, layers: Sequence[str], n_boot: int = 200, ci: float = 0.95, seed: int = 0
+) -> pd.DataFrame:
+    """The ``curves`` table of an :class:`Evolution` from a ``per_layer`` table (columns ``modality,
+    metric, layer, value``; ``layers`` the layer labels): per modality, metric and layer the mean
+    over inputs with its percentile-bootstrap interval."""
     curves = []
     for (m, metric, layer), group in per_layer.groupby(["modality", "metric", "layer"], sort=False):
         mean, low, high = bootstrap_ci(torch.tensor(group.value.to_numpy()), n_boot, ci, seed)

@@ -16,7 +16,7 @@ concatenated with distinct ``modality`` names (a control run's span renamed).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -152,6 +152,42 @@ def per_layer_tests(
             rows.append({**r, "diff": diff, "p_holm": float(p_holm), "significant": bool(sig)})
             rows[-1]["a_evolves_less"] = bool(sig and less)
     return pd.DataFrame(rows)
+
+
+def span_verdict(
+    per_input: pd.DataFrame,
+    per_layer: pd.DataFrame,
+    span: str,
+    controls: Sequence[str],
+    *,
+    seed: int = 0,
+    n_resamples: int = 999,
+) -> dict:
+    """Whether ``span`` evolves less than text tokens and than every matched control (the TEA-GLM
+    rule, for any span name): :func:`verdicts` against ``"text"`` and each of ``controls`` (in that
+    order), combined by :func:`against_controls`, with per-layer Holm tests; the claim holds when at
+    least 3 of the 4 metrics read "less" and none "more". Returns a JSON-ready dict: ``comparisons``,
+    ``verdict``, ``per_layer_tests``, ``metrics_less``, ``metrics_more``, ``claim_reproduced``,
+    ``deciding_comparison``, ``margins``."""
+    reference = verdicts(per_input, span, "text", seed=seed)
+    matched = {c: verdicts(per_input, span, c, seed=seed) for c in controls}
+    combined = against_controls(reference, matched, "text")
+    layer_tests = {
+        b: per_layer_tests(per_layer, span, b, n_resamples=n_resamples, seed=seed).to_dict(orient="records")
+        for b in ("text", *matched)
+    }
+    n_less, n_more = int((combined.verdict == "less").sum()), int((combined.verdict == "more").sum())
+    return {
+        "comparisons": {"text": reference.to_dict(orient="records")}
+        | {c: t.to_dict(orient="records") for c, t in matched.items()},
+        "verdict": combined.to_dict(orient="records"),
+        "per_layer_tests": layer_tests,
+        "metrics_less": n_less,
+        "metrics_more": n_more,
+        "claim_reproduced": n_less >= 3 and n_more == 0,
+        "deciding_comparison": f"{span} vs {combined.deciding.value_counts().idxmax()}",
+        "margins": MARGINS,
+    }
 
 
 def layer_bands(tests: Mapping[str, pd.DataFrame | list[dict]]) -> pd.DataFrame:
