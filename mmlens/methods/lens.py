@@ -347,64 +347,68 @@ def _decode_cells(
     max_chunk_mb: float,
 ) -> dict[FinalNorm, dict[str, Tensor]]:
     """Decode the residual vectors ``hidden`` Float[layer, b, pos, d] at the cells ``where`` Bool[b, pos]
-    under each variant, in chunks of at most ``max_chunk_mb`` of logits; per variant, each statistic
-    as [layer, cells, ...] on the CPU. Each distinct reading (normed or raw) of a chunk is computed once."""
+    under each variant; per variant, each statistic as [layer, cells, ...] on the CPU.
+
+    Cells are taken in chunks whose logits fit ``max_chunk_mb``; each chunk's final-layer
+    distribution is computed once and each distinct reading (normed or raw) of a layer once."""
     n_layer = hidden.shape[0]
     picked = hidden[:, where]
     n_cells = picked.shape[1]
-    final_logits = {
-        normed: reader(hidden[-1], normed).float()[where] for normed in {_Reader.normed(v, True) for v in variants}
-    }
-    final_logp = {normed: logits.log_softmax(-1) for normed, logits in final_logits.items()}
     cell_batch = where.nonzero()[:, 0]
-    vocab = next(iter(final_logits.values())).shape[-1]
-    n_readings = len({_Reader.normed(v, False) for v in variants})
-    per_chunk = max(1, int(max_chunk_mb * 2**20 // (vocab * 4 * 3 * n_readings)))
+    final_readings = sorted({_Reader.normed(v, True) for v in variants})
+    readings = sorted({_Reader.normed(v, False) for v in variants})
+    vocab = reader(picked[-1, :1], True).shape[-1]
+    per_chunk = max(1, int(max_chunk_mb * 2**20 // (vocab * 4 * (3 * len(readings) + 2 * len(final_readings)))))
     keys = ("ids", "probs", "entropy", "kl", "tprob", "trank")
-    out: dict[FinalNorm, dict[str, list[Tensor]]] = {v: {key: [] for key in keys} for v in variants}
-    for layer in range(n_layer):
-        last = layer == n_layer - 1
-        for start in range(0, n_cells, per_chunk):
-            cells = slice(start, min(start + per_chunk, n_cells))
-            readings: dict[bool, tuple[Tensor, Tensor]] = {}
-            for normed in {_Reader.normed(v, last) for v in variants}:
+    out = {v: {key: [[] for _ in range(n_layer)] for key in keys} for v in variants}
+    for start in range(0, n_cells, per_chunk):
+        cells = slice(start, min(start + per_chunk, n_cells))
+        finals = {}
+        for normed in final_readings:
+            logits = reader(picked[-1, cells], normed).float()
+            logp = logits.log_softmax(-1)
+            finals[normed] = (logits, logp, logp.exp())
+        targets = target_ids[cell_batch[cells]] if target_ids is not None else None
+        for layer in range(n_layer):
+            last = layer == n_layer - 1
+            decoded = {}
+            for normed in readings if not last else final_readings:
                 if last:
-                    readings[normed] = (final_logits[normed][cells], final_logp[normed][cells])
+                    decoded[normed] = finals[normed][:2]
                     continue
                 h = picked[layer, cells]
                 if tuned is not None:
                     h = tuned.translate(h, torch.full((h.shape[0],), layer, device=h.device))
                 logits = reader(h, normed).float()
-                readings[normed] = (logits, logits.log_softmax(-1))
-            targets = target_ids[cell_batch[cells]] if target_ids is not None else None
+                decoded[normed] = (logits, logits.log_softmax(-1))
             for v in variants:
-                logits, logp = readings[_Reader.normed(v, last)]
-                final = final_logp[_Reader.normed(v, True)][cells]
-                for key, value in _cell_statistics(logits, logp, final, k, targets).items():
-                    out[v][key].append(value)
+                logits, logp = decoded[_Reader.normed(v, last)]
+                _, final_logp, final_p = finals[_Reader.normed(v, True)]
+                for key, value in _cell_statistics(logits, logp, final_logp, final_p, k, targets).items():
+                    out[v][key][layer].append(value)
     return {
         v: {
-            key: torch.cat(values).reshape(n_layer, n_cells, *values[0].shape[1:]).cpu()
-            for key, values in per_variant.items()
-            if values
+            key: torch.stack([torch.cat(chunks) for chunks in by_layer]).cpu()
+            for key, by_layer in stats.items()
+            if by_layer[0]
         }
-        for v, per_variant in out.items()
+        for v, stats in out.items()
     }
 
 
 def _cell_statistics(
-    logits: Tensor, logp: Tensor, final_logp: Tensor, k: int, targets: Tensor | None
+    logits: Tensor, logp: Tensor, final_logp: Tensor, final_p: Tensor, k: int, targets: Tensor | None
 ) -> dict[str, Tensor]:
     """Top-k ids and probabilities, entropy, KL(final || this) and the targets' probabilities and
-    ranks of decoded logits Float[cells, vocab] (``logp`` their log-softmax; ``targets`` Long[cells, n]
-    or None)."""
+    ranks of decoded logits Float[cells, vocab] (``logp`` their log-softmax; ``final_p`` the final
+    layer's probabilities; ``targets`` Long[cells, n] or None)."""
     probs = logp.exp()
     top_p, top_i = probs.topk(k, dim=-1)
     stats = {
         "ids": top_i,
         "probs": top_p,
-        "entropy": -(probs * logp).sum(-1),
-        "kl": (final_logp.exp() * (final_logp - logp)).sum(-1).clamp_min(0.0),
+        "entropy": -torch.linalg.vecdot(probs, logp),
+        "kl": torch.linalg.vecdot(final_p, final_logp - logp).clamp_min(0.0),
     }
     if targets is not None:
         stats["tprob"] = probs.gather(-1, targets)
