@@ -12,7 +12,7 @@ import torch
 import mmlens
 from mmlens.analyses import synthetic_benchmark as sb
 from mmlens.data.tasks import make_task, truth_mask
-from mmlens.metrics.desiderata import faithfulness, necessity_areas
+from mmlens.metrics.desiderata import RANDOM_TOP_K, faithfulness, necessity_areas
 from mmlens.metrics.stats import auc
 from mmlens.training.fusion import train_fusion
 from mmlens.training.graph_text import train_graph_text
@@ -185,8 +185,8 @@ def test_necessity_areas_are_faithfulness_numbers_for_many_explainers_at_once():
         f = faithfulness(hm, items, name, fractions=(0, 0.5, 1), random_draws=2, explanations=explanations[name])
         area = f.areas.set_index(["scope", "source"]).auc_necessity_drop
         assert mean[name] == pytest.approx(area["joint", "explanation"], abs=1e-6)
-        assert mean["random"] == pytest.approx(area["joint", "random"], abs=1e-6)
-    assert mean["inverted"] < mean["random"] < mean["occlusion"]  # the control must score badly
+        assert mean[RANDOM_TOP_K] == pytest.approx(area["joint", "random"], abs=1e-6)
+    assert mean["inverted"] < mean[RANDOM_TOP_K] < mean["occlusion"]  # the control must score badly
 
 
 def test_ray_with_two_workers_gives_the_serial_parts_and_tables(run, tmp_path):

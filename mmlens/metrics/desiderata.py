@@ -520,6 +520,10 @@ def faithfulness(
     )
 
 
+RANDOM_TOP_K = "random top-k"
+"""The source name of the random masks' curve in :func:`necessity_areas` (not the ``random`` explainer)."""
+
+
 def necessity_areas(
     hooked: HookedModel,
     items: Sequence[dict],
@@ -532,7 +536,7 @@ def necessity_areas(
     batch_size: int = 64,
 ) -> pd.DataFrame:
     """Per input (a batch-1 row of ``items``) and source (each explainer of ``explanations``, and
-    ``"random"``): the area over k of the necessity drop f(x) - f(remove_k) of ``scope``, with f the
+    :data:`RANDOM_TOP_K`): the area over k of the necessity drop f(x) - f(remove_k) of ``scope``, with f the
     probability of the input's predicted token. The numbers of ``faithfulness(..., explanations=...)``
     (same masks, same random draws: :func:`areas` of its curves is the mean of these), for several
     explainers in one batched pass per input: one forward of the input, the random masks shared by
@@ -543,6 +547,8 @@ def necessity_areas(
     bad = {name: len(es) for name, es in explanations.items() if len(es) != len(items)}
     if bad or not explanations:
         raise ValueError(f"explanations: need one per input ({len(items)}) for each explainer, got {bad or 'none'}")
+    if RANDOM_TOP_K in explanations:
+        raise ValueError(f"explanations: {RANDOM_TOP_K!r} names the random baseline; rename that explainer")
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for i, x in enumerate(items):
@@ -556,7 +562,7 @@ def necessity_areas(
             for mask, (s, k, source, _, which) in zip(found, found_labels):
                 if s == scope and which == "remove" and (source == "explanation" or name == next(iter(explanations))):
                     masks.append(mask)
-                    labels.append((name if source == "explanation" else "random", k))
+                    labels.append((name if source == "explanation" else RANDOM_TOP_K, k))
         values = masked_values(hooked, x, setup, masks, batch_size).numpy()
         drops = pd.DataFrame(labels, columns=["source", "k"]).assign(drop=float(setup.value[0]) - values)
         for source, group in drops.groupby("source", sort=False)["drop"]:
@@ -1329,6 +1335,7 @@ __all__ = [
     "Dataset",
     "FaithfulnessResult",
     "GrangerResult",
+    "RANDOM_TOP_K",
     "REFERENCES",
     "InteractionResult",
     "StabilityResult",
