@@ -517,3 +517,17 @@ def test_broken_pipe_ends_quietly(monkeypatch, capsys):
     code = main(["models"])
     assert code in (0, 141)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_inputs_checked_once_are_checked_again_after_an_in_place_edit():
+    loaded = mmlens.load_model("tiny-random-llava")
+    hooked = mmlens.wrap(loaded.model)
+    inputs = loaded.example_inputs()
+    hooked.run(inputs)
+    hooked.run(inputs)  # remembered by identity: not re-checked, same result
+    inputs["pixel_values"].fill_(NAN)  # in place: a new version of the same tensor
+    with pytest.raises(ValueError, match="pixel_values.*non-finite"):
+        hooked.run(inputs)
+    inputs["pixel_values"] = torch.full_like(inputs["pixel_values"], INF)  # a new object
+    with pytest.raises(ValueError, match="pixel_values.*non-finite"):
+        hooked.run(inputs)

@@ -12,8 +12,10 @@ import torch
 import mmlens
 from mmlens.analyses import synthetic_benchmark as sb
 from mmlens.data.tasks import make_task, truth_mask
+from mmlens.metrics.desiderata import RANDOM_TOP_K, faithfulness, necessity_areas
 from mmlens.metrics.stats import auc
 from mmlens.training.fusion import train_fusion
+from mmlens.training.graph_text import train_graph_text
 
 VERDICTS = {"supported", "refuted", "inconclusive"}
 
@@ -21,7 +23,7 @@ VERDICTS = {"supported", "refuted", "inconclusive"}
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic_benchmark")
-    report = sb.main(["--quick", "--out", str(out), "--no-progress"])
+    report = sb.main(["--quick", "--out", str(out), "--no-progress", "--workers", "2"])
     return out, report
 
 
@@ -84,9 +86,12 @@ def test_the_report_records_design_verdicts_and_controls(run):
     assert on_disk["seeds"] == prereg["design"]["seeds_quick"] and len(on_disk["seeds"]) >= 2
     assert on_disk["inputs_per_task"] == len(on_disk["seeds"]) * prereg["design"]["inputs_per_seed_quick"]
     assert all(m["accuracy"] >= prereg["learned_accuracy"] and "skipped" not in m for m in report["models"])
-    assert [c["claim"][:3] for c in on_disk["claims"]] == ["(a)", "(b)", "(c)"]
+    assert [c["claim"][:3] for c in on_disk["claims"]] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
     assert all(c["verdict"] in VERDICTS and c["test"] for c in on_disk["claims"])
-    a, b, c = on_disk["claims"]
+    a, b, c, d, e = on_disk["claims"]
+    for comparison in [*d["comparisons"].values(), *e["comparisons"].values()]:
+        assert comparison["verdict"] in VERDICTS and comparison["n_models"] == len(report["models"])
+        assert comparison["low"] <= comparison["estimate"] <= comparison["high"], comparison
     assert all({"estimate", "low", "high"} <= set(v["difference"]) for v in a["comparisons"].values())
     assert all({"estimate", "low", "high"} <= set(v["difference"]) for v in b["comparisons"].values())
     assert 0 <= c["p_value"] <= 1 and 0 <= c["gate"]["p_value"] <= 1
@@ -123,12 +128,12 @@ def test_claim_a_auroc_is_computed_from_the_models_features(run):
     prereg = sb.load_prereg()[0]["claim_a"]
     pos = [m["interaction"] for m in models if m["task"] in prereg["positive"]]
     neg = [m["interaction"] for m in models if m["task"] in prereg["negative"]]
-    assert len(pos) == len(sb.load_prereg()[0]["design"]["seeds_quick"]) and len(neg) == 4 * len(pos)
+    assert len(pos) == 2 * len(sb.load_prereg()[0]["design"]["seeds_quick"]) and len(neg) == 5 * len(pos) / 2
     assert report["claims"][0]["interaction"]["estimate"] == auc(pos, neg)
 
 
 def test_claim_c_is_not_supported_when_every_explainer_is_random(run, tmp_path):
-    report = sb.main(["--quick", "--out", str(tmp_path), "--no-progress", "--substitute-random"])
+    report = sb.main(["--quick", "--out", str(tmp_path), "--no-progress", "--substitute-random", "--workers", "2"])
     assert {m for _, m, _ in report["explainers"]} == {"random"}
     assert report["claims"][2]["verdict"] != "supported"
     pooled = [r for r in report["cells_position_auroc"] if r["task"] == "all"]
@@ -140,3 +145,69 @@ def test_a_rerun_resumes_from_the_saved_parts(run):
     again = sb.main(["--quick", "--out", str(out), "--no-progress"])
     assert again["cells_position_auroc"] == report["cells_position_auroc"]
     assert again["seconds"] < report["seconds"] / 3
+
+
+def test_graph_tasks_are_scored_against_their_neighbourhood_truth(run):
+    _, report = run
+    trained = train_graph_text("graph_text_synergy", seed=0)
+    hm = mmlens.wrap(trained.model)
+    x = trained.task.batch([0])
+    spans = hm.spans(x)
+    truth = truth_mask(trained.task.key_positions(0), {m: spans.masks[m][0] for m in spans.modalities})
+    assert truth[spans.masks["graph"][0]].all()  # every graph token encodes the target's neighbourhood
+    assert truth[spans.masks["text"][0]].sum() == 1  # the side word
+    pooled = {(r["task"], r["explainer"]): r for r in report["cells_position_auroc"]}
+    for task in ("graph_only", "graph_text_synergy"):
+        assert pooled[task, "constant"]["estimate"] == 0.5
+        assert pooled[task, "inverted"]["estimate"] < 0.5 < pooled[task, "occlusion"]["estimate"]
+
+
+def test_granger_and_stability_verdicts_include_the_controls(run):
+    _, report = run
+    d, e = report["claims"][3:]
+    ranks = {name: r["estimate"] for name, r in d["per_explainer_rank"].items()}
+    assert set(ranks) == {"occlusion", "gradient_x_input", "random"}
+    assert ranks["occlusion"] > ranks["random"]
+    res = {name: r["res_sup_median"]["estimate"] for name, r in e["per_explainer"].items()}
+    assert res["constant"] == 0.0  # perfectly stable and uninformative: why stability is never read alone
+    assert res["random"] > 5 * res["occlusion"] and e["verdict"] == "supported"
+
+
+def test_necessity_areas_are_faithfulness_numbers_for_many_explainers_at_once():
+    trained = train_fusion("image_only", seed=0)
+    hm = mmlens.wrap(trained.model)
+    items = [trained.task.batch([r]) for r in range(2)]
+    names = ("occlusion", "inverted", "random")
+    explanations = {n: [mmlens.explain(hm, x, n) for x in items] for n in names}
+    batched = necessity_areas(hm, items, explanations, fractions=(0, 0.5, 1), random_draws=2)
+    mean = batched.groupby("source").auc_necessity_drop.mean()
+    for name in names:
+        f = faithfulness(hm, items, name, fractions=(0, 0.5, 1), random_draws=2, explanations=explanations[name])
+        area = f.areas.set_index(["scope", "source"]).auc_necessity_drop
+        assert mean[name] == pytest.approx(area["joint", "explanation"], abs=1e-6)
+        assert mean[RANDOM_TOP_K] == pytest.approx(area["joint", "random"], abs=1e-6)
+    assert mean["inverted"] < mean[RANDOM_TOP_K] < mean["occlusion"]  # the control must score badly
+
+
+def test_ray_with_two_workers_gives_the_serial_parts_and_tables(run, tmp_path):
+    import ray  # the optional extra that CI installs
+
+    out, _ = run
+    tasks = ["image_only", "graph_only"]
+    argv = ["--quick", "--no-progress", "--tasks", ",".join(tasks)]
+    on_ray = sb.main([*argv, "--out", str(tmp_path), "--executor", "ray", "--workers", "2"])
+    assert not ray.is_initialized()
+    timing = {"from_cache", "train_seconds", "train_cpu_seconds", "score_seconds", "score_cpu_seconds"}
+
+    def parts(folder):
+        (path,) = (folder / "parts").glob("*.jsonl")
+        found = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+        return {p["key"]: {k: v for k, v in p.items() if k not in timing} for p in found if p.get("task") in tasks}
+
+    def same(a, b) -> bool:  # NaN included
+        return json.dumps(a, sort_keys=True, default=float) == json.dumps(b, sort_keys=True, default=float)
+
+    assert same(parts(tmp_path), parts(out)) and len(parts(tmp_path)) == 4
+    serial = sb.analyse(list(parts(out).values()), sb.load_prereg()[0])
+    assert same(on_ray["cells_position_auroc"], serial["cells_position_auroc"])
+    assert same(on_ray["claims"], serial["claims"])

@@ -9,7 +9,7 @@ raises; a run with no edit returns the plain model's output bit for bit.
 from __future__ import annotations
 
 import fnmatch
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,6 +71,7 @@ class HookedModel:
         self.processor = processor
         self.name = name or type(model).__name__
         self.allow_nonfinite = allow_nonfinite
+        self._checked: OrderedDict[tuple, tuple] = OrderedDict()  # inputs already checked, by identity
         self._hooking = False
         self.hook_points: dict[str, HookPoint] = self.adapter.hook_points(model)
         self.check_report: CheckReport | None = None
@@ -155,7 +156,14 @@ class HookedModel:
     def check_inputs(self, inputs: Any) -> dict:
         """``inputs`` as a dict on the model's device; raises for any bad input, naming the key, the
         value and the fix (:func:`mmlens.core.inputs.check_model_inputs`)."""
-        check_model_inputs(self.model, self.adapter, inputs, allow_nonfinite=self.allow_nonfinite)
+        key = _identity(inputs, self.allow_nonfinite) if isinstance(inputs, Mapping) else None
+        if key is None or key not in self._checked:
+            check_model_inputs(self.model, self.adapter, inputs, allow_nonfinite=self.allow_nonfinite)
+        if key is not None:
+            self._checked[key] = tuple(inputs.values())  # holds the objects, so their ids are not reused
+            self._checked.move_to_end(key)
+            while len(self._checked) > _CHECKED_SIZE:
+                self._checked.popitem(last=False)
         device = self.device
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
@@ -335,3 +343,16 @@ class HookedModel:
 
     def __call__(self, inputs: Mapping[str, Any], **kwargs: Any) -> RunResult:
         return self.run(inputs, **kwargs)
+
+
+_CHECKED_SIZE = 16
+"""How many checked inputs :meth:`HookedModel.check_inputs` remembers (by identity) to skip re-checking."""
+
+
+def _identity(inputs: Mapping[str, Any], allow_nonfinite: bool) -> tuple:
+    """A key that is equal only for the same objects, unchanged: every value's id and, for tensors,
+    the in-place version counter (an edited tensor gets a new key and is checked again)."""
+    return (
+        allow_nonfinite,
+        tuple((k, id(v), v._version if isinstance(v, Tensor) else None) for k, v in inputs.items()),
+    )
