@@ -198,9 +198,11 @@ def _variant_tables(
     reps: list[Reproduction], slots: dict[str, Tensor], inputs: dict, positions: Tensor, progress: bool
 ) -> dict[str, dict[str, tuple[pd.DataFrame, pd.DataFrame]]]:
     """Per lens variant and layer rows (``all_layers``, ``no_embedding_row``): the per-input and
-    per-layer tables of every condition, the graph tokens pooled over model seeds."""
+    per-layer tables of every condition, the graph tokens pooled over model seeds. Text positions
+    are decoded in the first seed's prompts only (the other seeds add their graph slots): the seeds
+    vary the graph tokens, and decoding text under every seed would triple the lens's cost."""
     variants = list(reps[0].config.lens_variants)
-    runs = [(r, None, "graph", True) for r in reps] + [(reps[0], v, name, False) for name, v in slots.items()]
+    runs = [(r, None, "graph", r is reps[0]) for r in reps] + [(reps[0], v, name, False) for name, v in slots.items()]
     seeds: list[dict] = []
     controls: list[dict] = []
     for rep, value, name, with_text in tqdm(runs, desc="lens conditions", disable=not progress):

@@ -96,11 +96,11 @@ class ReproductionConfig:
     max_text_tokens: int = 256
     synthetic_nodes: int = 700
     gnn: GraphPretrainConfig = field(default_factory=lambda: GraphPretrainConfig(epochs=60))
-    projector: ProjectorTrainConfig = field(default_factory=ProjectorTrainConfig)
+    projector: ProjectorTrainConfig = field(default_factory=lambda: ProjectorTrainConfig(batch_size=8))
     template: PromptTemplate = field(default_factory=PromptTemplate)
     eval_nodes: int | None = None
     lens_nodes: int = 100
-    text_positions: int = 10
+    text_positions: int = 5
     tuned_lens_steps: int = 60
     tuned_lens_tokens: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)

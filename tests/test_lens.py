@@ -291,3 +291,15 @@ def test_evolution_layers_drops_the_embedding_row(loaded):
     assert evolution(result, ["graph"], layers=[1, 2], n_boot=10).per_layer.layer.max() == 2
     with pytest.raises(ValueError, match="contiguous"):
         evolution(result, ["graph"], layers=[0, 2])
+
+
+def test_large_blocks_stay_mapped_on_glibc():
+    import ctypes
+    import platform
+
+    from mmlens.core.memory import keep_large_blocks_mapped
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert keep_large_blocks_mapped() is glibc
+    if glibc:  # once set, the threshold stays fixed (mallopt accepts the same value again)
+        assert ctypes.CDLL(None).mallopt(-3, 4 * 2**20) == 1

@@ -42,6 +42,7 @@ from mmlens.core.adapter import get_module
 from mmlens.core.cache import Named
 from mmlens.core.edits import Edit
 from mmlens.core.inputs import check_count
+from mmlens.core.memory import keep_large_blocks_mapped
 from mmlens.core.spans import ModalitySpans, Selector
 from mmlens.core.unembed import Unembed
 from mmlens.core.wrapper import HookedModel
@@ -243,6 +244,7 @@ def logit_lens(
     )[final_norm]
 
 
+@torch.no_grad()
 def logit_lens_variants(
     hooked: HookedModel,
     inputs: Mapping[str, Any],
@@ -255,7 +257,9 @@ def logit_lens_variants(
     The forward is shared, and so is the unembedding product wherever two variants read the same
     vectors (``False`` and ``"naive"`` share every intermediate layer), so three variants cost
     about two decodings. ``options`` are :func:`logit_lens`'s keyword arguments (``k``,
-    ``targets``, ``tuned``, ``prefix``, ``positions``, ``max_chunk_mb``, ``edits``).
+    ``targets``, ``tuned``, ``prefix``, ``positions``, ``max_chunk_mb``, ``edits``). Runs without
+    autograd: nothing of the lens is differentiated, and a graph kept alive by the per-cell
+    statistics would hold every chunk's logits.
     """
     unknown = sorted(set(options) - {"k", "targets", "tuned", "prefix", "positions", "max_chunk_mb", "edits"})
     if unknown:
@@ -270,6 +274,7 @@ def logit_lens_variants(
         )
     names = residual_points(hooked, options.get("prefix", "lm"))
     unembed = Unembed(hooked)
+    keep_large_blocks_mapped()
     k = options.get("k", 5)
     check_count("k", k, 1, unembed.vocab_size, "k top tokens are kept per cell, at most the vocabulary")
     edits = options.get("edits", ())
@@ -621,6 +626,7 @@ class TunedLens(nn.Module):
                 f"this tuned lens has {self.n_layers} layers but {hooked.name} has {len(names)} residual layers"
             )
         decoder = Unembed(hooked)
+        keep_large_blocks_mapped()
         hidden, groups, modalities = self._record(hooked, batches, names, positions, progress)
         generator = torch.Generator().manual_seed(seed)
         if hidden.shape[1] > max_tokens:
