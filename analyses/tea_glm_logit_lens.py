@@ -74,6 +74,9 @@ CLAIM_RULE_MATCHED = (
     "decides. The claim holds under a variant when at least 3 of the 4 metrics read 'less' and none "
     "'more'; overall when it holds under every variant without the embedding row"
 )
+MATCHED_VERSION = 2
+"""Bumped when the matched analysis computes differently from the same inputs (part of its cache key;
+2: text positions decoded under the first model seed only)."""
 PRIMARY_VARIANT = "normed/no_embedding_row"
 """The lens variant the figures show: nostalgebraist's normed lens, without the embedding row."""
 CLAIM_RULE = (
@@ -583,10 +586,12 @@ def _matched(reps: list[Reproduction], nodes: list[int], inputs: dict, positions
     key = _hash(
         [r.keys["projector"] for r in reps],
         nodes,
+        positions.nonzero().tolist(),
         config.control_projector_steps,
         config.patching_nodes,
         config.lens_variants,
         MARGINS,
+        MATCHED_VERSION,
     )
     path = cache_dir() / "tea_glm" / f"matched-{key}.json"
     with reps[0].stages("controls, lens variants, patching" + (" (cached)" if path.exists() else "")):
