@@ -665,9 +665,13 @@ def necessity_areas(
         own_metric = prediction_metric(setup.logits, "prob")
         setup = replace(setup, metric=own_metric, value=own_metric(setup.logits).detach())
         masks, labels, state = [], [], generator.get_state()
+        members = {m: setup.spans.masks[m][0].cpu() for m in setup.spans.modalities}
+        explained = setup.explained[0].cpu()
         for name, es in explanations.items():
             generator.set_state(state)  # every explainer sees the draws faithfulness() would give it
-            found, found_labels = _faithfulness_masks(setup, es[i], fractions, random_draws, generator)
+            found, found_labels = _faithfulness_masks(
+                es[i].scores[0].cpu(), members, explained, fractions, random_draws, generator
+            )
             for mask, (s, k, source, _, which) in zip(found, found_labels):
                 if s == scope and which == "remove" and (source == "explanation" or name == next(iter(explanations))):
                     masks.append(mask)
