@@ -609,8 +609,11 @@ def run_parts(
 
 
 def _frames(parts: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(inputs: one row per input x explainer, models: one row per model, margins: model x explainer)."""
-    scored = [p for p in parts if "skipped" not in p]
+    """(inputs: one row per input x explainer, models: one row per model, margins: model x explainer).
+
+    Parts are sorted by (task, seed) first: the seeded bootstrap resamples rows by position, so the
+    tables must not depend on the order in which parallel workers finished."""
+    scored = sorted((p for p in parts if "skipped" not in p), key=lambda p: (p["task"], p["seed"]))
     inputs = pd.DataFrame([{"task": p["task"], "seed": p["seed"], **r} for p in scored for r in p["inputs"]])
     models = []
     for p in scored:

@@ -211,3 +211,12 @@ def test_ray_with_two_workers_gives_the_serial_parts_and_tables(run, tmp_path):
     serial = sb.analyse(list(parts(out).values()), sb.load_prereg()[0])
     assert same(on_ray["cells_position_auroc"], serial["cells_position_auroc"])
     assert same(on_ray["claims"], serial["claims"])
+
+
+def test_tables_do_not_depend_on_the_order_in_which_units_finished(run):
+    out, _ = run
+    (path,) = (out / "parts").glob("*.jsonl")
+    found = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    prereg = sb.load_prereg()[0]
+    forward, backward = sb.analyse(found, prereg), sb.analyse(found[::-1], prereg)
+    assert json.dumps(forward, sort_keys=True, default=float) == json.dumps(backward, sort_keys=True, default=float)
