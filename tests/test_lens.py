@@ -214,7 +214,8 @@ def test_unnormed_lens_variants_equal_lm_head_by_hand_at_every_layer(tinystories
     logp = torch.stack([head(h).float().log_softmax(-1) for h in decoded])
     valid = result.spans.valid
     for layer in range(len(names)):
-        top_p, top_i = logp[layer].exp().topk(3, dim=-1)
+        top_logp, top_i = logp[layer].topk(3, dim=-1)  # raw logits underflow exp: rank by log-probability
+        top_p = top_logp.exp()
         assert torch.equal(result.top_ids[layer][valid], top_i[valid]), layer
         torch.testing.assert_close(result.top_probs[layer][valid], top_p[valid], rtol=1e-5, atol=1e-6)
         kl = (logp[-1].exp() * (logp[-1] - logp[layer])).sum(-1).clamp_min(0)

@@ -354,8 +354,9 @@ def _decode_cells(
     """Decode the residual vectors ``hidden`` Float[layer, b, pos, d] at the cells ``where`` Bool[b, pos]
     under each variant; per variant, each statistic as [layer, cells, ...] on the CPU.
 
-    Cells are taken in chunks whose logits fit ``max_chunk_mb``; each chunk's final-layer
-    distribution is computed once and each distinct reading (normed or raw) of a layer once."""
+    Cells are taken in chunks whose logits fit ``max_chunk_mb``. Per chunk, each final-layer reading
+    (normed or raw) is computed once; per layer, each distinct reading once, with its own statistics
+    (top-k, entropy, targets); only the KL to the final layer is per variant."""
     n_layer = hidden.shape[0]
     picked = hidden[:, where]
     n_cells = picked.shape[1]
@@ -368,28 +369,22 @@ def _decode_cells(
     out = {v: {key: [[] for _ in range(n_layer)] for key in keys} for v in variants}
     for start in range(0, n_cells, per_chunk):
         cells = slice(start, min(start + per_chunk, n_cells))
-        finals = {}
-        for normed in final_readings:
-            logits = reader(picked[-1, cells], normed).float()
-            logp = logits.log_softmax(-1)
-            finals[normed] = (logits, logp, logp.exp())
         targets = target_ids[cell_batch[cells]] if target_ids is not None else None
+        finals = {normed: _Distribution(reader(picked[-1, cells], normed)) for normed in final_readings}
         for layer in range(n_layer):
             last = layer == n_layer - 1
-            decoded = {}
-            for normed in readings if not last else final_readings:
-                if last:
-                    decoded[normed] = finals[normed][:2]
-                    continue
+            if last:
+                decoded = finals
+            else:
                 h = picked[layer, cells]
                 if tuned is not None:
                     h = tuned.translate(h, torch.full((h.shape[0],), layer, device=h.device))
-                logits = reader(h, normed).float()
-                decoded[normed] = (logits, logits.log_softmax(-1))
+                decoded = {normed: _Distribution(reader(h, normed)) for normed in readings}
+            own = {normed: dist.statistics(k, targets) for normed, dist in decoded.items()}
             for v in variants:
-                logits, logp = decoded[_Reader.normed(v, last)]
-                _, final_logp, final_p = finals[_Reader.normed(v, True)]
-                for key, value in _cell_statistics(logits, logp, final_logp, final_p, k, targets).items():
+                this = _Reader.normed(v, last)
+                kl = decoded[this].kl_from(finals[_Reader.normed(v, True)])
+                for key, value in {**own[this], "kl": kl}.items():
                     out[v][key][layer].append(value)
     return {
         v: {
@@ -401,24 +396,33 @@ def _decode_cells(
     }
 
 
-def _cell_statistics(
-    logits: Tensor, logp: Tensor, final_logp: Tensor, final_p: Tensor, k: int, targets: Tensor | None
-) -> dict[str, Tensor]:
-    """Top-k ids and probabilities, entropy, KL(final || this) and the targets' probabilities and
-    ranks of decoded logits Float[cells, vocab] (``logp`` their log-softmax; ``final_p`` the final
-    layer's probabilities; ``targets`` Long[cells, n] or None)."""
-    probs = logp.exp()
-    top_p, top_i = probs.topk(k, dim=-1)
-    stats = {
-        "ids": top_i,
-        "probs": top_p,
-        "entropy": -torch.linalg.vecdot(probs, logp),
-        "kl": torch.linalg.vecdot(final_p, final_logp - logp).clamp_min(0.0),
-    }
-    if targets is not None:
-        stats["tprob"] = probs.gather(-1, targets)
-        stats["trank"] = (logits[..., None, :] > logits.gather(-1, targets)[..., None]).sum(-1)
-    return stats
+_EXP_FLOOR = -80.0
+"""Log-probabilities below this get probability 0 (exp(-80) = 1.8e-35; what they would add to an
+entropy or KL is below float32's resolution): torch's exp is several times slower on arguments whose
+result is subnormal, which raw-lens logits (spread over hundreds of nats) produce for most tokens."""
+
+
+class _Distribution:
+    """One reading's logits Float[cells, vocab] with their log-softmax and probabilities."""
+
+    def __init__(self, logits: Tensor):
+        self.logits = logits.float()
+        self.logp = self.logits.log_softmax(-1)
+        self.probs = self.logp.clamp_min(_EXP_FLOOR).exp_().masked_fill_(self.logp < _EXP_FLOOR, 0.0)
+
+    def statistics(self, k: int, targets: Tensor | None) -> dict[str, Tensor]:
+        """Top-k ids and probabilities, entropy (nats) and, with ``targets`` Long[cells, n], the
+        targets' probabilities and ranks."""
+        top_logp, top_i = self.logp.topk(k, dim=-1)  # by log-probability: no ties among underflowed tokens
+        stats = {"ids": top_i, "probs": top_logp.exp(), "entropy": -torch.linalg.vecdot(self.probs, self.logp)}
+        if targets is not None:
+            stats["tprob"] = self.probs.gather(-1, targets)
+            stats["trank"] = (self.logits[..., None, :] > self.logits.gather(-1, targets)[..., None]).sum(-1)
+        return stats
+
+    def kl_from(self, final: _Distribution) -> Tensor:
+        """KL(final || this) per cell, in nats (clamped at 0 against round-off)."""
+        return torch.linalg.vecdot(final.probs, final.logp - self.logp).clamp_min(0.0)
 
 
 def _scatter(values: Tensor, decoded: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -434,8 +438,8 @@ def _cosine_to_previous(hidden: Tensor, decoded: Tensor) -> Tensor:
     first layer and at cells not decoded)."""
     n_layer, b, pos, _ = hidden.shape
     cosine = torch.full((n_layer, b, pos), float("nan"))
-    cosine[1:] = F.cosine_similarity(hidden[1:].float(), hidden[:-1].float(), dim=-1).cpu()
-    cosine[:, ~decoded] = float("nan")
+    picked = hidden[:, decoded.to(hidden.device)].float()  # only the decoded cells: [layer, cells, d]
+    cosine[1:, decoded] = F.cosine_similarity(picked[1:], picked[:-1], dim=-1).cpu()
     return cosine
 
 
