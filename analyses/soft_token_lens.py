@@ -42,11 +42,10 @@ from torch import Tensor
 
 from mmlens.analyses.tea_glm_controls import LENS_VARIANTS
 from mmlens.core.adapter import get_module
-from mmlens.core.edits import replace as replace_edit
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.paths import cache_dir
-from mmlens.methods.evolution import METRICS, evolution, layer_curves
-from mmlens.methods.lens import logit_lens
+from mmlens.methods.evolution import METRICS, ROWS, condition_tables, layer_curves
+from mmlens.methods.lens import layer_labels
 from mmlens.metrics.lens_verdicts import MARGINS, span_verdict
 from mmlens.plots import save_figure
 from mmlens.store import atomic_write, config_hash
@@ -63,7 +62,6 @@ QUICK = {"n_inputs": 8, "lens_variants": ("normed",), "n_resamples": 199}
 tests (tests; numbers mean nothing)."""
 N_RESAMPLES = 999
 """Permutations of each per-layer test (as in the TEA-GLM job)."""
-ROWS = ("all_layers", "no_embedding_row")
 ROLES = {
     "text": "text tokens (other positions)",
     "text_title": "own words in the slots",
@@ -135,30 +133,30 @@ def slot_controls(
     }
 
 
-def condition_tables(
-    hooked: HookedModel, inputs: Mapping[str, Any], span: str, slots: Mapping[str, Tensor], final_norm: Any, seed: int
-) -> tuple[dict[str, tuple[pd.DataFrame, pd.DataFrame]], list[str]]:
-    """Per-input and per-layer evolution tables of every condition under one lens variant, for
-    each of :data:`ROWS`: ``{rows: (per_input, per_layer)}`` with ``modality`` the condition
-    (``span``, ``text`` and each slot control), and the lens's layer labels."""
-    collected: dict[str, tuple[list, list]] = {rows: ([], []) for rows in ROWS}
-    runs = [(span, None), *slots.items()]
-    for name, value in runs:
-        edits = [] if value is None else [replace_edit("fusion.embeds", value, at=span)]
-        result = logit_lens(
-            hooked, inputs, k=1, positions=None if value is None else span, final_norm=final_norm, edits=edits
-        )
-        spans = [span, "text"] if value is None else [span]
-        for rows, layers in zip(ROWS, (None, result.layers[1:])):
-            evo = evolution(result, spans, layers=layers, n_boot=200, seed=seed)
-            rename = {span: name}
-            collected[rows][0].append(evo.per_input.replace({"modality": rename}))
-            collected[rows][1].append(evo.per_layer.replace({"modality": rename}))
-    tables = {
-        rows: (pd.concat(pi, ignore_index=True), pd.concat(pl, ignore_index=True))
-        for rows, (pi, pl) in collected.items()
+def variant_tables(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    span: str,
+    slots: Mapping[str, Tensor],
+    variants: Sequence[str],
+    seed: int,
+) -> dict[str, dict[str, tuple[pd.DataFrame, pd.DataFrame]]]:
+    """Per lens variant (names of :data:`LENS_VARIANTS`) and each of :data:`ROWS`, the per-input and
+    per-layer evolution tables of every condition (``modality``: ``span``, ``text`` and each slot
+    control), one recorded forward per condition (:func:`condition_tables`)."""
+    finals = [LENS_VARIANTS[v] for v in variants]
+    runs = [condition_tables(hooked, inputs, span, span, variants=finals, seed=seed)]
+    runs += [
+        condition_tables(hooked, inputs, span, name, slots=value, variants=finals, with_text=False, seed=seed)
+        for name, value in slots.items()
+    ]
+    return {
+        v: {
+            rows: tuple(pd.concat([r[LENS_VARIANTS[v]][rows][i] for r in runs], ignore_index=True) for i in (0, 1))
+            for rows in ROWS
+        }
+        for v in variants
     }
-    return tables, list(result.layers)
 
 
 def soft_token_comparison(
@@ -177,8 +175,8 @@ def soft_token_comparison(
         raise ValueError(f"lens_variants: {unknown} unknown; use any of {list(LENS_VARIANTS)}")
     span = soft_span(hooked, inputs)
     out = {}
-    for variant in lens_variants:
-        tables, labels = condition_tables(hooked, inputs, span, slots, LENS_VARIANTS[variant], seed)
+    labels = layer_labels(hooked)
+    for variant, tables in variant_tables(hooked, inputs, span, slots, lens_variants, seed).items():
         for rows, (per_input, per_layer) in tables.items():
             means = per_input.groupby(["modality", "metric"], sort=False)["value"].mean()
             out[f"{variant}/{rows}"] = {

@@ -17,6 +17,7 @@ Shapes: ``b`` lens nodes, ``K`` graph slots, ``d`` the LM's width.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -26,13 +27,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmlens.core.edits import replace as replace_edit
-from mmlens.methods.evolution import evolution
-from mmlens.methods.lens import logit_lens_variants
+from mmlens.data.paths import cache_dir
+from mmlens.methods.evolution import condition_tables
 from mmlens.methods.patching import logprob, sweep
 from mmlens.metrics.lens_verdicts import span_verdict
 from mmlens.models import TeaGLM
-from mmlens.store import config_hash
+from mmlens.store import atomic_write, config_hash
 from mmlens.training.loop import train_or_load
 from mmlens.training.tea_glm import classify_nodes, train_projector
 
@@ -97,12 +97,17 @@ def projector_control(rep: Reproduction, kind: str, steps: int, progress: bool) 
         },
     )
     model.eval()
-    test = torch.tensor(rep.evaluation["test_nodes"])
-    scores = classify_nodes(model, rep.prompts, node_repr, rep.graph.titles, test, progress=progress, desc=kind)
-    labels = rep.graph.labels[test]
-    accuracy = float((scores.argmax(1) == labels).float().mean())
     rep.control_models[kind] = model
-    return node_repr, {"accuracy": accuracy, "steps": steps, "cache_key": key, "n_test_nodes": len(test)}
+    test = torch.tensor(rep.evaluation["test_nodes"])
+    path = cache_dir() / "tea_glm" / f"evaluation-{kind}-{config_hash((key, rep.keys['evaluation']), digits=12)}.json"
+    if path.exists():
+        return node_repr, json.loads(path.read_text())
+    scores = classify_nodes(model, rep.prompts, node_repr, rep.graph.titles, test, progress=progress, desc=kind)
+    accuracy = float((scores.argmax(1) == rep.graph.labels[test]).float().mean())
+    record = {"accuracy": accuracy, "steps": steps, "cache_key": key, "n_test_nodes": len(test)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(record))
+    return node_repr, record
 
 
 def control_model(rep: Reproduction) -> TeaGLM:
@@ -120,29 +125,25 @@ def lens_tables(
     name: str,
     variants: Sequence[str],
     with_text: bool,
+    progress: bool = False,
 ) -> dict[str, dict[str, tuple[pd.DataFrame, pd.DataFrame]]]:
     """One recorded forward of a condition (``slots`` Float[b, K, d] in the graph slots, or the
     model's own graph tokens when None), decoded under every lens variant (names of
-    :data:`LENS_VARIANTS`): ``{variant: {rows: (per_input, per_layer)}}`` with ``rows`` ``all_layers``
-    and ``no_embedding_row``; the graph span is renamed ``name`` (text keeps ``"text"``)."""
-    edits = [] if slots is None else [replace_edit("fusion.embeds", slots, at="graph")]
-    where = positions if with_text else positions & (inputs["input_ids"] == rep.model.graph_token_id)
-    results = logit_lens_variants(
-        rep.hooked, inputs, [LENS_VARIANTS[v] for v in variants], k=1, positions=where, edits=edits
+    :data:`LENS_VARIANTS`; :func:`~mmlens.methods.evolution.condition_tables`):
+    ``{variant: {rows: (per_input, per_layer)}}``; the graph span is renamed ``name``."""
+    tables = condition_tables(
+        rep.hooked,
+        inputs,
+        "graph",
+        name,
+        slots=slots,
+        variants=[LENS_VARIANTS[v] for v in variants],
+        positions=positions,
+        with_text=with_text,
+        seed=rep.config.seed,
+        progress=progress,
     )
-    spans = ["graph", "text"] if with_text else ["graph"]
-    out: dict[str, dict[str, tuple[pd.DataFrame, pd.DataFrame]]] = {}
-    for variant in variants:
-        result = results[LENS_VARIANTS[variant]]
-        out[variant] = {}
-        for rows, layers in (("all_layers", None), ("no_embedding_row", result.layers[1:])):
-            evo = evolution(result, spans, layers=layers, n_boot=200, seed=rep.config.seed)
-            rename = {"graph": name}
-            out[variant][rows] = (
-                evo.per_input.replace({"modality": rename}),
-                evo.per_layer.replace({"modality": rename}),
-            )
-    return out
+    return {v: tables[LENS_VARIANTS[v]] for v in variants}
 
 
 def pool_seeds(tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -206,7 +207,7 @@ def _variant_tables(
     seeds: list[dict] = []
     controls: list[dict] = []
     for rep, value, name, with_text in tqdm(runs, desc="lens conditions", disable=not progress):
-        tables = lens_tables(rep, inputs, positions, value, name, variants, with_text)
+        tables = lens_tables(rep, inputs, positions, value, name, variants, with_text, progress)
         (seeds if value is None else controls).append(tables)
     out: dict[str, dict[str, tuple[pd.DataFrame, pd.DataFrame]]] = {}
     for variant in variants:

@@ -77,6 +77,8 @@ CLAIM_RULE_MATCHED = (
 MATCHED_VERSION = 2
 """Bumped when the matched analysis computes differently from the same inputs (part of its cache key;
 2: text positions decoded under the first model seed only)."""
+MAIN_LENS_VERSION = 1
+"""Bumped when the main lens stage computes differently from the same inputs (part of its cache key)."""
 PRIMARY_VARIANT = "normed/no_embedding_row"
 """The lens variant the figures show: nostalgebraist's normed lens, without the embedding row."""
 CLAIM_RULE = (
@@ -539,11 +541,8 @@ def run(
     shown = positions.clone()
     shown[row] = rep.node_positions(inputs)[row]  # the grid figure shows every position of one node
     answer_targets = rep.prompts.answer_ids[rep.graph.labels[nodes]][:, None]
-    with stages("logit lens"):
-        rep.lens = logit_lens(rep.hooked, inputs, k=5, targets=answer_targets, positions=shown)
-        rep.evolution = evolution(rep.lens, ["graph", "text"], seed=config.seed)
-        soft = decode_soft_tokens(rep.hooked, inputs, "graph", k=5)
-        layers = decode_encoder_layers(rep.hooked, inputs, k=5)
+    rep.lens, soft, layers = _main_lens(rep, inputs, shown, answer_targets, progress)
+    rep.evolution = evolution(rep.lens, ["graph", "text"], seed=config.seed)
     tuned = None
     if config.tuned_lens_steps > 0:
         with stages("tuned lens"):
@@ -578,6 +577,30 @@ def run(
         _print_summary(rep, record, out)
         print(stages.table())
     return rep
+
+
+def _main_lens(
+    rep: Reproduction, inputs: dict, positions: torch.Tensor, targets: torch.Tensor, progress: bool
+) -> tuple[LensResult, pd.DataFrame, pd.DataFrame]:
+    """The normed logit lens of the first model seed at ``positions`` (answer ``targets``), the
+    nearest-token decodings of its graph tokens and of each GNN layer; cached by the model's key,
+    the decoded cells and :data:`MAIN_LENS_VERSION` (a rerun reads them)."""
+    key = _hash(rep.keys["projector"], positions.nonzero().tolist(), targets.tolist(), MAIN_LENS_VERSION)
+    folder = cache_dir() / "tea_glm" / f"lens-{key}"
+    cached = (folder / "lens.pt").exists()
+    with rep.stages("logit lens" + (" (cached)" if cached else "")):
+        if cached:
+            lens = LensResult.load(folder / "lens.pt", rep.hooked, inputs)
+            tables = [pd.DataFrame(json.loads((folder / f"{name}.json").read_text())) for name in ("soft", "layers")]
+            return lens, tables[0], tables[1]
+        lens = logit_lens(rep.hooked, inputs, k=5, targets=targets, positions=positions, progress=progress)
+        soft = decode_soft_tokens(rep.hooked, inputs, "graph", k=5)
+        layers = decode_encoder_layers(rep.hooked, inputs, k=5)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, table in (("soft", soft), ("layers", layers)):
+            atomic_write(folder / f"{name}.json", table.to_json(orient="records"))
+        lens.save(folder / "lens.pt")  # last: its presence marks the folder complete
+    return lens, soft, layers
 
 
 def _matched(reps: list[Reproduction], nodes: list[int], inputs: dict, positions: torch.Tensor, progress: bool) -> dict:

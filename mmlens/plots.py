@@ -49,7 +49,18 @@ __all__ = [
 ]
 
 _FIXED_COLORS = {"text": "tab:blue", "graph": "tab:orange", "image": "tab:green", "audio": "tab:red", "pad": "#b0b0b0"}
-_OTHER_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+_OTHER_COLORS = (
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "#393b79",
+    "#e7ba52",
+    "#843c39",
+    "#7b4173",
+    "#637939",
+)
 _VALUES = {"prob": ("top-1 probability", "Blues"), "entropy": ("entropy (nats)", "YlOrRd")}
 _METRIC_LABELS = {
     "top1_change": "top-1 changed (fraction of positions)",
@@ -71,12 +82,17 @@ def modality_colors(names: Sequence[str]) -> dict[str, str]:
     """Colour (hex) of each modality name, the same in every plot.
 
     ``text``, ``graph``, ``image``, ``audio`` and ``pad`` have fixed colours; other names get one
-    of a few further colours chosen by a stable hash of the name (not by its place in ``names``).
+    of ten further colours chosen by a stable hash of the name, moved on to the next free one when
+    an earlier name in ``names`` holds it (so up to ten other names are told apart in one plot).
     """
-    out = {}
+    out: dict[str, str] = {}
     for name in names:
-        color = _FIXED_COLORS.get(name) or _OTHER_COLORS[zlib.crc32(name.encode()) % len(_OTHER_COLORS)]
-        out[name] = mcolors.to_hex(color)
+        if name in _FIXED_COLORS:
+            out[name] = mcolors.to_hex(_FIXED_COLORS[name])
+            continue
+        start = zlib.crc32(name.encode()) % len(_OTHER_COLORS)
+        cycle = [mcolors.to_hex(_OTHER_COLORS[(start + i) % len(_OTHER_COLORS)]) for i in range(len(_OTHER_COLORS))]
+        out[name] = next((c for c in cycle if c not in out.values()), cycle[0])
     return out
 
 

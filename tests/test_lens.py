@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
 import mmlens
 from mmlens.core.unembed import Unembed
-from mmlens.methods.evolution import bootstrap_ci, evolution
+from mmlens.methods.evolution import bootstrap_ci, condition_tables, evolution
 from mmlens.methods.lens import (
     TunedLens,
     compare_lenses,
@@ -304,3 +305,39 @@ def test_large_blocks_stay_mapped_on_glibc():
     assert keep_large_blocks_mapped() is glibc
     if glibc:  # once set, the threshold stays fixed (mallopt accepts the same value again)
         assert ctypes.CDLL(None).mallopt(-3, 4 * 2**20) == 1
+
+
+def test_condition_tables_are_the_evolution_of_each_variant_alone(loaded):
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    slots = torch.randn(inputs["input_ids"].shape[0], 5, hm.model.lm.config.hidden_size)
+    edits = [mmlens.replace("fusion.embeds", slots, at="graph")]
+    tables = condition_tables(hm, inputs, "graph", "control", slots=slots, variants=(True, False), with_text=False)
+    own = condition_tables(hm, inputs, "graph", "graph", variants=("naive",), n_boot=50)
+    for variant in (True, False):
+        alone = logit_lens(hm, inputs, k=1, positions="graph", edits=edits, final_norm=variant)
+        for rows, layers in (("all_layers", None), ("no_embedding_row", alone.layers[1:])):
+            expected = evolution(alone, ["graph"], layers=layers, n_boot=50).per_input
+            per_input, per_layer = tables[variant][rows]
+            assert set(per_input.modality) == {"control"} == set(per_layer.modality)  # only the slots, renamed
+            pd.testing.assert_frame_equal(per_input.drop(columns="modality"), expected.drop(columns="modality"))
+    assert set(own["naive"]["all_layers"][0].modality) == {"graph", "text"}
+    plain = evolution(logit_lens(hm, inputs, k=1, final_norm="naive"), ["graph", "text"], n_boot=50).per_input
+    pd.testing.assert_frame_equal(own["naive"]["all_layers"][0], plain)
+
+
+def test_lens_result_saved_and_loaded_is_the_same_result(loaded, tmp_path):
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    result = logit_lens(hm, inputs, k=2, targets=[1, 2], positions="graph")
+    again = type(result).load(result.save(tmp_path / "lens.pt"), hm, inputs)
+    for field in type(result)._TENSORS:
+        torch.testing.assert_close(getattr(again, field), getattr(result, field), rtol=0, atol=0, equal_nan=True)
+    assert (again.lens, again.layers, again.tokens, again.modalities) == (
+        result.lens,
+        result.layers,
+        result.tokens,
+        result.modalities,
+    )
+    pd.testing.assert_frame_equal(again.table(k=2), result.table(k=2))
+    fewer = {k: v[:1] if k in ("input_ids", "attention_mask", "node_ids") else v for k, v in inputs.items()}
+    with pytest.raises(ValueError, match="shape"):
+        type(result).load(tmp_path / "lens.pt", hm, fewer)

@@ -246,3 +246,11 @@ def test_save_figure_writes_png_and_svg(tmp_path):
     assert svg.startswith("<?xml") and "<svg" in svg
     with pytest.raises(ValueError, match="unsupported.*'doc'"):
         save_figure(plot_lens_grid(_result()), tmp_path / "x", formats=["doc"])
+
+
+def test_modality_colors_tell_ten_other_names_apart():
+    names = ["graph", "text", "text_title", "text_neutral", "random_norm", "mean_embedding"]
+    names += ["constant_input", "no_neighbours", "a", "b", "c", "d"]
+    colors = modality_colors(names)
+    assert len(set(colors.values())) == len(names)  # 2 fixed + 10 others, all distinct
+    assert modality_colors(["random_norm"])["random_norm"] == modality_colors(["random_norm", "x"])["random_norm"]

@@ -150,7 +150,7 @@ def test_the_cache_is_reused_and_keyed_by_the_settings(record, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the lens ran: the cache was not used")
 
-    monkeypatch.setattr(soft_token_lens, "logit_lens", fail)
+    monkeypatch.setattr(soft_token_lens, "condition_tables", fail)
     assert vlm_comparison(quick=True, progress=False, vlm_options=TINY_VLM) == record
     with pytest.raises(AssertionError, match="the cache was not used"):
         vlm_comparison(quick=True, seed=1, progress=False, vlm_options=TINY_VLM)

@@ -21,14 +21,17 @@ appearance then count only those rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from mmlens.methods.lens import LensResult, modality_mask
+from mmlens.core.edits import replace as replace_edit
+from mmlens.core.wrapper import HookedModel
+from mmlens.methods.lens import FinalNorm, LensResult, logit_lens_variants, modality_mask
 
 METRICS: dict[str, str] = {
     "top1_change": "lower",
@@ -252,3 +255,46 @@ def _summary(per_input: pd.DataFrame, n_boot: int, ci: float, seed: int) -> pd.D
             {"modality": m, "metric": metric, "mean": mean, "low": low, "high": high, "n_inputs": len(group)}
         )
     return pd.DataFrame(summary)
+
+
+ROWS = ("all_layers", "no_embedding_row")
+"""The layer rows :func:`condition_tables` measures: every row, and all but the embedding row."""
+
+
+def condition_tables(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    span: str,
+    name: str,
+    *,
+    slots: Tensor | None = None,
+    variants: Sequence[FinalNorm] = (True,),
+    positions: Tensor | None = None,
+    with_text: bool = True,
+    n_boot: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[FinalNorm, dict[str, tuple[pd.DataFrame, pd.DataFrame]]]:
+    """Evolution tables of one condition of a slot-control comparison, under several lens variants
+    from ONE recorded forward (:func:`~mmlens.methods.lens.logit_lens_variants`).
+
+    The condition is the model's own inputs (``slots=None``) or ``inputs`` with the input embeddings
+    at ``span``'s positions replaced by ``slots`` Float[b, K, d] (at ``fusion.embeds``). The lens
+    decodes ``positions`` (Bool[b, seq]; default every real position) and, with
+    ``with_text=False``, only the span's positions among them. Returns
+    ``{final_norm: {rows: (per_input, per_layer)}}`` for each of :data:`ROWS`, the :func:`evolution`
+    tables of ``span`` (renamed ``name`` in their ``modality`` column) and, with text, of ``text``.
+    """
+    edits = [] if slots is None else [replace_edit("fusion.embeds", slots, at=span)]
+    found = hooked.spans(inputs)
+    where = found.mask(positions) & (found.valid if with_text else found.masks[span])
+    results = logit_lens_variants(hooked, inputs, list(variants), k=1, positions=where, edits=edits, progress=progress)
+    spans = [span, "text"] if with_text else [span]
+    out: dict[FinalNorm, dict[str, tuple[pd.DataFrame, pd.DataFrame]]] = {}
+    for variant, result in results.items():
+        out[variant] = {}
+        for rows, layers in zip(ROWS, (None, result.layers[1:])):
+            evo = evolution(result, spans, layers=layers, n_boot=n_boot, seed=seed)
+            rename = {"modality": {span: name}}
+            out[variant][rows] = (evo.per_input.replace(rename), evo.per_layer.replace(rename))
+    return out

@@ -136,6 +136,43 @@ class LensResult:
                 data[f"target{t}_rank"] = self.target_ranks[..., t][keep].tolist()
         return pd.DataFrame(data)
 
+    _TENSORS = (
+        "top_ids",
+        "top_probs",
+        "entropy",
+        "kl_to_final",
+        "cosine_to_previous",
+        "target_ids",
+        "target_probs",
+        "target_ranks",
+        "decoded",
+    )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result's tensors and labels to ``path`` (atomically; ``torch.save`` of plain
+        tensors, lists and strings, so :meth:`load` reads it with ``weights_only=True``)."""
+        data = {name: getattr(self, name) for name in self._TENSORS}
+        data |= {"lens": self.lens, "layers": self.layers, "hooks": self.hooks}
+        data |= {"tokens": self.tokens, "modalities": self.modalities}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, hooked: HookedModel, inputs: Mapping[str, Any]) -> LensResult:
+        """A result written by :meth:`save` for ``inputs``; the spans and the token decoder come from
+        ``hooked`` (an error when the inputs' shape differs from the saved one)."""
+        data = torch.load(path, weights_only=True)
+        spans = hooked.spans(inputs)
+        if tuple(spans.valid.shape) != tuple(data["decoded"].shape):
+            raise ValueError(
+                f"{path} holds a lens over inputs of shape {tuple(data['decoded'].shape)}, these are "
+                f"{tuple(spans.valid.shape)}; load it with the inputs it was computed on"
+            )
+        return cls(spans=spans, decode=hooked.token_strings, **data)
+
 
 # -- the residual stream -----------------------------------------------------------------------------
 
@@ -154,9 +191,10 @@ def residual_points(hooked: HookedModel, prefix: str = "lm") -> list[str]:
     return names + [f"{prefix}.blocks.{i}.{post}" for i in range(last + 1)]
 
 
-def _label_of(hooked: HookedModel, name: str) -> str:
-    hp = hooked.hook_points[name]
-    return "embed" if hp.kind == "resid_pre" else str(hp.layer)
+def layer_labels(hooked: HookedModel, prefix: str = "lm") -> list[str]:
+    """The lens's layer-row labels (:attr:`LensResult.layers`): ``"embed"`` then ``"0"`` .. ``"L-1"``."""
+    points = [hooked.hook_points[n] for n in residual_points(hooked, prefix)]
+    return ["embed" if hp.kind == "resid_pre" else str(hp.layer) for hp in points]
 
 
 def _targets(hooked: HookedModel, targets: Any, batch: int, device: torch.device) -> Tensor | None:
@@ -205,6 +243,7 @@ def logit_lens(
     max_chunk_mb: float = 256.0,
     final_norm: FinalNorm = True,
     edits: Edit | Sequence[Edit] = (),
+    progress: bool = False,
 ) -> LensResult:
     """Decode every residual-stream layer and position of one batch in a single recorded forward.
 
@@ -225,6 +264,7 @@ def logit_lens(
             ``softmax(lm_head . h)``) or ``"naive"`` (raw intermediate layers, normed final layer);
             see the module docstring. ``False``/``"naive"`` cannot be combined with ``tuned``.
         edits: edits made during the recorded forward (e.g. other vectors in a span's slots).
+        progress: show a progress bar over the decoded chunks (the unembedding dominates the cost).
 
     Returns:
         A :class:`LensResult`; with ``final_norm`` ``True`` or ``"naive"`` its final layer decodes
@@ -241,6 +281,7 @@ def logit_lens(
         positions=positions,
         max_chunk_mb=max_chunk_mb,
         edits=edits,
+        progress=progress,
     )[final_norm]
 
 
@@ -257,11 +298,12 @@ def logit_lens_variants(
     The forward is shared, and so is the unembedding product wherever two variants read the same
     vectors (``False`` and ``"naive"`` share every intermediate layer), so three variants cost
     about two decodings. ``options`` are :func:`logit_lens`'s keyword arguments (``k``,
-    ``targets``, ``tuned``, ``prefix``, ``positions``, ``max_chunk_mb``, ``edits``). Runs without
+    ``targets``, ``tuned``, ``prefix``, ``positions``, ``max_chunk_mb``, ``edits``, ``progress``). Runs without
     autograd: nothing of the lens is differentiated, and a graph kept alive by the per-cell
     statistics would hold every chunk's logits.
     """
-    unknown = sorted(set(options) - {"k", "targets", "tuned", "prefix", "positions", "max_chunk_mb", "edits"})
+    keywords = {"k", "targets", "tuned", "prefix", "positions", "max_chunk_mb", "edits", "progress"}
+    unknown = sorted(set(options) - keywords)
     if unknown:
         raise TypeError(f"logit_lens_variants got unknown options {unknown}; it takes logit_lens's keywords")
     bad = [v for v in variants if v not in (True, False, "naive")]
@@ -292,9 +334,10 @@ def logit_lens_variants(
         target_ids,
         tuned,
         options.get("max_chunk_mb", 256.0),
+        options.get("progress", False),
     )
     shared = {
-        "layers": [_label_of(hooked, n) for n in names],
+        "layers": layer_labels(hooked, options.get("prefix", "lm")),
         "hooks": names,
         "cosine_to_previous": _cosine_to_previous(hidden, decoded.cpu()),
         "target_ids": None if target_ids is None else target_ids.cpu(),
@@ -350,6 +393,7 @@ def _decode_cells(
     target_ids: Tensor | None,
     tuned: TunedLens | None,
     max_chunk_mb: float,
+    progress: bool = False,
 ) -> dict[FinalNorm, dict[str, Tensor]]:
     """Decode the residual vectors ``hidden`` Float[layer, b, pos, d] at the cells ``where`` Bool[b, pos]
     under each variant; per variant, each statistic as [layer, cells, ...] on the CPU.
@@ -367,7 +411,8 @@ def _decode_cells(
     per_chunk = max(1, int(max_chunk_mb * 2**20 // (vocab * 4 * (3 * len(readings) + 2 * len(final_readings)))))
     keys = ("ids", "probs", "entropy", "kl", "tprob", "trank")
     out = {v: {key: [[] for _ in range(n_layer)] for key in keys} for v in variants}
-    for start in range(0, n_cells, per_chunk):
+    chunks = range(0, n_cells, per_chunk)
+    for start in tqdm(chunks, desc="logit lens: decoding", unit="chunk", disable=not progress, leave=False):
         cells = slice(start, min(start + per_chunk, n_cells))
         targets = target_ids[cell_batch[cells]] if target_ids is not None else None
         finals = {normed: _Distribution(reader(picked[-1, cells], normed)) for normed in final_readings}

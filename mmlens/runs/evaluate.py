@@ -34,7 +34,6 @@ unless ``overwrite=True``.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -43,7 +42,6 @@ from typing import Annotated, Any, Literal
 
 import pandas as pd
 from pydantic import Field, StrictStr
-from tqdm.auto import tqdm
 
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.images import GENERATED, image_problem
@@ -65,7 +63,7 @@ from mmlens.metrics.desiderata import (
 )
 from mmlens.plots import plot_faithfulness, plot_granger, plot_stability, save_figure
 from mmlens.runs.config import ConfigError, Count, Folder, ModelConfig, Number, Rows, RunConfig, Section, encode_text
-from mmlens.runs.executors import Executor, RayExecutor, SerialExecutor
+from mmlens.runs.executors import Executor, RayExecutor, SerialExecutor, compute_missing
 from mmlens.runs.record import Record
 from mmlens.store import atomic_write, output_lock, versions, write_json
 
@@ -369,23 +367,10 @@ def _compute_parts(
 ) -> None:
     """Compute every part the record lacks on ``executor``, adding each as it finishes (its time to
     ``seconds``)."""
-    todo = [part for part in plan if record.get(part.key) is None]
-    bar = tqdm(
-        total=len(plan),
-        initial=len(plan) - len(todo),
-        desc=f"evaluating ({executor.describe()})",
-        unit="part",
-        disable=not progress,
-        file=sys.stderr,
+    done = compute_missing(
+        executor, prepared, plan, compute_part, record, desc="evaluating", unit="part", progress=progress
     )
-    try:
-        for entry in executor.map(prepared, todo, compute_part):
-            record.add(entry)
-            seconds[entry["key"]] = entry["seconds"]
-            bar.set_postfix_str(entry["key"])
-            bar.update(1)
-    finally:
-        bar.close()
+    seconds.update((entry["key"], entry["seconds"]) for entry in done)
 
 
 def _records(**tables: pd.DataFrame) -> dict[str, list[dict]]:

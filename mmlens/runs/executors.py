@@ -15,10 +15,14 @@ to its resumable :class:`mmlens.runs.record.Record`. An executor only decides wh
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
+from tqdm.auto import tqdm
+
+from mmlens.runs.record import Record
 
 Compute = Callable[[Any, Any], dict[str, Any]]
 """``(prepared, chunk) -> record entry``; a module-level function, so workers can import it."""
@@ -126,3 +130,38 @@ def _start(ray: Any, address: str | None, workers: int | None) -> None:
         log_to_driver=False,
         runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("MMLENS_", "HF_"))}},
     )
+
+
+def compute_missing(
+    executor: Executor,
+    prepared: Any,
+    chunks: Sequence[Any],
+    compute: Compute,
+    record: Record,
+    *,
+    desc: str,
+    unit: str,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Compute on ``executor`` every chunk (each with a ``key``) that ``record`` lacks, adding each
+    entry to the record as it finishes; a progress bar counts the chunks already recorded as done.
+    Returns the new entries, in the order they finished."""
+    todo = [c for c in chunks if record.get(c.key) is None]
+    bar = tqdm(
+        total=len(chunks),
+        initial=len(chunks) - len(todo),
+        desc=f"{desc} ({executor.describe()})",
+        unit=unit,
+        disable=not progress,
+        file=sys.stderr,
+    )
+    done = []
+    try:
+        for entry in executor.map(prepared, todo, compute):
+            record.add(entry)
+            done.append(entry)
+            bar.set_postfix_str(entry["key"])
+            bar.update(1)
+    finally:
+        bar.close()
+    return done

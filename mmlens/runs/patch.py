@@ -49,7 +49,6 @@ from typing import Annotated, Any, Literal
 import pandas as pd
 from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictStr
 from pydantic_core import PydanticCustomError
-from tqdm.auto import tqdm
 
 from mmlens.core.adapter import HookPoint
 from mmlens.core.wrapper import HookedModel
@@ -81,7 +80,7 @@ from mmlens.runs.config import (
     Token,
     encode_text,
 )
-from mmlens.runs.executors import Executor, RayExecutor, SerialExecutor
+from mmlens.runs.executors import Executor, RayExecutor, SerialExecutor, compute_missing
 from mmlens.runs.record import Record, ResumeError
 from mmlens.store import atomic_path, atomic_write, output_lock, versions
 
@@ -726,23 +725,10 @@ def compute_chunk(prepared: Prepared, chunk: Chunk) -> dict[str, Any]:
 
 def _sweep_chunks(prepared: Prepared, record: Record, progress: bool, executor: Executor) -> int:
     """Sweep every chunk the record lacks on ``executor``, adding each as it finishes; the number swept."""
-    todo = [c for c in prepared.chunks if record.get(c.key) is None]
-    bar = tqdm(
-        total=len(prepared.chunks),
-        initial=len(prepared.chunks) - len(todo),
-        desc=f"patching ({executor.describe()})",
-        unit="chunk",
-        disable=not progress,
-        file=sys.stderr,
+    done = compute_missing(
+        executor, prepared, prepared.chunks, compute_chunk, record, desc="patching", unit="chunk", progress=progress
     )
-    try:
-        for entry in executor.map(prepared, todo, compute_chunk):
-            record.add(entry)
-            bar.set_postfix_str(entry["key"])
-            bar.update(1)
-    finally:
-        bar.close()
-    return len(todo)
+    return len(done)
 
 
 def _say(progress: bool, message: str) -> None:
