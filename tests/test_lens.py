@@ -329,7 +329,7 @@ def test_lens_result_saved_and_loaded_is_the_same_result(loaded, tmp_path):
     hm, inputs = _wrapped(loaded, "tea-glm-tiny")
     result = logit_lens(hm, inputs, k=2, targets=[1, 2], positions="graph")
     again = type(result).load(result.save(tmp_path / "lens.pt"), hm, inputs)
-    for field in type(result)._TENSORS:
+    for field in type(result).TENSOR_FIELDS:
         torch.testing.assert_close(getattr(again, field), getattr(result, field), rtol=0, atol=0, equal_nan=True)
     assert (again.lens, again.layers, again.tokens, again.modalities) == (
         result.lens,

@@ -136,7 +136,7 @@ class LensResult:
                 data[f"target{t}_rank"] = self.target_ranks[..., t][keep].tolist()
         return pd.DataFrame(data)
 
-    _TENSORS = (
+    TENSOR_FIELDS = (  # what save() writes besides the labels (spans and decode come from the model)
         "top_ids",
         "top_probs",
         "entropy",
@@ -151,7 +151,7 @@ class LensResult:
     def save(self, path: str | Path) -> Path:
         """Write the result's tensors and labels to ``path`` (atomically; ``torch.save`` of plain
         tensors, lists and strings, so :meth:`load` reads it with ``weights_only=True``)."""
-        data = {name: getattr(self, name) for name in self._TENSORS}
+        data = {name: getattr(self, name) for name in self.TENSOR_FIELDS}
         data |= {"lens": self.lens, "layers": self.layers, "hooks": self.hooks}
         data |= {"tokens": self.tokens, "modalities": self.modalities}
         path = Path(path)
