@@ -401,7 +401,7 @@ def plot_evolution(
         panel.grid(alpha=0.3)
     axes[0].legend(title="modality (95% CI)", fontsize="small", title_fontsize="small")
     if bands is not None:
-        fig.text(0.01, 0.01, _BAND_NOTE, fontsize="x-small", color="0.3")
+        fig.supxlabel(_BAND_NOTE, fontsize="x-small", color="0.3")  # constrained layout keeps it clear of the axes
     if title is not None:
         fig.suptitle(title)
     return fig
