@@ -584,8 +584,10 @@ def _main_lens(
 ) -> tuple[LensResult, pd.DataFrame, pd.DataFrame]:
     """The normed logit lens of the first model seed at ``positions`` (answer ``targets``), the
     nearest-token decodings of its graph tokens and of each GNN layer; cached by the model's key,
-    the decoded cells and :data:`MAIN_LENS_VERSION` (a rerun reads them)."""
-    key = _hash(rep.keys["projector"], positions.nonzero().tolist(), targets.tolist(), MAIN_LENS_VERSION)
+    the lens nodes, the decoded cells and :data:`MAIN_LENS_VERSION` (a rerun reads them)."""
+    key = _hash(
+        rep.keys["projector"], rep.lens_nodes, positions.nonzero().tolist(), targets.tolist(), MAIN_LENS_VERSION
+    )
     folder = cache_dir() / "tea_glm" / f"lens-{key}"
     cached = (folder / "lens.pt").exists()
     with rep.stages("logit lens" + (" (cached)" if cached else "")):

@@ -339,5 +339,15 @@ def test_lens_result_saved_and_loaded_is_the_same_result(loaded, tmp_path):
     )
     pd.testing.assert_frame_equal(again.table(k=2), result.table(k=2))
     fewer = {k: v[:1] if k in ("input_ids", "attention_mask", "node_ids") else v for k, v in inputs.items()}
-    with pytest.raises(ValueError, match="shape"):
-        type(result).load(tmp_path / "lens.pt", hm, fewer)
+    ids = inputs["input_ids"].clone()
+    ids[:, 1] += 1  # a text token (position 0 is BOS): same shape, other tokens
+    other = {**inputs, "input_ids": ids}
+    for wrong in (fewer, other):
+        with pytest.raises(ValueError, match="other inputs"):
+            type(result).load(tmp_path / "lens.pt", hm, wrong)
+
+
+def test_logit_lens_progress_bar_counts_the_decoded_chunks(loaded, capsys):
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    logit_lens(hm, inputs, k=1, progress=True, max_chunk_mb=0.01)
+    assert "logit lens: decoding" in capsys.readouterr().err

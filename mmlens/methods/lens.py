@@ -163,13 +163,15 @@ class LensResult:
     @classmethod
     def load(cls, path: str | Path, hooked: HookedModel, inputs: Mapping[str, Any]) -> LensResult:
         """A result written by :meth:`save` for ``inputs``; the spans and the token decoder come from
-        ``hooked`` (an error when the inputs' shape differs from the saved one)."""
+        ``hooked``. Raises when the inputs' tokens (per row and position) differ from the saved ones."""
         data = torch.load(path, weights_only=True)
         spans = hooked.spans(inputs)
-        if tuple(spans.valid.shape) != tuple(data["decoded"].shape):
+        tokens = hooked.position_labels(inputs, spans)
+        if tokens != data["tokens"]:
+            rows = (len(data["tokens"]), len(tokens))
             raise ValueError(
-                f"{path} holds a lens over inputs of shape {tuple(data['decoded'].shape)}, these are "
-                f"{tuple(spans.valid.shape)}; load it with the inputs it was computed on"
+                f"{path} holds a lens over other inputs (saved tokens of {rows[0]} rows differ from these "
+                f"{rows[1]} rows'); load it with the inputs it was computed on"
             )
         return cls(spans=spans, decode=hooked.token_strings, **data)
 
