@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmlens
-from mmlens.methods.explainers import EXPLAINERS, explain, predicted_prob, prepare, with_embeds
+from mmlens.methods.explainers import EXPLAINERS, explain, explain_row, predicted_prob, prepare, with_embeds
 from mmlens.methods.patching import logprob
 
 
@@ -157,8 +157,37 @@ def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_fo
     ).float()
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
     assert fast[-2] == setup.value[0] and fast[-1] == fast[0]
-    firsts = sorted(int(m.nonzero()[0]) for m in masks[:11] if m.any())
+    differs = (setup.embeds != setup.baseline).any(-1)[0]  # positions at their baseline change nothing
+    firsts = sorted(int((m & differs).nonzero()[0]) for m in masks[:11] if (m & differs).any())
     assert [shape[1] for shape in lengths] == [seq - firsts[i] for i in range(0, len(firsts), 4)]
+
+
+def test_masked_positions_already_at_their_baseline_run_nothing(vlm, story):
+    """Occluding an input whose modality is already neutral changes nothing: no block runs for those
+    variants and their scores are exactly 0; the other modality's scores still equal full forwards."""
+    for hm, one, neutral in ((story[0], story[1], "text"), (vlm[0], vlm[1], "image")):
+        if neutral == "image":
+            one = {k: v[:1] for k, v in one.items()}
+        moved = hm.neutral(one, neutral)
+        setup = prepare(hm, moved, None, "joint")
+        calls = []
+        block = hm.model.get_submodule(hm.hook_points["lm.blocks.0.resid_pre"].site.module)
+        handle = block.register_forward_pre_hook(lambda *args: calls.append(1))
+        try:
+            scores = explain_row(hm, setup, moved, "occlusion", "joint", {})
+        finally:
+            handle.remove()
+        at = scores.scores[setup.spans.masks[neutral] & ~scores.scores.isnan()]
+        assert at.numel() > 0 and at.eq(0).all()
+        others = [m for m in scores.modalities if m != neutral]
+        assert bool(calls) == bool(others)
+        for m in others:
+            where = setup.spans.masks[m][0]
+            for p in where.nonzero()[:, 0].tolist()[:3]:
+                variant = setup.embeds.clone()
+                variant[0, p] = setup.baseline[0, p]
+                full = setup.value - with_embeds(hm, moved, setup.point, variant, setup.metric)
+                torch.testing.assert_close(scores.scores[0, p], full[0].float(), rtol=0, atol=1e-6)
 
 
 def test_sweeps_of_a_pooling_classifier_fall_back_to_full_forwards(loaded):

@@ -290,19 +290,24 @@ def masked_values(
     """Float[len(masks)]: the metric of one input row when each Bool[seq] mask's positions take
     their baseline embedding.
 
-    Each distinct mask runs once, in batches; an empty mask is the input itself (``setup.value``).
+    A masked position whose embedding already equals its baseline bit for bit changes nothing, so
+    each mask is first reduced to the positions where they differ. Each distinct reduced mask runs
+    once, in batches; an empty one is the input itself (``setup.value``): e.g. every variant of an
+    input whose modality is already at its neutral reference.
     When the LM's blocks can be replayed from the embeddings (:class:`mmlens.core.replay.BlockReplay`),
     masks are sorted by their first position and, when the adapter says the LM is causal, each batch
     recomputes only positions from its earliest masked one, attending to the input run's keys and
     values before it; only the readout position is unembedded.
     """
+    differs = (setup.embeds != setup.baseline).any(-1)[0].cpu()
+    masks = [mask.cpu() & differs for mask in masks]
     index: dict[bytes, int] = {}
     unique: list[Tensor] = []
     for mask in masks:
-        key = mask.cpu().numpy().tobytes()
+        key = mask.numpy().tobytes()
         if mask.any() and key not in index:
             index[key] = len(unique)
-            unique.append(mask.cpu())
+            unique.append(mask)
     order = (
         sorted(range(len(unique)), key=lambda u: int(unique[u].nonzero()[0])) if setup.replay else range(len(unique))
     )
@@ -321,7 +326,7 @@ def masked_values(
                 out = with_embeds(hooked, inputs, setup.point, variants, setup.metric)
             values[chunk] = out.float().cpu()
     f = float(setup.value[0])
-    return torch.tensor([float(values[index[m.cpu().numpy().tobytes()]]) if m.any() else f for m in masks])
+    return torch.tensor([float(values[index[m.numpy().tobytes()]]) if m.any() else f for m in masks])
 
 
 def with_embeds(
