@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 import mmlens
-from mmlens.methods.explainers import EXPLAINERS, predicted_prob
+from mmlens.core.replay import BlockReplay, record_points
+from mmlens.methods.explainers import EXPLAINERS, embedding_point, predicted_prob
+from mmlens.methods.lens import residual_points
 from mmlens.methods.patching import attribution_patch, logit_diff, path_patch, sweep
 from mmlens.metrics.desiderata import faithfulness, granger, interaction, stability
 from mmlens.metrics.perturb import perturb
@@ -167,6 +169,34 @@ def test_logit_lens_final_layer_is_the_logits(case):
     table = lens.table()
     assert len(table) == len(lens.layers) * int(spans.valid.sum())
     assert (table.modality != "pad").all()
+
+
+def test_shared_prefix_recording_equals_one_plain_forward(case):
+    """Three copies of row 0 made to differ at their last two real positions (an edit before the LM):
+    :func:`record_points` computes their shared positions once where the LM replays with reused keys
+    and values (exactly then), and equals one plain forward of the batch at every real position."""
+    hm = case.hm
+    point = embedding_point(hm)
+    x = hm.repeat(case.clean, 3)
+    shape = hm.run(x, cache=point).cache[point].shape
+    delta = torch.zeros(shape)
+    last = hm.spans(x).valid[0].nonzero()[-2:, 0]
+    delta[1:, last] = torch.randn(2, len(last), shape[-1], generator=torch.Generator().manual_seed(0))
+    edit = mmlens.add(point, delta)
+    names = residual_points(hm)
+    cache, method = record_points(hm, x, names, [edit], min_prefix=1)
+    replayable = BlockReplay.supports(hm)
+    if replayable:
+        replay = BlockReplay(hm)
+        with replay.capture():
+            run = hm.run(case.clean, cache=replay.final_point)
+        replayable = replay.ready(run, case.clean) and replay.reuse_kv
+    assert method.startswith("shared prefix") == replayable, method
+    plain = hm.run(x, cache=names, edits=[edit]).cache
+    valid = hm.spans(x).valid
+    for name in names:
+        a, b = cache[name][valid].float(), plain[name][valid].float()
+        assert float((a - b).abs().max()) <= TOLERANCE * float(b.abs().max()), (name, method)
 
 
 # -- activation patching ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mmlens
+from mmlens.core.replay import BlockReplay, record_points
 from mmlens.core.unembed import Unembed
 from mmlens.methods.evolution import bootstrap_ci, condition_tables, evolution
 from mmlens.methods.lens import (
@@ -36,12 +37,15 @@ def test_final_layer_is_the_models_own_logits(loaded, name):
     run = hm.run(inputs, cache=residual_points(hm))
     assert torch.equal(Unembed(hm)(run.cache[residual_points(hm)[-1]]), plain)
 
-    result = logit_lens(hm, inputs, k=4)
+    result = logit_lens(hm, inputs, k=4, shared_prefix=False)
+    assert result.forward == "plain forward (shared_prefix=False)"
     valid = result.spans.valid
     top_p, top_i = plain.float().log_softmax(-1).exp().topk(4, dim=-1)
     assert torch.equal(result.top_ids[-1][valid], top_i[valid])
     assert torch.equal(result.top_probs[-1][valid], top_p[valid])
     assert torch.equal(result.kl_to_final[-1][valid], torch.zeros(int(valid.sum())))
+    fast = logit_lens(hm, inputs, k=4)  # rows sharing a prompt prefix record it once
+    torch.testing.assert_close(fast.top_probs[:, valid], result.top_probs[:, valid], rtol=1e-4, atol=1e-5)
 
 
 def test_intermediate_layer_matches_a_hand_decoding(tinystories):
@@ -351,3 +355,26 @@ def test_logit_lens_progress_bar_counts_the_decoded_chunks(loaded, capsys):
     hm, inputs = _wrapped(loaded, "tea-glm-tiny")
     logit_lens(hm, inputs, k=1, progress=True, max_chunk_mb=0.01)
     assert "logit lens: decoding" in capsys.readouterr().err
+
+
+def test_shared_prefix_recording_falls_back_to_the_plain_forward_and_says_why(loaded, monkeypatch):
+    """TEA-GLM prompts share their instruction: recorded once, equal to the plain forward within 1e-4.
+    An edit inside the LM blocks, or a replay that goes wrong (caught by the one-row check), gives the
+    plain forward bit for bit, with the reason in the method."""
+    hm, inputs = _wrapped(loaded, "tea-glm-tiny")
+    names = residual_points(hm)
+    plain = hm.run(inputs, cache=names).cache
+    valid = hm.spans(inputs).valid
+    cache, method = record_points(hm, inputs, names)
+    assert method.startswith("shared prefix: positions 0..") and "checked on row" in method, method
+    for n in names:
+        torch.testing.assert_close(cache[n][valid], plain[n][valid], rtol=1e-4, atol=1e-5)
+    _, method = record_points(hm, inputs, names, [mmlens.add("lm.blocks.0.resid_post", 0.0)])
+    assert method == "plain forward (an edit inside the LM blocks)"
+    original = BlockReplay.run_blocks
+    monkeypatch.setattr(
+        BlockReplay, "run_blocks", lambda self, h, block, start=0: original(self, h + 1.0, block, start)
+    )
+    cache, method = record_points(hm, inputs, names)
+    assert method.startswith("plain forward (the shared-prefix recording of row"), method
+    assert all(torch.equal(cache[n], plain[n]) for n in names)

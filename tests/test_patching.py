@@ -112,6 +112,25 @@ def test_image_corruption_sweeps_over_spans_heads_and_encoder_positions(image_pa
     assert fig.axes[0].get_xlabel() == "span"
 
 
+def test_attribution_patching_on_a_frozen_model_equals_the_unfrozen_one(story):
+    """A model whose parameters do not require grad (the usual frozen LLM) still gets gradients at
+    the patched points: the recorded activations become the graph's leaves."""
+    hm, clean, corrupted = story
+    metric = _metric(hm, clean)
+    thawed = attribution_patch(hm, clean, corrupted, metric)
+    flags = [p.requires_grad for p in hm.model.parameters()]
+    hm.model.requires_grad_(False)
+    try:
+        frozen = attribution_patch(hm, clean, corrupted, metric)
+    finally:
+        for p, flag in zip(hm.model.parameters(), flags):
+            p.requires_grad_(flag)
+    assert len(frozen.table) == len(thawed.table) > 0
+    torch.testing.assert_close(
+        torch.tensor(frozen.table.effect.to_numpy()), torch.tensor(thawed.table.effect.to_numpy()), rtol=0, atol=1e-6
+    )
+
+
 def test_attribution_is_exact_on_a_linear_path(story):
     hm, clean, corrupted = story
     metric = _metric(hm, clean)

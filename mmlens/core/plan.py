@@ -107,11 +107,14 @@ class Plan:
             ctx = HookContext(hook=hp, spans=self.spans)
             for e in edits:
                 act = apply_edit(e, act, ctx, lambda sel, hp=hp, act=act: self._position_mask(hp, sel, act))
+        leaf = False
         if hp.name in self.cache_names:
+            if self.keep_grad and not act.requires_grad and act.is_floating_point() and torch.is_grad_enabled():
+                act, leaf = act.detach().requires_grad_(True), True  # a frozen model: gradients start here
             self.store[hp.name] = act if self.keep_grad else act.detach()
         if hp.kind == "resid_mid" and hp.block and edits:
             self.mid[hp.block] = act
-        if not edits:
+        if not edits and not leaf:
             return value
         return act.flatten(-2) if hp.heads else act
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from mmlens.core.adapter import HookPoint, SeqArg, get_module
-from mmlens.core.edits import Edit
+from mmlens.core.edits import Edit, replace
 from mmlens.core.unembed import Unembed
 from mmlens.core.wrapper import HookedModel, RunResult
 
@@ -250,10 +250,39 @@ class BlockReplay:
         (the residual stream entering block ``block`` at positions ``start..``; ``start`` from
         :meth:`start`), with ``edits`` applied inside the blocks."""
         with self.hooked.hooked(edits=list(edits)) if edits else contextlib.nullcontext():
-            for layer in range(block, self.n_blocks):
-                kwargs = self._block_kwargs(layer, start, h.shape[0])
-                h = _first(self.modules[layer](**{self.hidden[layer]: h}, **kwargs))
+            h = self.run_blocks(h, block, start)
         return self.reader(h[:, self.last - start])
+
+    def run_blocks(self, h: Tensor, block: int, start: int = 0) -> Tensor:
+        """The final block's output Float[n, seq - start, d] of blocks ``block..L-1`` run on ``h``
+        (as in :meth:`logits`; hooks installed by the caller fire inside)."""
+        for layer in range(block, self.n_blocks):
+            kwargs = self._block_kwargs(layer, start, h.shape[0])
+            h = _first(self.modules[layer](**{self.hidden[layer]: h}, **kwargs))
+        return h
+
+    def first_block_input(self, inputs: Mapping[str, Any], edits: Sequence[Edit] = ()) -> Tensor:
+        """Float[b, seq, d]: the residual stream entering the first LM block in a run of ``inputs``
+        with ``edits`` (which must lie before the LM blocks), without running any block: the run
+        stops there."""
+        captured: list[Tensor] = []
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            named = _named_arguments(module, args, kwargs) or {}
+            first = next(iter(inspect.signature(module.forward).parameters), None)
+            captured.append(named.get(self.hidden[0], named.get(first)))
+            raise _StopForward
+
+        handle = self.modules[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.hooked.run(inputs, edits=list(edits))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured or not isinstance(captured[0], Tensor):
+            raise RuntimeError(f"{self.hooked.name}: the first LM block never ran, or its input has no tensor")
+        return captured[0]
 
     def _block_kwargs(self, layer: int, start: int, n: int) -> dict[str, Any]:
         """Block ``layer``'s call arguments for queries at positions ``start..`` (batch ``n``)."""
@@ -268,6 +297,10 @@ class BlockReplay:
             out[self.kv_kwarg] = _PrefixKV(self.recorder.entries, layer, start, n)
         batch_axes = {name: arg.batch for name, arg in self.sequence_kwargs.items()}
         return _expand(out, n, batch_axes)
+
+
+class _StopForward(Exception):
+    """Raised by :meth:`BlockReplay.first_block_input` to end a run at the first LM block."""
 
 
 def _named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
@@ -343,6 +376,139 @@ def _expand_axis(value: Tensor, axis: int, n: int) -> Tensor:
 
 def _first(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
+
+
+SHARED_PREFIX_MIN: int = 8
+"""The shortest shared prefix (positions) that :func:`record_points` records once."""
+
+SHARED_PREFIX_KINDS: frozenset[str] = frozenset({"resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"})
+"""Kinds of LM block points (Float[b, pos, d]) that :func:`record_points` can record with a shared prefix."""
+
+
+def record_points(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    names: Sequence[str],
+    edits: Sequence[Edit] = (),
+    *,
+    shared_prefix: bool = True,
+    min_prefix: int = SHARED_PREFIX_MIN,
+) -> tuple[dict[str, Tensor], str]:
+    """The LM block points ``names`` (each Float[b, seq, d]) of one run of ``inputs`` with ``edits``,
+    computing the positions that every row shares only once.
+
+    When the rows' residual streams entering the first LM block agree bit for bit on their first
+    ``P >= min_prefix`` positions (a shared prompt prefix), the LM is causal with a key/value cache
+    (:class:`BlockReplay`), padding is only at the ends of rows and no edit lies inside the LM blocks,
+    one row is run in full and every row replays positions ``P..`` attending to that row's keys and
+    values; positions ``< P`` take that row's values. The result is checked against a plain forward
+    of the row with the most padding (relative difference at most 1e-4 at its real positions);
+    otherwise, or when it fails, or with ``shared_prefix=False``, one plain forward of the batch (bit
+    for bit the model's own activations). Pad positions hold unspecified values.
+
+    Returns:
+        ``(cache, method)``: ``{name: Float[b, seq, d]}`` and how it was computed: ``"shared prefix:
+        ..."`` with the prefix length and the check's difference, or ``"plain forward (why)"``.
+    """
+    spans = hooked.spans(inputs)
+    why = _shared_prefix_refusal(hooked, spans, names, edits) if shared_prefix else "shared_prefix=False"
+    if why is None:
+        cache, why = _shared_prefix_cache(hooked, inputs, spans, names, edits, min_prefix)
+        if cache is not None:
+            return cache, why
+    run = hooked.run(inputs, cache=list(names), edits=list(edits))
+    return {n: run.cache[n] for n in names}, f"plain forward ({why})"
+
+
+def _shared_prefix_cache(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    spans: Any,
+    names: Sequence[str],
+    edits: Sequence[Edit],
+    min_prefix: int,
+) -> tuple[dict[str, Tensor] | None, str]:
+    """:func:`record_points`'s fast path: ``(cache, method)``, or ``(None, why not)``."""
+    h0 = BlockReplay(hooked).first_block_input(inputs, edits)
+    lengths = spans.valid.sum(1)
+    same = (h0 == h0[:1]).all(-1).all(0)
+    prefix = min(int(same.long().cumprod(0).sum()), int(lengths.min()) - 1)
+    if prefix < min_prefix:
+        return None, f"the rows share {max(prefix, 0)} leading positions (< {min_prefix})"
+    cache, why = _replay_suffixes(hooked, inputs, names, h0, prefix, lengths)
+    if cache is None:
+        return None, why
+    row, worst = _check_row(hooked, inputs, names, h0, cache, lengths)
+    if not worst <= 1e-4:
+        return (
+            None,
+            f"the shared-prefix recording of row {row} differed from its plain forward by {worst:.1e} (relative)",
+        )
+    return cache, (
+        f"shared prefix: positions 0..{prefix - 1} recorded once, {h0.shape[1] - prefix} replayed per row with "
+        f"their keys and values; checked on row {row} (relative difference {worst:.1e})"
+    )
+
+
+def _shared_prefix_refusal(hooked: HookedModel, spans: Any, names: Sequence[str], edits: Sequence[Edit]) -> str | None:
+    """Why :func:`record_points` cannot record these points with a shared prefix (None: it can try)."""
+    points = [hooked.resolve(n) for n in names]
+    if spans.batch_size < 2:
+        return "one row"
+    if not BlockReplay.supports(hooked):
+        return "the LM's blocks cannot be replayed"
+    if any(hp.prefix != "lm" or hp.layer is None or hp.kind not in SHARED_PREFIX_KINDS for hp in points):
+        return f"points other than LM block points of kinds {sorted(SHARED_PREFIX_KINDS)}"
+    if any((hp := hooked.resolve(e.hook)).prefix == "lm" and hp.layer is not None for e in edits):
+        return "an edit inside the LM blocks"
+    valid = spans.valid.long()
+    if not torch.equal(valid, valid.cumprod(1)):
+        return "padding not only at the ends of rows"
+    return None
+
+
+def _replay_suffixes(
+    hooked: HookedModel, inputs: Mapping[str, Any], names: Sequence[str], h0: Tensor, prefix: int, lengths: Tensor
+) -> tuple[dict[str, Tensor] | None, str]:
+    """Run the longest row in full, then every row's positions ``prefix..`` on its keys and values:
+    ``(cache, "")``, or ``(None, why)`` when the recorded row cannot be replayed with reused keys."""
+    row = int(lengths.argmax())
+    replay, one = BlockReplay(hooked), hooked.rows(inputs, [row])
+    with replay.capture():
+        run = hooked.run(one, cache=[*names, replay.final_point], edits=[_entry(h0, row)])
+    if not (replay.ready(run, one) and replay.reuse_kv):
+        return None, f"the recorded row cannot be replayed from position {prefix} ({replay.method})"
+    with torch.no_grad(), hooked.hooked(cache=list(names)) as recording:
+        replay.run_blocks(h0[:, prefix:], 0, prefix)
+    b = h0.shape[0]
+    cache = {n: torch.cat([run.cache[n][:, :prefix].expand(b, -1, -1), recording.cache[n]], dim=1) for n in names}
+    return cache, ""
+
+
+def _check_row(
+    hooked: HookedModel,
+    inputs: Mapping[str, Any],
+    names: Sequence[str],
+    h0: Tensor,
+    cache: dict[str, Tensor],
+    lengths: Tensor,
+) -> tuple[int, float]:
+    """The last row with the most padding (not the recorded one when the rows have one length) and the
+    largest relative difference, over ``names`` at its real positions, between ``cache`` and that
+    row's plain forward."""
+    row = len(lengths) - 1 - int(lengths.flip(0).argmin())
+    plain = hooked.run(hooked.rows(inputs, [row]), cache=list(names), edits=[_entry(h0, row)]).cache
+    real = int(lengths[row])
+    worst = 0.0
+    for n in names:
+        a, b = cache[n][row, :real].float(), plain[n][0, :real].float()
+        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
+    return row, worst
+
+
+def _entry(h0: Tensor, row: int) -> Edit:
+    """An edit that sets one row's residual stream entering the first LM block to ``h0[row]``."""
+    return replace("lm.blocks.0.resid_pre", h0[row : row + 1])
 
 
 class FrozenEncoders:
@@ -463,4 +629,15 @@ class PrefixRunner:
         return self.unembed(last)
 
 
-__all__ = ["KINDS", "KV_KWARGS", "BlockReplay", "FrozenEncoders", "PrefixRunner", "cache_kwarg", "expand_prefix"]
+__all__ = [
+    "KINDS",
+    "KV_KWARGS",
+    "SHARED_PREFIX_KINDS",
+    "SHARED_PREFIX_MIN",
+    "BlockReplay",
+    "FrozenEncoders",
+    "PrefixRunner",
+    "cache_kwarg",
+    "expand_prefix",
+    "record_points",
+]

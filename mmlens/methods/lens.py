@@ -43,6 +43,7 @@ from mmlens.core.cache import Named
 from mmlens.core.edits import Edit
 from mmlens.core.inputs import check_count
 from mmlens.core.memory import keep_large_blocks_mapped
+from mmlens.core.replay import record_points
 from mmlens.core.spans import ModalitySpans, Selector
 from mmlens.core.unembed import Unembed
 from mmlens.core.wrapper import HookedModel
@@ -74,6 +75,9 @@ class LensResult:
         decode: token ids -> one text per id.
         decoded: Bool[b, pos], the positions that were decoded (real positions picked by
             ``positions=``); other cells hold ``-1`` ids and NaN values.
+        forward: how the residual stream was recorded (:func:`mmlens.core.replay.record_points`):
+            ``"shared prefix: ..."`` (positions every row shares computed once, checked against a
+            plain forward of one row) or ``"plain forward (why not)"``.
     """
 
     lens: str
@@ -92,6 +96,7 @@ class LensResult:
     spans: ModalitySpans
     decode: Callable[[list[int]], list[str]]
     decoded: Tensor
+    forward: str = "plain forward"
 
     def __repr__(self) -> str:
         n_layer, b, pos, k = self.top_ids.shape
@@ -153,7 +158,7 @@ class LensResult:
         tensors, lists and strings, so :meth:`load` reads it with ``weights_only=True``)."""
         data = {name: getattr(self, name) for name in self.TENSOR_FIELDS}
         data |= {"lens": self.lens, "layers": self.layers, "hooks": self.hooks}
-        data |= {"tokens": self.tokens, "modalities": self.modalities}
+        data |= {"tokens": self.tokens, "modalities": self.modalities, "forward": self.forward}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -246,6 +251,7 @@ def logit_lens(
     final_norm: FinalNorm = True,
     edits: Edit | Sequence[Edit] = (),
     progress: bool = False,
+    shared_prefix: bool = True,
 ) -> LensResult:
     """Decode every residual-stream layer and position of one batch in a single recorded forward.
 
@@ -267,6 +273,11 @@ def logit_lens(
             see the module docstring. ``False``/``"naive"`` cannot be combined with ``tuned``.
         edits: edits made during the recorded forward (e.g. other vectors in a span's slots).
         progress: show a progress bar over the decoded chunks (the unembedding dominates the cost).
+        shared_prefix: record the positions that every row shares (a common prompt prefix) once and
+            replay the rest with their keys and values (:func:`mmlens.core.replay.record_points`:
+            checked against one row's plain forward, relative difference at most 1e-4; falls back
+            to the plain forward otherwise). ``False``: one plain forward, bit for bit. The result's
+            ``forward`` says which ran.
 
     Returns:
         A :class:`LensResult`; with ``final_norm`` ``True`` or ``"naive"`` its final layer decodes
@@ -284,6 +295,7 @@ def logit_lens(
         max_chunk_mb=max_chunk_mb,
         edits=edits,
         progress=progress,
+        shared_prefix=shared_prefix,
     )[final_norm]
 
 
@@ -300,11 +312,12 @@ def logit_lens_variants(
     The forward is shared, and so is the unembedding product wherever two variants read the same
     vectors (``False`` and ``"naive"`` share every intermediate layer), so three variants cost
     about two decodings. ``options`` are :func:`logit_lens`'s keyword arguments (``k``,
-    ``targets``, ``tuned``, ``prefix``, ``positions``, ``max_chunk_mb``, ``edits``, ``progress``). Runs without
+    ``targets``, ``tuned``, ``prefix``, ``positions``, ``max_chunk_mb``, ``edits``, ``progress``,
+    ``shared_prefix``). Runs without
     autograd: nothing of the lens is differentiated, and a graph kept alive by the per-cell
     statistics would hold every chunk's logits.
     """
-    keywords = {"k", "targets", "tuned", "prefix", "positions", "max_chunk_mb", "edits", "progress"}
+    keywords = {"k", "targets", "tuned", "prefix", "positions", "max_chunk_mb", "edits", "progress", "shared_prefix"}
     unknown = sorted(set(options) - keywords)
     if unknown:
         raise TypeError(f"logit_lens_variants got unknown options {unknown}; it takes logit_lens's keywords")
@@ -322,9 +335,15 @@ def logit_lens_variants(
     k = options.get("k", 5)
     check_count("k", k, 1, unembed.vocab_size, "k top tokens are kept per cell, at most the vocabulary")
     edits = options.get("edits", ())
-    run = hooked.run(inputs, cache=names, edits=[edits] if isinstance(edits, Edit) else list(edits))
-    spans = run.spans
-    hidden = torch.stack([run.cache[n] for n in names])  # Float[layer, b, pos, d]
+    cache, forward = record_points(
+        hooked,
+        inputs,
+        names,
+        [edits] if isinstance(edits, Edit) else list(edits),
+        shared_prefix=options.get("shared_prefix", True),
+    )
+    spans = hooked.spans(inputs)
+    hidden = torch.stack([cache[n] for n in names])  # Float[layer, b, pos, d]
     target_ids = _targets(hooked, options.get("targets"), hidden.shape[1], hidden.device)
     decoded = spans.mask(options.get("positions")) & spans.valid
     stats = _decode_cells(
@@ -348,6 +367,7 @@ def logit_lens_variants(
         "spans": spans,
         "decode": hooked.token_strings,
         "decoded": decoded.cpu(),
+        "forward": forward,
     }
     out = {}
     for variant in variants:
@@ -720,11 +740,12 @@ class TunedLens(nn.Module):
         stacks, labels = [], []
         with torch.no_grad():
             for inputs in tqdm(batches, desc="tuned lens: recording", unit="batch", disable=not progress):
-                run = hooked.run(inputs, cache=names)
-                picked = run.spans.mask(positions(inputs) if callable(positions) else positions) & run.spans.valid
-                hidden = torch.stack([run.cache[n] for n in names])
+                cache, _ = record_points(hooked, inputs, names)
+                spans = hooked.spans(inputs)
+                picked = spans.mask(positions(inputs) if callable(positions) else positions) & spans.valid
+                hidden = torch.stack([cache[n] for n in names])
                 stacks.append(hidden[:, picked.to(hidden.device)])
-                of = run.spans.modality_of_positions()
+                of = spans.modality_of_positions()
                 labels += [of[r][p] for r, p in picked.nonzero().tolist()]
         modalities = sorted(set(labels))
         groups = torch.tensor([modalities.index(m) for m in labels], dtype=torch.long)

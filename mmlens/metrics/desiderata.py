@@ -76,8 +76,9 @@ def _modalities(hooked: HookedModel, items: list[dict]) -> list[str]:
 
 
 def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
-    """Jensen-Shannon divergence (nats, in [0, ln 2]) between the softmaxes of Float[b, vocab] logits."""
-    p, q = p_logits.float().softmax(-1), q_logits.float().softmax(-1)
+    """Jensen-Shannon divergence (nats, in [0, ln 2]) between the softmaxes of Float[b, vocab] logits,
+    Double[b]: computed in float64 (a float32 sum over a 49k-token vocabulary is off by ~1e-5)."""
+    p, q = p_logits.double().softmax(-1), q_logits.double().softmax(-1)
     m = (p + q) / 2
 
     def kl(a: Tensor, b: Tensor) -> Tensor:
