@@ -378,3 +378,18 @@ def test_shared_prefix_recording_falls_back_to_the_plain_forward_and_says_why(lo
     cache, method = record_points(hm, inputs, names)
     assert method.startswith("plain forward (the shared-prefix recording of row"), method
     assert all(torch.equal(cache[n], plain[n]) for n in names)
+
+
+def test_rows_with_different_block_arguments_are_not_replayed_from_one_row(loaded):
+    """Rows whose first-block arguments differ (e.g. per-row rotary positions) cannot share one row's
+    keys and values: the check names the argument; broadcast (batch-1) arguments are shared."""
+    hm, inputs = _wrapped(loaded, "tinystories-656k")
+    x = hm.repeat(hm.rows(inputs, 0), 3)
+    engine = BlockReplay(hm)
+    h0, call = engine.first_block_call(x)
+    assert h0.shape[0] == 3 and engine.rows_disagree(call, 3) is None
+    cos, sin = call["position_embeddings"]
+    rows = (cos.expand(3, -1, -1).clone(), sin.expand(3, -1, -1).clone())
+    assert engine.rows_disagree({**call, "position_embeddings": rows}, 3) is None
+    rows[0][2, -1] += 1.0
+    assert engine.rows_disagree({**call, "position_embeddings": rows}, 3) == "position_embeddings"

@@ -261,16 +261,14 @@ class BlockReplay:
             h = _first(self.modules[layer](**{self.hidden[layer]: h}, **kwargs))
         return h
 
-    def first_block_input(self, inputs: Mapping[str, Any], edits: Sequence[Edit] = ()) -> Tensor:
-        """Float[b, seq, d]: the residual stream entering the first LM block in a run of ``inputs``
-        with ``edits`` (which must lie before the LM blocks), without running any block: the run
-        stops there."""
-        captured: list[Tensor] = []
+    def first_block_call(self, inputs: Mapping[str, Any], edits: Sequence[Edit] = ()) -> tuple[Tensor, dict]:
+        """The first LM block's call in a run of ``inputs`` with ``edits`` (which must lie before the
+        LM blocks), without running any block (the run stops there): the residual stream entering it
+        Float[b, seq, d] and its other arguments by name."""
+        captured: list[dict] = []
 
         def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            named = _named_arguments(module, args, kwargs) or {}
-            first = next(iter(inspect.signature(module.forward).parameters), None)
-            captured.append(named.get(self.hidden[0], named.get(first)))
+            captured.append(_named_arguments(module, args, kwargs) or {})
             raise _StopForward
 
         handle = self.modules[0].register_forward_pre_hook(stop, with_kwargs=True)
@@ -280,9 +278,28 @@ class BlockReplay:
             pass
         finally:
             handle.remove()
-        if not captured or not isinstance(captured[0], Tensor):
+        first = next(iter(inspect.signature(self.modules[0].forward).parameters), None)
+        named = captured[0] if captured else {}
+        hidden = self.hidden[0] if self.hidden[0] in named else first
+        if not isinstance(named.get(hidden), Tensor):
             raise RuntimeError(f"{self.hooked.name}: the first LM block never ran, or its input has no tensor")
-        return captured[0]
+        return named[hidden], {k: v for k, v in named.items() if k != hidden}
+
+    def rows_disagree(self, call: Mapping[str, Any], n: int) -> str | None:
+        """The first argument of a block call on ``n`` rows (from :meth:`first_block_call`; other than
+        the attention mask and the key/value cache) whose rows differ, e.g. per-row rotary positions;
+        None when every argument with ``n`` rows on its batch axis has ``n`` equal rows."""
+        for name, value in call.items():
+            if name == "attention_mask" or name in KV_KWARGS:
+                continue
+            arg = self.sequence_kwargs.get(name)
+            axis = 0 if arg is None else arg.batch
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if axis is None or not isinstance(v, Tensor) or not -v.dim() <= axis < v.dim() or v.shape[axis] != n:
+                    continue
+                if not torch.equal(v, v.narrow(axis, 0, 1).expand_as(v)):
+                    return name
+        return None
 
     def _block_kwargs(self, layer: int, start: int, n: int) -> dict[str, Any]:
         """Block ``layer``'s call arguments for queries at positions ``start..`` (batch ``n``)."""
@@ -300,7 +317,7 @@ class BlockReplay:
 
 
 class _StopForward(Exception):
-    """Raised by :meth:`BlockReplay.first_block_input` to end a run at the first LM block."""
+    """Raised by :meth:`BlockReplay.first_block_call` to end a run at the first LM block."""
 
 
 def _named_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
@@ -429,7 +446,11 @@ def _shared_prefix_cache(
     min_prefix: int,
 ) -> tuple[dict[str, Tensor] | None, str]:
     """:func:`record_points`'s fast path: ``(cache, method)``, or ``(None, why not)``."""
-    h0 = BlockReplay(hooked).first_block_input(inputs, edits)
+    engine = BlockReplay(hooked)
+    h0, call = engine.first_block_call(inputs, edits)
+    differing = engine.rows_disagree(call, h0.shape[0])
+    if differing is not None:
+        return None, f"the rows differ in the first block's argument {differing!r}"
     lengths = spans.valid.sum(1)
     same = (h0 == h0[:1]).all(-1).all(0)
     prefix = min(int(same.long().cumprod(0).sum()), int(lengths.min()) - 1)

@@ -317,18 +317,8 @@ def logit_lens_variants(
     autograd: nothing of the lens is differentiated, and a graph kept alive by the per-cell
     statistics would hold every chunk's logits.
     """
-    keywords = {"k", "targets", "tuned", "prefix", "positions", "max_chunk_mb", "edits", "progress", "shared_prefix"}
-    unknown = sorted(set(options) - keywords)
-    if unknown:
-        raise TypeError(f"logit_lens_variants got unknown options {unknown}; it takes logit_lens's keywords")
-    bad = [v for v in variants if v not in (True, False, "naive")]
-    if bad or not variants:
-        raise ValueError(f"final_norm variants must be True, False or 'naive', got {list(variants)!r}")
+    _check_variant_options(variants, options)
     tuned = options.get("tuned")
-    if tuned is not None and any(v is not True for v in variants):
-        raise ValueError(
-            f"a tuned lens decodes through the final norm; got final_norm variants {list(variants)!r} (use True)"
-        )
     names = residual_points(hooked, options.get("prefix", "lm"))
     unembed = Unembed(hooked)
     keep_large_blocks_mapped()
@@ -383,6 +373,21 @@ def logit_lens_variants(
             **shared,
         )
     return out
+
+
+def _check_variant_options(variants: Sequence[FinalNorm], options: Mapping[str, Any]) -> None:
+    """Raise on options :func:`logit_lens` does not take, unknown variants, or a tuned lens with a raw variant."""
+    keywords = {"k", "targets", "tuned", "prefix", "positions", "max_chunk_mb", "edits", "progress", "shared_prefix"}
+    unknown = sorted(set(options) - keywords)
+    if unknown:
+        raise TypeError(f"logit_lens_variants got unknown options {unknown}; it takes logit_lens's keywords")
+    bad = [v for v in variants if v not in (True, False, "naive")]
+    if bad or not variants:
+        raise ValueError(f"final_norm variants must be True, False or 'naive', got {list(variants)!r}")
+    if options.get("tuned") is not None and any(v is not True for v in variants):
+        raise ValueError(
+            f"a tuned lens decodes through the final norm; got final_norm variants {list(variants)!r} (use True)"
+        )
 
 
 FinalNorm = bool | Literal["naive"]
