@@ -1,12 +1,13 @@
 """Logit-lens speed on prompts that share a prefix: recorded once (``shared_prefix=True``) vs one plain forward.
 
-    python -m mmlens.analyses.bench_lens [--quick] [--prompts 100] [--repeats 2]
+    python -m mmlens.analyses.bench_lens [--quick] [--prompts 100] [--cells 5] [--repeats 2]
 
 Workload: the TEA-GLM reproduction's node-classification prompts without graph tokens (chat header,
 instruction with the class list, the node's title, the question, the answer cue;
 :class:`mmlens.training.tea_glm.NodePrompts`) for the first ``--prompts`` Cora nodes, on
 SmolLM2-135M-Instruct (``--quick``: TinyStories-656K, 6 prompts). Both sides decode the same cells
-(each prompt's own positions, after the shared instruction) under the normed and the raw lens
+(the first ``--cells`` positions of each prompt's own part, after the shared instruction; the
+TEA-GLM lens decodes 5 per node) under the normed and the raw lens
 (:func:`mmlens.methods.lens.logit_lens_variants`), and the recording alone
 (:func:`mmlens.core.replay.record_points`) is timed too. Runs are interleaved, the order rotating;
 medians are reported. Agreement: the largest |difference| of
@@ -37,18 +38,18 @@ from mmlens.training.tea_glm import NodePrompts
 TOLERANCE = 1e-4  # relative: the fast path's documented bound
 
 
-def workload(llm: str, n_prompts: int) -> tuple[HookedModel, dict, Tensor, int]:
+def workload(llm: str, n_prompts: int, per_prompt: int) -> tuple[HookedModel, dict, Tensor, int]:
     """The wrapped LLM, ``n_prompts`` right-padded text-only node prompts, the decoded cells Bool[b, seq]
-    (each prompt's own positions) and the length of the shared instruction prefix."""
+    (the first ``per_prompt`` of each prompt's own positions) and the length of the shared instruction prefix."""
     loaded = load_model(llm)
     hooked = mmlens.wrap(loaded.model.eval(), tokenizer=loaded.tokenizer)
     graph = load_text_attributed_graph("cora", None, seed=0)
     prompts = NodePrompts(loaded.tokenizer, graph.class_words, default_graph_token_id(loaded.tokenizer))
     inputs = prompts.batch(graph.titles[:n_prompts], with_graph=False)
     prefix = len(prompts.prefix_ids(with_graph=False))
-    cells = inputs["attention_mask"].bool().clone()
-    cells[:, :prefix] = False
-    return hooked, inputs, cells, prefix
+    cells = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    cells[:, prefix : prefix + per_prompt] = True
+    return hooked, inputs, cells & inputs["attention_mask"].bool(), prefix
 
 
 def _median_times(runs: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict[str, object]]:
@@ -77,11 +78,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--prompts", type=int, default=None, help="prompts in the batch (default 100; quick 6)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 2; quick 1)")
+    parser.add_argument(
+        "--cells", type=int, default=5, help="decoded positions per prompt, after the prefix (default 5, as TEA-GLM)"
+    )
     args = parser.parse_args(argv)
     llm = "tinystories-656k" if args.quick else "smollm2-135m-instruct"
     n_prompts = args.prompts or (6 if args.quick else 100)
     repeats = args.repeats or (1 if args.quick else 2)
-    hooked, inputs, cells, prefix = workload(llm, n_prompts)
+    hooked, inputs, cells, prefix = workload(llm, n_prompts, args.cells)
     names = residual_points(hooked)
     print(
         f"{llm}: {n_prompts} prompts x {inputs['input_ids'].shape[1]} positions (instruction prefix {prefix}), "

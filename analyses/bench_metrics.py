@@ -23,6 +23,8 @@ Both sides explain with occlusion (window 1) and share only the model, the pertu
 ``hooked.readout_logits``; the reference builds its own embeddings, neutral baseline, explanations and masks.
 Timing is end to end per implementation and metric (explaining included), repeats interleaved
 round by round (the order rotates), median reported, after one small untimed warm-up run of each.
+Each row also shows the positions x rows its last run sent through the first LM block (token-rows)
+and the time per token-row: batching pays off per forward call, not per position computed.
 Agreement is the largest |difference| over every number of ``faithfulness(...).curves``,
 ``stability(...).samples`` (the ``kept`` flags must be equal) and ``granger(...).explanations``.
 
@@ -292,21 +294,36 @@ class Timed:
     times: list[float] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
     result: pd.DataFrame | None = None
+    token_rows: int = 0  # positions x rows through the first LM block in the last run
 
     @property
     def time(self) -> float:
         return statistics.median(self.times)
 
 
-def measure(impls: list[Timed], repeats: int) -> None:
-    """Run every implementation ``repeats`` times, interleaved round by round (the order rotates)."""
-    for round_ in range(repeats):
-        for impl in impls[round_ % len(impls) :] + impls[: round_ % len(impls)]:
-            start = time.perf_counter()
-            with torch.no_grad():
-                impl.result = impl.run()
-            impl.times.append(time.perf_counter() - start)
-            impl.load.append(os.getloadavg()[0])
+def measure(impls: list[Timed], repeats: int, hooked: HookedModel) -> None:
+    """Run every implementation ``repeats`` times, interleaved round by round (the order rotates),
+    counting the positions x rows each run sends through the first LM block (``token_rows``)."""
+    rows = [0]
+    first = hooked.model.get_submodule(hooked.hook_points["lm.blocks.0.resid_pre"].site.module)
+
+    def count(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+        rows[0] += hidden.shape[0] * hidden.shape[1]
+
+    handle = first.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        for round_ in range(repeats):
+            for impl in impls[round_ % len(impls) :] + impls[: round_ % len(impls)]:
+                rows[0] = 0
+                start = time.perf_counter()
+                with torch.no_grad():
+                    impl.result = impl.run()
+                impl.times.append(time.perf_counter() - start)
+                impl.load.append(os.getloadavg()[0])
+                impl.token_rows = rows[0]
+    finally:
+        handle.remove()
 
 
 def difference(
@@ -455,19 +472,24 @@ def _print_times(impls: list[Timed], repeats: int, summary: dict) -> None:
     """The timing table: each implementation, then both metrics together per side."""
     mine_total, ref_total = summary["mmlens_s"], summary["reference_s"]
     width = max(len(impl.name) for impl in impls)
-    print(f"  {'metric':<13} {'implementation':<{width}} {'time (s)':>9} {'x mmlens':>9} {'load 1m':>8}")
+    print(
+        f"  {'metric':<13} {'implementation':<{width}} {'time (s)':>9} {'x mmlens':>9} {'load 1m':>8} "
+        f"{'token-rows':>10} {'ms/row':>7}"
+    )
     for mine, ref in zip(impls[::2], impls[1::2]):
         for impl in (mine, ref):
             spread = f"  [{min(impl.times):.3f}-{max(impl.times):.3f}]" if len(impl.times) > 1 else ""
+            per_row = 1000 * impl.time / max(impl.token_rows, 1)
             print(
                 f"  {impl.metric:<13} {impl.name:<{width}} {impl.time:9.3f} {impl.time / mine.time:9.2f} "
-                f"{max(impl.load):8.2f}{spread}"
+                f"{max(impl.load):8.2f} {impl.token_rows:10d} {per_row:7.2f}{spread}"
             )
     print(f"  {'all':<13} {'mmlens':<{width}} {mine_total:9.3f} {1:9.2f}")
     print(f"  {'all':<13} {'reference':<{width}} {ref_total:9.3f} {ref_total / mine_total:9.2f}")
     print(
         f"  (median of {repeats} interleaved run(s), end to end, explaining included; load 1m = the largest "
-        f"1-minute load average after a run, above ~{torch.get_num_threads()} means another process competed)"
+        f"1-minute load average after a run, above ~{torch.get_num_threads()} means another process competed; "
+        "token-rows = positions x rows through the first LM block in the last run, ms/row = time per token-row)"
     )
 
 
@@ -487,7 +509,7 @@ def run_section(
         print(f"  {note}")
     impls = _implementations(hooked, items, modalities, settings)
     _warm_up(hooked, items, modalities)
-    measure(impls, repeats)
+    measure(impls, repeats, hooked)
     diffs = _differences(impls)
     out = _summary(impls, diffs)
     _print_workload(hooked, items, modalities, settings, impls)
