@@ -165,10 +165,8 @@ def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_fo
 def test_masked_positions_already_at_their_baseline_run_nothing(vlm, story):
     """Occluding an input whose modality is already neutral changes nothing: no block runs for those
     variants and their scores are exactly 0; the other modality's scores still equal full forwards."""
-    for hm, one, neutral in ((story[0], story[1], "text"), (vlm[0], vlm[1], "image")):
-        if neutral == "image":
-            one = {k: v[:1] for k, v in one.items()}
-        moved = hm.neutral(one, neutral)
+    for hm, inputs, neutral in ((story[0], story[1], "text"), (vlm[0], vlm[1], "image")):
+        moved = hm.neutral(hm.rows(inputs, 0), neutral)
         setup = prepare(hm, moved, None, "joint")
         calls = []
         block = hm.model.get_submodule(hm.hook_points["lm.blocks.0.resid_pre"].site.module)
