@@ -398,6 +398,10 @@ def _first(output: Any) -> Tensor:
 SHARED_PREFIX_MIN: int = 8
 """The shortest shared prefix (positions) that :func:`record_points` records once."""
 
+SHARED_PREFIX_TOLERANCE: float = 1e-4
+"""The largest relative difference :func:`record_points`'s check accepts between the shared-prefix
+recording of one row and that row's plain forward."""
+
 SHARED_PREFIX_KINDS: frozenset[str] = frozenset({"resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"})
 """Kinds of LM block points (Float[b, pos, d]) that :func:`record_points` can record with a shared prefix."""
 
@@ -456,11 +460,11 @@ def _shared_prefix_cache(
     prefix = min(int(same.long().cumprod(0).sum()), int(lengths.min()) - 1)
     if prefix < min_prefix:
         return None, f"the rows share {max(prefix, 0)} leading positions (< {min_prefix})"
-    cache, why = _replay_suffixes(hooked, inputs, names, h0, prefix, lengths)
+    cache, why = _replay_suffixes(engine, inputs, names, h0, prefix, lengths)
     if cache is None:
         return None, why
     row, worst = _check_row(hooked, inputs, names, h0, cache, lengths)
-    if not worst <= 1e-4:
+    if not worst <= SHARED_PREFIX_TOLERANCE:
         return (
             None,
             f"the shared-prefix recording of row {row} differed from its plain forward by {worst:.1e} (relative)",
@@ -489,12 +493,13 @@ def _shared_prefix_refusal(hooked: HookedModel, spans: Any, names: Sequence[str]
 
 
 def _replay_suffixes(
-    hooked: HookedModel, inputs: Mapping[str, Any], names: Sequence[str], h0: Tensor, prefix: int, lengths: Tensor
+    replay: BlockReplay, inputs: Mapping[str, Any], names: Sequence[str], h0: Tensor, prefix: int, lengths: Tensor
 ) -> tuple[dict[str, Tensor] | None, str]:
-    """Run the longest row in full, then every row's positions ``prefix..`` on its keys and values:
-    ``(cache, "")``, or ``(None, why)`` when the recorded row cannot be replayed with reused keys."""
+    """Run the longest row in full (recorded by ``replay``), then every row's positions ``prefix..`` on its
+    keys and values: ``(cache, "")``, or ``(None, why)`` when that row cannot be replayed with reused keys."""
+    hooked = replay.hooked
     row = int(lengths.argmax())
-    replay, one = BlockReplay(hooked), hooked.rows(inputs, [row])
+    one = hooked.rows(inputs, [row])
     with replay.capture():
         run = hooked.run(one, cache=[*names, replay.final_point], edits=[_entry(h0, row)])
     if not (replay.ready(run, one) and replay.reuse_kv):
@@ -655,6 +660,7 @@ __all__ = [
     "KV_KWARGS",
     "SHARED_PREFIX_KINDS",
     "SHARED_PREFIX_MIN",
+    "SHARED_PREFIX_TOLERANCE",
     "BlockReplay",
     "FrozenEncoders",
     "PrefixRunner",
