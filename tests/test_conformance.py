@@ -427,6 +427,8 @@ def test_occlusion_equals_a_hand_computation(case):
     hm, clean = case.hm, case.clean
     point = "fusion.embeds" if "fusion.embeds" in hm.hook_points else "lm.embed"
     explanation = mmlens.explain(hm, clean, "occlusion")
+    forwards = explanation.info["forwards"][0]  # every LM that reuses keys/values packs variants as a prefix tree
+    assert forwards.startswith("replay + kv") == (forwards == "replay + kv, prefix tree"), forwards
     metric = predicted_prob(hm, clean)
     embeds = hm.run(clean, cache=point).cache[point]
     value = float(metric(readout(hm, hm.run(clean).logits, clean))[0])

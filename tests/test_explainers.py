@@ -123,9 +123,9 @@ def test_errors(vlm):
         explain(hm, inputs, "attention").top_mask("image", 1.5)
 
 
-@pytest.mark.parametrize("name", ["tiny-random-llava", "tinystories-656k"])
-def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_forwards(loaded, name):
-    from mmlens.methods.explainers import masked_values
+def _masked_case(loaded, name):
+    """One example row of ``name``, its setup, 11 random masks, an empty one and a duplicate, and
+    the same variants computed with full forwards."""
     from mmlens.metrics.desiderata import examples
 
     lm = loaded(name)
@@ -133,20 +133,10 @@ def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_fo
     one = examples(hm, lm.example_inputs())[0]
     setup = prepare(hm, one, None, "joint")
     assert setup.replay is not None and setup.replay.reuse_kv
-    seq = setup.embeds.shape[1]
     generator = torch.Generator().manual_seed(0)
+    seq = setup.embeds.shape[1]
     masks = [torch.rand(seq, generator=generator) < 0.3 for _ in range(11)] + [torch.zeros(seq, dtype=torch.bool)]
     masks.append(masks[0].clone())  # a duplicate runs once and gets the same value
-    lengths = []
-    block = hm.hook_points["lm.blocks.0.resid_pre"].site.module
-    handle = hm.model.get_submodule(block).register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape),
-        with_kwargs=True,
-    )
-    try:
-        fast = masked_values(hm, one, setup, masks, batch_size=4)
-    finally:
-        handle.remove()
     full = torch.stack(
         [
             with_embeds(
@@ -155,11 +145,77 @@ def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_fo
             for m in masks
         ]
     ).float()
+    return hm, one, setup, masks, full
+
+
+def _block_lengths(hm, run):
+    """The sequence lengths the first LM block receives while ``run()`` runs, and its result."""
+    lengths = []
+    block = hm.hook_points["lm.blocks.0.resid_pre"].site.module
+    handle = hm.model.get_submodule(block).register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True,
+    )
+    try:
+        return lengths, run()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava", "tinystories-656k"])
+def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_forwards(loaded, name):
+    from mmlens.methods.explainers import masked_values
+
+    hm, one, setup, masks, full = _masked_case(loaded, name)
+    lengths, fast = _block_lengths(hm, lambda: masked_values(hm, one, setup, masks, batch_size=4, pack=False))
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
     assert fast[-2] == setup.value[0] and fast[-1] == fast[0]
     differs = (setup.embeds != setup.baseline).any(-1)[0]  # positions at their baseline change nothing
     firsts = sorted(int((m & differs).nonzero()[0]) for m in masks[:11] if (m & differs).any())
-    assert [shape[1] for shape in lengths] == [seq - firsts[i] for i in range(0, len(firsts), 4)]
+    seq = setup.embeds.shape[1]
+    assert lengths == [seq - firsts[i] for i in range(0, len(firsts), 4)]
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava", "tinystories-656k"])
+def test_masked_variants_packed_as_prefix_trees_equal_full_forwards(loaded, name):
+    """The default packs the variants as prefix trees: the first block sees one sequence per tree with as
+    many positions as the tree has nodes (the first also the row's own last positions, its check),
+    fewer than the sorted batches; same numbers."""
+    from mmlens.core.prefix_tree import prefix_trees
+    from mmlens.methods.explainers import masked_values
+
+    hm, one, setup, masks, full = _masked_case(loaded, name)
+    lengths, packed = _block_lengths(hm, lambda: masked_values(hm, one, setup, masks, batch_size=4))
+    torch.testing.assert_close(packed, full, rtol=0, atol=1e-6)
+    assert packed[-2] == setup.value[0] and packed[-1] == packed[0]
+    last, seq = setup.replay.last, setup.embeds.shape[1]
+    differs = (setup.embeds != setup.baseline).any(-1)[0]
+    reduced = list({(m & differs).numpy().tobytes(): m & differs for m in masks if (m & differs).any()}.values())
+    trees = prefix_trees(reduced, last, max(last + 1, min(4 * (last + 1), 512)))
+    sizes = [len(tree) for tree, _ in trees]
+    assert lengths == [sizes[0] + min(last, 3) + 1] + sizes[1:]  # the first tree carries the row's own last positions
+    firsts = sorted(int(m.nonzero()[0]) for m in reduced)
+    assert sum(sizes) < sum(len(firsts[i : i + 4]) * (seq - firsts[i]) for i in range(0, len(firsts), 4))
+    assert setup.replay.variant_method == "replay + kv, prefix tree"
+
+
+def test_a_block_that_ignores_the_tree_mask_is_caught_and_variants_are_batched(loaded, monkeypatch):
+    """Sabotage: every block gets a plain causal mask over the recorded keys and all nodes (what an
+    attention that ignores the given mask would compute). The packing check catches it, the variants
+    run in sorted batches instead, the numbers still equal full forwards, and the result says so."""
+    import mmlens.core.replay as replay
+    from mmlens.methods.explainers import masked_values
+
+    def causal_over_everything(mask, hidden, tree):
+        seq, nodes = hidden.shape[1], len(tree)
+        allowed = torch.arange(seq + nodes)[None, :] <= (seq + torch.arange(nodes))[:, None]
+        return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+    monkeypatch.setattr(replay, "_tree_mask", causal_over_everything)
+    hm, one, setup, masks, full = _masked_case(loaded, "tinystories-656k")
+    fast = masked_values(hm, one, setup, masks, batch_size=4)
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
+    assert setup.replay.variant_method.startswith("replay + kv (no prefix tree: the row's own positions, packed")
 
 
 def test_masked_positions_already_at_their_baseline_run_nothing(vlm, story):

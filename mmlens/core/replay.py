@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from mmlens.core.adapter import HookPoint, SeqArg, get_module
 from mmlens.core.edits import Edit, replace
+from mmlens.core.prefix_tree import PrefixTree
 from mmlens.core.unembed import Unembed
 from mmlens.core.wrapper import HookedModel, RunResult
 
@@ -132,6 +133,7 @@ class BlockReplay:
         self.not_causal = False
         self.last = -1
         self.final: Tensor | None = None
+        self.tree_verdict: str | None = None  # None: tree_logits unchecked; "": checked; else why it failed
 
     @staticmethod
     def supports(hooked: HookedModel, points: Sequence[HookPoint] = ()) -> bool:
@@ -162,10 +164,22 @@ class BlockReplay:
             return "replay + kv"
         return f"replay ({NOT_CAUSAL})" if self.not_causal else "replay"
 
+    @property
+    def variant_method(self) -> str:
+        """:attr:`method`, and whether masked variants were packed as a prefix tree (``", prefix tree"``)
+        or :meth:`tree_logits`'s check failed (``" (no prefix tree: why)"``); nothing when never tried."""
+        if self.tree_verdict is None:
+            return self.method
+        return (
+            f"{self.method}, prefix tree"
+            if self.tree_verdict == ""
+            else f"{self.method} (no prefix tree: {self.tree_verdict})"
+        )
+
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         """Record the block calls (and keys/values) of the forward run inside."""
-        self.calls, self.recorder, self.usable = [], _KVRecorder(), True
+        self.calls, self.recorder, self.usable, self.tree_verdict = [], _KVRecorder(), True, None
         handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in self.modules]
         try:
             yield
@@ -260,6 +274,66 @@ class BlockReplay:
             kwargs = self._block_kwargs(layer, start, h.shape[0])
             h = _first(self.modules[layer](**{self.hidden[layer]: h}, **kwargs))
         return h
+
+    @torch.no_grad()
+    def tree_logits(self, h: Tensor, tree: PrefixTree) -> Tensor | None:
+        """Readout logits Float[n, vocab] of a :class:`~mmlens.core.prefix_tree.PrefixTree`'s n variants:
+        blocks 0..L-1 run on ``h`` Float[1, T, d] (the residual stream entering block 0 at the tree's
+        nodes), each node attending to the recorded keys and values of positions before its branch
+        position and to its ancestors. Only when :meth:`tree_refusal` is None.
+
+        The first call on a recording also runs the row's own last (up to 4) positions after the
+        tree's nodes (:meth:`PrefixTree.with_own_path`): when their readout differs from the recorded
+        run's (relative 1e-4), e.g. because a block ignores the mask or positions it is given, it
+        returns None and :meth:`tree_refusal` says why from then on."""
+        check = self.tree_verdict is None
+        if check:
+            start = max(0, self.last - 3)
+            tree = tree.with_own_path(start, self.last)
+            h = torch.cat([h, self.block_input(0)[:, start : self.last + 1]], dim=1)
+        for layer in range(self.n_blocks):
+            kwargs = self._tree_kwargs(layer, tree)
+            h = _first(self.modules[layer](**{self.hidden[layer]: h}, **kwargs))
+        logits = self.reader(h[0, tree.readout.to(h.device)])
+        if not check:
+            return logits
+        got, want = logits[-1].float(), self.reader(self.final[:, self.last])[0].float()
+        error = float((got - want).abs().max())
+        self.tree_verdict = ""
+        if not error <= 1e-4 * float(want.abs().max()) + 1e-5:
+            self.tree_verdict = (
+                f"the row's own positions, packed after the variants, differ from its run by {error:.3g}"
+            )
+            return None
+        return logits[:-1]
+
+    def tree_refusal(self) -> str | None:
+        """Why :meth:`tree_logits` cannot be used on this recording (None: it can, as far as is known
+        before its first call checks it): keys and values must be reusable, every block's attention
+        mask 4-D over the recorded positions or absent, and the first call's check must have passed."""
+        if not self.reuse_kv:
+            return "no kv reuse"
+        if not all(self._square_mask(layer) for layer in range(self.n_blocks)):
+            return "a block's attention mask is not 4-D over the recorded positions"
+        return self.tree_verdict or None
+
+    def _square_mask(self, layer: int) -> bool:
+        """Whether block ``layer``'s recorded attention mask is absent or Float/Bool[..., seq, seq]."""
+        mask, seq = self.calls[layer].get("attention_mask"), self.block_input(layer).shape[1]
+        return mask is None or (isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[-2:] == (seq, seq))
+
+    def _tree_kwargs(self, layer: int, tree: PrefixTree) -> dict[str, Any]:
+        """Block ``layer``'s call arguments for the tree's nodes (batch 1)."""
+        call = self.calls[layer]
+        hidden = call[self.hidden[layer]]
+        positions = tree.positions.to(hidden.device)
+        out = {k: v for k, v in call.items() if k != self.hidden[layer]}
+        for name, arg in self.sequence_kwargs.items():
+            if call.get(name) is not None:
+                out[name] = _take(call[name], arg.seq, positions)
+        out["attention_mask"] = _tree_mask(call.get("attention_mask"), hidden, tree)
+        out[self.kv_kwarg] = _PrefixKV(self.recorder.entries, layer, hidden.shape[1], 1)
+        return out
 
     def first_block_call(self, inputs: Mapping[str, Any], edits: Sequence[Edit] = ()) -> tuple[Tensor, dict]:
         """The first LM block's call in a run of ``inputs`` with ``edits`` (which must lie before the
@@ -357,6 +431,29 @@ def _cut(value: Any, axis: int, start: int) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_cut(v, axis, start) for v in value)
     return value.narrow(axis, start, value.shape[axis] - start)
+
+
+def _take(value: Any, axis: int, index: Tensor) -> Any:
+    """``value`` (a tensor or a tuple/list of them) at ``index`` along ``axis`` (negative: from the end)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take(v, axis, index) for v in value)
+    return value.index_select(axis % value.dim(), index.to(value.device))
+
+
+def _tree_mask(mask: Tensor | None, hidden: Tensor, tree: PrefixTree) -> Tensor:
+    """The attention mask Float or Bool[..., T, seq + T] of a tree's nodes over the recorded keys
+    (allowed where the recorded mask allows them and they precede the node's branch position) and
+    over the nodes (allowed where the recorded mask allows them and they are the node's ancestors)."""
+    mask = _cut_mask(mask, hidden, 0)
+    positions = tree.positions.to(mask.device)
+    rows = mask.index_select(-2, positions)
+    before = torch.arange(mask.shape[-1], device=mask.device)[None, :] < tree.branch.to(mask.device)[:, None]
+    own = rows.index_select(-1, positions)
+    ancestors = tree.ancestors.to(mask.device)
+    if mask.dtype == torch.bool:
+        return torch.cat([rows & before, own & ancestors], dim=-1)
+    off = torch.finfo(mask.dtype).min
+    return torch.cat([rows.masked_fill(~before, off), own.masked_fill(~ancestors, off)], dim=-1)
 
 
 def _has_seq_axis(value: Any, seq: int) -> bool:

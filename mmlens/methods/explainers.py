@@ -37,6 +37,7 @@ from torch import Tensor
 
 from mmlens.core.edits import replace
 from mmlens.core.names import nearest_names
+from mmlens.core.prefix_tree import prefix_trees
 from mmlens.core.replay import BlockReplay
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import HookedModel
@@ -110,8 +111,9 @@ class Explanation:
             |sum of scores - (f(input) - f(baseline))|, the Riemann sum's error (large when the
             path crosses a sharp feature, e.g. a zero pad embedding through RMSNorm: add steps);
             for occlusion ``forwards`` per row: how the masked variants ran (``"replay + kv"``,
-            ``"replay"``, ``"replay (no kv reuse: ...)"`` when the LM is not causal on the row, or
-            ``"full forwards"``).
+            ``"replay + kv, prefix tree"`` when packed, ``"replay + kv (no prefix tree: ...)"`` when
+            the packing check refused, ``"replay"``, ``"replay (no kv reuse: ...)"`` when the LM is
+            not causal on the row, or ``"full forwards"``).
     """
 
     scores: Tensor
@@ -284,20 +286,27 @@ def prepare(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str)
     )
 
 
+PACK_TOKENS: int = 512
+"""Most positions in one packed prefix tree of masked variants (unless one variant alone needs more)."""
+
+
 def masked_values(
-    hooked: HookedModel, inputs: dict, setup: Setup, masks: Sequence[Tensor], batch_size: int = 32
+    hooked: HookedModel, inputs: dict, setup: Setup, masks: Sequence[Tensor], batch_size: int = 32, pack: bool = True
 ) -> Tensor:
     """Float[len(masks)]: the metric of one input row when each Bool[seq] mask's positions take
     their baseline embedding.
 
     A masked position whose embedding already equals its baseline bit for bit changes nothing, so
     each mask is first reduced to the positions where they differ. Each distinct reduced mask runs
-    once, in batches; an empty one is the input itself (``setup.value``): e.g. every variant of an
-    input whose modality is already at its neutral reference.
-    When the LM's blocks can be replayed from the embeddings (:class:`mmlens.core.replay.BlockReplay`),
-    masks are sorted by their first position and, when the adapter says the LM is causal, each batch
-    recomputes only positions from its earliest masked one, attending to the input run's keys and
-    values before it; only the readout position is unembedded.
+    once; an empty one is the input itself (``setup.value``): e.g. every variant of an input whose
+    modality is already at its neutral reference.
+    When the LM's blocks can be replayed from the embeddings (:class:`mmlens.core.replay.BlockReplay`)
+    and the adapter says the LM is causal, each variant recomputes only positions from its first
+    masked one, attending to the input run's keys and values before it, and only the readout position
+    is unembedded: packed as a prefix tree (:mod:`mmlens.core.prefix_tree`, variants sharing masked
+    prefixes share them) when that computes fewer positions than batches sorted by first position
+    and the engine's packing check passes (:meth:`~mmlens.core.replay.BlockReplay.tree_refusal`),
+    else (or with ``pack=False``) in such batches of ``batch_size``.
     """
     differs = (setup.embeds != setup.baseline).any(-1)[0].cpu()
     masks = [mask.cpu() & differs for mask in masks]
@@ -308,25 +317,77 @@ def masked_values(
         if mask.any() and key not in index:
             index[key] = len(unique)
             unique.append(mask)
-    order = (
-        sorted(range(len(unique)), key=lambda u: int(unique[u].nonzero()[0])) if setup.replay else range(len(unique))
-    )
-    order = list(order)
-    values = torch.empty(len(unique))
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            where = torch.stack([unique[u] for u in chunk]).to(setup.embeds.device)[..., None]
-            if setup.replay is not None:
-                first = setup.replay.start(0, int(unique[chunk[0]].nonzero()[0]))
-                variants = torch.where(where[:, first:], setup.baseline[:, first:], setup.embeds[:, first:])
-                out = setup.metric(setup.replay.logits(variants, 0, first))
-            else:
-                variants = torch.where(where, setup.baseline, setup.embeds)
-                out = with_embeds(hooked, inputs, setup.point, variants, setup.metric)
-            values[chunk] = out.float().cpu()
+        values = _variant_values(hooked, inputs, setup, unique, batch_size, pack)
     f = float(setup.value[0])
     return torch.tensor([float(values[index[m.numpy().tobytes()]]) if m.any() else f for m in masks])
+
+
+def _variant_values(
+    hooked: HookedModel, inputs: dict, setup: Setup, masks: list[Tensor], batch_size: int, pack: bool
+) -> Tensor:
+    """Float[len(masks)]: the metric of each (non-empty, distinct) mask's variant."""
+    engine = setup.replay
+    if pack and engine is not None and engine.tree_refusal() is None:
+        trees = _cheaper_trees(engine, masks, batch_size)
+        values = _tree_values(setup, masks, trees) if trees is not None else None
+        if values is not None:
+            return values
+    order = sorted(range(len(masks)), key=lambda u: int(masks[u].nonzero()[0])) if engine else range(len(masks))
+    return _batched_values(hooked, inputs, setup, masks, list(order), batch_size)
+
+
+def _cheaper_trees(engine: BlockReplay, masks: list[Tensor], batch_size: int) -> list | None:
+    """The prefix trees of the masks that change a position up to the readout, when they compute
+    fewer positions than batches sorted by first masked position; else None."""
+    last = engine.last
+    firsts = sorted(min(int(mask.nonzero()[0]), last) for mask in masks)
+    batched = sum(
+        len(firsts[i : i + batch_size]) * (engine.block_input(0).shape[1] - firsts[i])
+        for i in range(0, len(firsts), batch_size)
+    )
+    early = [mask for mask in masks if bool(mask[: last + 1].any())]
+    trees = prefix_trees(early, last, max(last + 1, min(batch_size * (last + 1), PACK_TOKENS))) if early else []
+    return trees if sum(len(tree) for tree, _ in trees) < batched else None
+
+
+def _tree_values(setup: Setup, masks: list[Tensor], trees: list) -> Tensor | None:
+    """Float[len(masks)] from :func:`_cheaper_trees`'s trees (None when the engine's check on the first
+    tree fails); masks that change only positions after the readout (which a causal LM's readout
+    cannot see) take the input's own value."""
+    engine = setup.replay
+    early = [u for u, mask in enumerate(masks) if bool(mask[: engine.last + 1].any())]
+    values = torch.full((len(masks),), float(setup.value[0]))
+    for tree, members in trees:
+        positions = tree.positions.to(setup.embeds.device)
+        changed = tree.changed.to(positions.device)[None, :, None]
+        logits = engine.tree_logits(
+            torch.where(changed, setup.baseline[:, positions], setup.embeds[:, positions]), tree
+        )
+        if logits is None:
+            return None
+        values[[early[i] for i in members]] = setup.metric(logits).float().cpu()
+    return values
+
+
+def _batched_values(
+    hooked: HookedModel, inputs: dict, setup: Setup, masks: list[Tensor], order: list[int], batch_size: int
+) -> Tensor:
+    """Float[len(masks)] in batches of ``batch_size`` in ``order``: replayed from each batch's first
+    masked position when the engine allows, else full forwards."""
+    values = torch.empty(len(masks))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        where = torch.stack([masks[u] for u in chunk]).to(setup.embeds.device)[..., None]
+        if setup.replay is not None:
+            first = setup.replay.start(0, int(masks[chunk[0]].nonzero()[0]))
+            variants = torch.where(where[:, first:], setup.baseline[:, first:], setup.embeds[:, first:])
+            out = setup.metric(setup.replay.logits(variants, 0, first))
+        else:
+            variants = torch.where(where, setup.baseline, setup.embeds)
+            out = with_embeds(hooked, inputs, setup.point, variants, setup.metric)
+        values[chunk] = out.float().cpu()
+    return values
 
 
 def with_embeds(
@@ -705,7 +766,7 @@ def explain_row(
     info = dict(options)
     info.update({k: [v] for k, v in extra.items()})
     if explainer_name(method) == "occlusion":  # how the masked variants ran: replay (+ kv), or full forwards
-        info["forwards"] = [prepared.replay.method if prepared.replay else "full forwards"]
+        info["forwards"] = [prepared.replay.variant_method if prepared.replay else "full forwards"]
     return Explanation(scores, prepared.spans, explainer_name(method), mode, prepared.value.float().cpu(), info)
 
 
