@@ -54,6 +54,7 @@ import mmlens
 from mmlens.analyses.bench_patching import offline_if_cached
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.loading import load_model
+from mmlens.methods import explainers
 from mmlens.methods.explainers import embedding_point
 from mmlens.metrics.desiderata import examples, faithfulness, granger, stability
 from mmlens.metrics.perturb import perturb
@@ -579,7 +580,8 @@ def _environment(settings: Settings, repeats: int) -> None:
     print(
         f"  torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), CPU cores "
         f"{os.cpu_count()}, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}; float32 on CPU; "
-        f"mmlens batch_size 32 (defaults); {repeats} repeat(s); seed {settings.seed}"
+        f"mmlens batch_size 32, PACK_TOKENS {explainers.PACK_TOKENS} (0: no prefix trees); {repeats} repeat(s); "
+        f"seed {settings.seed}"
     )
 
 
@@ -593,6 +595,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation (default 3; quick 1)")
     parser.add_argument("--sections", default=None, help="comma-separated: llava, smollm2 (default both; quick: llava)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--pack-tokens",
+        type=int,
+        default=explainers.PACK_TOKENS,
+        help=f"mmlens.methods.explainers.PACK_TOKENS for the run (default {explainers.PACK_TOKENS}; 0: masked "
+        "variants in sorted batches only, no prefix trees)",
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     repeats = args.repeats or (1 if args.quick else 3)
@@ -605,9 +614,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    _environment(settings, repeats)
-    runners = {"llava": run_llava, "smollm2": run_smollm2}
-    results: dict = {s: runners[s](settings, repeats) for s in sections}
+    default_pack, explainers.PACK_TOKENS = explainers.PACK_TOKENS, args.pack_tokens
+    try:
+        _environment(settings, repeats)
+        runners = {"llava": run_llava, "smollm2": run_smollm2}
+        results: dict = {s: runners[s](settings, repeats) for s in sections}
+    finally:
+        explainers.PACK_TOKENS = default_pack
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
     for s in sections:
         r = results[s]

@@ -178,14 +178,14 @@ def test_masked_variants_replay_from_the_first_masked_position_and_equal_full_fo
 
 @pytest.mark.parametrize("name", ["tiny-random-llava", "tinystories-656k"])
 def test_masked_variants_packed_as_prefix_trees_equal_full_forwards(loaded, name):
-    """The default packs the variants as prefix trees: the first block sees one sequence per tree with as
-    many positions as the tree has nodes (the first also the row's own last positions, its check),
-    fewer than the sorted batches; same numbers."""
+    """``pack=True`` packs the variants as prefix trees: the first block sees one sequence per tree with
+    as many positions as the tree has nodes (the first also the row's own last positions, its check),
+    fewer than the sorted batches; same numbers. The default chooses by a cost estimate."""
     from mmlens.core.prefix_tree import prefix_trees
     from mmlens.methods.explainers import masked_values
 
     hm, one, setup, masks, full = _masked_case(loaded, name)
-    lengths, packed = _block_lengths(hm, lambda: masked_values(hm, one, setup, masks, batch_size=4))
+    lengths, packed = _block_lengths(hm, lambda: masked_values(hm, one, setup, masks, batch_size=4, pack=True))
     torch.testing.assert_close(packed, full, rtol=0, atol=1e-6)
     assert packed[-2] == setup.value[0] and packed[-1] == packed[0]
     last, seq = setup.replay.last, setup.embeds.shape[1]
@@ -196,6 +196,9 @@ def test_masked_variants_packed_as_prefix_trees_equal_full_forwards(loaded, name
     assert lengths == [sizes[0] + min(last, 3) + 1] + sizes[1:]  # the first tree carries the row's own last positions
     firsts = sorted(int(m.nonzero()[0]) for m in reduced)
     assert sum(sizes) < sum(len(firsts[i : i + 4]) * (seq - firsts[i]) for i in range(0, len(firsts), 4))
+    if name == "tiny-random-llava":  # d = 64, two blocks: by the cost heuristic, the calls outweigh the savings
+        lengths, default = _block_lengths(hm, lambda: masked_values(hm, one, setup, masks, batch_size=4))
+        assert lengths == [seq - firsts[i] for i in range(0, len(firsts), 4)] and torch.equal(default, full)
     assert setup.replay.variant_method == "replay + kv, prefix tree"
 
 
@@ -213,7 +216,7 @@ def test_a_block_that_ignores_the_tree_mask_is_caught_and_variants_are_batched(l
 
     monkeypatch.setattr(replay, "_tree_mask", causal_over_everything)
     hm, one, setup, masks, full = _masked_case(loaded, "tinystories-656k")
-    fast = masked_values(hm, one, setup, masks, batch_size=4)
+    fast = masked_values(hm, one, setup, masks, batch_size=4, pack=True)
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
     assert setup.replay.variant_method.startswith("replay + kv (no prefix tree: the row's own positions, packed")
 

@@ -393,3 +393,26 @@ def test_rows_with_different_block_arguments_are_not_replayed_from_one_row(loade
     assert engine.rows_disagree({**call, "position_embeddings": rows}, 3) is None
     rows[0][2, -1] += 1.0
     assert engine.rows_disagree({**call, "position_embeddings": rows}, 3) == "position_embeddings"
+
+
+def test_shared_prefix_refusals_end_to_end_give_the_plain_forward(loaded):
+    """Rows that share their first 12 positions but (a) are padded on the left, or (b) get per-row
+    rotary positions (the model's own ``position_ids`` input), are not recorded from one row: the plain
+    forward, bit for bit, with the reason."""
+    hm, inputs = _wrapped(loaded, "tinystories-656k")
+    names = ["lm.blocks.0.resid_post", "lm.blocks.1.resid_post"]
+    x = hm.repeat(hm.rows(inputs, 0), 3)
+    seq = x["input_ids"].shape[1]
+    _, method = record_points(hm, x, names, min_prefix=4)
+    assert method.startswith("shared prefix"), method  # the control: these rows do share a prefix
+    left = {**x, "attention_mask": x["attention_mask"].clone()}
+    left["attention_mask"][1, 0] = 0
+    shifted = {**x, "position_ids": torch.arange(seq).repeat(3, 1) + torch.tensor([[0], [0], [1]])}
+    for case, why in (
+        (left, "padding not only at the ends of rows"),
+        (shifted, "differ in the first block's argument"),
+    ):
+        plain = hm.run(case, cache=names).cache
+        cache, method = record_points(hm, case, names, min_prefix=4)
+        assert method.startswith("plain forward (") and why in method, method
+        assert all(torch.equal(cache[n], plain[n]) for n in names)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,7 +96,7 @@ class _Builder:
 
     def tree(self) -> PrefixTree:
         n = len(self.positions)
-        ancestors = torch.zeros(n, n, dtype=torch.bool)
+        ancestors = np.zeros((n, n), dtype=bool)
         for t, parent in enumerate(self.parents):
             if parent >= 0:
                 ancestors[t] = ancestors[parent]
@@ -103,7 +104,7 @@ class _Builder:
         return PrefixTree(
             torch.tensor(self.positions, dtype=torch.long),
             torch.tensor(self.branch, dtype=torch.long),
-            ancestors,
+            torch.from_numpy(ancestors),
             torch.tensor(self.changed, dtype=torch.bool),
             torch.tensor(self.readout, dtype=torch.long),
         )

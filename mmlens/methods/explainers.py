@@ -287,11 +287,17 @@ def prepare(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str)
 
 
 PACK_TOKENS: int = 512
-"""Most positions in one packed prefix tree of masked variants (unless one variant alone needs more)."""
+"""Most positions in one packed prefix tree of masked variants (unless one variant alone needs more);
+0 turns packing off (sorted batches only, e.g. to measure what packing saves)."""
 
 
 def masked_values(
-    hooked: HookedModel, inputs: dict, setup: Setup, masks: Sequence[Tensor], batch_size: int = 32, pack: bool = True
+    hooked: HookedModel,
+    inputs: dict,
+    setup: Setup,
+    masks: Sequence[Tensor],
+    batch_size: int = 32,
+    pack: bool | None = None,
 ) -> Tensor:
     """Float[len(masks)]: the metric of one input row when each Bool[seq] mask's positions take
     their baseline embedding.
@@ -304,9 +310,10 @@ def masked_values(
     and the adapter says the LM is causal, each variant recomputes only positions from its first
     masked one, attending to the input run's keys and values before it, and only the readout position
     is unembedded: packed as a prefix tree (:mod:`mmlens.core.prefix_tree`, variants sharing masked
-    prefixes share them) when that computes fewer positions than batches sorted by first position
-    and the engine's packing check passes (:meth:`~mmlens.core.replay.BlockReplay.tree_refusal`),
-    else (or with ``pack=False``) in such batches of ``batch_size``.
+    prefixes share them) when that costs less than batches sorted by first position (``pack=None``,
+    see :func:`_cheaper_trees`; ``pack=True``: whenever the engine allows) and the engine's packing
+    check passes (:meth:`~mmlens.core.replay.BlockReplay.tree_refusal`), else (or with ``pack=False``)
+    in such batches of ``batch_size``.
     """
     differs = (setup.embeds != setup.baseline).any(-1)[0].cpu()
     masks = [mask.cpu() & differs for mask in masks]
@@ -324,12 +331,12 @@ def masked_values(
 
 
 def _variant_values(
-    hooked: HookedModel, inputs: dict, setup: Setup, masks: list[Tensor], batch_size: int, pack: bool
+    hooked: HookedModel, inputs: dict, setup: Setup, masks: list[Tensor], batch_size: int, pack: bool | None
 ) -> Tensor:
     """Float[len(masks)]: the metric of each (non-empty, distinct) mask's variant."""
     engine = setup.replay
-    if pack and engine is not None and engine.tree_refusal() is None:
-        trees = _cheaper_trees(engine, masks, batch_size)
+    if pack is not False and PACK_TOKENS > 0 and engine is not None and engine.tree_refusal() is None:
+        trees = _cheaper_trees(engine, masks, batch_size, always=pack is True)
         values = _tree_values(setup, masks, trees) if trees is not None else None
         if values is not None:
             return values
@@ -337,18 +344,34 @@ def _variant_values(
     return _batched_values(hooked, inputs, setup, masks, list(order), batch_size)
 
 
-def _cheaper_trees(engine: BlockReplay, masks: list[Tensor], batch_size: int) -> list | None:
-    """The prefix trees of the masks that change a position up to the readout, when they compute
-    fewer positions than batches sorted by first masked position; else None."""
-    last = engine.last
+CALL_FLOPS: float = 2e7
+"""The cost of one block call beyond its arithmetic (Python, kernel launches), in flops: ~0.4 ms on
+a 2-core CPU at ~50 GFLOP/s. Only :func:`masked_values`'s choice between prefix trees and sorted
+batches reads it (a speed heuristic, never a result)."""
+
+
+def _cheaper_trees(engine: BlockReplay, masks: list[Tensor], batch_size: int, always: bool = False) -> list | None:
+    """The prefix trees of the masks that change a position up to the readout, when they cost less
+    than batches sorted by first masked position (or ``always``); else None.
+
+    Cost per block (a speed heuristic only, never a result): ``24 d^2`` flops per position for the
+    linear layers (a transformer's ~12 d^2 weights), ``4 d`` per attended key, :data:`CALL_FLOPS` per
+    call; a tree's T nodes each attend (densely, masked) to ``seq + T`` keys, so trees are capped at
+    ``2 d`` nodes (also at ``PACK_TOKENS`` and ``batch_size`` variants' worth of positions)."""
+    last, (seq, width) = engine.last, engine.block_input(0).shape[1:]
+
+    def cost(positions: int, keys: int) -> float:
+        return CALL_FLOPS + positions * (24 * width * width + 4 * width * keys)
+
     firsts = sorted(min(int(mask.nonzero()[0]), last) for mask in masks)
     batched = sum(
-        len(firsts[i : i + batch_size]) * (engine.block_input(0).shape[1] - firsts[i])
-        for i in range(0, len(firsts), batch_size)
+        cost(len(firsts[i : i + batch_size]) * (seq - firsts[i]), seq) for i in range(0, len(firsts), batch_size)
     )
     early = [mask for mask in masks if bool(mask[: last + 1].any())]
-    trees = prefix_trees(early, last, max(last + 1, min(batch_size * (last + 1), PACK_TOKENS))) if early else []
-    return trees if sum(len(tree) for tree, _ in trees) < batched else None
+    budget = max(last + 1, min(batch_size * (last + 1), PACK_TOKENS, 2 * width))
+    trees = prefix_trees(early, last, budget) if early else []
+    cheaper = sum(cost(len(tree), seq + len(tree)) for tree, _ in trees) < batched
+    return trees if always or cheaper else None
 
 
 def _tree_values(setup: Setup, masks: list[Tensor], trees: list) -> Tensor | None:
@@ -472,7 +495,9 @@ def _integrated_gradients(
     return scores, info
 
 
-def _occlusion(hooked, inputs, metric, setup: Setup, window: int = 1, batch_size: int = 32) -> Tensor:
+def _occlusion(
+    hooked, inputs, metric, setup: Setup, window: int = 1, batch_size: int = 32, pack: bool | None = None
+) -> Tensor:
     positions = setup.explained[0].nonzero()[:, 0].tolist()
     masks = []
     for p in positions:
@@ -481,7 +506,7 @@ def _occlusion(hooked, inputs, metric, setup: Setup, window: int = 1, batch_size
         masks.append(mask)
     scores = torch.full(setup.explained.shape, float("nan"), device=setup.embeds.device)
     if positions:
-        values = masked_values(hooked, inputs, setup, masks, batch_size).to(scores.device)
+        values = masked_values(hooked, inputs, setup, masks, batch_size, pack).to(scores.device)
         scores[0, positions] = setup.value.float() - values
     return scores
 
