@@ -445,6 +445,36 @@ def test_occlusion_equals_a_hand_computation(case):
                 assert abs(got - expected) < 1e-5, (m, p, got, expected)
 
 
+def test_batched_setups_equal_one_row_setups(case):
+    """``prepare_rows`` (one batched forward, the recording cut per row) equals ``prepare`` of each row:
+    embeddings, logits and values within relative 1e-4, the same replay, and occlusion values from the
+    cut recordings within 1e-5 of those from each row's own."""
+    from mmlens.methods.explainers import BATCHED_SETUPS_AGREE, masked_values, prepare, prepare_rows
+
+    hm, rows = case.hm, [case.clean, case.corrupted, case.clean]
+    try:  # rows join when they share their layout and shared inputs (not so for a graph's neutral)
+        joined = hm.spans(case.corrupted).same_layout(hm.spans(case.clean)) and bool(hm.join(rows))
+    except ValueError:
+        joined = False
+    setups = prepare_rows(hm, rows, None, "joint")
+    assert BATCHED_SETUPS_AGREE.get(hm.model) is (True if joined else None)
+    for row, got in zip(rows, setups):
+        want = prepare(hm, row, None, "joint")
+        for a, b in ((got.embeds, want.embeds), (got.logits, want.logits), (got.value, want.value)):
+            assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()) + 1e-6
+        assert (got.replay is None) == (want.replay is None)
+        if got.replay is not None:
+            assert got.replay.method == want.replay.method
+        positions = want.explained[0].nonzero()[:, 0].tolist()[:6]
+        masks = [
+            torch.zeros(want.explained.shape[1], dtype=torch.bool).index_fill(0, torch.tensor([p]), True)
+            for p in positions
+        ]
+        torch.testing.assert_close(
+            masked_values(hm, row, got, masks), masked_values(hm, row, want, masks), rtol=0, atol=1e-5
+        )
+
+
 def finite(frame) -> bool:
     numbers = frame.select_dtypes("number")
     return bool(numbers.notna().to_numpy().all() and (numbers.abs() < math.inf).to_numpy().all())

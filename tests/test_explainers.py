@@ -363,3 +363,27 @@ def test_user_explainers_and_controls(fusion):
     )
     moved = explain(hm, dict(one, pixel_values=one["pixel_values"] + 0.1), "random").scores
     assert not torch.equal(first.nan_to_num(), moved.nan_to_num())  # a changed input draws new noise
+
+
+def test_batched_setups_fall_back_to_one_row_each_when_their_check_fails(story, monkeypatch):
+    """Sabotage: joining rows reverses them, so the batched setup of row 0 is row 1's. The once-per-model
+    check catches it; the rows are then prepared one by one (bit for bit ``prepare``), now and later."""
+    from mmlens.core.adapter import Adapter
+    from mmlens.methods.explainers import BATCHED_SETUPS_AGREE, prepare_rows
+
+    hm, inputs = story
+    rows = [hm.rows(inputs, 0), hm.neutral(hm.rows(inputs, 0), "text")]
+    original = Adapter.join_rows
+    monkeypatch.setattr(Adapter, "join_rows", lambda self, rows: original(self, list(rows)[::-1]))
+    previous = BATCHED_SETUPS_AGREE.pop(hm.model, None)
+    try:
+        for _ in range(2):
+            setups = prepare_rows(hm, rows, None, "joint")
+            assert BATCHED_SETUPS_AGREE[hm.model] is False
+            for row, got in zip(rows, setups):
+                want = prepare(hm, row, None, "joint")
+                assert torch.equal(got.logits, want.logits) and torch.equal(got.embeds, want.embeds)
+    finally:
+        BATCHED_SETUPS_AGREE.pop(hm.model, None)
+        if previous is not None:
+            BATCHED_SETUPS_AGREE[hm.model] = previous

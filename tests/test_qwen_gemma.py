@@ -236,3 +236,20 @@ def test_replay_cuts_mrope_arguments_on_the_adapters_axes():
     slow = sweep(hm, clean, corrupted, metric, replay=False, **kw)
     assert fast.method == "replay + kv"
     assert (fast.table.value - slow.table.value).abs().max() < 1e-4
+
+
+def test_join_is_the_inverse_of_rows_for_packed_inputs(qwen, loaded):
+    """Joining rows (batched tensors and packed image patches concatenated) gives what selecting those
+    rows gives; rows that differ in a shared input (a graph) or in their keys are refused by name."""
+    hm, inputs = qwen
+    joined = hm.join([hm.rows(inputs, 1), hm.rows(inputs, 0)])
+    selected = hm.rows(inputs, [1, 0])
+    assert joined.keys() == selected.keys()
+    assert all(torch.equal(joined[k], selected[k]) for k in joined if isinstance(joined[k], torch.Tensor))
+    lm = loaded("tea-glm-tiny")
+    tea = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
+    x = tea.rows(lm.example_inputs(), 0)
+    with pytest.raises(ValueError, match="differ in the shared input"):
+        tea.join([x, {**x, "node_features": x["node_features"] + 1.0}])
+    with pytest.raises(ValueError, match="different keys"):
+        hm.join([hm.rows(inputs, 0), {k: v for k, v in hm.rows(inputs, 1).items() if k != "attention_mask"}])

@@ -26,7 +26,7 @@ plus single points such as ``lm.embed``, ``lm.final_norm``, ``lm.logits``, ``vis
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -334,6 +334,24 @@ class Adapter:
                 out[k] = v
         return out
 
+    def join_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One batch of several inputs (the inverse of :meth:`select_rows`): batched and packed
+        tensors concatenated on their first axis, shared inputs and non-tensors taken from the first
+        row, which they must equal in every row."""
+        first = rows[0]
+        if any(row.keys() != first.keys() for row in rows):
+            raise ValueError(f"rows to join have different keys: {[sorted(row) for row in rows]}")
+        out: dict[str, Any] = {}
+        for key, value in first.items():
+            values = [row[key] for row in rows]
+            if (key in self.packed_inputs and isinstance(value, Tensor)) or self._batched(key, value):
+                out[key] = torch.cat(values)
+            elif all(_same_value(value, v) for v in values[1:]):
+                out[key] = value
+            else:
+                raise ValueError(f"rows to join differ in the shared input {key!r}; join only rows that share it")
+        return out
+
     def _batched(self, key: str, value: Any) -> bool:
         return (
             isinstance(value, Tensor)
@@ -634,3 +652,10 @@ def language_model(
         Point("lm.logits", "lm", None, Site(logits), fused_positions=True),
     )
     return stack, points
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two input values are equal (tensors: same shape and entries)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a is b or a == b

@@ -23,6 +23,7 @@ Every reuse equals the full forward up to float round-off (``tests/test_patching
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -248,6 +249,19 @@ class BlockReplay:
                     return False
         return True
 
+    def row(self, r: int, n: int) -> BlockReplay:
+        """The recording of row ``r`` of a recorded batch of ``n`` rows, as if that row had been run
+        alone (up to float round-off of the batched run): every block call's arguments, keys and values
+        cut to the row on their batch axis (``Adapter.sequence_kwargs``, else the first when it has
+        ``n`` entries). Call :meth:`ready` on the row's run before replaying."""
+        out = copy.copy(self)
+        axes = {name: arg.batch for name, arg in self.sequence_kwargs.items()}
+        out.calls = [{k: _row_of(v, axes.get(k, 0), r, n) for k, v in call.items()} for call in self.calls]
+        out.recorder = _KVRecorder()
+        out.recorder.entries = [(k[r : r + 1], v[r : r + 1]) for k, v in self.recorder.entries]
+        out.tree_verdict, out.last, out.final = None, -1, None
+        return out
+
     def block_input(self, block: int) -> Tensor:
         """The recorded residual stream entering block ``block``, Float[1, seq, d] (``block ==
         n_blocks``: the final block's output)."""
@@ -454,6 +468,16 @@ def _tree_mask(mask: Tensor | None, hidden: Tensor, tree: PrefixTree) -> Tensor:
         return torch.cat([rows & before, own & ancestors], dim=-1)
     off = torch.finfo(mask.dtype).min
     return torch.cat([rows.masked_fill(~before, off), own.masked_fill(~ancestors, off)], dim=-1)
+
+
+def _row_of(value: Any, axis: int | None, r: int, n: int) -> Any:
+    """Row ``r`` of a batch-``n`` call argument (tensors, or tuples/lists of them) on ``axis``;
+    unchanged without a batch axis or when that axis is not ``n`` long (a broadcast argument)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_row_of(v, axis, r, n) for v in value)
+    if axis is None or not isinstance(value, Tensor) or not -value.dim() <= axis < value.dim():
+        return value
+    return value.narrow(axis, r, 1) if value.shape[axis] == n else value
 
 
 def _has_seq_axis(value: Any, seq: int) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,6 +202,10 @@ class HookedModel:
     def repeat(self, inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
         """Inputs of batch 1 repeated to batch ``n``; see :meth:`Adapter.repeat_rows`."""
         return self.adapter.repeat_rows(inputs, n)
+
+    def join(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One batch of several inputs, in order; see :meth:`Adapter.join_rows`."""
+        return self.adapter.join_rows(rows)
 
     def readout_logits(
         self, logits: Tensor, inputs: Mapping[str, Any] | None = None, *, spans: ModalitySpans | None = None

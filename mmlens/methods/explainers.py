@@ -37,6 +37,7 @@ from torch import Tensor
 
 from mmlens.core.edits import replace
 from mmlens.core.names import nearest_names
+from mmlens.core.plan import RunResult
 from mmlens.core.prefix_tree import prefix_trees
 from mmlens.core.replay import BlockReplay
 from mmlens.core.spans import ModalitySpans
@@ -251,13 +252,67 @@ def prepare(hooked: HookedModel, inputs: dict, metric: Metric | None, mode: str)
     """The :class:`Setup` of one input row: one forward of ``inputs`` (embeddings, final logits,
     recorded for replay) and one per explained modality's neutral reference (unless cached).
     ``metric=None``: :func:`predicted_prob` of this input."""
+    replay = BlockReplay(hooked) if BlockReplay.supports(hooked) else None
+    with torch.no_grad(), replay.capture() if replay else contextlib.nullcontext():
+        run = hooked.run(inputs, cache=[embedding_point(hooked)] + ([replay.final_point] if replay else []))
+    return _setup_of_run(hooked, inputs, run, replay, metric, mode)
+
+
+BATCHED_SETUPS_AGREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> whether :func:`prepare_rows`' batched setups agreed with one-row :func:`prepare` (checked
+once per model; absent: not yet checked)."""
+
+
+def prepare_rows(hooked: HookedModel, rows: Sequence[dict], metric: Metric | None, mode: str) -> list[Setup]:
+    """The :func:`prepare` of each input row, from one batched forward (one model call instead of
+    ``len(rows)``) when the rows share a layout and can be joined (:meth:`HookedModel.join`). The first
+    time per model, the first row's setup is compared with its own :func:`prepare` (embeddings and
+    logits within relative 1e-4, the same replay); if they differ, that model's rows are prepared one
+    by one from then on, as they are when the rows cannot be joined."""
+    if len(rows) < 2 or BATCHED_SETUPS_AGREE.get(hooked.model) is False:
+        return [prepare(hooked, row, metric, mode) for row in rows]
+    spans = hooked.spans(rows[0])
+    try:
+        if not all(hooked.spans(row).same_layout(spans) for row in rows[1:]):
+            raise ValueError("the rows' layouts differ")
+        batch = hooked.join(rows)
+    except (ValueError, RuntimeError):
+        return [prepare(hooked, row, metric, mode) for row in rows]
+    replay = BlockReplay(hooked) if BlockReplay.supports(hooked) else None
+    names = [embedding_point(hooked)] + ([replay.final_point] if replay else [])
+    with torch.no_grad(), replay.capture() if replay else contextlib.nullcontext():
+        run = hooked.run(batch, cache=names)
+    setups = []
+    for r, row in enumerate(rows):
+        cut = RunResult(None, run.logits[r : r + 1], {n: run.cache[n][r : r + 1] for n in names}, hooked.spans(row))
+        setups.append(_setup_of_run(hooked, row, cut, replay.row(r, len(rows)) if replay else None, metric, mode))
+    if hooked.model not in BATCHED_SETUPS_AGREE:
+        BATCHED_SETUPS_AGREE[hooked.model] = _same_setup(setups[0], prepare(hooked, rows[0], metric, mode))
+        if not BATCHED_SETUPS_AGREE[hooked.model]:
+            return [prepare(hooked, row, metric, mode) for row in rows]
+    return setups
+
+
+def _same_setup(a: Setup, b: Setup) -> bool:
+    """Whether two setups of one row agree: embeddings and logits within relative 1e-4, the same
+    replay availability and kind."""
+
+    def close(x: Tensor, y: Tensor) -> bool:
+        x, y = x.float(), y.float()
+        return x.shape == y.shape and float((x - y).abs().max()) <= 1e-4 * float(y.abs().max()) + 1e-6
+
+    same_replay = (a.replay is None) == (b.replay is None) and (a.replay is None or a.replay.method == b.replay.method)
+    return same_replay and close(a.embeds, b.embeds) and close(a.logits, b.logits) and close(a.baseline, b.baseline)
+
+
+def _setup_of_run(
+    hooked: HookedModel, inputs: dict, run: RunResult, replay: BlockReplay | None, metric: Metric | None, mode: str
+) -> Setup:
+    """:func:`prepare`'s :class:`Setup` from the (recorded) run of one input row."""
     point = embedding_point(hooked)
     spans = hooked.spans(inputs)
     if mode != "joint" and mode not in spans.masks:
         raise ValueError(f"mode must be 'joint' or a modality of these inputs {spans.modalities}, got {mode!r}")
-    replay = BlockReplay(hooked) if BlockReplay.supports(hooked) else None
-    with torch.no_grad(), replay.capture() if replay else contextlib.nullcontext():
-        run = hooked.run(inputs, cache=[point] + ([replay.final_point] if replay else []))
     embeds = run.cache[point]
     logits = hooked.readout_logits(run.logits, inputs).detach()
     if replay is not None and not (replay.ready(run, inputs) and torch.equal(replay.block_input(0), embeds)):
@@ -812,6 +867,7 @@ __all__ = [
     "predicted_prob",
     "prediction_metric",
     "prepare",
+    "prepare_rows",
     "reads_setup_only",
     "register_explainer",
     "resolve_explainer",

@@ -43,6 +43,7 @@ from mmlens.methods.explainers import (
     predicted_prob,
     prediction_metric,
     prepare,
+    prepare_rows,
     reads_setup_only,
     variant_setup,
     with_embeds,
@@ -320,7 +321,8 @@ class _Ablations:
         return self.setups[min(others, key=lambda j: (j - i) % len(masks))].embeds
 
     def of(self, i: int, x: dict, setup: Setup):
-        """Yield (reference, m, inputs, setup) for every reference and modality of input ``i``."""
+        """Yield (reference, m, inputs, setup) for every reference and modality of input ``i``. The
+        neutral ones are prepared one by one, like ``x``: an unused modality's Delta is then exactly 0."""
         for r in self.references:
             for m in self.modalities:
                 if m not in setup.spans.masks:
@@ -895,8 +897,8 @@ def stability(
             except ValueError as err:
                 skipped[m] = str(err)
                 perturbed = []
-            for draw, p in enumerate(perturbed):
-                moved = prepare(hooked, p.inputs, setup.metric, "joint")
+            moved_setups = prepare_rows(hooked, [p.inputs for p in perturbed], setup.metric, "joint")
+            for draw, (p, moved) in enumerate(zip(perturbed, moved_setups)):
                 change = relative_input_change(hooked, x, p.inputs, m)
                 rows += _stability_samples(
                     hooked, setup, base, chosen, p.inputs, moved, (i, m, "input", p.kind, draw), change
