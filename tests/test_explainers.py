@@ -387,3 +387,31 @@ def test_batched_setups_fall_back_to_one_row_each_when_their_check_fails(story, 
         BATCHED_SETUPS_AGREE.pop(hm.model, None)
         if previous is not None:
             BATCHED_SETUPS_AGREE[hm.model] = previous
+
+
+def test_a_recording_cut_wrongly_from_a_batch_is_caught(story, monkeypatch):
+    """Sabotage: each row's cut recording gets the other row's keys and values. Embeddings and logits
+    still agree (they come from the batched run), but replaying the row's last positions does not, so
+    the check fails and the rows are prepared one by one."""
+    from mmlens.core.replay import BlockReplay
+    from mmlens.methods.explainers import BATCHED_SETUPS_AGREE, prepare_rows
+
+    hm, inputs = story
+    rows = [hm.rows(inputs, 0), hm.neutral(hm.rows(inputs, 0), "text")]
+    original = BlockReplay.row
+
+    def swapped(self, r, n):
+        out, other = original(self, r, n), original(self, n - 1 - r, n)
+        out.recorder.entries = other.recorder.entries
+        return out
+
+    monkeypatch.setattr(BlockReplay, "row", swapped)
+    previous = BATCHED_SETUPS_AGREE.pop(hm.model, None)
+    try:
+        setups = prepare_rows(hm, rows, None, "joint")
+        assert BATCHED_SETUPS_AGREE[hm.model] is False
+        assert torch.equal(setups[0].logits, prepare(hm, rows[0], None, "joint").logits)
+    finally:
+        BATCHED_SETUPS_AGREE.pop(hm.model, None)
+        if previous is not None:
+            BATCHED_SETUPS_AGREE[hm.model] = previous

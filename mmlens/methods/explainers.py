@@ -295,14 +295,21 @@ def prepare_rows(hooked: HookedModel, rows: Sequence[dict], metric: Metric | Non
 
 def _same_setup(a: Setup, b: Setup) -> bool:
     """Whether two setups of one row agree: embeddings and logits within relative 1e-4, the same
-    replay availability and kind."""
+    replay availability and kind, and ``a``'s replay of the row's last (up to 4) positions gives its
+    logits (so a recording cut wrongly from a batch is caught)."""
 
     def close(x: Tensor, y: Tensor) -> bool:
         x, y = x.float(), y.float()
         return x.shape == y.shape and float((x - y).abs().max()) <= 1e-4 * float(y.abs().max()) + 1e-6
 
     same_replay = (a.replay is None) == (b.replay is None) and (a.replay is None or a.replay.method == b.replay.method)
-    return same_replay and close(a.embeds, b.embeds) and close(a.logits, b.logits) and close(a.baseline, b.baseline)
+    if not (same_replay and close(a.embeds, b.embeds) and close(a.logits, b.logits) and close(a.baseline, b.baseline)):
+        return False
+    if a.replay is None:
+        return True
+    start = a.replay.start(0, max(0, a.replay.last - 3))
+    with torch.no_grad():
+        return close(a.replay.logits(a.replay.block_input(0)[:, start:], 0, start), a.logits)
 
 
 def _setup_of_run(
