@@ -191,7 +191,7 @@ def test_masked_variants_packed_as_prefix_trees_equal_full_forwards(loaded, name
     last, seq = setup.replay.last, setup.embeds.shape[1]
     differs = (setup.embeds != setup.baseline).any(-1)[0]
     reduced = list({(m & differs).numpy().tobytes(): m & differs for m in masks if (m & differs).any()}.values())
-    trees = prefix_trees(reduced, last, max(last + 1, min(4 * (last + 1), 512)))
+    trees = prefix_trees(reduced, last, max(last + 1, min(4 * (last + 1), 512, 2 * setup.embeds.shape[-1])))
     sizes = [len(tree) for tree, _ in trees]
     assert lengths == [sizes[0] + min(last, 3) + 1] + sizes[1:]  # the first tree carries the row's own last positions
     firsts = sorted(int(m.nonzero()[0]) for m in reduced)
