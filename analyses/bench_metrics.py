@@ -64,8 +64,8 @@ RELATIVE_TOLERANCE = 1e-3
 """Agreement: |mmlens - reference| <= TOLERANCE + RELATIVE_TOLERANCE * |reference| for every number.
 The relative part is for ratios of float32 differences of nearly equal probabilities (stability's
 ``ris``: an explanation change over a 0.05 input change): variants packed as a prefix tree round
-differently from batch-1 forwards (~1e-6 in a probability, about what appending tokens a causal LM
-ignores does to a plain forward), and such ratios carry it at ~1e-4 relative."""
+differently from batch-1 forwards (up to ~1e-6 in a probability), and such ratios carry it at ~1e-4
+relative."""
 SENTENCES = (
     "The little dog was happy and ran quickly to the big house.",
     "She smiled at the tiny cat, then walked to the door.",
