@@ -399,7 +399,7 @@ def _variant_values(
     engine = setup.replay
     if pack is not False and PACK_TOKENS > 0 and engine is not None and engine.tree_refusal() is None:
         trees = _cheaper_trees(engine, masks, batch_size, always=pack is True)
-        values = _tree_values(setup, masks, trees) if trees is not None else None
+        values = _tree_values(setup, len(masks), trees) if trees is not None else None
         if values is not None:
             return values
     order = sorted(range(len(masks)), key=lambda u: int(masks[u].nonzero()[0])) if engine else range(len(masks))
@@ -413,8 +413,9 @@ batches reads it (a speed heuristic, never a result)."""
 
 
 def _cheaper_trees(engine: BlockReplay, masks: list[Tensor], batch_size: int, always: bool = False) -> list | None:
-    """The prefix trees of the masks that change a position up to the readout, when they cost less
-    than batches sorted by first masked position (or ``always``); else None.
+    """The prefix trees of the masks that change a position up to the readout, each with the indices
+    (into ``masks``) of the variants it reads out, when they cost less than batches sorted by first
+    masked position (or ``always``); else None.
 
     Cost per block (a speed heuristic only, never a result): ``24 d^2`` flops per position for the
     linear layers (a transformer's ~12 d^2 weights), ``4 d`` per attended key, :data:`CALL_FLOPS` per
@@ -429,29 +430,27 @@ def _cheaper_trees(engine: BlockReplay, masks: list[Tensor], batch_size: int, al
     batched = sum(
         cost(len(firsts[i : i + batch_size]) * (seq - firsts[i]), seq) for i in range(0, len(firsts), batch_size)
     )
-    early = [mask for mask in masks if bool(mask[: last + 1].any())]
+    early = [u for u, mask in enumerate(masks) if bool(mask[: last + 1].any())]
     budget = max(last + 1, min(batch_size * (last + 1), PACK_TOKENS, 2 * width))
-    trees = prefix_trees(early, last, budget) if early else []
+    trees = prefix_trees([masks[u] for u in early], last, budget) if early else []
     cheaper = sum(cost(len(tree), seq + len(tree)) for tree, _ in trees) < batched
-    return trees if always or cheaper else None
+    return [(tree, [early[i] for i in members]) for tree, members in trees] if always or cheaper else None
 
 
-def _tree_values(setup: Setup, masks: list[Tensor], trees: list) -> Tensor | None:
-    """Float[len(masks)] from :func:`_cheaper_trees`'s trees (None when the engine's check on the first
-    tree fails); masks that change only positions after the readout (which a causal LM's readout
-    cannot see) take the input's own value."""
-    engine = setup.replay
-    early = [u for u, mask in enumerate(masks) if bool(mask[: engine.last + 1].any())]
-    values = torch.full((len(masks),), float(setup.value[0]))
+def _tree_values(setup: Setup, n: int, trees: list) -> Tensor | None:
+    """Float[n]: the n variants' values from :func:`_cheaper_trees`'s trees (None when the engine's
+    check on the first tree fails); variants in no tree change only positions after the readout
+    (which a causal LM's readout cannot see) and take the input's own value."""
+    values = torch.full((n,), float(setup.value[0]))
     for tree, members in trees:
         positions = tree.positions.to(setup.embeds.device)
         changed = tree.changed.to(positions.device)[None, :, None]
-        logits = engine.tree_logits(
+        logits = setup.replay.tree_logits(
             torch.where(changed, setup.baseline[:, positions], setup.embeds[:, positions]), tree
         )
         if logits is None:
             return None
-        values[[early[i] for i in members]] = setup.metric(logits).float().cpu()
+        values[members] = setup.metric(logits).float().cpu()
     return values
 
 
