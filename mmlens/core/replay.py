@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -289,37 +290,14 @@ class BlockReplay:
             h = _first(self.modules[layer](**{self.hidden[layer]: h}, **kwargs))
         return h
 
-    @torch.no_grad()
     def tree_logits(self, h: Tensor, tree: PrefixTree) -> Tensor | None:
         """Readout logits Float[n, vocab] of a :class:`~mmlens.core.prefix_tree.PrefixTree`'s n variants:
         blocks 0..L-1 run on ``h`` Float[1, T, d] (the residual stream entering block 0 at the tree's
         nodes), each node attending to the recorded keys and values of positions before its branch
-        position and to its ancestors. Only when :meth:`tree_refusal` is None.
-
-        The first call on a recording also runs the row's own last (up to 4) positions after the
-        tree's nodes (:meth:`PrefixTree.with_own_path`): when their readout differs from the recorded
-        run's (relative 1e-4), e.g. because a block ignores the mask or positions it is given, it
-        returns None and :meth:`tree_refusal` says why from then on."""
-        check = self.tree_verdict is None
-        if check:
-            start = max(0, self.last - 3)
-            tree = tree.with_own_path(start, self.last)
-            h = torch.cat([h, self.block_input(0)[:, start : self.last + 1]], dim=1)
-        for layer in range(self.n_blocks):
-            kwargs = self._tree_kwargs(layer, tree)
-            h = _first(self.modules[layer](**{self.hidden[layer]: h}, **kwargs))
-        logits = self.reader(h[0, tree.readout.to(h.device)])
-        if not check:
-            return logits
-        got, want = logits[-1].float(), self.reader(self.final[:, self.last])[0].float()
-        error = float((got - want).abs().max())
-        self.tree_verdict = ""
-        if not error <= 1e-4 * float(want.abs().max()) + 1e-5:
-            self.tree_verdict = (
-                f"the row's own positions, packed after the variants, differ from its run by {error:.3g}"
-            )
-            return None
-        return logits[:-1]
+        position and to its ancestors. Only when :meth:`tree_refusal` is None; None when the first
+        call's check fails (see :func:`forest_logits`, of which this is the one-recording case)."""
+        out = forest_logits([(self, tree, h)])
+        return None if out is None else out[0]
 
     def tree_refusal(self) -> str | None:
         """Why :meth:`tree_logits` cannot be used on this recording (None: it can, as far as is known
@@ -335,19 +313,6 @@ class BlockReplay:
         """Whether block ``layer``'s recorded attention mask is absent or Float/Bool[..., seq, seq]."""
         mask, seq = self.calls[layer].get("attention_mask"), self.block_input(layer).shape[1]
         return mask is None or (isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[-2:] == (seq, seq))
-
-    def _tree_kwargs(self, layer: int, tree: PrefixTree) -> dict[str, Any]:
-        """Block ``layer``'s call arguments for the tree's nodes (batch 1)."""
-        call = self.calls[layer]
-        hidden = call[self.hidden[layer]]
-        positions = tree.positions.to(hidden.device)
-        out = {k: v for k, v in call.items() if k != self.hidden[layer]}
-        for name, arg in self.sequence_kwargs.items():
-            if call.get(name) is not None:
-                out[name] = _take(call[name], arg.seq, positions)
-        out["attention_mask"] = _tree_mask(call.get("attention_mask"), hidden, tree)
-        out[self.kv_kwarg] = _PrefixKV(self.recorder.entries, layer, hidden.shape[1], 1)
-        return out
 
     def first_block_call(self, inputs: Mapping[str, Any], edits: Sequence[Edit] = ()) -> tuple[Tensor, dict]:
         """The first LM block's call in a run of ``inputs`` with ``edits`` (which must lie before the
@@ -402,6 +367,133 @@ class BlockReplay:
             out[self.kv_kwarg] = _PrefixKV(self.recorder.entries, layer, start, n)
         batch_axes = {name: arg.batch for name, arg in self.sequence_kwargs.items()}
         return _expand(out, n, batch_axes)
+
+
+@torch.no_grad()
+def forest_logits(parts: Sequence[tuple[BlockReplay, PrefixTree, Tensor]]) -> list[Tensor] | None:
+    """Readout logits of several recordings' prefix trees in one call of the LM's blocks: for each
+    part (engine, tree, h), Float[n, vocab] of the tree's n variants, ``h`` Float[1, T, d] being the
+    residual stream entering block 0 at the tree's nodes. Each node attends to its own recording's
+    keys and values before its branch position (as that recording's mask allows) and to its
+    ancestors; nothing of another part is visible. Every engine's :meth:`BlockReplay.tree_refusal`
+    must be None.
+
+    The first call on a recording also runs the row's own last (up to 4) positions after its tree's
+    nodes (:meth:`PrefixTree.with_own_path`): when their readout differs from the recorded run's
+    (relative 1e-4), e.g. because a block ignores the mask or positions it is given, that engine's
+    ``tree_verdict`` says so, :meth:`BlockReplay.tree_refusal` refuses from then on, and this returns
+    None. Recordings whose block calls differ in other arguments (:func:`forest_refusal`) run one by one."""
+    engines = [engine for engine, _, _ in parts]
+    if len(parts) > 1 and forest_refusal(engines) is not None:
+        singles = [forest_logits([part]) for part in parts]
+        return None if any(s is None for s in singles) else [s[0] for s in singles]
+    checks = [engine.tree_verdict is None for engine in engines]
+    trees, hs = zip(*(_with_check(*part) if check else part[1:] for part, check in zip(parts, checks)))
+    first = engines[0]
+    h = torch.cat(hs, dim=1)
+    for layer in range(first.n_blocks):
+        kwargs = _forest_kwargs(engines, trees, layer)
+        h = _first(first.modules[layer](**{first.hidden[layer]: h}, **kwargs))
+    offsets = [0, *itertools.accumulate(len(tree) for tree in trees)]
+    readouts = torch.cat([tree.readout + offset for tree, offset in zip(trees, offsets)])
+    logits = first.reader(h[0, readouts.to(h.device)]).split([len(tree.readout) for tree in trees])
+    if any(checks) and not _own_paths_agree([(e, lg[-1]) for e, lg, c in zip(engines, logits, checks) if c]):
+        return None
+    return [lg[:-1] if check else lg for lg, check in zip(logits, checks)]
+
+
+def forest_refusal(engines: Sequence[BlockReplay]) -> str | None:
+    """Why the recordings of ``engines`` cannot share one :func:`forest_logits` call (None: they can):
+    they must replay the same model's blocks, and every block call must agree in each argument
+    other than the hidden states, the attention mask and the sequence arguments."""
+    first = engines[0]
+    for engine in engines[1:]:
+        if engine.hooked is not first.hooked or len(engine.calls) != len(first.calls):
+            return "recordings of different models"
+        for layer, (mine, theirs) in enumerate(zip(engine.calls, first.calls)):
+            skip = {first.hidden[layer], "attention_mask", *first.sequence_kwargs}
+            if mine.keys() != theirs.keys():
+                return f"block {layer} was called with different arguments"
+            for name in mine.keys() - skip:
+                if not _same_argument(mine[name], theirs[name]):
+                    return f"block {layer}'s argument {name!r} differs between the recordings"
+    return None
+
+
+def _same_argument(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_argument(x, y) for x, y in zip(a, b))
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    return a is b or a == b
+
+
+def _with_check(engine: BlockReplay, tree: PrefixTree, h: Tensor) -> tuple[PrefixTree, Tensor]:
+    """The tree and its block-0 input with the row's own last (up to 4) positions appended."""
+    start = max(0, engine.last - 3)
+    own = engine.block_input(0)[:, start : engine.last + 1]
+    return tree.with_own_path(start, engine.last), torch.cat([h, own.to(h)], dim=1)
+
+
+def _own_paths_agree(checked: list[tuple[BlockReplay, Tensor]]) -> bool:
+    """Whether each engine's own-path readout equals its recorded run's; records the verdict."""
+    want = checked[0][0].reader(torch.cat([engine.final[:, engine.last] for engine, _ in checked]))
+    agree = True
+    for (engine, got), expected in zip(checked, want):
+        error = float((got.float() - expected.float()).abs().max())
+        engine.tree_verdict = ""
+        if not error <= 1e-4 * float(expected.float().abs().max()) + 1e-5:
+            engine.tree_verdict = (
+                f"the row's own positions, packed after the variants, differ from its run by {error:.3g}"
+            )
+            agree = False
+    return agree
+
+
+def _forest_kwargs(engines: Sequence[BlockReplay], trees: Sequence[PrefixTree], layer: int) -> dict[str, Any]:
+    """Block ``layer``'s call arguments for the nodes of every part's tree (batch 1)."""
+    first = engines[0]
+    calls = [engine.calls[layer] for engine in engines]
+    hidden = first.hidden[layer]
+    positions = [tree.positions.to(call[hidden].device) for tree, call in zip(trees, calls)]
+    out = {k: v for k, v in calls[0].items() if k != hidden}
+    for name, arg in first.sequence_kwargs.items():
+        if calls[0].get(name) is not None:
+            out[name] = _cat([_take(call[name], arg.seq, p) for call, p in zip(calls, positions)], arg.seq)
+    masks = [_tree_mask(call.get("attention_mask"), call[hidden], tree) for call, tree in zip(calls, trees)]
+    seqs = [call[hidden].shape[1] for call in calls]
+    out["attention_mask"] = _block_diagonal(masks, seqs)
+    entries = [engine.recorder.entries[layer] for engine in engines]
+    keys, values = torch.cat([k for k, _ in entries], dim=-2), torch.cat([v for _, v in entries], dim=-2)
+    out[first.kv_kwarg] = _PrefixKV([(keys, values)], 0, sum(seqs), 1)
+    return out
+
+
+def _cat(values: list[Any], axis: int) -> Any:
+    """Tensors (or tuples/lists of them, element by element) concatenated along ``axis``."""
+    if isinstance(values[0], (tuple, list)):
+        return type(values[0])(_cat(list(group), axis) for group in zip(*values))
+    return torch.cat(values, dim=axis)
+
+
+def _block_diagonal(masks: list[Tensor], seqs: list[int]) -> Tensor:
+    """One mask Float or Bool[..., T, S + T] from each part's :func:`_tree_mask` Float/Bool[..., T_j,
+    seq_j + T_j]: part j's nodes see part j's recorded keys (columns of the S = sum seq_j) and part
+    j's nodes (of the T = sum T_j), nothing else."""
+    if len(masks) == 1:
+        return masks[0]
+    sizes = [mask.shape[-2] for mask in masks]
+    lead = torch.broadcast_shapes(*(mask.shape[:-2] for mask in masks))
+    total, nodes = sum(seqs), sum(sizes)
+    like = masks[0]
+    fill = False if like.dtype == torch.bool else torch.finfo(like.dtype).min
+    out = torch.full((*lead, nodes, total + nodes), fill, dtype=like.dtype, device=like.device)
+    row = key = 0
+    for mask, seq, size in zip(masks, seqs, sizes):
+        out[..., row : row + size, key : key + seq] = mask[..., :seq]
+        out[..., row : row + size, total + row : total + row + size] = mask[..., seq:]
+        row, key = row + size, key + seq
+    return out
 
 
 class _StopForward(Exception):
@@ -787,5 +879,7 @@ __all__ = [
     "PrefixRunner",
     "cache_kwarg",
     "expand_prefix",
+    "forest_logits",
+    "forest_refusal",
     "record_points",
 ]
