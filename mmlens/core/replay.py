@@ -387,7 +387,7 @@ def forest_logits(parts: Sequence[tuple[BlockReplay, PrefixTree, Tensor]]) -> li
     if len(parts) > 1 and forest_refusal(engines) is not None:
         singles = [forest_logits([part]) for part in parts]
         return None if any(s is None for s in singles) else [s[0] for s in singles]
-    checks = [engine.tree_verdict is None for engine in engines]
+    checks = [engine.tree_verdict is None and engine not in engines[:j] for j, engine in enumerate(engines)]
     trees, hs = zip(*(_with_check(*part) if check else part[1:] for part, check in zip(parts, checks)))
     first = engines[0]
     h = torch.cat(hs, dim=1)

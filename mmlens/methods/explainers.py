@@ -38,8 +38,8 @@ from torch import Tensor
 from mmlens.core.edits import replace
 from mmlens.core.names import nearest_names
 from mmlens.core.plan import RunResult
-from mmlens.core.prefix_tree import prefix_trees
-from mmlens.core.replay import BlockReplay
+from mmlens.core.prefix_tree import PrefixTree, prefix_trees
+from mmlens.core.replay import BlockReplay, forest_logits
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import HookedModel
 from mmlens.methods.patching import Corruption, Metric, sweep
@@ -373,36 +373,83 @@ def masked_values(
     masked one, attending to the input run's keys and values before it, and only the readout position
     is unembedded: packed as a prefix tree (:mod:`mmlens.core.prefix_tree`, variants sharing masked
     prefixes share them) when that costs less than batches sorted by first position (``pack=None``,
-    see :func:`_cheaper_trees`; ``pack=True``: whenever the engine allows) and the engine's packing
+    see :func:`_cheaper_forest`; ``pack=True``: whenever the engine allows) and the engine's packing
     check passes (:meth:`~mmlens.core.replay.BlockReplay.tree_refusal`), else (or with ``pack=False``)
-    in such batches of ``batch_size``.
+    in such batches of ``batch_size``. :func:`masked_values_rows` does this for several rows at once.
     """
+    return masked_values_rows(hooked, [(inputs, setup, masks)], batch_size, pack)[0]
+
+
+MaskJob = tuple[dict, Setup, Sequence[Tensor]]
+"""One row's masked variants: (input row, its :class:`Setup`, Bool[seq] masks)."""
+
+
+def masked_values_rows(
+    hooked: HookedModel, jobs: Sequence[MaskJob], batch_size: int = 32, pack: bool | None = None
+) -> list[Tensor]:
+    """:func:`masked_values` of several rows, one Float[len(masks)] per (inputs, setup, masks) job.
+    The prefix trees of every row whose engine allows them run together, several recordings per call
+    of the blocks (:func:`mmlens.core.replay.forest_logits`): per-call costs are shared, and the
+    calls are large enough for the matrix products to run near full speed."""
+    reduced = [_distinct_masks(setup, masks) for _, setup, masks in jobs]
+    with torch.no_grad():
+        values = _variant_values_rows(
+            hooked, [(x, setup, unique) for (x, setup, _), (_, unique, _) in zip(jobs, reduced)], batch_size, pack
+        )
+    out = []
+    for (_, setup, _), (masks, _, index), value in zip(jobs, reduced, values):
+        f = float(setup.value[0])
+        out.append(torch.tensor([float(value[index[m.numpy().tobytes()]]) if m.any() else f for m in masks]))
+    return out
+
+
+def _distinct_masks(setup: Setup, masks: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], dict[bytes, int]]:
+    """The masks reduced to positions whose embedding differs from the baseline, the distinct
+    non-empty ones among them, and each one's index in that list (by its bytes)."""
     differs = (setup.embeds != setup.baseline).any(-1)[0].cpu()
-    masks = [mask.cpu() & differs for mask in masks]
+    reduced = [mask.cpu() & differs for mask in masks]
     index: dict[bytes, int] = {}
     unique: list[Tensor] = []
-    for mask in masks:
+    for mask in reduced:
         key = mask.numpy().tobytes()
         if mask.any() and key not in index:
             index[key] = len(unique)
             unique.append(mask)
-    with torch.no_grad():
-        values = _variant_values(hooked, inputs, setup, unique, batch_size, pack)
-    f = float(setup.value[0])
-    return torch.tensor([float(values[index[m.numpy().tobytes()]]) if m.any() else f for m in masks])
+    return reduced, unique, index
+
+
+def _variant_values_rows(hooked: HookedModel, jobs: list[MaskJob], batch_size: int, pack: bool | None) -> list[Tensor]:
+    """Float[len(masks)] per job: the metric of each (non-empty, distinct) mask's variant."""
+    out: list[Tensor | None] = [None] * len(jobs)
+    if pack is not False and PACK_TOKENS > 0:
+        able = [j for j, (_, setup, masks) in enumerate(jobs) if masks and _trees_allowed(setup)]
+        calls = _cheaper_forest([(jobs[j][1], jobs[j][2]) for j in able], batch_size, always=pack is True)
+        if calls is not None:
+            got = _forest_values([(jobs[j][1], len(jobs[j][2])) for j in able], calls)
+            for j, value in zip(able, got):
+                out[j] = value
+    return [
+        value if value is not None else _variant_values(hooked, x, setup, list(masks), batch_size, pack)
+        for value, (x, setup, masks) in zip(out, jobs)
+    ]
+
+
+def _trees_allowed(setup: Setup) -> bool:
+    return setup.replay is not None and setup.replay.tree_refusal() is None
 
 
 def _variant_values(
     hooked: HookedModel, inputs: dict, setup: Setup, masks: list[Tensor], batch_size: int, pack: bool | None
 ) -> Tensor:
-    """Float[len(masks)]: the metric of each (non-empty, distinct) mask's variant."""
-    engine = setup.replay
-    if pack is not False and PACK_TOKENS > 0 and engine is not None and engine.tree_refusal() is None:
-        trees = _cheaper_trees(engine, masks, batch_size, always=pack is True)
-        values = _tree_values(setup, len(masks), trees) if trees is not None else None
+    """Float[len(masks)]: the metric of each (non-empty, distinct) mask's variant of one row, as a
+    prefix tree when :func:`_variant_values_rows` chose trees and the engine still allows them, else
+    in sorted batches."""
+    if pack is not False and PACK_TOKENS > 0 and masks and _trees_allowed(setup):
+        calls = _cheaper_forest([(setup, masks)], batch_size, always=pack is True)
+        values = _forest_values([(setup, len(masks))], calls)[0] if calls is not None else None
         if values is not None:
             return values
-    order = sorted(range(len(masks)), key=lambda u: int(masks[u].nonzero()[0])) if engine else range(len(masks))
+    order = sorted(range(len(masks)), key=lambda u: int(masks[u].nonzero()[0])) if setup.replay else range(len(masks))
     return _batched_values(hooked, inputs, setup, masks, list(order), batch_size)
 
 
@@ -411,47 +458,78 @@ CALL_FLOPS: float = 2e7
 a 2-core CPU at ~50 GFLOP/s. Only :func:`masked_values`'s choice between prefix trees and sorted
 batches reads it (a speed heuristic, never a result)."""
 
+ForestCall = list[tuple[int, PrefixTree, list[int]]]
+"""One call of the blocks: (job, tree, the indices of the job's masks it reads out) per part."""
 
-def _cheaper_trees(engine: BlockReplay, masks: list[Tensor], batch_size: int, always: bool = False) -> list | None:
-    """The prefix trees of the masks that change a position up to the readout, each with the indices
-    (into ``masks``) of the variants it reads out, when they cost less than batches sorted by first
+
+def _cheaper_forest(
+    jobs: Sequence[tuple[Setup, list[Tensor]]], batch_size: int, always: bool = False
+) -> list[ForestCall] | None:
+    """The prefix trees of every job's masks that change a position up to its readout, packed into
+    calls of at most the node budget, when they cost less than each job's batches sorted by first
     masked position (or ``always``); else None.
 
     Cost per block (a speed heuristic only, never a result): ``24 d^2`` flops per position for the
     linear layers (a transformer's ~12 d^2 weights), ``4 d`` per attended key, :data:`CALL_FLOPS` per
-    call; a tree's T nodes each attend (densely, masked) to ``seq + T`` keys, so trees are capped at
-    ``2 d`` nodes (also at ``PACK_TOKENS`` and ``batch_size`` variants' worth of positions)."""
-    last, (seq, width) = engine.last, engine.block_input(0).shape[1:]
+    call; a call's T nodes each attend (densely, masked) to its recordings' keys and its T nodes, so
+    calls are capped at ``2 d`` nodes (also at ``PACK_TOKENS``; a row's own trees also at ``batch_size``
+    variants' worth of its positions)."""
+    if not jobs:
+        return None
+    width = jobs[0][0].replay.block_input(0).shape[-1]
 
     def cost(positions: int, keys: int) -> float:
         return CALL_FLOPS + positions * (24 * width * width + 4 * width * keys)
 
-    firsts = sorted(min(int(mask.nonzero()[0]), last) for mask in masks)
-    batched = sum(
-        cost(len(firsts[i : i + batch_size]) * (seq - firsts[i]), seq) for i in range(0, len(firsts), batch_size)
-    )
-    early = [u for u, mask in enumerate(masks) if bool(mask[: last + 1].any())]
-    budget = max(last + 1, min(batch_size * (last + 1), PACK_TOKENS, 2 * width))
-    trees = prefix_trees([masks[u] for u in early], last, budget) if early else []
-    cheaper = sum(cost(len(tree), seq + len(tree)) for tree, _ in trees) < batched
-    return [(tree, [early[i] for i in members]) for tree, members in trees] if always or cheaper else None
-
-
-def _tree_values(setup: Setup, n: int, trees: list) -> Tensor | None:
-    """Float[n]: the n variants' values from :func:`_cheaper_trees`'s trees (None when the engine's
-    check on the first tree fails); variants in no tree change only positions after the readout
-    (which a causal LM's readout cannot see) and take the input's own value."""
-    values = torch.full((n,), float(setup.value[0]))
-    for tree, members in trees:
-        positions = tree.positions.to(setup.embeds.device)
-        changed = tree.changed.to(positions.device)[None, :, None]
-        logits = setup.replay.tree_logits(
-            torch.where(changed, setup.baseline[:, positions], setup.embeds[:, positions]), tree
+    batched, parts = 0.0, []
+    for j, (setup, masks) in enumerate(jobs):
+        last, seq = setup.replay.last, setup.replay.block_input(0).shape[1]
+        firsts = sorted(min(int(mask.nonzero()[0]), last) for mask in masks)
+        batched += sum(
+            cost(len(firsts[i : i + batch_size]) * (seq - firsts[i]), seq) for i in range(0, len(firsts), batch_size)
         )
-        if logits is None:
-            return None
-        values[members] = setup.metric(logits).float().cpu()
+        early = [u for u, mask in enumerate(masks) if bool(mask[: last + 1].any())]
+        budget = max(last + 1, min(batch_size * (last + 1), PACK_TOKENS, 2 * width))
+        trees = prefix_trees([masks[u] for u in early], last, budget) if early else []
+        parts += [(j, tree, [early[i] for i in members], seq) for tree, members in trees]
+    calls = _pack_calls(parts, min(PACK_TOKENS, 2 * width))
+    forest = sum(cost(sum(len(t) for _, t, _, _ in call), sum(len(t) + s for _, t, _, s in call)) for call in calls)
+    return [[(j, t, members) for j, t, members, _ in call] for call in calls] if always or forest < batched else None
+
+
+def _pack_calls(parts: list[tuple[int, PrefixTree, list[int], int]], budget: int) -> list[list]:
+    """Consecutive parts (job, tree, members, seq) grouped into calls of at most ``budget`` nodes (a
+    larger tree alone)."""
+    calls: list[list] = []
+    for part in parts:
+        if calls and sum(len(p[1]) for p in calls[-1]) + len(part[1]) <= budget:
+            calls[-1].append(part)
+        else:
+            calls.append([part])
+    return calls
+
+
+def _forest_values(jobs: Sequence[tuple[Setup, int]], calls: list[ForestCall]) -> list[Tensor | None]:
+    """Float[n] per (setup, n variants) job from :func:`_cheaper_forest`'s calls (None for a job in a
+    call whose check failed); variants in no tree change only positions after the readout (which a
+    causal LM's readout cannot see) and take the input's own value."""
+    values: list[Tensor | None] = [torch.full((n,), float(setup.value[0])) for setup, n in jobs]
+    for call in calls:
+        parts = [(jobs[j][0].replay, tree, _tree_input(jobs[j][0], tree)) for j, tree, _ in call]
+        logits = forest_logits(parts)
+        for (j, _, members), part_logits in zip(call, logits or [None] * len(call)):
+            if logits is None or values[j] is None:
+                values[j] = None
+            else:
+                values[j][members] = jobs[j][0].metric(part_logits).float().cpu()
     return values
+
+
+def _tree_input(setup: Setup, tree: PrefixTree) -> Tensor:
+    """Float[1, T, d]: the LM-input embeddings at a tree's nodes (the baseline where they change)."""
+    positions = tree.positions.to(setup.embeds.device)
+    changed = tree.changed.to(positions.device)[None, :, None]
+    return torch.where(changed, setup.baseline[:, positions], setup.embeds[:, positions])
 
 
 def _batched_values(
@@ -559,17 +637,40 @@ def _integrated_gradients(
 def _occlusion(
     hooked, inputs, metric, setup: Setup, window: int = 1, batch_size: int = 32, pack: bool | None = None
 ) -> Tensor:
-    positions = setup.explained[0].nonzero()[:, 0].tolist()
-    masks = []
-    for p in positions:
-        mask = torch.zeros(setup.explained.shape[1], dtype=torch.bool)
-        mask[[q for q in range(p - window // 2, p - window // 2 + window) if q in positions]] = True
-        masks.append(mask)
-    scores = torch.full(setup.explained.shape, float("nan"), device=setup.embeds.device)
-    if positions:
-        values = masked_values(hooked, inputs, setup, masks, batch_size, pack).to(scores.device)
-        scores[0, positions] = setup.value.float() - values
-    return scores
+    return _occlusion_rows(hooked, [inputs], [setup], window, batch_size, pack)[0]
+
+
+def _occlusion_rows(
+    hooked: HookedModel,
+    rows: Sequence[dict],
+    setups: Sequence[Setup],
+    window: int = 1,
+    batch_size: int = 32,
+    pack: bool | None = None,
+) -> list[Tensor]:
+    """Occlusion of several rows (Float[1, seq] each), their masked variants run together
+    (:func:`masked_values_rows`)."""
+    jobs, positions = [], []
+    for inputs, setup in zip(rows, setups):
+        explained = setup.explained[0].nonzero()[:, 0].tolist()
+        masks = []
+        for p in explained:
+            mask = torch.zeros(setup.explained.shape[1], dtype=torch.bool)
+            mask[[q for q in range(p - window // 2, p - window // 2 + window) if q in explained]] = True
+            masks.append(mask)
+        jobs.append((inputs, setup, masks))
+        positions.append(explained)
+    values = masked_values_rows(hooked, jobs, batch_size, pack)
+    out = []
+    for (_, setup, _), explained, value in zip(jobs, positions, values):
+        scores = torch.full(setup.explained.shape, float("nan"), device=setup.embeds.device)
+        if explained:
+            scores[0, explained] = setup.value.float() - value.to(scores.device)
+        out.append(scores)
+    return out
+
+
+_occlusion.rows = _occlusion_rows
 
 
 def _attentions(hooked: HookedModel, inputs: dict) -> list[Tensor]:
@@ -688,6 +789,13 @@ def _inverted(hooked, inputs, metric, setup: Setup, **options: Any) -> Tensor:
     return -_occlusion(hooked, inputs, metric, setup, **options)
 
 
+def _inverted_rows(hooked: HookedModel, rows: Sequence[dict], setups: Sequence[Setup], **options: Any) -> list[Tensor]:
+    return [-scores for scores in _occlusion_rows(hooked, rows, setups, **options)]
+
+
+_inverted.rows = _inverted_rows
+
+
 Explainer = Callable[..., "Tensor | tuple[Tensor, dict]"]
 """The explainer contract: ``fn(hooked, inputs, metric, setup, **options)`` with ``inputs`` one row
 (batch 1), ``metric`` the :data:`mmlens.methods.patching.Metric` to explain (final-position logits ->
@@ -697,7 +805,8 @@ spans); returns Float[1, seq] signed scores (positive: the position supports the
 ``setup.explained`` are ignored (set to NaN). An explainer that reads the input only through
 ``setup`` (``setup.embeds``/``baseline``, :func:`with_embeds`, :func:`masked_values`) can explain
 embedding-level variants (``embeds_only=True`` in :func:`register_explainer`, or the attribute
-``fn.embeds_only = True`` on a callable passed directly)."""
+``fn.embeds_only = True`` on a callable passed directly). A ``rows`` attribute explains several rows
+at once (see :func:`explain_rows`)."""
 
 EXPLAINERS: dict[str, Explainer] = {
     "gradient_x_input": _gradient_x_input,
@@ -839,13 +948,45 @@ def explain_row(
     hooked: HookedModel, prepared: Setup, one: dict, method: str | Explainer, mode: str, options: Mapping[str, Any]
 ) -> Explanation:
     """:func:`explain` of one input row from its :func:`prepare` (which fixes the metric and mode)."""
+    _check_variant(prepared, method)
+    out = resolve_explainer(method)(hooked, one, prepared.metric, prepared, **options)
+    return _explanation(prepared, method, mode, options, out)
+
+
+def explain_rows(
+    hooked: HookedModel,
+    prepared: Sequence[Setup],
+    rows: Sequence[dict],
+    method: str | Explainer,
+    mode: str,
+    options: Mapping[str, Any],
+) -> list[Explanation]:
+    """:func:`explain_row` of several rows, one :class:`Explanation` each. An explainer with a
+    ``rows`` attribute (``fn.rows(hooked, rows, setups, **options)`` -> one Float[1, seq] per row;
+    occlusion and its inverted control) explains them in one go, their masked variants run together;
+    others one row at a time."""
+    together = getattr(resolve_explainer(method), "rows", None)
+    if together is None or len(rows) < 2:
+        return [explain_row(hooked, p, one, method, mode, options) for p, one in zip(prepared, rows)]
+    for p in prepared:
+        _check_variant(p, method)
+    outs = together(hooked, list(rows), list(prepared), **options)
+    return [_explanation(p, method, mode, options, out) for p, out in zip(prepared, outs)]
+
+
+def _check_variant(prepared: Setup, method: str | Explainer) -> None:
     if prepared.edited and not reads_setup_only(method):
         raise ValueError(
             f"explainer {explainer_name(method)!r} cannot explain an embedding-level variant (it may re-run the "
             f"inputs); explainers that can: {sorted(EMBEDS_ONLY)} (register yours with embeds_only=True, or set "
             "fn.embeds_only = True)"
         )
-    out = resolve_explainer(method)(hooked, one, prepared.metric, prepared, **options)
+
+
+def _explanation(
+    prepared: Setup, method: str | Explainer, mode: str, options: Mapping[str, Any], out: Tensor | tuple
+) -> Explanation:
+    """The :class:`Explanation` of one row from its explainer's output (scores, or (scores, info))."""
     raw, extra = out if isinstance(out, tuple) else (out, {})
     raw = raw.detach().float()
     scores = torch.where(prepared.explained.to(raw.device), raw, torch.full_like(raw, float("nan"))).cpu()
@@ -867,8 +1008,10 @@ __all__ = [
     "embedding_point",
     "explain",
     "explain_row",
+    "explain_rows",
     "explainer_name",
     "masked_values",
+    "masked_values_rows",
     "PREDICTION_METRICS",
     "predicted_prob",
     "prediction_metric",
