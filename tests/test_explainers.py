@@ -421,3 +421,109 @@ def test_a_recording_cut_wrongly_from_a_batch_is_caught(story, monkeypatch):
         BATCHED_SETUPS_AGREE.pop(hm.model, None)
         if previous is not None:
             BATCHED_SETUPS_AGREE[hm.model] = previous
+
+
+SENTENCES = ("Once upon a time there was a little girl who", "The dog ran to the", "She smiled at the tiny cat and")
+
+
+def _rows_case(loaded):
+    """Three TinyStories rows of different lengths, each prepared alone (separate recordings), with
+    occlusion masks and 6 random masks each."""
+    lm = loaded("tinystories-656k")
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
+    rows = [dict(lm.tokenizer([s], return_tensors="pt")) for s in SENTENCES]
+    generator = torch.Generator().manual_seed(1)
+    jobs = []
+    for row in rows:
+        setup = prepare(hm, row, None, "joint")
+        seq = setup.embeds.shape[1]
+        masks = [torch.arange(seq) == p for p in range(seq)] + [
+            torch.rand(seq, generator=generator) < 0.4 for _ in range(6)
+        ]
+        jobs.append((row, setup, masks))
+    return hm, jobs
+
+
+def test_masked_variants_of_several_rows_share_calls_and_equal_each_row_alone(loaded):
+    """``masked_values_rows`` packs three rows' prefix trees into shared calls of the blocks: fewer
+    calls than row by row, each row's values within 1e-6 of its own trees and of full forwards."""
+    from mmlens.methods.explainers import masked_values, masked_values_rows
+
+    hm, jobs = _rows_case(loaded)
+    calls_alone, alone = _block_lengths(hm, lambda: [masked_values(hm, *job, pack=True) for job in jobs])
+    calls_together, together = _block_lengths(hm, lambda: masked_values_rows(hm, jobs, pack=True))
+    assert len(calls_together) < len(calls_alone)
+    for (row, setup, masks), a, b in zip(jobs, alone, together):
+        full = torch.stack(
+            [
+                with_embeds(
+                    hm, row, setup.point, torch.where(m[None, :, None], setup.baseline, setup.embeds), setup.metric
+                )[0]
+                for m in masks
+            ]
+        ).float()
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-6)
+        torch.testing.assert_close(b, full, rtol=0, atol=2e-6)  # trees round differently (~1e-6)
+        assert setup.replay.variant_method == "replay + kv, prefix tree"
+
+
+def test_a_forest_mask_that_leaks_across_rows_is_caught(loaded, monkeypatch):
+    """Sabotage: each row's nodes also see the other rows' recorded keys. Each recording's first call
+    runs its own last positions inside the shared call, which now differ from its run: the check
+    fails, the rows fall back, and the values still equal full forwards."""
+    import mmlens.core.replay as replay
+    from mmlens.methods.explainers import masked_values_rows
+
+    original = replay._block_diagonal
+
+    def leaky(masks, seqs):
+        out, total, row, key = original(masks, seqs).clone(), sum(seqs), 0, 0
+        for mask, seq in zip(masks, seqs):
+            block = out[..., row : row + mask.shape[-2], :total]
+            own = block[..., key : key + seq].clone()
+            block.fill_(True if block.dtype == torch.bool else 0.0)
+            block[..., key : key + seq] = own
+            row, key = row + mask.shape[-2], key + seq
+        return out
+
+    monkeypatch.setattr(replay, "_block_diagonal", leaky)
+    hm, jobs = _rows_case(loaded)
+    together = masked_values_rows(hm, jobs, pack=True)
+    for (row, setup, masks), got in zip(jobs, together):
+        full = torch.stack(
+            [
+                with_embeds(
+                    hm, row, setup.point, torch.where(m[None, :, None], setup.baseline, setup.embeds), setup.metric
+                )[0]
+                for m in masks
+            ]
+        ).float()
+        torch.testing.assert_close(got, full, rtol=0, atol=2e-6)
+    verdicts = [setup.replay.variant_method for _, setup, _ in jobs]
+    assert any("no prefix tree: the row's own positions, packed" in v for v in verdicts), verdicts
+
+
+def test_recordings_of_different_wrappers_run_one_by_one(loaded):
+    """``forest_refusal`` names why recordings cannot share a call; ``forest_logits`` then runs each
+    part alone, with the same numbers as its own ``tree_logits``."""
+    from mmlens.core.prefix_tree import prefix_trees
+    from mmlens.core.replay import forest_logits, forest_refusal
+    from mmlens.methods.explainers import masked_values_rows
+
+    hm, jobs = _rows_case(loaded)
+    other = mmlens.wrap(hm.model, tokenizer=hm.tokenizer)
+    row, _, masks = jobs[1]
+    theirs = prepare(other, row, None, "joint")
+    mine = jobs[0][1]
+    assert forest_refusal([mine.replay, theirs.replay]) == "recordings of different wrapped models"
+    assert forest_refusal([mine.replay, jobs[2][1].replay]) is None
+    parts = []
+    for setup, own in ((mine, jobs[0][2]), (theirs, masks)):
+        last = setup.replay.last
+        tree, _ = prefix_trees([m for m in own if m[: last + 1].any()], last, 512)[0]
+        h = torch.where(tree.changed[None, :, None], setup.baseline[:, tree.positions], setup.embeds[:, tree.positions])
+        parts.append((setup.replay, tree, h))
+    together = forest_logits(parts)
+    for (engine, tree, h), got in zip(parts, together):
+        torch.testing.assert_close(got, engine.tree_logits(h, tree), rtol=0, atol=1e-5)
+    assert masked_values_rows(hm, [jobs[0], (row, theirs, masks)], pack=True)[1].shape == (len(masks),)

@@ -409,7 +409,7 @@ def forest_refusal(engines: Sequence[BlockReplay]) -> str | None:
     first = engines[0]
     for engine in engines[1:]:
         if engine.hooked is not first.hooked or len(engine.calls) != len(first.calls):
-            return "recordings of different models"
+            return "recordings of different wrapped models"
         for layer, (mine, theirs) in enumerate(zip(engine.calls, first.calls)):
             skip = {first.hidden[layer], "attention_mask", *first.sequence_kwargs}
             if mine.keys() != theirs.keys():

@@ -37,9 +37,10 @@ from mmlens.methods.explainers import (
     Explanation,
     Setup,
     check_method,
-    explain_row,
+    explain_rows,
     explainer_name,
     masked_values,
+    masked_values_rows,
     predicted_prob,
     prediction_metric,
     prepare,
@@ -51,6 +52,11 @@ from mmlens.methods.explainers import (
 from mmlens.methods.patching import Metric
 from mmlens.metrics.intervals import cluster_bootstrap, weighted_fit, weighted_mean, weighted_spearman
 from mmlens.metrics.stats import Interval, bootstrap_ci
+
+EXPLAINED_TOGETHER: int = 8
+"""Granger and faithfulness explain this many inputs (and their ablated variants) together
+(:func:`mmlens.methods.explainers.explain_rows`): occlusion's masked variants of all of them share
+calls of the LM's blocks. A speed setting only; results do not depend on it beyond float round-off."""
 
 Dataset = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 """Inputs of several examples: one batch (a row per example), or a list of inputs (each one or more
@@ -249,21 +255,28 @@ def granger(
     chosen = _Explainers.of(list(explainers) + (list(CONTROLS) if controls else []), options, mode)
     ablations = _Ablations(hooked, items, modalities, references)
     influence, rows = [], []
-    for i, x in enumerate(tqdm(items, desc="granger", disable=not progress)):
-        setup = prepare(hooked, x, None, "joint")
-        base = chosen.explain_modes(hooked, x, setup)
-        for r, m, moved_x, moved_setup in ablations.of(i, x, setup):
+    bar = tqdm(total=len(items), desc="granger", disable=not progress)
+    for start in range(0, len(items), EXPLAINED_TOGETHER):
+        xs = items[start : start + EXPLAINED_TOGETHER]
+        setups = [prepare(hooked, x, None, "joint") for x in xs]
+        moves = [
+            (k, *move) for k, (x, setup) in enumerate(zip(xs, setups)) for move in ablations.of(start + k, x, setup)
+        ]
+        explained = chosen.explain_modes(hooked, xs + [move[3] for move in moves], setups + [move[4] for move in moves])
+        for (k, r, m, _, moved_setup), moved in zip(moves, explained[len(xs) :]):
+            setup = setups[k]
             influence.append(
                 {
-                    "input": i,
+                    "input": start + k,
                     "reference": r,
                     "modality": m,
                     "delta_js": float(js_divergence(setup.logits, moved_setup.logits)[0]),
                     "delta_prob": float(setup.value[0] - moved_setup.value[0]),
                 }
             )
-            moved = chosen.explain_modes(hooked, moved_x, moved_setup)
-            rows += _granger_rows(i, r, m, modalities, base, moved, distance, mode)
+            rows += _granger_rows(start + k, r, m, modalities, explained[k], moved, distance, mode)
+        bar.update(len(xs))
+    bar.close()
     influence_df = pd.DataFrame(influence)
     expl = pd.DataFrame(rows)
     if not expl.empty:
@@ -529,34 +542,79 @@ def faithfulness(
     mode = options.pop("mode", "joint")
     check_method(explainer)
     name = "unit_scores" if unit_scores is not None else explainer_name(explainer)
+    plan = _FaithfulnessPlan(
+        explainer, mode, metric, level, options, explanations, unit_scores, fractions, random_draws, batch_size
+    )
     rows = []
-    for i, x in enumerate(tqdm(items, desc=f"faithfulness ({name}, {level})", disable=not progress)):
+    bar = tqdm(total=len(items), desc=f"faithfulness ({name}, {level})", disable=not progress)
+    for start in range(0, len(items), EXPLAINED_TOGETHER):
+        chunk = range(start, min(start + EXPLAINED_TOGETHER, len(items)))
+        rows += _faithfulness_chunk(hooked, items, chunk, plan, generator)
+        bar.update(len(chunk))
+    bar.close()
+    curves = pd.DataFrame(rows)
+    intervals = faithfulness_intervals(curves, n_resamples=n_resamples, seed=seed)
+    return FaithfulnessResult(curves, areas(curves), name, intervals, metric, level)
+
+
+@dataclass(frozen=True)
+class _FaithfulnessPlan:
+    """What :func:`faithfulness` computes for every input (its arguments)."""
+
+    explainer: str | Explainer
+    mode: str
+    metric: str
+    level: str
+    options: Mapping[str, Any]
+    explanations: Sequence[Explanation] | None
+    unit_scores: Sequence[Mapping[str, Tensor]] | None
+    fractions: list[float]
+    random_draws: int
+    batch_size: int
+
+
+def _faithfulness_chunk(
+    hooked: HookedModel, items: list[dict], chunk: range, plan: _FaithfulnessPlan, generator: torch.Generator
+) -> list[dict]:
+    """The ``curves`` rows of inputs ``chunk``: explained together, their masked variants run together."""
+    mode, metric, level, unit_scores, explanations = (
+        plan.mode,
+        plan.metric,
+        plan.level,
+        plan.unit_scores,
+        plan.explanations,
+    )
+    xs, setups = [items[i] for i in chunk], []
+    for x in xs:
         setup = prepare(hooked, x, None, "joint")
         own_metric = prediction_metric(setup.logits, metric)
-        setup = replace(setup, metric=own_metric, value=own_metric(setup.logits).detach())
+        setups.append(replace(setup, metric=own_metric, value=own_metric(setup.logits).detach()))
+    if unit_scores is not None:
+        given: list[Explanation | None] = [None] * len(xs)
+    elif explanations is not None:
+        given = [explanations[i] for i in chunk]
+    else:
+        own = [s if mode == "joint" else prepare(hooked, x, s.metric, mode) for x, s in zip(xs, setups)]
+        given = list(explain_rows(hooked, own, xs, plan.explainer, mode, plan.options))
+    jobs, labelled = [], []
+    for i, x, setup, e in zip(chunk, xs, setups, given):
         units = input_units(hooked, x, setup.spans) if level == "input" else None
-        if unit_scores is not None:
-            e = None
-        elif explanations is not None:
-            e = explanations[i]
-        else:
-            own = setup if mode == "joint" else prepare(hooked, x, setup.metric, mode)
-            e = explain_row(hooked, own, x, explainer, mode, options)
         if units is None:
             members = {m: setup.spans.masks[m][0].cpu() for m in setup.spans.modalities}
             scores, explained = e.scores[0].cpu(), setup.explained[0].cpu()
         else:
             scores, members = _unit_scores(hooked, x, units, e, None if unit_scores is None else unit_scores[i])
             explained = torch.ones_like(scores, dtype=torch.bool)
-        masks, labels = _faithfulness_masks(scores, members, explained, fractions, random_draws, generator)
+        masks, labels = _faithfulness_masks(scores, members, explained, plan.fractions, plan.random_draws, generator)
+        labelled.append((i, x, setup, units, members, masks, labels))
         if units is None:
-            values = masked_values(hooked, x, setup, masks, batch_size).tolist()
-        else:
-            values = _unit_values(hooked, x, setup, units, members, masks)
-        rows += _faithfulness_rows(i, float(setup.value[0]), labels, values)
-    curves = pd.DataFrame(rows)
-    intervals = faithfulness_intervals(curves, n_resamples=n_resamples, seed=seed)
-    return FaithfulnessResult(curves, areas(curves), name, intervals, metric, level)
+            jobs.append((x, setup, masks))
+    values = iter(masked_values_rows(hooked, jobs, plan.batch_size))
+    rows = []
+    for i, x, setup, units, members, masks, labels in labelled:
+        got = next(values).tolist() if units is None else _unit_values(hooked, x, setup, units, members, masks)
+        rows += _faithfulness_rows(i, float(setup.value[0]), labels, got)
+    return rows
 
 
 UnitsOfRow = dict[str, tuple[InputUnits, int]]
@@ -890,7 +948,7 @@ def stability(
     generator = torch.Generator().manual_seed(seed)
     for i, x in enumerate(tqdm(items, desc="stability", disable=not progress)):
         setup = prepare(hooked, x, None, "joint")
-        base = chosen.explain(hooked, x, setup)
+        draws: dict[str, list[_Draw]] = {}
         for m in targets:
             try:
                 perturbed = perturb(hooked, x, m, (kinds or {}).get(m), n=n, scale=scale, seed=seed + i)
@@ -898,11 +956,17 @@ def stability(
                 skipped[m] = str(err)
                 perturbed = []
             moved_setups = prepare_rows(hooked, [p.inputs for p in perturbed], setup.metric, "joint")
-            for draw, (p, moved) in enumerate(zip(perturbed, moved_setups)):
-                change = relative_input_change(hooked, x, p.inputs, m)
-                rows += _stability_samples(
-                    hooked, setup, base, chosen, p.inputs, moved, (i, m, "input", p.kind, draw), change
-                )
+            draws[m] = [
+                _Draw(p.inputs, moved, (i, m, "input", p.kind, draw), relative_input_change(hooked, x, p.inputs, m))
+                for draw, (p, moved) in enumerate(zip(perturbed, moved_setups))
+            ]
+            draws[m] = [d for d in draws[m] if _draw_distance(setup, d.setup, m, d.key[3]) > 0]
+        shown = [d for m in targets for d in draws[m]]
+        explained = chosen.explain_rows(hooked, [x] + [d.inputs for d in shown], [setup] + [d.setup for d in shown])
+        base, moved = explained[0], dict(zip(map(id, shown), explained[1:]))
+        for m in targets:
+            for d in draws[m]:
+                rows += _sample_rows(setup, base, chosen.names, d, moved[id(d)])
             for epsilon in epsilons:
                 rows += _ball_samples(
                     hooked, x, setup, base, chosen, (i, m, epsilon), random_draws, search_steps, generator
@@ -942,28 +1006,37 @@ class _Explainers:
     def explain(self, hooked: HookedModel, x: dict, setup: Setup) -> dict[str, Explanation]:
         """Each explainer's explanation of input row ``x`` (``setup``: its joint :func:`prepare`, or an
         embedding-level variant of it)."""
-        return {
-            name: explain_row(
-                hooked, _mode_setup(hooked, x, setup, mode), x, self.methods[name], mode, self.options[name]
-            )
-            for name, mode in self.modes.items()
-        }
+        return self.explain_rows(hooked, [x], [setup])[0]
 
-    def explain_modes(self, hooked: HookedModel, x: dict, setup: Setup) -> dict[str, dict[str, Explanation]]:
-        """Explainer -> modality -> the explanation that covers it: one joint explanation, or in mode
-        ``"unimodal"`` one per modality."""
-        out = {}
+    def explain_rows(self, hooked: HookedModel, xs: list[dict], setups: list[Setup]) -> list[dict[str, Explanation]]:
+        """:meth:`explain` of several rows, each explainer explaining them together (:func:`explain_rows`)."""
+        out: list[dict[str, Explanation]] = [{} for _ in xs]
         for name, mode in self.modes.items():
+            own = [_mode_setup(hooked, x, setup, mode) for x, setup in zip(xs, setups)]
+            for row, e in zip(out, explain_rows(hooked, own, xs, self.methods[name], mode, self.options[name])):
+                row[name] = e
+        return out
+
+    def explain_modes(
+        self, hooked: HookedModel, xs: list[dict], setups: list[Setup]
+    ) -> list[dict[str, dict[str, Explanation]]]:
+        """Per row: explainer -> modality -> the explanation that covers it: one joint explanation, or
+        in mode ``"unimodal"`` one per modality; each explainer explains the rows together
+        (:func:`explain_rows`)."""
+        out: list[dict[str, dict[str, Explanation]]] = [{} for _ in xs]
+        for name, mode in self.modes.items():
+            method, options = self.methods[name], self.options[name]
             if mode == "joint":
-                e = explain_row(hooked, setup, x, self.methods[name], mode, self.options[name])
-                out[name] = {m: e for m in setup.spans.modalities}
+                for row, e, setup in zip(out, explain_rows(hooked, setups, xs, method, mode, options), setups):
+                    row[name] = {m: e for m in setup.spans.modalities}
             elif mode == "unimodal":
-                out[name] = {
-                    m: explain_row(
-                        hooked, _mode_setup(hooked, x, setup, m), x, self.methods[name], m, self.options[name]
-                    )
-                    for m in setup.spans.modalities
-                }
+                for row in out:
+                    row[name] = {}
+                for m in dict.fromkeys(m for setup in setups for m in setup.spans.modalities):
+                    have = [k for k, setup in enumerate(setups) if m in setup.spans.modalities]
+                    own = [_mode_setup(hooked, xs[k], setups[k], m) for k in have]
+                    for k, e in zip(have, explain_rows(hooked, own, [xs[k] for k in have], method, m, options)):
+                        out[k][name][m] = e
             else:
                 raise ValueError(f"mode must be 'joint' or 'unimodal', got {mode!r}")
         return out
@@ -1019,6 +1092,29 @@ def _ball_samples(
     return rows
 
 
+@dataclass(frozen=True)
+class _Draw:
+    """One perturbed draw of an input: its input row and setup, its key (input, m, source, kind or
+    epsilon, draw) and its relative raw-input change (NaN for embedding-level draws)."""
+
+    inputs: dict
+    setup: Setup
+    key: tuple
+    input_change: float = float("nan")
+
+
+def _draw_distance(setup: Setup, moved_setup: Setup, m: str, which: Any) -> float:
+    """The L2 distance of a draw's embeddings from the input's at m's positions (0: m unchanged);
+    raises when the draw changed the layout."""
+    if not moved_setup.spans.same_layout(setup.spans):
+        raise ValueError(
+            f"a {which!r} perturbation changed the layout (modality spans); stability compares explanations "
+            "position by position"
+        )
+    where = setup.spans.masks[m].to(setup.embeds.device)[..., None]
+    return float(torch.where(where, setup.embeds.float() - moved_setup.embeds.float(), 0.0).norm())
+
+
 def _stability_samples(
     hooked: HookedModel,
     setup: Setup,
@@ -1031,23 +1127,25 @@ def _stability_samples(
 ) -> list[dict]:
     """The :class:`StabilityResult` samples of one draw (``key`` = (input, m, source, kind or epsilon,
     draw); ``moved_x``/``moved_setup``: the draw's input row and setup; ``input_change``: its relative
-    raw-input change, NaN for embedding-level draws); none when m's embeddings are unchanged. Each row
-    carries the draw's embeddings under ``_embeds`` for the adversarial search."""
-    i, m, source, which, draw = key
-    if not moved_setup.spans.same_layout(setup.spans):
-        raise ValueError(
-            f"a {which!r} perturbation changed the layout (modality spans); stability compares explanations "
-            "position by position"
-        )
-    where = setup.spans.masks[m].to(setup.embeds.device)[..., None]
-    distance = float(torch.where(where, setup.embeds.float() - moved_setup.embeds.float(), 0.0).norm())
-    if distance == 0:
+    raw-input change, NaN for embedding-level draws); none when m's embeddings are unchanged."""
+    draw = _Draw(moved_x, moved_setup, key, input_change)
+    if _draw_distance(setup, moved_setup, key[1], key[3]) == 0:
         return []
+    return _sample_rows(setup, base, chosen.names, draw, chosen.explain(hooked, moved_x, moved_setup))
+
+
+def _sample_rows(
+    setup: Setup, base: dict[str, Explanation], names: list[str], draw: _Draw, moved: dict[str, Explanation]
+) -> list[dict]:
+    """The samples of one draw whose m embeddings moved, from its explanations ``moved``. Each row
+    carries the draw's embeddings under ``_embeds`` for the adversarial search."""
+    i, m, source, which, number = draw.key
+    distance = _draw_distance(setup, draw.setup, m, which)
+    where = setup.spans.masks[m].to(setup.embeds.device)[..., None]
     embedding_change = distance / max(float(torch.where(where, setup.embeds.float(), 0.0).norm()), 1e-30)
-    kept = int(moved_setup.logits[0].argmax()) == int(setup.logits[0].argmax())
-    moved = chosen.explain(hooked, moved_x, moved_setup)
+    kept = int(draw.setup.logits[0].argmax()) == int(setup.logits[0].argmax())
     rows = []
-    for name in chosen.names:
+    for name in names:
         for target in setup.spans.modalities:
             a, b = base[name].masked(target), moved[name].masked(target)
             change = float((a - b).norm(dim=1)[0])
@@ -1060,18 +1158,18 @@ def _stability_samples(
                     "source": source,
                     "kind": which if source == "input" else source,
                     "epsilon": float(which) if source != "input" else float("nan"),
-                    "draw": draw,
+                    "draw": number,
                     "explained": target,
                     "input_distance": distance,
                     "explanation_distance": change,
                     "ratio": change / distance,
                     "explanation_change": relative,
-                    "input_change": input_change,
+                    "input_change": draw.input_change,
                     "embedding_change": embedding_change,
-                    "ris": relative / max(input_change, 1e-6),
+                    "ris": relative / max(draw.input_change, 1e-6),
                     "res": relative / max(embedding_change, 1e-6),
                     "kept": kept,
-                    "_embeds": moved_setup.embeds,
+                    "_embeds": draw.setup.embeds,
                 }
             )
     return rows
