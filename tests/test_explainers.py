@@ -193,13 +193,9 @@ def test_masked_variants_packed_as_prefix_trees_equal_full_forwards(loaded, name
     reduced = list({(m & differs).numpy().tobytes(): m & differs for m in masks if (m & differs).any()}.values())
     trees = prefix_trees(reduced, last, max(last + 1, min(4 * (last + 1), 512, 2 * setup.embeds.shape[-1])))
     sizes = [len(tree) for tree, _ in trees]
-    calls: list[int] = []  # consecutive trees share a call of the blocks up to min(PACK_TOKENS, 2 d) nodes
-    for size in sizes:
-        if calls and calls[-1] + size <= min(512, 2 * setup.embeds.shape[-1]):
-            calls[-1] += size
-        else:
-            calls.append(size)
-    assert lengths == [calls[0] + min(last, 3) + 1] + calls[1:]  # the first call carries the row's own last positions
+    # the trees share calls of at most min(PACK_TOKENS, 2 d) nodes; the first also runs the row's own last positions
+    assert sum(lengths) == sum(sizes) + min(last, 3) + 1 and len(lengths) <= len(sizes)
+    assert all(n <= max(min(512, 2 * setup.embeds.shape[-1]), *sizes) + min(last, 3) + 1 for n in lengths)
     firsts = sorted(int(m.nonzero()[0]) for m in reduced)
     assert sum(sizes) < sum(len(firsts[i : i + 4]) * (seq - firsts[i]) for i in range(0, len(firsts), 4))
     if name == "tiny-random-llava":  # d = 64, two blocks: by the cost heuristic, the calls outweigh the savings

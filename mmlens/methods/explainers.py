@@ -263,33 +263,55 @@ BATCHED_SETUPS_AGREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 once per model; absent: not yet checked)."""
 
 
-def prepare_rows(hooked: HookedModel, rows: Sequence[dict], metric: Metric | None, mode: str) -> list[Setup]:
-    """The :func:`prepare` of each input row, from one batched forward (one model call instead of
-    ``len(rows)``) when the rows share a layout and can be joined (:meth:`HookedModel.join`). The first
-    time per model, the first row's setup is compared with its own :func:`prepare` (embeddings and
-    logits within relative 1e-4, the same replay); if they differ, that model's rows are prepared one
-    by one from then on, as they are when the rows cannot be joined."""
+def prepare_rows(
+    hooked: HookedModel, rows: Sequence[dict], metric: Metric | None | Sequence[Metric | None], mode: str
+) -> list[Setup]:
+    """The :func:`prepare` of each input row (``metric``: one for every row, or one per row), rows
+    that share a layout from one batched forward each (one model call per layout instead of one per
+    row; :meth:`HookedModel.join`). The first time per model, a batched setup is compared with its own
+    :func:`prepare` (embeddings and logits within relative 1e-4, the same replay); if they differ,
+    that model's rows are prepared one by one from then on, as they are when rows cannot be joined.
+    Rows with the same layout at the same place in two calls get the same shapes, so equal rows get
+    bit-equal setups."""
+    metrics = list(metric) if isinstance(metric, (list, tuple)) else [metric] * len(rows)
+    if len(metrics) != len(rows):
+        raise ValueError(f"got {len(metrics)} metrics for {len(rows)} rows; pass one metric, or one per row")
+    groups: list[tuple[ModalitySpans, list[int]]] = []
+    for r, row in enumerate(rows):
+        spans = hooked.spans(row)
+        group = next((members for first, members in groups if first.same_layout(spans)), None)
+        if group is None:
+            groups.append((spans, [r]))
+        else:
+            group.append(r)
+    out: list[Setup | None] = [None] * len(rows)
+    for _, members in groups:
+        group_rows, group_metrics = [rows[r] for r in members], [metrics[r] for r in members]
+        for r, setup in zip(members, _prepare_joined(hooked, group_rows, group_metrics, mode)):
+            out[r] = setup
+    return out
+
+
+def _prepare_joined(hooked: HookedModel, rows: list[dict], metrics: list[Metric | None], mode: str) -> list[Setup]:
+    """:func:`prepare` of rows sharing a layout, from one batched forward when they can be joined."""
     if len(rows) < 2 or BATCHED_SETUPS_AGREE.get(hooked.model) is False:
-        return [prepare(hooked, row, metric, mode) for row in rows]
-    spans = hooked.spans(rows[0])
+        return [prepare(hooked, row, metric, mode) for row, metric in zip(rows, metrics)]
     try:
-        if not all(hooked.spans(row).same_layout(spans) for row in rows[1:]):
-            raise ValueError("the rows' layouts differ")
         batch = hooked.join(rows)
     except (ValueError, RuntimeError):
-        return [prepare(hooked, row, metric, mode) for row in rows]
+        return [prepare(hooked, row, metric, mode) for row, metric in zip(rows, metrics)]
     replay = BlockReplay(hooked) if BlockReplay.supports(hooked) else None
     names = [embedding_point(hooked)] + ([replay.final_point] if replay else [])
     with torch.no_grad(), replay.capture() if replay else contextlib.nullcontext():
         run = hooked.run(batch, cache=names)
     setups = []
-    for r, row in enumerate(rows):
+    for r, (row, metric) in enumerate(zip(rows, metrics)):
         cut = RunResult(None, run.logits[r : r + 1], {n: run.cache[n][r : r + 1] for n in names}, hooked.spans(row))
         setups.append(_setup_of_run(hooked, row, cut, replay.row(r, len(rows)) if replay else None, metric, mode))
     if hooked.model not in BATCHED_SETUPS_AGREE:
-        BATCHED_SETUPS_AGREE[hooked.model] = _same_setup(setups[0], prepare(hooked, rows[0], metric, mode))
+        BATCHED_SETUPS_AGREE[hooked.model] = _same_setup(setups[0], prepare(hooked, rows[0], metrics[0], mode))
         if not BATCHED_SETUPS_AGREE[hooked.model]:
-            return [prepare(hooked, row, metric, mode) for row in rows]
+            return [prepare(hooked, row, metric, mode) for row, metric in zip(rows, metrics)]
     return setups
 
 
@@ -499,13 +521,20 @@ def _cheaper_forest(
 
 def _pack_calls(parts: list[tuple[int, PrefixTree, list[int], int]], budget: int) -> list[list]:
     """Consecutive parts (job, tree, members, seq) grouped into calls of at most ``budget`` nodes (a
-    larger tree alone)."""
+    larger tree alone), about equally large: a part joins the current call while its middle stays
+    within the average call size that ``budget`` implies."""
+    total = sum(len(part[1]) for part in parts)
+    target = total / max(1, math.ceil(total / budget))
     calls: list[list] = []
+    size = 0
     for part in parts:
-        if calls and sum(len(p[1]) for p in calls[-1]) + len(part[1]) <= budget:
+        n = len(part[1])
+        if calls and size + n <= budget and size + n / 2 <= target:
             calls[-1].append(part)
+            size += n
         else:
             calls.append([part])
+            size = n
     return calls
 
 

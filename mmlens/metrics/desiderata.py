@@ -258,10 +258,8 @@ def granger(
     bar = tqdm(total=len(items), desc="granger", disable=not progress)
     for start in range(0, len(items), EXPLAINED_TOGETHER):
         xs = items[start : start + EXPLAINED_TOGETHER]
-        setups = [prepare(hooked, x, None, "joint") for x in xs]
-        moves = [
-            (k, *move) for k, (x, setup) in enumerate(zip(xs, setups)) for move in ablations.of(start + k, x, setup)
-        ]
+        setups = prepare_rows(hooked, xs, None, "joint")
+        moves = ablations.of_rows(start, xs, setups)
         explained = chosen.explain_modes(hooked, xs + [move[3] for move in moves], setups + [move[4] for move in moves])
         for (k, r, m, _, moved_setup), moved in zip(moves, explained[len(xs) :]):
             setup = setups[k]
@@ -333,25 +331,35 @@ class _Ablations:
             raise ValueError(f"reference 'resample': no other input has the same {m!r} positions as input {i}")
         return self.setups[min(others, key=lambda j: (j - i) % len(masks))].embeds
 
-    def of(self, i: int, x: dict, setup: Setup):
-        """Yield (reference, m, inputs, setup) for every reference and modality of input ``i``. The
-        neutral ones are prepared one by one, like ``x``: an unused modality's Delta is then exactly 0."""
-        for r in self.references:
+    def of_rows(self, start: int, xs: list[dict], setups: list[Setup]) -> list[tuple]:
+        """(k, reference, m, inputs, setup) for every row k of ``xs`` (inputs ``start + k``, prepared
+        together by :func:`prepare_rows`), reference and modality, in that order. Each modality's
+        neutral variants are prepared together like the rows were: where every row has that modality,
+        with the same shapes at the same places, so an unused modality's Delta is exactly 0."""
+        neutral: dict[tuple[int, str], tuple[dict, Setup]] = {}
+        if "neutral" in self.references:
             for m in self.modalities:
-                if m not in setup.spans.masks:
-                    continue
-                if r == "neutral":
-                    x_m = self.hooked.neutral(x, m)
-                    yield r, m, x_m, prepare(self.hooked, x_m, setup.metric, "joint")
-                    continue
-                try:
-                    donor = self._donor(i, m, r).to(setup.embeds.device)
-                except ValueError as err:
-                    self.skipped.append(str(err))
-                    continue
-                where = setup.spans.masks[m].to(setup.embeds.device)[..., None]
-                embeds = torch.where(where, donor, setup.embeds)
-                yield r, m, x, variant_setup(self.hooked, x, setup, embeds)
+                have = [k for k, setup in enumerate(setups) if m in setup.spans.masks]
+                moved = [self.hooked.neutral(xs[k], m) for k in have]
+                prepared = prepare_rows(self.hooked, moved, [setups[k].metric for k in have], "joint")
+                neutral.update({(k, m): pair for k, pair in zip(have, zip(moved, prepared))})
+        out = []
+        for k, (x, setup) in enumerate(zip(xs, setups)):
+            for r in self.references:
+                for m in self.modalities:
+                    if m not in setup.spans.masks:
+                        continue
+                    if r == "neutral":
+                        out.append((k, r, m, *neutral[k, m]))
+                        continue
+                    try:
+                        donor = self._donor(start + k, m, r).to(setup.embeds.device)
+                    except ValueError as err:
+                        self.skipped.append(str(err))
+                        continue
+                    embeds = torch.where(setup.spans.masks[m].to(setup.embeds.device)[..., None], donor, setup.embeds)
+                    out.append((k, r, m, x, variant_setup(self.hooked, x, setup, embeds)))
+        return out
 
 
 def granger_summary(expl: pd.DataFrame, fraction: float, tolerance: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -585,8 +593,7 @@ def _faithfulness_chunk(
         plan.explanations,
     )
     xs, setups = [items[i] for i in chunk], []
-    for x in xs:
-        setup = prepare(hooked, x, None, "joint")
+    for setup in prepare_rows(hooked, xs, None, "joint"):
         own_metric = prediction_metric(setup.logits, metric)
         setups.append(replace(setup, metric=own_metric, value=own_metric(setup.logits).detach()))
     if unit_scores is not None:
@@ -935,8 +942,6 @@ def stability(
         epsilons: the embedding-ball radii; a curve over epsilon in the summary (none: input kinds only).
         controls: add the control explainers.
     """
-    from mmlens.metrics.perturb import perturb, relative_input_change
-
     items = examples(hooked, inputs)
     present = _modalities(hooked, items)
     unknown = [m for m in (modalities or []) if m not in present]
@@ -944,38 +949,76 @@ def stability(
         raise ValueError(f"modalities {unknown} are not in these inputs; they have {present}")
     targets = list(modalities or present)
     chosen = _Explainers.of(list(explainers) + (list(CONTROLS) if controls else []), options)
+    plan = _StabilityPlan(chosen, targets, kinds or {}, n, scale, seed, tuple(epsilons), random_draws, search_steps)
     rows, skipped = [], {}
     generator = torch.Generator().manual_seed(seed)
-    for i, x in enumerate(tqdm(items, desc="stability", disable=not progress)):
-        setup = prepare(hooked, x, None, "joint")
-        draws: dict[str, list[_Draw]] = {}
-        for m in targets:
-            try:
-                perturbed = perturb(hooked, x, m, (kinds or {}).get(m), n=n, scale=scale, seed=seed + i)
-            except ValueError as err:
-                skipped[m] = str(err)
-                perturbed = []
-            moved_setups = prepare_rows(hooked, [p.inputs for p in perturbed], setup.metric, "joint")
-            draws[m] = [
-                _Draw(p.inputs, moved, (i, m, "input", p.kind, draw), relative_input_change(hooked, x, p.inputs, m))
-                for draw, (p, moved) in enumerate(zip(perturbed, moved_setups))
-            ]
-            draws[m] = [d for d in draws[m] if _draw_distance(setup, d.setup, m, d.key[3]) > 0]
-        shown = [d for m in targets for d in draws[m]]
-        explained = chosen.explain_rows(hooked, [x] + [d.inputs for d in shown], [setup] + [d.setup for d in shown])
-        base, moved = explained[0], dict(zip(map(id, shown), explained[1:]))
-        for m in targets:
-            for d in draws[m]:
-                rows += _sample_rows(setup, base, chosen.names, d, moved[id(d)])
-            for epsilon in epsilons:
-                rows += _ball_samples(
-                    hooked, x, setup, base, chosen, (i, m, epsilon), random_draws, search_steps, generator
-                )
+    bar = tqdm(total=len(items), desc="stability", disable=not progress)
+    for start in range(0, len(items), EXPLAINED_TOGETHER):
+        xs = items[start : start + EXPLAINED_TOGETHER]
+        rows += _stability_chunk(hooked, start, xs, plan, generator, skipped)
+        bar.update(len(xs))
+    bar.close()
     for name in chosen.names:
         if epsilons and not reads_setup_only(chosen.methods[name]):
             skipped[name] = "no embedding-level draws: the explainer re-runs the inputs (not in EMBEDS_ONLY)"
     samples = pd.DataFrame([{k: v for k, v in r.items() if k != "_embeds"} for r in rows])
     return StabilityResult(samples, stability_summary(samples), skipped)
+
+
+@dataclass(frozen=True)
+class _StabilityPlan:
+    """What :func:`stability` computes for every input (its arguments)."""
+
+    chosen: _Explainers
+    targets: list[str]
+    kinds: Mapping[str, Sequence[str]]
+    n: int
+    scale: Mapping[str, float] | None
+    seed: int
+    epsilons: tuple[float, ...]
+    random_draws: int
+    search_steps: int
+
+
+def _stability_chunk(
+    hooked: HookedModel, start: int, xs: list[dict], plan: _StabilityPlan, generator: torch.Generator, skipped: dict
+) -> list[dict]:
+    """The samples of inputs ``start..``: the inputs prepared together, then their perturbed draws,
+    and all of them explained together (:meth:`_Explainers.explain_rows`); the embedding-ball draws
+    after, input by input."""
+    from mmlens.metrics.perturb import perturb, relative_input_change
+
+    setups = prepare_rows(hooked, xs, None, "joint")
+    found = []
+    for k, x in enumerate(xs):
+        for m in plan.targets:
+            try:
+                perturbed = perturb(
+                    hooked, x, m, plan.kinds.get(m), n=plan.n, scale=plan.scale, seed=plan.seed + start + k
+                )
+            except ValueError as err:
+                skipped[m] = str(err)
+                perturbed = []
+            found += [(k, m, draw, p) for draw, p in enumerate(perturbed)]
+    moved = prepare_rows(hooked, [p.inputs for *_, p in found], [setups[k].metric for k, *_ in found], "joint")
+    draws = [
+        _Draw(p.inputs, setup, (start + k, m, "input", p.kind, draw), relative_input_change(hooked, xs[k], p.inputs, m))
+        for (k, m, draw, p), setup in zip(found, moved)
+    ]
+    draws = [d for d in draws if _draw_distance(setups[d.key[0] - start], d.setup, d.key[1], d.key[3]) > 0]
+    explained = plan.chosen.explain_rows(hooked, xs + [d.inputs for d in draws], setups + [d.setup for d in draws])
+    rows = []
+    for k, (x, setup, base) in enumerate(zip(xs, setups, explained)):
+        for m in plan.targets:
+            for d, e in zip(draws, explained[len(xs) :]):
+                if d.key[:2] == (start + k, m):
+                    rows += _sample_rows(setup, base, plan.chosen.names, d, e)
+            for epsilon in plan.epsilons:
+                key = (start + k, m, epsilon)
+                rows += _ball_samples(
+                    hooked, x, setup, base, plan.chosen, key, plan.random_draws, plan.search_steps, generator
+                )
+    return rows
 
 
 @dataclass
