@@ -517,7 +517,7 @@ def test_recordings_of_different_wrappers_run_one_by_one(loaded):
     for setup, own in ((mine, jobs[0][2]), (theirs, masks)):
         last = setup.replay.last
         tree, _ = prefix_trees([m for m in own if m[: last + 1].any()], last, 512)[0]
-        h = torch.where(tree.changed[None, :, None], setup.baseline[:, tree.positions], setup.embeds[:, tree.positions])
+        h = torch.where((tree.source > 0)[None, :, None], setup.baseline[:, tree.positions], setup.embeds[:, tree.positions])
         parts.append((setup.replay, tree, h))
     together = forest_logits(parts)
     for (engine, tree, h), got in zip(parts, together):

@@ -22,7 +22,7 @@ def test_occluding_each_of_13_positions_computes_91_nodes():
         path = tree.ancestors[node].nonzero()[:, 0]
         assert tree.positions[node] == 12  # every readout is the readout position
         assert tree.positions[path].tolist() == list(range(variant, 13))  # the path runs from the masked position
-        assert tree.changed[path].tolist() == [True] + [False] * (12 - variant)
+        assert tree.source[path].tolist() == [1] + [0] * (12 - variant)
         assert set(tree.branch[path].tolist()) == {variant}
 
 
@@ -51,3 +51,17 @@ def test_trees_respect_the_budget_and_hold_every_variant_once():
 def test_a_mask_changing_nothing_up_to_the_readout_is_refused():
     with pytest.raises(ValueError, match="at or before the readout position 5"):
         prefix_trees([_mask(8, 6)], last=5, budget=10)
+
+
+def test_variants_share_nodes_only_where_their_sources_agree():
+    """Long masks give each position's source: two variants changing position 2 to different sources
+    share no node; one that also changes position 5 shares positions 2..4 with the first."""
+    a, b, c = (torch.zeros(8, dtype=torch.long) for _ in range(3))
+    a[2], b[2], c[2], c[5] = 1, 2, 1, 3
+    [(tree, members)] = prefix_trees([a, b, c], 7, 64)
+    assert sorted(members) == [0, 1, 2]
+    assert len(tree) == 6 + 6 + 3  # a: 2..7; b: 2..7 (another source at 2); c: shares 2..4 with a, then 5..7
+    for variant, node in zip(members, tree.readout.tolist()):
+        path = tree.ancestors[node].nonzero()[:, 0]
+        want = [a, b, c][variant][2:8]
+        assert tree.positions[path].tolist() == list(range(2, 8)) and tree.source[path].tolist() == want.tolist()

@@ -1,8 +1,10 @@
 """Variants of one input row as one packed sequence: a prefix tree of the positions they recompute.
 
-On a causal LM, a variant whose first changed position is ``p`` shares every position before ``p``
-with the recorded input; two variants that agree on positions ``p..q`` also share those. A
-:class:`PrefixTree` holds each distinct (position, prefix of changes) once: its nodes are the
+A variant says, per position, which source its value comes from: 0 is the recorded row's own, any
+other number another source (a baseline, a perturbed input's embedding). On a causal LM, a variant
+whose first changed position is ``p`` shares every position before ``p`` with the recorded input;
+two variants that agree on positions ``p..q`` also share those. A :class:`PrefixTree` holds each
+distinct (position, prefix of sources) once: its nodes are the
 positions the variants must recompute, and each node attends to the recorded keys and values before
 its branch position and to its own ancestors (a tree-attention mask,
 :meth:`mmlens.core.replay.BlockReplay.tree_logits`). Occluding each of 13 positions computes
@@ -29,14 +31,14 @@ class PrefixTree:
         branch: Long[T], the first position of the node's path: it attends to the recorded keys and
             values of positions before it.
         ancestors: Bool[T, T], ``ancestors[t, u]``: node u lies on node t's path (t itself included).
-        changed: Bool[T], whether the node's position takes the variant's value (else the row's own).
+        source: Long[T], where the node's value comes from (0: the row's own; see the module docstring).
         readout: Long[n], each variant's node at the readout position.
     """
 
     positions: Tensor
     branch: Tensor
     ancestors: Tensor
-    changed: Tensor
+    source: Tensor
     readout: Tensor
 
     def __len__(self) -> int:
@@ -54,24 +56,24 @@ class PrefixTree:
             torch.cat([self.positions, torch.arange(start, end + 1)]),
             torch.cat([self.branch, torch.full((extra,), start)]),
             ancestors,
-            torch.cat([self.changed, torch.zeros(extra, dtype=torch.bool)]),
+            torch.cat([self.source, torch.zeros(extra, dtype=torch.long)]),
             torch.cat([self.readout, torch.tensor([n + extra - 1])]),
         )
 
 
 class _Builder:
-    """Nodes keyed by (parent node, changed): a path starts at ``("root", first changed position)``."""
+    """Nodes keyed by (parent node, source): a path starts at ``("root", first changed position)``."""
 
     def __init__(self) -> None:
         self.index: dict[tuple, int] = {}
         self.positions: list[int] = []
         self.branch: list[int] = []
         self.parents: list[int] = []
-        self.changed: list[bool] = []
+        self.source: list[int] = []
         self.readout: list[int] = []
 
-    def new_nodes(self, bits: list[bool], first: int) -> int:
-        """How many nodes the path of ``bits`` (changed flags up to the readout) adds."""
+    def new_nodes(self, bits: list[int], first: int) -> int:
+        """How many nodes the path of ``bits`` (sources up to the readout) adds."""
         key: tuple = ("root", first)
         for q in range(first, len(bits)):
             node = self.index.get(key + (bits[q],))
@@ -80,7 +82,7 @@ class _Builder:
             key = (node,)
         return 0
 
-    def add(self, bits: list[bool], first: int) -> None:
+    def add(self, bits: list[int], first: int) -> None:
         key: tuple = ("root", first)
         parent = -1
         for q in range(first, len(bits)):
@@ -90,7 +92,7 @@ class _Builder:
                 self.positions.append(q)
                 self.branch.append(first)
                 self.parents.append(parent)
-                self.changed.append(bits[q])
+                self.source.append(int(bits[q]))
             key, parent = (node,), node
         self.readout.append(parent)
 
@@ -105,24 +107,24 @@ class _Builder:
             torch.tensor(self.positions, dtype=torch.long),
             torch.tensor(self.branch, dtype=torch.long),
             torch.from_numpy(ancestors),
-            torch.tensor(self.changed, dtype=torch.bool),
+            torch.tensor(self.source, dtype=torch.long),
             torch.tensor(self.readout, dtype=torch.long),
         )
 
 
 def prefix_trees(masks: Sequence[Tensor], last: int, budget: int) -> list[tuple[PrefixTree, list[int]]]:
-    """Pack Bool[seq] ``masks`` (positions that change; each changes one at or before ``last``, the
-    readout position) into trees of at most ``budget`` nodes (a variant that alone needs more gets
+    """Pack ``masks`` (Bool[seq]: positions that change to source 1; or Long[seq]: each position's
+    source, 0 unchanged; each changes one at or before ``last``, the readout position) into trees of at most ``budget`` nodes (a variant that alone needs more gets
     its own tree). Returns each tree with the indices of the masks whose readouts it holds, in
     order; masks are grouped so that those sharing prefixes share a tree."""
-    rows = [mask[: last + 1].tolist() for mask in masks]
-    if any(True not in bits for bits in rows):
+    rows = [[int(b) for b in mask[: last + 1].tolist()] for mask in masks]
+    if not all(any(bits) for bits in rows):
         raise ValueError(f"every mask must change a position at or before the readout position {last}")
     order = sorted(range(len(rows)), key=lambda i: rows[i])
     out: list[tuple[PrefixTree, list[int]]] = []
     builder, members = _Builder(), []
     for i in order:
-        first = rows[i].index(True)
+        first = next(q for q, b in enumerate(rows[i]) if b)
         if members and len(builder.positions) + builder.new_nodes(rows[i], first) > budget:
             out.append((builder.tree(), members))
             builder, members = _Builder(), []

@@ -338,6 +338,17 @@ class BlockReplay:
             raise RuntimeError(f"{self.hooked.name}: the first LM block never ran, or its input has no tensor")
         return named[hidden], {k: v for k, v in named.items() if k != hidden}
 
+    def matches_first_call(self, hidden: Tensor, call: Mapping[str, Any]) -> bool:
+        """Whether a run's first block call (:meth:`first_block_call`) has the recorded hidden states'
+        shape and every other argument (masks, positions, rotary tables; not the key/value cache)
+        equal bit for bit to the recording's: then every block would see what it saw in the recorded
+        run except where the hidden states differ."""
+        recorded = {k: v for k, v in self.calls[0].items() if k != self.hidden[0]}
+        mine = {k: v for k, v in call.items() if k not in KV_KWARGS}
+        if hidden.shape != self.block_input(0).shape or mine.keys() != recorded.keys():
+            return False
+        return all(_same_argument(mine[k], recorded[k]) for k in mine)
+
     def rows_disagree(self, call: Mapping[str, Any], n: int) -> str | None:
         """The first argument of a block call on ``n`` rows (from :meth:`first_block_call`; other than
         the attention mask and the key/value cache) whose rows differ, e.g. per-row rotary positions;

@@ -186,6 +186,7 @@ class Setup:
     value: Tensor  # Float[b]: the metric on the input
     replay: BlockReplay | None = None  # the input run's block calls, when variants can replay from them
     edited: bool = False  # the embeddings are an embedding-level variant, not the inputs' own
+    recording_logits: Tensor | None = None  # Float[1, vocab] of the run ``replay`` recorded, when not ``embeds``'
 
 
 _NEUTRAL_CACHE: OrderedDict[tuple, tuple[weakref.ref, dict, Tensor]] = OrderedDict()
@@ -347,6 +348,16 @@ def _setup_of_run(
     if replay is not None and not (replay.ready(run, inputs) and torch.equal(replay.block_input(0), embeds)):
         replay = None  # e.g. a head that pools positions, or positional embeddings added after the embedding point
     metric = metric or _prob_of_prediction(logits)
+    baseline, explained = _baseline(hooked, inputs, spans, embeds, mode)
+    return Setup(point, embeds, baseline, explained, spans, logits, metric, metric(logits).detach(), replay)
+
+
+def _baseline(
+    hooked: HookedModel, inputs: dict, spans: ModalitySpans, embeds: Tensor, mode: str
+) -> tuple[Tensor, Tensor]:
+    """The baseline Float[1, seq, d] (each explained modality's neutral reference at its positions,
+    ``embeds`` elsewhere) and the explained positions Bool[1, seq] of one input row."""
+    point = embedding_point(hooked)
     baseline = embeds.clone()
     explained = torch.zeros(spans.valid.shape, dtype=torch.bool, device=embeds.device)
     for m in spans.modalities if mode == "joint" else [mode]:
@@ -357,17 +368,64 @@ def _setup_of_run(
         mask = spans.masks[m].to(embeds.device)
         baseline[mask] = reference[mask]
         explained |= mask
-    return Setup(
-        point,
-        embeds,
-        baseline,
-        explained & spans.valid.to(embeds.device),
-        spans,
-        logits,
-        metric,
-        metric(logits).detach(),
-        replay,
-    )
+    return baseline, explained & spans.valid.to(embeds.device)
+
+
+def rebased_setups(hooked: HookedModel, setup: Setup, rows: Sequence[dict]) -> list[Setup] | None:
+    """The joint setups of input rows that differ from ``setup``'s row only in their LM-input
+    embeddings (e.g. perturbed draws that keep the layout), as variants of ``setup``'s recording:
+    each row runs only up to the first LM block (its embeddings), and its readout logits come from
+    one replay of the recording from the first position where any row's embeddings differ. Their
+    masked variants then share prefix-tree nodes with ``setup``'s (:func:`masked_values_rows`). The
+    rows are explained as ``setup`` is (its metric). None when that cannot be shown to equal their own
+    runs: ``setup`` has no replay reusing keys and values, or a row's layout or first block call
+    (every argument but the hidden states) differs from the recording's; prepare them instead."""
+    engine = setup.replay
+    if engine is None or not engine.reuse_kv or setup.edited or setup.explained.shape[0] != 1:
+        return None
+    embeds, spans = [], []
+    for row in rows:
+        spans.append(hooked.spans(row))
+        if not spans[-1].same_layout(setup.spans):
+            return None
+        try:
+            hidden, call = engine.first_block_call(row)
+        except RuntimeError:
+            return None
+        if not engine.matches_first_call(hidden, call):
+            return None
+        embeds.append(hidden)
+    if not rows:
+        return []
+    logits = _rebased_logits(engine, torch.cat(embeds))
+    out = []
+    for row, row_spans, row_embeds, row_logits in zip(rows, spans, embeds, logits):
+        baseline, explained = _baseline(hooked, row, row_spans, row_embeds, "joint")
+        row_logits = row_logits[None]
+        value = setup.metric(row_logits).detach()
+        out.append(
+            Setup(
+                setup.point,
+                row_embeds,
+                baseline,
+                explained,
+                row_spans,
+                row_logits,
+                setup.metric,
+                value,
+                engine,
+                recording_logits=setup.logits,
+            )
+        )
+    return out
+
+
+def _rebased_logits(engine: BlockReplay, embeds: Tensor) -> Tensor:
+    """Readout logits Float[n, vocab] of rows whose block-0 inputs are ``embeds`` Float[n, seq, d],
+    replayed on ``engine``'s recording from the first position where any differs from it."""
+    differs = (embeds != engine.block_input(0)).any(-1).any(0).nonzero()[:, 0]
+    first = engine.start(0, int(differs[0]) if len(differs) else engine.last)
+    return engine.logits(embeds[:, first:], 0, first)
 
 
 PACK_TOKENS: int = 512
@@ -410,69 +468,124 @@ def masked_values_rows(
     hooked: HookedModel, jobs: Sequence[MaskJob], batch_size: int = 32, pack: bool | None = None
 ) -> list[Tensor]:
     """:func:`masked_values` of several rows, one Float[len(masks)] per (inputs, setup, masks) job.
-    The prefix trees of every row whose engine allows them run together, several recordings per call
-    of the blocks (:func:`mmlens.core.replay.forest_logits`): per-call costs are shared, and the
-    calls are large enough for the matrix products to run near full speed."""
-    reduced = [_distinct_masks(setup, masks) for _, setup, masks in jobs]
+    Jobs whose setups share a recording (the same ``setup.replay``: a row and draws rebased on it by
+    :func:`rebased_setups`) are variants of that one run: their prefix trees are built together, so
+    positions they agree on (bit for bit) are computed once. The trees of every recording whose
+    engine allows them run together, several recordings per call of the blocks
+    (:func:`mmlens.core.replay.forest_logits`)."""
+    out: list[Tensor | None] = [None] * len(jobs)
     with torch.no_grad():
-        values = _variant_values_rows(
-            hooked, [(x, setup, unique) for (x, setup, _), (_, unique, _) in zip(jobs, reduced)], batch_size, pack
-        )
-    out = []
-    for (_, setup, _), (masks, _, index), value in zip(jobs, reduced, values):
-        f = float(setup.value[0])
-        out.append(torch.tensor([float(value[index[m.numpy().tobytes()]]) if m.any() else f for m in masks]))
+        groups = [_Group([jobs[j] for j in members], members) for members in _by_recording(jobs)]
+        if pack is not False and PACK_TOKENS > 0:
+            able = [g for g in groups if g.variants and _trees_allowed(g.setups[0])]
+            calls = _cheaper_forest(able, batch_size, always=pack is True)
+            if calls is not None:
+                for group, values in zip(able, _forest_values(able, calls)):
+                    group.values = values
+        for group in groups:
+            if group.values is None:
+                group.values = _group_values(hooked, group, batch_size, pack)
+            for j, value in zip(group.members, group.results()):
+                out[j] = value
     return out
 
 
-def _distinct_masks(setup: Setup, masks: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], dict[bytes, int]]:
-    """The masks reduced to positions whose embedding differs from the baseline, the distinct
-    non-empty ones among them, and each one's index in that list (by its bytes)."""
-    differs = (setup.embeds != setup.baseline).any(-1)[0].cpu()
-    reduced = [mask.cpu() & differs for mask in masks]
-    index: dict[bytes, int] = {}
-    unique: list[Tensor] = []
-    for mask in reduced:
-        key = mask.numpy().tobytes()
-        if mask.any() and key not in index:
-            index[key] = len(unique)
-            unique.append(mask)
-    return reduced, unique, index
+def _by_recording(jobs: Sequence[MaskJob]) -> list[list[int]]:
+    """Job indices grouped by the recording their setups replay (each job alone without one)."""
+    groups: dict[int, list[int]] = {}
+    for j, (_, setup, _) in enumerate(jobs):
+        groups.setdefault(id(setup.replay) if setup.replay is not None else -1 - j, []).append(j)
+    return list(groups.values())
 
 
-def _variant_values_rows(hooked: HookedModel, jobs: list[MaskJob], batch_size: int, pack: bool | None) -> list[Tensor]:
-    """Float[len(masks)] per job: the metric of each (non-empty, distinct) mask's variant."""
-    out: list[Tensor | None] = [None] * len(jobs)
-    if pack is not False and PACK_TOKENS > 0:
-        able = [j for j, (_, setup, masks) in enumerate(jobs) if masks and _trees_allowed(setup)]
-        calls = _cheaper_forest([(jobs[j][1], jobs[j][2]) for j in able], batch_size, always=pack is True)
-        if calls is not None:
-            got = _forest_values([(jobs[j][1], len(jobs[j][2])) for j in able], calls)
-            for j, value in zip(able, got):
-                out[j] = value
-    return [
-        value if value is not None else _variant_values(hooked, x, setup, list(masks), batch_size, pack)
-        for value, (x, setup, masks) in zip(out, jobs)
-    ]
+class _Group:
+    """The masked variants of jobs sharing one recording, as sources per position (0: the recorded
+    embeddings; then each job's baseline and embeddings, every source numbered by the first entry
+    equal to it bit for bit at that position, so equal values share tree nodes)."""
+
+    def __init__(self, jobs: list[MaskJob], members: list[int]):
+        self.members, self.inputs = members, [x for x, _, _ in jobs]
+        self.setups = [setup for _, setup, _ in jobs]
+        first = self.setups[0]
+        recorded = first.replay.block_input(0) if first.replay is not None else first.embeds
+        entries = [recorded] + [t for setup in self.setups for t in (setup.baseline, setup.embeds)]
+        self.table = torch.cat([t.to(recorded) for t in entries])  # Float[K, seq, d]
+        self.canon = _canonical_sources(self.table)  # Long[K, seq] on the CPU
+        self.masks: list[list[Tensor]] = []  # per job: each mask's sources, Long[seq]
+        self.variants: list[tuple[int, Tensor]] = []  # distinct non-zero (job, sources)
+        self.index: list[dict[bytes, int]] = []
+        for j, (_, _, masks) in enumerate(jobs):
+            own = [self._sources(j, mask) for mask in masks]
+            index: dict[bytes, int] = {}
+            for sources in own:
+                key = sources.numpy().tobytes()
+                if sources.any() and key not in index:
+                    index[key] = len(self.variants)
+                    self.variants.append((j, sources))
+            self.masks.append(own)
+            self.index.append(index)
+        self.values: Tensor | None = None  # Float[len(variants)], once computed
+
+    def _sources(self, j: int, mask: Tensor) -> Tensor:
+        seq = self.canon.shape[1]
+        ids = torch.where(mask.cpu(), 1 + 2 * j, 2 + 2 * j)
+        return self.canon[ids, torch.arange(seq)]
+
+    def gather(self, sources: Tensor, positions: Tensor) -> Tensor:
+        """Float[..., P, d]: the embeddings of ``sources`` Long[..., P] at ``positions`` Long[P]."""
+        device = self.table.device
+        return self.table[sources.to(device), positions.to(device)]
+
+    def unchanged(self, j: int) -> float:
+        """Job ``j``'s metric on the recorded run itself (a variant whose sources are all 0)."""
+        setup = self.setups[j]
+        if setup.recording_logits is None:
+            return float(setup.value[0])
+        return float(setup.metric(setup.recording_logits)[0])
+
+    def results(self) -> list[Tensor]:
+        """Float[len(masks)] per job from :attr:`values`."""
+        out = []
+        for j, (own, index) in enumerate(zip(self.masks, self.index)):
+            f = self.unchanged(j)
+            out.append(torch.tensor([float(self.values[index[s.numpy().tobytes()]]) if s.any() else f for s in own]))
+        return out
+
+    def apply_metrics(self, rows: list[int], logits: Tensor) -> Tensor:
+        """Float[len(rows)]: each variant's own job's metric of its logits Float[len(rows), vocab]."""
+        out = torch.empty(len(rows))
+        jobs = torch.tensor([self.variants[u][0] for u in rows])
+        for j in jobs.unique().tolist():
+            where = (jobs == j).nonzero()[:, 0]
+            out[where] = self.setups[j].metric(logits[where.to(logits.device)]).float().cpu()
+        return out
+
+
+def _canonical_sources(table: Tensor) -> Tensor:
+    """Long[K, seq]: for each entry and position, the first entry equal to it there (bit for bit)."""
+    canon = torch.empty(table.shape[:2], dtype=torch.long)
+    for k in range(table.shape[0]):
+        equal = (table[: k + 1] == table[k]).all(-1)
+        canon[k] = equal.int().argmax(0).cpu()
+    return canon
 
 
 def _trees_allowed(setup: Setup) -> bool:
     return setup.replay is not None and setup.replay.tree_refusal() is None
 
 
-def _variant_values(
-    hooked: HookedModel, inputs: dict, setup: Setup, masks: list[Tensor], batch_size: int, pack: bool | None
-) -> Tensor:
-    """Float[len(masks)]: the metric of each (non-empty, distinct) mask's variant of one row, as a
-    prefix tree when :func:`_variant_values_rows` chose trees and the engine still allows them, else
-    in sorted batches."""
-    if pack is not False and PACK_TOKENS > 0 and masks and _trees_allowed(setup):
-        calls = _cheaper_forest([(setup, masks)], batch_size, always=pack is True)
-        values = _forest_values([(setup, len(masks))], calls)[0] if calls is not None else None
+def _group_values(hooked: HookedModel, group: _Group, batch_size: int, pack: bool | None) -> Tensor:
+    """Float[len(variants)] of one group: as prefix trees when allowed and chosen (and the engine's
+    check passes), else in batches sorted by first changed position."""
+    if pack is not False and PACK_TOKENS > 0 and group.variants and _trees_allowed(group.setups[0]):
+        calls = _cheaper_forest([group], batch_size, always=pack is True)
+        values = _forest_values([group], calls)[0] if calls is not None else None
         if values is not None:
             return values
-    order = sorted(range(len(masks)), key=lambda u: int(masks[u].nonzero()[0])) if setup.replay else range(len(masks))
-    return _batched_values(hooked, inputs, setup, masks, list(order), batch_size)
+    sources = [s for _, s in group.variants]
+    firsts = [int(s.nonzero()[0]) for s in sources]
+    order = sorted(range(len(sources)), key=firsts.__getitem__) if group.setups[0].replay else range(len(sources))
+    return _batched_values(hooked, group, list(order), batch_size)
 
 
 CALL_FLOPS: float = 2e7
@@ -481,46 +594,46 @@ a 2-core CPU at ~50 GFLOP/s. Only :func:`masked_values`'s choice between prefix 
 batches reads it (a speed heuristic, never a result)."""
 
 ForestCall = list[tuple[int, PrefixTree, list[int]]]
-"""One call of the blocks: (job, tree, the indices of the job's masks it reads out) per part."""
+"""One call of the blocks: (group, tree, the indices of the group's variants it reads out) per part."""
 
 
-def _cheaper_forest(
-    jobs: Sequence[tuple[Setup, list[Tensor]]], batch_size: int, always: bool = False
-) -> list[ForestCall] | None:
-    """The prefix trees of every job's masks that change a position up to its readout, packed into
-    calls of at most the node budget, when they cost less than each job's batches sorted by first
-    masked position (or ``always``); else None.
+def _cheaper_forest(groups: Sequence[_Group], batch_size: int, always: bool = False) -> list[ForestCall] | None:
+    """The prefix trees of every group's variants that change a position up to its readout, packed
+    into calls of at most the node budget, when they cost less than each group's batches sorted by
+    first changed position (or ``always``); else None.
 
     Cost per block (a speed heuristic only, never a result): ``24 d^2`` flops per position for the
     linear layers (a transformer's ~12 d^2 weights), ``4 d`` per attended key, :data:`CALL_FLOPS` per
     call; a call's T nodes each attend (densely, masked) to its recordings' keys and its T nodes, so
-    calls are capped at ``2 d`` nodes (also at ``PACK_TOKENS``; a row's own trees also at ``batch_size``
-    variants' worth of its positions)."""
-    if not jobs:
+    calls are capped at ``2 d`` nodes (also at ``PACK_TOKENS``; a group's own trees also at
+    ``batch_size`` variants' worth of its positions)."""
+    if not groups:
         return None
-    width = jobs[0][0].replay.block_input(0).shape[-1]
+    width = groups[0].table.shape[-1]
 
     def cost(positions: int, keys: int) -> float:
         return CALL_FLOPS + positions * (24 * width * width + 4 * width * keys)
 
     batched, parts = 0.0, []
-    for j, (setup, masks) in enumerate(jobs):
-        last, seq = setup.replay.last, setup.replay.block_input(0).shape[1]
-        firsts = sorted(min(int(mask.nonzero()[0]), last) for mask in masks)
+    for g, group in enumerate(groups):
+        engine = group.setups[0].replay
+        last, seq = engine.last, engine.block_input(0).shape[1]
+        sources = [s for _, s in group.variants]
+        firsts = sorted(min(int(s.nonzero()[0]), last) for s in sources)
         batched += sum(
             cost(len(firsts[i : i + batch_size]) * (seq - firsts[i]), seq) for i in range(0, len(firsts), batch_size)
         )
-        early = [u for u, mask in enumerate(masks) if bool(mask[: last + 1].any())]
+        early = [u for u, s in enumerate(sources) if bool(s[: last + 1].any())]
         budget = max(last + 1, min(batch_size * (last + 1), PACK_TOKENS, 2 * width))
-        trees = prefix_trees([masks[u] for u in early], last, budget) if early else []
-        parts += [(j, tree, [early[i] for i in members], seq) for tree, members in trees]
+        trees = prefix_trees([sources[u] for u in early], last, budget) if early else []
+        parts += [(g, tree, [early[i] for i in members], seq) for tree, members in trees]
     calls = _pack_calls(parts, min(PACK_TOKENS, 2 * width))
     forest = sum(cost(sum(len(t) for _, t, _, _ in call), sum(len(t) + s for _, t, _, s in call)) for call in calls)
-    return [[(j, t, members) for j, t, members, _ in call] for call in calls] if always or forest < batched else None
+    return [[(g, t, members) for g, t, members, _ in call] for call in calls] if always or forest < batched else None
 
 
 def _pack_calls(parts: list[tuple[int, PrefixTree, list[int], int]], budget: int) -> list[list]:
-    """Consecutive parts (job, tree, members, seq) grouped into calls of at most ``budget`` nodes (a
+    """Consecutive parts (group, tree, members, seq) grouped into calls of at most ``budget`` nodes (a
     larger tree alone), about equally large: a part joins the current call while its middle stays
     within the average call size that ``budget`` implies."""
     total = sum(len(part[1]) for part in parts)
@@ -538,46 +651,45 @@ def _pack_calls(parts: list[tuple[int, PrefixTree, list[int], int]], budget: int
     return calls
 
 
-def _forest_values(jobs: Sequence[tuple[Setup, int]], calls: list[ForestCall]) -> list[Tensor | None]:
-    """Float[n] per (setup, n variants) job from :func:`_cheaper_forest`'s calls (None for a job in a
+def _forest_values(groups: Sequence[_Group], calls: list[ForestCall]) -> list[Tensor | None]:
+    """Float[len(variants)] per group from :func:`_cheaper_forest`'s calls (None for a group in a
     call whose check failed); variants in no tree change only positions after the readout (which a
-    causal LM's readout cannot see) and take the input's own value."""
-    values: list[Tensor | None] = [torch.full((n,), float(setup.value[0])) for setup, n in jobs]
+    causal LM's readout cannot see) and take the recorded run's value."""
+    values: list[Tensor | None] = []
+    for group in groups:
+        values.append(torch.tensor([group.unchanged(j) for j, _ in group.variants]))
     for call in calls:
-        parts = [(jobs[j][0].replay, tree, _tree_input(jobs[j][0], tree)) for j, tree, _ in call]
+        parts = [
+            (groups[g].setups[0].replay, tree, groups[g].gather(tree.source, tree.positions)[None])
+            for g, tree, _ in call
+        ]
         logits = forest_logits(parts)
-        for (j, _, members), part_logits in zip(call, logits or [None] * len(call)):
-            if logits is None or values[j] is None:
-                values[j] = None
+        for (g, _, members), part_logits in zip(call, logits or [None] * len(call)):
+            if logits is None or values[g] is None:
+                values[g] = None
             else:
-                values[j][members] = jobs[j][0].metric(part_logits).float().cpu()
+                values[g][members] = groups[g].apply_metrics(members, part_logits)
     return values
 
 
-def _tree_input(setup: Setup, tree: PrefixTree) -> Tensor:
-    """Float[1, T, d]: the LM-input embeddings at a tree's nodes (the baseline where they change)."""
-    positions = tree.positions.to(setup.embeds.device)
-    changed = tree.changed.to(positions.device)[None, :, None]
-    return torch.where(changed, setup.baseline[:, positions], setup.embeds[:, positions])
-
-
-def _batched_values(
-    hooked: HookedModel, inputs: dict, setup: Setup, masks: list[Tensor], order: list[int], batch_size: int
-) -> Tensor:
-    """Float[len(masks)] in batches of ``batch_size`` in ``order``: replayed from each batch's first
-    masked position when the engine allows, else full forwards."""
-    values = torch.empty(len(masks))
+def _batched_values(hooked: HookedModel, group: _Group, order: list[int], batch_size: int) -> Tensor:
+    """Float[len(variants)] of one group in batches of ``batch_size`` in ``order``: replayed from each
+    batch's first changed position when the engine allows, else full forwards (of a group of one job)."""
+    values = torch.empty(len(group.variants))
+    engine = group.setups[0].replay
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        where = torch.stack([masks[u] for u in chunk]).to(setup.embeds.device)[..., None]
-        if setup.replay is not None:
-            first = setup.replay.start(0, int(masks[chunk[0]].nonzero()[0]))
-            variants = torch.where(where[:, first:], setup.baseline[:, first:], setup.embeds[:, first:])
-            out = setup.metric(setup.replay.logits(variants, 0, first))
+        sources = torch.stack([group.variants[u][1] for u in chunk])
+        seq = sources.shape[1]
+        if engine is not None:
+            first = engine.start(0, int(sources[0].nonzero()[0]))
+            variants = group.gather(sources[:, first:], torch.arange(first, seq))
+            values[chunk] = group.apply_metrics(chunk, engine.logits(variants, 0, first))
         else:
-            variants = torch.where(where, setup.baseline, setup.embeds)
-            out = with_embeds(hooked, inputs, setup.point, variants, setup.metric)
-        values[chunk] = out.float().cpu()
+            setup = group.setups[0]
+            variants = group.gather(sources, torch.arange(seq))
+            out = with_embeds(hooked, group.inputs[0], setup.point, variants, setup.metric)
+            values[chunk] = out.float().cpu()
     return values
 
 
@@ -1046,6 +1158,7 @@ __all__ = [
     "prediction_metric",
     "prepare",
     "prepare_rows",
+    "rebased_setups",
     "reads_setup_only",
     "register_explainer",
     "resolve_explainer",
