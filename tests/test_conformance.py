@@ -475,6 +475,46 @@ def test_batched_setups_equal_one_row_setups(case):
         )
 
 
+def test_rebased_draws_equal_their_own_setups(case):
+    """``rebased_setups`` (a row that differs only in its LM-input embeddings, as a variant of another
+    row's recording) equals ``prepare`` of that row: embeddings, logits and values within relative
+    1e-4, and its occlusion, explained together with the recorded row's, within 1e-5 of its own.
+    Where it refuses, it says why, and the reason holds (e.g. Qwen2.5-Omni's rotary tables depend on
+    the content)."""
+    from mmlens.methods.explainers import CannotRebase, explain_row, explain_rows, prepare, rebased_setups
+
+    hm, clean, draw = case.hm, hm_row(case.hm, case.clean), hm_row(case.hm, case.corrupted)
+    setup = prepare(hm, clean, None, "joint")
+    try:
+        rebased = rebased_setups(hm, setup, [draw])
+    except CannotRebase as err:
+        why = str(err)
+        if why.startswith("a row's first LM block call differs"):
+            hidden, call = setup.replay.first_block_call(draw)
+            assert not setup.replay.matches_first_call(hidden, call)
+        else:
+            kv = setup.replay is not None and setup.replay.reuse_kv
+            assert not kv or not hm.spans(draw).same_layout(setup.spans), why
+        return
+    want = prepare(hm, draw, setup.metric, "joint")
+    got = rebased[0]
+    for a, b in (
+        (got.embeds, want.embeds),
+        (got.logits, want.logits),
+        (got.value, want.value),
+        (got.baseline, want.baseline),
+    ):
+        assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max()) + 1e-6
+    together = explain_rows(hm, [setup, got], [clean, draw], "occlusion", "joint", {})
+    alone = explain_row(hm, want, draw, "occlusion", "joint", {})
+    torch.testing.assert_close(together[1].scores, alone.scores, rtol=0, atol=1e-5, equal_nan=True)
+
+
+def hm_row(hm, inputs):
+    """The first row of ``inputs``."""
+    return hm.rows(inputs, 0)
+
+
 def finite(frame) -> bool:
     numbers = frame.select_dtypes("number")
     return bool(numbers.notna().to_numpy().all() and (numbers.abs() < math.inf).to_numpy().all())

@@ -178,7 +178,9 @@ def test_stability_ratios_and_the_prediction_criterion(loaded):
     pixels = (x["pixel_values"] - p.inputs["pixel_values"]).norm() / x["pixel_values"].norm()
     assert abs(first.input_change - float(pixels)) < 1e-6  # the relative change of the image's raw input
     base_text = explain(hm, x, "gradient_x_input", metric=metric).masked("text").norm()
-    expected = float(change / base_text)  # a ratio of small norms: the inputs' batched forward rounds it at ~1e-6 relative
+    expected = float(
+        change / base_text
+    )  # a ratio of small norms: the inputs' batched forward rounds it at ~1e-6 relative
     assert abs(first.explanation_change - expected) < 1e-5 * max(1.0, abs(expected))
 
 

@@ -517,9 +517,65 @@ def test_recordings_of_different_wrappers_run_one_by_one(loaded):
     for setup, own in ((mine, jobs[0][2]), (theirs, masks)):
         last = setup.replay.last
         tree, _ = prefix_trees([m for m in own if m[: last + 1].any()], last, 512)[0]
-        h = torch.where((tree.source > 0)[None, :, None], setup.baseline[:, tree.positions], setup.embeds[:, tree.positions])
+        h = torch.where(
+            (tree.source > 0)[None, :, None], setup.baseline[:, tree.positions], setup.embeds[:, tree.positions]
+        )
         parts.append((setup.replay, tree, h))
     together = forest_logits(parts)
     for (engine, tree, h), got in zip(parts, together):
         torch.testing.assert_close(got, engine.tree_logits(h, tree), rtol=0, atol=1e-5)
     assert masked_values_rows(hm, [jobs[0], (row, theirs, masks)], pack=True)[1].shape == (len(masks),)
+
+
+def test_draws_rebased_on_a_recording_share_its_nodes_and_equal_their_own_runs(loaded):
+    """Token swaps of a TinyStories row, rebased on the row's recording: no forward of their own, their
+    occlusion (explained with the row's) equals that of their own setups within 2e-6, and the
+    first LM block sees fewer positions than explaining each draw from its own recording."""
+    from mmlens.methods.explainers import explain_rows, rebased_setups
+
+    lm = loaded("tinystories-656k")
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
+    row = dict(lm.tokenizer([SENTENCES[0]], return_tensors="pt"))
+    setup = prepare(hm, row, None, "joint")
+    draws = []
+    for p, token in ((3, 11), (7, 42), (9, 5)):
+        ids = row["input_ids"].clone()
+        ids[0, p] = token
+        draws.append({**row, "input_ids": ids})
+    rebased = rebased_setups(hm, setup, draws)
+    own = [prepare(hm, d, setup.metric, "joint") for d in draws]
+    for got, want in zip(rebased, own):
+        assert torch.equal(got.embeds, want.embeds) and got.replay is setup.replay
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    shared, together = _block_lengths(
+        hm, lambda: explain_rows(hm, [setup, *rebased], [row, *draws], "occlusion", "joint", {"pack": True})
+    )
+    apart, alone = _block_lengths(
+        hm, lambda: explain_rows(hm, [setup, *own], [row, *draws], "occlusion", "joint", {"pack": True})
+    )
+    assert sum(shared) < sum(apart) - sum(
+        len(d["input_ids"][0]) for d in draws
+    )  # more saved than the draws' own positions
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=2e-6, equal_nan=True)
+
+
+def test_a_draw_whose_first_block_call_differs_is_not_rebased(loaded, monkeypatch):
+    """A Phi-3 row whose position ids skip 20 positions after the third token has the same layout but
+    other rotary tables in its first block call, so ``rebased_setups`` refuses and says why. Sabotage:
+    without that check, the rebased logits differ from the row's own run."""
+    from mmlens.core.replay import BlockReplay
+    from mmlens.methods.explainers import CannotRebase, rebased_setups
+
+    lm = loaded("tiny-random-phi3")
+    hm = mmlens.wrap(lm.model, tokenizer=lm.tokenizer)
+    clean = hm.rows(lm.example_inputs(), 0)
+    positions = torch.arange(clean["input_ids"].shape[1])[None]
+    setup = prepare(hm, {**clean, "position_ids": positions}, None, "joint")
+    draw = {**clean, "position_ids": torch.where(positions >= 3, positions + 20, positions)}
+    with pytest.raises(CannotRebase, match="first LM block call differs"):
+        rebased_setups(hm, setup, [draw])
+    monkeypatch.setattr(BlockReplay, "matches_first_call", lambda self, hidden, call: True)
+    wrong = rebased_setups(hm, setup, [draw])[0]
+    want = prepare(hm, draw, setup.metric, "joint")
+    assert float((wrong.logits - want.logits).abs().max()) > 1e-3

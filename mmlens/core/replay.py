@@ -339,15 +339,17 @@ class BlockReplay:
         return named[hidden], {k: v for k, v in named.items() if k != hidden}
 
     def matches_first_call(self, hidden: Tensor, call: Mapping[str, Any]) -> bool:
-        """Whether a run's first block call (:meth:`first_block_call`) has the recorded hidden states'
-        shape and every other argument (masks, positions, rotary tables; not the key/value cache)
-        equal bit for bit to the recording's: then every block would see what it saw in the recorded
-        run except where the hidden states differ."""
+        """Whether a run's first block call on n rows (:meth:`first_block_call`) has the recorded
+        hidden states' shape per row and, in every row, every other argument (masks, positions,
+        rotary tables; not the key/value cache) equal bit for bit to the recording's: then every block
+        would see what it saw in the recorded run except where the hidden states differ."""
+        n = hidden.shape[0]
         recorded = {k: v for k, v in self.calls[0].items() if k != self.hidden[0]}
         mine = {k: v for k, v in call.items() if k not in KV_KWARGS}
-        if hidden.shape != self.block_input(0).shape or mine.keys() != recorded.keys():
+        if hidden.shape[1:] != self.block_input(0).shape[1:] or mine.keys() != recorded.keys():
             return False
-        return all(_same_argument(mine[k], recorded[k]) for k in mine)
+        axes = {name: arg.batch for name, arg in self.sequence_kwargs.items()}
+        return all(_same_argument(_row_of(mine[k], axes.get(k, 0), r, n), recorded[k]) for k in mine for r in range(n))
 
     def rows_disagree(self, call: Mapping[str, Any], n: int) -> str | None:
         """The first argument of a block call on ``n`` rows (from :meth:`first_block_call`; other than

@@ -371,35 +371,39 @@ def _baseline(
     return baseline, explained & spans.valid.to(embeds.device)
 
 
-def rebased_setups(hooked: HookedModel, setup: Setup, rows: Sequence[dict]) -> list[Setup] | None:
+class CannotRebase(ValueError):
+    """Raised by :func:`rebased_setups` when rows cannot be shown to be variants of a recording; the
+    message says why. Prepare them instead (:func:`prepare_rows`)."""
+
+
+def rebased_setups(hooked: HookedModel, setup: Setup, rows: Sequence[dict]) -> list[Setup]:
     """The joint setups of input rows that differ from ``setup``'s row only in their LM-input
-    embeddings (e.g. perturbed draws that keep the layout), as variants of ``setup``'s recording:
-    each row runs only up to the first LM block (its embeddings), and its readout logits come from
-    one replay of the recording from the first position where any row's embeddings differ. Their
-    masked variants then share prefix-tree nodes with ``setup``'s (:func:`masked_values_rows`). The
-    rows are explained as ``setup`` is (its metric). None when that cannot be shown to equal their own
-    runs: ``setup`` has no replay reusing keys and values, or a row's layout or first block call
-    (every argument but the hidden states) differs from the recording's; prepare them instead."""
+    embeddings (e.g. perturbed draws that keep the layout), as variants of ``setup``'s recording: the
+    rows run together only up to the first LM block (their embeddings), and their readout logits
+    come from one replay of the recording from the first position where any row's embeddings
+    differ. Their masked variants then share prefix-tree nodes with ``setup``'s
+    (:func:`masked_values_rows`). The rows are explained as ``setup`` is (its metric).
+
+    Raises :class:`CannotRebase` when that cannot be shown to equal their own runs: ``setup`` has no
+    replay reusing keys and values, or a row's layout or first block call (every argument but the
+    hidden states, e.g. rotary tables that depend on the content) differs from the recording's."""
     engine = setup.replay
     if engine is None or not engine.reuse_kv or setup.edited or setup.explained.shape[0] != 1:
-        return None
-    embeds, spans = [], []
-    for row in rows:
-        spans.append(hooked.spans(row))
-        if not spans[-1].same_layout(setup.spans):
-            return None
-        try:
-            hidden, call = engine.first_block_call(row)
-        except RuntimeError:
-            return None
-        if not engine.matches_first_call(hidden, call):
-            return None
-        embeds.append(hidden)
+        raise CannotRebase("the row's setup has no replay that reuses keys and values")
+    spans = [hooked.spans(row) for row in rows]
+    if not all(s.same_layout(setup.spans) for s in spans):
+        raise CannotRebase("a row's layout (modality spans) differs from the recorded row's")
     if not rows:
         return []
-    logits = _rebased_logits(engine, torch.cat(embeds))
+    try:
+        hidden, call = engine.first_block_call(hooked.join(rows) if len(rows) > 1 else rows[0])
+    except (ValueError, RuntimeError) as err:
+        raise CannotRebase(f"the rows cannot be run together up to the first LM block: {err}") from err
+    if hidden.shape[0] != len(rows) or not engine.matches_first_call(hidden, call):
+        raise CannotRebase("a row's first LM block call differs from the recording's beyond its hidden states")
+    logits = _rebased_logits(engine, hidden)
     out = []
-    for row, row_spans, row_embeds, row_logits in zip(rows, spans, embeds, logits):
+    for row, row_spans, row_embeds, row_logits in zip(rows, spans, hidden.split(1), logits):
         baseline, explained = _baseline(hooked, row, row_spans, row_embeds, "joint")
         row_logits = row_logits[None]
         value = setup.metric(row_logits).detach()
@@ -1139,6 +1143,7 @@ def _explanation(
 
 
 __all__ = [
+    "CannotRebase",
     "CONTROLS",
     "EMBEDS_ONLY",
     "EXPLAINERS",

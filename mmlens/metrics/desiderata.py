@@ -33,6 +33,7 @@ from mmlens.core.units import InputUnits
 from mmlens.core.wrapper import HookedModel
 from mmlens.methods.explainers import (
     CONTROLS,
+    CannotRebase,
     Explainer,
     Explanation,
     Setup,
@@ -46,6 +47,7 @@ from mmlens.methods.explainers import (
     prepare,
     prepare_rows,
     reads_setup_only,
+    rebased_setups,
     variant_setup,
     with_embeds,
 )
@@ -1000,7 +1002,7 @@ def _stability_chunk(
                 skipped[m] = str(err)
                 perturbed = []
             found += [(k, m, draw, p) for draw, p in enumerate(perturbed)]
-    moved = prepare_rows(hooked, [p.inputs for *_, p in found], [setups[k].metric for k, *_ in found], "joint")
+    moved = _draw_setups(hooked, setups, [(k, p.inputs) for k, _, _, p in found])
     draws = [
         _Draw(p.inputs, setup, (start + k, m, "input", p.kind, draw), relative_input_change(hooked, xs[k], p.inputs, m))
         for (k, m, draw, p), setup in zip(found, moved)
@@ -1019,6 +1021,27 @@ def _stability_chunk(
                     hooked, x, setup, base, plan.chosen, key, plan.random_draws, plan.search_steps, generator
                 )
     return rows
+
+
+def _draw_setups(hooked: HookedModel, setups: list[Setup], draws: list[tuple[int, dict]]) -> list[Setup]:
+    """The setups of perturbed draws (k: the row ``setups[k]`` they perturb, their inputs): rebased on
+    that row's recording where they differ from it only in their LM-input embeddings
+    (:func:`mmlens.methods.explainers.rebased_setups`: no forward of their own, and their masked
+    variants share the row's prefix-tree nodes), else prepared together (:func:`prepare_rows`)."""
+    out: list[Setup | None] = [None] * len(draws)
+    for k, setup in enumerate(setups):
+        mine = [d for d, (row, _) in enumerate(draws) if row == k]
+        try:
+            rebased = rebased_setups(hooked, setup, [draws[d][1] for d in mine])
+        except CannotRebase:
+            continue
+        for d, moved in zip(mine, rebased):
+            out[d] = moved
+    rest = [d for d in range(len(draws)) if out[d] is None]
+    prepared = prepare_rows(hooked, [draws[d][1] for d in rest], [setups[draws[d][0]].metric for d in rest], "joint")
+    for d, setup in zip(rest, prepared):
+        out[d] = setup
+    return out
 
 
 @dataclass
