@@ -11,6 +11,9 @@ One engine for every job that reuses part of a forward pass:
   to the recorded keys and values of the earlier ones. Only the readout position is normalised and
   unembedded (:class:`mmlens.core.unembed.Unembed`). Patching sweeps, the explainers' masked
   variants and the desiderata replay through it.
+- :func:`forest_logits`: the prefix trees (:mod:`mmlens.core.prefix_tree`) of one or several
+  recordings in one call of the blocks, each node attending only to its own recording's keys and
+  values and to its ancestors.
 - :class:`FrozenEncoders`: encoder blocks return their recorded outputs, for batched runs whose
   edits all lie after the encoders (projector, fusion, LM).
 - :class:`PrefixRunner`: a frozen causal LM's keys and values of a shared prompt prefix, computed

@@ -379,14 +379,44 @@ class CannotRebase(ValueError):
 def rebased_setups(hooked: HookedModel, setup: Setup, rows: Sequence[dict]) -> list[Setup]:
     """The joint setups of input rows that differ from ``setup``'s row only in their LM-input
     embeddings (e.g. perturbed draws that keep the layout), as variants of ``setup``'s recording: the
-    rows run together only up to the first LM block (their embeddings), and their readout logits
-    come from one replay of the recording from the first position where any row's embeddings
-    differ. Their masked variants then share prefix-tree nodes with ``setup``'s
-    (:func:`masked_values_rows`). The rows are explained as ``setup`` is (its metric).
+    rows run together only up to the first LM block (their embeddings), and their readout logits are
+    replayed on the recording from the first position where each differs (a row that differs
+    nowhere up to the readout gets ``setup``'s logits). Their masked variants then share prefix-tree
+    nodes with ``setup``'s (:func:`masked_values_rows`). The rows are explained as ``setup`` is (its
+    metric). :func:`rebase_rows` does this for several recordings at once.
 
     Raises :class:`CannotRebase` when that cannot be shown to equal their own runs: ``setup`` has no
     replay reusing keys and values, or a row's layout or first block call (every argument but the
     hidden states, e.g. rotary tables that depend on the content) differs from the recording's."""
+    out = rebase_rows(hooked, [(setup, rows)])[0]
+    if isinstance(out, CannotRebase):
+        raise out
+    return out
+
+
+def rebase_rows(
+    hooked: HookedModel, requests: Sequence[tuple[Setup, Sequence[dict]]]
+) -> list[list[Setup] | CannotRebase]:
+    """:func:`rebased_setups` of several (setup, rows) requests: each request's setups, or the
+    :class:`CannotRebase` saying why not. The rows' logits of every recording are read off prefix
+    trees in shared calls of the blocks (:func:`mmlens.core.replay.forest_logits`) where the engines
+    allow, else off one batched replay per recording."""
+    out: list = []
+    for setup, rows in requests:
+        try:
+            out.append(_rebase_inputs(hooked, setup, rows))
+        except CannotRebase as err:
+            out.append(err)
+    ready = [(setup, found) for (setup, _), found in zip(requests, out) if not isinstance(found, CannotRebase)]
+    logits = iter(_rebased_logits([(setup, hidden) for setup, (hidden, _) in ready]))
+    for r, ((setup, rows), found) in enumerate(zip(requests, out)):
+        if not isinstance(found, CannotRebase):
+            out[r] = _rebased(hooked, setup, rows, *found, next(logits))
+    return out
+
+
+def _rebase_inputs(hooked: HookedModel, setup: Setup, rows: Sequence[dict]) -> tuple[Tensor, list[ModalitySpans]]:
+    """The rows' block-0 inputs Float[n, seq, d] and spans, after checking they can be rebased."""
     engine = setup.replay
     if engine is None or not engine.reuse_kv or setup.edited or setup.explained.shape[0] != 1:
         raise CannotRebase("the row's setup has no replay that reuses keys and values")
@@ -394,18 +424,23 @@ def rebased_setups(hooked: HookedModel, setup: Setup, rows: Sequence[dict]) -> l
     if not all(s.same_layout(setup.spans) for s in spans):
         raise CannotRebase("a row's layout (modality spans) differs from the recorded row's")
     if not rows:
-        return []
+        return setup.embeds[:0], []
     try:
         hidden, call = engine.first_block_call(hooked.join(rows) if len(rows) > 1 else rows[0])
     except (ValueError, RuntimeError) as err:
         raise CannotRebase(f"the rows cannot be run together up to the first LM block: {err}") from err
     if hidden.shape[0] != len(rows) or not engine.matches_first_call(hidden, call):
         raise CannotRebase("a row's first LM block call differs from the recording's beyond its hidden states")
-    logits = _rebased_logits(engine, hidden)
+    return hidden, spans
+
+
+def _rebased(
+    hooked: HookedModel, setup: Setup, rows: Sequence[dict], hidden: Tensor, spans: list, logits: Tensor
+) -> list[Setup]:
+    """The rebased rows' :class:`Setup` objects from their block-0 inputs and readout logits."""
     out = []
-    for row, row_spans, row_embeds, row_logits in zip(rows, spans, hidden.split(1), logits):
+    for row, row_spans, row_embeds, row_logits in zip(rows, spans, hidden.split(1), logits.split(1)):
         baseline, explained = _baseline(hooked, row, row_spans, row_embeds, "joint")
-        row_logits = row_logits[None]
         value = setup.metric(row_logits).detach()
         out.append(
             Setup(
@@ -417,14 +452,46 @@ def rebased_setups(hooked: HookedModel, setup: Setup, rows: Sequence[dict]) -> l
                 row_logits,
                 setup.metric,
                 value,
-                engine,
+                setup.replay,
                 recording_logits=setup.logits,
             )
         )
     return out
 
 
-def _rebased_logits(engine: BlockReplay, embeds: Tensor) -> Tensor:
+def _rebased_logits(requests: list[tuple[Setup, Tensor]]) -> list[Tensor]:
+    """Readout logits Float[n, vocab] of each (setup, rows' block-0 inputs Float[n, seq, d]): the
+    setup's own logits for a row that differs nowhere up to the readout; the others as prefix trees
+    of all recordings together (sources: 0 the recording, r + 1 row r), or, where the engine refuses
+    trees or a check fails, one batched replay per recording from the first position any differs."""
+    out = [setup.logits.expand(len(hidden), -1).clone() for setup, hidden in requests]
+    parts, targets = [], []
+    for i, (setup, hidden) in enumerate(requests):
+        engine = setup.replay
+        changed = (hidden != engine.block_input(0)).any(-1)[:, : engine.last + 1].cpu()
+        moved = changed.any(1).nonzero()[:, 0].tolist()
+        if not moved:
+            continue
+        if engine.tree_refusal() is not None:
+            out[i][moved] = _replayed_logits(engine, hidden[moved])
+            continue
+        sources = [torch.where(changed[r], r + 1, 0) for r in moved]
+        table = torch.cat([engine.block_input(0), hidden])
+        for tree, members in prefix_trees(sources, engine.last, max(PACK_TOKENS, engine.last + 1)):
+            positions = tree.positions.to(table.device)
+            parts.append((engine, tree, table[tree.source.to(table.device), positions][None], len(table[0])))
+            targets.append((i, [moved[m] for m in members]))
+    for call in _pack_calls([(k, part[1], [], part[3]) for k, part in enumerate(parts)], max(PACK_TOKENS, 1)):
+        chosen = [parts[k][:3] for k, *_ in call]
+        logits = forest_logits(chosen)
+        for (k, *_), got in zip(call, logits or [None] * len(call)):
+            i, rows = targets[k]
+            engine, hidden = requests[i][0].replay, requests[i][1]
+            out[i][rows] = got.to(out[i]) if got is not None else _replayed_logits(engine, hidden[rows])
+    return out
+
+
+def _replayed_logits(engine: BlockReplay, embeds: Tensor) -> Tensor:
     """Readout logits Float[n, vocab] of rows whose block-0 inputs are ``embeds`` Float[n, seq, d],
     replayed on ``engine``'s recording from the first position where any differs from it."""
     differs = (embeds != engine.block_input(0)).any(-1).any(0).nonzero()[:, 0]
@@ -1163,6 +1230,7 @@ __all__ = [
     "prediction_metric",
     "prepare",
     "prepare_rows",
+    "rebase_rows",
     "rebased_setups",
     "reads_setup_only",
     "register_explainer",

@@ -47,7 +47,7 @@ from mmlens.methods.explainers import (
     prepare,
     prepare_rows,
     reads_setup_only,
-    rebased_setups,
+    rebase_rows,
     variant_setup,
     with_embeds,
 )
@@ -1029,14 +1029,12 @@ def _draw_setups(hooked: HookedModel, setups: list[Setup], draws: list[tuple[int
     (:func:`mmlens.methods.explainers.rebased_setups`: no forward of their own, and their masked
     variants share the row's prefix-tree nodes), else prepared together (:func:`prepare_rows`)."""
     out: list[Setup | None] = [None] * len(draws)
-    for k, setup in enumerate(setups):
-        mine = [d for d, (row, _) in enumerate(draws) if row == k]
-        try:
-            rebased = rebased_setups(hooked, setup, [draws[d][1] for d in mine])
-        except CannotRebase:
-            continue
-        for d, moved in zip(mine, rebased):
-            out[d] = moved
+    mine = [[d for d, (row, _) in enumerate(draws) if row == k] for k in range(len(setups))]
+    rebased = rebase_rows(hooked, [(setup, [draws[d][1] for d in own]) for setup, own in zip(setups, mine)])
+    for own, found in zip(mine, rebased):
+        if not isinstance(found, CannotRebase):
+            for d, moved in zip(own, found):
+                out[d] = moved
     rest = [d for d in range(len(draws)) if out[d] is None]
     prepared = prepare_rows(hooked, [draws[d][1] for d in rest], [setups[draws[d][0]].metric for d in rest], "joint")
     for d, setup in zip(rest, prepared):
