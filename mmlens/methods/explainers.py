@@ -472,7 +472,7 @@ def _rebased_logits(requests: list[tuple[Setup, Tensor]]) -> list[Tensor]:
         moved = changed.any(1).nonzero()[:, 0].tolist()
         if not moved:
             continue
-        if engine.tree_refusal() is not None:
+        if engine.tree_refusal() is not None or PACK_TOKENS <= 0:
             out[i][moved] = _replayed_logits(engine, hidden[moved])
             continue
         sources = [torch.where(changed[r], r + 1, 0) for r in moved]

@@ -56,9 +56,11 @@ from mmlens.metrics.intervals import cluster_bootstrap, weighted_fit, weighted_m
 from mmlens.metrics.stats import Interval, bootstrap_ci
 
 EXPLAINED_TOGETHER: int = 8
-"""Granger and faithfulness explain this many inputs (and their ablated variants) together
-(:func:`mmlens.methods.explainers.explain_rows`): occlusion's masked variants of all of them share
-calls of the LM's blocks. A speed setting only; results do not depend on it beyond float round-off."""
+"""Granger, faithfulness and stability prepare and explain this many inputs (with their ablated or
+perturbed variants) together (:func:`mmlens.methods.explainers.prepare_rows`,
+:func:`~mmlens.methods.explainers.explain_rows`): occlusion's masked variants of all of them share
+calls of the LM's blocks. A speed and memory setting only; results do not depend on it beyond float
+round-off."""
 
 Dataset = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 """Inputs of several examples: one batch (a row per example), or a list of inputs (each one or more
@@ -587,27 +589,21 @@ def _faithfulness_chunk(
     hooked: HookedModel, items: list[dict], chunk: range, plan: _FaithfulnessPlan, generator: torch.Generator
 ) -> list[dict]:
     """The ``curves`` rows of inputs ``chunk``: explained together, their masked variants run together."""
-    mode, metric, level, unit_scores, explanations = (
-        plan.mode,
-        plan.metric,
-        plan.level,
-        plan.unit_scores,
-        plan.explanations,
-    )
+    mode, unit_scores = plan.mode, plan.unit_scores
     xs, setups = [items[i] for i in chunk], []
     for setup in prepare_rows(hooked, xs, None, "joint"):
-        own_metric = prediction_metric(setup.logits, metric)
+        own_metric = prediction_metric(setup.logits, plan.metric)
         setups.append(replace(setup, metric=own_metric, value=own_metric(setup.logits).detach()))
     if unit_scores is not None:
         given: list[Explanation | None] = [None] * len(xs)
-    elif explanations is not None:
-        given = [explanations[i] for i in chunk]
+    elif plan.explanations is not None:
+        given = [plan.explanations[i] for i in chunk]
     else:
         own = [s if mode == "joint" else prepare(hooked, x, s.metric, mode) for x, s in zip(xs, setups)]
         given = list(explain_rows(hooked, own, xs, plan.explainer, mode, plan.options))
     jobs, labelled = [], []
     for i, x, setup, e in zip(chunk, xs, setups, given):
-        units = input_units(hooked, x, setup.spans) if level == "input" else None
+        units = input_units(hooked, x, setup.spans) if plan.level == "input" else None
         if units is None:
             members = {m: setup.spans.masks[m][0].cpu() for m in setup.spans.modalities}
             scores, explained = e.scores[0].cpu(), setup.explained[0].cpu()
