@@ -338,14 +338,16 @@ class _Ablations:
     def of_rows(self, start: int, xs: list[dict], setups: list[Setup]) -> list[tuple]:
         """(k, reference, m, inputs, setup) for every row k of ``xs`` (inputs ``start + k``, prepared
         together by :func:`prepare_rows`), reference and modality, in that order. Each modality's
-        neutral variants are prepared together like the rows were: where every row has that modality,
-        with the same shapes at the same places, so an unused modality's Delta is exactly 0."""
+        neutral variants are rebased on their rows' recordings (:func:`_draw_setups`): a variant whose
+        embeddings equal its row's up to the readout gets the row's logits bit for bit, so an unused
+        modality's Delta is exactly 0; where they cannot be rebased they are prepared together like
+        the rows were (the same shapes at the same places, so equal rows give equal logits)."""
         neutral: dict[tuple[int, str], tuple[dict, Setup]] = {}
         if "neutral" in self.references:
             for m in self.modalities:
                 have = [k for k, setup in enumerate(setups) if m in setup.spans.masks]
                 moved = [self.hooked.neutral(xs[k], m) for k in have]
-                prepared = prepare_rows(self.hooked, moved, [setups[k].metric for k in have], "joint")
+                prepared = _draw_setups(self.hooked, setups, list(zip(have, moved)))
                 neutral.update({(k, m): pair for k, pair in zip(have, zip(moved, prepared))})
         out = []
         for k, (x, setup) in enumerate(zip(xs, setups)):
@@ -1020,7 +1022,7 @@ def _stability_chunk(
 
 
 def _draw_setups(hooked: HookedModel, setups: list[Setup], draws: list[tuple[int, dict]]) -> list[Setup]:
-    """The setups of perturbed draws (k: the row ``setups[k]`` they perturb, their inputs): rebased on
+    """The setups of perturbed or ablated draws (k: the row ``setups[k]`` they vary, their inputs): rebased on
     that row's recording where they differ from it only in their LM-input embeddings
     (:func:`mmlens.methods.explainers.rebased_setups`: no forward of their own, and their masked
     variants share the row's prefix-tree nodes), else prepared together (:func:`prepare_rows`)."""
