@@ -54,8 +54,8 @@ import mmlens
 from mmlens.analyses.bench_patching import offline_if_cached
 from mmlens.core.wrapper import HookedModel
 from mmlens.data.loading import load_model
-from mmlens.methods import explainers
-from mmlens.methods.explainers import embedding_point
+from mmlens.methods import variants
+from mmlens.methods.setups import embedding_point
 from mmlens.metrics.desiderata import examples, faithfulness, granger, stability
 from mmlens.metrics.perturb import perturb
 
@@ -580,7 +580,7 @@ def _environment(settings: Settings, repeats: int) -> None:
     print(
         f"  torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), CPU cores "
         f"{os.cpu_count()}, load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}; float32 on CPU; "
-        f"mmlens batch_size 32, PACK_TOKENS {explainers.PACK_TOKENS} (0: no prefix trees); {repeats} repeat(s); "
+        f"mmlens batch_size 32, PACK_TOKENS {variants.PACK_TOKENS} (0: no prefix trees); {repeats} repeat(s); "
         f"seed {settings.seed}"
     )
 
@@ -598,8 +598,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--pack-tokens",
         type=int,
-        default=explainers.PACK_TOKENS,
-        help=f"mmlens.methods.explainers.PACK_TOKENS for the run (default {explainers.PACK_TOKENS}; 0: masked "
+        default=variants.PACK_TOKENS,
+        help=f"mmlens.methods.variants.PACK_TOKENS for the run (default {variants.PACK_TOKENS}; 0: masked "
         "variants in sorted batches only, no prefix trees)",
     )
     args = parser.parse_args(argv)
@@ -614,13 +614,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    default_pack, explainers.PACK_TOKENS = explainers.PACK_TOKENS, args.pack_tokens
+    default_pack, variants.PACK_TOKENS = variants.PACK_TOKENS, args.pack_tokens
     try:
         _environment(settings, repeats)
         runners = {"llava": run_llava, "smollm2": run_smollm2}
         results: dict = {s: runners[s](settings, repeats) for s in sections}
     finally:
-        explainers.PACK_TOKENS = default_pack
+        variants.PACK_TOKENS = default_pack
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
     for s in sections:
         r = results[s]

@@ -449,7 +449,8 @@ def test_batched_setups_equal_one_row_setups(case):
     """``prepare_rows`` (one batched forward, the recording cut per row) equals ``prepare`` of each row:
     embeddings, logits and values within relative 1e-4, the same replay, and occlusion values from the
     cut recordings within 1e-5 of those from each row's own."""
-    from mmlens.methods.explainers import BATCHED_SETUPS_AGREE, masked_values, prepare, prepare_rows
+    from mmlens.methods.setups import BATCHED_SETUPS_AGREE, prepare, prepare_rows
+    from mmlens.methods.variants import masked_values
 
     hm, rows = case.hm, [case.clean, case.corrupted, case.clean]
     try:  # rows join when they share their layout and shared inputs (not so for a graph's neutral)

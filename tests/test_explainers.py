@@ -371,7 +371,7 @@ def test_batched_setups_fall_back_to_one_row_each_when_their_check_fails(story, 
     """Sabotage: joining rows reverses them, so the batched setup of row 0 is row 1's. The once-per-model
     check catches it; the rows are then prepared one by one (bit for bit ``prepare``), now and later."""
     from mmlens.core.adapter import Adapter
-    from mmlens.methods.explainers import BATCHED_SETUPS_AGREE, prepare_rows
+    from mmlens.methods.setups import BATCHED_SETUPS_AGREE, prepare_rows
 
     hm, inputs = story
     rows = [hm.rows(inputs, 0), hm.neutral(hm.rows(inputs, 0), "text")]
@@ -396,7 +396,7 @@ def test_a_recording_cut_wrongly_from_a_batch_is_caught(story, monkeypatch):
     still agree (they come from the batched run), but replaying the row's last positions does not, so
     the check fails and the rows are prepared one by one."""
     from mmlens.core.replay import BlockReplay
-    from mmlens.methods.explainers import BATCHED_SETUPS_AGREE, prepare_rows
+    from mmlens.methods.setups import BATCHED_SETUPS_AGREE, prepare_rows
 
     hm, inputs = story
     rows = [hm.rows(inputs, 0), hm.neutral(hm.rows(inputs, 0), "text")]

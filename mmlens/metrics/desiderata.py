@@ -33,31 +33,30 @@ from mmlens.core.units import InputUnits
 from mmlens.core.wrapper import HookedModel
 from mmlens.methods.explainers import (
     CONTROLS,
-    CannotRebase,
     Explainer,
     Explanation,
-    Setup,
     check_method,
     explain_rows,
     explainer_name,
-    masked_values,
-    masked_values_rows,
+    reads_setup_only,
+)
+from mmlens.methods.patching import Metric
+from mmlens.methods.setups import (
+    Setup,
     predicted_prob,
     prediction_metric,
     prepare,
     prepare_rows,
-    reads_setup_only,
-    rebase_rows,
     variant_setup,
     with_embeds,
 )
-from mmlens.methods.patching import Metric
+from mmlens.methods.variants import CannotRebase, masked_values, masked_values_rows, rebase_rows
 from mmlens.metrics.intervals import cluster_bootstrap, weighted_fit, weighted_mean, weighted_spearman
 from mmlens.metrics.stats import Interval, bootstrap_ci
 
 EXPLAINED_TOGETHER: int = 8
 """Granger, faithfulness and stability prepare and explain this many inputs (with their ablated or
-perturbed variants) together (:func:`mmlens.methods.explainers.prepare_rows`,
+perturbed variants) together (:func:`mmlens.methods.setups.prepare_rows`,
 :func:`~mmlens.methods.explainers.explain_rows`): occlusion's masked variants of all of them share
 calls of the LM's blocks. A speed and memory setting only; results do not depend on it beyond float
 round-off."""
@@ -537,7 +536,7 @@ def faithfulness(
     audio token's run of frames); where no such mapping exists (graph nodes and edges; images with a
     CLS token or tiles) it is refused unless ``unit_scores`` (one per row: modality -> Float[n_units])
     gives the scores, in which case nothing is explained. ``metric``
-    (:data:`mmlens.methods.explainers.PREDICTION_METRICS`) measures each input's predicted token.
+    (:data:`mmlens.methods.setups.PREDICTION_METRICS`) measures each input's predicted token.
     ``explanations`` (one per row, from :func:`mmlens.explain`) skips explaining.
     """
     if level not in LEVELS:
@@ -1024,7 +1023,7 @@ def _stability_chunk(
 def _draw_setups(hooked: HookedModel, setups: list[Setup], draws: list[tuple[int, dict]]) -> list[Setup]:
     """The setups of perturbed or ablated draws (k: the row ``setups[k]`` they vary, their inputs): rebased on
     that row's recording where they differ from it only in their LM-input embeddings
-    (:func:`mmlens.methods.explainers.rebased_setups`: no forward of their own, and their masked
+    (:func:`mmlens.methods.variants.rebased_setups`: no forward of their own, and their masked
     variants share the row's prefix-tree nodes), else prepared together (:func:`prepare_rows`)."""
     out: list[Setup | None] = [None] * len(draws)
     mine = [[d for d, (row, _) in enumerate(draws) if row == k] for k in range(len(setups))]

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from mmlens.core.spans import ModalitySpans
 from mmlens.core.wrapper import HookedModel
-from mmlens.methods.explainers import embedding_point
+from mmlens.methods.setups import embedding_point
 
 __all__ = [
     "DEFAULT_SCALE",
