@@ -440,6 +440,12 @@ def _rows_case(loaded):
     return hm, jobs
 
 
+def _full_forwards(hm, row, setup, masks):
+    """Float[len(masks)]: each mask's variant of ``row`` by one plain forward with its embeddings."""
+    variants = [torch.where(m[None, :, None], setup.baseline, setup.embeds) for m in masks]
+    return torch.stack([with_embeds(hm, row, setup.point, v, setup.metric)[0] for v in variants]).float()
+
+
 def test_masked_variants_of_several_rows_share_calls_and_equal_each_row_alone(loaded):
     """``masked_values_rows`` packs three rows' prefix trees into shared calls of the blocks: fewer
     calls than row by row, each row's values within 1e-6 of its own trees and of full forwards."""
@@ -450,14 +456,7 @@ def test_masked_variants_of_several_rows_share_calls_and_equal_each_row_alone(lo
     calls_together, together = _block_lengths(hm, lambda: masked_values_rows(hm, jobs, pack=True))
     assert len(calls_together) < len(calls_alone)
     for (row, setup, masks), a, b in zip(jobs, alone, together):
-        full = torch.stack(
-            [
-                with_embeds(
-                    hm, row, setup.point, torch.where(m[None, :, None], setup.baseline, setup.embeds), setup.metric
-                )[0]
-                for m in masks
-            ]
-        ).float()
+        full = _full_forwards(hm, row, setup, masks)
         torch.testing.assert_close(b, a, rtol=0, atol=2e-6)
         torch.testing.assert_close(b, full, rtol=0, atol=2e-6)  # trees round differently (~1e-6)
         assert setup.replay.variant_method == "replay + kv, prefix tree"
@@ -486,14 +485,7 @@ def test_a_forest_mask_that_leaks_across_rows_is_caught(loaded, monkeypatch):
     hm, jobs = _rows_case(loaded)
     together = masked_values_rows(hm, jobs, pack=True)
     for (row, setup, masks), got in zip(jobs, together):
-        full = torch.stack(
-            [
-                with_embeds(
-                    hm, row, setup.point, torch.where(m[None, :, None], setup.baseline, setup.embeds), setup.metric
-                )[0]
-                for m in masks
-            ]
-        ).float()
+        full = _full_forwards(hm, row, setup, masks)
         torch.testing.assert_close(got, full, rtol=0, atol=2e-6)
     verdicts = [setup.replay.variant_method for _, setup, _ in jobs]
     assert any("no prefix tree: the row's own positions, packed" in v for v in verdicts), verdicts
