@@ -571,3 +571,31 @@ def test_a_draw_whose_first_block_call_differs_is_not_rebased(loaded, monkeypatc
     wrong = rebased_setups(hm, setup, [draw])[0]
     want = prepare(hm, draw, setup.metric, "joint")
     assert float((wrong.logits - want.logits).abs().max()) > 1e-3
+
+
+def test_prepare_rows_runs_one_forward_per_layout_and_checks_its_metrics(story):
+    """Rows of two layouts (lengths 6 and 4): one batched forward per layout, each setup equal to
+    its row's own ``prepare``; a metric list of the wrong length is refused with the fix."""
+    from mmlens.methods.setups import prepare_rows
+
+    hm, inputs = story
+    row = hm.rows(inputs, 0)
+    short = {k: v[:, :4] for k, v in row.items()}
+    six = {k: v[:, :6] for k, v in row.items()}
+    rows = [six, short, {**six, "input_ids": six["input_ids"].flip(1)}, short]
+    shapes = []
+    block = hm.model.get_submodule(hm.hook_points["lm.blocks.0.resid_pre"].site.module)
+    handle = block.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2])),
+        with_kwargs=True,
+    )
+    try:
+        setups = prepare_rows(hm, rows, None, "joint")
+    finally:
+        handle.remove()
+    assert sorted(s for s in shapes if s[0] > 1) == [(2, 4), (2, 6)]  # one batched forward per layout
+    for r, got in zip(rows, setups):
+        want = prepare(hm, r, None, "joint")
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="got 1 metrics for 4 rows"):
+        prepare_rows(hm, rows, [None], "joint")

@@ -200,15 +200,18 @@ def masked_values_rows(
     out: list[Tensor | None] = [None] * len(jobs)
     with torch.no_grad():
         groups = [_Group([jobs[j] for j in members], members) for members in _by_recording(jobs)]
+        retry = pack
         if pack is not False and PACK_TOKENS > 0:
             able = [g for g in groups if g.variants and _trees_allowed(g.setups[0])]
             calls = _cheaper_forest(able, batch_size, always=pack is True)
-            if calls is not None:
+            if calls is None:
+                retry = False  # batches were chosen: do not weigh the trees again group by group
+            else:
                 for group, values in zip(able, _forest_values(able, calls)):
                     group.values = values
         for group in groups:
-            if group.values is None:
-                group.values = _group_values(hooked, group, batch_size, pack)
+            if group.values is None:  # batches, or a group whose shared call failed its check
+                group.values = _group_values(hooked, group, batch_size, retry)
             for j, value in zip(group.members, group.results()):
                 out[j] = value
     return out
